@@ -1,0 +1,280 @@
+"""The `ledger` command: serve, migrate, reach the database, manage portal trust.
+
+Settings are read once here and passed down. Every failure the operator can act on ends in one
+line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from ledger import drafts
+from ledger.errors import LedgerError
+from ledger.models import EventDraft, Refusal, Stored
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _fail_cleanly(func: Callable[P, T]) -> Callable[P, T]:
+    """Ledger errors become one line and exit status 1, not a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    assert settings is not None
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ledger")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Audit ledger for Bitrix24 chatbot events.
+
+    Configuration comes from LEDGER_* environment variables (see README). Without
+    LEDGER_DATABASE_URL, an embedded PostgreSQL is started in LEDGER_DATA_DIR (./.ledger).
+    """
+    try:
+        ctx.obj = Settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid LEDGER_* setting: {exc}") from exc
+    logging.basicConfig(
+        level=ctx.obj.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address (default: LEDGER_HOST, 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Listen port (default: LEDGER_PORT, 8080).")
+@click.pass_context
+@_fail_cleanly
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Receive Bitrix24 events at POST /bitrix24/events and store them.
+
+    On the embedded database the schema is migrated first; on an external one the service
+    refuses to start until `ledger migrate` has run.
+    """
+    from aiohttp import web
+
+    from ledger.web import create_app
+
+    settings = _settings(ctx)
+    web.run_app(
+        create_app(settings),
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        print=lambda line: click.echo(line, err=True),
+        access_log=None,
+    )
+
+
+@main.command()
+@click.pass_context
+@_fail_cleanly
+def migrate(ctx: click.Context) -> None:
+    """Bring the database schema (and its roles) up to date."""
+
+    async def run() -> None:
+        target = await targets.open_target(_settings(ctx))
+        try:
+            await targets.migrate(target)
+        finally:
+            target.release()
+
+    asyncio.run(run())
+    click.echo("schema is up to date", err=True)
+
+
+@main.group()
+def db() -> None:
+    """Reach the database the service uses."""
+
+
+@db.command("url")
+@click.option("--admin", is_flag=True, help="The superuser/migration DSN instead of the service's.")
+@click.pass_context
+@_fail_cleanly
+def db_url(ctx: click.Context, admin: bool) -> None:
+    """Print a DSN, so that `psql "$(ledger db url)"` works.
+
+    Without --admin it is the service's own restricted role. The embedded server is left
+    running for the DSN to be usable; `ledger db stop` stops it.
+    """
+
+    async def run() -> str:
+        target = await targets.open_target(_settings(ctx), keep_running=True)
+        return target.admin_dsn if admin else target.service_dsn
+
+    click.echo(asyncio.run(run()))
+
+
+@db.command("stop")
+@click.pass_context
+@_fail_cleanly
+def db_stop(ctx: click.Context) -> None:
+    """Stop the embedded PostgreSQL (no effect on an external database)."""
+    settings = _settings(ctx)
+    if not settings.embedded:
+        raise click.ClickException("LEDGER_DATABASE_URL is set: the database is not ours to stop")
+
+    async def run() -> None:
+        target = await targets.open_target(settings)
+        target.release()
+
+    asyncio.run(run())
+
+
+def _with_store(
+    ctx: click.Context, work: Callable[[EventStore], Awaitable[T]]
+) -> T:
+    settings = _settings(ctx)
+
+    async def run() -> T:
+        target = await targets.open_target(settings)
+        try:
+            if target.embedded is not None:
+                await targets.migrate(target)
+            pool = await create_pool(target.service_dsn, size=2)
+            try:
+                await targets.require_current_schema(pool)
+                return await work(EventStore(pool, policy=settings.trust_policy))
+            finally:
+                await pool.close()
+        finally:
+            target.release()
+
+    return asyncio.run(run())
+
+
+def _actor() -> str:
+    return f"operator {getpass.getuser()}@{socket.gethostname()} via cli"
+
+
+def _record(ctx: click.Context, draft: EventDraft) -> int:
+    async def work(store: EventStore) -> int:
+        (outcome,) = await store.append([draft])
+        if isinstance(outcome, Refusal):
+            raise click.ClickException(outcome.message)
+        assert isinstance(outcome, Stored)
+        return outcome.position
+
+    return _with_store(ctx, work)
+
+
+@main.group()
+def portals() -> None:
+    """Which Bitrix24 portals may write to the ledger."""
+
+
+@portals.command("allow")
+@click.option("--member-id", help="The portal's member_id (auth.member_id).")
+@click.option("--domain", help="The portal's domain, e.g. some-domain.bitrix24.com.")
+@click.pass_context
+@_fail_cleanly
+def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None) -> None:
+    """Allow a portal's next ONAPPINSTALL to establish its token."""
+    if (member_id is None) == (domain is None):
+        raise click.UsageError("give exactly one of --member-id or --domain")
+    draft = drafts.operator_action(
+        TrustChange.ALLOWED, member_id=member_id, domain=domain, token=None,
+        actor=_actor(), received_at=datetime.now(UTC),
+    )
+    position = _record(ctx, draft)
+    click.echo(f"allowed {member_id or domain} (recorded at position {position})")
+
+
+@portals.command("trust")
+@click.option("--member-id", required=True, help="The portal's member_id.")
+@click.option("--domain", help="The portal's domain, for the record.")
+@click.option(
+    "--token-file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="File holding the application_token (kept out of shell history and `ps`).",
+)
+@click.pass_context
+@_fail_cleanly
+def portals_trust(
+    ctx: click.Context, member_id: str, domain: str | None, token_file: Path
+) -> None:
+    """Provision the token of an app installed before the ledger existed (or replace it)."""
+    token = token_file.read_text().strip()
+    if not token:
+        raise click.ClickException(f"{token_file} is empty")
+    draft = drafts.operator_action(
+        TrustChange.PROVISIONED, member_id=member_id, domain=domain, token=token,
+        actor=_actor(), received_at=datetime.now(UTC),
+    )
+    position = _record(ctx, draft)
+    click.echo(f"trusted {member_id} (recorded at position {position})")
+
+
+@portals.command("revoke")
+@click.option("--member-id", required=True, help="The portal's member_id.")
+@click.pass_context
+@_fail_cleanly
+def portals_revoke(ctx: click.Context, member_id: str) -> None:
+    """End trust in a portal's token: its deliveries are refused from now on."""
+    draft = drafts.operator_action(
+        TrustChange.ENDED, member_id=member_id, domain=None, token=None,
+        actor=_actor(), received_at=datetime.now(UTC),
+    )
+    position = _record(ctx, draft)
+    click.echo(f"revoked {member_id} (recorded at position {position})")
+
+
+@portals.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+@_fail_cleanly
+def portals_list(ctx: click.Context, as_json: bool) -> None:
+    """Show each portal's trust state."""
+    import orjson
+
+    rows = _with_store(ctx, lambda store: store.portals())
+    if as_json:
+        for row in rows:
+            record: dict[str, Any] = {
+                "member_id": row.member_id or None, "domain": row.domain, "state": row.state,
+                "allowed": row.allowed, "token_fingerprint": row.token_fingerprint,
+                "changed_at": row.changed_at.isoformat(),
+                "changed_position": row.changed_position,
+            }
+            click.echo(orjson.dumps(record).decode())
+        return
+    header = f"{'MEMBER_ID':34} {'DOMAIN':32} {'STATE':8} {'TOKEN':12} {'SINCE':25} POSITION"
+    click.echo(header)
+    for row in rows:
+        click.echo(
+            f"{row.member_id or '-':34} {row.domain or '-':32} {row.state:8} "
+            f"{row.token_fingerprint or '-':12} {row.changed_at.isoformat(timespec='seconds'):25} "
+            f"{row.changed_position}"
+        )

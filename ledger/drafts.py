@@ -1,0 +1,197 @@
+"""Building the drafts the store appends: deliveries, trust changes, rejections.
+
+Pure code: redaction, canonical encodings and hashes happen here, once, before the store sees
+anything — the store only assigns positions and chains.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import Any
+
+from ledger.envelope import Envelope, occurrence
+from ledger.hashing import canonical_json, document_json, sha256
+from ledger.models import (
+    ORIGIN_BITRIX24,
+    ORIGIN_LEDGER,
+    ORIGIN_OPERATOR,
+    TRUST_EVENT,
+    EventDraft,
+    RejectionDraft,
+)
+from ledger.redaction import Redaction, scrub_text
+from ledger.trust import TrustChange
+
+NO_PORTAL = ""  # member_id of operator events that name only a domain
+
+
+def delivery_draft(
+    redacted: dict[str, Any],
+    redactions: tuple[Redaction, ...],
+    envelope: Envelope,
+    *,
+    query: dict[str, Any],
+    body: bytes,
+    received_at: datetime,
+    peer: str | None,
+    content_type: str | None,
+    rejection_excerpt_bytes: int | None,
+) -> EventDraft:
+    """A verified-or-not Bitrix24 delivery, secrets already removed from `redacted`."""
+    payload = document_json(redacted)
+    body_sha256 = sha256(body)
+    on_refusal = None
+    if rejection_excerpt_bytes is not None:
+        on_refusal = rejection_draft(
+            received_at=received_at,
+            status=0,
+            reason="",
+            detail="",
+            member_id=envelope.member_id,
+            event_type=envelope.event_type,
+            peer=peer,
+            content_type=content_type,
+            body=body,
+            excerpt_source=payload.decode(),
+            excerpt_bytes=rejection_excerpt_bytes,
+        )
+    return EventDraft(
+        event_type=envelope.event_type,
+        member_id=envelope.member_id,
+        domain=envelope.domain,
+        origin=ORIGIN_BITRIX24,
+        bot_ids=envelope.bot_ids,
+        occurred_at=envelope.occurred_at,
+        received_at=received_at,
+        payload=payload,
+        payload_sha256=sha256(payload),
+        dedup_key=sha256(canonical_json(occurrence(redacted, query))),
+        body_sha256=body_sha256,
+        metadata={
+            "query": query,
+            "redactions": [r.as_json() for r in redactions],
+            "peer": peer,
+            "content_type": content_type,
+        },
+        presented_sha256=envelope.token_digest,
+        user_id=envelope.user_id,
+        on_refusal=on_refusal,
+    )
+
+
+def trust_event(
+    change: TrustChange,
+    *,
+    member_id: str,
+    domain: str | None,
+    token_sha256: bytes | None,
+    actor: str,
+    origin: str,
+    received_at: datetime,
+    cause_position: int | None = None,
+) -> EventDraft:
+    """The LEDGER.TRUST_CHANGED event recording one trust change (what, who, when)."""
+    payload_doc: dict[str, Any] = {
+        "change": change.value,
+        "member_id": member_id or None,
+        "domain": domain,
+        "token_fingerprint": token_sha256.hex()[:12] if token_sha256 else None,
+        "actor": actor,
+        "cause_position": cause_position,
+    }
+    payload = document_json(payload_doc)
+    # a follow-up of a stored delivery is unique by its cause; an operator action by itself
+    identity = (
+        canonical_json({"trust_change_of": cause_position})
+        if cause_position is not None
+        else os.urandom(32)
+    )
+    return EventDraft(
+        event_type=TRUST_EVENT,
+        member_id=member_id,
+        domain=domain,
+        origin=origin,
+        bot_ids=(),
+        occurred_at=received_at,
+        received_at=received_at,
+        payload=payload,
+        payload_sha256=sha256(payload),
+        dedup_key=sha256(identity),
+        body_sha256=None,
+        metadata={},
+        trust_change=change,
+        new_token_sha256=token_sha256,
+        allow_domain=domain if change is TrustChange.ALLOWED and not member_id else None,
+    )
+
+
+def operator_action(
+    change: TrustChange,
+    *,
+    member_id: str | None,
+    domain: str | None,
+    token: str | None,
+    actor: str,
+    received_at: datetime,
+) -> EventDraft:
+    """An operator's trust command, as the event that records it."""
+    return trust_event(
+        change,
+        member_id=member_id or NO_PORTAL,
+        domain=domain.lower() if domain else None,
+        token_sha256=sha256(token.encode()) if token else None,
+        actor=actor,
+        origin=ORIGIN_OPERATOR,
+        received_at=received_at,
+    )
+
+
+def follow_up(change: TrustChange, cause: EventDraft, cause_position: int) -> EventDraft:
+    """The trust event a stored Bitrix24 delivery caused (install established, uninstall ended)."""
+    return trust_event(
+        change,
+        member_id=cause.member_id,
+        domain=cause.domain,
+        token_sha256=cause.presented_sha256 if change is TrustChange.ESTABLISHED else None,
+        actor=f"bitrix24 user {cause.user_id}" if cause.user_id else "bitrix24",
+        origin=ORIGIN_LEDGER,
+        received_at=cause.received_at,
+        cause_position=cause_position,
+    )
+
+
+def rejection_draft(
+    *,
+    received_at: datetime,
+    status: int,
+    reason: str,
+    detail: str,
+    member_id: str | None,
+    event_type: str | None,
+    peer: str | None,
+    content_type: str | None,
+    body: bytes,
+    excerpt_source: str | None,
+    excerpt_bytes: int,
+) -> RejectionDraft:
+    """A rejection record; the excerpt is redacted (structurally when possible) and capped."""
+    source = (
+        excerpt_source
+        if excerpt_source is not None
+        else scrub_text(body[: excerpt_bytes * 2].decode("utf-8", "replace"))
+    )
+    excerpt = source.encode()[:excerpt_bytes].decode("utf-8", "ignore").replace("\0", "\\0")
+    return RejectionDraft(
+        received_at=received_at,
+        status=status,
+        reason=reason,
+        detail=detail[:500],
+        member_id=member_id[:200] if member_id else None,
+        event_type=event_type[:100] if event_type else None,
+        peer=peer,
+        content_type=content_type[:200] if content_type else None,
+        body_size=len(body),
+        body_sha256=sha256(body),
+        excerpt=excerpt,
+    )

@@ -1,0 +1,155 @@
+"""What a decoded Bitrix24 delivery means: its envelope, its portal, the bots it names.
+
+Pure code. Bitrix24 sends every scalar as a string and drops empty values, so every field here is
+optional until proven otherwise, and ids are parsed leniently (a non-numeric id is no bot id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ledger.errors import DeliveryRejected
+
+_EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_.]{0,99}$")
+_NUMBER = re.compile(r"^[0-9]{1,18}$")
+
+INSTALL = "ONAPPINSTALL"
+UPDATE = "ONAPPUPDATE"
+UNINSTALL = "ONAPPUNINSTALL"
+
+# Keys that differ between two deliveries of one occurrence (tokens, their expiry, the binding):
+# they must not make a redelivery look like a new event.
+_DELIVERY_SPECIFIC = frozenset(
+    {"access_token", "refresh_token", "application_token", "client_secret", "sessid",
+     "expires", "expires_in", "auth"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The parts of a delivery the ledger acts on; the whole document is kept separately."""
+
+    event_type: str
+    member_id: str
+    domain: str | None
+    user_id: str | None
+    token_digest: bytes  # SHA-256 of the presented token; the token itself goes no further
+    occurred_at: datetime | None
+    bot_ids: tuple[int, ...]
+
+
+def read_envelope(document: dict[str, Any]) -> Envelope:
+    """Validate the envelope and extract what verification and indexing need."""
+    event = document.get("event")
+    if not isinstance(event, str) or not event.strip():
+        raise DeliveryRejected(400, "missing_event", "the delivery has no `event` field")
+    event_type = event.strip().upper()
+    if not _EVENT_NAME.match(event_type):
+        raise DeliveryRejected(400, "invalid_event", "`event` is not an event name")
+    auth = document.get("auth")
+    if not isinstance(auth, dict):
+        raise DeliveryRejected(401, "missing_auth", "the delivery carries no top-level `auth`")
+    member_id = auth.get("member_id")
+    if not isinstance(member_id, str) or not member_id:
+        raise DeliveryRejected(401, "missing_member_id", "`auth.member_id` is missing")
+    token = auth.get("application_token")
+    if not isinstance(token, str) or not token:
+        raise DeliveryRejected(
+            401, "missing_application_token", "`auth.application_token` is missing"
+        )
+    domain = auth.get("domain")
+    user_id = auth.get("user_id")
+    return Envelope(
+        event_type=event_type,
+        member_id=member_id,
+        domain=domain.lower() if isinstance(domain, str) and domain else None,
+        user_id=str(user_id) if isinstance(user_id, str | int) else None,
+        token_digest=hashlib.sha256(token.encode()).digest(),
+        occurred_at=_parse_ts(document.get("ts")),
+        bot_ids=bot_ids(document.get("data")),
+    )
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    text = str(value) if isinstance(value, str | int) else ""
+    if not _NUMBER.match(text):
+        return None
+    seconds = int(text)
+    if seconds > 253402300799:  # past 9999-12-31: not a time anyone meant
+        return None
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _as_bot_id(value: Any) -> int | None:
+    text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    return int(text) if _NUMBER.match(text) else None
+
+
+def bot_ids(data: Any) -> tuple[int, ...]:
+    """Every bot a delivery names, in first-mention order.
+
+    v1: `data.BOT_ID`, the keys and `BOT_ID`s of `data.BOT`, `data.COMMAND[*].BOT_ID`,
+    `data.PARAMS.BOT_ID` (joins); v2: `data.bot.id`.
+    """
+    if not isinstance(data, dict):
+        return ()
+    found: list[int | None] = [_as_bot_id(data.get("BOT_ID"))]
+    bots = data.get("BOT")
+    if isinstance(bots, dict):
+        for key, entry in bots.items():
+            found.append(_as_bot_id(key))
+            if isinstance(entry, dict):
+                found.append(_as_bot_id(entry.get("BOT_ID")))
+    commands = data.get("COMMAND")
+    if isinstance(commands, dict):
+        for entry in commands.values():
+            if isinstance(entry, dict):
+                found.append(_as_bot_id(entry.get("BOT_ID")))
+    params = data.get("PARAMS")
+    if isinstance(params, dict):
+        found.append(_as_bot_id(params.get("BOT_ID")))
+    bot = data.get("bot")
+    if isinstance(bot, dict):
+        found.append(_as_bot_id(bot.get("id")))
+    return tuple(dict.fromkeys(b for b in found if b is not None))
+
+
+def occurrence(document: dict[str, Any], query: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the occurrence, for the permanent de-duplication key.
+
+    The event, its data, its `ts` and the query string — without tokens, their expiry, any `auth`
+    block or the handler id, all of which vary between deliveries of one occurrence.
+    """
+    return {
+        "event": str(document.get("event", "")).upper(),
+        "data": _strip_delivery_specific(document.get("data")),
+        "ts": document.get("ts"),
+        "query": query,
+    }
+
+
+def _strip_delivery_specific(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _strip_delivery_specific(v)
+            for k, v in node.items()
+            if k.lower() not in _DELIVERY_SPECIFIC
+        }
+    if isinstance(node, list):
+        return [_strip_delivery_specific(v) for v in node]
+    return node
+
+
+def contains_nul(node: Any) -> bool:
+    """PostgreSQL text cannot hold U+0000, so such a delivery is refused rather than mangled."""
+    if isinstance(node, str):
+        return "\0" in node
+    if isinstance(node, dict):
+        return any("\0" in k or contains_nul(v) for k, v in node.items())
+    if isinstance(node, list):
+        return any(contains_nul(v) for v in node)
+    return False

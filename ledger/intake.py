@@ -1,0 +1,178 @@
+"""The one path a delivery takes: decode → envelope → redact → draft → append (verify) → answer.
+
+No I/O of its own: the store is reached through the group committer. Everything refused before the
+append is written to the rejection log here (rate-limited); refusals by trust are written by the
+store in the append transaction itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ledger import drafts, wire
+from ledger.committer import GroupCommitter
+from ledger.envelope import contains_nul, read_envelope
+from ledger.errors import DeliveryRejected
+from ledger.hashing import document_json
+from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Stored
+from ledger.redaction import redact
+from ledger.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What the sender is told once its delivery is durable."""
+
+    position: int
+    duplicate: bool
+    event_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    body: bytes
+    content_type: str | None
+    raw_query: str
+    peer: str | None
+
+
+class RejectionBudget:
+    """Token bucket bounding what a flood of rejected deliveries can write."""
+
+    def __init__(self, per_second: float) -> None:
+        self._rate = per_second
+        self._capacity = per_second * 2
+        self._tokens = self._capacity
+        self._last = time.monotonic()
+        self.suppressed = 0
+
+    def available(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        return self._tokens >= 1
+
+    def spend(self) -> None:
+        self._tokens -= 1
+
+
+class IntakeService:
+    def __init__(self, settings: Settings, committer: GroupCommitter) -> None:
+        self._settings = settings
+        self._committer = committer
+        self._budget = RejectionBudget(settings.rejections_per_second)
+
+    async def receive(self, delivery: Delivery) -> Receipt:
+        """Store one delivery durably, or raise `DeliveryRejected` after logging why."""
+        received_at = datetime.now(UTC)
+        try:
+            draft = self._draft(delivery, received_at)
+        except DeliveryRejected as rejected:
+            await self.refuse(delivery, rejected, received_at)
+            raise
+        outcome = await self._committer.submit(draft)
+        if isinstance(outcome, Refusal):
+            self._budget.spend()
+            log.warning(
+                "rejected %s from %s for portal %s: %s",
+                draft.event_type, delivery.peer, draft.member_id, outcome.code,
+            )
+            raise DeliveryRejected(outcome.status, outcome.code, outcome.message)
+        assert isinstance(outcome, Stored | Duplicate)
+        duplicate = isinstance(outcome, Duplicate)
+        log.info(
+            "%s %s portal=%s position=%d",
+            "duplicate" if duplicate else "stored", draft.event_type, draft.member_id,
+            outcome.position,
+        )
+        return Receipt(outcome.position, duplicate, draft.event_type)
+
+    def _draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
+        limits = {
+            "max_fields": self._settings.max_form_fields,
+            "max_nesting": self._settings.max_nesting,
+        }
+        if len(delivery.body) > self._settings.max_body_bytes:
+            raise DeliveryRejected(
+                413, "body_too_large", f"body exceeds {self._settings.max_body_bytes} bytes"
+            )
+        document = wire.decode_body(delivery.body, delivery.content_type, **limits)
+        query = wire.parse_query(delivery.raw_query, **limits)
+        if contains_nul(document) or contains_nul(query):
+            raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
+        envelope = read_envelope(document)
+        redacted, redactions = redact(document)
+        redacted_query, query_redactions = redact(query)
+        return drafts.delivery_draft(
+            redacted,
+            redactions + tuple(r.under("query") for r in query_redactions),
+            envelope,
+            query=redacted_query,
+            body=delivery.body,
+            received_at=received_at,
+            peer=delivery.peer,
+            content_type=delivery.content_type,
+            rejection_excerpt_bytes=self._settings.rejection_excerpt_bytes
+            if self._budget.available()
+            else None,
+        )
+
+    async def refuse(
+        self, delivery: Delivery, rejected: DeliveryRejected, received_at: datetime | None = None
+    ) -> None:
+        """Record a refused delivery in the rejection log (unless a flood exhausted the budget).
+
+        The HTTP layer calls this for what it refuses itself (an oversized body, `delivery.body`
+        then holding only the part that was read).
+        """
+        received_at = received_at or datetime.now(UTC)
+        log.warning("rejected delivery from %s: %s", delivery.peer, rejected)
+        if not self._budget.available():
+            self._budget.suppressed += 1
+            return
+        self._budget.spend()
+        excerpt, member_id, event_type = _best_effort_excerpt(delivery, self._settings)
+        draft = drafts.rejection_draft(
+            received_at=received_at,
+            status=rejected.status,
+            reason=rejected.code,
+            detail=rejected.message,
+            member_id=member_id,
+            event_type=event_type,
+            peer=delivery.peer,
+            content_type=delivery.content_type,
+            body=delivery.body,
+            excerpt_source=excerpt,
+            excerpt_bytes=self._settings.rejection_excerpt_bytes,
+        )
+        outcome = await self._committer.submit(draft)
+        assert isinstance(outcome, RejectionLogged)
+
+
+def _best_effort_excerpt(
+    delivery: Delivery, settings: Settings
+) -> tuple[str | None, str | None, str | None]:
+    """A structurally redacted excerpt and the claimed portal/event, when the body decodes."""
+    try:
+        document = wire.decode_body(
+            delivery.body[: settings.max_body_bytes],
+            delivery.content_type,
+            max_fields=settings.max_form_fields,
+            max_nesting=settings.max_nesting,
+        )
+    except DeliveryRejected:
+        return None, None, None
+    redacted, _ = redact(document)
+    auth = redacted.get("auth")
+    member_id = auth.get("member_id") if isinstance(auth, dict) else None
+    event = redacted.get("event")
+    return (
+        document_json(redacted).decode(),
+        member_id if isinstance(member_id, str) else None,
+        event if isinstance(event, str) else None,
+    )

@@ -1,0 +1,108 @@
+"""Values that cross layer boundaries: what intake hands the store and what it gets back.
+
+The hot-path items are frozen dataclasses (cheap to build per delivery); read-side rows become
+pydantic models at the store boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.trust import TrustChange
+
+ORIGIN_BITRIX24 = "bitrix24"
+ORIGIN_OPERATOR = "operator"
+ORIGIN_LEDGER = "ledger"
+
+TRUST_EVENT = "LEDGER.TRUST_CHANGED"
+
+
+@dataclass(frozen=True, slots=True)
+class EventDraft:
+    """An event ready to append, minus what only the serialisation point assigns (position, hash).
+
+    For Bitrix24 deliveries, `presented_sha256` is judged against the portal's trust inside the
+    append; operator events carry `trust_change` and its token digest instead.
+    """
+
+    event_type: str
+    member_id: str
+    domain: str | None
+    origin: str
+    bot_ids: tuple[int, ...]
+    occurred_at: datetime | None
+    received_at: datetime
+    payload: bytes  # JSON text, exactly as stored and hashed
+    payload_sha256: bytes
+    dedup_key: bytes
+    body_sha256: bytes | None
+    metadata: dict[str, Any]
+    presented_sha256: bytes | None = None
+    user_id: str | None = None
+    # operator trust actions (origin == operator)
+    trust_change: TrustChange | None = None
+    new_token_sha256: bytes | None = None
+    allow_domain: str | None = None
+    # what to write to the rejection log if trust refuses it (None: rate limit says don't)
+    on_refusal: RejectionDraft | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionDraft:
+    """One knock on the door that was not let in, for the append-only rejection log."""
+
+    received_at: datetime
+    status: int
+    reason: str
+    detail: str
+    member_id: str | None
+    event_type: str | None
+    peer: str | None
+    content_type: str | None
+    body_size: int
+    body_sha256: bytes
+    excerpt: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    position: int
+    hash: bytes
+    trust_change: TrustChange | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Refused inside the append (trust); already written to the rejection log."""
+
+    status: int
+    code: str
+    message: str
+    rejection_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionLogged:
+    position: int
+
+
+Outcome = Stored | Duplicate | Refusal | RejectionLogged
+Draft = EventDraft | RejectionDraft
+
+
+@dataclass(frozen=True, slots=True)
+class PortalRow:
+    member_id: str
+    domain: str | None
+    state: str
+    changed_at: datetime
+    changed_position: int
+    token_fingerprint: str | None = None
+    allowed: bool = field(default=False)

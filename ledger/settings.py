@@ -1,0 +1,52 @@
+"""All configuration, read once from `LEDGER_*` environment variables and passed down."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TrustPolicy(StrEnum):
+    """How a portal's first `ONAPPINSTALL` may establish trust."""
+
+    ALLOWLIST = "allowlist"  # only portals an operator allowed beforehand
+    TOFU = "tofu"  # trust on first use: any portal's first install is trusted
+
+
+class Settings(BaseSettings):
+    """Service settings. Unset `database_url` means: run our own embedded PostgreSQL."""
+
+    model_config = SettingsConfigDict(env_prefix="LEDGER_", frozen=True, extra="ignore")
+
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="DSN the service connects with (its restricted role); unset = embedded",
+    )
+    admin_database_url: SecretStr | None = Field(
+        default=None,
+        description="DSN with rights to migrate and create roles; defaults to database_url",
+    )
+    data_dir: Path = Field(default=Path(".ledger"), description="embedded database home")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_form_fields: int = Field(default=10_000, ge=10, description="cap on keys per body")
+    max_nesting: int = Field(default=32, ge=2, description="cap on bracket depth per key")
+    trust_policy: TrustPolicy = TrustPolicy.ALLOWLIST
+    batch_max_events: int = Field(default=256, ge=1, description="group commit: flush at N")
+    batch_max_delay_ms: float = Field(
+        default=2.0, ge=0, description="group commit: flush after this long"
+    )
+    pool_size: int = Field(default=8, ge=2)
+    rejection_excerpt_bytes: int = Field(default=2048, ge=0)
+    rejections_per_second: float = Field(
+        default=50.0, gt=0, description="rejection-log writes allowed per second (burst x2)"
+    )
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None

@@ -1,0 +1,1 @@
+"""The only layer that talks to PostgreSQL: connection targets, pools, and every SQL statement."""

@@ -1,0 +1,429 @@
+"""Every SQL statement the service runs, and the append at the store's serialisation point.
+
+An append batch is one transaction:
+1. lock the `events` stream head (`SELECT … FOR UPDATE`): appends from every process serialise
+   here, so positions are gap-free and commit-ordered and the chain has one predecessor;
+2. read the trust of the batch's portals and the dedup keys it already holds;
+3. judge, de-duplicate, number and chain each draft in order, in memory;
+4. write events, redeliveries, trust rows and rejections with a handful of set-based statements;
+5. move the heads and COMMIT (synchronous_commit = on). Only then do callers hear back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from ledger.drafts import follow_up
+from ledger.envelope import INSTALL
+from ledger.errors import AppendFailed, DatabaseUnavailable
+from ledger.hashing import chain_hash, document_json, event_entry, rejection_entry, sha256
+from ledger.models import (
+    ORIGIN_BITRIX24,
+    Draft,
+    Duplicate,
+    EventDraft,
+    Outcome,
+    PortalRow,
+    Refusal,
+    RejectionDraft,
+    RejectionLogged,
+    Stored,
+)
+from ledger.settings import TrustPolicy
+from ledger.trust import PortalTrust, Refused, TrustChange, TrustState, judge
+
+Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass it around
+Connection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+
+_LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
+_MOVE_HEAD = "UPDATE ledger.stream_heads SET position = $2, hash = $3 WHERE stream = $1"
+_TRUST_OF = """
+    SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust
+    WHERE member_id = ANY($1::text[])
+"""
+_ALLOWED = """
+    SELECT member_id, domain FROM ledger.portal_allowances
+    WHERE member_id = ANY($1::text[]) OR domain = ANY($2::text[])
+"""
+_EXISTING = """
+    SELECT e.member_id, e.dedup_key, e.position
+    FROM unnest($1::text[], $2::bytea[]) AS k(member_id, dedup_key)
+    JOIN ledger.events e USING (member_id, dedup_key)
+"""
+_INSERT_EVENTS = """
+    INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids, occurred_at,
+        received_at, dedup_key, body_sha256, payload, payload_sha256, metadata, prev_hash, hash)
+    SELECT p, m, t, o, b::bigint[], oa, ra, dk, bs, pl::json, ps, md::json, ph, h
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::bytea[], $10::text[],
+                $11::bytea[], $12::text[], $13::bytea[], $14::bytea[])
+        AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h)
+"""
+_INSERT_REDELIVERIES = """
+    INSERT INTO ledger.redeliveries (position, received_at, body_sha256, peer)
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bytea[], $4::text[])
+"""
+_UPSERT_TRUST = """
+    INSERT INTO ledger.portal_trust AS t
+        (member_id, domain, state, token_sha256, changed_at, changed_position)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (member_id) DO UPDATE SET
+        domain = coalesce(EXCLUDED.domain, t.domain), state = EXCLUDED.state,
+        token_sha256 = EXCLUDED.token_sha256, changed_at = EXCLUDED.changed_at,
+        changed_position = EXCLUDED.changed_position
+"""
+_INSERT_ALLOWANCE = """
+    INSERT INTO ledger.portal_allowances (member_id, domain, allowed_at, position)
+    VALUES (nullif($1, ''), $2, $3, $4)
+    ON CONFLICT DO NOTHING
+"""
+_INSERT_REJECTIONS = """
+    INSERT INTO ledger.rejections (position, received_at, status, reason, detail, member_id,
+        event_type, peer, content_type, body_size, body_sha256, excerpt, prev_hash, hash)
+    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::text[],
+        $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
+        $11::bytea[], $12::text[], $13::bytea[], $14::bytea[])
+"""
+_TRUST_ROWS = """
+    SELECT member_id, domain, state, token_sha256, changed_at, changed_position
+    FROM ledger.portal_trust ORDER BY changed_position
+"""
+_ALLOWANCE_ROWS = """
+    SELECT member_id, domain, allowed_at, position FROM ledger.portal_allowances
+    ORDER BY position
+"""
+
+
+async def _init_connection(connection: Connection) -> None:
+    # jsonb read back as Python values (views); `json` columns stay text on purpose: the chain
+    # hashes their exact bytes.
+    await connection.set_type_codec(
+        "jsonb", encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(dsn: str, *, size: int) -> Pool:
+    """A pool whose every connection commits durably, whatever the server's default is."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=size,
+            init=_init_connection,
+            server_settings={"synchronous_commit": "on", "application_name": "ledger"},
+        )
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        OSError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.AdminShutdownError
+        | TimeoutError,
+    )
+
+
+@asynccontextmanager
+async def translated_errors(action: str) -> AsyncIterator[None]:
+    """Driver errors become ledger errors exactly once, here."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if _unavailable(exc):
+            raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
+        raise AppendFailed(f"{action}: {exc.__class__.__name__}: {exc}") from exc
+    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
+
+
+@dataclasses.dataclass
+class _Head:
+    position: int
+    hash: bytes
+
+
+class _Batch:
+    """The in-memory work of one append transaction (steps 2 and 3 of the module docstring)."""
+
+    def __init__(self, policy: TrustPolicy) -> None:
+        self.policy = policy
+        self.trust: dict[str, PortalTrust] = {}
+        self.allowed_members: set[str] = set()
+        self.allowed_domains: set[str] = set()
+        self.seen: dict[tuple[str, bytes], int] = {}
+        self.events: list[tuple[Any, ...]] = []
+        self.redeliveries: list[tuple[Any, ...]] = []
+        self.trust_rows: dict[str, tuple[Any, ...]] = {}
+        self.allowances: list[tuple[Any, ...]] = []
+        self.rejections: list[tuple[int, RejectionDraft]] = []
+
+    def add_event(self, head: _Head, draft: EventDraft) -> int:
+        position = head.position + 1
+        metadata = document_json(draft.metadata)
+        entry = event_entry(
+            member_id=draft.member_id,
+            event_type=draft.event_type,
+            origin=draft.origin,
+            bot_ids=draft.bot_ids,
+            occurred_at=draft.occurred_at,
+            received_at=draft.received_at,
+            dedup_key=draft.dedup_key,
+            body_sha256=draft.body_sha256,
+            metadata=orjson.loads(metadata),
+        )
+        digest = chain_hash(head.hash, position, entry, draft.payload_sha256)
+        self.events.append(
+            (position, draft.member_id, draft.event_type, draft.origin,
+             "{" + ",".join(map(str, draft.bot_ids)) + "}", draft.occurred_at,
+             draft.received_at, draft.dedup_key, draft.body_sha256, draft.payload.decode(),
+             draft.payload_sha256, metadata.decode(), head.hash, digest)
+        )
+        self.seen[(draft.member_id, draft.dedup_key)] = position
+        head.position, head.hash = position, digest
+        return position
+
+    def apply_trust(self, draft: EventDraft, position: int) -> None:
+        change, member = draft.trust_change, draft.member_id
+        if change is TrustChange.ALLOWED:
+            if member:
+                self.allowed_members.add(member)
+            if draft.allow_domain:
+                self.allowed_domains.add(draft.allow_domain)
+            self.allowances.append((member, draft.allow_domain, draft.received_at, position))
+            return
+        if change in (TrustChange.ESTABLISHED, TrustChange.PROVISIONED):
+            state, token = TrustState.TRUSTED, draft.new_token_sha256
+        else:
+            state, token = TrustState.ENDED, None
+        previous = self.trust.get(member)
+        domain = draft.domain or (previous.domain if previous else None)
+        self.trust[member] = PortalTrust(member, domain, state, token)
+        self.trust_rows[member] = (member, domain, state.value, token, draft.received_at, position)
+
+
+class EventStore:
+    """Appends and reads of the ledger; the pool is owned by whoever created it."""
+
+    def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
+        self._pool = pool
+        self._policy = policy
+
+    async def append(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        """Append a batch in one durable transaction; one outcome per draft, in order."""
+        async with (
+            translated_errors("append"),
+            self._pool.acquire() as connection,
+            connection.transaction(),
+        ):
+            return await self._append(connection, drafts)
+
+    async def _append(
+        self, connection: Connection, drafts: Sequence[Draft]
+    ) -> list[Outcome]:
+        batch = _Batch(self._policy)
+        outcomes: list[Outcome | None] = [None] * len(drafts)
+        event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
+        head: _Head | None = None
+        if event_drafts:
+            row = await connection.fetchrow(_LOCK_HEAD, "events")
+            assert row is not None
+            head = _Head(row["position"], bytes(row["hash"]))
+            await self._load(connection, batch, event_drafts)
+
+        for index, draft in enumerate(drafts):
+            if isinstance(draft, RejectionDraft):
+                batch.rejections.append((index, draft))
+                continue
+            assert head is not None
+            change = draft.trust_change
+            if draft.origin == ORIGIN_BITRIX24:
+                assert draft.presented_sha256 is not None
+                verdict = judge(
+                    draft.event_type,
+                    draft.presented_sha256,
+                    batch.trust.get(draft.member_id),
+                    allowed=draft.member_id in batch.allowed_members
+                    or (draft.domain is not None and draft.domain in batch.allowed_domains),
+                    policy=self._policy,
+                )
+                if isinstance(verdict, Refused):
+                    outcomes[index] = Refusal(verdict.status, verdict.code, verdict.message, 0)
+                    if draft.on_refusal is not None:
+                        batch.rejections.append((index, dataclasses.replace(
+                            draft.on_refusal, status=verdict.status, reason=verdict.code,
+                            detail=verdict.message,
+                        )))
+                    continue
+                change = verdict.change
+            known = batch.seen.get((draft.member_id, draft.dedup_key))
+            if known is not None:
+                outcomes[index] = Duplicate(known)
+                batch.redeliveries.append(
+                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
+                )
+                continue
+            position = batch.add_event(head, draft)
+            outcomes[index] = Stored(position, head.hash, change)
+            if change is None:
+                continue
+            if draft.origin == ORIGIN_BITRIX24:
+                trust_draft = follow_up(change, draft, position)
+                trust_position = batch.add_event(head, trust_draft)
+                batch.apply_trust(trust_draft, trust_position)
+            else:
+                batch.apply_trust(draft, position)
+
+        await self._write(connection, batch, head)
+        if batch.rejections:
+            positions = await self._write_rejections(connection, batch.rejections)
+            for (index, _), position in zip(batch.rejections, positions, strict=True):
+                current = outcomes[index]
+                if isinstance(current, Refusal):
+                    outcomes[index] = dataclasses.replace(current, rejection_position=position)
+                else:
+                    outcomes[index] = RejectionLogged(position)
+        assert all(o is not None for o in outcomes)
+        return [o for o in outcomes if o is not None]
+
+    async def _load(
+        self, connection: Connection, batch: _Batch, drafts: list[EventDraft]
+    ) -> None:
+        members = list({d.member_id for d in drafts})
+        for row in await connection.fetch(_TRUST_OF, members):
+            batch.trust[row["member_id"]] = PortalTrust(
+                row["member_id"], row["domain"], TrustState(row["state"]),
+                bytes(row["token_sha256"]) if row["token_sha256"] is not None else None,
+            )
+        installs = [d for d in drafts if d.event_type == INSTALL]
+        if installs:
+            domains = list({d.domain for d in installs if d.domain})
+            for row in await connection.fetch(_ALLOWED, [d.member_id for d in installs], domains):
+                if row["member_id"]:
+                    batch.allowed_members.add(row["member_id"])
+                if row["domain"]:
+                    batch.allowed_domains.add(row["domain"])
+        rows = await connection.fetch(
+            _EXISTING, [d.member_id for d in drafts], [d.dedup_key for d in drafts]
+        )
+        for row in rows:
+            batch.seen[(row["member_id"], bytes(row["dedup_key"]))] = row["position"]
+
+    async def _write(
+        self, connection: Connection, batch: _Batch, head: _Head | None
+    ) -> None:
+        if batch.events:
+            assert head is not None
+            await connection.execute(_INSERT_EVENTS, *map(list, zip(*batch.events, strict=True)))
+            await connection.execute(_MOVE_HEAD, "events", head.position, head.hash)
+        if batch.redeliveries:
+            await connection.execute(
+                _INSERT_REDELIVERIES, *map(list, zip(*batch.redeliveries, strict=True))
+            )
+        for row in batch.trust_rows.values():
+            await connection.execute(_UPSERT_TRUST, *row)
+        for allowance in batch.allowances:
+            await connection.execute(_INSERT_ALLOWANCE, *allowance)
+
+    async def _write_rejections(
+        self, connection: Connection, rejections: list[tuple[int, RejectionDraft]]
+    ) -> list[int]:
+        row = await connection.fetchrow(_LOCK_HEAD, "rejections")
+        assert row is not None
+        head = _Head(row["position"], bytes(row["hash"]))
+        rows: list[tuple[Any, ...]] = []
+        for _, r in rejections:
+            position = head.position + 1
+            entry = rejection_entry(
+                received_at=r.received_at, status=r.status, reason=r.reason, detail=r.detail,
+                member_id=r.member_id, event_type=r.event_type, peer=r.peer,
+                content_type=r.content_type, body_size=r.body_size, body_sha256=r.body_sha256,
+            )
+            digest = chain_hash(head.hash, position, entry, sha256(r.excerpt.encode()))
+            rows.append(
+                (position, r.received_at, r.status, r.reason, r.detail, r.member_id,
+                 r.event_type, r.peer, r.content_type, r.body_size, r.body_sha256, r.excerpt,
+                 head.hash, digest)
+            )
+            head.position, head.hash = position, digest
+        await connection.execute(_INSERT_REJECTIONS, *map(list, zip(*rows, strict=True)))
+        await connection.execute(_MOVE_HEAD, "rejections", head.position, head.hash)
+        return [r[0] for r in rows]
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def portals(self) -> list[PortalRow]:
+        """Every portal the ledger trusts, trusted once, or was told to allow."""
+        async with translated_errors("list portals"), self._pool.acquire() as connection:
+            trusted = await connection.fetch(_TRUST_ROWS)
+            allowances = await connection.fetch(_ALLOWANCE_ROWS)
+        allowed_members = {a["member_id"] for a in allowances if a["member_id"]}
+        allowed_domains = {a["domain"] for a in allowances if a["domain"]}
+        rows = [
+            PortalRow(
+                member_id=r["member_id"],
+                domain=r["domain"],
+                state=r["state"],
+                changed_at=r["changed_at"],
+                changed_position=r["changed_position"],
+                token_fingerprint=bytes(r["token_sha256"]).hex()[:12]
+                if r["token_sha256"] is not None
+                else None,
+                allowed=r["member_id"] in allowed_members or r["domain"] in allowed_domains,
+            )
+            for r in trusted
+        ]
+        known_members = {r.member_id for r in rows}
+        known_domains = {r.domain for r in rows if r.domain}
+        rows.extend(
+            PortalRow(
+                member_id=a["member_id"] or "",
+                domain=a["domain"],
+                state="allowed",
+                changed_at=a["allowed_at"],
+                changed_position=a["position"],
+                allowed=True,
+            )
+            for a in allowances
+            if a["member_id"] not in known_members and a["domain"] not in known_domains
+        )
+        return rows
+
+    async def head(self) -> int:
+        async with translated_errors("read head"), self._pool.acquire() as connection:
+            position = await connection.fetchval(
+                "SELECT position FROM ledger.stream_heads WHERE stream = 'events'"
+            )
+        return int(position)
+
+
+async def schema_revision(pool: Pool) -> str | None:
+    """The alembic revision the database is at, or None when it was never migrated."""
+    async with translated_errors("read schema revision"), pool.acquire() as connection:
+        exists = await connection.fetchval("SELECT to_regclass('public.alembic_version')")
+        if exists is None:
+            return None
+        try:
+            value = await connection.fetchval("SELECT version_num FROM public.alembic_version")
+        except asyncpg.InsufficientPrivilegeError:
+            return None
+    return str(value) if value is not None else None
+
+
+async def ping(pool: Pool) -> None:
+    async with translated_errors("ping"), pool.acquire() as connection:
+        await connection.fetchval("SELECT 1")

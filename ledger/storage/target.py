@@ -1,0 +1,85 @@
+"""Which PostgreSQL the ledger uses, with which roles, and making it ready.
+
+With `LEDGER_DATABASE_URL` set, that DSN is the service's (restricted) connection and
+`LEDGER_ADMIN_DATABASE_URL` (or the same DSN) migrates. Unset, we start our own server and
+connect as the two roles the first migration creates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+
+from ledger import embedded, migrations
+from ledger.embedded import EmbeddedHandle
+from ledger.errors import DatabaseUnavailable, SchemaNotMigrated
+from ledger.settings import Settings
+from ledger.storage.store import Pool, schema_revision
+
+log = logging.getLogger(__name__)
+
+DATABASE = "ledger"
+SERVICE_ROLE = "ledger_app"
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    service_dsn: str
+    admin_dsn: str
+    embedded: EmbeddedHandle | None
+
+    def release(self) -> None:
+        """Let go of the embedded server (stopped when this was its last user)."""
+        if self.embedded is not None:
+            self.embedded.server.stop()
+
+
+async def open_target(settings: Settings, *, keep_running: bool = False) -> DatabaseTarget:
+    """Resolve DSNs; start the embedded server and create its database when needed."""
+    if settings.database_url is not None:
+        service = settings.database_url.get_secret_value()
+        admin = settings.admin_database_url.get_secret_value() if settings.admin_database_url \
+            else service
+        return DatabaseTarget(service_dsn=service, admin_dsn=admin, embedded=None)
+    handle = await asyncio.to_thread(
+        embedded.start, settings.data_dir, keep_running=keep_running
+    )
+    try:
+        await ensure_database(handle.dsn("postgres"), DATABASE)
+    except BaseException:
+        handle.server.stop()
+        raise
+    return DatabaseTarget(
+        service_dsn=handle.dsn(DATABASE, SERVICE_ROLE),
+        admin_dsn=handle.dsn(DATABASE),
+        embedded=handle,
+    )
+
+
+async def ensure_database(maintenance_dsn: str, name: str, *, template: str | None = None) -> None:
+    """CREATE DATABASE unless it exists (names are ours, never user input)."""
+    try:
+        connection = await asyncpg.connect(maintenance_dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            clause = f' TEMPLATE "{template}" STRATEGY FILE_COPY' if template else ""
+            await connection.execute(f'CREATE DATABASE "{name}"{clause}')
+    finally:
+        await connection.close()
+
+
+async def migrate(target: DatabaseTarget) -> None:
+    await asyncio.to_thread(migrations.upgrade, target.admin_dsn)
+
+
+async def require_current_schema(pool: Pool) -> None:
+    """Refuse to serve on a schema the code does not match."""
+    current, expected = await schema_revision(pool), migrations.head_revision()
+    if current != expected:
+        raise SchemaNotMigrated(current, expected)

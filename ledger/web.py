@@ -1,0 +1,164 @@
+"""HTTP: the app factory, its wiring, the intake route and health checks.
+
+Handlers stay thin: read the request, call a service, shape the answer. Ledger errors become
+HTTP answers in one middleware; nothing here knows SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ledger.committer import CommitterClosed, GroupCommitter
+from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
+from ledger.intake import Delivery, IntakeService
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.store import EventStore, Pool, create_pool, ping
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+TARGET = web.AppKey("target", targets.DatabaseTarget)
+POOL = web.AppKey("pool", Pool)
+STORE = web.AppKey("store", EventStore)
+COMMITTER = web.AppKey("committer", GroupCommitter)
+INTAKE = web.AppKey("intake", IntakeService)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json"
+    )
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": code, "message": message}, status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map ledger errors to statuses in one place; every 4xx/5xx answer is JSON with a reason."""
+    try:
+        return await handler(request)
+    except DeliveryRejected as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except (DatabaseUnavailable, CommitterClosed, SchemaNotMigrated) as exc:
+        log.error("%s %s: %s", request.method, request.path, exc)
+        return error_response(503, "store_unavailable", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or "")
+
+
+async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
+    """The raw body, read no further than `limit`; True when it was cut off there."""
+    if request.content_length is not None and request.content_length > limit:
+        return b"", True
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: max(0, limit - (size - len(chunk)))])
+            return b"".join(chunks), True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+async def receive_event(request: web.Request) -> web.Response:
+    settings, intake = request.app[SETTINGS], request.app[INTAKE]
+    body, truncated = await _read_body(request, settings.max_body_bytes)
+    delivery = Delivery(
+        body=body,
+        content_type=request.headers.get("Content-Type"),
+        raw_query=request.rel_url.raw_query_string,
+        peer=request.remote,
+    )
+    if truncated:
+        rejected = DeliveryRejected(
+            413, "body_too_large", f"body exceeds {settings.max_body_bytes} bytes"
+        )
+        await intake.refuse(delivery, rejected)
+        raise rejected
+    receipt = await intake.receive(delivery)
+    return json_response(
+        {
+            "status": "duplicate" if receipt.duplicate else "stored",
+            "position": receipt.position,
+            "duplicate": receipt.duplicate,
+            "event": receipt.event_type,
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    checks: dict[str, str] = {}
+    try:
+        await ping(request.app[POOL])
+        await targets.require_current_schema(request.app[POOL])
+        checks["database"] = "ok"
+    except LedgerError as exc:
+        checks["database"] = str(exc)
+    ready = all(v == "ok" for v in checks.values())
+    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
+                         200 if ready else 503)
+
+
+def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        target = await targets.open_target(settings)
+        try:
+            if target.embedded is not None:
+                await targets.migrate(target)
+            pool = await create_pool(target.service_dsn, size=settings.pool_size)
+            try:
+                await targets.require_current_schema(pool)
+                app[TARGET], app[POOL] = target, pool
+                app[STORE] = EventStore(pool, policy=settings.trust_policy)
+                yield
+            finally:
+                await pool.close()
+        finally:
+            target.release()
+
+    return ctx
+
+
+async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    committer = GroupCommitter(
+        app[STORE],
+        max_events=settings.batch_max_events,
+        max_delay=settings.batch_max_delay_ms / 1000,
+    )
+    committer.start()
+    app[COMMITTER] = committer
+    app[INTAKE] = IntakeService(settings, committer)
+    yield
+    await committer.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Wire settings, the database, the store and the intake; nothing exists before this."""
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=settings.max_body_bytes + 1
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_database_ctx(settings))
+    app.cleanup_ctx.append(_committer_ctx)
+    app.router.add_post("/bitrix24/events", receive_event)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

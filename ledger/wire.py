@@ -1,0 +1,223 @@
+"""Bitrix24's wire format: PHP `http_build_query` form bodies and JSON bodies.
+
+Pure code, no I/O. The decoder reproduces PHP's `parse_str` (php_default_treat_data +
+php_register_variable_ex) because that is the decoder Bitrix24's own bodies are written for; the
+committed fixtures under `tests/fixtures/php/` hold what PHP itself produced. PHP arrays are ordered
+maps, so every bracketed level decodes to a `dict` with string keys in arrival order — numeric keys
+(`BOT[567]`, `departments[0]`) stay string keys; guessing lists would lose information.
+
+Deliberate differences from PHP, all of which turn silent loss into a clear rejection:
+- PHP silently drops fields past `max_input_vars` (1000) or nesting past 64; we reject (`TooLarge`).
+- PHP accepts invalid UTF-8; we reject it, because the store keeps text, not bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, TypeAlias
+from urllib.parse import quote_plus
+
+import orjson
+
+from ledger.errors import DeliveryRejected
+
+JsonValue: TypeAlias = Any
+Document: TypeAlias = dict[str, Any]
+
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_PHP_INT_KEY = re.compile(r"^(0|-?[1-9][0-9]*)$")
+_PHP_LONG_MAX = 2**63 - 1
+
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+
+
+class _PhpArray(dict[str, Any]):
+    """An ordered PHP array under construction; remembers the next `[]` index like PHP does."""
+
+    __slots__ = ("next_index",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_index = 0
+
+    def put(self, key: str, value: Any) -> None:
+        self[key] = value
+        if _PHP_INT_KEY.match(key):
+            number = int(key)
+            if -_PHP_LONG_MAX - 1 <= number <= _PHP_LONG_MAX and number >= self.next_index:
+                self.next_index = number + 1
+
+    def append(self, value: Any) -> None:
+        self.put(str(self.next_index), value)
+
+
+def _url_decode(raw: bytes) -> bytes:
+    """PHP `urldecode`: `+` is a space, `%XX` is a byte, a malformed `%` stays as it is."""
+    return _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw.replace(b"+", b" "))
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DeliveryRejected(
+            400, "invalid_utf8", f"{what} is not valid UTF-8 (byte {exc.start})"
+        ) from exc
+
+
+def parse_php_form(body: bytes, *, max_fields: int, max_nesting: int) -> Document:
+    """Decode a form body exactly as PHP's `parse_str` would, into ordered string-keyed dicts."""
+    root = _PhpArray()
+    fields = 0
+    for pair in body.split(b"&"):
+        if not pair:
+            continue  # php_strtok_r skips empty tokens
+        fields += 1
+        if fields > max_fields:
+            raise DeliveryRejected(
+                413, "too_many_fields", f"more than {max_fields} form fields in one body"
+            )
+        raw_key, sep, raw_value = pair.partition(b"=")
+        value = _text(_url_decode(raw_value), "a form value") if sep else ""
+        key = _text(_url_decode(raw_key).split(b"\0", 1)[0], "a form key")
+        _register(root, key, value, max_nesting)
+    document: Document = _freeze(root)
+    return document
+
+
+def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
+    """php_register_variable_ex, for a result array (no globals, no `this` special cases)."""
+    key = key.lstrip(" ")
+    bracket = key.find("[")
+    base = key if bracket < 0 else key[:bracket]
+    base = base.replace(" ", "_").replace(".", "_")
+    if not base:
+        return
+    if bracket < 0:
+        root.put(base, value)
+        return
+
+    indices: list[str | None] = []  # None stands for `[]`
+    rest = key[bracket:]  # starts with '['
+    while True:
+        if len(indices) >= max_nesting:
+            raise DeliveryRejected(
+                400, "too_deep", f"form key nests deeper than {max_nesting} levels"
+            )
+        close = rest.find("]", 1)
+        if close < 0:
+            if not indices:
+                # no closing bracket: PHP un-terminates the name and mangles the remainder
+                mangled = re.sub(r"[ .\[]", "_", rest[1:])
+                root.put(base + "_" + mangled, value)
+                return
+            break  # deeper unterminated index: PHP ignores the rest of the key
+        indices.append(rest[1:close] or None)
+        rest = rest[close + 1 :]
+        if not rest.startswith("["):
+            break  # anything after `]` that is not `[` is ignored, as PHP does
+
+    container = root
+    name: str | None = base
+    for next_name in indices:
+        if name is None:
+            child = _PhpArray()
+            container.append(child)
+        else:
+            existing = container.get(name)
+            if isinstance(existing, _PhpArray):
+                child = existing
+            else:
+                child = _PhpArray()
+                container.put(name, child)
+        container = child
+        name = next_name
+    if name is None:
+        container.append(value)
+    else:
+        container.put(name, value)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, _PhpArray):
+        return {k: _freeze(v) for k, v in value.items()}
+    return value
+
+
+def parse_json(body: bytes, *, max_nesting: int) -> Document:
+    """Decode a JSON body; it must be an object."""
+    try:
+        document: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DeliveryRejected(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise DeliveryRejected(400, "malformed_json", "a JSON body must be an object")
+    if _depth(document) > max_nesting + 1:
+        raise DeliveryRejected(400, "too_deep", f"JSON nests deeper than {max_nesting} levels")
+    return document
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare media type of a Content-Type header, lower-cased."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_body(
+    body: bytes, content_type: str | None, *, max_fields: int, max_nesting: int
+) -> Document:
+    """Decode a delivery body by its media type; anything but form or JSON is refused."""
+    kind = media_type(content_type)
+    if kind == FORM:
+        return parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting)
+    if kind == JSON:
+        return parse_json(body, max_nesting=max_nesting)
+    raise DeliveryRejected(
+        415,
+        "unsupported_media_type",
+        f"content type {kind or '(none)'!r} is not accepted; send {FORM} or {JSON}",
+    )
+
+
+def parse_query(query: str, *, max_fields: int, max_nesting: int) -> Document:
+    """The handler URL's raw query string (Bitrix24 appends `CLIENT_ID`), decoded like a form."""
+    return parse_php_form(query.encode(), max_fields=max_fields, max_nesting=max_nesting)
+
+
+def http_build_query(document: Mapping[str, JsonValue]) -> bytes:
+    """PHP `http_build_query` (RFC 1738 flavour) — what Bitrix24 sends. Used by the simulator.
+
+    `None` values and empty containers vanish, booleans become "1"/"0", as in PHP.
+    """
+    parts: list[str] = []
+
+    def encode(prefix: str, value: JsonValue) -> None:
+        if value is None:
+            return
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                encode(f"{prefix}[{k}]", v)
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                encode(f"{prefix}[{i}]", v)
+        else:
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            parts.append(f"{_php_urlencode(prefix)}={_php_urlencode(text)}")
+
+    for key, value in document.items():
+        encode(str(key), value)
+    return "&".join(parts).encode("ascii")
+
+
+def _php_urlencode(text: str) -> str:
+    # PHP urlencode keeps only [A-Za-z0-9_.-]; Python's quote_plus also keeps '~'
+    return quote_plus(text, safe="").replace("~", "%7E")
