@@ -7,12 +7,9 @@ line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
-import socket
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -20,9 +17,8 @@ from typing import Any, ParamSpec, TypeVar
 import click
 from pydantic import ValidationError
 
-from ledger import drafts
+from ledger import operations
 from ledger.errors import LedgerError
-from ledger.models import EventDraft, Refusal, Stored
 from ledger.settings import Settings
 from ledger.storage import target as targets
 from ledger.storage.store import EventStore, create_pool
@@ -174,19 +170,8 @@ def _with_store(
     return asyncio.run(run())
 
 
-def _actor() -> str:
-    return f"operator {getpass.getuser()}@{socket.gethostname()} via cli"
-
-
-def _record(ctx: click.Context, draft: EventDraft) -> int:
-    async def work(store: EventStore) -> int:
-        (outcome,) = await store.append([draft])
-        if isinstance(outcome, Refusal):
-            raise click.ClickException(outcome.message)
-        assert isinstance(outcome, Stored)
-        return outcome.position
-
-    return _with_store(ctx, work)
+def _change_trust(ctx: click.Context, change: TrustChange, **target: str | None) -> int:
+    return _with_store(ctx, lambda store: operations.change_trust(store, change, **target))
 
 
 @main.group()
@@ -203,11 +188,7 @@ def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None)
     """Allow a portal's next ONAPPINSTALL to establish its token."""
     if (member_id is None) == (domain is None):
         raise click.UsageError("give exactly one of --member-id or --domain")
-    draft = drafts.operator_action(
-        TrustChange.ALLOWED, member_id=member_id, domain=domain, token=None,
-        actor=_actor(), received_at=datetime.now(UTC),
-    )
-    position = _record(ctx, draft)
+    position = _change_trust(ctx, TrustChange.ALLOWED, member_id=member_id, domain=domain)
     click.echo(f"allowed {member_id or domain} (recorded at position {position})")
 
 
@@ -229,11 +210,9 @@ def portals_trust(
     token = token_file.read_text().strip()
     if not token:
         raise click.ClickException(f"{token_file} is empty")
-    draft = drafts.operator_action(
-        TrustChange.PROVISIONED, member_id=member_id, domain=domain, token=token,
-        actor=_actor(), received_at=datetime.now(UTC),
+    position = _change_trust(
+        ctx, TrustChange.PROVISIONED, member_id=member_id, domain=domain, token=token
     )
-    position = _record(ctx, draft)
     click.echo(f"trusted {member_id} (recorded at position {position})")
 
 
@@ -243,11 +222,7 @@ def portals_trust(
 @_fail_cleanly
 def portals_revoke(ctx: click.Context, member_id: str) -> None:
     """End trust in a portal's token: its deliveries are refused from now on."""
-    draft = drafts.operator_action(
-        TrustChange.ENDED, member_id=member_id, domain=None, token=None,
-        actor=_actor(), received_at=datetime.now(UTC),
-    )
-    position = _record(ctx, draft)
+    position = _change_trust(ctx, TrustChange.ENDED, member_id=member_id)
     click.echo(f"revoked {member_id} (recorded at position {position})")
 
 

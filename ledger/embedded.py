@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +43,10 @@ class EmbeddedHandle:
 
 class _PgServer:
     def __init__(self, pgdata: Path, *, keep_running: bool) -> None:
-        from pgserver import postgres_server
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (CI shells): harmless here
+            warnings.simplefilter("ignore")
+            from pgserver import postgres_server
 
         self._server: Any = postgres_server.get_server(
             pgdata, cleanup_mode=None if keep_running else "stop"

@@ -6,6 +6,7 @@ Alembic's env runs its own event loop, so from async code call these through `as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -33,3 +34,15 @@ def upgrade(dsn: str, revision: str = "head") -> None:
 
 def downgrade(dsn: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(dsn), revision)
+
+
+def execute_script(sql: str) -> None:
+    """Run a multi-statement SQL script inside the current migration's transaction.
+
+    `op.execute` goes through SQLAlchemy's asyncpg adapter, which prepares each statement and so
+    accepts only one; a script needs asyncpg's simple-query path on the same connection.
+    """
+    from alembic import op
+
+    dbapi_connection: Any = op.get_bind().connection.dbapi_connection
+    dbapi_connection.run_async(lambda driver: driver.execute(sql))

@@ -34,23 +34,29 @@ JSON = "application/json"
 
 
 class _PhpArray(dict[str, Any]):
-    """An ordered PHP array under construction; remembers the next `[]` index like PHP does."""
+    """An ordered PHP array under construction; remembers the next `[]` index like PHP does.
+
+    PHP starts `nNextFreeElement` at LONG_MIN (so the first append is 0) and moves it past every
+    integer key inserted at or above it — negative ones included (`[-5]` then `[]` gives -4).
+    """
 
     __slots__ = ("next_index",)
 
     def __init__(self) -> None:
         super().__init__()
-        self.next_index = 0
+        self.next_index: int | None = None
 
     def put(self, key: str, value: Any) -> None:
         self[key] = value
         if _PHP_INT_KEY.match(key):
             number = int(key)
-            if -_PHP_LONG_MAX - 1 <= number <= _PHP_LONG_MAX and number >= self.next_index:
-                self.next_index = number + 1
+            if -_PHP_LONG_MAX - 1 <= number <= _PHP_LONG_MAX and (
+                self.next_index is None or number >= self.next_index
+            ):
+                self.next_index = min(number + 1, _PHP_LONG_MAX)
 
     def append(self, value: Any) -> None:
-        self.put(str(self.next_index), value)
+        self.put(str(self.next_index if self.next_index is not None else 0), value)
 
 
 def _url_decode(raw: bytes) -> bytes:

@@ -5,7 +5,7 @@ Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 """
 
-from alembic import op
+from ledger.migrations import execute_script
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
@@ -14,10 +14,10 @@ depends_on = ${repr(depends_on)}
 
 
 def upgrade() -> None:
-    op.execute("""
+    execute_script("""
     """)
 
 
 def downgrade() -> None:
-    op.execute("""
+    execute_script("""
     """)

@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 import orjson
-from asyncpg.pool import PoolConnectionProxy
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
 
 from ledger.drafts import follow_up
 from ledger.envelope import INSTALL
@@ -40,7 +42,7 @@ from ledger.settings import TrustPolicy
 from ledger.trust import PortalTrust, Refused, TrustChange, TrustState, judge
 
 Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass it around
-Connection = asyncpg.Connection[Any] | PoolConnectionProxy[Any]
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
 _MOVE_HEAD = "UPDATE ledger.stream_heads SET position = $2, hash = $3 WHERE stream = $1"

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2026-11-25
 """
 
-from alembic import op
+from ledger.migrations import execute_script
 
 revision = "0001"
 down_revision = None
@@ -14,7 +14,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
+    execute_script("""
     DO $$
     BEGIN
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ledger_owner') THEN
@@ -157,7 +157,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # Roles are cluster-wide and may serve other databases: they stay.
-    op.execute("""
+    execute_script("""
     REVOKE ALL ON public.alembic_version FROM ledger_app;
     DROP SCHEMA ledger CASCADE;
     """)

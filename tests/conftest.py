@@ -1,0 +1,190 @@
+"""Real PostgreSQL for every test: one throwaway server per session, one database per test.
+
+The server is the project's own embedded PostgreSQL (the same mechanism `ledger serve` uses), or
+the server behind LEDGER_TEST_DATABASE_URL (an admin DSN) when that is set. A template database
+is migrated once; each test gets a fresh `CREATE DATABASE … TEMPLATE` clone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from ledger import embedded, migrations
+from ledger.settings import Settings
+from ledger.storage.target import SERVICE_ROLE, ensure_database
+from ledger.web import create_app
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SAMPLES = FIXTURES / "bitrix24"
+MEMBER_ID = "bac1cd5c8940947a75e0d71b1a84e348"
+DOMAIN = "some-domain.bitrix24.com"
+TOKEN = "831c76b092f9f135d9b6b36c3a720757"
+FORM = "application/x-www-form-urlencoded"
+
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A PostgreSQL server the tests may create databases on."""
+
+    admin_dsn: str  # to the maintenance database
+
+    def dsn(self, database: str, user: str | None = None) -> str:
+        parts = urlsplit(self.admin_dsn)
+        netloc = parts.netloc
+        if user is not None:
+            host = netloc.rpartition("@")[2]
+            netloc = f"{user}@{host}"
+        return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
+
+
+@dataclass(frozen=True)
+class Database:
+    name: str
+    admin_dsn: str
+    service_dsn: str
+
+
+@pytest.fixture(autouse=True)
+def _no_ledger_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings in tests are explicit: nothing leaks in from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith("LEDGER_") and name != "LEDGER_TEST_DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    external = os.environ.get("LEDGER_TEST_DATABASE_URL")
+    if external:
+        yield Cluster(admin_dsn=external)
+        return
+    data_dir = tmp_path_factory.mktemp("pg")
+    handle = embedded.start(data_dir)
+    try:
+        yield Cluster(admin_dsn=handle.dsn("postgres"))
+    finally:
+        handle.server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+async def template(cluster: Cluster) -> str:
+    name = f"ledger_template_{os.getpid()}"
+    connection = await asyncpg.connect(cluster.admin_dsn)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    await asyncio.to_thread(migrations.upgrade, cluster.dsn(name))
+    return name
+
+
+async def _create_database(cluster: Cluster, template: str | None) -> Database:
+    name = f"ledger_test_{os.getpid()}_{next(_counter)}"
+    await ensure_database(cluster.admin_dsn, name, template=template)
+    return Database(
+        name=name,
+        admin_dsn=cluster.dsn(name),
+        service_dsn=cluster.dsn(name, user=SERVICE_ROLE),
+    )
+
+
+async def _drop_database(cluster: Cluster, name: str) -> None:
+    connection = await asyncpg.connect(cluster.admin_dsn)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def database(cluster: Cluster, template: str) -> AsyncIterator[Database]:
+    """A migrated database of this test's own."""
+    db = await _create_database(cluster, template)
+    yield db
+    await _drop_database(cluster, db.name)
+
+
+@pytest.fixture
+async def empty_database(cluster: Cluster, template: str) -> AsyncIterator[Database]:
+    """A database nobody migrated (roles exist: the template run created them)."""
+    db = await _create_database(cluster, None)
+    yield db
+    await _drop_database(cluster, db.name)
+
+
+@pytest.fixture
+def settings_factory(database: Database) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "database_url": database.service_dsn,
+            "admin_database_url": database.admin_dsn,
+            "batch_max_delay_ms": 1.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(settings_factory: Callable[..., Settings]) -> Settings:
+    return settings_factory()
+
+
+ClientFactory: TypeAlias = "Callable[[Settings], Awaitable[TestClient[Any, Any]]]"
+
+
+@pytest.fixture
+def make_client(database: Database, aiohttp_client: Any) -> ClientFactory:
+    """Serve `create_app(settings)` to a test client (closed before the database is dropped)."""
+
+    async def make(settings: Settings) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory, settings: Settings) -> TestClient[Any, Any]:
+    return await make_client(settings)
+
+
+@pytest.fixture
+async def admin(database: Database) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """A superuser connection to the test's database, for looking behind the service's back."""
+    connection = await asyncpg.connect(database.admin_dsn)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+async def service_connection(database: Database) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """A connection as the service's own restricted role."""
+    connection = await asyncpg.connect(database.service_dsn)
+    yield connection
+    await connection.close()
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / f"{name}.form").read_bytes()
+
+
+def sample_names() -> list[str]:
+    return sorted(p.stem for p in SAMPLES.glob("*.form"))

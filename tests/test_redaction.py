@@ -1,0 +1,87 @@
+"""Secrets leave no trace but a fingerprint; everything else is kept as PHP decoded it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from ledger import wire
+from ledger.redaction import SECRET_KEYS, fingerprint, redact, scrub_text
+from tests.conftest import FIXTURES, TOKEN, sample, sample_names
+
+PHP = {
+    c["name"]: c["php"]
+    for c in json.loads((FIXTURES / "php" / "parse_str.json").read_text())["cases"]
+}
+
+
+def secret_values(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found: set[str] = set()
+        for key, value in node.items():
+            if key.lower() in SECRET_KEYS and isinstance(value, str):
+                found.add(value)
+            found |= secret_values(value)
+        return found
+    return set()
+
+
+def without_secrets(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: without_secrets(v) for k, v in node.items() if k.lower() not in SECRET_KEYS}
+    return node
+
+
+@pytest.mark.parametrize("name", sample_names())
+def test_no_secret_value_survives_redaction(name: str) -> None:
+    document = wire.parse_php_form(sample(name), max_fields=10_000, max_nesting=32)
+    secrets = secret_values(document)
+    assert TOKEN in secrets
+    redacted, removed = redact(document)
+    text = json.dumps(redacted)
+    assert not [s for s in secrets if s in text]
+    assert {r.fingerprint for r in removed} == {fingerprint(s) for s in secrets}
+
+
+@pytest.mark.parametrize("name", sample_names())
+def test_redacted_document_is_php_parse_str_minus_secrets(name: str) -> None:
+    document = wire.parse_php_form(sample(name), max_fields=10_000, max_nesting=32)
+    redacted, _ = redact(document)
+    assert json.dumps(redacted) == json.dumps(without_secrets(PHP[f"sample {name}"]))
+
+
+def test_removed_secrets_are_located_by_path() -> None:
+    document = wire.parse_php_form(
+        sample("onimbotmessageadd-1"), max_fields=10_000, max_nesting=32
+    )
+    _, removed = redact(document)
+    paths = {r.path for r in removed}
+    assert ("data", "BOT", "567", "AUTH", "refresh_token") in paths
+    assert ("auth", "application_token") in paths
+
+
+def test_two_different_tokens_get_different_fingerprints() -> None:
+    assert fingerprint("a" * 32) != fingerprint("b" * 32)
+    assert fingerprint(TOKEN) == fingerprint(TOKEN)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "auth%5Bapplication_token%5D=" + TOKEN + "&x=1",
+        "auth[application_token]=" + TOKEN,
+        '{"auth": {"application_token": "' + TOKEN + '"}}',
+    ],
+)
+def test_undecodable_bodies_are_scrubbed_textually(raw: str) -> None:
+    assert TOKEN not in scrub_text(raw)
+
+
+def test_base64_fixture_bodies_are_intact() -> None:
+    # guards the fixture file itself: a sample body must decode to the committed sample
+    case = next(c for c in json.loads((FIXTURES / "php" / "parse_str.json").read_text())[
+        "cases"] if c["name"] == "sample onimbotdelete-1")
+    assert base64.b64decode(case["body_b64"]) == sample("onimbotdelete-1")
