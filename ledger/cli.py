@@ -101,7 +101,8 @@ def migrate(ctx: click.Context) -> None:
     async def run() -> None:
         target = await targets.open_target(_settings(ctx))
         try:
-            await targets.migrate(target)
+            if target.embedded is None:  # the embedded one was migrated on opening
+                await targets.migrate(target)
         finally:
             target.release()
 
@@ -156,8 +157,6 @@ def _with_store(
     async def run() -> T:
         target = await targets.open_target(settings)
         try:
-            if target.embedded is not None:
-                await targets.migrate(target)
             pool = await create_pool(target.service_dsn, size=2)
             try:
                 await targets.require_current_schema(pool)

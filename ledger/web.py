@@ -120,8 +120,6 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         target = await targets.open_target(settings)
         try:
-            if target.embedded is not None:
-                await targets.migrate(target)
             pool = await create_pool(target.service_dsn, size=settings.pool_size)
             try:
                 await targets.require_current_schema(pool)

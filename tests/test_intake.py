@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
@@ -274,9 +273,12 @@ async def test_a_database_dump_holds_no_token_of_the_samples(
     for name in sample_names():
         document = wire.parse_php_form(sample(name), max_fields=999, max_nesting=9)
         secrets |= _secret_values(document)
-    dump = subprocess.run(
-        [_pg_dump(), "--no-owner", database.admin_dsn], capture_output=True, check=True
-    ).stdout.decode()
+    process = await asyncio.create_subprocess_exec(
+        _pg_dump(), "--no-owner", database.admin_dsn, stdout=asyncio.subprocess.PIPE
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0
+    dump = output.decode()
     assert "ONIMBOTMESSAGEADD" in dump
     assert [s for s in secrets if s in dump] == []
 

@@ -38,7 +38,7 @@ class DatabaseTarget:
 
 
 async def open_target(settings: Settings, *, keep_running: bool = False) -> DatabaseTarget:
-    """Resolve DSNs; start the embedded server and create its database when needed."""
+    """Resolve DSNs. The embedded server is ours: start it, create and migrate its database."""
     if settings.database_url is not None:
         service = settings.database_url.get_secret_value()
         admin = settings.admin_database_url.get_secret_value() if settings.admin_database_url \
@@ -47,16 +47,18 @@ async def open_target(settings: Settings, *, keep_running: bool = False) -> Data
     handle = await asyncio.to_thread(
         embedded.start, settings.data_dir, keep_running=keep_running
     )
-    try:
-        await ensure_database(handle.dsn("postgres"), DATABASE)
-    except BaseException:
-        handle.server.stop()
-        raise
-    return DatabaseTarget(
+    target = DatabaseTarget(
         service_dsn=handle.dsn(DATABASE, SERVICE_ROLE),
         admin_dsn=handle.dsn(DATABASE),
         embedded=handle,
     )
+    try:
+        await ensure_database(handle.dsn("postgres"), DATABASE)
+        await migrate(target)
+    except BaseException:
+        target.release()
+        raise
+    return target
 
 
 async def ensure_database(maintenance_dsn: str, name: str, *, template: str | None = None) -> None:

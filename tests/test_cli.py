@@ -1,0 +1,99 @@
+"""The `ledger` command as an operator uses it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from ledger.cli import main
+from ledger.errors import SchemaNotMigrated
+from ledger.settings import Settings
+from ledger.web import create_app
+from tests.conftest import DOMAIN, MEMBER_ID, TOKEN, Database
+
+
+def run(database: Database, *args: str) -> Any:
+    env = {"LEDGER_DATABASE_URL": database.service_dsn,
+           "LEDGER_ADMIN_DATABASE_URL": database.admin_dsn, "LEDGER_LOG_LEVEL": "WARNING"}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def test_allow_trust_revoke_and_list_portals(database: Database, tmp_path: Path) -> None:
+    assert run(database, "portals", "allow", "--domain", DOMAIN).exit_code == 0
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    result = run(database, "portals", "trust", "--member-id", MEMBER_ID, "--domain", DOMAIN,
+                 "--token-file", str(token_file))
+    assert result.exit_code == 0, result.output
+    listed = [orjson.loads(line) for line in
+              run(database, "portals", "list", "--json").output.splitlines()]
+    assert [(p["member_id"], p["state"], p["allowed"]) for p in listed] == [
+        (MEMBER_ID, "trusted", True)
+    ]
+    assert TOKEN not in run(database, "portals", "list").output
+    assert run(database, "portals", "revoke", "--member-id", MEMBER_ID).exit_code == 0
+    listed = [orjson.loads(line) for line in
+              run(database, "portals", "list", "--json").output.splitlines()]
+    assert listed[0]["state"] == "ended"
+
+
+def test_portals_allow_wants_exactly_one_target(database: Database) -> None:
+    result = run(database, "portals", "allow")
+    assert result.exit_code == 2
+    assert "exactly one" in result.output
+
+
+def test_db_url_prints_the_services_restricted_dsn(database: Database) -> None:
+    assert run(database, "db", "url").output.strip() == database.service_dsn
+    assert run(database, "db", "url", "--admin").output.strip() == database.admin_dsn
+
+
+async def test_serve_refuses_an_unmigrated_external_database(
+    empty_database: Database,
+) -> None:
+    from aiohttp.test_utils import TestServer
+
+    server = TestServer(create_app(Settings(database_url=empty_database.admin_dsn)))
+    with pytest.raises(SchemaNotMigrated, match="ledger migrate"):
+        await server.start_server()
+    await server.close()
+
+
+def test_migrate_makes_an_external_database_servable(empty_database: Database) -> None:
+    result = run(empty_database, "migrate")
+    assert result.exit_code == 0, result.output
+    assert run(empty_database, "portals", "allow", "--domain", DOMAIN).exit_code == 0
+
+
+def test_errors_are_one_line_and_non_zero(tmp_path: Path) -> None:
+    env = {"LEDGER_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    result = CliRunner().invoke(main, ["portals", "list"], env=env)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot connect to PostgreSQL")
+    assert "Traceback" not in result.output
+
+
+def test_embedded_database_is_started_migrated_and_kept(tmp_path: Path) -> None:
+    env = {"LEDGER_DATA_DIR": str(tmp_path / "ledger"), "LEDGER_LOG_LEVEL": "WARNING"}
+    runner = CliRunner()
+    try:
+        assert runner.invoke(main, ["portals", "allow", "--domain", DOMAIN], env=env).exit_code == 0
+        dsn = runner.invoke(main, ["db", "url"], env=env).output.strip()
+        assert "ledger_app@" in dsn
+
+        async def count() -> int:
+            connection = await asyncpg.connect(dsn)
+            try:
+                return int(await connection.fetchval("SELECT count(*) FROM ledger.events"))
+            finally:
+                await connection.close()
+
+        assert asyncio.run(count()) == 1  # the data survived the first command's exit
+    finally:
+        assert runner.invoke(main, ["db", "stop"], env=env).exit_code == 0

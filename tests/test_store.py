@@ -1,0 +1,171 @@
+"""The store's promises, checked in PostgreSQL itself: append-only, chained, serialised."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import orjson
+import pytest
+
+from ledger.committer import GroupCommitter
+from ledger.errors import AppendFailed
+from ledger.hashing import GENESIS_HASH, chain_hash, event_entry, sha256
+from ledger.models import Stored
+from ledger.operations import change_trust
+from ledger.settings import TrustPolicy
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+from tests.conftest import Database
+
+Connection: TypeAlias = "asyncpg.Connection[Any]"
+
+STATEMENTS = [
+    "UPDATE ledger.events SET member_id = 'x'",
+    "DELETE FROM ledger.events",
+    "TRUNCATE ledger.events CASCADE",
+    "UPDATE ledger.rejections SET reason = 'x'",
+    "DELETE FROM ledger.rejections",
+    "TRUNCATE ledger.rejections",
+    "DELETE FROM ledger.redeliveries",
+]
+
+
+@pytest.fixture
+async def store(database: Database) -> Any:
+    pool = await create_pool(database.service_dsn, size=4)
+    yield EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+    await pool.close()
+
+
+async def _some_events(store: EventStore, count: int) -> None:
+    for i in range(count):
+        await change_trust(store, TrustChange.ALLOWED, member_id=f"portal-{i}", actor="test")
+
+
+async def _some_history(store: EventStore) -> None:
+    """Rows in every append-only table: events, a redelivery, a rejection."""
+    from ledger import drafts
+
+    await _some_events(store, 2)
+    now = datetime.now(UTC)
+    again = drafts.operator_action(
+        TrustChange.ALLOWED, member_id="p", domain=None, token=None, actor="t", received_at=now
+    )
+    rejection = drafts.rejection_draft(
+        received_at=now, status=400, reason="test", detail="", member_id=None, event_type=None,
+        peer=None, content_type=None, body=b"x", excerpt_source=None, excerpt_bytes=10,
+    )
+    await store.append([again, again, rejection])
+
+
+@pytest.mark.parametrize("statement", STATEMENTS)
+async def test_the_service_role_cannot_change_history(
+    store: EventStore, service_connection: Connection, statement: str
+) -> None:
+    await _some_history(store)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await service_connection.execute(statement)
+
+
+@pytest.mark.parametrize("statement", STATEMENTS)
+async def test_even_the_owner_is_stopped_by_the_triggers(
+    store: EventStore, admin: Connection, statement: str
+) -> None:
+    await _some_history(store)
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        await admin.execute(statement)
+    assert await admin.fetchval("SELECT count(*) FROM ledger.events") == 3
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 1
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 1
+
+
+async def test_every_event_chains_to_its_predecessor(store: EventStore, admin: Connection) -> None:
+    await _some_events(store, 5)
+    previous = GENESIS_HASH
+    rows = await admin.fetch("SELECT * FROM ledger.events ORDER BY position")
+    assert [r["position"] for r in rows] == [1, 2, 3, 4, 5]
+    for row in rows:
+        assert bytes(row["prev_hash"]) == previous
+        assert bytes(row["payload_sha256"]) == sha256(row["payload"].encode())
+        entry = event_entry(
+            member_id=row["member_id"],
+            event_type=row["event_type"],
+            origin=row["origin"],
+            bot_ids=row["bot_ids"],
+            occurred_at=row["occurred_at"],
+            received_at=row["received_at"],
+            dedup_key=bytes(row["dedup_key"]),
+            body_sha256=None if row["body_sha256"] is None else bytes(row["body_sha256"]),
+            metadata=orjson.loads(row["metadata"]),
+        )
+        expected = chain_hash(previous, row["position"], entry, bytes(row["payload_sha256"]))
+        assert bytes(row["hash"]) == expected
+        previous = expected
+    head = await admin.fetchrow("SELECT * FROM ledger.stream_heads WHERE stream = 'events'")
+    assert head is not None
+    assert (head["position"], bytes(head["hash"])) == (5, previous)
+
+
+async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
+    store: EventStore, admin: Connection
+) -> None:
+    import asyncio
+
+    from ledger import drafts
+
+    committer = GroupCommitter(store, max_events=64, max_delay=0.005)
+    committer.start()
+    now = datetime.now(UTC)
+    batch = [
+        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
+                               actor="test", received_at=now)
+        for i in range(200)
+    ]
+    outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
+    await committer.close()
+    assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
+    assert committer.batches <= 200 // 64 + 3  # far fewer transactions than events
+    assert await admin.fetchval("SELECT count(*) FROM ledger.events") == 200
+
+
+async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
+    store: EventStore, admin: Connection
+) -> None:
+    import asyncio
+
+    from ledger import drafts
+
+    committer = GroupCommitter(store, max_events=64, max_delay=0.05)
+    committer.start()
+    now = datetime.now(UTC)
+    good = [
+        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
+                               actor="test", received_at=now)
+        for i in range(5)
+    ]
+    bad = dataclasses.replace(good[0], payload=b"{not json", dedup_key=sha256(b"bad"))
+    results = await asyncio.gather(
+        *(committer.submit(d) for d in [*good[:2], bad, *good[2:]]), return_exceptions=True
+    )
+    await committer.close()
+    assert isinstance(results[2], AppendFailed)
+    assert all(isinstance(r, Stored) for i, r in enumerate(results) if i != 2)
+    positions = [r["position"] for r in await admin.fetch(
+        "SELECT position FROM ledger.events ORDER BY position")]
+    assert positions == [1, 2, 3, 4, 5]
+
+
+async def test_a_closed_committer_takes_no_more_drafts(store: EventStore) -> None:
+    from ledger import drafts
+    from ledger.committer import CommitterClosed
+
+    committer = GroupCommitter(store, max_events=8, max_delay=0)
+    committer.start()
+    await committer.close()
+    draft = drafts.operator_action(TrustChange.ALLOWED, member_id="m", domain=None, token=None,
+                                   actor="test", received_at=datetime.now(UTC))
+    with pytest.raises(CommitterClosed):
+        await committer.submit(draft)
