@@ -317,3 +317,16 @@ async def test_member_id_of_the_sample_portal_is_what_gets_trusted(
     await post(client, sample("onappinstall-1"))
     assert await admin.fetchval("SELECT state FROM ledger.portal_trust WHERE member_id = $1",
                                 MEMBER_ID) == "trusted"
+
+
+async def test_event_types_not_modelled_yet_are_stored_not_dropped(
+    client: Client, admin: Admin
+) -> None:
+    await install_sample_portal(client)
+    document = wire.parse_php_form(sample("onimbotdelete-1"), max_fields=99, max_nesting=9)
+    document["event"] = "ONIMBOTV3SOMETHINGNEW"
+    status, answer = await post(client, wire.http_build_query(document))
+    assert (status, answer["status"]) == (200, "stored")
+    assert await admin.fetchval(
+        "SELECT event_type FROM ledger.events WHERE position = $1", answer["position"]
+    ) == "ONIMBOTV3SOMETHINGNEW"
