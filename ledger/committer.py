@@ -42,6 +42,7 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self.batches = 0  # counters for metrics and benchmarks
         self.appended = 0
+        self.progressed = asyncio.Event()  # set after every committed batch; readers clear it
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="group-committer")
@@ -110,6 +111,7 @@ class GroupCommitter:
             return
         self.batches += 1
         self.appended += len(batch)
+        self.progressed.set()
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)

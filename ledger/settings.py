@@ -46,6 +46,28 @@ class Settings(BaseSettings):
         default=50.0, gt=0, description="rejection-log writes allowed per second (burst x2)"
     )
     log_level: str = "INFO"
+    origin: str = Field(
+        default="bitrix24-ledger", pattern=r"^\S+$",
+        description="name of this ledger in signed checkpoints",
+    )
+    checkpoint_key: Path | None = Field(
+        default=None, description="Ed25519 private key file (`ledger keys generate`)"
+    )
+    checkpoint_dir: Path | None = Field(
+        default=None, description="`ledger serve` writes signed checkpoints here when set"
+    )
+    checkpoint_every_events: int = Field(default=10_000, ge=1)
+    checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def signing_key_path(self) -> Path:
+        from ledger.checkpoints import PRIVATE_NAME
+
+        return self.checkpoint_key or self.keys_dir / PRIVATE_NAME
 
     @property
     def embedded(self) -> bool:

@@ -6,6 +6,8 @@ HTTP answers in one middleware; nothing here knows SQL.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ledger import checkpoints
+from ledger.checkpointer import Checkpointer
 from ledger.committer import CommitterClosed, GroupCommitter
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.intake import Delivery, IntakeService
@@ -28,6 +32,7 @@ POOL = web.AppKey("pool", Pool)
 STORE = web.AppKey("store", EventStore)
 COMMITTER = web.AppKey("committer", GroupCommitter)
 INTAKE = web.AppKey("intake", IntakeService)
+CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -148,6 +153,28 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     await committer.close()
 
 
+async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.checkpoint_dir is None:
+        yield
+        return
+    checkpointer = Checkpointer(
+        app[STORE],
+        app[COMMITTER],
+        checkpoints.load_private_key(settings.signing_key_path),
+        origin=settings.origin,
+        directory=settings.checkpoint_dir,
+        every_events=settings.checkpoint_every_events,
+        every_seconds=settings.checkpoint_every_seconds,
+    )
+    app[CHECKPOINTER] = checkpointer
+    task = asyncio.create_task(checkpointer.run(), name="checkpointer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: Settings) -> web.Application:
     """Wire settings, the database, the store and the intake; nothing exists before this."""
     app = web.Application(
@@ -156,6 +183,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_committer_ctx)
+    app.cleanup_ctx.append(_checkpoint_ctx)
     app.router.add_post("/bitrix24/events", receive_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

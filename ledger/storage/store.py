@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import asyncpg
 import orjson
@@ -45,6 +45,7 @@ Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass 
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
+_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1"
 _MOVE_HEAD = "UPDATE ledger.stream_heads SET position = $2, hash = $3 WHERE stream = $1"
 _TRUST_OF = """
     SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust
@@ -405,12 +406,46 @@ class EventStore:
         )
         return rows
 
-    async def head(self) -> int:
+    async def head(self, stream: str = "events") -> tuple[int, bytes]:
+        """The stream's last position and hash (0 and the genesis hash when empty)."""
         async with translated_errors("read head"), self._pool.acquire() as connection:
-            position = await connection.fetchval(
-                "SELECT position FROM ledger.stream_heads WHERE stream = 'events'"
-            )
-        return int(position)
+            row = await connection.fetchrow(_HEAD, stream)
+        assert row is not None
+        return int(row["position"]), bytes(row["hash"])
+
+    @asynccontextmanager
+    async def chain_snapshot(self, stream: str) -> AsyncIterator[ChainSnapshot]:
+        """A consistent, read-only view of one chain: its head and its rows in order."""
+        async with (
+            translated_errors(f"read {stream}"),
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            row = await connection.fetchrow(_HEAD, stream)
+            assert row is not None
+            yield ChainSnapshot(connection, stream, int(row["position"]), bytes(row["hash"]))
+
+
+class ChainSnapshot:
+    """Rows of one chain, read in position order through a server-side cursor."""
+
+    _QUERIES: ClassVar[dict[str, str]] = {
+        "events": "SELECT * FROM ledger.events ORDER BY position",
+        "rejections": "SELECT * FROM ledger.rejections ORDER BY position",
+    }
+
+    def __init__(
+        self, connection: Connection, stream: str, head_position: int, head_hash: bytes
+    ) -> None:
+        self._connection = connection
+        self._stream = stream
+        self.head_position = head_position
+        self.head_hash = head_hash
+
+    async def batches(self, size: int = 2000) -> AsyncIterator[list[asyncpg.Record]]:
+        cursor = await self._connection.cursor(self._QUERIES[self._stream])
+        while rows := await cursor.fetch(size):
+            yield rows
 
 
 async def schema_revision(pool: Pool) -> str | None:
