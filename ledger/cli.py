@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
+import orjson
 from pydantic import ValidationError
 
 from ledger import checkpoints, integrity, operations
 from ledger.errors import LedgerError
+from ledger.projections import readers
+from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
 from ledger.settings import Settings
 from ledger.storage import target as targets
+from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from ledger.verification import Anchor
@@ -232,8 +238,6 @@ def portals_revoke(ctx: click.Context, member_id: str) -> None:
 @_fail_cleanly
 def portals_list(ctx: click.Context, as_json: bool) -> None:
     """Show each portal's trust state."""
-    import orjson
-
     rows = _with_store(ctx, lambda store: store.portals())
     if as_json:
         for row in rows:
@@ -388,3 +392,145 @@ def verify_checkpoint(checkpoint_file: Path, public_key: Path) -> None:
     checkpoint = checkpoints.verify(checkpoint_file.read_text(), key, origin)
     click.echo(f"valid: {checkpoint.origin} position {checkpoint.position} head "
                f"{checkpoint.head_hash.hex()} at {checkpoint.time.isoformat()}")
+
+
+def _with_projections(
+    ctx: click.Context,
+    work: Callable[[ProjectionStore, Projector], Awaitable[T]],
+) -> T:
+    def run(store: EventStore) -> Awaitable[T]:
+        projections = ProjectionStore(store.pool)
+        return work(projections, Projector(store, projections))
+
+    return _with_store(ctx, run)
+
+
+def _parse_as_of(value: str | None) -> readers.AsOf:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither a position nor an ISO 8601 time") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+_AS_OF = click.option(
+    "--as-of", help="A position or an ISO 8601 time (e.g. 2026-03-01T00:00:00Z): the answer "
+    "the ledger would have given then, folded from the store.",
+)
+_PORTAL = click.option("--portal", "member_id", help="Only this portal (member_id).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+
+
+def _print_rows(rows: list[Any], columns: list[str], as_json: bool) -> None:
+    records = [readers.as_record(r) for r in rows]
+    if as_json:
+        for record in records:
+            click.echo(orjson.dumps(record).decode())
+        return
+    widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for record in records:
+        click.echo("  ".join(_cell(record[c]).ljust(widths[c]) for c in columns))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+@main.command()
+@_PORTAL
+@click.option("--status", type=click.Choice(["active", "deleted"]))
+@_AS_OF
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def bots(
+    ctx: click.Context, member_id: str | None, status: str | None, as_of: str | None,
+    as_json: bool,
+) -> None:
+    """The bot registry: which bots exist on which portal, active or deleted, since when."""
+    moment = _parse_as_of(as_of)
+    rows = _with_projections(ctx, lambda p, j: readers.bots(
+        p, j, member_id=member_id, status=status, as_of=moment))
+    _print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
+                       "first_seen_at", "last_activity_at", "message_count", "deleted_at",
+                       "deleted_by"], as_json)
+
+
+@main.command()
+@_PORTAL
+@_AS_OF
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_json: bool) -> None:
+    """The deletion timeline: who deleted which bot when, and what it had done before."""
+    moment = _parse_as_of(as_of)
+    rows = _with_projections(ctx, lambda p, j: readers.deletions(
+        p, j, member_id=member_id, as_of=moment))
+    _print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
+                       "cause", "position", "message_count", "anomalies"], as_json)
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True,
+              help="Drain every pending event into the projections and exit.")
+@click.pass_context
+@_fail_cleanly
+def project(ctx: click.Context, once: bool) -> None:
+    """Bring the projections up to date (`ledger serve` does this continuously)."""
+
+    async def work(projections: ProjectionStore, projector: Projector) -> int:
+        return await projector.catch_up()
+
+    applied = _with_projections(ctx, work)
+    click.echo(f"applied {applied} events")
+
+
+@main.command()
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=REGISTRY,
+              show_default=True, help="Which projection to rebuild.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+@_fail_cleanly
+def rebuild(ctx: click.Context, projection: str, quiet: bool) -> None:
+    """Replay the store from position 0 and swap the result in atomically."""
+
+    async def work(projections: ProjectionStore, projector: Projector) -> int:
+        with _progress(f"rebuilding {projection}", quiet) as bar:
+            return await projector.rebuild(on_start=bar.start, on_progress=bar.advance)
+
+    position = _with_projections(ctx, work)
+    click.echo(f"{projection} rebuilt up to position {position}")
+
+
+@main.group()
+def roles() -> None:
+    """Database roles for people and tools."""
+
+
+@roles.command("create-reader")
+@click.argument("name")
+@click.pass_context
+@_fail_cleanly
+def roles_create_reader(ctx: click.Context, name: str) -> None:
+    """A login role that can read the `audit` views and nothing else (prints its DSN)."""
+    settings = _settings(ctx)
+    password = secrets.token_urlsafe(24)
+
+    async def run() -> str:
+        target = await targets.open_target(settings)
+        try:
+            return await targets.create_reader(target, name, password)
+        finally:
+            target.release()
+
+    click.echo(asyncio.run(run()))

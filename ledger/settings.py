@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = Field(
         default=None, description="`ledger serve` writes signed checkpoints here when set"
     )
+    run_projector: bool = Field(
+        default=True, description="keep the projections up to date inside `ledger serve`"
+    )
+    projector_poll_seconds: float = Field(default=5.0, gt=0)
+    projector_stall_seconds: float = Field(
+        default=60.0, gt=0, description="readiness fails when the projector lags this long"
+    )
     checkpoint_every_events: int = Field(default=10_000, ge=1)
     checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
 

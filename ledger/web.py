@@ -20,8 +20,10 @@ from ledger.checkpointer import Checkpointer
 from ledger.committer import CommitterClosed, GroupCommitter
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.intake import Delivery, IntakeService
+from ledger.projections.projector import Projector
 from ledger.settings import Settings
 from ledger.storage import target as targets
+from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ STORE = web.AppKey("store", EventStore)
 COMMITTER = web.AppKey("committer", GroupCommitter)
 INTAKE = web.AppKey("intake", IntakeService)
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
+PROJECTOR = web.AppKey("projector", Projector)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -116,9 +119,20 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = "ok"
     except LedgerError as exc:
         checks["database"] = str(exc)
+    projector = request.app[PROJECTOR]
+    stall = request.app[SETTINGS].projector_stall_seconds
+    checks["projector"] = (
+        f"stalled: {projector.lag} events behind for over {stall:g}s"
+        if projector.stalled(stall)
+        else "ok"
+    )
     ready = all(v == "ok" for v in checks.values())
-    return json_response({"status": "ready" if ready else "not_ready", "checks": checks},
-                         200 if ready else 503)
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "checks": checks,
+        "projector": {"checkpoint": projector.checkpoint, "lag": projector.lag},
+    }
+    return json_response(body, 200 if ready else 503)
 
 
 def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -175,6 +189,22 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
+    projector = Projector(app[STORE], ProjectionStore(app[POOL]))
+    app[PROJECTOR] = projector
+    if not app[SETTINGS].run_projector:
+        yield
+        return
+    task = asyncio.create_task(
+        projector.run(app[TARGET].service_dsn, poll_seconds=app[SETTINGS].projector_poll_seconds),
+        name="projector",
+    )
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: Settings) -> web.Application:
     """Wire settings, the database, the store and the intake; nothing exists before this."""
     app = web.Application(
@@ -184,6 +214,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
+    app.cleanup_ctx.append(_projector_ctx)
     app.router.add_post("/bitrix24/events", receive_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -135,6 +135,7 @@ def settings_factory(database: Database) -> Callable[..., Settings]:
             "database_url": database.service_dsn,
             "admin_database_url": database.admin_dsn,
             "batch_max_delay_ms": 1.0,
+            "run_projector": False,  # tests drain it explicitly with catch_up()
         }
         values.update(overrides)
         return Settings(**values)

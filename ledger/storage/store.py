@@ -46,7 +46,14 @@ Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
 _HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1"
-_MOVE_HEAD = "UPDATE ledger.stream_heads SET position = $2, hash = $3 WHERE stream = $1"
+# Moving the head also wakes projectors everywhere (delivered at COMMIT; a hint, not delivery).
+_MOVE_HEAD = """
+    WITH moved AS (
+        UPDATE ledger.stream_heads SET position = $2, hash = $3 WHERE stream = $1
+        RETURNING stream, position
+    )
+    SELECT pg_notify('ledger_' || stream, position::text) FROM moved
+"""
 _TRUST_OF = """
     SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust
     WHERE member_id = ANY($1::text[])
@@ -225,6 +232,10 @@ class EventStore:
     def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
         self._pool = pool
         self._policy = policy
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
 
     async def append(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """Append a batch in one durable transaction; one outcome per draft, in order."""

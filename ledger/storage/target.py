@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ledger import embedded, migrations
 from ledger.embedded import EmbeddedHandle
-from ledger.errors import DatabaseUnavailable, SchemaNotMigrated
+from ledger.errors import ConfigurationError, DatabaseUnavailable, SchemaNotMigrated
 from ledger.settings import Settings
 from ledger.storage.store import Pool, schema_revision
 
@@ -85,3 +86,23 @@ async def require_current_schema(pool: Pool) -> None:
     current, expected = await schema_revision(pool), migrations.head_revision()
     if current != expected:
         raise SchemaNotMigrated(current, expected)
+
+
+async def create_reader(target: DatabaseTarget, name: str, password: str) -> str:
+    """A login role in `ledger_reader` (the audit views only); returns its DSN."""
+    if not name.isidentifier() or not name.islower():
+        raise ConfigurationError(f"{name!r}: use a lower-case identifier for the role name")
+    connection = await asyncpg.connect(target.admin_dsn)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name)
+        verb = "ALTER" if exists else "CREATE"
+        quoted = password.replace("'", "''")
+        await connection.execute(f"{verb} ROLE {name} LOGIN PASSWORD '{quoted}'")
+        await connection.execute(f"GRANT ledger_reader TO {name}")
+        database = await connection.fetchval("SELECT current_database()")
+        await connection.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {name}')
+    finally:
+        await connection.close()
+    parts = urlsplit(target.admin_dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{name}:{password}@{host}", parts.path, parts.query, ""))

@@ -1,0 +1,309 @@
+"""The one fold from events to the bot registry, portals and the deletion timeline.
+
+Pure code, used three ways — the live projector (state loaded for a batch's keys), a rebuild from
+position 0, and point-in-time answers (folding up to a position) — so the three cannot disagree.
+Every value comes from the events; nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.envelope import INSTALL, UNINSTALL, UPDATE
+from ledger.models import TRUST_EVENT
+
+BOT_DELETED = "bot deleted"
+APP_UNINSTALLED = "application uninstalled"
+
+_MESSAGE_ADDS = {"ONIMBOTMESSAGEADD", "ONIMBOTV2MESSAGEADD"}
+_COMMANDS = {"ONIMCOMMANDADD", "ONIMBOTV2COMMANDADD"}
+_JOINS = {"ONIMBOTJOINCHAT", "ONIMBOTV2JOINCHAT"}
+_DELETES = {"ONIMBOTDELETE", "ONIMBOTV2DELETE"}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the fold sees it: the store row with its payload parsed."""
+
+    position: int
+    member_id: str
+    event_type: str
+    origin: str
+    bot_ids: tuple[int, ...]
+    occurred_at: datetime | None
+    received_at: datetime
+    payload: dict[str, Any]
+    hash: bytes
+
+    @property
+    def at(self) -> datetime:
+        """When it happened as far as we know: Bitrix24's `ts`, else when we received it."""
+        return self.occurred_at or self.received_at
+
+    @property
+    def actor_user_id(self) -> str | None:
+        auth = self.payload.get("auth")
+        user = auth.get("user_id") if isinstance(auth, dict) else None
+        return str(user) if isinstance(user, str | int) and str(user) else None
+
+    @property
+    def domain(self) -> str | None:
+        auth = self.payload.get("auth")
+        domain = auth.get("domain") if isinstance(auth, dict) else self.payload.get("domain")
+        if domain is None:
+            domain = self.payload.get("domain")
+        return domain.lower() if isinstance(domain, str) and domain else None
+
+
+@dataclass(slots=True)
+class Bot:
+    member_id: str
+    bot_id: int
+    bot_code: str | None
+    api_version: str
+    status: str
+    first_seen_position: int
+    first_seen_at: datetime
+    last_activity_position: int | None = None
+    last_activity_at: datetime | None = None
+    message_count: int = 0
+    command_count: int = 0
+    chat_join_count: int = 0
+    deleted_position: int | None = None
+    deleted_at: datetime | None = None
+    deleted_by: str | None = None
+    deletion_cause: str | None = None
+    code_position: int | None = None  # the event that set bot_code
+    last_deletion_position: int | None = None  # the latest deletion row of this bot
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.member_id, self.bot_id
+
+
+@dataclass(slots=True)
+class Deletion:
+    position: int
+    bot_id: int
+    member_id: str
+    domain: str | None
+    bot_code: str | None
+    occurred_at: datetime | None
+    received_at: datetime
+    actor_user_id: str | None
+    cause: str
+    event_type: str
+    event_hash: bytes
+    first_seen_at: datetime | None
+    last_activity_at: datetime | None
+    message_count: int
+    never_seen: bool
+    repeated: bool
+    activity_after_deletion: bool = False
+    activity_after_position: int | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.position, self.bot_id
+
+
+@dataclass(slots=True)
+class Portal:
+    member_id: str
+    domain: str | None
+    trust_state: str = "unknown"
+    trust_position: int | None = None
+    installed_at: datetime | None = None
+    installed_position: int | None = None
+    uninstalled_at: datetime | None = None
+    uninstalled_position: int | None = None
+    install_count: int = 0
+    app_version: str | None = None
+    event_count: int = 0
+    first_event_position: int | None = None
+    last_event_at: datetime | None = None
+    last_event_position: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """One install, update or uninstall of the application on a portal."""
+
+    position: int
+    member_id: str
+    event_type: str
+    occurred_at: datetime | None
+    received_at: datetime
+    version: str | None
+    actor_user_id: str | None
+
+
+@dataclass
+class State:
+    """Projection state; what the live projector loads is exactly what a batch may touch."""
+
+    bots: dict[tuple[str, int], Bot] = field(default_factory=dict)
+    deletions: dict[tuple[int, int], Deletion] = field(default_factory=dict)
+    portals: dict[str, Portal] = field(default_factory=dict)
+    lifecycle: list[Lifecycle] = field(default_factory=list)
+    dirty_bots: set[tuple[str, int]] = field(default_factory=set)
+    dirty_deletions: set[tuple[int, int]] = field(default_factory=set)
+    dirty_portals: set[str] = field(default_factory=set)
+    position: int = 0
+
+    def bots_of(self, member_id: str) -> list[Bot]:
+        return [b for b in self.bots.values() if b.member_id == member_id]
+
+
+def needs(event: StoredEvent) -> tuple[set[tuple[str, int]], set[str]]:
+    """The bot keys and the portals (all of whose bots) the fold reads for this event."""
+    portals_whole = {event.member_id} if event.event_type == UNINSTALL else set()
+    return {(event.member_id, b) for b in event.bot_ids}, portals_whole
+
+
+def apply(state: State, event: StoredEvent) -> None:
+    """Fold one event into the state, in position order."""
+    assert event.position > state.position, "events must be folded in position order"
+    state.position = event.position
+    if not event.member_id:
+        return  # operator events not tied to a portal (an allowance by domain)
+    portal = _portal(state, event)
+    if event.event_type == TRUST_EVENT:
+        _trust(portal, event)
+    elif event.event_type in (INSTALL, UPDATE, UNINSTALL):
+        _lifecycle(state, portal, event)
+    codes = _bot_codes(event)
+    for bot_id in event.bot_ids:
+        _bot_event(state, portal, event, bot_id, codes.get(bot_id))
+
+
+def _portal(state: State, event: StoredEvent) -> Portal:
+    portal = state.portals.get(event.member_id)
+    if portal is None:
+        portal = state.portals[event.member_id] = Portal(event.member_id, event.domain)
+        portal.first_event_position = event.position
+    if event.domain and portal.domain != event.domain:
+        portal.domain = event.domain
+    if event.origin == "bitrix24":
+        portal.event_count += 1
+        portal.last_event_at = event.received_at
+        portal.last_event_position = event.position
+    state.dirty_portals.add(portal.member_id)
+    return portal
+
+
+def _trust(portal: Portal, event: StoredEvent) -> None:
+    change = event.payload.get("change")
+    state = {"allowed": "allowed", "established": "trusted", "provisioned": "trusted",
+             "ended": "ended"}.get(str(change))
+    if state is None or (state == "allowed" and portal.trust_state in ("trusted", "ended")):
+        return
+    portal.trust_state, portal.trust_position = state, event.position
+
+
+def _lifecycle(state: State, portal: Portal, event: StoredEvent) -> None:
+    data = event.payload.get("data")
+    version = data.get("VERSION") if isinstance(data, dict) else None
+    state.lifecycle.append(Lifecycle(
+        event.position, event.member_id, event.event_type, event.occurred_at,
+        event.received_at, str(version) if version is not None else None, event.actor_user_id,
+    ))
+    if version is not None:
+        portal.app_version = str(version)
+    if event.event_type == INSTALL:
+        portal.installed_at, portal.installed_position = event.at, event.position
+        portal.uninstalled_at = portal.uninstalled_position = None
+        portal.install_count += 1
+    elif event.event_type == UNINSTALL:
+        portal.uninstalled_at, portal.uninstalled_position = event.at, event.position
+        for bot in sorted(state.bots_of(event.member_id), key=lambda b: b.bot_id):
+            if bot.status == "active":
+                _delete(state, portal, bot, event, APP_UNINSTALLED, never_seen=False)
+
+
+def _bot_codes(event: StoredEvent) -> dict[int, str]:
+    data = event.payload.get("data")
+    if not isinstance(data, dict):
+        return {}
+    codes: dict[int, str] = {}
+
+    def note(bot_id: Any, code: Any) -> None:
+        if isinstance(code, str) and code and str(bot_id).isdigit():
+            codes.setdefault(int(str(bot_id)), code)
+
+    note(data.get("BOT_ID"), data.get("BOT_CODE"))
+    for group in ("BOT", "COMMAND"):
+        entries = data.get(group)
+        if isinstance(entries, dict):
+            for key, entry in entries.items():
+                if isinstance(entry, dict):
+                    note(entry.get("BOT_ID", key), entry.get("BOT_CODE"))
+    bot = data.get("bot")
+    if isinstance(bot, dict):
+        note(bot.get("id"), bot.get("code"))
+    return codes
+
+
+def _bot_event(
+    state: State, portal: Portal, event: StoredEvent, bot_id: int, code: str | None
+) -> None:
+    key = (event.member_id, bot_id)
+    bot = state.bots.get(key)
+    never_seen = bot is None
+    if bot is None:
+        bot = state.bots[key] = Bot(
+            member_id=event.member_id, bot_id=bot_id, bot_code=None,
+            api_version="v2" if event.event_type.startswith("ONIMBOTV2") else "v1",
+            status="active", first_seen_position=event.position, first_seen_at=event.at,
+        )
+    state.dirty_bots.add(key)
+    if code and bot.bot_code != code:
+        bot.bot_code, bot.code_position = code, event.position
+    if event.event_type.startswith("ONIMBOTV2"):
+        bot.api_version = "v2"
+    if event.event_type in _DELETES:
+        _delete(state, portal, bot, event, BOT_DELETED, never_seen=never_seen)
+        return
+    if bot.status == "deleted":
+        _flag_activity_after_deletion(state, bot, event)
+    bot.last_activity_position, bot.last_activity_at = event.position, event.at
+    if event.event_type in _MESSAGE_ADDS:
+        bot.message_count += 1
+    elif event.event_type in _COMMANDS:
+        bot.command_count += 1
+    elif event.event_type in _JOINS:
+        bot.chat_join_count += 1
+
+
+def _delete(
+    state: State, portal: Portal, bot: Bot, event: StoredEvent, cause: str, *, never_seen: bool
+) -> None:
+    deletion = Deletion(
+        position=event.position, bot_id=bot.bot_id, member_id=bot.member_id,
+        domain=portal.domain, bot_code=bot.bot_code, occurred_at=event.occurred_at,
+        received_at=event.received_at, actor_user_id=event.actor_user_id, cause=cause,
+        event_type=event.event_type, event_hash=event.hash,
+        first_seen_at=None if never_seen else bot.first_seen_at,
+        last_activity_at=bot.last_activity_at, message_count=bot.message_count,
+        never_seen=never_seen, repeated=bot.status == "deleted",
+    )
+    state.deletions[deletion.key] = deletion
+    state.dirty_deletions.add(deletion.key)
+    bot.last_deletion_position = event.position
+    if bot.status != "deleted":
+        bot.status = "deleted"
+        bot.deleted_position, bot.deleted_at = event.position, event.at
+        bot.deleted_by, bot.deletion_cause = event.actor_user_id, cause
+    state.dirty_bots.add(bot.key)
+
+
+def _flag_activity_after_deletion(state: State, bot: Bot, event: StoredEvent) -> None:
+    if bot.last_deletion_position is None:
+        return
+    deletion = state.deletions.get((bot.last_deletion_position, bot.bot_id))
+    if deletion is not None and not deletion.activity_after_deletion:
+        deletion.activity_after_deletion = True
+        deletion.activity_after_position = event.position
+        state.dirty_deletions.add(deletion.key)

@@ -1,0 +1,144 @@
+"""Keeping the projections up to date, rebuilding them, and folding to a point in time.
+
+The checkpoint drives reads: the projector folds every event after its checkpoint, in position
+order, and commits the changed rows and the new checkpoint together. NOTIFY only wakes it (on a
+dedicated connection that reconnects by itself); a periodic poll covers a lost notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from ledger.errors import LedgerError
+from ledger.projections import fold
+from ledger.projections.fold import State
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore
+
+log = logging.getLogger(__name__)
+
+REGISTRY = "registry"
+PROJECTIONS = (REGISTRY,)
+
+
+class Projector:
+    def __init__(
+        self, events: EventStore, projections: ProjectionStore, *, batch_size: int = 1000
+    ) -> None:
+        self._events = events
+        self._projections = projections
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
+        self._advanced = asyncio.Condition()
+        self.checkpoint = 0
+        self.head = 0
+        self.last_progress = time.monotonic()
+
+    @property
+    def lag(self) -> int:
+        return max(0, self.head - self.checkpoint)
+
+    def stalled(self, after_seconds: float) -> bool:
+        return self.lag > 0 and time.monotonic() - self.last_progress > after_seconds
+
+    async def catch_up(self) -> int:
+        """Fold every event committed so far; returns how many were applied."""
+        self.head, _ = await self._events.head()
+        applied = 0
+        while True:
+            async with self._projections.batch(REGISTRY) as batch:
+                events = await batch.events(self.head, self._batch_size)
+                if not events:
+                    self.checkpoint = batch.checkpoint
+                    break
+                bot_keys: set[tuple[str, int]] = set()
+                whole: set[str] = set()
+                for event in events:
+                    keys, portals = fold.needs(event)
+                    bot_keys |= keys
+                    whole |= portals
+                state = await batch.load(bot_keys, whole, {e.member_id for e in events})
+                for event in events:
+                    fold.apply(state, event)
+                await batch.save(state, events[-1].position)
+                self.checkpoint = batch.checkpoint
+            applied += len(events)
+        if applied or self.lag == 0:
+            self.last_progress = time.monotonic()
+        async with self._advanced:
+            self._advanced.notify_all()
+        return applied
+
+    async def wait_for(self, position: int) -> None:
+        """Until the projections include `position` (bound it with asyncio.timeout)."""
+        async with self._advanced:
+            await self._advanced.wait_for(lambda: self.checkpoint >= position)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, listen_dsn: str, *, poll_seconds: float = 5.0) -> None:
+        """Catch up whenever woken (NOTIFY) or every `poll_seconds`, until cancelled."""
+        listener = asyncio.create_task(self._listen(listen_dsn), name="projector-listen")
+        try:
+            while True:
+                try:
+                    await self.catch_up()
+                except LedgerError as exc:
+                    log.warning("projector could not catch up: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll_seconds)
+                self._wake.clear()
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _listen(self, dsn: str) -> None:
+        """LISTEN on a connection of its own (a pooled one would be handed back and go deaf)."""
+        while True:
+            connection: asyncpg.Connection[Any] | None = None
+            try:
+                connection = await asyncpg.connect(dsn)
+                lost = asyncio.Event()
+                connection.add_termination_listener(lambda _, lost=lost: lost.set())
+                await connection.add_listener("ledger_events", lambda *_: self.wake())
+                self.wake()  # anything committed while we were not listening
+                await lost.wait()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("projector listener lost its connection (%s); reconnecting", exc)
+            finally:
+                if connection is not None and not connection.is_closed():
+                    await connection.close()
+            await asyncio.sleep(1.0)  # back off before reconnecting
+
+    async def fold_to(
+        self, position: int, on_progress: Callable[[int], None] = lambda n: None
+    ) -> State:
+        """The projections as of `position`, folded in memory from the store (nothing written)."""
+        state = State()
+        async for events in self._projections.stream_events(position):
+            for event in events:
+                fold.apply(state, event)
+            on_progress(len(events))
+        return state
+
+    async def rebuild(
+        self, on_start: Callable[[int], None] = lambda total: None,
+        on_progress: Callable[[int], None] = lambda n: None,
+    ) -> int:
+        """Replay from position 0 and swap the result in atomically; returns the position."""
+        async with self._projections.batch(REGISTRY) as batch:  # holds off the live projector
+            head, _ = await self._events.head()
+            on_start(head)
+            state = await self.fold_to(head, on_progress)
+            await batch.replace(state, head)
+        self.checkpoint = self.head = head
+        return head
