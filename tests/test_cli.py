@@ -97,3 +97,40 @@ def test_embedded_database_is_started_migrated_and_kept(tmp_path: Path) -> None:
         assert asyncio.run(count()) == 1  # the data survived the first command's exit
     finally:
         assert runner.invoke(main, ["db", "stop"], env=env).exit_code == 0
+
+
+async def _deliver_samples(database: Database) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ledger.web import create_app as make_app
+    from tests.conftest import sample
+    from tests.helpers import install_sample_portal, post
+
+    settings = Settings(database_url=database.service_dsn, run_projector=False)
+    async with TestClient(TestServer(make_app(settings))) as client:
+        await install_sample_portal(client)
+        for name in ["onimbotjoinchat-1", "onimbotmessageadd-1", "onimbotdelete-1"]:
+            assert (await post(client, sample(name)))[0] == 200
+
+
+def test_bots_and_deletions_answer_in_json_with_snake_case_fields(database: Database) -> None:
+    asyncio.run(_deliver_samples(database))
+    assert "applied" in run(database, "project", "--once").output
+    bots = [orjson.loads(x) for x in run(database, "bots", "--json").output.splitlines()]
+    assert {(b["member_id"], b["bot_id"], b["bot_code"], b["status"]) for b in bots} == {
+        (MEMBER_ID, 567, "BOT", "deleted"), (MEMBER_ID, 571, "BOT", "active"),  # latest code
+    }
+    (deletion,) = [orjson.loads(x) for x in
+                   run(database, "deletions", "--portal", MEMBER_ID, "--json").output.splitlines()]
+    assert (deletion["bot_id"], deletion["cause"], deletion["actor_user_id"]) == (
+        567, "bot deleted", "27")
+    assert isinstance(deletion["position"], int)
+    before = run(database, "bots", "--as-of", str(deletion["position"] - 1), "--json").output
+    assert {orjson.loads(x)["status"] for x in before.splitlines()} == {"active"}
+    table = run(database, "bots", "--status", "deleted").output
+    assert "567" in table
+    assert "571" not in table
+    rebuilt = run(database, "rebuild", "--quiet")
+    assert rebuilt.exit_code == 0
+    assert "rebuilt up to position" in rebuilt.output
+    assert run(database, "bots", "--as-of", "not-a-time").exit_code == 2
