@@ -1,0 +1,48 @@
+"""The traffic simulator produces what a real ledger accepts, in lifecycle order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from ledger import loadgen, wire
+from ledger.operations import change_trust
+from ledger.simulation import Traffic
+from ledger.trust import TrustChange
+from ledger.web import STORE
+from tests.helpers import Client
+
+
+async def test_simulated_traffic_is_accepted_under_concurrency(
+    client: Client, admin: asyncpg.Connection[Any]
+) -> None:
+    traffic = Traffic(seed=5, portals=3)
+    assert client.app is not None
+    for portal in traffic.portals:
+        await change_trust(client.app[STORE], TrustChange.ALLOWED, member_id=portal.member_id,
+                           actor="test")
+    url = str(client.make_url("/bitrix24/events"))
+    report = await loadgen.send(url, traffic, count=600, concurrency=32)
+    assert report.statuses == {200: 600}
+    stored = await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE origin = 'bitrix24'"
+    )
+    assert stored == 600
+    assert report.percentile(50) > 0
+
+
+def test_the_corpus_holds_php_encoded_bodies(tmp_path: Path) -> None:
+    loadgen.write_corpus(tmp_path, Traffic(seed=2), 50)
+    bodies = sorted(tmp_path.glob("*.form"))
+    assert len(bodies) == 50
+    document = wire.parse_php_form(bodies[0].read_bytes(), max_fields=9999, max_nesting=9)
+    assert document["event"] == "ONAPPINSTALL"
+
+
+def test_same_seed_same_traffic() -> None:
+    first, second = Traffic(seed=9), Traffic(seed=9)
+    assert [first.next().document for _ in range(200)] == [
+        second.next().document for _ in range(200)
+    ]
