@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -77,23 +80,62 @@ def main(ctx: click.Context) -> None:
 @main.command()
 @click.option("--host", default=None, help="Listen address (default: LEDGER_HOST, 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Listen port (default: LEDGER_PORT, 8080).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes sharing the port (SO_REUSEPORT); the first one also projects "
+              "and writes checkpoints.")
 @click.pass_context
 @_fail_cleanly
-def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
     """Receive Bitrix24 events at POST /bitrix24/events and store them.
 
     On the embedded database the schema is migrated first; on an external one the service
     refuses to start until `ledger migrate` has run.
     """
+    settings = _settings(ctx)
+    address = (host or settings.host, port if port is not None else settings.port)
+    if workers == 1:
+        _serve(settings, *address, reuse_port=False)
+        return
+    # Start (and migrate) the database once, here, before the workers attach to it.
+    target = asyncio.run(targets.open_target(settings))
+    context = multiprocessing.get_context("spawn")
+    quiet = settings.model_copy(update={"run_projector": False, "checkpoint_dir": None})
+    processes = [
+        context.Process(target=_serve, args=(settings if i == 0 else quiet, *address),
+                        kwargs={"reuse_port": True}, name=f"ledger-worker-{i}")
+        for i in range(workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, _: object) -> None:
+        for process in processes:
+            if process.pid is not None:
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    target.release()
+    failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
+    if failed:
+        raise click.ClickException(f"worker(s) {', '.join(failed)} failed; see the log above")
+
+
+def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool) -> None:
     from aiohttp import web
 
     from ledger.web import create_app
 
-    settings = _settings(ctx)
+    if reuse_port:  # a spawned worker: set up logging like the parent did
+        logging.basicConfig(level=settings.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
     web.run_app(
         create_app(settings),
-        host=host or settings.host,
-        port=port if port is not None else settings.port,
+        host=host,
+        port=port,
+        reuse_port=reuse_port or None,
         print=lambda line: click.echo(line, err=True),
         access_log=None,
     )

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
 from ledger.errors import AppendFailed, LedgerError
+from ledger.metrics import Metrics
 from ledger.models import Draft, Outcome
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,16 @@ _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
 
 
 class GroupCommitter:
-    def __init__(self, appender: Appender, *, max_events: int, max_delay: float) -> None:
+    def __init__(
+        self,
+        appender: Appender,
+        *,
+        max_events: int,
+        max_delay: float,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._appender = appender
+        self._metrics = metrics
         self._max_events = max_events
         self._max_delay = max_delay
         self._queue: list[_Pending] = []
@@ -92,6 +102,7 @@ class GroupCommitter:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         drafts = [draft for draft, _ in batch]
+        began = time.perf_counter()
         try:
             outcomes = await self._appender.append(drafts)
         except AppendFailed as exc:
@@ -112,6 +123,9 @@ class GroupCommitter:
         self.batches += 1
         self.appended += len(batch)
         self.progressed.set()
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(batch))
+            self._metrics.append_seconds.observe(time.perf_counter() - began)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)

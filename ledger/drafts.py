@@ -20,42 +20,28 @@ from ledger.models import (
     EventDraft,
     RejectionDraft,
 )
-from ledger.redaction import Redaction, scrub_text
+from ledger.redaction import Scrubbed, scrub_text
 from ledger.trust import TrustChange
 
 NO_PORTAL = ""  # member_id of operator events that name only a domain
 
 
 def delivery_draft(
-    redacted: dict[str, Any],
-    redactions: tuple[Redaction, ...],
+    body: Scrubbed,
     envelope: Envelope,
     *,
-    query: dict[str, Any],
-    body: bytes,
+    query: Scrubbed,
+    raw_body: bytes,
     received_at: datetime,
     peer: str | None,
     content_type: str | None,
     rejection_excerpt_bytes: int | None,
 ) -> EventDraft:
-    """A verified-or-not Bitrix24 delivery, secrets already removed from `redacted`."""
-    payload = document_json(redacted)
-    body_sha256 = sha256(body)
-    on_refusal = None
-    if rejection_excerpt_bytes is not None:
-        on_refusal = rejection_draft(
-            received_at=received_at,
-            status=0,
-            reason="",
-            detail="",
-            member_id=envelope.member_id,
-            event_type=envelope.event_type,
-            peer=peer,
-            content_type=content_type,
-            body=body,
-            excerpt_source=payload.decode(),
-            excerpt_bytes=rejection_excerpt_bytes,
-        )
+    """A verified-or-not Bitrix24 delivery, from its scrubbed body and query string.
+
+    `rejection_excerpt_bytes` None means: if trust refuses it, do not log it (rate limit).
+    """
+    payload = document_json(body.redacted)
     return EventDraft(
         event_type=envelope.event_type,
         member_id=envelope.member_id,
@@ -66,17 +52,42 @@ def delivery_draft(
         received_at=received_at,
         payload=payload,
         payload_sha256=sha256(payload),
-        dedup_key=sha256(canonical_json(occurrence(redacted, query))),
-        body_sha256=body_sha256,
+        dedup_key=sha256(canonical_json(occurrence(body.stripped, query.redacted))),
+        body_sha256=sha256(raw_body),
         metadata={
-            "query": query,
-            "redactions": [r.as_json() for r in redactions],
+            "query": query.redacted,
+            "redactions": [r.as_json() for r in body.redactions]
+            + [r.under("query").as_json() for r in query.redactions],
             "peer": peer,
             "content_type": content_type,
         },
         presented_sha256=envelope.token_digest,
         user_id=envelope.user_id,
-        on_refusal=on_refusal,
+        body_size=len(raw_body),
+        refusal_excerpt_bytes=rejection_excerpt_bytes,
+    )
+
+
+def refusal(draft: EventDraft, *, status: int, reason: str, detail: str) -> RejectionDraft | None:
+    """The rejection record of a delivery trust refused (None when it is not to be logged).
+
+    Built only on refusal: the accepted majority never pays for it.
+    """
+    if draft.refusal_excerpt_bytes is None or draft.body_sha256 is None:
+        return None
+    excerpt = draft.payload[: draft.refusal_excerpt_bytes].decode("utf-8", "ignore")
+    return RejectionDraft(
+        received_at=draft.received_at,
+        status=status,
+        reason=reason,
+        detail=detail[:500],
+        member_id=draft.member_id[:200],
+        event_type=draft.event_type[:100],
+        peer=draft.metadata.get("peer"),
+        content_type=(draft.metadata.get("content_type") or "")[:200] or None,
+        body_size=draft.body_size,
+        body_sha256=draft.body_sha256,
+        excerpt=excerpt,
     )
 
 

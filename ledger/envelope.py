@@ -23,7 +23,7 @@ UNINSTALL = "ONAPPUNINSTALL"
 
 # Keys that differ between two deliveries of one occurrence (tokens, their expiry, the binding):
 # they must not make a redelivery look like a new event.
-_DELIVERY_SPECIFIC = frozenset(
+DELIVERY_SPECIFIC = frozenset(
     {"access_token", "refresh_token", "application_token", "client_secret", "sessid",
      "expires", "expires_in", "auth"}
 )
@@ -118,38 +118,16 @@ def bot_ids(data: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(b for b in found if b is not None))
 
 
-def occurrence(document: dict[str, Any], query: dict[str, Any]) -> dict[str, Any]:
+def occurrence(stripped: dict[str, Any], query: dict[str, Any]) -> dict[str, Any]:
     """What identifies the occurrence, for the permanent de-duplication key.
 
-    The event, its data, its `ts` and the query string — without tokens, their expiry, any `auth`
-    block or the handler id, all of which vary between deliveries of one occurrence.
+    The event, its data, its `ts` and the query string, from a document already stripped of
+    `DELIVERY_SPECIFIC` keys: tokens, their expiry and any `auth` block vary between deliveries
+    of one occurrence, and the handler id is left out as well.
     """
     return {
-        "event": str(document.get("event", "")).upper(),
-        "data": _strip_delivery_specific(document.get("data")),
-        "ts": document.get("ts"),
+        "event": str(stripped.get("event", "")).upper(),
+        "data": stripped.get("data"),
+        "ts": stripped.get("ts"),
         "query": query,
     }
-
-
-def _strip_delivery_specific(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {
-            k: _strip_delivery_specific(v)
-            for k, v in node.items()
-            if k.lower() not in _DELIVERY_SPECIFIC
-        }
-    if isinstance(node, list):
-        return [_strip_delivery_specific(v) for v in node]
-    return node
-
-
-def contains_nul(node: Any) -> bool:
-    """PostgreSQL text cannot hold U+0000, so such a delivery is refused rather than mangled."""
-    if isinstance(node, str):
-        return "\0" in node
-    if isinstance(node, dict):
-        return any("\0" in k or contains_nul(v) for k, v in node.items())
-    if isinstance(node, list):
-        return any(contains_nul(v) for v in node)
-    return False

@@ -33,7 +33,8 @@ def timestamp_text(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with exactly six fractional digits — what PostgreSQL's µs can round-trip."""
     if moment is None:
         return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is implemented in C and, with timespec, always writes six digits
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def chain_hash(prev_hash: bytes, position: int, metadata: bytes, payload_sha256: bytes) -> bytes:

@@ -14,11 +14,12 @@ from datetime import UTC, datetime
 
 from ledger import drafts, wire
 from ledger.committer import GroupCommitter
-from ledger.envelope import contains_nul, read_envelope
+from ledger.envelope import DELIVERY_SPECIFIC, read_envelope
 from ledger.errors import DeliveryRejected
 from ledger.hashing import document_json
+from ledger.metrics import Metrics
 from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Stored
-from ledger.redaction import redact
+from ledger.redaction import redact, scrub
 from ledger.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ class RejectionBudget:
         self._capacity = per_second * 2
         self._tokens = self._capacity
         self._last = time.monotonic()
-        self.suppressed = 0
 
     def available(self) -> bool:
         now = time.monotonic()
@@ -62,14 +62,18 @@ class RejectionBudget:
 
 
 class IntakeService:
-    def __init__(self, settings: Settings, committer: GroupCommitter) -> None:
+    def __init__(
+        self, settings: Settings, committer: GroupCommitter, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._committer = committer
+        self._metrics = metrics or Metrics()
         self._budget = RejectionBudget(settings.rejections_per_second)
 
     async def receive(self, delivery: Delivery) -> Receipt:
         """Store one delivery durably, or raise `DeliveryRejected` after logging why."""
         received_at = datetime.now(UTC)
+        self._metrics.received.inc()
         try:
             draft = self._draft(delivery, received_at)
         except DeliveryRejected as rejected:
@@ -77,6 +81,7 @@ class IntakeService:
             raise
         outcome = await self._committer.submit(draft)
         if isinstance(outcome, Refusal):
+            self._metrics.rejected.labels(outcome.code).inc()
             self._budget.spend()
             log.warning(
                 "rejected %s from %s for portal %s: %s",
@@ -85,6 +90,8 @@ class IntakeService:
             raise DeliveryRejected(outcome.status, outcome.code, outcome.message)
         assert isinstance(outcome, Stored | Duplicate)
         duplicate = isinstance(outcome, Duplicate)
+        (self._metrics.duplicates if duplicate else self._metrics.accepted).inc()
+        self._metrics.seen(draft.member_id)
         log.info(
             "%s %s portal=%s position=%d",
             "duplicate" if duplicate else "stored", draft.event_type, draft.member_id,
@@ -103,17 +110,17 @@ class IntakeService:
             )
         document = wire.decode_body(delivery.body, delivery.content_type, **limits)
         query = wire.parse_query(delivery.raw_query, **limits)
-        if contains_nul(document) or contains_nul(query):
+        body = scrub(document, DELIVERY_SPECIFIC)
+        in_query = scrub(query)
+        if body.has_nul or in_query.has_nul:
+            # PostgreSQL text cannot hold U+0000: refused rather than mangled
             raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
         envelope = read_envelope(document)
-        redacted, redactions = redact(document)
-        redacted_query, query_redactions = redact(query)
         return drafts.delivery_draft(
-            redacted,
-            redactions + tuple(r.under("query") for r in query_redactions),
+            body,
             envelope,
-            query=redacted_query,
-            body=delivery.body,
+            query=in_query,
+            raw_body=delivery.body,
             received_at=received_at,
             peer=delivery.peer,
             content_type=delivery.content_type,
@@ -131,9 +138,10 @@ class IntakeService:
         then holding only the part that was read).
         """
         received_at = received_at or datetime.now(UTC)
+        self._metrics.rejected.labels(rejected.code).inc()
         log.warning("rejected delivery from %s: %s", delivery.peer, rejected)
         if not self._budget.available():
-            self._budget.suppressed += 1
+            self._metrics.rejections_suppressed.inc()
             return
         self._budget.spend()
         excerpt, member_id, event_type = _best_effort_excerpt(delivery, self._settings)

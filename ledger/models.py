@@ -45,8 +45,9 @@ class EventDraft:
     trust_change: TrustChange | None = None
     new_token_sha256: bytes | None = None
     allow_domain: str | None = None
-    # what to write to the rejection log if trust refuses it (None: rate limit says don't)
-    on_refusal: RejectionDraft | None = None
+    body_size: int = 0
+    # excerpt size for the rejection log if trust refuses it (None: the rate limit says don't)
+    refusal_excerpt_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

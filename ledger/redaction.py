@@ -46,27 +46,57 @@ class Redaction:
         return {"path": list(self.path), "fingerprint": self.fingerprint}
 
 
-def redact(document: dict[str, Any]) -> tuple[dict[str, Any], tuple[Redaction, ...]]:
-    """Return a copy without secret keys (order otherwise kept) and what was removed."""
-    removed: list[Redaction] = []
+@dataclass(frozen=True, slots=True)
+class Scrubbed:
+    """One pass over a document: what may be stored, what was removed, and two facts about it."""
 
-    def walk(node: Any, path: tuple[str, ...]) -> Any:
+    redacted: dict[str, Any]  # secrets removed, order kept
+    redactions: tuple[Redaction, ...]
+    stripped: dict[str, Any]  # also without `strip` keys (for identities that ignore them)
+    has_nul: bool  # U+0000 anywhere, keys included
+
+
+def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scrubbed:
+    """Remove secrets (keeping fingerprints), and in a second copy also the `strip` keys.
+
+    One walk does all of it because this runs for every delivery on the intake's hot path.
+    """
+    removed: list[Redaction] = []
+    nul = False
+
+    def walk(node: Any, path: tuple[str, ...]) -> tuple[Any, Any]:
+        nonlocal nul
         if isinstance(node, dict):
             kept: dict[str, Any] = {}
+            stripped: dict[str, Any] = {}
             for key, value in node.items():
-                if is_secret_key(key) and not isinstance(value, dict | list):
-                    removed.append(Redaction((*path, key), fingerprint(str(value))))
-                elif is_secret_key(key):
-                    # a secret-named container: drop it whole, fingerprint its canonical text
-                    removed.append(Redaction((*path, key), fingerprint(repr(value))))
-                else:
-                    kept[key] = walk(value, (*path, key))
-            return kept
+                lowered = key.lower()
+                if "\0" in key:
+                    nul = True
+                if lowered in SECRET_KEYS:
+                    text = value if isinstance(value, str) else repr(value)
+                    removed.append(Redaction((*path, key), fingerprint(text)))
+                    continue
+                kept_value, stripped_value = walk(value, (*path, key))
+                kept[key] = kept_value
+                if lowered not in strip:
+                    stripped[key] = stripped_value
+            return kept, stripped
         if isinstance(node, list):
-            return [walk(item, (*path, str(i))) for i, item in enumerate(node)]
-        return node
+            pairs = [walk(item, (*path, str(i))) for i, item in enumerate(node)]
+            return [k for k, _ in pairs], [s for _, s in pairs]
+        if isinstance(node, str) and "\0" in node:
+            nul = True
+        return node, node
 
-    return walk(document, ()), tuple(removed)
+    redacted, stripped = walk(document, ())
+    return Scrubbed(redacted, tuple(removed), stripped, nul)
+
+
+def redact(document: dict[str, Any]) -> tuple[dict[str, Any], tuple[Redaction, ...]]:
+    """A copy without secret keys (order otherwise kept), and what was removed."""
+    scrubbed = scrub(document)
+    return scrubbed.redacted, scrubbed.redactions
 
 
 def scrub_text(text: str) -> str:

@@ -52,7 +52,11 @@ class SimDelivery:
 class Traffic:
     """An endless, seeded stream of deliveries across `portals` portals."""
 
-    def __init__(self, *, seed: int = 1, portals: int = 5, webhook_share: float = 0.2) -> None:
+    def __init__(
+        self, *, seed: int = 1, portals: int = 5, webhook_share: float = 0.2, churn: bool = True
+    ) -> None:
+        """`churn=False` keeps every portal installed (stable tokens), e.g. for benchmarks."""
+        self._churn = churn
         self._random = random.Random(seed)  # noqa: S311 - simulated traffic, not secrets
         self._next_id = 1000
         self._message_id = 10_000
@@ -115,7 +119,7 @@ class Traffic:
                 return self._message(portal, ghost, ts, "ADD")
         if roll < 0.97:
             return self._lifecycle(portal, ts, "ONAPPUPDATE")
-        if roll < 0.985:
+        if roll < 0.985 and self._churn:
             return self._uninstall(portal, ts)
         return self._message(portal, bot, ts, "ADD")
 

@@ -20,6 +20,7 @@ from ledger.checkpointer import Checkpointer
 from ledger.committer import CommitterClosed, GroupCommitter
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.intake import Delivery, IntakeService
+from ledger.metrics import CONTENT_TYPE, Metrics
 from ledger.projections.projector import Projector
 from ledger.settings import Settings
 from ledger.storage import target as targets
@@ -36,6 +37,7 @@ COMMITTER = web.AppKey("committer", GroupCommitter)
 INTAKE = web.AppKey("intake", IntakeService)
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 PROJECTOR = web.AppKey("projector", Projector)
+METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,6 +109,11 @@ async def receive_event(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -159,10 +166,11 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         app[STORE],
         max_events=settings.batch_max_events,
         max_delay=settings.batch_max_delay_ms / 1000,
+        metrics=app[METRICS],
     )
     committer.start()
     app[COMMITTER] = committer
-    app[INTAKE] = IntakeService(settings, committer)
+    app[INTAKE] = IntakeService(settings, committer, app[METRICS])
     yield
     await committer.close()
 
@@ -192,6 +200,7 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
     projector = Projector(app[STORE], ProjectionStore(app[POOL]))
     app[PROJECTOR] = projector
+    app[METRICS].watch_lag(lambda: projector.lag)
     if not app[SETTINGS].run_projector:
         yield
         return
@@ -211,6 +220,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[errors_middleware], client_max_size=settings.max_body_bytes + 1
     )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
@@ -218,4 +228,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/bitrix24/events", receive_event)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any, TypeAlias
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, unquote_to_bytes
 
 import orjson
 
@@ -25,7 +26,6 @@ from ledger.errors import DeliveryRejected
 JsonValue: TypeAlias = Any
 Document: TypeAlias = dict[str, Any]
 
-_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _PHP_INT_KEY = re.compile(r"^(0|-?[1-9][0-9]*)$")
 _PHP_LONG_MAX = 2**63 - 1
 
@@ -61,7 +61,17 @@ class _PhpArray(dict[str, Any]):
 
 def _url_decode(raw: bytes) -> bytes:
     """PHP `urldecode`: `+` is a space, `%XX` is a byte, a malformed `%` stays as it is."""
-    return _PERCENT.sub(lambda m: bytes([int(m.group(1), 16)]), raw.replace(b"+", b" "))
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)  # keeps malformed escapes, exactly like PHP
+    return raw
+
+
+@lru_cache(maxsize=8192)
+def _decoded_key(raw: bytes) -> str:
+    """A key as PHP sees it: URL-decoded, cut at the first NUL (C strings). Keys repeat: cached."""
+    return _text(_url_decode(raw).split(b"\0", 1)[0], "a form key")
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -87,25 +97,26 @@ def parse_php_form(body: bytes, *, max_fields: int, max_nesting: int) -> Documen
             )
         raw_key, sep, raw_value = pair.partition(b"=")
         value = _text(_url_decode(raw_value), "a form value") if sep else ""
-        key = _text(_url_decode(raw_key).split(b"\0", 1)[0], "a form key")
-        _register(root, key, value, max_nesting)
+        _register(root, _decoded_key(raw_key), value, max_nesting)
     document: Document = _freeze(root)
     return document
 
 
-def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
-    """php_register_variable_ex, for a result array (no globals, no `this` special cases)."""
+@lru_cache(maxsize=8192)
+def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:
+    """Where a (decoded) key puts its value: the base name and the bracket indices (None for `[]`).
+
+    Bitrix24 repeats the same few hundred keys in every body, so this is cached.
+    """
     key = key.lstrip(" ")
     bracket = key.find("[")
     base = key if bracket < 0 else key[:bracket]
     base = base.replace(" ", "_").replace(".", "_")
     if not base:
-        return
+        return None
     if bracket < 0:
-        root.put(base, value)
-        return
-
-    indices: list[str | None] = []  # None stands for `[]`
+        return base, ()
+    indices: list[str | None] = []
     rest = key[bracket:]  # starts with '['
     while True:
         if len(indices) >= max_nesting:
@@ -116,15 +127,21 @@ def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
         if close < 0:
             if not indices:
                 # no closing bracket: PHP un-terminates the name and mangles the remainder
-                mangled = re.sub(r"[ .\[]", "_", rest[1:])
-                root.put(base + "_" + mangled, value)
-                return
+                return base + "_" + re.sub(r"[ .\[]", "_", rest[1:]), ()
             break  # deeper unterminated index: PHP ignores the rest of the key
         indices.append(rest[1:close] or None)
         rest = rest[close + 1 :]
         if not rest.startswith("["):
             break  # anything after `]` that is not `[` is ignored, as PHP does
+    return base, tuple(indices)
 
+
+def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
+    """php_register_variable_ex, for a result array (no globals, no `this` special cases)."""
+    path = _key_path(key, max_nesting)
+    if path is None:
+        return
+    base, indices = path
     container = root
     name: str | None = base
     for next_name in indices:

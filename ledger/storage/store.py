@@ -22,7 +22,7 @@ import orjson
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ledger.drafts import follow_up
+from ledger.drafts import follow_up, refusal
 from ledger.envelope import INSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
 from ledger.hashing import chain_hash, document_json, event_entry, rejection_entry, sha256
@@ -277,11 +277,11 @@ class EventStore:
                 )
                 if isinstance(verdict, Refused):
                     outcomes[index] = Refusal(verdict.status, verdict.code, verdict.message, 0)
-                    if draft.on_refusal is not None:
-                        batch.rejections.append((index, dataclasses.replace(
-                            draft.on_refusal, status=verdict.status, reason=verdict.code,
-                            detail=verdict.message,
-                        )))
+                    record = refusal(
+                        draft, status=verdict.status, reason=verdict.code, detail=verdict.message
+                    )
+                    if record is not None:
+                        batch.rejections.append((index, record))
                     continue
                 change = verdict.change
             known = batch.seen.get((draft.member_id, draft.dedup_key))

@@ -1,0 +1,93 @@
+"""Shared plumbing for the benchmarks: a PostgreSQL to measure on, databases, machine facts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import subprocess
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from ledger import embedded, migrations
+from ledger.embedded import EmbeddedHandle
+
+OUT = Path(__file__).parent / "out"
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+class Cluster:
+    """LEDGER_BENCH_DATABASE_URL (an admin DSN), or a fresh embedded server under bench/out."""
+
+    def __init__(self) -> None:
+        self._handle: EmbeddedHandle | None = None
+        external = os.environ.get("LEDGER_BENCH_DATABASE_URL")
+        if external:
+            self.admin_dsn = external
+        else:
+            OUT.mkdir(parents=True, exist_ok=True)
+            self._handle = embedded.start(OUT / "pg")
+            self.admin_dsn = self._handle.dsn("postgres")
+
+    def dsn(self, database: str, user: str | None = None) -> str:
+        parts = urlsplit(self.admin_dsn)
+        netloc = parts.netloc if user is None else f"{user}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
+
+    async def fresh_database(self, name: str, *, migrate: bool) -> str:
+        connection = await asyncpg.connect(self.admin_dsn)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+        if migrate:
+            await asyncio.to_thread(migrations.upgrade, self.dsn(name))
+        return name
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.server.stop()
+
+
+def wait_healthy(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - localhost
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not come up")
+        time.sleep(0.1)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    pg = subprocess.run(["psql", "--version"], capture_output=True, text=True, check=False)
+    return (f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores ({cpu}), "
+            f"{memory:.0f} GiB, Python {platform.python_version()}, "
+            f"{pg.stdout.strip() or 'psql n/a'} client")
+
+
+def record(title: str, lines: list[str]) -> None:
+    """Append one run's results to bench/RESULTS.md (and print them)."""
+    text = "\n".join([f"## {title}", "", f"Machine: {machine()}", "", *lines, "", ""])
+    print(text)
+    with RESULTS.open("a") as handle:
+        handle.write(text)

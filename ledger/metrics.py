@@ -1,0 +1,69 @@
+"""Prometheus metrics of one ledger process, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _PortalSilence(Collector):
+    """Seconds since each portal's last stored event, computed when scraped."""
+
+    def __init__(self, last_seen: dict[str, float]) -> None:
+        self._last_seen = last_seen
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "ledger_portal_seconds_since_last_event",
+            "Seconds since this process stored an event of the portal",
+            labels=["member_id"],
+        )
+        now = time.time()
+        for member_id, seen in self._last_seen.items():
+            family.add_metric([member_id], now - seen)
+        return [family]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter("ledger_deliveries_received", "Deliveries received", registry=r)
+        self.accepted = Counter("ledger_deliveries_accepted", "Deliveries stored", registry=r)
+        self.duplicates = Counter(
+            "ledger_deliveries_duplicate", "Redeliveries of stored events", registry=r
+        )
+        self.rejected = Counter(
+            "ledger_deliveries_rejected", "Deliveries refused", ["reason"], registry=r
+        )
+        self.rejections_suppressed = Counter(
+            "ledger_rejections_unlogged", "Rejections not written (rate limit)", registry=r
+        )
+        self.batch_size = Histogram(
+            "ledger_append_batch_size", "Drafts per group-commit transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r,
+        )
+        self.append_seconds = Histogram(
+            "ledger_append_seconds", "Duration of one append transaction",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
+        )
+        self.projector_lag = Gauge(
+            "ledger_projector_lag_events", "Events not yet in the projections", registry=r
+        )
+        self.last_seen: dict[str, float] = {}
+        r.register(_PortalSilence(self.last_seen))
+
+    def seen(self, member_id: str) -> None:
+        self.last_seen[member_id] = time.time()
+
+    def watch_lag(self, lag: Callable[[], int]) -> None:
+        self.projector_lag.set_function(lag)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
