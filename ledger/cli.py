@@ -7,6 +7,7 @@ line on stderr and a non-zero exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,18 +18,21 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import IO, Any, ParamSpec, TypeVar
 
 import click
 import orjson
 from pydantic import ValidationError
 
-from ledger import checkpoints, integrity, operations
+from ledger import checkpoints, exports, integrity, operations
+from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, new_token
 from ledger.errors import LedgerError
 from ledger.projections import readers
 from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
+from ledger.readmodels import EventOut
 from ledger.settings import Settings
 from ledger.storage import target as targets
+from ledger.storage.audit_store import AuditStore, EventFilter
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
@@ -333,7 +337,20 @@ def verify(
                 ))
         return reports
 
-    reports = _with_store(ctx, work)
+    async def record(store: EventStore) -> list[integrity.StreamReport]:
+        reports = await work(store)
+        audit = AuditStore(store.pool)
+        for report in reports:
+            await audit.record_verification(
+                stream=report.stream, verified_rows=report.verified,
+                head_position=report.head_position, head_hash=report.head_hash,
+                checkpoint_position=anchor.position if anchor and report.stream == "events"
+                else None,
+                problem=str(report.problem) if report.problem else None,
+            )
+        return reports
+
+    reports = _with_store(ctx, record)
     failed = False
     for report in reports:
         if report.problem is None:
@@ -630,3 +647,177 @@ def simulate(
         url, traffic, count=count, concurrency=concurrency, rate=rate, duration=duration,
     ))
     click.echo(report.summary())
+
+
+def _with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
+    return _with_store(ctx, lambda store: work(AuditService(store, catch_up=True)))
+
+
+@main.group()
+def tokens() -> None:
+    """Bearer tokens of the read API (/api/v1/)."""
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.pass_context
+@_fail_cleanly
+def tokens_create(ctx: click.Context, name: str) -> None:
+    """Make a token; it is printed once and stored only as a hash."""
+    token, digest = new_token()
+    _with_audit(ctx, lambda a: a.audit.create_token(name, digest, operations.local_actor()))
+    click.echo(token)
+
+
+@tokens.command("revoke")
+@click.argument("name")
+@click.pass_context
+@_fail_cleanly
+def tokens_revoke(ctx: click.Context, name: str) -> None:
+    """Stop a token from working (within seconds on running servers)."""
+    _with_audit(ctx, lambda a: a.audit.revoke_token(name, operations.local_actor()))
+    click.echo(f"revoked {name}")
+
+
+@tokens.command("list")
+@click.pass_context
+@_fail_cleanly
+def tokens_list(ctx: click.Context) -> None:
+    """Names, creation and revocation of every token (never the tokens)."""
+    for row in _with_audit(ctx, lambda a: a.audit.tokens()):
+        state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "live"
+        click.echo(f"{row['name']:24} {state:26} created {row['created_at']:%Y-%m-%d %H:%M} "
+                   f"by {row['created_by']}")
+
+
+def _event_filter(
+    member_id: str | None, event_type: str | None, bot: int | None, since: str | None,
+    until: str | None, after: int = 0,
+) -> EventFilter:
+    return EventFilter(
+        member_id=member_id, event_type=event_type.upper() if event_type else None, bot_id=bot,
+        received_from=_moment(since), received_to=_moment(until), after=after,
+    )
+
+
+def _moment(value: str | None) -> datetime | None:
+    parsed = _parse_as_of(value)
+    if isinstance(parsed, int):
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time")
+    return parsed
+
+
+_TYPE = click.option("--type", "event_type", help="Event type, e.g. ONIMBOTDELETE.")
+_BOT = click.option("--bot", type=int, help="Events naming this bot id.")
+_FROM = click.option("--from", "since", help="Received at or after (ISO 8601).")
+_TO = click.option("--to", "until", help="Received before (ISO 8601).")
+
+
+@main.command()
+@click.option("--portal", "member_id", required=True, help="The portal (member_id).")
+@click.option("--bot", type=int, required=True, help="The bot id.")
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def history(ctx: click.Context, member_id: str, bot: int, as_json: bool) -> None:
+    """One bot's whole life: every event that named it, with position, actor and hash."""
+
+    async def work(audit: AuditService) -> list[EventOut]:
+        result = await audit.bot_history(member_id, bot, limit=MAX_PAGE)
+        items = list(result.events)
+        after = result.next_after
+        while after is not None:
+            page = await audit.bot_history(member_id, bot, after=after, limit=MAX_PAGE)
+            items += page.events
+            after = page.next_after
+        return items
+
+    _print_events(_with_audit(ctx, work), as_json)
+
+
+@main.command()
+@_PORTAL
+@_TYPE
+@_BOT
+@_FROM
+@_TO
+@click.option("--after", default=0, show_default=True, help="Start after this position.")
+@click.option("--limit", default=100, show_default=True, help=f"At most this many (<= {MAX_PAGE}).")
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def events(
+    ctx: click.Context, member_id: str | None, event_type: str | None, bot: int | None,
+    since: str | None, until: str | None, after: int, limit: int, as_json: bool,
+) -> None:
+    """Stored events in ledger order, filtered."""
+    where = _event_filter(member_id, event_type, bot, since, until, after)
+    page = _with_audit(ctx, lambda a: a.events(where, limit=limit))
+    _print_events(page.items, as_json)
+    if page.next_after is not None:
+        click.echo(f"(more: --after {page.next_after})", err=True)
+
+
+def _print_events(items: list[EventOut], as_json: bool) -> None:
+    if as_json:
+        for item in items:
+            click.echo(item.model_dump_json(exclude_none=True))
+        return
+    click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'EVENT':24} {'BOTS':12} {'ACTOR':7} HASH")
+    for e in items:
+        bots = ",".join(map(str, e.bot_ids)) or "-"
+        click.echo(f"{e.position:>9}  {e.received_at.isoformat(timespec='seconds'):25}  "
+                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':7} {e.hash[:16]}")
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["events", "bots", "deletions"]))
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="jsonl",
+              show_default=True)
+@_PORTAL
+@_TYPE
+@_BOT
+@_FROM
+@_TO
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (and a FILE.manifest.json beside it); default standard output.")
+@click.pass_context
+@_fail_cleanly
+def export(
+    ctx: click.Context, kind: str, fmt: str, member_id: str | None, event_type: str | None,
+    bot: int | None, since: str | None, until: str | None, output: Path | None,
+) -> None:
+    """Stream events, bots or deletions as CSV or JSON Lines, with a manifest.
+
+    The manifest records the position range, the chain head at export time, the filters and
+    the time, so an export can be tied back to `ledger verify`.
+    """
+
+    async def work(audit: AuditService) -> exports.Manifest:
+        with contextlib.ExitStack() as stack:
+            out: IO[str] = (stack.enter_context(output.open("w", newline=""))
+                            if output else sys.stdout)
+            if kind == "events":
+                where = _event_filter(member_id, event_type, bot, since, until)
+                bar = stack.enter_context(_progress("exporting", output is None))
+                return await exports.export_events(
+                    audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
+                )
+            if kind == "bots":
+                rows = await audit.bots(member_id=member_id)
+                return await exports.export_rows("bots", rows, out, fmt,
+                                                 {"member_id": member_id}, audit)
+            where_d = DeletionFilter(member_id=member_id, occurred_from=_moment(since),
+                                     occurred_to=_moment(until))
+            rows_d = await audit.deletions(where_d)
+            return await exports.export_rows("deletions", rows_d, out, fmt,
+                                             dict(where_d.__dict__), audit)
+
+    manifest = _with_audit(ctx, work)
+    if output is None:
+        click.echo(manifest.as_json().decode(), err=True)
+    else:
+        manifest_path = output.with_name(output.name + ".manifest.json")
+        manifest_path.write_bytes(manifest.as_json())
+        click.echo(f"{manifest.rows} {kind} written to {output}; manifest {manifest_path}",
+                   err=True)

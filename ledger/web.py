@@ -16,6 +16,8 @@ import orjson
 from aiohttp import web
 
 from ledger import checkpoints
+from ledger.api import AUDIT, create_api
+from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import CommitterClosed, GroupCommitter
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
@@ -201,6 +203,7 @@ async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
     projector = Projector(app[STORE], ProjectionStore(app[POOL]))
     app[PROJECTOR] = projector
     app[METRICS].watch_lag(lambda: projector.lag)
+    app[AUDIT] = AuditService(app[STORE], catch_up=False)
     if not app[SETTINGS].run_projector:
         yield
         return
@@ -229,4 +232,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.add_subapp("/api/v1/", create_api())
     return app

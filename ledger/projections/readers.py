@@ -19,10 +19,13 @@ async def snapshot(
     projector: Projector,
     as_of: AsOf,
     on_progress: Callable[[int], None] = lambda n: None,
+    *,
+    catch_up: bool = True,
 ) -> State | None:
     """The folded state as of a position or moment (None: read the live projection instead)."""
     if as_of is None:
-        await projector.catch_up()
+        if catch_up:
+            await projector.catch_up()
         return None
     position = as_of if isinstance(as_of, int) else await projections.position_at(as_of)
     return await projector.fold_to(position, on_progress)
@@ -35,8 +38,9 @@ async def bots(
     member_id: str | None = None,
     status: str | None = None,
     as_of: AsOf = None,
+    catch_up: bool = True,
 ) -> list[Bot]:
-    state = await snapshot(projections, projector, as_of)
+    state = await snapshot(projections, projector, as_of, catch_up=catch_up)
     if state is None:
         return await projections.bots(member_id=member_id, status=status)
     return sorted(
@@ -53,8 +57,9 @@ async def deletions(
     *,
     member_id: str | None = None,
     as_of: AsOf = None,
+    catch_up: bool = True,
 ) -> list[Deletion]:
-    state = await snapshot(projections, projector, as_of)
+    state = await snapshot(projections, projector, as_of, catch_up=catch_up)
     if state is None:
         return await projections.deletions(member_id=member_id)
     return sorted(
@@ -63,8 +68,11 @@ async def deletions(
     )
 
 
-async def portals(projections: ProjectionStore, projector: Projector) -> list[Portal]:
-    await projector.catch_up()
+async def portals(
+    projections: ProjectionStore, projector: Projector, *, catch_up: bool = True
+) -> list[Portal]:
+    if catch_up:
+        await projector.catch_up()
     return await projections.portals()
 
 

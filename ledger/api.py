@@ -1,0 +1,298 @@
+"""The read API under /api/v1/: JSON, bearer tokens, generated OpenAPI description.
+
+One table (`ROUTES`) declares each resource, its parameters and its response model; the router,
+the OpenAPI document and the tests all read it, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import models_json_schema
+
+from ledger import __version__
+from ledger.audit import MAX_PAGE, AuditService, BadQuery, DeletionFilter, NotFound, token_digest
+from ledger.errors import LedgerError
+from ledger.readmodels import (
+    BotHistory,
+    BotOut,
+    DeletionOut,
+    ErrorOut,
+    EventOut,
+    Page,
+    PortalOut,
+    VerificationOut,
+)
+from ledger.storage.audit_store import EventFilter
+
+AUDIT = web.AppKey("audit", AuditService)
+TOKEN_CACHE = web.AppKey("token_cache", dict)  # sha256 -> monotonic expiry
+TOKEN_CACHE_SECONDS = 10.0  # a revoked token stops working within this long
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # "string", "integer", "boolean", "date-time"
+    description: str
+    where: str = "query"
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    summary: str
+    response: Any  # a model type or list[model]
+    params: tuple[Param, ...] = ()
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def _text(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    return value if value else None
+
+
+def _int(request: web.Request, name: str, default: int | None = None) -> int | None:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadQuery(f"`{name}` must be an integer") from exc
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    value = request.query.get(name)
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise BadQuery(f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _bool(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _as_of(request: web.Request) -> int | datetime | None:
+    value = request.query.get("as_of")
+    if not value:
+        return None
+    return int(value) if value.isdigit() else _time(request, "as_of")
+
+
+def _service(request: web.Request) -> AuditService:
+    return request.config_dict[AUDIT]
+
+
+async def portals(request: web.Request) -> web.Response:
+    return _json(_dump(await _service(request).portals()))
+
+
+async def bots(request: web.Request) -> web.Response:
+    status = _text(request, "status")
+    if status not in (None, "active", "deleted"):
+        raise BadQuery("`status` is active or deleted")
+    rows = await _service(request).bots(
+        member_id=_text(request, "portal"), status=status, as_of=_as_of(request)
+    )
+    return _json(_dump(rows))
+
+
+async def bot_history(request: web.Request) -> web.Response:
+    try:
+        bot_id = int(request.match_info["bot_id"])
+    except ValueError as exc:
+        raise BadQuery("bot id must be an integer") from exc
+    history = await _service(request).bot_history(
+        request.match_info["member_id"], bot_id,
+        after=_int(request, "after", 0) or 0, limit=_int(request, "limit", MAX_PAGE) or MAX_PAGE,
+    )
+    return _json(_dump(history))
+
+
+async def deletions(request: web.Request) -> web.Response:
+    where = DeletionFilter(
+        member_id=_text(request, "portal"),
+        occurred_from=_time(request, "from"),
+        occurred_to=_time(request, "to"),
+        actor_user_id=_text(request, "actor"),
+        cause=_text(request, "cause"),
+        anomalies_only=_bool(request, "anomalies"),
+    )
+    return _json(_dump(await _service(request).deletions(where, as_of=_as_of(request))))
+
+
+async def events(request: web.Request) -> web.Response:
+    where = EventFilter(
+        member_id=_text(request, "portal"),
+        event_type=(_text(request, "type") or "").upper() or None,
+        bot_id=_int(request, "bot"),
+        received_from=_time(request, "from"),
+        received_to=_time(request, "to"),
+        after=_int(request, "after", 0) or 0,
+    )
+    page = await _service(request).events(
+        where, limit=_int(request, "limit", 100) or 0, with_payload=_bool(request, "payload")
+    )
+    return _json(_dump(page))
+
+
+async def verification(request: web.Request) -> web.Response:
+    return _json(_dump(await _service(request).verification()))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(openapi_document())
+
+
+_PORTAL = Param("portal", "string", "portal member_id")
+_AS_OF = Param("as_of", "string", "a position or an ISO 8601 time: the answer as of then")
+_AFTER = Param("after", "integer", "return events after this position (cursor)")
+_LIMIT = Param("limit", "integer", f"page size, 1..{MAX_PAGE}")
+
+ROUTES: dict[str, tuple[Route, Handler]] = {
+    r.path: (r, h)
+    for r, h in [
+        (Route("/portals", "Portals: trust, installation, last activity", list[PortalOut]),
+         portals),
+        (Route("/bots", "The bot registry", list[BotOut],
+               (_PORTAL, Param("status", "string", "active or deleted"), _AS_OF)), bots),
+        (Route("/portals/{member_id}/bots/{bot_id}", "One bot and its whole history",
+               BotHistory, (Param("member_id", "string", "portal", "path"),
+                            Param("bot_id", "integer", "bot id", "path"), _AFTER, _LIMIT)),
+         bot_history),
+        (Route("/deletions", "The deletion timeline", list[DeletionOut],
+               (_PORTAL, Param("from", "date-time", "deleted at or after"),
+                Param("to", "date-time", "deleted before"),
+                Param("actor", "string", "auth.user_id of the deleting event"),
+                Param("cause", "string", "bot deleted / application uninstalled"),
+                Param("anomalies", "boolean", "only rows with an anomaly"), _AS_OF)),
+         deletions),
+        (Route("/events", "Stored events, in ledger order", Page[EventOut],
+               (_PORTAL, Param("type", "string", "event type, e.g. ONIMBOTDELETE"),
+                Param("bot", "integer", "events naming this bot id"),
+                Param("from", "date-time", "received at or after"),
+                Param("to", "date-time", "received before"), _AFTER, _LIMIT,
+                Param("payload", "boolean", "include the stored payloads"))), events),
+        (Route("/verification", "Last `ledger verify` result per chain, and the heads now",
+               list[VerificationOut]), verification),
+    ]
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [
+        PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], VerificationOut,
+        ErrorOut,
+    ]
+    _, schemas = models_json_schema(
+        [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    paths: dict[str, Any] = {}
+    for path, (route, _) in ROUTES.items():
+        response_schema = TypeAdapter(route.response).json_schema(
+            mode="serialization", ref_template="#/components/schemas/{model}"
+        )
+        response_schema.pop("$defs", None)
+        paths[path] = {"get": {
+            "summary": route.summary,
+            "security": [{"bearer": []}],
+            "parameters": [_parameter(p) for p in route.params],
+            "responses": {
+                "200": {"description": "OK",
+                        "content": {"application/json": {"schema": response_schema}}},
+                "400": _error("the request cannot be answered as asked"),
+                "401": _error("no or bad bearer token"),
+                "404": _error("no such portal or bot"),
+            },
+        }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ledger read API", "version": __version__,
+                 "description": "Audit ledger of Bitrix24 chatbot events (read-only)."},
+        "servers": [{"url": "/api/v1"}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas["$defs"],
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _parameter(param: Param) -> dict[str, Any]:
+    schema: dict[str, Any] = (
+        {"type": "string", "format": "date-time"} if param.kind == "date-time"
+        else {"type": param.kind}
+    )
+    return {"name": param.name, "in": param.where, "required": param.where == "path",
+            "description": param.description, "schema": schema}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer tokens for everything but the OpenAPI document; errors as JSON with a code."""
+    if request.path != "/api/v1/openapi.json":
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token or not await _live(request, token.strip()):
+            return _json({"error": "unauthorized",
+                          "message": "send Authorization: Bearer <token> (ledger tokens create)"},
+                         401)
+    try:
+        return await handler(request)
+    except BadQuery as exc:
+        return _json({"error": "bad_query", "message": str(exc)}, 400)
+    except NotFound as exc:
+        return _json({"error": "not_found", "message": str(exc)}, 404)
+    except LedgerError:
+        raise  # availability errors: the application's middleware answers 503
+
+
+async def _live(request: web.Request, token: str) -> bool:
+    digest = token_digest(token)
+    cache: dict[bytes, float] = request.config_dict[TOKEN_CACHE]
+    now = time.monotonic()
+    if cache.get(digest, 0.0) > now:
+        return True
+    if await _service(request).audit.token_is_live(digest):
+        cache[digest] = now + TOKEN_CACHE_SECONDS
+        return True
+    return False
+
+
+def create_api() -> web.Application:
+    api = web.Application(middlewares=[api_middleware])
+    api[TOKEN_CACHE] = {}
+    for path, (_, handler) in ROUTES.items():
+        api.router.add_get(path, handler)
+    api.router.add_get("/openapi.json", openapi)
+    return api

@@ -1,0 +1,145 @@
+"""The auditor's questions, answered once for the read API, the CLI and the exports."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ledger.errors import LedgerError
+from ledger.projections import readers
+from ledger.projections.fold import Deletion
+from ledger.projections.projector import Projector
+from ledger.readmodels import (
+    BotHistory,
+    BotOut,
+    DeletionOut,
+    EventOut,
+    Page,
+    PortalOut,
+    VerificationOut,
+)
+from ledger.storage.audit_store import AuditStore, EventFilter
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore
+
+MAX_PAGE = 1000
+
+
+class BadQuery(LedgerError):
+    """A read request that cannot be answered as asked (the message says why)."""
+
+
+class NotFound(LedgerError):
+    """The portal, bot or resource asked for does not exist."""
+
+
+def new_token() -> tuple[str, bytes]:
+    """A bearer token and the SHA-256 the database keeps instead of it."""
+    token = "lgr_" + secrets.token_urlsafe(32)
+    return token, hashlib.sha256(token.encode()).digest()
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class DeletionFilter:
+    member_id: str | None = None
+    occurred_from: datetime | None = None
+    occurred_to: datetime | None = None
+    actor_user_id: str | None = None
+    cause: str | None = None
+    anomalies_only: bool = False
+
+    def accepts(self, deletion: Deletion) -> bool:
+        at = deletion.occurred_at or deletion.received_at
+        return (
+            (self.occurred_from is None or at >= self.occurred_from)
+            and (self.occurred_to is None or at < self.occurred_to)
+            and (self.actor_user_id is None or deletion.actor_user_id == self.actor_user_id)
+            and (self.cause is None or deletion.cause == self.cause)
+            and (not self.anomalies_only
+                 or deletion.never_seen or deletion.repeated or deletion.activity_after_deletion)
+        )
+
+
+class AuditService:
+    """`catch_up=True` (the CLI) first folds pending events into the projections itself; the
+    read API leaves that to the serving projector and never writes."""
+
+    def __init__(self, store: EventStore, *, catch_up: bool) -> None:
+        self.catch_up = catch_up
+        self.events_store = store
+        self.projections = ProjectionStore(store.pool)
+        self.audit = AuditStore(store.pool)
+        self.projector = Projector(store, self.projections)
+
+    async def portals(self) -> list[PortalOut]:
+        rows = await readers.portals(self.projections, self.projector, catch_up=self.catch_up)
+        return [PortalOut.model_validate(p) for p in rows]
+
+    async def bots(
+        self, *, member_id: str | None = None, status: str | None = None,
+        as_of: readers.AsOf = None,
+    ) -> list[BotOut]:
+        rows = await readers.bots(
+            self.projections, self.projector, member_id=member_id, status=status, as_of=as_of,
+            catch_up=self.catch_up,
+        )
+        return [BotOut.model_validate(b) for b in rows]
+
+    async def deletions(
+        self, where: DeletionFilter, as_of: readers.AsOf = None
+    ) -> list[DeletionOut]:
+        rows = await readers.deletions(
+            self.projections, self.projector, member_id=where.member_id, as_of=as_of,
+            catch_up=self.catch_up,
+        )
+        return [deletion_out(d) for d in rows if where.accepts(d)]
+
+    async def events(
+        self, where: EventFilter, *, limit: int = 100, with_payload: bool = False
+    ) -> Page[EventOut]:
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
+        rows = await self.audit.events(where, limit=limit, with_payload=with_payload)
+        items = [event_out(r) for r in rows]
+        return Page[EventOut](
+            items=items, next_after=items[-1].position if len(items) == limit else None
+        )
+
+    async def bot_history(
+        self, member_id: str, bot_id: int, *, after: int = 0, limit: int = 1000
+    ) -> BotHistory:
+        bots = await self.bots(member_id=member_id)
+        bot = next((b for b in bots if b.bot_id == bot_id), None)
+        if bot is None:
+            raise NotFound(f"no bot {bot_id} on portal {member_id}")
+        page = await self.events(
+            EventFilter(member_id=member_id, bot_id=bot_id, after=after), limit=limit
+        )
+        return BotHistory(bot=bot, events=page.items, next_after=page.next_after)
+
+    async def verification(self) -> list[VerificationOut]:
+        return [VerificationOut.model_validate(r) for r in await self.audit.verification_status()]
+
+
+def event_out(row: dict[str, Any]) -> EventOut:
+    payload = row.get("payload")
+    return EventOut(
+        position=row["position"], received_at=row["received_at"],
+        occurred_at=row["occurred_at"], member_id=row["member_id"],
+        event_type=row["event_type"], origin=row["origin"], bot_ids=list(row["bot_ids"]),
+        actor_user_id=row["actor_user_id"], hash=row["hash"],
+        payload=orjson.loads(payload) if payload is not None else None,
+    )
+
+
+def deletion_out(deletion: Deletion) -> DeletionOut:
+    return DeletionOut.model_validate(readers.as_record(deletion))

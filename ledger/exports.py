@@ -1,0 +1,118 @@
+"""Streaming exports (CSV, JSON Lines) with a manifest that ties them to the chain.
+
+Events are read through a server-side cursor inside one read-only snapshot, so memory stays flat
+however many there are, and the manifest's head is exactly the head that snapshot saw.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import orjson
+
+from ledger.audit import AuditService
+from ledger.readmodels import BotOut, DeletionOut
+from ledger.storage.audit_store import EventFilter
+
+EVENT_FIELDS = ["position", "received_at", "occurred_at", "member_id", "event_type", "origin",
+                "bot_ids", "actor_user_id", "hash", "payload"]
+
+
+@dataclass
+class Manifest:
+    kind: str
+    format: str
+    filters: dict[str, Any]
+    rows: int
+    first_position: int | None
+    last_position: int | None
+    head_position: int
+    head_hash: str
+    exported_at: str
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(self.__dict__, option=orjson.OPT_INDENT_2)
+
+
+class _Writer:
+    def __init__(self, out: IO[str], fmt: str, fields: list[str]) -> None:
+        self._out, self._fmt, self._fields = out, fmt, fields
+        self._csv = csv.DictWriter(out, fieldnames=fields) if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writeheader()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._csv is None:
+            self._out.write(orjson.dumps(record, default=str).decode() + "\n")
+            return
+        self._csv.writerow({k: _cell(record.get(k)) for k in self._fields})
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, list | dict):
+        return orjson.dumps(value).decode()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+async def export_events(
+    service: AuditService, where: EventFilter, out: IO[str], fmt: str,
+    on_start: Callable[[int], None] = lambda total: None,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> Manifest:
+    writer = _Writer(out, fmt, EVENT_FIELDS)
+    rows, first, last = 0, None, None
+    async with service.audit.export_snapshot() as snapshot:
+        on_start(snapshot.head_position)
+        bounded = EventFilter(**{**where.__dict__, "up_to": snapshot.head_position})
+        async for batch in snapshot.events(bounded):
+            for row in batch:
+                record = dict(row)
+                record["bot_ids"] = list(record["bot_ids"])
+                record["payload"] = orjson.loads(record["payload"])
+                for key in ("received_at", "occurred_at"):
+                    if record[key] is not None:
+                        record[key] = record[key].isoformat()
+                writer.write(record)
+                first = record["position"] if first is None else first
+                last = record["position"]
+            rows += len(batch)
+            on_progress(len(batch))
+        head = (snapshot.head_position, snapshot.head_hash)
+    return _manifest("events", fmt, where.__dict__, rows, first, last, head)
+
+
+async def export_rows(
+    kind: str, rows: Iterable[BotOut | DeletionOut], out: IO[str], fmt: str,
+    filters: dict[str, Any], service: AuditService,
+) -> Manifest:
+    items = list(rows)
+    fields = list(type(items[0]).model_fields) if items else ["member_id"]
+    writer = _Writer(out, fmt, fields)
+    for item in items:
+        writer.write(item.model_dump(mode="json"))
+    position, head_hash = await service.events_store.head()
+    positions = [getattr(i, "position", None) for i in items]
+    known = [p for p in positions if p is not None]
+    return _manifest(kind, fmt, filters, len(items), min(known, default=None),
+                     max(known, default=None), (position, head_hash.hex()))
+
+
+def _manifest(
+    kind: str, fmt: str, filters: dict[str, Any], rows: int, first: int | None,
+    last: int | None, head: tuple[int, str],
+) -> Manifest:
+    return Manifest(
+        kind=kind, format=fmt,
+        filters={k: (v.isoformat() if isinstance(v, datetime) else v)
+                 for k, v in filters.items() if v not in (None, 0, False)},
+        rows=rows, first_position=first, last_position=last,
+        head_position=head[0], head_hash=head[1],
+        exported_at=datetime.now(UTC).isoformat(),
+    )
+

@@ -1,0 +1,114 @@
+"""What the read API and the exports answer with: typed, documented, snake_case.
+
+These models are the OpenAPI schemas (`/api/v1/openapi.json` is generated from them), and the
+tests validate every response against them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+class PortalOut(_Model):
+    member_id: str
+    domain: str | None
+    trust_state: str = Field(description="allowed, trusted, ended or unknown")
+    installed_at: datetime | None
+    uninstalled_at: datetime | None
+    install_count: int
+    app_version: str | None
+    event_count: int
+    last_event_at: datetime | None = Field(description="silence on a portal shows here")
+    last_event_position: int | None
+
+
+class BotOut(_Model):
+    member_id: str
+    bot_id: int
+    bot_code: str | None
+    api_version: str = Field(description="v1 (ONIMBOT*) or v2 (ONIMBOTV2*)")
+    status: str = Field(description="active or deleted")
+    first_seen_position: int
+    first_seen_at: datetime
+    last_activity_position: int | None
+    last_activity_at: datetime | None
+    message_count: int
+    command_count: int
+    chat_join_count: int
+    deleted_position: int | None
+    deleted_at: datetime | None
+    deleted_by: str | None = Field(description="auth.user_id of the deleting event")
+    deletion_cause: str | None
+
+
+class DeletionOut(_Model):
+    position: int = Field(description="position of the deleting event")
+    event_hash: str = Field(description="its chain hash, hex")
+    member_id: str
+    domain: str | None
+    bot_id: int
+    bot_code: str | None
+    occurred_at: datetime | None = Field(description="Bitrix24's ts")
+    received_at: datetime
+    actor_user_id: str | None
+    cause: str
+    event_type: str
+    first_seen_at: datetime | None
+    last_activity_at: datetime | None
+    message_count: int
+    anomalies: list[str] = Field(
+        description="never_seen, repeated, activity_after_deletion"
+    )
+
+
+class EventOut(_Model):
+    position: int
+    received_at: datetime
+    occurred_at: datetime | None
+    member_id: str
+    event_type: str
+    origin: str
+    bot_ids: list[int]
+    actor_user_id: str | None
+    hash: str = Field(description="chain hash, hex")
+    payload: dict[str, Any] | None = Field(
+        default=None, description="the stored payload (secrets removed), when asked for"
+    )
+
+
+class Page(_Model, Generic[T]):
+    items: list[T]
+    next_after: int | None = Field(
+        description="pass as `after` for the next page; null at the end"
+    )
+
+
+class BotHistory(_Model):
+    bot: BotOut
+    events: list[EventOut]
+    next_after: int | None
+
+
+class VerificationOut(_Model):
+    stream: str
+    ran_at: datetime | None
+    ok: bool | None
+    verified_rows: int | None
+    problem: str | None
+    checkpoint_position: int | None
+    head_position: int = Field(description="the chain's head now")
+    head_hash: str
+
+
+class ErrorOut(_Model):
+    error: str
+    message: str
