@@ -13,7 +13,7 @@ GUARDS = {
     "events_no_update_delete", "events_no_truncate",
     "rejections_no_update_delete", "rejections_no_truncate",
     "redeliveries_no_update_delete", "redeliveries_no_truncate",
-    "verifications_no_update_delete",
+    "verifications_no_update_delete", "verifications_no_truncate",
 }
 
 

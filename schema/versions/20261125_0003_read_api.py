@@ -39,6 +39,8 @@ def upgrade() -> None:
     );
     CREATE TRIGGER verifications_no_update_delete BEFORE UPDATE OR DELETE ON ledger.verifications
         FOR EACH ROW EXECUTE FUNCTION ledger.forbid_change();
+    CREATE TRIGGER verifications_no_truncate BEFORE TRUNCATE ON ledger.verifications
+        FOR EACH STATEMENT EXECUTE FUNCTION ledger.forbid_change();
     COMMENT ON TABLE ledger.verifications IS 'Every run of `ledger verify` and its outcome.';
 
     -- filters the read API offers, each answerable from an index in position order
