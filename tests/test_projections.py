@@ -204,3 +204,27 @@ async def test_a_reader_role_sees_the_views_and_nothing_else(
                 await reader.execute(statement)
     finally:
         await reader.close()
+
+
+async def test_the_readmes_forensic_sql_runs_for_a_reader(
+    client: Client, settings: Settings
+) -> None:
+    import re
+    from pathlib import Path
+
+    await install_sample_portal(client)
+    for name in ["onimbotmessageadd-1", "onimbotdelete-1"]:
+        await post(client, sample(name))
+    await projector_of(client).catch_up()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (block,) = re.findall(r"```sql\n(.*?)```", readme, re.S)
+    statements = [s.strip() for s in block.replace("'X'", f"'{MEMBER_ID}'").split(";")]
+    target = await targets.open_target(settings)
+    reader = await asyncpg.connect(await targets.create_reader(target, "readme_test", "pw"))
+    try:
+        who, last_month, life = [await reader.fetch(s) for s in statements if s]
+    finally:
+        await reader.close()
+    assert [(r["deleted_by_user_id"], r["cause"]) for r in who] == [("27", BOT_DELETED)]
+    assert [r["event_type"] for r in life] == ["ONIMBOTMESSAGEADD", "ONIMBOTDELETE"]
+    assert last_month == []  # the samples' deletion is from 2026-02
