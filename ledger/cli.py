@@ -103,9 +103,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     # Start (and migrate) the database once, here, before the workers attach to it.
     target = asyncio.run(targets.open_target(settings))
     context = multiprocessing.get_context("spawn")
-    quiet = settings.model_copy(update={"run_projector": False, "checkpoint_dir": None})
     processes = [
-        context.Process(target=_serve, args=(settings if i == 0 else quiet, *address),
+        context.Process(target=_serve, args=(_worker_settings(settings, i), *address),
                         kwargs={"reuse_port": True}, name=f"ledger-worker-{i}")
         for i in range(workers)
     ]
@@ -125,6 +124,14 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         raise click.ClickException(f"worker(s) {', '.join(failed)} failed; see the log above")
+
+
+def _worker_settings(settings: Settings, index: int) -> Settings:
+    if index == 0:
+        return settings
+    return settings.model_copy(
+        update={"run_projector": False, "checkpoint_dir": None, "worker": index}
+    )
 
 
 def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool) -> None:

@@ -10,20 +10,26 @@ draft fails alone; if PostgreSQL is unavailable the whole batch fails with `Data
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from ledger.errors import AppendFailed, LedgerError
+from ledger.drafts import refusal
+from ledger.errors import AppendFailed, DatabaseUnavailable, LedgerError
 from ledger.metrics import Metrics
-from ledger.models import Draft, Outcome
+from ledger.models import Draft, EventDraft, Outcome, Refusal, Spooled
+from ledger.spool import Spool, SpoolFull
+from ledger.trust import Refused
 
 log = logging.getLogger(__name__)
 
 
 class Appender(Protocol):
     async def append(self, drafts: Sequence[Draft]) -> list[Outcome]: ...
+
+    def judge_offline(self, draft: EventDraft) -> Refused | None: ...
 
 
 class CommitterClosed(LedgerError):
@@ -41,9 +47,15 @@ class GroupCommitter:
         max_events: int,
         max_delay: float,
         metrics: Metrics | None = None,
+        spool: Spool | None = None,
+        retry_seconds: float = 1.0,
     ) -> None:
         self._appender = appender
         self._metrics = metrics
+        self._spool = spool
+        self._retry_seconds = retry_seconds
+        self._next_drain = 0.0
+        self._drain_limit = max_events
         self._max_events = max_events
         self._max_delay = max_delay
         self._queue: list[_Pending] = []
@@ -75,9 +87,18 @@ class GroupCommitter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._arrived.wait()
+            if self._spool is not None and self._spool.has_pending():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._arrived.wait(), max(0.0, self._next_drain - loop.time())
+                    )
+                if loop.time() >= self._next_drain:
+                    await self._drain()
+            else:
+                await self._arrived.wait()
             if not self._queue:
                 if self._closing:
+                    await self._drain_before_exit()
                     return
                 self._arrived.clear()
                 continue
@@ -101,6 +122,9 @@ class GroupCommitter:
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        if self._spool is not None and self._spool.has_pending():
+            await self._spool_batch(batch)  # keep order: nothing overtakes what is spooled
+            return
         drafts = [draft for draft, _ in batch]
         began = time.perf_counter()
         try:
@@ -112,6 +136,14 @@ class GroupCommitter:
             log.warning("batch of %d refused (%s); retrying one by one", len(batch), exc)
             for pending in batch:
                 await self._commit([pending])
+            return
+        except DatabaseUnavailable as exc:
+            if self._spool is None:
+                self._settle(batch, exc)
+                return
+            log.warning("PostgreSQL unavailable (%s): spooling %d deliveries", exc, len(batch))
+            await self._spool_batch(batch)
+            self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
             return
         except LedgerError as exc:
             self._settle(batch, exc)
@@ -129,6 +161,67 @@ class GroupCommitter:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _spool_batch(self, batch: list[_Pending]) -> None:
+        """Judge against cached trust, write what passes (and the refusals) durably, answer."""
+        assert self._spool is not None
+        records: list[Draft] = []
+        results: list[Outcome] = []
+        for draft, _ in batch:
+            refused = (
+                self._appender.judge_offline(draft) if isinstance(draft, EventDraft) else None
+            )
+            if refused is None:
+                records.append(draft)
+                results.append(Spooled())
+                continue
+            assert isinstance(draft, EventDraft)
+            record = refusal(draft, status=refused.status, reason=refused.code,
+                             detail=refused.message)
+            if record is not None:
+                records.append(record)
+            results.append(Refusal(refused.status, refused.code, refused.message, 0))
+        try:
+            await asyncio.to_thread(self._spool.append, records)
+        except (SpoolFull, OSError) as exc:
+            log.error("cannot spool %d deliveries: %s", len(batch), exc)
+            failure = exc if isinstance(exc, SpoolFull) else SpoolFull(f"spool write failed: {exc}")
+            self._settle(batch, failure)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    async def _drain(self) -> None:
+        """Move one batch from the spool into PostgreSQL (in order, idempotently)."""
+        assert self._spool is not None
+        pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
+        try:
+            await self._appender.append(pending.drafts)
+        except DatabaseUnavailable:
+            self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
+            return
+        except AppendFailed as exc:
+            if len(pending.drafts) > 1:
+                self._drain_limit = 1  # find the culprit one draft at a time
+                return
+            # a spooled draft PostgreSQL refuses for a data reason cannot be answered any more:
+            # keep it for an operator instead of blocking every later one behind it
+            await asyncio.to_thread(self._spool.quarantine, pending, str(exc))
+            self._drain_limit = self._max_events
+            return
+        await asyncio.to_thread(self._spool.mark_drained, pending)
+        self.progressed.set()
+        log.info("drained %d spooled deliveries into PostgreSQL", len(pending.drafts))
+
+    async def _drain_before_exit(self) -> None:
+        while self._spool is not None and self._spool.has_pending():
+            before = self._spool.drained, self._spool.size
+            await self._drain()
+            if (self._spool.drained, self._spool.size) == before:
+                log.warning("PostgreSQL still unavailable: %d deliveries stay spooled in %s",
+                            self._spool.records, self._spool.directory)
+                return
 
     @staticmethod
     def _settle(batch: list[_Pending], exc: BaseException) -> None:

@@ -18,7 +18,7 @@ from ledger.envelope import DELIVERY_SPECIFIC, read_envelope
 from ledger.errors import DeliveryRejected
 from ledger.hashing import document_json
 from ledger.metrics import Metrics
-from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Stored
+from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Spooled, Stored
 from ledger.redaction import redact, scrub
 from ledger.settings import Settings
 
@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 class Receipt:
     """What the sender is told once its delivery is durable."""
 
-    position: int
+    position: int | None  # None while spooled: the position is assigned when it drains
     duplicate: bool
     event_type: str
+    spooled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,10 @@ class IntakeService:
                 draft.event_type, delivery.peer, draft.member_id, outcome.code,
             )
             raise DeliveryRejected(outcome.status, outcome.code, outcome.message)
+        if isinstance(outcome, Spooled):
+            self._metrics.spooled.inc()
+            log.info("spooled %s portal=%s", draft.event_type, draft.member_id)
+            return Receipt(None, False, draft.event_type, spooled=True)
         assert isinstance(outcome, Stored | Duplicate)
         duplicate = isinstance(outcome, Duplicate)
         (self._metrics.duplicates if duplicate else self._metrics.accepted).inc()
@@ -159,7 +164,7 @@ class IntakeService:
             excerpt_bytes=self._settings.rejection_excerpt_bytes,
         )
         outcome = await self._committer.submit(draft)
-        assert isinstance(outcome, RejectionLogged)
+        assert isinstance(outcome, RejectionLogged | Spooled)
 
 
 def _best_effort_excerpt(

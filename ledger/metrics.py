@@ -53,6 +53,16 @@ class Metrics:
             "ledger_append_seconds", "Duration of one append transaction",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
         )
+        self.spooled = Counter(
+            "ledger_deliveries_spooled", "Deliveries spooled while PostgreSQL was away",
+            registry=r,
+        )
+        self.spool_depth = Gauge(
+            "ledger_spool_records", "Deliveries waiting in the local spool", registry=r
+        )
+        self.spool_age = Gauge(
+            "ledger_spool_oldest_seconds", "Age of the oldest spooled delivery", registry=r
+        )
         self.projector_lag = Gauge(
             "ledger_projector_lag_events", "Events not yet in the projections", registry=r
         )
@@ -64,6 +74,10 @@ class Metrics:
 
     def watch_lag(self, lag: Callable[[], int]) -> None:
         self.projector_lag.set_function(lag)
+
+    def watch_spool(self, depth: Callable[[], int], age: Callable[[], float]) -> None:
+        self.spool_depth.set_function(depth)
+        self.spool_age.set_function(age)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

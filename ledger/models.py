@@ -94,7 +94,12 @@ class RejectionLogged:
     position: int
 
 
-Outcome = Stored | Duplicate | Refusal | RejectionLogged
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """Durable in the local spool (PostgreSQL unreachable); stored when it is back."""
+
+
+Outcome = Stored | Duplicate | Refusal | RejectionLogged | Spooled
 Draft = EventDraft | RejectionDraft
 
 

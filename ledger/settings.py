@@ -56,6 +56,14 @@ class Settings(BaseSettings):
     checkpoint_dir: Path | None = Field(
         default=None, description="`ledger serve` writes signed checkpoints here when set"
     )
+    spool_dir: Path | None = Field(
+        default=None, description="outage spool (default: LEDGER_DATA_DIR/spool)"
+    )
+    spool_max_bytes: int = Field(default=1024**3, ge=1024)
+    spool_retry_seconds: float = Field(
+        default=1.0, gt=0, description="how often to try draining while PostgreSQL is away"
+    )
+    worker: int = Field(default=0, ge=0, description="set by `serve --workers` per process")
     run_projector: bool = Field(
         default=True, description="keep the projections up to date inside `ledger serve`"
     )
@@ -65,6 +73,11 @@ class Settings(BaseSettings):
     )
     checkpoint_every_events: int = Field(default=10_000, ge=1)
     checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
+
+    @property
+    def spool_path(self) -> Path:
+        """Each worker process has a spool of its own (one writer per file)."""
+        return (self.spool_dir or self.data_dir / "spool") / f"worker-{self.worker}"
 
     @property
     def keys_dir(self) -> Path:

@@ -25,6 +25,7 @@ from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
 from ledger.projections.projector import Projector
 from ledger.settings import Settings
+from ledger.spool import Spool, SpoolFull
 from ledger.storage import target as targets
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
@@ -40,6 +41,7 @@ INTAKE = web.AppKey("intake", IntakeService)
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 PROJECTOR = web.AppKey("projector", Projector)
 METRICS = web.AppKey("metrics", Metrics)
+SPOOL = web.AppKey("spool", Spool)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,7 +63,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except DeliveryRejected as exc:
         return error_response(exc.status, exc.code, exc.message)
-    except (DatabaseUnavailable, CommitterClosed, SchemaNotMigrated) as exc:
+    except (DatabaseUnavailable, CommitterClosed, SchemaNotMigrated, SpoolFull) as exc:
         log.error("%s %s: %s", request.method, request.path, exc)
         return error_response(503, "store_unavailable", str(exc))
     except web.HTTPException as exc:
@@ -101,13 +103,16 @@ async def receive_event(request: web.Request) -> web.Response:
         await intake.refuse(delivery, rejected)
         raise rejected
     receipt = await intake.receive(delivery)
+    # "spooled": durable locally, stored (and given its position) when PostgreSQL is back
+    status = "spooled" if receipt.spooled else "duplicate" if receipt.duplicate else "stored"
     return json_response(
         {
-            "status": "duplicate" if receipt.duplicate else "stored",
+            "status": status,
             "position": receipt.position,
             "duplicate": receipt.duplicate,
             "event": receipt.event_type,
-        }
+        },
+        202 if receipt.spooled else 200,
     )
 
 
@@ -135,11 +140,19 @@ async def readyz(request: web.Request) -> web.Response:
         if projector.stalled(stall)
         else "ok"
     )
+    spool = request.app[SPOOL]
+    checks["spool"] = (
+        f"nearly full: {spool.size} of {spool.max_bytes} bytes"
+        if spool.size > 0.9 * spool.max_bytes
+        else "ok"
+    )
     ready = all(v == "ok" for v in checks.values())
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
         "projector": {"checkpoint": projector.checkpoint, "lag": projector.lag},
+        "spool": {"records": spool.records, "bytes": spool.size,
+                  "oldest_seconds": round(spool.age_seconds(), 3)},
     }
     return json_response(body, 200 if ready else 503)
 
@@ -164,11 +177,21 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
 
 async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
+    if spool.has_pending():
+        log.warning("%d deliveries wait in the spool %s; draining", spool.records,
+                    spool.directory)
+    app[SPOOL] = spool
+    app[METRICS].watch_spool(lambda: spool.records, spool.age_seconds)
+    with contextlib.suppress(LedgerError):  # unreachable now: the spool takes over
+        await app[STORE].load_trust_cache()
     committer = GroupCommitter(
         app[STORE],
         max_events=settings.batch_max_events,
         max_delay=settings.batch_max_delay_ms / 1000,
         metrics=app[METRICS],
+        spool=spool,
+        retry_seconds=settings.spool_retry_seconds,
     )
     committer.start()
     app[COMMITTER] = committer

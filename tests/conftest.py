@@ -59,8 +59,10 @@ class Database:
 
 
 @pytest.fixture(autouse=True)
-def _no_ledger_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings in tests are explicit: nothing leaks in from the developer's shell."""
+def _no_ledger_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings in tests are explicit: nothing leaks in from the developer's shell, and
+    relative paths (./.ledger, the spool) land in the test's own directory."""
+    monkeypatch.chdir(tmp_path)
     for name in list(os.environ):
         if name.startswith("LEDGER_") and name != "LEDGER_TEST_DATABASE_URL":
             monkeypatch.delenv(name)

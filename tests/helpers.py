@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 from aiohttp.test_utils import TestClient
@@ -34,3 +35,42 @@ async def install_sample_portal(client: Client) -> None:
     await allow_sample_portal(client)
     status, answer = await post(client, sample("onappinstall-1"))
     assert status == 200, answer
+
+
+class SocketProxy:
+    """A Unix-socket relay in front of PostgreSQL that a test can cut and restore: a real
+    outage as the service sees it (connections die, new ones are refused)."""
+
+    def __init__(self, target: str, directory: str, port: int) -> None:
+        self._target = target
+        self.path = f"{directory}/.s.PGSQL.{port}"
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._relay, path=self.path)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_unix_connection(self._target)
+        self._writers |= {writer, upstream_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.transport.abort()
+                self._writers.discard(sink)
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))

@@ -232,6 +232,37 @@ class EventStore:
     def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
         self._pool = pool
         self._policy = policy
+        # Trust as last seen by this process: what an outage is judged against (README "Spool").
+        self.trust_cache: dict[str, PortalTrust] = {}
+
+    async def load_trust_cache(self) -> None:
+        async with translated_errors("load trust"), self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust"
+            )
+        self.trust_cache = {r["member_id"]: _trust_of(r) for r in rows}
+
+    def judge_offline(self, draft: EventDraft) -> Refused | None:
+        """While PostgreSQL is away: refuse what the cached trust refuses; spool the rest.
+
+        An ONAPPINSTALL cannot be judged offline (allowances may have changed): it is spooled
+        and judged on drain, and its token is trusted provisionally so the portal's next
+        deliveries are spooled too — and judged on drain as well.
+        """
+        if draft.origin != ORIGIN_BITRIX24 or draft.presented_sha256 is None:
+            return None
+        if draft.event_type == INSTALL:
+            current = self.trust_cache.get(draft.member_id)
+            if current is None or current.state is not TrustState.TRUSTED:
+                self.trust_cache[draft.member_id] = PortalTrust(
+                    draft.member_id, draft.domain, TrustState.TRUSTED, draft.presented_sha256
+                )
+            return None
+        verdict = judge(
+            draft.event_type, draft.presented_sha256, self.trust_cache.get(draft.member_id),
+            allowed=False, policy=self._policy,
+        )
+        return verdict if isinstance(verdict, Refused) else None
 
     @property
     def pool(self) -> Pool:
@@ -242,13 +273,15 @@ class EventStore:
         async with (
             translated_errors("append"),
             self._pool.acquire() as connection,
-            connection.transaction(),
         ):
-            return await self._append(connection, drafts)
+            async with connection.transaction():
+                outcomes, batch = await self._append(connection, drafts)
+            self.trust_cache.update(batch.trust)  # committed: now it is what we know
+            return outcomes
 
     async def _append(
         self, connection: Connection, drafts: Sequence[Draft]
-    ) -> list[Outcome]:
+    ) -> tuple[list[Outcome], _Batch]:
         batch = _Batch(self._policy)
         outcomes: list[Outcome | None] = [None] * len(drafts)
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
@@ -312,17 +345,14 @@ class EventStore:
                 else:
                     outcomes[index] = RejectionLogged(position)
         assert all(o is not None for o in outcomes)
-        return [o for o in outcomes if o is not None]
+        return [o for o in outcomes if o is not None], batch
 
     async def _load(
         self, connection: Connection, batch: _Batch, drafts: list[EventDraft]
     ) -> None:
         members = list({d.member_id for d in drafts})
         for row in await connection.fetch(_TRUST_OF, members):
-            batch.trust[row["member_id"]] = PortalTrust(
-                row["member_id"], row["domain"], TrustState(row["state"]),
-                bytes(row["token_sha256"]) if row["token_sha256"] is not None else None,
-            )
+            batch.trust[row["member_id"]] = _trust_of(row)
         installs = [d for d in drafts if d.event_type == INSTALL]
         if installs:
             domains = list({d.domain for d in installs if d.domain})
@@ -435,6 +465,14 @@ class EventStore:
             row = await connection.fetchrow(_HEAD, stream)
             assert row is not None
             yield ChainSnapshot(connection, stream, int(row["position"]), bytes(row["hash"]))
+
+
+def _trust_of(row: Any) -> PortalTrust:
+    token = row["token_sha256"]
+    return PortalTrust(
+        row["member_id"], row["domain"], TrustState(row["state"]),
+        bytes(token) if token is not None else None,
+    )
 
 
 class ChainSnapshot:
