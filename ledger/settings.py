@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="a body not fully sent by then gets 408 (slow clients)"
+    )
     max_form_fields: int = Field(default=10_000, ge=10, description="cap on keys per body")
     max_nesting: int = Field(default=32, ge=2, description="cap on bracket depth per key")
     trust_policy: TrustPolicy = TrustPolicy.ALLOWLIST

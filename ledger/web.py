@@ -89,7 +89,17 @@ async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
 
 async def receive_event(request: web.Request) -> web.Response:
     settings, intake = request.app[SETTINGS], request.app[INTAKE]
-    body, truncated = await _read_body(request, settings.max_body_bytes)
+    try:
+        async with asyncio.timeout(settings.body_timeout_seconds):
+            body, truncated = await _read_body(request, settings.max_body_bytes)
+    except TimeoutError:
+        rejected = DeliveryRejected(
+            408, "body_timeout", f"body not received within {settings.body_timeout_seconds:g}s"
+        )
+        await intake.refuse(
+            Delivery(b"", request.headers.get("Content-Type"), "", request.remote), rejected
+        )
+        raise rejected from None
     delivery = Delivery(
         body=body,
         content_type=request.headers.get("Content-Type"),
