@@ -115,7 +115,7 @@ class AuditStore:
                 f"ORDER BY position LIMIT ${len(args)}",
                 *args,
             )
-        return [dict(r) for r in rows]
+        return [{**r, "bot_ids": list(r["bot_ids"])} for r in rows]
 
     @asynccontextmanager
     async def export_snapshot(self) -> AsyncIterator[ExportSnapshot]:
