@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import dataclasses
+import gc
 import os
 import resource
 import statistics

@@ -14,6 +14,7 @@ ahead, which is what it takes to tell a swap from a deletion. What it can and ca
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -54,19 +55,18 @@ class ChainRow:
     content_sha256: bytes  # stored payload_sha256 (events) / SHA-256 of the excerpt (rejections)
     content_ok: bool  # the stored content still hashes to content_sha256
     entry: bytes  # canonical metadata, recomputed from the row
+    # the same, re-canonicalised from parsed JSON: for rows whose metadata text was not stored
+    # canonically (tried only when `entry` does not reproduce the hash)
+    reparsed: Callable[[], bytes] | None = None
 
 
 def event_row(record: Any) -> ChainRow:
     """An event row from the store (mapping-like: asyncpg Record or dict)."""
     payload_sha256 = bytes(record["payload_sha256"])
     body_sha256 = record["body_sha256"]
-    return ChainRow(
-        position=record["position"],
-        prev_hash=bytes(record["prev_hash"]),
-        hash=bytes(record["hash"]),
-        content_sha256=payload_sha256,
-        content_ok=sha256(record["payload"].encode()) == payload_sha256,
-        entry=event_entry(
+
+    def entry(metadata: Any) -> bytes:
+        return event_entry(
             member_id=record["member_id"],
             event_type=record["event_type"],
             origin=record["origin"],
@@ -75,8 +75,18 @@ def event_row(record: Any) -> ChainRow:
             received_at=record["received_at"],
             dedup_key=bytes(record["dedup_key"]),
             body_sha256=bytes(body_sha256) if body_sha256 is not None else None,
-            metadata=orjson.loads(record["metadata"]),
-        ),
+            metadata=metadata,
+        )
+
+    return ChainRow(
+        position=record["position"],
+        prev_hash=bytes(record["prev_hash"]),
+        hash=bytes(record["hash"]),
+        content_sha256=payload_sha256,
+        content_ok=sha256(record["payload"].encode()) == payload_sha256,
+        # metadata is stored canonical: hash its text as it is, no parse
+        entry=entry(orjson.Fragment(record["metadata"])),
+        reparsed=lambda: entry(orjson.loads(record["metadata"])),
     )
 
 
@@ -168,7 +178,11 @@ class ChainVerifier:
         if not linked:
             self._classify_broken_link(row, lookahead)
             return
-        if chain_hash(row.prev_hash, row.position, row.entry, row.content_sha256) != row.hash:
+        if chain_hash(row.prev_hash, row.position, row.entry, row.content_sha256) != row.hash and (
+            row.reparsed is None
+            or chain_hash(row.prev_hash, row.position, row.reparsed(), row.content_sha256)
+            != row.hash
+        ):
             self._fail(row.position, ProblemKind.EVENT_CHANGED,
                        "the row's content no longer hashes to its recorded hash")
             return

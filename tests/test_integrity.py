@@ -256,3 +256,17 @@ async def test_serve_writes_signed_checkpoints_every_n_events(
     (written,) = sorted((tmp_path / "checkpoints").iterdir())
     origin, key = checkpoints.load_public_key(public)
     assert checkpoints.verify(written.read_text(), key, origin).position == 3
+
+
+async def test_edited_metadata_json_is_caught_but_reformatting_is_not_a_change(
+    store: EventStore, tamperer: Connection
+) -> None:
+    await tamperer.execute(
+        "UPDATE ledger.events SET metadata = jsonb_pretty(metadata::jsonb)::json WHERE position = 2"
+    )
+    assert await problem_of(store) is None  # same JSON value, other text: the chain is on values
+    await tamperer.execute(
+        """UPDATE ledger.events SET metadata = '{"peer": "6.6.6.6"}' WHERE position = 3"""
+    )
+    problem = await problem_of(store)
+    assert (problem.position, problem.kind) == (3, ProblemKind.EVENT_CHANGED)

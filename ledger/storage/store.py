@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 from ledger.drafts import follow_up, refusal
 from ledger.envelope import INSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
-from ledger.hashing import chain_hash, document_json, event_entry, rejection_entry, sha256
+from ledger.hashing import canonical_json, chain_hash, event_entry, rejection_entry, sha256
 from ledger.models import (
     ORIGIN_BITRIX24,
     Draft,
@@ -184,7 +184,8 @@ class _Batch:
 
     def add_event(self, head: _Head, draft: EventDraft) -> int:
         position = head.position + 1
-        metadata = document_json(draft.metadata)
+        # stored in its canonical form, so a verifier can hash the text as it is
+        metadata = canonical_json(draft.metadata)
         entry = event_entry(
             member_id=draft.member_id,
             event_type=draft.event_type,
@@ -194,7 +195,7 @@ class _Batch:
             received_at=draft.received_at,
             dedup_key=draft.dedup_key,
             body_sha256=draft.body_sha256,
-            metadata=orjson.loads(metadata),
+            metadata=orjson.Fragment(metadata),
         )
         digest = chain_hash(head.hash, position, entry, draft.payload_sha256)
         self.events.append(
