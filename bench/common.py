@@ -10,12 +10,12 @@ import time
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ledger import embedded, migrations
 from ledger.embedded import EmbeddedHandle
+from ledger.storage.target import with_login
 
 OUT = Path(__file__).parent / "out"
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -35,9 +35,7 @@ class Cluster:
             self.admin_dsn = self._handle.dsn("postgres")
 
     def dsn(self, database: str, user: str | None = None) -> str:
-        parts = urlsplit(self.admin_dsn)
-        netloc = parts.netloc if user is None else f"{user}@{parts.netloc.rpartition('@')[2]}"
-        return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
+        return with_login(self.admin_dsn, database=database, user=user)
 
     async def fresh_database(self, name: str, *, migrate: bool) -> str:
         connection = await asyncpg.connect(self.admin_dsn)

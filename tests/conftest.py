@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -23,7 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from ledger import embedded, migrations
 from ledger.settings import Settings
-from ledger.storage.target import SERVICE_ROLE, ensure_database
+from ledger.storage.target import SERVICE_ROLE, ensure_database, with_login
 from ledger.web import create_app
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -43,12 +42,7 @@ class Cluster:
     admin_dsn: str  # to the maintenance database
 
     def dsn(self, database: str, user: str | None = None) -> str:
-        parts = urlsplit(self.admin_dsn)
-        netloc = parts.netloc
-        if user is not None:
-            host = netloc.rpartition("@")[2]
-            netloc = f"{user}@{host}"
-        return urlunsplit((parts.scheme, netloc, f"/{database}", parts.query, ""))
+        return with_login(self.admin_dsn, database=database, user=user)
 
 
 @dataclass(frozen=True)

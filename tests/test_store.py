@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import asyncpg
-import orjson
 import pytest
 
+from ledger import drafts
 from ledger.committer import GroupCommitter
 from ledger.errors import AppendFailed
-from ledger.hashing import GENESIS_HASH, chain_hash, event_entry, sha256
-from ledger.models import Stored
+from ledger.hashing import sha256
+from ledger.models import EventDraft, Stored
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
@@ -47,8 +50,6 @@ async def _some_events(store: EventStore, count: int) -> None:
 
 async def _some_history(store: EventStore) -> None:
     """Rows in every append-only table: events, a redelivery, a rejection."""
-    from ledger import drafts
-
     await _some_events(store, 2)
     now = datetime.now(UTC)
     again = drafts.operator_action(
@@ -82,48 +83,60 @@ async def test_even_the_owner_is_stopped_by_the_triggers(
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 1
 
 
-async def test_every_event_chains_to_its_predecessor(store: EventStore, admin: Connection) -> None:
-    await _some_events(store, 5)
-    previous = GENESIS_HASH
+async def test_the_chain_is_exactly_what_the_readme_defines(
+    store: EventStore, admin: Connection
+) -> None:
+    """A from-scratch re-implementation of README "Hash chain" (hashlib and json only), as a
+    third party would write it: if this passes, the README is the specification."""
+    await _some_history(store)
+    previous = bytes(32)
     rows = await admin.fetch("SELECT * FROM ledger.events ORDER BY position")
-    assert [r["position"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["position"] for r in rows] == [1, 2, 3]
+
+    def stamp(moment: datetime | None) -> str | None:
+        if moment is None:
+            return None
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
     for row in rows:
         assert bytes(row["prev_hash"]) == previous
-        assert bytes(row["payload_sha256"]) == sha256(row["payload"].encode())
-        entry = event_entry(
-            member_id=row["member_id"],
-            event_type=row["event_type"],
-            origin=row["origin"],
-            bot_ids=row["bot_ids"],
-            occurred_at=row["occurred_at"],
-            received_at=row["received_at"],
-            dedup_key=bytes(row["dedup_key"]),
-            body_sha256=None if row["body_sha256"] is None else bytes(row["body_sha256"]),
-            metadata=orjson.loads(row["metadata"]),
-        )
-        expected = chain_hash(previous, row["position"], entry, bytes(row["payload_sha256"]))
+        payload_sha256 = hashlib.sha256(row["payload"].encode()).digest()
+        assert bytes(row["payload_sha256"]) == payload_sha256
+        metadata = {
+            "member_id": row["member_id"], "event_type": row["event_type"],
+            "origin": row["origin"], "bot_ids": list(row["bot_ids"]),
+            "occurred_at": stamp(row["occurred_at"]), "received_at": stamp(row["received_at"]),
+            "dedup_key": bytes(row["dedup_key"]).hex(),
+            "body_sha256": bytes(row["body_sha256"]).hex() if row["body_sha256"] else None,
+            "metadata": json.loads(row["metadata"]),
+        }
+        canonical = json.dumps(metadata, sort_keys=True, separators=(",", ":"),
+                               ensure_ascii=False).encode()
+        expected = hashlib.sha256(
+            previous + row["position"].to_bytes(8, "big") + canonical + payload_sha256
+        ).digest()
         assert bytes(row["hash"]) == expected
         previous = expected
     head = await admin.fetchrow("SELECT * FROM ledger.stream_heads WHERE stream = 'events'")
     assert head is not None
-    assert (head["position"], bytes(head["hash"])) == (5, previous)
+    assert (head["position"], bytes(head["hash"])) == (3, previous)
+
+
+def _allowances(count: int) -> list[EventDraft]:
+    now = datetime.now(UTC)
+    return [
+        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
+                               actor="test", received_at=now)
+        for i in range(count)
+    ]
 
 
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     store: EventStore, admin: Connection
 ) -> None:
-    import asyncio
-
-    from ledger import drafts
-
     committer = GroupCommitter(store, max_events=64, max_delay=0.005)
     committer.start()
-    now = datetime.now(UTC)
-    batch = [
-        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
-                               actor="test", received_at=now)
-        for i in range(200)
-    ]
+    batch = _allowances(200)
     outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
     await committer.close()
     assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
@@ -134,18 +147,9 @@ async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
 async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
     store: EventStore, admin: Connection
 ) -> None:
-    import asyncio
-
-    from ledger import drafts
-
     committer = GroupCommitter(store, max_events=64, max_delay=0.05)
     committer.start()
-    now = datetime.now(UTC)
-    good = [
-        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
-                               actor="test", received_at=now)
-        for i in range(5)
-    ]
+    good = _allowances(5)
     bad = dataclasses.replace(good[0], payload=b"{not json", dedup_key=sha256(b"bad"))
     results = await asyncio.gather(
         *(committer.submit(d) for d in [*good[:2], bad, *good[2:]]), return_exceptions=True
@@ -159,13 +163,10 @@ async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
 
 
 async def test_a_closed_committer_takes_no_more_drafts(store: EventStore) -> None:
-    from ledger import drafts
     from ledger.committer import CommitterClosed
 
     committer = GroupCommitter(store, max_events=8, max_delay=0)
     committer.start()
     await committer.close()
-    draft = drafts.operator_action(TrustChange.ALLOWED, member_id="m", domain=None, token=None,
-                                   actor="test", received_at=datetime.now(UTC))
     with pytest.raises(CommitterClosed):
-        await committer.submit(draft)
+        await committer.submit(_allowances(1)[0])

@@ -103,6 +103,18 @@ async def create_reader(target: DatabaseTarget, name: str, password: str) -> str
         await connection.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {name}')
     finally:
         await connection.close()
-    parts = urlsplit(target.admin_dsn)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, f"{name}:{password}@{host}", parts.path, parts.query, ""))
+    return with_login(target.admin_dsn, user=name, password=password)
+
+
+def with_login(
+    dsn: str, *, database: str | None = None, user: str | None = None,
+    password: str | None = None,
+) -> str:
+    """The same server, another database and/or login (host, port, options kept)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if user is not None:
+        host = netloc.rpartition("@")[2]
+        netloc = f"{user}:{password}@{host}" if password else f"{user}@{host}"
+    path = f"/{database}" if database is not None else parts.path
+    return urlunsplit((parts.scheme, netloc, path, parts.query, ""))
