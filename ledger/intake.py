@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from ledger import drafts, wire
 from ledger.committer import GroupCommitter
 from ledger.envelope import DELIVERY_SPECIFIC, read_envelope
-from ledger.errors import DeliveryRejected
+from ledger.errors import DeliveryRejected, LedgerError
 from ledger.hashing import document_json
 from ledger.metrics import Metrics
 from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Spooled, Stored
@@ -163,7 +163,12 @@ class IntakeService:
             excerpt_source=excerpt,
             excerpt_bytes=self._settings.rejection_excerpt_bytes,
         )
-        outcome = await self._committer.submit(draft)
+        try:
+            outcome = await self._committer.submit(draft)
+        except LedgerError as exc:
+            # the sender still deserves the real reason, not a 503 about our log
+            log.error("rejection of a delivery from %s not logged: %s", delivery.peer, exc)
+            return
         assert isinstance(outcome, RejectionLogged | Spooled)
 
 
