@@ -138,19 +138,15 @@ class GroupCommitter:
                 await self._commit([pending])
             return
         except DatabaseUnavailable as exc:
-            if self._spool is None:
-                self._settle(batch, exc)
-                return
-            log.warning("PostgreSQL unavailable (%s): spooling %d deliveries", exc, len(batch))
-            await self._spool_batch(batch)
-            self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
+            await self._fall_back(batch, exc)
             return
         except LedgerError as exc:
             self._settle(batch, exc)
             return
         except Exception as exc:
+            # whether it committed is unknown: spooling is safe (draining is idempotent)
             log.exception("append failed unexpectedly")
-            self._settle(batch, exc)
+            await self._fall_back(batch, exc)
             return
         self.batches += 1
         self.appended += len(batch)
@@ -161,6 +157,15 @@ class GroupCommitter:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _fall_back(self, batch: list[_Pending], exc: Exception) -> None:
+        """PostgreSQL did not take the batch: spool it (or, without a spool, fail it)."""
+        if self._spool is None:
+            self._settle(batch, exc)
+            return
+        log.warning("PostgreSQL unavailable (%s): spooling %d deliveries", exc, len(batch))
+        await self._spool_batch(batch)
+        self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
 
     async def _spool_batch(self, batch: list[_Pending]) -> None:
         """Judge against cached trust, write what passes (and the refusals) durably, answer."""

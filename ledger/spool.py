@@ -146,12 +146,13 @@ class Spool:
         """Record (durably) that these drafts are in PostgreSQL; empty the files when all are."""
         self.records -= len(pending.drafts)
         if pending.end >= self._size:
+            # marker first: a crash between the two re-drains (idempotently), never skips
+            self._write_marker(0)
             with self._log.open("r+b") as handle:
                 handle.truncate(0)
                 os.fsync(handle.fileno())
             self._size = self.drained = 0
             self.records, self.oldest = 0, None
-            self._write_marker(0)
             return
         self.drained = pending.end
         self._write_marker(pending.end)
@@ -189,7 +190,11 @@ class Spool:
     def _recover(self) -> int:
         """Check every undrained record; move a corrupt or torn tail aside and report it."""
         data = self._log.read_bytes()
-        offset = min(self.drained, len(data))
+        if self.drained > len(data):  # cannot be drained past the end: trust the records
+            log.warning("spool %s: drained offset %d beyond its end %d; draining it all again",
+                        self._log, self.drained, len(data))
+            self.drained = 0
+        offset = self.drained
         while offset < len(data):
             header = data[offset : offset + _HEADER.size]
             if len(header) < _HEADER.size:

@@ -157,7 +157,8 @@ async def translated_errors(action: str) -> AsyncIterator[None]:
         if _unavailable(exc):
             raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
         raise AppendFailed(f"{action}: {exc.__class__.__name__}: {exc}") from exc
-    except (OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError) as exc:
+        # InternalClientError: the protocol state of a connection that broke mid-operation
         raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
 
 
