@@ -147,3 +147,14 @@ def test_spooled_received_at_is_the_original(tmp_path: Path) -> None:
     spool.append([older])
     (back,) = spool.read(1).drafts
     assert back.received_at == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_a_crash_between_truncation_and_marker_never_skips_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.append(some_drafts(2))
+    (tmp_path / "drained").write_text("999999")  # a marker left past the end of the log
+    (tmp_path / "spool.log").write_bytes(b"")
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    written = some_drafts(2)
+    reopened.append(written)
+    assert reopened.read(100).drafts == written
