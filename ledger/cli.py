@@ -337,7 +337,7 @@ def verify(
     async def work(store: EventStore) -> list[integrity.StreamReport]:
         reports = []
         for stream in integrity.STREAMS:
-            with _progress(f"verifying {stream}", quiet) as bar:
+            with _Progress(f"verifying {stream}", quiet) as bar:
                 reports.append(await integrity.verify_stream(
                     store, stream, anchor=anchor if stream == "events" else None,
                     on_start=bar.start, on_progress=bar.advance,
@@ -402,10 +402,6 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
-
-
-def _progress(label: str, quiet: bool) -> _Progress:
-    return _Progress(label, quiet)
 
 
 @main.group()
@@ -571,7 +567,7 @@ def rebuild(ctx: click.Context, projection: str, quiet: bool) -> None:
     """Replay the store from position 0 and swap the result in atomically."""
 
     async def work(projections: ProjectionStore, projector: Projector) -> int:
-        with _progress(f"rebuilding {projection}", quiet) as bar:
+        with _Progress(f"rebuilding {projection}", quiet) as bar:
             return await projector.rebuild(on_start=bar.start, on_progress=bar.advance)
 
     position = _with_projections(ctx, work)
@@ -806,7 +802,7 @@ def export(
                             if output else sys.stdout)
             if kind == "events":
                 where = _event_filter(member_id, event_type, bot, since, until)
-                bar = stack.enter_context(_progress("exporting", output is None))
+                bar = stack.enter_context(_Progress("exporting", output is None))
                 return await exports.export_events(
                     audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
                 )

@@ -45,14 +45,6 @@ class DeliveryRejected(LedgerError):
         super().__init__(f"{code}: {message}")
 
 
-class UnknownPortal(LedgerError):
-    """An operator command named a portal the ledger has never heard of."""
-
-    def __init__(self, member_id: str) -> None:
-        self.member_id = member_id
-        super().__init__(f"no portal with member id {member_id!r}; see `ledger portals list`")
-
-
 class AppendFailed(LedgerError):
     """PostgreSQL refused a batch for a reason other than availability (a data error).
 
