@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from ledger.drafts import refusal
@@ -49,13 +49,17 @@ class GroupCommitter:
         metrics: Metrics | None = None,
         spool: Spool | None = None,
         retry_seconds: float = 1.0,
+        gate: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
+        """`gate`, when given, must pass (PostgreSQL reachable and its schema current) before
+        anything is appended directly or drained; until then everything is spooled."""
         self._appender = appender
         self._metrics = metrics
         self._spool = spool
         self._retry_seconds = retry_seconds
         self._next_drain = 0.0
         self._drain_limit = max_events
+        self._gate = gate
         self._max_events = max_events
         self._max_delay = max_delay
         self._queue: list[_Pending] = []
@@ -121,8 +125,21 @@ class GroupCommitter:
                 self._arrived.clear()
             await self._commit(batch)
 
+    async def _open(self) -> bool:
+        """Whether PostgreSQL may be written (the gate is tried at most every retry interval)."""
+        if self._gate is None:
+            return True
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_drain:
+            return False
+        if await self._gate():
+            self._gate = None
+            return True
+        self._next_drain = loop.time() + self._retry_seconds
+        return False
+
     async def _commit(self, batch: list[_Pending]) -> None:
-        if self._spool is not None and self._spool.has_pending():
+        if self._spool is not None and (self._spool.has_pending() or not await self._open()):
             await self._spool_batch(batch)  # keep order: nothing overtakes what is spooled
             return
         drafts = [draft for draft, _ in batch]
@@ -200,6 +217,8 @@ class GroupCommitter:
     async def _drain(self) -> None:
         """Move one batch from the spool into PostgreSQL (in order, idempotently)."""
         assert self._spool is not None
+        if not await self._open():
+            return
         pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
         try:
             await self._appender.append(pending.drafts)

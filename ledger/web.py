@@ -172,11 +172,11 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         target = await targets.open_target(settings)
         try:
-            pool = await create_pool(target.service_dsn, size=settings.pool_size)
+            pool = await _open_pool(target, settings)
             try:
-                await targets.require_current_schema(pool)
                 app[TARGET], app[POOL] = target, pool
-                app[STORE] = EventStore(pool, policy=settings.trust_policy)
+                app[STORE] = EventStore(pool, policy=settings.trust_policy,
+                                        trust_file=settings.spool_path / "trust.json")
                 yield
             finally:
                 await pool.close()
@@ -184,6 +184,37 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             target.release()
 
     return ctx
+
+
+async def _open_pool(target: targets.DatabaseTarget, settings: Settings) -> Pool:
+    """The service's pool, checked against the schema; when an external PostgreSQL is down at
+    start-up, an unconnected pool — the intake then spools until the schema check passes."""
+    try:
+        pool = await create_pool(target.service_dsn, size=settings.pool_size)
+    except DatabaseUnavailable as exc:
+        if target.embedded is not None:
+            raise
+        log.error("PostgreSQL is unreachable at start-up (%s); deliveries are spooled "
+                  "until it is back", exc)
+        return await create_pool(target.service_dsn, size=settings.pool_size, connect=False)
+    try:
+        await targets.require_current_schema(pool)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def _schema_gate(pool: Pool) -> bool:
+    """Appending may start once PostgreSQL answers with the schema this code expects."""
+    try:
+        await targets.require_current_schema(pool)
+    except SchemaNotMigrated as exc:
+        log.error("%s; deliveries stay spooled", exc)
+        return False
+    except LedgerError:
+        return False
+    return True
 
 
 async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -194,8 +225,10 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
                     spool.directory)
     app[SPOOL] = spool
     app[METRICS].watch_spool(lambda: spool.records, spool.age_seconds)
-    with contextlib.suppress(LedgerError):  # unreachable now: the spool takes over
+    try:
         await app[STORE].load_trust_cache()
+    except LedgerError as exc:  # unreachable and nothing saved: only installs can be spooled
+        log.error("no trust known while PostgreSQL is unreachable (%s)", exc)
     committer = GroupCommitter(
         app[STORE],
         max_events=settings.batch_max_events,
@@ -203,6 +236,7 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
         spool=spool,
         retry_seconds=settings.spool_retry_seconds,
+        gate=lambda: _schema_gate(app[POOL]),
     )
     committer.start()
     app[COMMITTER] = committer

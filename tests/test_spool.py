@@ -158,3 +158,35 @@ def test_a_crash_between_truncation_and_marker_never_skips_records(tmp_path: Pat
     written = some_drafts(2)
     reopened.append(written)
     assert reopened.read(100).drafts == written
+
+
+async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
+    make_client: ClientFactory, settings_factory: Any, proxy: Any, admin: Admin, tmp_path: Path
+) -> None:
+    relay, dsn = proxy
+    settings: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
+                                          spool_dir=tmp_path / "spool")
+    first: Client = await make_client(settings)
+    await install_sample_portal(first)  # the trust this process saw is saved beside the spool
+    await first.close()
+
+    await relay.cut()
+    client: Client = await make_client(settings)  # a restart in the middle of the outage
+    status, answer = await post(client, sample("onimbotjoinchat-1"))
+    assert (status, answer["status"]) == (202, "spooled")
+    status, answer = await post(client, forge("onimbotdelete-1", application_token="0" * 32))
+    assert status == 401
+    ready = await client.get("/readyz")
+    assert ready.status == 503  # the database check fails, and says so
+
+    await relay.start()
+    assert client.app is not None
+    spool, committer = client.app[SPOOL], client.app[COMMITTER]
+    async with asyncio.timeout(20):
+        while spool.has_pending():
+            committer.progressed.clear()
+            await committer.progressed.wait()
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
+    ) == 1
+    assert (tmp_path / "spool" / "worker-0" / "trust.json").stat().st_mode & 0o777 == 0o600

@@ -12,8 +12,11 @@ An append batch is one transaction:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import asyncpg
@@ -40,6 +43,8 @@ from ledger.models import (
 )
 from ledger.settings import TrustPolicy
 from ledger.trust import PortalTrust, Refused, TrustChange, TrustState, judge
+
+log = logging.getLogger(__name__)
 
 Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass it around
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -120,12 +125,15 @@ async def _init_connection(connection: Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, *, size: int) -> Pool:
-    """A pool whose every connection commits durably, whatever the server's default is."""
+async def create_pool(dsn: str, *, size: int, connect: bool = True) -> Pool:
+    """A pool whose every connection commits durably, whatever the server's default is.
+
+    `connect=False` opens no connection now (PostgreSQL may be down); the first use does.
+    """
     try:
         pool = await asyncpg.create_pool(
             dsn,
-            min_size=1,
+            min_size=1 if connect else 0,
             max_size=size,
             init=_init_connection,
             server_settings={"synchronous_commit": "on", "application_name": "ledger"},
@@ -231,18 +239,53 @@ class _Batch:
 class EventStore:
     """Appends and reads of the ledger; the pool is owned by whoever created it."""
 
-    def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
+    def __init__(
+        self, pool: Pool, *, policy: TrustPolicy, trust_file: Path | None = None
+    ) -> None:
         self._pool = pool
         self._policy = policy
-        # Trust as last seen by this process: what an outage is judged against (README "Spool").
+        # Trust as last seen by this process: what an outage is judged against (README "Spool"),
+        # kept in `trust_file` too (token digests only) so a restart during an outage has it.
         self.trust_cache: dict[str, PortalTrust] = {}
+        self._trust_file = trust_file
 
     async def load_trust_cache(self) -> None:
-        async with translated_errors("load trust"), self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust"
-            )
+        """From PostgreSQL; when it is unreachable, from the last saved copy (if any)."""
+        try:
+            async with translated_errors("load trust"), self._pool.acquire() as connection:
+                rows = await connection.fetch(
+                    "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust"
+                )
+        except DatabaseUnavailable:
+            if self._trust_file is None or not self._trust_file.exists():
+                raise
+            saved = orjson.loads(self._trust_file.read_bytes())
+            self.trust_cache = {
+                m: PortalTrust(m, t["domain"], TrustState(t["state"]),
+                               bytes.fromhex(t["token_sha256"]) if t["token_sha256"] else None)
+                for m, t in saved.items()
+            }
+            log.warning("PostgreSQL unreachable: judging deliveries by the trust saved in %s",
+                        self._trust_file)
+            return
         self.trust_cache = {r["member_id"]: _trust_of(r) for r in rows}
+        self._save_trust()
+
+    def _save_trust(self) -> None:
+        if self._trust_file is None:
+            return
+        data = {
+            m: {"domain": t.domain, "state": t.state.value,
+                "token_sha256": t.token_sha256.hex() if t.token_sha256 else None}
+            for m, t in self.trust_cache.items()
+        }
+        temporary = self._trust_file.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(orjson.dumps(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(self._trust_file)
 
     def judge_offline(self, draft: EventDraft) -> Refused | None:
         """While PostgreSQL is away: refuse what the cached trust refuses; spool the rest.
@@ -274,12 +317,15 @@ class EventStore:
         """Append a batch in one durable transaction; one outcome per draft, in order."""
         async with (
             translated_errors("append"),
-            self._pool.acquire() as connection,
+            self._pool.acquire() as connection,connection.transaction()
         ):
-            async with connection.transaction():
-                outcomes, batch = await self._append(connection, drafts)
-            self.trust_cache.update(batch.trust)  # committed: now it is what we know
-            return outcomes
+            outcomes, batch = await self._append(connection, drafts)
+        # committed: now it is what we know
+        changed = {m: t for m, t in batch.trust.items() if self.trust_cache.get(m) != t}
+        if changed:
+            self.trust_cache.update(changed)
+            self._save_trust()
+        return outcomes
 
     async def _append(
         self, connection: Connection, drafts: Sequence[Draft]
