@@ -4,7 +4,9 @@ Each caller awaits the commit of the batch its draft went into. A batch is flush
 `max_events` drafts or `max_delay` seconds after its first draft arrived, whichever comes first;
 while one batch commits the next one fills, so under load the delay is rarely waited out.
 If PostgreSQL refuses a batch for a data reason, its drafts are retried one by one, so one bad
-draft fails alone; if PostgreSQL is unavailable the whole batch fails with `DatabaseUnavailable`.
+draft fails alone. If PostgreSQL is unavailable (or anything unexpected happens to the append),
+the batch goes to the spool instead, and from then on every batch does, until this task has
+drained the spool back into PostgreSQL — one task does both, so nothing overtakes what waits.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class GroupCommitter:
         self._metrics = metrics
         self._spool = spool
         self._retry_seconds = retry_seconds
-        self._next_drain = 0.0
+        self._next_attempt = 0.0
         self._drain_limit = max_events
         self._gate = gate
         self._max_events = max_events
@@ -94,9 +96,9 @@ class GroupCommitter:
             if self._spool is not None and self._spool.has_pending():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self._arrived.wait(), max(0.0, self._next_drain - loop.time())
+                        self._arrived.wait(), max(0.0, self._next_attempt - loop.time())
                     )
-                if loop.time() >= self._next_drain:
+                if loop.time() >= self._next_attempt:
                     await self._drain()
             else:
                 await self._arrived.wait()
@@ -130,12 +132,12 @@ class GroupCommitter:
         if self._gate is None:
             return True
         loop = asyncio.get_running_loop()
-        if loop.time() < self._next_drain:
+        if loop.time() < self._next_attempt:
             return False
         if await self._gate():
             self._gate = None
             return True
-        self._next_drain = loop.time() + self._retry_seconds
+        self._next_attempt = loop.time() + self._retry_seconds
         return False
 
     async def _commit(self, batch: list[_Pending]) -> None:
@@ -182,7 +184,7 @@ class GroupCommitter:
             return
         log.warning("PostgreSQL unavailable (%s): spooling %d deliveries", exc, len(batch))
         await self._spool_batch(batch)
-        self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
+        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
 
     async def _spool_batch(self, batch: list[_Pending]) -> None:
         """Judge against cached trust, write what passes (and the refusals) durably, answer."""
@@ -223,7 +225,7 @@ class GroupCommitter:
         try:
             await self._appender.append(pending.drafts)
         except DatabaseUnavailable:
-            self._next_drain = asyncio.get_running_loop().time() + self._retry_seconds
+            self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
             return
         except AppendFailed as exc:
             if len(pending.drafts) > 1:
