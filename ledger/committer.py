@@ -52,9 +52,13 @@ class GroupCommitter:
         spool: Spool | None = None,
         retry_seconds: float = 1.0,
         gate: Callable[[], Awaitable[bool]] | None = None,
+        append_timeout: float | None = None,
     ) -> None:
         """`gate`, when given, must pass (PostgreSQL reachable and its schema current) before
-        anything is appended directly or drained; until then everything is spooled."""
+        anything is appended directly or drained; until then everything is spooled.
+        An append taking longer than `append_timeout` counts as PostgreSQL being unavailable:
+        the batch is spooled (if it did commit after all, draining finds it a duplicate)."""
+        self._append_timeout = append_timeout
         self._appender = appender
         self._metrics = metrics
         self._spool = spool
@@ -147,7 +151,7 @@ class GroupCommitter:
         drafts = [draft for draft, _ in batch]
         began = time.perf_counter()
         try:
-            outcomes = await self._appender.append(drafts)
+            outcomes = await self._append_within(drafts)
         except AppendFailed as exc:
             if len(batch) == 1:
                 self._settle(batch, exc)
@@ -156,7 +160,7 @@ class GroupCommitter:
             for pending in batch:
                 await self._commit([pending])
             return
-        except DatabaseUnavailable as exc:
+        except (DatabaseUnavailable, TimeoutError) as exc:
             await self._fall_back(batch, exc)
             return
         except LedgerError as exc:
@@ -176,6 +180,22 @@ class GroupCommitter:
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             if not future.done():
                 future.set_result(outcome)
+
+    async def _append_within(self, drafts: Sequence[Draft]) -> list[Outcome]:
+        """Append, giving up waiting after `append_timeout`.
+
+        The append itself is not cancelled — cancelling a stalled connection waits on it too —
+        it finishes or fails on its own; if it commits after all, draining the spooled copy
+        finds a duplicate.
+        """
+        task = asyncio.ensure_future(self._appender.append(drafts))
+        if self._append_timeout is None:
+            return await task
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), self._append_timeout)
+        except TimeoutError:
+            task.add_done_callback(_outcome_ignored)
+            raise
 
     async def _fall_back(self, batch: list[_Pending], exc: Exception) -> None:
         """PostgreSQL did not take the batch: spool it (or, without a spool, fail it)."""
@@ -223,8 +243,8 @@ class GroupCommitter:
             return
         pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
         try:
-            await self._appender.append(pending.drafts)
-        except DatabaseUnavailable:
+            await self._append_within(pending.drafts)
+        except (DatabaseUnavailable, TimeoutError):
             self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
             return
         except AppendFailed as exc:
@@ -254,3 +274,9 @@ class GroupCommitter:
         for _, future in batch:
             if not future.done():
                 future.set_exception(exc)
+
+
+def _outcome_ignored(task: asyncio.Future[list[Outcome]]) -> None:
+    """An append we stopped waiting for ended; what it did is settled by draining."""
+    if not task.cancelled() and task.exception() is not None:
+        log.info("an append given up on ended with %s", task.exception())

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
         default=None, description="outage spool (default: LEDGER_DATA_DIR/spool)"
     )
     spool_max_bytes: int = Field(default=1024**3, ge=1024)
+    append_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="a slower append is treated as an outage (spooled)"
+    )
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
     spool_retry_seconds: float = Field(
         default=1.0, gt=0, description="how often to try draining while PostgreSQL is away"
     )

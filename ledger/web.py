@@ -189,14 +189,17 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
 async def _open_pool(target: targets.DatabaseTarget, settings: Settings) -> Pool:
     """The service's pool, checked against the schema; when an external PostgreSQL is down at
     start-up, an unconnected pool — the intake then spools until the schema check passes."""
+    timeout = settings.connect_timeout_seconds
     try:
-        pool = await create_pool(target.service_dsn, size=settings.pool_size)
+        pool = await create_pool(target.service_dsn, size=settings.pool_size,
+                                 connect_timeout=timeout)
     except DatabaseUnavailable as exc:
         if target.embedded is not None:
             raise
         log.error("PostgreSQL is unreachable at start-up (%s); deliveries are spooled "
                   "until it is back", exc)
-        return await create_pool(target.service_dsn, size=settings.pool_size, connect=False)
+        return await create_pool(target.service_dsn, size=settings.pool_size, connect=False,
+                                 connect_timeout=timeout)
     try:
         await targets.require_current_schema(pool)
     except BaseException:
@@ -237,6 +240,7 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         spool=spool,
         retry_seconds=settings.spool_retry_seconds,
         gate=lambda: _schema_gate(app[POOL]),
+        append_timeout=settings.append_timeout_seconds,
     )
     committer.start()
     app[COMMITTER] = committer

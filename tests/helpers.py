@@ -46,6 +46,15 @@ class SocketProxy:
         self.path = f"{directory}/.s.PGSQL.{port}"
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """PostgreSQL answers nothing (connections stay open): 'too slow' rather than 'down'."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._relay, path=self.path)
@@ -65,6 +74,7 @@ class SocketProxy:
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
+                    await self._flowing.wait()
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, OSError):

@@ -190,3 +190,28 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
         "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
     ) == 1
     assert (tmp_path / "spool" / "worker-0" / "trust.json").stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(
+    make_client: ClientFactory, settings_factory: Any, proxy: Any, admin: Admin, tmp_path: Path
+) -> None:
+    relay, dsn = proxy
+    settings: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
+                                          append_timeout_seconds=0.5,
+                                          spool_dir=tmp_path / "spool")
+    client: Client = await make_client(settings)
+    await install_sample_portal(client)
+    relay.stall()
+    async with asyncio.timeout(10):
+        status, answer = await post(client, sample("onimbotjoinchat-1"))
+    assert (status, answer["status"]) == (202, "spooled")  # after the timeout, not a minute
+    relay.resume()  # the stalled append may commit now; draining must not store it twice
+    assert client.app is not None
+    spool, committer = client.app[SPOOL], client.app[COMMITTER]
+    async with asyncio.timeout(20):
+        while spool.has_pending():
+            committer.progressed.clear()
+            await committer.progressed.wait()
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
+    ) == 1

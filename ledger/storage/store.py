@@ -125,7 +125,9 @@ async def _init_connection(connection: Connection) -> None:
     )
 
 
-async def create_pool(dsn: str, *, size: int, connect: bool = True) -> Pool:
+async def create_pool(
+    dsn: str, *, size: int, connect: bool = True, connect_timeout: float = 5.0
+) -> Pool:
     """A pool whose every connection commits durably, whatever the server's default is.
 
     `connect=False` opens no connection now (PostgreSQL may be down); the first use does.
@@ -135,6 +137,8 @@ async def create_pool(dsn: str, *, size: int, connect: bool = True) -> Pool:
             dsn,
             min_size=1 if connect else 0,
             max_size=size,
+            timeout=connect_timeout,  # an unreachable host must not hold a request for a minute
+            command_timeout=60,  # bounds a statement stuck on a stalled server (or shutdown)
             init=_init_connection,
             server_settings={"synchronous_commit": "on", "application_name": "ledger"},
         )
