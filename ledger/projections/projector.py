@@ -1,8 +1,8 @@
 """Keeping the projections up to date, rebuilding them, and folding to a point in time.
 
 The checkpoint drives reads: the projector folds every event after its checkpoint, in position
-order, and commits the changed rows and the new checkpoint together. NOTIFY only wakes it (on a
-dedicated connection that reconnects by itself); a periodic poll covers a lost notification.
+order, and commits the changed rows and the new checkpoint together. NOTIFY only wakes it
+(`storage.notifications`); a periodic poll covers a lost notification.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
-
-import asyncpg
 
 from ledger.errors import LedgerError
 from ledger.projections import fold
 from ledger.projections.fold import State
+from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 
@@ -86,7 +84,9 @@ class Projector:
 
     async def run(self, listen_dsn: str, *, poll_seconds: float = 5.0) -> None:
         """Catch up whenever woken (NOTIFY) or every `poll_seconds`, until cancelled."""
-        listener = asyncio.create_task(self._listen(listen_dsn), name="projector-listen")
+        listener = asyncio.create_task(
+            listen_forever(listen_dsn, "ledger_events", self.wake), name="projector-listen"
+        )
         try:
             while True:
                 try:
@@ -100,24 +100,6 @@ class Projector:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-
-    async def _listen(self, dsn: str) -> None:
-        """LISTEN on a connection of its own (a pooled one would be handed back and go deaf)."""
-        while True:
-            connection: asyncpg.Connection[Any] | None = None
-            try:
-                connection = await asyncpg.connect(dsn)
-                lost = asyncio.Event()
-                connection.add_termination_listener(lambda _, lost=lost: lost.set())
-                await connection.add_listener("ledger_events", lambda *_: self.wake())
-                self.wake()  # anything committed while we were not listening
-                await lost.wait()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("projector listener lost its connection (%s); reconnecting", exc)
-            finally:
-                if connection is not None and not connection.is_closed():
-                    await connection.close()
-            await asyncio.sleep(1.0)  # back off before reconnecting
 
     async def fold_to(
         self, position: int, on_progress: Callable[[int], None] = lambda n: None
