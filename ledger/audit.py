@@ -73,12 +73,14 @@ class AuditService:
     """`catch_up=True` (the CLI) first folds pending events into the projections itself; the
     read API leaves that to the serving projector and never writes."""
 
-    def __init__(self, store: EventStore, *, catch_up: bool) -> None:
+    def __init__(
+        self, store: EventStore, *, catch_up: bool, snapshot_every: int | None = None
+    ) -> None:
         self.catch_up = catch_up
         self.events_store = store
         self.projections = ProjectionStore(store.pool)
         self.audit = AuditStore(store.pool)
-        self.projector = Projector(store, self.projections)
+        self.projector = Projector(store, self.projections, snapshot_every=snapshot_every)
 
     async def portals(self) -> list[PortalOut]:
         rows = await readers.portals(self.projections, self.projector, catch_up=self.catch_up)

@@ -460,9 +460,11 @@ def _with_projections(
     ctx: click.Context,
     work: Callable[[ProjectionStore, Projector], Awaitable[T]],
 ) -> T:
+    snapshot_every = _settings(ctx).projector_snapshot_every
+
     def run(store: EventStore) -> Awaitable[T]:
         projections = ProjectionStore(store.pool)
-        return work(projections, Projector(store, projections))
+        return work(projections, Projector(store, projections, snapshot_every=snapshot_every))
 
     return _with_store(ctx, run)
 
@@ -653,7 +655,10 @@ def simulate(
 
 
 def _with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
-    return _with_store(ctx, lambda store: work(AuditService(store, catch_up=True)))
+    every = _settings(ctx).projector_snapshot_every
+    return _with_store(
+        ctx, lambda store: work(AuditService(store, catch_up=True, snapshot_every=every))
+    )
 
 
 @main.group()

@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         default=True, description="keep the projections up to date inside `ledger serve`"
     )
     projector_poll_seconds: float = Field(default=5.0, gt=0)
+    projector_snapshot_every: int = Field(
+        default=100_000, ge=1, description="save the fold state every N events (for --as-of)"
+    )
     projector_stall_seconds: float = Field(
         default=60.0, gt=0, description="readiness fails when the projector lags this long"
     )

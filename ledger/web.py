@@ -272,7 +272,8 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
-    projector = Projector(app[STORE], ProjectionStore(app[POOL]))
+    projector = Projector(app[STORE], ProjectionStore(app[POOL]),
+                          snapshot_every=app[SETTINGS].projector_snapshot_every)
     app[PROJECTOR] = projector
     app[METRICS].watch_lag(lambda: projector.lag)
     app[AUDIT] = AuditService(app[STORE], catch_up=False)

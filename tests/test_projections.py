@@ -228,3 +228,32 @@ async def test_the_readmes_forensic_sql_runs_for_a_reader(
     assert [(r["deleted_by_user_id"], r["cause"]) for r in who] == [("27", BOT_DELETED)]
     assert [r["event_type"] for r in life] == ["ONIMBOTMESSAGEADD", "ONIMBOTDELETE"]
     assert last_month == []  # the samples' deletion is from 2026-02
+
+
+async def test_as_of_from_snapshots_equals_folding_from_position_zero(
+    client: Client, admin: Admin
+) -> None:
+    from ledger.projections.fold import State, dump_state, load_state
+
+    assert client.app is not None
+    projections = projections_of(client)
+    projector = Projector(client.app[STORE], projections, snapshot_every=250)
+    traffic = Traffic(seed=13, portals=4)
+    for _ in range(4):
+        await ingest(client, traffic, 300)
+        await projector.catch_up()
+    snapshots = [r["position"] for r in await admin.fetch(
+        "SELECT position FROM projections.snapshots ORDER BY position")]
+    assert len(snapshots) >= 3
+    head = projector.checkpoint
+    for position in [snapshots[0], snapshots[1] + 17, head - 5, head]:
+        from_snapshot = await projector.fold_to(position)
+        from_zero = await projector._fold(State(), position, lambda n: None)
+        assert dump_state(from_snapshot) == dump_state(from_zero)
+        assert dump_state(load_state(dump_state(from_zero))) == dump_state(from_zero)
+        assert from_snapshot.position == from_zero.position == position
+    folded: list[int] = []
+    await projector.fold_to(head, folded.append)
+    assert sum(folded) == head - snapshots[-1]  # it started from the latest snapshot
+    await projector.rebuild()
+    assert await admin.fetchval("SELECT count(*) FROM projections.snapshots") == 0

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Callable
 
 from ledger.errors import LedgerError
@@ -28,11 +29,20 @@ PROJECTIONS = (REGISTRY,)
 
 class Projector:
     def __init__(
-        self, events: EventStore, projections: ProjectionStore, *, batch_size: int = 1000
+        self,
+        events: EventStore,
+        projections: ProjectionStore,
+        *,
+        batch_size: int = 1000,
+        snapshot_every: int | None = None,
     ) -> None:
+        """`snapshot_every`: save the fold state every N events, so that answers as of a
+        moment fold from the nearest snapshot instead of from position 0."""
         self._events = events
         self._projections = projections
         self._batch_size = batch_size
+        self._snapshot_every = snapshot_every
+        self._last_snapshot: int | None = None
         self._wake = asyncio.Event()
         self._advanced = asyncio.Condition()
         self.checkpoint = 0
@@ -70,6 +80,8 @@ class Projector:
             applied += len(events)
         if applied or self.lag == 0:
             self.last_progress = time.monotonic()
+        if applied and self._snapshot_every:
+            await self._maybe_snapshot()
         async with self._advanced:
             self._advanced.notify_all()
         return applied
@@ -78,6 +90,18 @@ class Projector:
         """Until the projections include `position` (bound it with asyncio.timeout)."""
         async with self._advanced:
             await self._advanced.wait_for(lambda: self.checkpoint >= position)
+
+    async def _maybe_snapshot(self) -> None:
+        assert self._snapshot_every
+        if self._last_snapshot is None:
+            self._last_snapshot = await self._projections.latest_snapshot(REGISTRY)
+        if self.checkpoint - self._last_snapshot < self._snapshot_every:
+            return
+        async with self._projections.batch(REGISTRY) as batch:  # consistent with its checkpoint
+            state = await batch.load_all()
+            await batch.save_snapshot(zlib.compress(fold.dump_state(state), 1))
+            self._last_snapshot = batch.checkpoint
+        log.info("saved a fold snapshot at position %d", self._last_snapshot)
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,9 +128,16 @@ class Projector:
     async def fold_to(
         self, position: int, on_progress: Callable[[int], None] = lambda n: None
     ) -> State:
-        """The projections as of `position`, folded in memory from the store (nothing written)."""
-        state = State()
-        async for events in self._projections.stream_events(position):
+        """The projections as of `position`, folded in memory from the store (nothing written),
+        starting from the nearest snapshot at or before it."""
+        saved = await self._projections.snapshot_before(REGISTRY, position)
+        state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
+        return await self._fold(state, position, on_progress)
+
+    async def _fold(
+        self, state: State, position: int, on_progress: Callable[[int], None]
+    ) -> State:
+        async for events in self._projections.stream_events(position, after=state.position):
             for event in events:
                 fold.apply(state, event)
             on_progress(len(events))
@@ -120,7 +151,8 @@ class Projector:
         async with self._projections.batch(REGISTRY) as batch:  # holds off the live projector
             head, _ = await self._events.head()
             on_start(head)
-            state = await self.fold_to(head, on_progress)
+            state = await self._fold(State(), head, on_progress)
             await batch.replace(state, head)
+            self._last_snapshot = 0
         self.checkpoint = self.head = head
         return head

@@ -122,11 +122,49 @@ class ProjectionBatch:
         await self._write("portal_lifecycle", state.lifecycle)
         await self._move(position)
 
+    async def load_all(self) -> State:
+        """The whole projected state at this batch's checkpoint (for a snapshot)."""
+        state = State(position=self.checkpoint)
+        for row in await self._connection.fetch(
+            f"SELECT {', '.join(_columns(Bot))} FROM projections.bots"
+        ):
+            bot = Bot(**dict(row))
+            state.bots[bot.key] = bot
+        for row in await self._connection.fetch(
+            f"SELECT {', '.join(_columns(Deletion))} FROM projections.deletions"
+        ):
+            deletion = Deletion(**{**dict(row), "event_hash": bytes(row["event_hash"])})
+            state.deletions[deletion.key] = deletion
+        for row in await self._connection.fetch(
+            f"SELECT {', '.join(_columns(Portal))} FROM projections.portals"
+        ):
+            state.portals[row["member_id"]] = Portal(**dict(row))
+        state.lifecycle = [
+            Lifecycle(**dict(row)) for row in await self._connection.fetch(
+                f"SELECT {', '.join(_columns(Lifecycle))} FROM projections.portal_lifecycle "
+                "ORDER BY position"
+            )
+        ]
+        return state
+
+    async def save_snapshot(self, blob: bytes) -> None:
+        await self._connection.execute(
+            "INSERT INTO projections.snapshots (projection, position, state) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING",
+            self.name, self.checkpoint, blob,
+        )
+
     async def replace(self, state: State, position: int) -> None:
-        """Swap in a whole rebuilt state; readers see the old one until COMMIT."""
+        """Swap in a whole rebuilt state; readers see the old one until COMMIT.
+
+        Snapshots go too: a rebuild is what one runs after the fold changed.
+        """
         await self._connection.execute(
             "TRUNCATE projections.bots, projections.deletions, projections.portals, "
             "projections.portal_lifecycle"
+        )
+        await self._connection.execute(
+            "DELETE FROM projections.snapshots WHERE projection = $1", self.name
         )
         for table, rows in (
             ("bots", sorted(state.bots.values(), key=lambda b: b.key)),
@@ -178,19 +216,36 @@ class ProjectionStore:
             )
         return int(value)
 
+    async def snapshot_before(self, name: str, position: int) -> tuple[int, bytes] | None:
+        """The latest saved fold state at or before `position`."""
+        async with translated_errors("read snapshot"), self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT position, state FROM projections.snapshots "
+                "WHERE projection = $1 AND position <= $2 ORDER BY position DESC LIMIT 1",
+                name, position,
+            )
+        return (int(row["position"]), bytes(row["state"])) if row else None
+
+    async def latest_snapshot(self, name: str) -> int:
+        async with translated_errors("read snapshot"), self._pool.acquire() as connection:
+            value = await connection.fetchval(
+                "SELECT max(position) FROM projections.snapshots WHERE projection = $1", name
+            )
+        return int(value or 0)
+
     async def stream_events(
-        self, up_to: int, batch: int = 2000
+        self, up_to: int, batch: int = 2000, after: int = 0
     ) -> AsyncIterator[list[StoredEvent]]:
-        """Events 1..up_to in order, through a cursor in one read-only snapshot."""
+        """Events after..up_to in order, through a cursor in one read-only snapshot."""
         async with (
             translated_errors("read events"),
             self._pool.acquire() as connection,
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
             cursor = await connection.cursor(
-                f"SELECT {_EVENT_COLUMNS} FROM ledger.events WHERE position <= $1 "
-                "ORDER BY position",
-                up_to,
+                f"SELECT {_EVENT_COLUMNS} FROM ledger.events WHERE position > $2 "
+                "AND position <= $1 ORDER BY position",
+                up_to, after,
             )
             while rows := await cursor.fetch(batch):
                 yield [to_event(r) for r in rows]
