@@ -1,0 +1,214 @@
+"""The `ledger` command group and what its subcommands share: settings, store access,
+one-line errors, progress bars, filters and output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+import orjson
+from pydantic import ValidationError
+
+from ledger import operations
+from ledger.audit import AuditService
+from ledger.errors import LedgerError
+from ledger.projections import readers
+from ledger.projections.projector import Projector
+from ledger.readmodels import EventOut
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.audit_store import EventFilter
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _fail_cleanly(func: Callable[P, T]) -> Callable[P, T]:
+    """Ledger errors become one line and exit status 1, not a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    assert settings is not None
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ledger")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Audit ledger for Bitrix24 chatbot events.
+
+    Configuration comes from LEDGER_* environment variables (see README). Without
+    LEDGER_DATABASE_URL, an embedded PostgreSQL is started in LEDGER_DATA_DIR (./.ledger).
+    """
+    try:
+        ctx.obj = Settings()
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid LEDGER_* setting: {exc}") from exc
+    logging.basicConfig(
+        level=ctx.obj.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _with_store(
+    ctx: click.Context, work: Callable[[EventStore], Awaitable[T]]
+) -> T:
+    settings = _settings(ctx)
+
+    async def run() -> T:
+        target = await targets.open_target(settings)
+        try:
+            pool = await create_pool(target.service_dsn, size=2)
+            try:
+                await targets.require_current_schema(pool)
+                return await work(EventStore(pool, policy=settings.trust_policy))
+            finally:
+                await pool.close()
+        finally:
+            target.release()
+
+    return asyncio.run(run())
+
+
+def _change_trust(ctx: click.Context, change: TrustChange, **target: str | None) -> int:
+    return _with_store(ctx, lambda store: operations.change_trust(store, change, **target))
+
+
+def _with_projections(
+    ctx: click.Context,
+    work: Callable[[ProjectionStore, Projector], Awaitable[T]],
+) -> T:
+    snapshot_every = _settings(ctx).projector_snapshot_every
+
+    def run(store: EventStore) -> Awaitable[T]:
+        projections = ProjectionStore(store.pool)
+        return work(projections, Projector(store, projections, snapshot_every=snapshot_every))
+
+    return _with_store(ctx, run)
+
+
+def _parse_as_of(value: str | None) -> readers.AsOf:
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is neither a position nor an ISO 8601 time") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+_AS_OF = click.option(
+    "--as-of", help="A position or an ISO 8601 time (e.g. 2026-03-01T00:00:00Z): the answer "
+    "the ledger would have given then, folded from the store.",
+)
+_PORTAL = click.option("--portal", "member_id", help="Only this portal (member_id).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+
+
+def _print_rows(rows: list[Any], columns: list[str], as_json: bool) -> None:
+    records = [readers.as_record(r) for r in rows]
+    if as_json:
+        for record in records:
+            click.echo(orjson.dumps(record).decode())
+        return
+    widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for record in records:
+        click.echo("  ".join(_cell(record[c]).ljust(widths[c]) for c in columns))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def _with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
+    every = _settings(ctx).projector_snapshot_every
+    return _with_store(
+        ctx, lambda store: work(AuditService(store, catch_up=True, snapshot_every=every))
+    )
+
+
+def _event_filter(
+    member_id: str | None, event_type: str | None, bot: int | None, since: str | None,
+    until: str | None, after: int = 0,
+) -> EventFilter:
+    return EventFilter(
+        member_id=member_id, event_type=event_type.upper() if event_type else None, bot_id=bot,
+        received_from=_moment(since), received_to=_moment(until), after=after,
+    )
+
+
+def _moment(value: str | None) -> datetime | None:
+    parsed = _parse_as_of(value)
+    if isinstance(parsed, int):
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time")
+    return parsed
+
+
+_TYPE = click.option("--type", "event_type", help="Event type, e.g. ONIMBOTDELETE.")
+_BOT = click.option("--bot", type=int, help="Events naming this bot id.")
+_FROM = click.option("--from", "since", help="Received at or after (ISO 8601).")
+_TO = click.option("--to", "until", help="Received before (ISO 8601).")
+
+
+def _print_events(items: list[EventOut], as_json: bool) -> None:
+    if as_json:
+        for item in items:
+            click.echo(item.model_dump_json(exclude_none=True))
+        return
+    click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'EVENT':24} {'BOTS':12} {'ACTOR':7} HASH")
+    for e in items:
+        bots = ",".join(map(str, e.bot_ids)) or "-"
+        click.echo(f"{e.position:>9}  {e.received_at.isoformat(timespec='seconds'):25}  "
+                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':7} {e.hash[:16]}")
+
+
+class _Progress:
+    """click's progress bar, started once the total is known."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self._label, self._quiet = label, quiet
+        self._bar: Any = None
+
+    def start(self, total: int) -> None:
+        if not self._quiet:
+            self._bar = click.progressbar(length=total, label=self._label, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, rows: int) -> None:
+        if self._bar is not None:
+            self._bar.update(rows)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)

@@ -1,0 +1,230 @@
+"""The forensic questions: bots, deletions, history, events, exports, projections,
+reader roles."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import sys
+from pathlib import Path
+from typing import IO
+
+import click
+
+from ledger import exports
+from ledger.audit import MAX_PAGE, AuditService, DeletionFilter
+from ledger.cli.app import (
+    _AS_OF,
+    _BOT,
+    _FROM,
+    _JSON,
+    _PORTAL,
+    _TO,
+    _TYPE,
+    _event_filter,
+    _fail_cleanly,
+    _moment,
+    _parse_as_of,
+    _print_events,
+    _print_rows,
+    _Progress,
+    _settings,
+    _with_audit,
+    _with_projections,
+    main,
+)
+from ledger.projections import readers
+from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
+from ledger.readmodels import EventOut
+from ledger.storage import target as targets
+from ledger.storage.projection_store import ProjectionStore
+
+
+@main.command()
+@_PORTAL
+@click.option("--status", type=click.Choice(["active", "deleted"]))
+@_AS_OF
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def bots(
+    ctx: click.Context, member_id: str | None, status: str | None, as_of: str | None,
+    as_json: bool,
+) -> None:
+    """The bot registry: which bots exist on which portal, active or deleted, since when."""
+    moment = _parse_as_of(as_of)
+    rows = _with_projections(ctx, lambda p, j: readers.bots(
+        p, j, member_id=member_id, status=status, as_of=moment))
+    _print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
+                       "first_seen_at", "last_activity_at", "message_count", "deleted_at",
+                       "deleted_by"], as_json)
+
+
+@main.command()
+@_PORTAL
+@_AS_OF
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_json: bool) -> None:
+    """The deletion timeline: who deleted which bot when, and what it had done before."""
+    moment = _parse_as_of(as_of)
+    rows = _with_projections(ctx, lambda p, j: readers.deletions(
+        p, j, member_id=member_id, as_of=moment))
+    _print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
+                       "cause", "position", "message_count", "anomalies"], as_json)
+
+
+@main.command()
+@click.option("--once", is_flag=True, required=True,
+              help="Drain every pending event into the projections and exit.")
+@click.pass_context
+@_fail_cleanly
+def project(ctx: click.Context, once: bool) -> None:
+    """Bring the projections up to date (`ledger serve` does this continuously)."""
+
+    async def work(projections: ProjectionStore, projector: Projector) -> int:
+        return await projector.catch_up()
+
+    applied = _with_projections(ctx, work)
+    click.echo(f"applied {applied} events")
+
+
+@main.command()
+@click.option("--projection", type=click.Choice(PROJECTIONS), default=REGISTRY,
+              show_default=True, help="Which projection to rebuild.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+@_fail_cleanly
+def rebuild(ctx: click.Context, projection: str, quiet: bool) -> None:
+    """Replay the store from position 0 and swap the result in atomically."""
+
+    async def work(projections: ProjectionStore, projector: Projector) -> int:
+        with _Progress(f"rebuilding {projection}", quiet) as bar:
+            return await projector.rebuild(on_start=bar.start, on_progress=bar.advance)
+
+    position = _with_projections(ctx, work)
+    click.echo(f"{projection} rebuilt up to position {position}")
+
+
+@main.group()
+def roles() -> None:
+    """Database roles for people and tools."""
+
+
+@roles.command("create-reader")
+@click.argument("name")
+@click.pass_context
+@_fail_cleanly
+def roles_create_reader(ctx: click.Context, name: str) -> None:
+    """A login role that can read the `audit` views and nothing else (prints its DSN)."""
+    settings = _settings(ctx)
+    password = secrets.token_urlsafe(24)
+
+    async def run() -> str:
+        target = await targets.open_target(settings)
+        try:
+            return await targets.create_reader(target, name, password)
+        finally:
+            target.release()
+
+    click.echo(asyncio.run(run()))
+
+
+@main.command()
+@click.option("--portal", "member_id", required=True, help="The portal (member_id).")
+@click.option("--bot", type=int, required=True, help="The bot id.")
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def history(ctx: click.Context, member_id: str, bot: int, as_json: bool) -> None:
+    """One bot's whole life: every event that named it, with position, actor and hash."""
+
+    async def work(audit: AuditService) -> list[EventOut]:
+        result = await audit.bot_history(member_id, bot, limit=MAX_PAGE)
+        items = list(result.events)
+        after = result.next_after
+        while after is not None:
+            page = await audit.bot_history(member_id, bot, after=after, limit=MAX_PAGE)
+            items += page.events
+            after = page.next_after
+        return items
+
+    _print_events(_with_audit(ctx, work), as_json)
+
+
+@main.command()
+@_PORTAL
+@_TYPE
+@_BOT
+@_FROM
+@_TO
+@click.option("--after", default=0, show_default=True, help="Start after this position.")
+@click.option("--limit", default=100, show_default=True, help=f"At most this many (<= {MAX_PAGE}).")
+@_JSON
+@click.pass_context
+@_fail_cleanly
+def events(
+    ctx: click.Context, member_id: str | None, event_type: str | None, bot: int | None,
+    since: str | None, until: str | None, after: int, limit: int, as_json: bool,
+) -> None:
+    """Stored events in ledger order, filtered."""
+    where = _event_filter(member_id, event_type, bot, since, until, after)
+    page = _with_audit(ctx, lambda a: a.events(where, limit=limit))
+    _print_events(page.items, as_json)
+    if page.next_after is not None:
+        click.echo(f"(more: --after {page.next_after})", err=True)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["events", "bots", "deletions"]))
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="jsonl",
+              show_default=True)
+@_PORTAL
+@_TYPE
+@_BOT
+@_FROM
+@_TO
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (and a FILE.manifest.json beside it); default standard output.")
+@click.pass_context
+@_fail_cleanly
+def export(
+    ctx: click.Context, kind: str, fmt: str, member_id: str | None, event_type: str | None,
+    bot: int | None, since: str | None, until: str | None, output: Path | None,
+) -> None:
+    """Stream events, bots or deletions as CSV or JSON Lines, with a manifest.
+
+    The manifest records the position range, the chain head at export time, the filters and
+    the time, so an export can be tied back to `ledger verify`.
+    """
+
+    async def work(audit: AuditService) -> exports.Manifest:
+        with contextlib.ExitStack() as stack:
+            out: IO[str] = (stack.enter_context(output.open("w", newline=""))
+                            if output else sys.stdout)
+            if kind == "events":
+                where = _event_filter(member_id, event_type, bot, since, until)
+                bar = stack.enter_context(_Progress("exporting", output is None))
+                return await exports.export_events(
+                    audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
+                )
+            if kind == "bots":
+                rows = await audit.bots(member_id=member_id)
+                return await exports.export_rows("bots", rows, out, fmt,
+                                                 {"member_id": member_id}, audit)
+            where_d = DeletionFilter(member_id=member_id, occurred_from=_moment(since),
+                                     occurred_to=_moment(until))
+            rows_d = await audit.deletions(where_d)
+            return await exports.export_rows("deletions", rows_d, out, fmt,
+                                             dict(where_d.__dict__), audit)
+
+    manifest = _with_audit(ctx, work)
+    if output is None:
+        click.echo(manifest.as_json().decode(), err=True)
+    else:
+        manifest_path = output.with_name(output.name + ".manifest.json")
+        manifest_path.write_bytes(manifest.as_json())
+        click.echo(f"{manifest.rows} {kind} written to {output}; manifest {manifest_path}",
+                   err=True)
