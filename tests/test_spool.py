@@ -80,6 +80,16 @@ def test_a_full_spool_refuses_instead_of_growing(tmp_path: Path) -> None:
     assert not spool.has_pending()
 
 
+async def drained(client: Client) -> None:
+    """Until the app's spool is empty — woken by each committed batch, bounded in time."""
+    assert client.app is not None
+    spool, committer = client.app[SPOOL], client.app[COMMITTER]
+    async with asyncio.timeout(20):
+        while spool.has_pending():
+            committer.progressed.clear()
+            await committer.progressed.wait()
+
+
 @pytest.fixture
 async def proxy(database: Database) -> Any:
     query = parse_qs(urlsplit(database.service_dsn).query)
@@ -115,12 +125,7 @@ async def test_an_outage_loses_no_acknowledged_delivery(
 
     restored_at = datetime.now(UTC)
     await relay.start()  # PostgreSQL is back
-    assert client.app is not None
-    spool, committer = client.app[SPOOL], client.app[COMMITTER]
-    async with asyncio.timeout(20):
-        while spool.has_pending():
-            committer.progressed.clear()
-            await committer.progressed.wait()
+    await drained(client)
 
     rows = await admin.fetch(
         "SELECT event_type, received_at FROM ledger.events WHERE origin = 'bitrix24' "
@@ -180,12 +185,7 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
     assert ready.status == 503  # the database check fails, and says so
 
     await relay.start()
-    assert client.app is not None
-    spool, committer = client.app[SPOOL], client.app[COMMITTER]
-    async with asyncio.timeout(20):
-        while spool.has_pending():
-            committer.progressed.clear()
-            await committer.progressed.wait()
+    await drained(client)
     assert await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
     ) == 1
@@ -206,12 +206,7 @@ async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(
         status, answer = await post(client, sample("onimbotjoinchat-1"))
     assert (status, answer["status"]) == (202, "spooled")  # after the timeout, not a minute
     relay.resume()  # the stalled append may commit now; draining must not store it twice
-    assert client.app is not None
-    spool, committer = client.app[SPOOL], client.app[COMMITTER]
-    async with asyncio.timeout(20):
-        while spool.has_pending():
-            committer.progressed.clear()
-            await committer.progressed.wait()
+    await drained(client)
     assert await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
     ) == 1
