@@ -180,11 +180,31 @@ class _Head:
     hash: bytes
 
 
+def _entry_of(draft: EventDraft) -> tuple[bytes, bytes]:
+    """The metadata text (canonical, so a verifier hashes it as it is) and the chained entry:
+    everything of an event's hash that does not depend on its position or predecessor."""
+    metadata = canonical_json(draft.metadata)
+    entry = event_entry(
+        member_id=draft.member_id,
+        event_type=draft.event_type,
+        origin=draft.origin,
+        bot_ids=draft.bot_ids,
+        occurred_at=draft.occurred_at,
+        received_at=draft.received_at,
+        dedup_key=draft.dedup_key,
+        body_sha256=draft.body_sha256,
+        metadata=orjson.Fragment(metadata),
+    )
+    return metadata, entry
+
+
 class _Batch:
     """The in-memory work of one append transaction (steps 2 and 3 of the module docstring)."""
 
-    def __init__(self, policy: TrustPolicy) -> None:
+    def __init__(self, policy: TrustPolicy, prepared: dict[int, tuple[bytes, bytes]]) -> None:
         self.policy = policy
+        # entries computed before the head lock was taken, by id() of their draft
+        self.prepared = prepared
         self.trust: dict[str, PortalTrust] = {}
         self.allowed_members: set[str] = set()
         self.allowed_domains: set[str] = set()
@@ -197,19 +217,7 @@ class _Batch:
 
     def add_event(self, head: _Head, draft: EventDraft) -> int:
         position = head.position + 1
-        # stored in its canonical form, so a verifier can hash the text as it is
-        metadata = canonical_json(draft.metadata)
-        entry = event_entry(
-            member_id=draft.member_id,
-            event_type=draft.event_type,
-            origin=draft.origin,
-            bot_ids=draft.bot_ids,
-            occurred_at=draft.occurred_at,
-            received_at=draft.received_at,
-            dedup_key=draft.dedup_key,
-            body_sha256=draft.body_sha256,
-            metadata=orjson.Fragment(metadata),
-        )
+        metadata, entry = self.prepared.get(id(draft)) or _entry_of(draft)
         digest = chain_hash(head.hash, position, entry, draft.payload_sha256)
         self.events.append(
             (position, draft.member_id, draft.event_type, draft.origin,
@@ -319,11 +327,14 @@ class EventStore:
 
     async def append(self, drafts: Sequence[Draft]) -> list[Outcome]:
         """Append a batch in one durable transaction; one outcome per draft, in order."""
+        # what does not need the serialisation point is done before taking it
+        prepared = {id(d): _entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         async with (
             translated_errors("append"),
-            self._pool.acquire() as connection,connection.transaction()
+            self._pool.acquire() as connection,
+            connection.transaction(),
         ):
-            outcomes, batch = await self._append(connection, drafts)
+            outcomes, batch = await self._append(connection, drafts, prepared)
         # committed: now it is what we know
         changed = {m: t for m, t in batch.trust.items() if self.trust_cache.get(m) != t}
         if changed:
@@ -332,9 +343,12 @@ class EventStore:
         return outcomes
 
     async def _append(
-        self, connection: Connection, drafts: Sequence[Draft]
+        self,
+        connection: Connection,
+        drafts: Sequence[Draft],
+        prepared: dict[int, tuple[bytes, bytes]],
     ) -> tuple[list[Outcome], _Batch]:
-        batch = _Batch(self._policy)
+        batch = _Batch(self._policy, prepared)
         outcomes: list[Outcome | None] = [None] * len(drafts)
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
         head: _Head | None = None
