@@ -102,12 +102,24 @@ async def proxy(database: Database) -> Any:
         await relay.cut()
 
 
-async def test_an_outage_loses_no_acknowledged_delivery(
-    make_client: ClientFactory, settings_factory: Any, proxy: Any, admin: Admin, tmp_path: Path
-) -> None:
+@pytest.fixture
+def outage(proxy: Any, settings_factory: Any, tmp_path: Path) -> Any:
+    """The relay, and settings for an app that reaches PostgreSQL only through it."""
     relay, dsn = proxy
-    settings: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
-                                          spool_dir=tmp_path / "spool")
+
+    def settings(**extra: Any) -> Settings:
+        made: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
+                                          spool_dir=tmp_path / "spool", **extra)
+        return made
+
+    return relay, settings
+
+
+async def test_an_outage_loses_no_acknowledged_delivery(
+    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path
+) -> None:
+    relay, settings_for = outage
+    settings = settings_for()
     client: Client = await make_client(settings)
     await install_sample_portal(client)
 
@@ -166,11 +178,10 @@ def test_a_crash_between_truncation_and_marker_never_skips_records(tmp_path: Pat
 
 
 async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
-    make_client: ClientFactory, settings_factory: Any, proxy: Any, admin: Admin, tmp_path: Path
+    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path
 ) -> None:
-    relay, dsn = proxy
-    settings: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
-                                          spool_dir=tmp_path / "spool")
+    relay, settings_for = outage
+    settings = settings_for()
     first: Client = await make_client(settings)
     await install_sample_portal(first)  # the trust this process saw is saved beside the spool
     await first.close()
@@ -193,12 +204,10 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
 
 
 async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(
-    make_client: ClientFactory, settings_factory: Any, proxy: Any, admin: Admin, tmp_path: Path
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
-    relay, dsn = proxy
-    settings: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
-                                          append_timeout_seconds=0.5,
-                                          spool_dir=tmp_path / "spool")
+    relay, settings_for = outage
+    settings = settings_for(append_timeout_seconds=0.5)
     client: Client = await make_client(settings)
     await install_sample_portal(client)
     relay.stall()
