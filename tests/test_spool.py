@@ -116,7 +116,7 @@ def outage(proxy: Any, settings_factory: Any, tmp_path: Path) -> Any:
 
 
 async def test_an_outage_loses_no_acknowledged_delivery(
-    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
     relay, settings_for = outage
     settings = settings_for()
