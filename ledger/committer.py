@@ -72,8 +72,7 @@ class GroupCommitter:
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # counters for metrics and benchmarks
-        self.appended = 0
+        self.batches = 0  # committed transactions, for tests and benchmarks
         self.progressed = asyncio.Event()  # set after every committed batch; readers clear it
 
     def start(self) -> None:
@@ -172,7 +171,6 @@ class GroupCommitter:
             await self._fall_back(batch, exc)
             return
         self.batches += 1
-        self.appended += len(batch)
         self.progressed.set()
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))

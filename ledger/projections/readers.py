@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +17,6 @@ async def snapshot(
     projections: ProjectionStore,
     projector: Projector,
     as_of: AsOf,
-    on_progress: Callable[[int], None] = lambda n: None,
     *,
     catch_up: bool = True,
 ) -> State | None:
@@ -28,7 +26,7 @@ async def snapshot(
             await projector.catch_up()
         return None
     position = as_of if isinstance(as_of, int) else await projections.position_at(as_of)
-    return await projector.fold_to(position, on_progress)
+    return await projector.fold_to(position)
 
 
 async def bots(
