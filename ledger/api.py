@@ -18,8 +18,8 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from ledger import __version__
-from ledger.audit import MAX_PAGE, AuditService, BadQuery, DeletionFilter, NotFound, token_digest
-from ledger.errors import LedgerError
+from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
+from ledger.errors import BadQuery, Unauthorized
 from ledger.readmodels import (
     BotHistory,
     BotOut,
@@ -262,22 +262,13 @@ def _error(description: str) -> dict[str, Any]:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer tokens for everything but the OpenAPI document; errors as JSON with a code."""
+    """Bearer tokens for everything but the OpenAPI document (errors: the root middleware)."""
     if request.path != "/api/v1/openapi.json":
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token or not await _live(request, token.strip()):
-            return _json({"error": "unauthorized",
-                          "message": "send Authorization: Bearer <token> (ledger tokens create)"},
-                         401)
-    try:
-        return await handler(request)
-    except BadQuery as exc:
-        return _json({"error": "bad_query", "message": str(exc)}, 400)
-    except NotFound as exc:
-        return _json({"error": "not_found", "message": str(exc)}, 404)
-    except LedgerError:
-        raise  # availability errors: the application's middleware answers 503
+            raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
+    return await handler(request)
 
 
 async def _live(request: web.Request, token: str) -> bool:

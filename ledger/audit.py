@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from ledger.errors import LedgerError
+from ledger.errors import BadQuery, NotFound
 from ledger.projections import readers
 from ledger.projections.fold import Deletion
 from ledger.projections.projector import Projector
@@ -28,14 +28,6 @@ from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 
 MAX_PAGE = 1000
-
-
-class BadQuery(LedgerError):
-    """A read request that cannot be answered as asked (the message says why)."""
-
-
-class NotFound(LedgerError):
-    """The portal, bot or resource asked for does not exist."""
 
 
 def new_token() -> tuple[str, bytes]:

@@ -30,14 +30,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ledger.errors import LedgerError
+from ledger.errors import CheckpointError
 
 PRIVATE_NAME = "checkpoint-signing.key"
 PUBLIC_NAME = "checkpoint-signing.pub"
-
-
-class CheckpointError(LedgerError):
-    """A checkpoint or key that cannot be used; the message says which and why."""
 
 
 @dataclass(frozen=True, slots=True)

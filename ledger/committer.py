@@ -19,10 +19,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from ledger.drafts import refusal
-from ledger.errors import AppendFailed, DatabaseUnavailable, LedgerError
+from ledger.errors import (
+    AppendFailed,
+    CommitterClosed,
+    DatabaseUnavailable,
+    LedgerError,
+    SpoolFull,
+)
 from ledger.metrics import Metrics
 from ledger.models import Draft, EventDraft, Outcome, Refusal, Spooled
-from ledger.spool import Spool, SpoolFull
+from ledger.spool import Spool
 from ledger.trust import Refused
 
 log = logging.getLogger(__name__)
@@ -32,10 +38,6 @@ class Appender(Protocol):
     async def append(self, drafts: Sequence[Draft]) -> list[Outcome]: ...
 
     def judge_offline(self, draft: EventDraft) -> Refused | None: ...
-
-
-class CommitterClosed(LedgerError):
-    """The service is shutting down and takes no new deliveries."""
 
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]

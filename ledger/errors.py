@@ -1,7 +1,12 @@
-"""One exception root for everything the ledger raises on purpose.
+"""Every exception the ledger raises on purpose, in one module.
 
-Each subclass carries the data an operator or a client needs; HTTP statuses are assigned in one
-place (`ledger.web`), never by the code that raises.
+Each class carries what a caller needs to answer for it: `status` (the HTTP status, where the
+failure can reach a client) and `code` (a stable machine-readable reason). The one root middleware
+in `ledger.web` renders any `LedgerError` as JSON from these two attributes, and the CLI renders
+the same classes as one line — no other code maps errors to statuses.
+
+`status = 503` marks "try again later" failures (the store is away); `500` marks what should never
+happen and is logged with its traceback wherever it is caught.
 """
 
 from __future__ import annotations
@@ -10,17 +15,32 @@ from __future__ import annotations
 class LedgerError(Exception):
     """Root of every deliberate ledger failure."""
 
+    status: int = 500
+    code: str = "internal_error"
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
 
 class ConfigurationError(LedgerError):
     """The settings or the environment cannot work; the message says what to set or install."""
+
+    code = "configuration_error"
 
 
 class DatabaseUnavailable(LedgerError):
     """PostgreSQL could not be reached or answered with a connection-level failure."""
 
+    status = 503
+    code = "store_unavailable"
+
 
 class SchemaNotMigrated(LedgerError):
     """The database schema is missing or behind the code's migrations."""
+
+    status = 503
+    code = "store_unavailable"
 
     def __init__(self, current: str | None, expected: str) -> None:
         self.current = current
@@ -29,6 +49,31 @@ class SchemaNotMigrated(LedgerError):
             f"database schema is at revision {current or 'none'}, the code needs {expected}: "
             "run `ledger migrate` (with an admin DSN in LEDGER_ADMIN_DATABASE_URL) first"
         )
+
+
+class AppendFailed(LedgerError):
+    """PostgreSQL refused a batch for a reason other than availability (a data error).
+
+    The group committer retries the batch's items one by one, so one bad item fails alone.
+    """
+
+    status = 503
+    code = "store_refused"
+
+
+class SpoolFull(LedgerError):
+    """The spool reached its size limit (or cannot be written); deliveries are refused until
+    PostgreSQL is back."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+class CommitterClosed(LedgerError):
+    """The service is shutting down and takes no new deliveries."""
+
+    status = 503
+    code = "store_unavailable"
 
 
 class DeliveryRejected(LedgerError):
@@ -41,12 +86,60 @@ class DeliveryRejected(LedgerError):
     def __init__(self, status: int, code: str, message: str) -> None:
         self.status = status
         self.code = code
-        self.message = message
+        self._message = message
         super().__init__(f"{code}: {message}")
 
+    @property
+    def message(self) -> str:
+        return self._message
 
-class AppendFailed(LedgerError):
-    """PostgreSQL refused a batch for a reason other than availability (a data error).
 
-    The group committer retries the batch's items one by one, so one bad item fails alone.
-    """
+class BadQuery(LedgerError):
+    """A read request that cannot be answered as asked (the message says why)."""
+
+    status = 400
+    code = "bad_query"
+
+
+class NotFound(LedgerError):
+    """The portal, bot or resource asked for does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(LedgerError):
+    """A read request without a live bearer token."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class OperatorActionRefused(LedgerError):
+    """The store would not record an operator's action (the message says why)."""
+
+    status = 409
+    code = "operator_action_refused"
+
+
+class TokenExists(LedgerError):
+    status = 409
+    code = "token_exists"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a token named {name!r} exists; revoke it or choose another name")
+
+
+class NoSuchToken(LedgerError):
+    status = 404
+    code = "no_such_token"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no live token named {name!r}; see `ledger tokens list`")
+
+
+class CheckpointError(LedgerError):
+    """A checkpoint or key that cannot be used; the message says which and why."""
+
+    status = 400
+    code = "bad_checkpoint"

@@ -7,14 +7,10 @@ import socket
 from datetime import UTC, datetime
 
 from ledger import drafts
-from ledger.errors import LedgerError
+from ledger.errors import OperatorActionRefused
 from ledger.models import Refusal, Stored
 from ledger.storage.store import EventStore
 from ledger.trust import TrustChange
-
-
-class OperatorActionRefused(LedgerError):
-    """The store would not record the action (it says why)."""
 
 
 def local_actor() -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from ledger.errors import LedgerError
+from ledger.errors import SpoolFull
 from ledger.models import Draft, EventDraft, RejectionDraft
 from ledger.trust import TrustChange
 
@@ -38,10 +38,6 @@ _HEADER = struct.Struct(">4sII")
 _BYTES = {"payload", "payload_sha256", "dedup_key", "body_sha256", "presented_sha256",
           "new_token_sha256"}
 _TIMES = {"occurred_at", "received_at"}
-
-
-class SpoolFull(LedgerError):
-    """The spool reached its size limit; deliveries are refused until PostgreSQL is back."""
 
 
 def encode(draft: Draft) -> bytes:

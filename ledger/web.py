@@ -20,13 +20,13 @@ from ledger import checkpoints
 from ledger.api import AUDIT, create_api
 from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
-from ledger.committer import CommitterClosed, GroupCommitter
+from ledger.committer import GroupCommitter
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
 from ledger.projections.projector import Projector
 from ledger.settings import Settings
-from ledger.spool import Spool, SpoolFull
+from ledger.spool import Spool
 from ledger.storage import target as targets
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
@@ -59,18 +59,25 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map ledger errors to statuses in one place; every 4xx/5xx answer is JSON with a reason."""
+    """The one place an error becomes HTTP: every 4xx/5xx answer is JSON with a reason.
+
+    Ledger errors carry their own status and code (`ledger.errors`); anything else is a bug,
+    logged with its traceback and answered 500 without details.
+    """
     try:
         return await handler(request)
-    except DeliveryRejected as exc:
+    except LedgerError as exc:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc,
+                      exc_info=exc.status == 500)
         return error_response(exc.status, exc.code, exc.message)
-    except (DatabaseUnavailable, CommitterClosed, SchemaNotMigrated, SpoolFull) as exc:
-        log.error("%s %s: %s", request.method, request.path, exc)
-        return error_response(503, "store_unavailable", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return error_response(exc.status, exc.reason.lower().replace(" ", "_"), exc.text or "")
+    except Exception:
+        log.exception("%s %s failed unexpectedly", request.method, request.path)
+        return error_response(500, "internal_error", "the ledger failed unexpectedly; see its log")
 
 
 async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from ledger import checkpoints, drafts, integrity
 from ledger.cli import main
+from ledger.errors import CheckpointError
 from ledger.hashing import chain_hash, event_entry, sha256
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
@@ -181,7 +182,7 @@ def test_an_altered_checkpoint_statement_fails_its_signature(tmp_path: Path) -> 
         checkpoints.load_private_key(private),
     )
     origin, key = checkpoints.load_public_key(public)
-    with pytest.raises(checkpoints.CheckpointError, match="altered"):
+    with pytest.raises(CheckpointError, match="altered"):
         checkpoints.verify(statement.replace("\n10\n", "\n11\n"), key, origin)
     assert oct(private.stat().st_mode & 0o777) == "0o600"
 

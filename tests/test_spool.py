@@ -14,9 +14,10 @@ import asyncpg
 import pytest
 
 from ledger import drafts
+from ledger.errors import SpoolFull
 from ledger.models import EventDraft, RejectionDraft
 from ledger.settings import Settings
-from ledger.spool import Spool, SpoolFull, decode, encode
+from ledger.spool import Spool, decode, encode
 from ledger.trust import TrustChange
 from ledger.web import COMMITTER, SPOOL
 from tests.conftest import ClientFactory, Database, sample

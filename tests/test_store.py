@@ -163,7 +163,7 @@ async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
 
 
 async def test_a_closed_committer_takes_no_more_drafts(store: EventStore) -> None:
-    from ledger.committer import CommitterClosed
+    from ledger.errors import CommitterClosed
 
     committer = GroupCommitter(store, max_events=8, max_delay=0)
     committer.start()

@@ -12,18 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ledger.errors import LedgerError
+from ledger.errors import NoSuchToken, TokenExists
 from ledger.storage.store import Connection, Pool, translated_errors
-
-
-class TokenExists(LedgerError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"a token named {name!r} exists; revoke it or choose another name")
-
-
-class NoSuchToken(LedgerError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no live token named {name!r}; see `ledger tokens list`")
 
 
 @dataclass(frozen=True)
