@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from ledger import __version__
+from ledger import __version__, asof
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
 from ledger.errors import BadQuery, Unauthorized
 from ledger.readmodels import (
@@ -28,6 +28,7 @@ from ledger.readmodels import (
     EventOut,
     Page,
     PortalOut,
+    ProjectionOut,
     VerificationOut,
 )
 from ledger.storage.audit_store import EventFilter
@@ -97,11 +98,8 @@ def _bool(request: web.Request, name: str) -> bool:
     return request.query.get(name, "").lower() in ("1", "true", "yes")
 
 
-def _as_of(request: web.Request) -> int | datetime | None:
-    value = request.query.get("as_of")
-    if not value:
-        return None
-    return int(value) if value.isdigit() else _time(request, "as_of")
+def _as_of(request: web.Request) -> asof.AsOf | None:
+    return asof.parse_as_of(request.query.get("as_of"))
 
 
 def _service(request: web.Request) -> AuditService:
@@ -168,12 +166,21 @@ async def verification(request: web.Request) -> web.Response:
     return _json(_dump(await _service(request).verification()))
 
 
+async def projection(request: web.Request) -> web.Response:
+    return _json(_dump(await _service(request).projection()))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return _json(openapi_document())
 
 
 _PORTAL = Param("portal", "string", "portal member_id")
-_AS_OF = Param("as_of", "string", "a position or an ISO 8601 time: the answer as of then")
+_AS_OF = Param(
+    "as_of", "string",
+    "the answer as of then, folded from the store: `position:N`, `received:TIME` (when the "
+    "ledger received it) or `ts:TIME` (Bitrix24's time; also Unix seconds); TIME is ISO 8601, "
+    "e.g. 2026-03-01T00:00:00Z. A plain N is a position, a plain TIME a received time.",
+)
 _AFTER = Param("after", "integer", "return events after this position (cursor)")
 _LIMIT = Param("limit", "integer", f"page size, 1..{MAX_PAGE}")
 
@@ -203,6 +210,8 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                 Param("payload", "boolean", "include the stored payloads"))), events),
         (Route("/verification", "Last `ledger verify` result per chain, and the heads now",
                list[VerificationOut]), verification),
+        (Route("/projection", "The store position and chain hash the registry is folded up to",
+               ProjectionOut), projection),
     ]
 }
 
@@ -210,7 +219,7 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], VerificationOut,
-        ErrorOut,
+        ProjectionOut, ErrorOut,
     ]
     _, schemas = models_json_schema(
         [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"
@@ -277,7 +286,7 @@ async def _live(request: web.Request, token: str) -> bool:
     now = time.monotonic()
     if cache.get(digest, 0.0) > now:
         return True
-    if await _service(request).audit.token_is_live(digest):
+    if await _service(request).token_is_live(digest):
         cache[digest] = now + TOKEN_CACHE_SECONDS
         return True
     return False

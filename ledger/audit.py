@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,9 +23,10 @@ from ledger.readmodels import (
     EventOut,
     Page,
     PortalOut,
+    ProjectionOut,
     VerificationOut,
 )
-from ledger.storage.audit_store import AuditStore, EventFilter
+from ledger.storage.audit_store import AuditStore, EventFilter, ExportSnapshot
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 
@@ -62,20 +65,25 @@ class DeletionFilter:
 
 
 class AuditService:
-    """`catch_up=True` (the CLI) first folds pending events into the projections itself; the
-    read API leaves that to the serving projector and never writes."""
+    """Every question the read API, the CLI and the exports ask, over stores built by the app
+    factory or the CLI (never here).
+
+    With a `projector` (the CLI, which writes as the projector role) pending events are first
+    folded into the projections; without one (the read API) answers come from what the serving
+    projector committed, and this never writes projections.
+    """
 
     def __init__(
-        self, store: EventStore, *, catch_up: bool, snapshot_every: int | None = None
+        self, events: EventStore, projections: ProjectionStore, audit: AuditStore,
+        projector: Projector | None = None,
     ) -> None:
-        self.catch_up = catch_up
-        self.events_store = store
-        self.projections = ProjectionStore(store.pool)
-        self.audit = AuditStore(store.pool)
-        self.projector = Projector(store, self.projections, snapshot_every=snapshot_every)
+        self._events = events
+        self._projections = projections
+        self._audit = audit
+        self._projector = projector
 
     async def portals(self) -> list[PortalOut]:
-        rows = await readers.portals(self.projections, self.projector, catch_up=self.catch_up)
+        rows = await readers.portals(self._projections, self._projector)
         return [PortalOut.model_validate(p) for p in rows]
 
     async def bots(
@@ -83,8 +91,7 @@ class AuditService:
         as_of: readers.AsOf = None,
     ) -> list[BotOut]:
         rows = await readers.bots(
-            self.projections, self.projector, member_id=member_id, status=status, as_of=as_of,
-            catch_up=self.catch_up,
+            self._projections, self._projector, member_id=member_id, status=status, as_of=as_of,
         )
         return [BotOut.model_validate(b) for b in rows]
 
@@ -92,10 +99,43 @@ class AuditService:
         self, where: DeletionFilter, as_of: readers.AsOf = None
     ) -> list[DeletionOut]:
         rows = await readers.deletions(
-            self.projections, self.projector, member_id=where.member_id, as_of=as_of,
-            catch_up=self.catch_up,
+            self._projections, self._projector, member_id=where.member_id, as_of=as_of,
         )
         return [deletion_out(d) for d in rows if where.accepts(d)]
+
+    async def projection(self) -> ProjectionOut:
+        """How far the registry is folded: the position and chain hash its answers stand on."""
+        return ProjectionOut.model_validate(await self._projections.checkpoint(readers.REGISTRY))
+
+    async def head(self) -> tuple[int, bytes]:
+        """The event chain's head now."""
+        return await self._events.head()
+
+    @asynccontextmanager
+    async def export_snapshot(self) -> AsyncIterator[ExportSnapshot]:
+        async with self._audit.export_snapshot() as snapshot:
+            yield snapshot
+
+    async def create_token(self, name: str, token_sha256: bytes, by: str) -> None:
+        await self._audit.create_token(name, token_sha256, by)
+
+    async def revoke_token(self, name: str, by: str) -> None:
+        await self._audit.revoke_token(name, by)
+
+    async def tokens(self) -> list[dict[str, Any]]:
+        return await self._audit.tokens()
+
+    async def token_is_live(self, token_sha256: bytes) -> bool:
+        return await self._audit.token_is_live(token_sha256)
+
+    async def record_verification(
+        self, *, stream: str, verified_rows: int, head_position: int, head_hash: bytes,
+        checkpoint_position: int | None, problem: str | None,
+    ) -> None:
+        await self._audit.record_verification(
+            stream=stream, verified_rows=verified_rows, head_position=head_position,
+            head_hash=head_hash, checkpoint_position=checkpoint_position, problem=problem,
+        )
 
     async def events(
         self, where: EventFilter, *, limit: int = 100, with_payload: bool = False
@@ -112,7 +152,7 @@ class AuditService:
         building models (the tests hold these answers to the `Page[EventOut]` schema)."""
         if not 1 <= limit <= MAX_PAGE:
             raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
-        rows = await self.audit.events(where, limit=limit, with_payload=with_payload)
+        rows = await self._audit.events(where, limit=limit, with_payload=with_payload)
         return {"items": rows, "next_after": rows[-1]["position"] if len(rows) == limit else None}
 
     async def bot_history(
@@ -125,10 +165,14 @@ class AuditService:
         page = await self.events(
             EventFilter(member_id=member_id, bot_id=bot_id, after=after), limit=limit
         )
-        return BotHistory(bot=bot, events=page.items, next_after=page.next_after)
+        noted = await self._projections.anomalies_at([e.position for e in page.items])
+        items = [e.model_copy(update={"anomalies": noted[e.position]}) if e.position in noted
+                 else e for e in page.items]
+        return BotHistory(bot=bot, events=items, next_after=page.next_after)
 
     async def verification(self) -> list[VerificationOut]:
-        return [VerificationOut.model_validate(r) for r in await self.audit.verification_status()]
+        return [VerificationOut.model_validate(r)
+                for r in await self._audit.verification_status()]
 
 
 def event_out(row: dict[str, Any]) -> EventOut:

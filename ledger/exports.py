@@ -67,7 +67,7 @@ async def export_events(
 ) -> Manifest:
     writer = _Writer(out, fmt, EVENT_FIELDS)
     rows, first, last = 0, None, None
-    async with service.audit.export_snapshot() as snapshot:
+    async with service.export_snapshot() as snapshot:
         on_start(snapshot.head_position)
         bounded = EventFilter(**{**where.__dict__, "up_to": snapshot.head_position})
         async for batch in snapshot.events(bounded):
@@ -96,7 +96,7 @@ async def export_rows(
     writer = _Writer(out, fmt, fields)
     for item in items:
         writer.write(item.model_dump(mode="json"))
-    position, head_hash = await service.events_store.head()
+    position, head_hash = await service.head()
     positions = [getattr(i, "position", None) for i in items]
     known = [p for p in positions if p is not None]
     return _manifest(kind, fmt, filters, len(items), min(known, default=None),

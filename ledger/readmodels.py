@@ -66,7 +66,11 @@ class DeletionOut(_Model):
     last_activity_at: datetime | None
     message_count: int
     anomalies: list[str] = Field(
-        description="never_seen, repeated, activity_after_deletion"
+        description="never_seen, repeated, activity_after_deletion, unexpected_payload"
+    )
+    payload_anomalies: list[str] = Field(
+        default_factory=list,
+        description="what the deleting event's payload held that the registry could not use",
     )
 
 
@@ -82,6 +86,11 @@ class EventOut(_Model):
     hash: str = Field(description="chain hash, hex")
     payload: dict[str, Any] | None = Field(
         default=None, description="the stored payload (secrets removed), when asked for"
+    )
+    anomalies: list[str] | None = Field(
+        default=None,
+        description="in a bot's history: what this event's payload held that the registry "
+        "could not use (non-ASCII or out-of-range ids, wrong types)",
     )
 
 
@@ -107,6 +116,13 @@ class VerificationOut(_Model):
     checkpoint_position: int | None
     head_position: int = Field(description="the chain's head now")
     head_hash: str
+
+
+class ProjectionOut(_Model):
+    projection: str
+    position: int = Field(description="the store position the projection is folded up to")
+    head_hash: str = Field(description="the chain hash at that position, hex")
+    updated_at: datetime
 
 
 class ErrorOut(_Model):

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         default=None,
         description="DSN with rights to migrate and create roles; defaults to database_url",
     )
+    projector_database_url: SecretStr | None = Field(
+        default=None,
+        description="DSN the projector writes projections with (role ledger_projector); "
+        "default: database_url with the user ledger_projector",
+    )
     data_dir: Path = Field(default=Path(".ledger"), description="embedded database home")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

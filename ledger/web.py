@@ -28,6 +28,7 @@ from ledger.projections.projector import Projector
 from ledger.settings import Settings
 from ledger.spool import Spool
 from ledger.storage import target as targets
+from ledger.storage.audit_store import AuditStore
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
 
@@ -279,22 +280,30 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
-    projector = Projector(app[STORE], ProjectionStore(app[POOL]),
-                          snapshot_every=app[SETTINGS].projector_snapshot_every)
+    """The projector writes through a pool of its own, as the only role that may write
+    projections; the read API reads them through the service's pool and never writes."""
+    settings, target = app[SETTINGS], app[TARGET]
+    pool = await create_pool(target.projector_dsn, size=2, connect=False,
+                             connect_timeout=settings.connect_timeout_seconds)
+    projector = Projector(EventStore(pool, policy=settings.trust_policy), ProjectionStore(pool),
+                          snapshot_every=settings.projector_snapshot_every)
     app[PROJECTOR] = projector
     app[METRICS].watch_lag(lambda: projector.lag)
-    app[AUDIT] = AuditService(app[STORE], catch_up=False)
-    if not app[SETTINGS].run_projector:
+    app[AUDIT] = AuditService(app[STORE], ProjectionStore(app[POOL]), AuditStore(app[POOL]))
+    try:
+        if not settings.run_projector:
+            yield
+            return
+        task = asyncio.create_task(
+            projector.run(target.projector_dsn, poll_seconds=settings.projector_poll_seconds),
+            name="projector",
+        )
         yield
-        return
-    task = asyncio.create_task(
-        projector.run(app[TARGET].service_dsn, poll_seconds=app[SETTINGS].projector_poll_seconds),
-        name="projector",
-    )
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await pool.close()
 
 
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:

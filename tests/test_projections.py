@@ -158,8 +158,8 @@ async def test_as_of_answers_match_what_the_live_registry_showed(
         moment = await admin.fetchval(
             "SELECT received_at FROM ledger.events WHERE position = $1", position
         )
-        seen.append((position, moment, await projections.bots(member_id=None, status=None),
-                     await projections.deletions(member_id=None)))
+        seen.append((position, moment, await readers.bots(projections, None),
+                     await readers.deletions(projections, None)))
     for position, moment, live_bots, live_deletions in seen:
         assert await readers.bots(projections, projector, as_of=position) == live_bots
         assert await readers.deletions(projections, projector, as_of=position) == live_deletions
@@ -174,7 +174,7 @@ async def test_serve_keeps_projections_current_by_itself(
     _, answer = await post(client, sample("onimbotjoinchat-1"))
     async with asyncio.timeout(10):  # woken by NOTIFY, not by the 60 s poll
         await projector_of(client).wait_for(answer["position"])
-    bots = await projections_of(client).bots(member_id=MEMBER_ID, status=None)
+    bots = await readers.bots(projections_of(client), None, member_id=MEMBER_ID)
     assert [b.bot_id for b in bots] == [571]
     ready = await (await client.get("/readyz")).json()
     assert ready["projector"]["lag"] == 0
@@ -231,13 +231,12 @@ async def test_the_readmes_forensic_sql_runs_for_a_reader(
 
 
 async def test_as_of_from_snapshots_equals_folding_from_position_zero(
-    client: Client, admin: Admin
+    make_client: ClientFactory, settings_factory: Callable[..., Settings], admin: Admin
 ) -> None:
     from ledger.projections.fold import State, dump_state, load_state
 
-    assert client.app is not None
-    projections = projections_of(client)
-    projector = Projector(client.app[STORE], projections, snapshot_every=250)
+    client = await make_client(settings_factory(projector_snapshot_every=250))
+    projector = projector_of(client)
     traffic = Traffic(seed=13, portals=4)
     for _ in range(4):
         await ingest(client, traffic, 300)

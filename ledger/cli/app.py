@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -15,7 +15,7 @@ import click
 import orjson
 from pydantic import ValidationError
 
-from ledger import operations
+from ledger import asof, operations
 from ledger.audit import AuditService
 from ledger.errors import LedgerError
 from ledger.projections import readers
@@ -23,7 +23,7 @@ from ledger.projections.projector import Projector
 from ledger.readmodels import EventOut
 from ledger.settings import Settings
 from ledger.storage import target as targets
-from ledger.storage.audit_store import EventFilter
+from ledger.storage.audit_store import AuditStore, EventFilter
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
@@ -72,14 +72,18 @@ def main(ctx: click.Context) -> None:
 
 
 def _with_store(
-    ctx: click.Context, work: Callable[[EventStore], Awaitable[T]]
+    ctx: click.Context, work: Callable[[EventStore], Awaitable[T]], *, projector: bool = False
 ) -> T:
+    """Run `work` on the service's store. `projector=True`: on the projector's (the only role
+    that writes projections) instead."""
     settings = _settings(ctx)
 
     async def run() -> T:
         target = await targets.open_target(settings)
         try:
-            pool = await create_pool(target.service_dsn, size=2)
+            pool = await create_pool(
+                target.projector_dsn if projector else target.service_dsn, size=2
+            )
             try:
                 await targets.require_current_schema(pool)
                 return await work(EventStore(pool, policy=settings.trust_policy))
@@ -99,30 +103,25 @@ def _with_projections(
     ctx: click.Context,
     work: Callable[[ProjectionStore, Projector], Awaitable[T]],
 ) -> T:
+    """Run `work` with the projector (writing as the projector role); the same pool serves
+    its reads."""
     snapshot_every = _settings(ctx).projector_snapshot_every
 
     def run(store: EventStore) -> Awaitable[T]:
         projections = ProjectionStore(store.pool)
         return work(projections, Projector(store, projections, snapshot_every=snapshot_every))
 
-    return _with_store(ctx, run)
+    return _with_store(ctx, run, projector=True)
 
 
 def _parse_as_of(value: str | None) -> readers.AsOf:
-    if value is None:
-        return None
-    if value.isdigit():
-        return int(value)
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is neither a position nor an ISO 8601 time") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return asof.parse_as_of(value, "--as-of")
 
 
 _AS_OF = click.option(
-    "--as-of", help="A position or an ISO 8601 time (e.g. 2026-03-01T00:00:00Z): the answer "
-    "the ledger would have given then, folded from the store.",
+    "--as-of", help="The answer as of then, folded from the store: position:N, received:TIME "
+    "(when the ledger received it) or ts:TIME (Bitrix24's time; also Unix seconds), TIME in "
+    "ISO 8601 (e.g. 2026-03-01T00:00:00Z). A plain N is a position, a plain TIME received.",
 )
 _PORTAL = click.option("--portal", "member_id", help="Only this portal (member_id).")
 _JSON = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -149,10 +148,32 @@ def _cell(value: Any) -> str:
 
 
 def _with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
-    every = _settings(ctx).projector_snapshot_every
-    return _with_store(
-        ctx, lambda store: work(AuditService(store, catch_up=True, snapshot_every=every))
-    )
+    """Run `work` with the auditor's service: reads as the service role, and first catches
+    the projections up as the projector role."""
+    settings = _settings(ctx)
+
+    async def run() -> T:
+        target = await targets.open_target(settings)
+        try:
+            pool = await create_pool(target.service_dsn, size=2)
+            writer = await create_pool(target.projector_dsn, size=1)
+            try:
+                await targets.require_current_schema(pool)
+                store = EventStore(pool, policy=settings.trust_policy)
+                projector = Projector(
+                    EventStore(writer, policy=settings.trust_policy), ProjectionStore(writer),
+                    snapshot_every=settings.projector_snapshot_every,
+                )
+                return await work(AuditService(
+                    store, ProjectionStore(pool), AuditStore(pool), projector
+                ))
+            finally:
+                await writer.close()
+                await pool.close()
+        finally:
+            target.release()
+
+    return asyncio.run(run())
 
 
 def _event_filter(
@@ -166,10 +187,7 @@ def _event_filter(
 
 
 def _moment(value: str | None) -> datetime | None:
-    parsed = _parse_as_of(value)
-    if isinstance(parsed, int):
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time")
-    return parsed
+    return asof.parse_time(value) if value else None
 
 
 _TYPE = click.option("--type", "event_type", help="Event type, e.g. ONIMBOTDELETE.")

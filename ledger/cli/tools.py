@@ -85,7 +85,7 @@ def tokens() -> None:
 def tokens_create(ctx: click.Context, name: str) -> None:
     """Make a token; it is printed once and stored only as a hash."""
     token, digest = new_token()
-    _with_audit(ctx, lambda a: a.audit.create_token(name, digest, operations.local_actor()))
+    _with_audit(ctx, lambda a: a.create_token(name, digest, operations.local_actor()))
     click.echo(token)
 
 
@@ -95,7 +95,7 @@ def tokens_create(ctx: click.Context, name: str) -> None:
 @_fail_cleanly
 def tokens_revoke(ctx: click.Context, name: str) -> None:
     """Stop a token from working (within seconds on running servers)."""
-    _with_audit(ctx, lambda a: a.audit.revoke_token(name, operations.local_actor()))
+    _with_audit(ctx, lambda a: a.revoke_token(name, operations.local_actor()))
     click.echo(f"revoked {name}")
 
 
@@ -104,7 +104,7 @@ def tokens_revoke(ctx: click.Context, name: str) -> None:
 @_fail_cleanly
 def tokens_list(ctx: click.Context) -> None:
     """Names, creation and revocation of every token (never the tokens)."""
-    for row in _with_audit(ctx, lambda a: a.audit.tokens()):
+    for row in _with_audit(ctx, lambda a: a.tokens()):
         state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "live"
         click.echo(f"{row['name']:24} {state:26} created {row['created_at']:%Y-%m-%d %H:%M} "
                    f"by {row['created_by']}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from ledger.asof import strict_int64
 from ledger.envelope import INSTALL, UNINSTALL, UPDATE
 from ledger.models import TRUST_EVENT
 
@@ -28,7 +29,8 @@ _DELETES = {"ONIMBOTDELETE", "ONIMBOTV2DELETE"}
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as the fold sees it: the store row with its payload parsed."""
+    """An event as the fold sees it: the store row with its payload parsed (any JSON value:
+    the fold never trusts its shape)."""
 
     position: int
     member_id: str
@@ -37,27 +39,13 @@ class StoredEvent:
     bot_ids: tuple[int, ...]
     occurred_at: datetime | None
     received_at: datetime
-    payload: dict[str, Any]
+    payload: Any
     hash: bytes
 
     @property
     def at(self) -> datetime:
         """When it happened as far as we know: Bitrix24's `ts`, else when we received it."""
         return self.occurred_at or self.received_at
-
-    @property
-    def actor_user_id(self) -> str | None:
-        auth = self.payload.get("auth")
-        user = auth.get("user_id") if isinstance(auth, dict) else None
-        return str(user) if isinstance(user, str | int) and str(user) else None
-
-    @property
-    def domain(self) -> str | None:
-        auth = self.payload.get("auth")
-        domain = auth.get("domain") if isinstance(auth, dict) else self.payload.get("domain")
-        if domain is None:
-            domain = self.payload.get("domain")
-        return domain.lower() if isinstance(domain, str) and domain else None
 
 
 @dataclass(slots=True)
@@ -106,6 +94,7 @@ class Deletion:
     repeated: bool
     activity_after_deletion: bool = False
     activity_after_position: int | None = None
+    payload_anomalies: list[str] = field(default_factory=list)  # of the deleting event
 
     @property
     def key(self) -> tuple[int, int]:
@@ -143,6 +132,17 @@ class Lifecycle:
     actor_user_id: str | None
 
 
+@dataclass(slots=True)
+class Anomaly:
+    """What the fold found unexpected in one stored event's payload, and set aside."""
+
+    position: int
+    member_id: str
+    event_type: str
+    bot_ids: list[int]
+    notes: list[str]
+
+
 @dataclass
 class State:
     """Projection state; what the live projector loads is exactly what a batch may touch."""
@@ -151,6 +151,7 @@ class State:
     deletions: dict[tuple[int, int], Deletion] = field(default_factory=dict)
     portals: dict[str, Portal] = field(default_factory=dict)
     lifecycle: list[Lifecycle] = field(default_factory=list)
+    anomalies: dict[int, Anomaly] = field(default_factory=dict)
     dirty_bots: set[tuple[str, int]] = field(default_factory=set)
     dirty_deletions: set[tuple[int, int]] = field(default_factory=set)
     dirty_portals: set[str] = field(default_factory=set)
@@ -167,28 +168,145 @@ def needs(event: StoredEvent) -> tuple[set[tuple[str, int]], set[str]]:
 
 
 def apply(state: State, event: StoredEvent) -> None:
-    """Fold one event into the state, in position order."""
+    """Fold one event into the state, in position order.
+
+    Total: whatever a payload holds, this returns. What it cannot use (a bot id that is not
+    ASCII digits in int64 range, a list where an object belongs, a number where text belongs)
+    is left out of the registry and noted as an anomaly of the event instead.
+    """
     assert event.position > state.position, "events must be folded in position order"
     state.position = event.position
+    facts = _read(event)
+    if facts.notes:
+        state.anomalies[event.position] = Anomaly(
+            event.position, event.member_id, event.event_type, list(event.bot_ids), facts.notes
+        )
     if not event.member_id:
         return  # operator events not tied to a portal (an allowance by domain)
-    portal = _portal(state, event)
+    portal = _portal(state, event, facts)
     if event.event_type == TRUST_EVENT:
-        _trust(portal, event)
+        _trust(portal, event, facts)
     elif event.event_type in (INSTALL, UPDATE, UNINSTALL):
-        _lifecycle(state, portal, event)
-    codes = _bot_codes(event)
+        _lifecycle(state, portal, event, facts)
     for bot_id in event.bot_ids:
-        _bot_event(state, portal, event, bot_id, codes.get(bot_id))
+        _bot_event(state, portal, event, facts, bot_id)
 
 
-def _portal(state: State, event: StoredEvent) -> Portal:
+_MAX_SHOWN = 40  # characters of a sender's key or type name quoted in a note
+
+
+@dataclass(slots=True)
+class _Facts:
+    """What the fold uses of one payload, read defensively, with notes on what it could not."""
+
+    domain: str | None = None
+    actor: str | None = None
+    version: str | None = None
+    change: str | None = None
+    codes: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, path: str, problem: str) -> None:
+        self.notes.append(f"{path}: {problem}")
+
+
+def _shown(key: Any) -> str:
+    text = ascii(key)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "a boolean",
+            type(None): "null", float: "a number", int: "a number"}.get(type(value), "a value")
+
+
+def _text(facts: _Facts, path: str, value: Any, *, numbers: bool = False) -> str | None:
+    """Text fit for a text column: a non-empty string without NUL (or, where Bitrix24 sends
+    numbers, an integer); anything else present is noted."""
+    if value is None or value == "":
+        return None
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and "\x00" not in value:
+        return value
+    facts.note(path, f"{_kind(value)} where text belongs" if not isinstance(value, str)
+               else "text with a NUL character")
+    return None
+
+
+def _object(facts: _Facts, path: str, value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    facts.note(path, f"{_kind(value)} where an object belongs")
+    return None
+
+
+def _read(event: StoredEvent) -> _Facts:
+    facts = _Facts()
+    payload = event.payload
+    if not isinstance(payload, dict):
+        facts.note("payload", f"{_kind(payload)} where an object belongs")
+        return facts
+    auth = _object(facts, "auth", payload.get("auth"))
+    domain = _text(facts, "auth.domain", auth.get("domain")) if auth else None
+    if domain is None and (auth is None or "domain" not in auth):
+        domain = _text(facts, "domain", payload.get("domain"))
+    facts.domain = domain.lower() if domain else None
+    if auth is not None:
+        facts.actor = _text(facts, "auth.user_id", auth.get("user_id"), numbers=True)
+    if event.event_type == TRUST_EVENT:
+        facts.change = _text(facts, "change", payload.get("change"))
+    data = _object(facts, "data", payload.get("data"))
+    if data is None:
+        return facts
+    if event.event_type in (INSTALL, UPDATE, UNINSTALL):
+        facts.version = _text(facts, "data.VERSION", data.get("VERSION"), numbers=True)
+    _bot_codes(facts, data)
+    return facts
+
+
+def _bot_codes(facts: _Facts, data: dict[str, Any]) -> None:
+    """Bot codes by bot id, from every place a v1 or v2 payload names a bot."""
+
+    def note(path: str, bot_id: Any, code: Any) -> None:
+        text = _text(facts, f"{path}.code", code)
+        if bot_id is None or bot_id == "":
+            return
+        parsed = strict_int64(bot_id)
+        if parsed is None:
+            facts.note(path, f"{_shown(bot_id)} is not a bot id (ASCII digits, int64)")
+        elif text:
+            facts.codes.setdefault(parsed, text)
+
+    if "BOT_ID" in data:
+        note("data.BOT_ID", data.get("BOT_ID"), data.get("BOT_CODE"))
+    for group in ("BOT", "COMMAND"):
+        entries = _object(facts, f"data.{group}", data.get(group))
+        for key, entry in (entries or {}).items():
+            path = f"data.{group}.{_shown(key)}"
+            item = _object(facts, path, entry)
+            if group == "BOT" and strict_int64(key) is None:
+                facts.note(path, f"key {_shown(key)} is not a bot id (ASCII digits, int64)")
+            if item is None:
+                continue
+            if "BOT_ID" in item:
+                note(f"{path}.BOT_ID", item.get("BOT_ID"), item.get("BOT_CODE"))
+            elif group == "BOT" and strict_int64(key) is not None:
+                note(path, key, item.get("BOT_CODE"))
+    bot = _object(facts, "data.bot", data.get("bot"))
+    if bot is not None:
+        note("data.bot.id", bot.get("id"), bot.get("code"))
+
+
+def _portal(state: State, event: StoredEvent, facts: _Facts) -> Portal:
     portal = state.portals.get(event.member_id)
     if portal is None:
-        portal = state.portals[event.member_id] = Portal(event.member_id, event.domain)
+        portal = state.portals[event.member_id] = Portal(event.member_id, facts.domain)
         portal.first_event_position = event.position
-    if event.domain and portal.domain != event.domain:
-        portal.domain = event.domain
+    if facts.domain and portal.domain != facts.domain:
+        portal.domain = facts.domain
     if event.origin == "bitrix24":
         portal.event_count += 1
         portal.last_event_at = event.received_at
@@ -197,24 +315,21 @@ def _portal(state: State, event: StoredEvent) -> Portal:
     return portal
 
 
-def _trust(portal: Portal, event: StoredEvent) -> None:
-    change = event.payload.get("change")
+def _trust(portal: Portal, event: StoredEvent, facts: _Facts) -> None:
     state = {"allowed": "allowed", "established": "trusted", "provisioned": "trusted",
-             "ended": "ended"}.get(str(change))
+             "ended": "ended"}.get(facts.change or "")
     if state is None or (state == "allowed" and portal.trust_state in ("trusted", "ended")):
         return
     portal.trust_state, portal.trust_position = state, event.position
 
 
-def _lifecycle(state: State, portal: Portal, event: StoredEvent) -> None:
-    data = event.payload.get("data")
-    version = data.get("VERSION") if isinstance(data, dict) else None
+def _lifecycle(state: State, portal: Portal, event: StoredEvent, facts: _Facts) -> None:
     state.lifecycle.append(Lifecycle(
         event.position, event.member_id, event.event_type, event.occurred_at,
-        event.received_at, str(version) if version is not None else None, event.actor_user_id,
+        event.received_at, facts.version, facts.actor,
     ))
-    if version is not None:
-        portal.app_version = str(version)
+    if facts.version is not None:
+        portal.app_version = facts.version
     if event.event_type == INSTALL:
         portal.installed_at, portal.installed_position = event.at, event.position
         portal.uninstalled_at = portal.uninstalled_position = None
@@ -223,34 +338,11 @@ def _lifecycle(state: State, portal: Portal, event: StoredEvent) -> None:
         portal.uninstalled_at, portal.uninstalled_position = event.at, event.position
         for bot in sorted(state.bots_of(event.member_id), key=lambda b: b.bot_id):
             if bot.status == "active":
-                _delete(state, portal, bot, event, APP_UNINSTALLED, never_seen=False)
-
-
-def _bot_codes(event: StoredEvent) -> dict[int, str]:
-    data = event.payload.get("data")
-    if not isinstance(data, dict):
-        return {}
-    codes: dict[int, str] = {}
-
-    def note(bot_id: Any, code: Any) -> None:
-        if isinstance(code, str) and code and str(bot_id).isdigit():
-            codes.setdefault(int(str(bot_id)), code)
-
-    note(data.get("BOT_ID"), data.get("BOT_CODE"))
-    for group in ("BOT", "COMMAND"):
-        entries = data.get(group)
-        if isinstance(entries, dict):
-            for key, entry in entries.items():
-                if isinstance(entry, dict):
-                    note(entry.get("BOT_ID", key), entry.get("BOT_CODE"))
-    bot = data.get("bot")
-    if isinstance(bot, dict):
-        note(bot.get("id"), bot.get("code"))
-    return codes
+                _delete(state, portal, bot, event, facts, APP_UNINSTALLED, never_seen=False)
 
 
 def _bot_event(
-    state: State, portal: Portal, event: StoredEvent, bot_id: int, code: str | None
+    state: State, portal: Portal, event: StoredEvent, facts: _Facts, bot_id: int
 ) -> None:
     key = (event.member_id, bot_id)
     bot = state.bots.get(key)
@@ -262,12 +354,13 @@ def _bot_event(
             status="active", first_seen_position=event.position, first_seen_at=event.at,
         )
     state.dirty_bots.add(key)
+    code = facts.codes.get(bot_id)
     if code and bot.bot_code != code:
         bot.bot_code, bot.code_position = code, event.position
     if event.event_type.startswith("ONIMBOTV2"):
         bot.api_version = "v2"
     if event.event_type in _DELETES:
-        _delete(state, portal, bot, event, BOT_DELETED, never_seen=never_seen)
+        _delete(state, portal, bot, event, facts, BOT_DELETED, never_seen=never_seen)
         return
     if bot.status == "deleted":
         _flag_activity_after_deletion(state, bot, event)
@@ -281,16 +374,18 @@ def _bot_event(
 
 
 def _delete(
-    state: State, portal: Portal, bot: Bot, event: StoredEvent, cause: str, *, never_seen: bool
+    state: State, portal: Portal, bot: Bot, event: StoredEvent, facts: _Facts, cause: str, *,
+    never_seen: bool,
 ) -> None:
     deletion = Deletion(
         position=event.position, bot_id=bot.bot_id, member_id=bot.member_id,
         domain=portal.domain, bot_code=bot.bot_code, occurred_at=event.occurred_at,
-        received_at=event.received_at, actor_user_id=event.actor_user_id, cause=cause,
+        received_at=event.received_at, actor_user_id=facts.actor, cause=cause,
         event_type=event.event_type, event_hash=event.hash,
         first_seen_at=None if never_seen else bot.first_seen_at,
         last_activity_at=bot.last_activity_at, message_count=bot.message_count,
         never_seen=never_seen, repeated=bot.status == "deleted",
+        payload_anomalies=list(facts.notes),
     )
     state.deletions[deletion.key] = deletion
     state.dirty_deletions.add(deletion.key)
@@ -298,7 +393,7 @@ def _delete(
     if bot.status != "deleted":
         bot.status = "deleted"
         bot.deleted_position, bot.deleted_at = event.position, event.at
-        bot.deleted_by, bot.deletion_cause = event.actor_user_id, cause
+        bot.deleted_by, bot.deletion_cause = facts.actor, cause
     state.dirty_bots.add(bot.key)
 
 
@@ -316,6 +411,7 @@ def _flag_activity_after_deletion(state: State, bot: Bot, event: StoredEvent) ->
 
 _TYPES: dict[str, type[Any]] = {
     "bots": Bot, "deletions": Deletion, "portals": Portal, "lifecycle": Lifecycle,
+    "anomalies": Anomaly,
 }
 
 
@@ -340,6 +436,7 @@ def dump_state(state: State) -> bytes:
         "deletions": [row(state.deletions[k]) for k in sorted(state.deletions)],
         "portals": [row(state.portals[k]) for k in sorted(state.portals)],
         "lifecycle": [row(item) for item in sorted(state.lifecycle, key=lambda x: x.position)],
+        "anomalies": [row(state.anomalies[k]) for k in sorted(state.anomalies)],
     })
 
 
@@ -365,4 +462,7 @@ def load_state(blob: bytes) -> State:
         portal = build("portals", fields)
         state.portals[portal.member_id] = portal
     state.lifecycle = [build("lifecycle", fields) for fields in data["lifecycle"]]
+    for fields in data.get("anomalies", []):  # snapshots from before anomalies were kept
+        anomaly = build("anomalies", fields)
+        state.anomalies[anomaly.position] = anomaly
     return state

@@ -14,8 +14,9 @@ import time
 import zlib
 from collections.abc import Callable
 
+from ledger.asof import AsOf, Occurred, Position, Received
 from ledger.errors import LedgerError
-from ledger.projections import fold
+from ledger.projections import fold, rows
 from ledger.projections.fold import State
 from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
@@ -62,7 +63,7 @@ class Projector:
         applied = 0
         while True:
             async with self._projections.batch(REGISTRY) as batch:
-                events = await batch.events(self.head, self._batch_size)
+                events = [rows.event(r) for r in await batch.events(self.head, self._batch_size)]
                 if not events:
                     self.checkpoint = batch.checkpoint
                     break
@@ -72,10 +73,13 @@ class Projector:
                     keys, portals = fold.needs(event)
                     bot_keys |= keys
                     whole |= portals
-                state = await batch.load(bot_keys, whole, {e.member_id for e in events})
+                state = rows.state_of(
+                    await batch.load(bot_keys, whole, {e.member_id for e in events}),
+                    batch.checkpoint,
+                )
                 for event in events:
                     fold.apply(state, event)
-                await batch.save(state, events[-1].position)
+                await batch.save(rows.changed_rows(state), events[-1].position, events[-1].hash)
                 self.checkpoint = batch.checkpoint
             applied += len(events)
         if applied or self.lag == 0:
@@ -98,7 +102,7 @@ class Projector:
         if self.checkpoint - self._last_snapshot < self._snapshot_every:
             return
         async with self._projections.batch(REGISTRY) as batch:  # consistent with its checkpoint
-            state = await batch.load_all()
+            state = rows.state_of(await batch.load_all(), batch.checkpoint)
             await batch.save_snapshot(zlib.compress(fold.dump_state(state), 1))
             self._last_snapshot = batch.checkpoint
         log.info("saved a fold snapshot at position %d", self._last_snapshot)
@@ -126,22 +130,14 @@ class Projector:
                 await listener
 
     async def fold_to(
-        self, position: int, on_progress: Callable[[int], None] = lambda n: None
+        self, as_of: int | AsOf, on_progress: Callable[[int], None] = lambda n: None
     ) -> State:
-        """The projections as of `position`, folded in memory from the store (nothing written),
-        starting from the nearest snapshot at or before it."""
-        saved = await self._projections.snapshot_before(REGISTRY, position)
-        state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
-        return await self._fold(state, position, on_progress)
+        return await fold_to(self._projections, as_of, on_progress)
 
     async def _fold(
         self, state: State, position: int, on_progress: Callable[[int], None]
     ) -> State:
-        async for events in self._projections.stream_events(position, after=state.position):
-            for event in events:
-                fold.apply(state, event)
-            on_progress(len(events))
-        return state
+        return await fold_range(self._projections, state, position, on_progress)
 
     async def rebuild(
         self, on_start: Callable[[int], None] = lambda total: None,
@@ -149,10 +145,53 @@ class Projector:
     ) -> int:
         """Replay from position 0 and swap the result in atomically; returns the position."""
         async with self._projections.batch(REGISTRY) as batch:  # holds off the live projector
-            head, _ = await self._events.head()
+            head, head_hash = await self._events.head()
             on_start(head)
             state = await self._fold(State(), head, on_progress)
-            await batch.replace(state, head)
+            await batch.replace(rows.all_rows(state), head, head_hash)
             self._last_snapshot = 0
         self.checkpoint = self.head = head
         return head
+
+
+async def fold_to(
+    projections: ProjectionStore, as_of: int | AsOf,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> State:
+    """The projections as of a position, a received time or a Bitrix24 time, folded in memory
+    from the store (nothing written, so any role that reads may ask), starting from the latest
+    snapshot that holds nothing later than that.
+
+    By time, the events folded are exactly those received (or that happened) by then, in
+    position order — not a prefix of positions: spooled deliveries keep their received time
+    but get later positions, and portals' clocks differ.
+    """
+    if isinstance(as_of, int):
+        as_of = Position(as_of)
+    if isinstance(as_of, Position):
+        saved = await projections.snapshot_before(REGISTRY, as_of.position)
+        state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
+        return await fold_range(projections, state, as_of.position, on_progress)
+    occurred = isinstance(as_of, Occurred)
+    assert isinstance(as_of, Occurred | Received)
+    saved = await projections.snapshot_by_time(REGISTRY, as_of.at, occurred=occurred)
+    state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
+    async for batch in projections.stream_events_by_time(
+        as_of.at, occurred=occurred, after=state.position
+    ):
+        for event in batch:
+            fold.apply(state, rows.event(event))
+        on_progress(len(batch))
+    return state
+
+
+async def fold_range(
+    projections: ProjectionStore, state: State, position: int,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> State:
+    """Fold the events after `state.position` up to `position` into `state`."""
+    async for events in projections.stream_events(position, after=state.position):
+        for event in events:
+            fold.apply(state, rows.event(event))
+        on_progress(len(events))
+    return state

@@ -6,41 +6,47 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
+from ledger import asof
+from ledger.projections import projector as projector_module
+from ledger.projections import rows
 from ledger.projections.fold import Bot, Deletion, Portal, State
 from ledger.projections.projector import Projector
 from ledger.storage.projection_store import ProjectionStore
 
-AsOf = int | datetime | None  # a position, a moment, or now
+# a position, a received time or a Bitrix24 time (ledger.asof), or now (None); a bare int is a
+# position and a bare datetime a received time
+AsOf = asof.AsOf | int | datetime | None
+
+
+REGISTRY = projector_module.REGISTRY
 
 
 async def snapshot(
-    projections: ProjectionStore,
-    projector: Projector,
-    as_of: AsOf,
-    *,
-    catch_up: bool = True,
+    projections: ProjectionStore, projector: Projector | None, as_of: AsOf
 ) -> State | None:
-    """The folded state as of a position or moment (None: read the live projection instead)."""
+    """The folded state as of a position or moment (None: read the live projection, after
+    `projector`, when given, caught up)."""
     if as_of is None:
-        if catch_up:
+        if projector is not None:
             await projector.catch_up()
         return None
-    position = as_of if isinstance(as_of, int) else await projections.position_at(as_of)
-    return await projector.fold_to(position)
+    if isinstance(as_of, datetime):
+        as_of = asof.Received(as_of)
+    return await projector_module.fold_to(projections, as_of)
 
 
 async def bots(
     projections: ProjectionStore,
-    projector: Projector,
+    projector: Projector | None,
     *,
     member_id: str | None = None,
     status: str | None = None,
     as_of: AsOf = None,
-    catch_up: bool = True,
 ) -> list[Bot]:
-    state = await snapshot(projections, projector, as_of, catch_up=catch_up)
+    state = await snapshot(projections, projector, as_of)
     if state is None:
-        return await projections.bots(member_id=member_id, status=status)
+        return [rows.bot(r) for r in
+                await projections.rows("bots", member_id=member_id, status=status)]
     return sorted(
         (b for b in state.bots.values()
          if (member_id is None or b.member_id == member_id)
@@ -51,27 +57,24 @@ async def bots(
 
 async def deletions(
     projections: ProjectionStore,
-    projector: Projector,
+    projector: Projector | None,
     *,
     member_id: str | None = None,
     as_of: AsOf = None,
-    catch_up: bool = True,
 ) -> list[Deletion]:
-    state = await snapshot(projections, projector, as_of, catch_up=catch_up)
+    state = await snapshot(projections, projector, as_of)
     if state is None:
-        return await projections.deletions(member_id=member_id)
+        return [rows.deletion(r) for r in await projections.rows("deletions", member_id=member_id)]
     return sorted(
         (d for d in state.deletions.values() if member_id is None or d.member_id == member_id),
         key=lambda d: d.key,
     )
 
 
-async def portals(
-    projections: ProjectionStore, projector: Projector, *, catch_up: bool = True
-) -> list[Portal]:
-    if catch_up:
+async def portals(projections: ProjectionStore, projector: Projector | None) -> list[Portal]:
+    if projector is not None:
         await projector.catch_up()
-    return await projections.portals()
+    return [rows.portal(r) for r in await projections.rows("portals")]
 
 
 def as_record(row: Any) -> dict[str, Any]:
@@ -89,6 +92,7 @@ def as_record(row: Any) -> dict[str, Any]:
             name for name, flagged in (
                 ("never_seen", row.never_seen), ("repeated", row.repeated),
                 ("activity_after_deletion", row.activity_after_deletion),
+                ("unexpected_payload", bool(row.payload_anomalies)),
             ) if flagged
         ]
     return record

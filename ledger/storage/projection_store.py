@@ -1,37 +1,72 @@
-"""SQL of the projections: reading events to fold, loading and saving fold state, read queries.
+"""SQL of the projections: reading events to fold, loading and saving projection rows, reads.
 
-The projector's batch — events, state changes and the checkpoint — commits in one transaction, with
-the checkpoint row locked so that two projectors (two `ledger serve` processes) never interleave.
+Every statement names its columns (`COLUMNS`, written against the migrations, checked against
+the database by a test); rows cross this boundary as plain mappings keyed by those names, so the
+fold's types (`ledger.projections`) are not known here.
+
+The projector's batch — events, row changes, the checkpoint and the chain head it reached —
+commits in one transaction, with the checkpoint row locked so that two projectors (two
+`ledger serve` processes) never interleave.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-import orjson
-
-from ledger.projections.fold import Bot, Deletion, Lifecycle, Portal, State, StoredEvent
 from ledger.storage.store import Connection, Pool, translated_errors
 
-_EVENT_COLUMNS = (
-    "position, member_id, event_type, origin, bot_ids, occurred_at, received_at, payload, hash"
+Row = Mapping[str, Any]
+
+EVENT_COLUMNS = (
+    "position", "member_id", "event_type", "origin", "bot_ids", "occurred_at", "received_at",
+    "payload", "hash",
 )
-_EVENTS_AFTER = f"""
-    SELECT {_EVENT_COLUMNS} FROM ledger.events
-    WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
-"""
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "bots": (
+        "member_id", "bot_id", "bot_code", "api_version", "status", "first_seen_position",
+        "first_seen_at", "last_activity_position", "last_activity_at", "message_count",
+        "command_count", "chat_join_count", "deleted_position", "deleted_at", "deleted_by",
+        "deletion_cause", "code_position", "last_deletion_position",
+    ),
+    "deletions": (
+        "position", "bot_id", "member_id", "domain", "bot_code", "occurred_at", "received_at",
+        "actor_user_id", "cause", "event_type", "event_hash", "first_seen_at",
+        "last_activity_at", "message_count", "never_seen", "repeated",
+        "activity_after_deletion", "activity_after_position", "payload_anomalies",
+    ),
+    "portals": (
+        "member_id", "domain", "trust_state", "trust_position", "installed_at",
+        "installed_position", "uninstalled_at", "uninstalled_position", "install_count",
+        "app_version", "event_count", "first_event_position", "last_event_at",
+        "last_event_position",
+    ),
+    "portal_lifecycle": (
+        "position", "member_id", "event_type", "occurred_at", "received_at", "version",
+        "actor_user_id",
+    ),
+    "anomalies": ("position", "member_id", "event_type", "bot_ids", "notes"),
+}
+KEYS: dict[str, tuple[str, ...]] = {
+    "bots": ("member_id", "bot_id"),
+    "deletions": ("position", "bot_id"),
+    "portals": ("member_id",),
+    "portal_lifecycle": ("position",),
+    "anomalies": ("position",),
+}
+TABLES = tuple(COLUMNS)
 
 
-def _columns(model: type[Any]) -> list[str]:
-    return [f.name for f in dataclasses.fields(model)]
+def _select(table: str, where: str = "") -> str:
+    order = ", ".join(KEYS[table])
+    return (f"SELECT {', '.join(COLUMNS[table])} FROM projections.{table} {where} "
+            f"ORDER BY {order}")
 
 
-def _upsert(table: str, model: type[Any], key: Sequence[str]) -> str:
-    columns = _columns(model)
+def _upsert(table: str) -> str:
+    columns, key = COLUMNS[table], KEYS[table]
     values = ", ".join(f"${i + 1}" for i in range(len(columns)))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c not in key)
     return (
@@ -40,31 +75,32 @@ def _upsert(table: str, model: type[Any], key: Sequence[str]) -> str:
     )
 
 
-_TABLES: tuple[tuple[str, type[Any], tuple[str, ...]], ...] = (
-    ("bots", Bot, ("member_id", "bot_id")),
-    ("deletions", Deletion, ("position", "bot_id")),
-    ("portals", Portal, ("member_id",)),
-    ("portal_lifecycle", Lifecycle, ("position",)),
-)
-_UPSERTS = {table: _upsert(table, model, key) for table, model, key in _TABLES}
+_UPSERTS = {table: _upsert(table) for table in TABLES}
+_EVENTS_AFTER = f"""
+    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
+"""
+# "as of" a time: every event at that time or before, in position order, after `$2`
+_EVENTS_RECEIVED_BY = f"""
+    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    WHERE received_at <= $1 AND position > $2 ORDER BY position
+"""
+_EVENTS_OCCURRED_BY = f"""
+    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    WHERE coalesce(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
+"""
 
 
-def to_event(record: Any) -> StoredEvent:
-    return StoredEvent(
-        position=record["position"],
-        member_id=record["member_id"],
-        event_type=record["event_type"],
-        origin=record["origin"],
-        bot_ids=tuple(record["bot_ids"]),
-        occurred_at=record["occurred_at"],
-        received_at=record["received_at"],
-        payload=orjson.loads(record["payload"]),
-        hash=bytes(record["hash"]),
-    )
+def _values(table: str, row: Row) -> tuple[Any, ...]:
+    return tuple(row[c] for c in COLUMNS[table])
 
 
-def _values(row: Any) -> tuple[Any, ...]:
-    return tuple(getattr(row, f.name) for f in dataclasses.fields(row))
+def _plain(record: Any) -> dict[str, Any]:
+    row = dict(record)
+    for name, value in row.items():
+        if isinstance(value, memoryview):
+            row[name] = bytes(value)
+    return row
 
 
 class ProjectionBatch:
@@ -75,121 +111,146 @@ class ProjectionBatch:
         self.name = name
         self.checkpoint = checkpoint
 
-    async def events(self, up_to: int, limit: int) -> list[StoredEvent]:
-        rows = await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)
-        return [to_event(r) for r in rows]
+    async def events(self, up_to: int, limit: int) -> list[Row]:
+        return [_plain(r) for r in
+                await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)]
 
     async def load(
         self, bot_keys: Iterable[tuple[str, int]], whole_portals: Iterable[str],
         portals: Iterable[str],
-    ) -> State:
-        """Exactly the state a batch of events may read."""
-        state = State(position=self.checkpoint)
+    ) -> dict[str, Sequence[Row]]:
+        """Exactly the rows a batch of events may read: the bots named (and all bots of
+        `whole_portals`), the latest deletion row of each of them, and the portals."""
         keys = list(bot_keys)
-        rows = await self._connection.fetch(
-            f"SELECT {', '.join(_columns(Bot))} FROM projections.bots "
-            "WHERE (member_id, bot_id) IN (SELECT * FROM unnest($1::text[], $2::bigint[])) "
-            "OR member_id = ANY($3::text[])",
+        bots = [_plain(r) for r in await self._connection.fetch(
+            _select("bots", "WHERE (member_id, bot_id) IN "
+                    "(SELECT * FROM unnest($1::text[], $2::bigint[])) "
+                    "OR member_id = ANY($3::text[])"),
             [k[0] for k in keys], [k[1] for k in keys], list(whole_portals),
-        )
-        for row in rows:
-            bot = Bot(**dict(row))
-            state.bots[bot.key] = bot
-        deleted = [b for b in state.bots.values() if b.last_deletion_position is not None]
-        if deleted:
-            rows = await self._connection.fetch(
-                f"SELECT {', '.join(_columns(Deletion))} FROM projections.deletions "
-                "WHERE (position, bot_id) IN (SELECT * FROM unnest($1::bigint[], $2::bigint[]))",
-                [b.last_deletion_position for b in deleted], [b.bot_id for b in deleted],
-            )
-            for row in rows:
-                deletion = Deletion(**{**dict(row), "event_hash": bytes(row["event_hash"])})
-                state.deletions[deletion.key] = deletion
-        rows = await self._connection.fetch(
-            f"SELECT {', '.join(_columns(Portal))} FROM projections.portals "
-            "WHERE member_id = ANY($1::text[])",
-            list(portals),
-        )
-        for row in rows:
-            state.portals[row["member_id"]] = Portal(**dict(row))
-        return state
+        )]
+        deleted = [b for b in bots if b["last_deletion_position"] is not None]
+        deletions = [_plain(r) for r in await self._connection.fetch(
+            _select("deletions", "WHERE (position, bot_id) IN "
+                    "(SELECT * FROM unnest($1::bigint[], $2::bigint[]))"),
+            [b["last_deletion_position"] for b in deleted], [b["bot_id"] for b in deleted],
+        )] if deleted else []
+        portal_rows = [_plain(r) for r in await self._connection.fetch(
+            _select("portals", "WHERE member_id = ANY($1::text[])"), list(portals)
+        )]
+        return {"bots": bots, "deletions": deletions, "portals": portal_rows}
 
-    async def save(self, state: State, position: int) -> None:
-        """Write what the fold changed and move the checkpoint, in this transaction."""
-        await self._write("bots", [state.bots[k] for k in sorted(state.dirty_bots)])
-        await self._write("deletions", [state.deletions[k] for k in sorted(state.dirty_deletions)])
-        await self._write("portals", [state.portals[k] for k in sorted(state.dirty_portals)])
-        await self._write("portal_lifecycle", state.lifecycle)
-        await self._move(position)
+    async def load_all(self) -> dict[str, list[Row]]:
+        """Every projection row at this batch's checkpoint (for a snapshot)."""
+        return {table: [_plain(r) for r in await self._connection.fetch(_select(table))]
+                for table in TABLES}
 
-    async def load_all(self) -> State:
-        """The whole projected state at this batch's checkpoint (for a snapshot)."""
-        state = State(position=self.checkpoint)
-        for row in await self._connection.fetch(
-            f"SELECT {', '.join(_columns(Bot))} FROM projections.bots"
-        ):
-            bot = Bot(**dict(row))
-            state.bots[bot.key] = bot
-        for row in await self._connection.fetch(
-            f"SELECT {', '.join(_columns(Deletion))} FROM projections.deletions"
-        ):
-            deletion = Deletion(**{**dict(row), "event_hash": bytes(row["event_hash"])})
-            state.deletions[deletion.key] = deletion
-        for row in await self._connection.fetch(
-            f"SELECT {', '.join(_columns(Portal))} FROM projections.portals"
-        ):
-            state.portals[row["member_id"]] = Portal(**dict(row))
-        state.lifecycle = [
-            Lifecycle(**dict(row)) for row in await self._connection.fetch(
-                f"SELECT {', '.join(_columns(Lifecycle))} FROM projections.portal_lifecycle "
-                "ORDER BY position"
-            )
-        ]
-        return state
+    async def save(self, rows: Mapping[str, Sequence[Row]], position: int, head: bytes) -> None:
+        """Upsert the changed rows and move the checkpoint to `position` (whose chain hash is
+        `head`), in this transaction."""
+        for table in TABLES:
+            if rows.get(table):
+                await self._connection.executemany(
+                    _UPSERTS[table], [_values(table, r) for r in rows[table]]
+                )
+        await self._move(position, head)
 
     async def save_snapshot(self, blob: bytes) -> None:
+        """Store the fold state at this checkpoint, with the latest received time and
+        Bitrix24 time folded into it (so a time query knows whether it may start here)."""
         await self._connection.execute(
-            "INSERT INTO projections.snapshots (projection, position, state) VALUES ($1, $2, $3) "
-            "ON CONFLICT DO NOTHING",
-            self.name, self.checkpoint, blob,
+            """
+            INSERT INTO projections.snapshots
+                (projection, position, state, max_received_at, max_occurred_at)
+            SELECT $1, $2, $3, greatest(max(received_at), (
+                       SELECT max_received_at FROM projections.snapshots
+                       WHERE projection = $1 AND position = $4)),
+                   greatest(max(coalesce(occurred_at, received_at)), (
+                       SELECT max_occurred_at FROM projections.snapshots
+                       WHERE projection = $1 AND position = $4))
+            FROM ledger.events WHERE position > $4 AND position <= $2
+            ON CONFLICT DO NOTHING
+            """,
+            self.name, self.checkpoint, blob, await self._latest_snapshot(),
         )
 
-    async def replace(self, state: State, position: int) -> None:
+    async def _latest_snapshot(self) -> int:
+        value = await self._connection.fetchval(
+            "SELECT max(position) FROM projections.snapshots WHERE projection = $1 "
+            "AND max_received_at IS NOT NULL", self.name,
+        )
+        return int(value or 0)
+
+    async def replace(self, rows: Mapping[str, Sequence[Row]], position: int, head: bytes) -> None:
         """Swap in a whole rebuilt state; readers see the old one until COMMIT.
 
         Snapshots go too: a rebuild is what one runs after the fold changed.
         """
         await self._connection.execute(
-            "TRUNCATE projections.bots, projections.deletions, projections.portals, "
-            "projections.portal_lifecycle"
+            "TRUNCATE " + ", ".join(f"projections.{t}" for t in TABLES)
         )
         await self._connection.execute(
             "DELETE FROM projections.snapshots WHERE projection = $1", self.name
         )
-        for table, rows in (
-            ("bots", sorted(state.bots.values(), key=lambda b: b.key)),
-            ("deletions", sorted(state.deletions.values(), key=lambda d: d.key)),
-            ("portals", sorted(state.portals.values(), key=lambda p: p.member_id)),
-            ("portal_lifecycle", state.lifecycle),
-        ):
-            if rows:
+        for table in TABLES:
+            if rows.get(table):
                 await self._connection.copy_records_to_table(
-                    table, schema_name="projections", records=[_values(r) for r in rows],
-                    columns=[f.name for f in dataclasses.fields(rows[0])],
+                    table, schema_name="projections", columns=list(COLUMNS[table]),
+                    records=[_values(table, r) for r in rows[table]],
                 )
-        await self._move(position)
+        await self._move(position, head)
 
-    async def _write(self, table: str, rows: Sequence[Any]) -> None:
-        if rows:
-            await self._connection.executemany(_UPSERTS[table], [_values(r) for r in rows])
-
-    async def _move(self, position: int) -> None:
+    async def _move(self, position: int, head: bytes) -> None:
         await self._connection.execute(
-            "UPDATE projections.checkpoints SET position = $2, updated_at = now() "
-            "WHERE projection = $1",
-            self.name, position,
+            "UPDATE projections.checkpoints SET position = $2, head_hash = $3, "
+            "updated_at = now() WHERE projection = $1",
+            self.name, position, head,
         )
         self.checkpoint = position
+
+
+class ProjectionSnapshot:
+    """One read-only, repeatable-read view of the store and the projections together (for
+    `ledger verify --projections`): what it reads was all committed at one instant."""
+
+    def __init__(self, connection: Connection, name: str) -> None:
+        self._connection = connection
+        self._name = name
+
+    async def checkpoint(self) -> tuple[int, bytes]:
+        row = await self._connection.fetchrow(
+            "SELECT position, head_hash FROM projections.checkpoints WHERE projection = $1",
+            self._name,
+        )
+        assert row is not None
+        return int(row["position"]), bytes(row["head_hash"])
+
+    async def head(self) -> int:
+        return int(await self._connection.fetchval(
+            "SELECT position FROM ledger.stream_heads WHERE stream = 'events'"
+        ))
+
+    async def event_hash(self, position: int) -> bytes:
+        value = await self._connection.fetchval(
+            "SELECT hash FROM ledger.events WHERE position = $1", position
+        )
+        return bytes(value) if value is not None else bytes(32)
+
+    async def events(self, up_to: int, batch: int = 2000) -> AsyncIterator[list[Row]]:
+        cursor = await self._connection.cursor(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events WHERE position <= $1 "
+            "ORDER BY position", up_to,
+        )
+        while rows := await cursor.fetch(batch):
+            yield [_plain(r) for r in rows]
+
+    async def rows(self, table: str) -> list[Row]:
+        return [_plain(r) for r in await self._connection.fetch(_select(table))]
+
+    async def portal_trust(self) -> list[Row]:
+        return [_plain(r) for r in await self._connection.fetch(
+            "SELECT member_id, domain, state, token_sha256, changed_at, changed_position "
+            "FROM ledger.portal_trust ORDER BY member_id"
+        )]
 
 
 class ProjectionStore:
@@ -209,12 +270,25 @@ class ProjectionStore:
             )
             yield ProjectionBatch(connection, name, int(position))
 
-    async def checkpoint(self, name: str) -> int:
+    @asynccontextmanager
+    async def snapshot(self, name: str) -> AsyncIterator[ProjectionSnapshot]:
+        async with (
+            translated_errors(f"read {name}"),
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            yield ProjectionSnapshot(connection, name)
+
+    async def checkpoint(self, name: str) -> Row:
+        """How far the projection is folded: position, the chain hash there, and when."""
         async with translated_errors("read checkpoint"), self._pool.acquire() as connection:
-            value = await connection.fetchval(
-                "SELECT position FROM projections.checkpoints WHERE projection = $1", name
+            row = await connection.fetchrow(
+                "SELECT projection, position, encode(head_hash, 'hex') AS head_hash, updated_at "
+                "FROM projections.checkpoints WHERE projection = $1",
+                name,
             )
-        return int(value)
+        assert row is not None
+        return dict(row)
 
     async def snapshot_before(self, name: str, position: int) -> tuple[int, bytes] | None:
         """The latest saved fold state at or before `position`."""
@@ -223,6 +297,20 @@ class ProjectionStore:
                 "SELECT position, state FROM projections.snapshots "
                 "WHERE projection = $1 AND position <= $2 ORDER BY position DESC LIMIT 1",
                 name, position,
+            )
+        return (int(row["position"]), bytes(row["state"])) if row else None
+
+    async def snapshot_by_time(
+        self, name: str, moment: datetime, *, occurred: bool
+    ) -> tuple[int, bytes] | None:
+        """The latest saved fold state holding nothing later than `moment` (received time,
+        or Bitrix24 time when `occurred`): folding on from it loses nothing."""
+        column = "max_occurred_at" if occurred else "max_received_at"
+        async with translated_errors("read snapshot"), self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                f"SELECT position, state FROM projections.snapshots "
+                f"WHERE projection = $1 AND {column} <= $2 ORDER BY position DESC LIMIT 1",
+                name, moment,
             )
         return (int(row["position"]), bytes(row["state"])) if row else None
 
@@ -235,7 +323,7 @@ class ProjectionStore:
 
     async def stream_events(
         self, up_to: int, batch: int = 2000, after: int = 0
-    ) -> AsyncIterator[list[StoredEvent]]:
+    ) -> AsyncIterator[list[Row]]:
         """Events after..up_to in order, through a cursor in one read-only snapshot."""
         async with (
             translated_errors("read events"),
@@ -243,47 +331,48 @@ class ProjectionStore:
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
             cursor = await connection.cursor(
-                f"SELECT {_EVENT_COLUMNS} FROM ledger.events WHERE position > $2 "
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events WHERE position > $2 "
                 "AND position <= $1 ORDER BY position",
                 up_to, after,
             )
             while rows := await cursor.fetch(batch):
-                yield [to_event(r) for r in rows]
+                yield [_plain(r) for r in rows]
 
-    async def position_at(self, moment: datetime) -> int:
-        """The last position the ledger had received by `moment` (0 before the first event)."""
-        async with translated_errors("find position"), self._pool.acquire() as connection:
-            value = await connection.fetchval(
-                "SELECT position FROM ledger.events WHERE received_at <= $1 "
-                "ORDER BY received_at DESC LIMIT 1",
-                moment,
+    async def stream_events_by_time(
+        self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000
+    ) -> AsyncIterator[list[Row]]:
+        """Every event received (or, `occurred`, that happened) at `moment` or before, after
+        position `after`, in position order — whatever order the times are in (spooled
+        deliveries keep their received time but get later positions)."""
+        query = _EVENTS_OCCURRED_BY if occurred else _EVENTS_RECEIVED_BY
+        async with (
+            translated_errors("read events"),
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = await connection.cursor(query, moment, after)
+            while rows := await cursor.fetch(batch):
+                yield [_plain(r) for r in rows]
+
+    async def rows(self, table: str, **where: Any) -> list[Row]:
+        """Rows of one projection table, in key order, filtered by equality on columns."""
+        clauses, args = [], []
+        for column, value in where.items():
+            if value is None:
+                continue
+            if column not in COLUMNS[table]:
+                raise ValueError(f"projections.{table} has no column {column}")
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+        condition = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        async with translated_errors(f"read {table}"), self._pool.acquire() as connection:
+            records = await connection.fetch(_select(table, condition), *args)
+        return [_plain(r) for r in records]
+
+    async def anomalies_at(self, positions: Sequence[int]) -> dict[int, list[str]]:
+        async with translated_errors("read anomalies"), self._pool.acquire() as connection:
+            records = await connection.fetch(
+                "SELECT position, notes FROM projections.anomalies "
+                "WHERE position = ANY($1::bigint[])", list(positions),
             )
-        return int(value or 0)
-
-    async def bots(self, *, member_id: str | None, status: str | None) -> list[Bot]:
-        async with translated_errors("read bots"), self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                f"SELECT {', '.join(_columns(Bot))} FROM projections.bots "
-                "WHERE ($1::text IS NULL OR member_id = $1) AND ($2::text IS NULL OR status = $2) "
-                "ORDER BY member_id, bot_id",
-                member_id, status,
-            )
-        return [Bot(**dict(r)) for r in rows]
-
-    async def deletions(self, *, member_id: str | None) -> list[Deletion]:
-        async with translated_errors("read deletions"), self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                f"SELECT {', '.join(_columns(Deletion))} FROM projections.deletions "
-                "WHERE ($1::text IS NULL OR member_id = $1) ORDER BY position, bot_id",
-                member_id,
-            )
-        return [Deletion(**{**dict(r), "event_hash": bytes(r["event_hash"])}) for r in rows]
-
-    async def portals(self) -> list[Portal]:
-        async with translated_errors("read portals"), self._pool.acquire() as connection:
-            rows = await connection.fetch(
-                f"SELECT {', '.join(_columns(Portal))} FROM projections.portals "
-                "ORDER BY member_id"
-            )
-        return [Portal(**dict(r)) for r in rows]
-
+        return {int(r["position"]): list(r["notes"]) for r in records}

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DATABASE = "ledger"
 SERVICE_ROLE = "ledger_app"
+PROJECTOR_ROLE = "ledger_projector"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class DatabaseTarget:
     service_dsn: str
     admin_dsn: str
     embedded: EmbeddedHandle | None
+    projector_dsn: str = ""  # the only role that may write projections
 
     def release(self) -> None:
         """Let go of the embedded server (stopped when this was its last user)."""
@@ -44,7 +46,11 @@ async def open_target(settings: Settings, *, keep_running: bool = False) -> Data
         service = settings.database_url.get_secret_value()
         admin = settings.admin_database_url.get_secret_value() if settings.admin_database_url \
             else service
-        return DatabaseTarget(service_dsn=service, admin_dsn=admin, embedded=None)
+        projector = (settings.projector_database_url.get_secret_value()
+                     if settings.projector_database_url
+                     else with_login(service, user=PROJECTOR_ROLE))
+        return DatabaseTarget(service_dsn=service, admin_dsn=admin, embedded=None,
+                              projector_dsn=projector)
     handle = await asyncio.to_thread(
         embedded.start, settings.data_dir, keep_running=keep_running
     )
@@ -52,6 +58,7 @@ async def open_target(settings: Settings, *, keep_running: bool = False) -> Data
         service_dsn=handle.dsn(DATABASE, SERVICE_ROLE),
         admin_dsn=handle.dsn(DATABASE),
         embedded=handle,
+        projector_dsn=handle.dsn(DATABASE, PROJECTOR_ROLE),
     )
     try:
         await ensure_database(handle.dsn("postgres"), DATABASE)
