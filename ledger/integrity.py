@@ -1,15 +1,22 @@
-"""Checking the store against its own chains and against signed checkpoints; making checkpoints."""
+"""Checking the store against its own chains and against signed checkpoints, and the derived
+state (projections, portal trust) against a fold of the store; making checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ledger import checkpoints
 from ledger.checkpoints import Checkpoint
+from ledger.models import TRUST_EVENT
+from ledger.projections import fold, rows
+from ledger.projections.fold import State, StoredEvent
+from ledger.projections.projector import REGISTRY
+from ledger.storage.projection_store import COLUMNS, KEYS, TABLES, ProjectionStore
 from ledger.storage.store import EventStore
 from ledger.verification import Anchor, ChainVerifier, Problem, event_row, rejection_row
 
@@ -55,3 +62,151 @@ async def make_checkpoint(store: EventStore, key: Ed25519PrivateKey, origin: str
     """A signed statement of the event chain's current head."""
     position, head_hash = await store.head()
     return checkpoints.sign(Checkpoint(origin, position, head_hash, datetime.now(UTC)), key)
+
+
+# ---- the projections against a fold of the store ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Difference:
+    """The first place the stored derived state differs from a fold of the store."""
+
+    table: str
+    key: str
+    column: str
+    stored: Any
+    expected: Any
+
+    def __str__(self) -> str:
+        return (f"{self.table} ({self.key}) {self.column}: stored {_shown(self.stored)}, "
+                f"expected {_shown(self.expected)}")
+
+
+@dataclass(frozen=True)
+class ProjectionReport:
+    position: int  # the store position the projections say they are folded to
+    head_hash: bytes  # the chain hash they recorded for it
+    rows: int  # rows compared (projections and portal trust)
+    difference: Difference | None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)
+
+
+async def verify_projections(
+    projections: ProjectionStore,
+    on_start: Callable[[int], None] = lambda total: None,
+    on_progress: Callable[[int], None] = lambda rows: None,
+) -> ProjectionReport:
+    """Fold the store from position 0 in memory, in one read-only snapshot with the
+    projections, and compare every projection row, the recorded chain head and
+    `ledger.portal_trust` with the fold; report the first difference.
+
+    The projections are compared as of their own checkpoint (the projector may lag); trust,
+    written inside each append, as of the store's head.
+    """
+    async with projections.snapshot(REGISTRY) as snapshot:
+        position, recorded_hash = await snapshot.checkpoint()
+        head = await snapshot.head()
+        on_start(head)
+        state, trust_events = State(), []
+        async for batch in snapshot.events(head):
+            for row in batch:
+                event = rows.event(row)
+                if event.position <= position:
+                    fold.apply(state, event)
+                if event.event_type == TRUST_EVENT:
+                    trust_events.append(event)
+            on_progress(len(batch))
+        compared = 1
+        expected_hash = await snapshot.event_hash(position)
+        difference = None
+        if position > head:
+            difference = Difference("projections.checkpoints", f"projection={REGISTRY!r}",
+                                    "position", position, f"at most {head}")
+        elif recorded_hash != expected_hash:
+            difference = Difference("projections.checkpoints", f"projection={REGISTRY!r}",
+                                    "head_hash", recorded_hash, expected_hash)
+        expected_rows = rows.all_rows(state)
+        for table in TABLES:
+            if difference is not None:
+                break
+            stored = await snapshot.rows(table)
+            compared += len(stored)
+            difference = _compare(f"projections.{table}", KEYS[table], COLUMNS[table],
+                                  stored, expected_rows[table])
+        if difference is None:
+            stored_trust = await snapshot.portal_trust()
+            compared += len(stored_trust)
+            # TRUST FOLD: the one call to replace with `trust.fold_trust(events)` (branch
+            # `trust`) once it lands; `_fold_trust` is a stand-in with the same meaning.
+            expected_trust = _fold_trust(trust_events)
+            difference = _compare("ledger.portal_trust", ("member_id",), _TRUST_COLUMNS,
+                                  [_trust_row(r) for r in stored_trust], expected_trust)
+    return ProjectionReport(position, recorded_hash, compared, difference)
+
+
+def _compare(
+    table: str, key: Sequence[str], columns: Sequence[str], stored: Sequence[Mapping[str, Any]],
+    expected: Sequence[Mapping[str, Any]],
+) -> Difference | None:
+    def keyed(items: Sequence[Mapping[str, Any]]) -> dict[tuple[Any, ...], Mapping[str, Any]]:
+        return {tuple(r[k] for k in key): r for r in items}
+
+    have, want = keyed(stored), keyed(expected)
+    for k in sorted(have.keys() | want.keys()):
+        name = ", ".join(f"{c}={v!r}" for c, v in zip(key, k, strict=True))
+        if k not in have:
+            return Difference(table, name, "(row)", "missing", "present")
+        if k not in want:
+            return Difference(table, name, "(row)", "present", "missing")
+        for column in columns:
+            if _normal(have[k][column]) != _normal(want[k][column]):
+                return Difference(table, name, column, have[k][column], want[k][column])
+    return None
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value
+
+
+_TRUST_COLUMNS = ("domain", "state", "token_fingerprint", "changed_at", "changed_position")
+
+
+def _trust_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A `portal_trust` row as the trust events can vouch for it: they record only the
+    token's fingerprint (12 hex digits of its SHA-256), never the digest itself."""
+    token = row["token_sha256"]
+    return {"member_id": row["member_id"], "domain": row["domain"], "state": row["state"],
+            "token_fingerprint": bytes(token).hex()[:12] if token is not None else None,
+            "changed_at": row["changed_at"], "changed_position": row["changed_position"]}
+
+
+def _fold_trust(events: Sequence[StoredEvent]) -> list[dict[str, Any]]:
+    """Current trust per portal from the LEDGER.TRUST_CHANGED events, in order — what the
+    append path wrote to `ledger.portal_trust` (allowances are kept elsewhere)."""
+    trust: dict[str, dict[str, Any]] = {}
+    for event in events:
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        change = payload.get("change")
+        if not event.member_id or change not in ("established", "provisioned", "ended"):
+            continue
+        previous = trust.get(event.member_id)
+        domain = payload.get("domain") or (previous["domain"] if previous else None)
+        ended = change == "ended"
+        trust[event.member_id] = {
+            "member_id": event.member_id, "domain": domain,
+            "state": "ended" if ended else "trusted",
+            "token_fingerprint": None if ended else payload.get("token_fingerprint"),
+            "changed_at": event.received_at, "changed_position": event.position,
+        }
+    return list(trust.values())

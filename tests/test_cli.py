@@ -133,4 +133,4 @@ def test_bots_and_deletions_answer_in_json_with_snake_case_fields(database: Data
     rebuilt = run(database, "rebuild", "--quiet")
     assert rebuilt.exit_code == 0
     assert "rebuilt up to position" in rebuilt.output
-    assert run(database, "bots", "--as-of", "not-a-time").exit_code == 2
+    assert run(database, "bots", "--as-of", "not-a-time").exit_code == 1

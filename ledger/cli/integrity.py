@@ -16,6 +16,7 @@ from ledger.cli.app import (
 )
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 from ledger.verification import Anchor
 
@@ -25,17 +26,22 @@ from ledger.verification import Anchor
               path_type=Path), help="A signed checkpoint the history must still match.")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Public key file the checkpoint was signed with.")
+@click.option("--projections", "check_projections", is_flag=True,
+              help="Also fold the store from position 0 and compare every projection row, "
+              "the chain head the projections recorded, and ledger.portal_trust with it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 @_fail_cleanly
 def verify(
-    ctx: click.Context, checkpoint_file: Path | None, public_key: Path | None, quiet: bool
+    ctx: click.Context, checkpoint_file: Path | None, public_key: Path | None,
+    check_projections: bool, quiet: bool,
 ) -> None:
     """Recompute every hash of the event chain and the rejection chain.
 
     Exits 0 when both verify; otherwise 1, naming the first bad position and what is wrong
     (payload_changed, event_changed, event_missing, event_inserted, order_changed, head_mismatch,
-    checkpoint_mismatch).
+    checkpoint_mismatch). With --projections, also 1 when derived state differs from a fold of
+    the store, naming the first difference (table, key, column, stored and expected value).
     """
     settings = _settings(ctx)
     anchor = None
@@ -65,7 +71,19 @@ def verify(
             )
         return reports
 
-    reports = _with_store(ctx, record)
+    async def record_all(
+        store: EventStore,
+    ) -> tuple[list[integrity.StreamReport], integrity.ProjectionReport | None]:
+        reports = await record(store)
+        if not check_projections:
+            return reports, None
+        with _Progress("verifying projections", quiet) as bar:
+            projected = await integrity.verify_projections(
+                ProjectionStore(store.pool), on_start=bar.start, on_progress=bar.advance
+            )
+        return reports, projected
+
+    reports, projected = _with_store(ctx, record_all)
     failed = False
     for report in reports:
         if report.problem is None:
@@ -76,6 +94,13 @@ def verify(
             click.echo(f"{report.stream}: FAILED at {report.problem}", err=True)
     if anchor is not None and not failed:
         click.echo(f"checkpoint at position {anchor.position} matches")
+    if projected is not None:
+        if projected.difference is None:
+            click.echo(f"projections: {projected.rows} rows match a fold of the store up to "
+                       f"position {projected.position} {projected.head_hash.hex()}")
+        else:
+            failed = True
+            click.echo(f"projections: FAILED at {projected.difference}", err=True)
     if failed:
         ctx.exit(1)
 
