@@ -72,10 +72,13 @@ async def run(events: int) -> None:
         report = await integrity.verify_stream(store, "events")
         verify = time.perf_counter() - began
         assert report.problem is None, report.problem
-        projector = Projector(store, ProjectionStore(pool))
+        writer = await create_pool(cluster.dsn(database, user="ledger_projector"), size=2)
+        projector = Projector(EventStore(writer, policy=settings.trust_policy),
+                              ProjectionStore(writer))
         began = time.perf_counter()
         await projector.rebuild()
         rebuild = time.perf_counter() - began
+        await writer.close()
         await pool.close()
     finally:
         cluster.stop()

@@ -31,6 +31,7 @@ from ledger.models import EventDraft
 from ledger.settings import Settings
 from ledger.simulation import Traffic
 from ledger.storage.audit_store import AuditStore, EventFilter
+from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, create_pool
 from ledger.web import create_app
 
@@ -150,7 +151,8 @@ async def run(events: int) -> None:
         began = time.perf_counter()
         with open(os.devnull, "w") as sink:  # noqa: ASYNC230 - /dev/null never blocks
             manifest = await exports.export_events(
-                AuditService(store, catch_up=False), EventFilter(), sink, "jsonl"
+                AuditService(store, ProjectionStore(pool), AuditStore(pool)), EventFilter(), sink,
+                "jsonl",
             )
         export_seconds = time.perf_counter() - began
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

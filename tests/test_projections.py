@@ -215,6 +215,7 @@ async def test_the_readmes_forensic_sql_runs_for_a_reader(
     await install_sample_portal(client)
     for name in ["onimbotmessageadd-1", "onimbotdelete-1"]:
         await post(client, sample(name))
+    _, odd = await post(client, sample("onimbotjoinchat-1") + b"&data%5BBOT%5D%5B%C2%B2%5D=x")
     await projector_of(client).catch_up()
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     (block,) = re.findall(r"```sql\n(.*?)```", readme, re.S)
@@ -222,11 +223,12 @@ async def test_the_readmes_forensic_sql_runs_for_a_reader(
     target = await targets.open_target(settings)
     reader = await asyncpg.connect(await targets.create_reader(target, "readme_test", "pw"))
     try:
-        who, last_month, life = [await reader.fetch(s) for s in statements if s]
+        who, last_month, life, odd_ones = [await reader.fetch(s) for s in statements if s]
     finally:
         await reader.close()
     assert [(r["deleted_by_user_id"], r["cause"]) for r in who] == [("27", BOT_DELETED)]
     assert [r["event_type"] for r in life] == ["ONIMBOTMESSAGEADD", "ONIMBOTDELETE"]
+    assert [r["position"] for r in odd_ones] == [odd["position"]]
     assert last_month == []  # the samples' deletion is from 2026-02
 
 

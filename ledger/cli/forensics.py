@@ -14,25 +14,25 @@ import click
 
 from ledger import exports
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter
-from ledger.cli.app import (
-    _AS_OF,
-    _BOT,
-    _FROM,
-    _JSON,
-    _PORTAL,
-    _TO,
-    _TYPE,
-    _event_filter,
-    _fail_cleanly,
-    _moment,
-    _parse_as_of,
-    _print_events,
-    _print_rows,
-    _Progress,
-    _settings,
-    _with_audit,
-    _with_projections,
-    main,
+from ledger.cli.app import main
+from ledger.cli.common import (
+    AS_OF,
+    BOT,
+    EVENT_TYPE,
+    FROM,
+    JSON_OUTPUT,
+    PORTAL,
+    TO,
+    Progress,
+    event_filter,
+    fail_cleanly,
+    parse_as_of,
+    parse_moment,
+    print_events,
+    print_rows,
+    settings_of,
+    with_audit,
+    with_projections,
 )
 from ledger.projections import readers
 from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
@@ -42,37 +42,37 @@ from ledger.storage.projection_store import ProjectionStore
 
 
 @main.command()
-@_PORTAL
+@PORTAL
 @click.option("--status", type=click.Choice(["active", "deleted"]))
-@_AS_OF
-@_JSON
+@AS_OF
+@JSON_OUTPUT
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def bots(
     ctx: click.Context, member_id: str | None, status: str | None, as_of: str | None,
     as_json: bool,
 ) -> None:
     """The bot registry: which bots exist on which portal, active or deleted, since when."""
-    moment = _parse_as_of(as_of)
-    rows = _with_projections(ctx, lambda p, j: readers.bots(
+    moment = parse_as_of(as_of)
+    rows = with_projections(ctx, lambda p, j: readers.bots(
         p, j, member_id=member_id, status=status, as_of=moment))
-    _print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
+    print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
                        "first_seen_at", "last_activity_at", "message_count", "deleted_at",
                        "deleted_by"], as_json)
 
 
 @main.command()
-@_PORTAL
-@_AS_OF
-@_JSON
+@PORTAL
+@AS_OF
+@JSON_OUTPUT
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_json: bool) -> None:
     """The deletion timeline: who deleted which bot when, and what it had done before."""
-    moment = _parse_as_of(as_of)
-    rows = _with_projections(ctx, lambda p, j: readers.deletions(
+    moment = parse_as_of(as_of)
+    rows = with_projections(ctx, lambda p, j: readers.deletions(
         p, j, member_id=member_id, as_of=moment))
-    _print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
+    print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
                        "cause", "position", "message_count", "anomalies"], as_json)
 
 
@@ -80,14 +80,14 @@ def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_j
 @click.option("--once", is_flag=True, required=True,
               help="Drain every pending event into the projections and exit.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def project(ctx: click.Context, once: bool) -> None:
     """Bring the projections up to date (`ledger serve` does this continuously)."""
 
     async def work(projections: ProjectionStore, projector: Projector) -> int:
         return await projector.catch_up()
 
-    applied = _with_projections(ctx, work)
+    applied = with_projections(ctx, work)
     click.echo(f"applied {applied} events")
 
 
@@ -96,15 +96,15 @@ def project(ctx: click.Context, once: bool) -> None:
               show_default=True, help="Which projection to rebuild.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def rebuild(ctx: click.Context, projection: str, quiet: bool) -> None:
     """Replay the store from position 0 and swap the result in atomically."""
 
     async def work(projections: ProjectionStore, projector: Projector) -> int:
-        with _Progress(f"rebuilding {projection}", quiet) as bar:
+        with Progress(f"rebuilding {projection}", quiet) as bar:
             return await projector.rebuild(on_start=bar.start, on_progress=bar.advance)
 
-    position = _with_projections(ctx, work)
+    position = with_projections(ctx, work)
     click.echo(f"{projection} rebuilt up to position {position}")
 
 
@@ -116,10 +116,10 @@ def roles() -> None:
 @roles.command("create-reader")
 @click.argument("name")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def roles_create_reader(ctx: click.Context, name: str) -> None:
     """A login role that can read the `audit` views and nothing else (prints its DSN)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     password = secrets.token_urlsafe(24)
 
     async def run() -> str:
@@ -135,9 +135,9 @@ def roles_create_reader(ctx: click.Context, name: str) -> None:
 @main.command()
 @click.option("--portal", "member_id", required=True, help="The portal (member_id).")
 @click.option("--bot", type=int, required=True, help="The bot id.")
-@_JSON
+@JSON_OUTPUT
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def history(ctx: click.Context, member_id: str, bot: int, as_json: bool) -> None:
     """One bot's whole life: every event that named it, with position, actor and hash."""
 
@@ -151,28 +151,28 @@ def history(ctx: click.Context, member_id: str, bot: int, as_json: bool) -> None
             after = page.next_after
         return items
 
-    _print_events(_with_audit(ctx, work), as_json)
+    print_events(with_audit(ctx, work), as_json)
 
 
 @main.command()
-@_PORTAL
-@_TYPE
-@_BOT
-@_FROM
-@_TO
+@PORTAL
+@EVENT_TYPE
+@BOT
+@FROM
+@TO
 @click.option("--after", default=0, show_default=True, help="Start after this position.")
 @click.option("--limit", default=100, show_default=True, help=f"At most this many (<= {MAX_PAGE}).")
-@_JSON
+@JSON_OUTPUT
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def events(
     ctx: click.Context, member_id: str | None, event_type: str | None, bot: int | None,
     since: str | None, until: str | None, after: int, limit: int, as_json: bool,
 ) -> None:
     """Stored events in ledger order, filtered."""
-    where = _event_filter(member_id, event_type, bot, since, until, after)
-    page = _with_audit(ctx, lambda a: a.events(where, limit=limit))
-    _print_events(page.items, as_json)
+    where = event_filter(member_id, event_type, bot, since, until, after)
+    page = with_audit(ctx, lambda a: a.events(where, limit=limit))
+    print_events(page.items, as_json)
     if page.next_after is not None:
         click.echo(f"(more: --after {page.next_after})", err=True)
 
@@ -181,15 +181,15 @@ def events(
 @click.argument("kind", type=click.Choice(["events", "bots", "deletions"]))
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="jsonl",
               show_default=True)
-@_PORTAL
-@_TYPE
-@_BOT
-@_FROM
-@_TO
+@PORTAL
+@EVENT_TYPE
+@BOT
+@FROM
+@TO
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here (and a FILE.manifest.json beside it); default standard output.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def export(
     ctx: click.Context, kind: str, fmt: str, member_id: str | None, event_type: str | None,
     bot: int | None, since: str | None, until: str | None, output: Path | None,
@@ -205,8 +205,8 @@ def export(
             out: IO[str] = (stack.enter_context(output.open("w", newline=""))
                             if output else sys.stdout)
             if kind == "events":
-                where = _event_filter(member_id, event_type, bot, since, until)
-                bar = stack.enter_context(_Progress("exporting", output is None))
+                where = event_filter(member_id, event_type, bot, since, until)
+                bar = stack.enter_context(Progress("exporting", output is None))
                 return await exports.export_events(
                     audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
                 )
@@ -214,13 +214,13 @@ def export(
                 rows = await audit.bots(member_id=member_id)
                 return await exports.export_rows("bots", rows, out, fmt,
                                                  {"member_id": member_id}, audit)
-            where_d = DeletionFilter(member_id=member_id, occurred_from=_moment(since),
-                                     occurred_to=_moment(until))
+            where_d = DeletionFilter(member_id=member_id, occurred_from=parse_moment(since),
+                                     occurred_to=parse_moment(until))
             rows_d = await audit.deletions(where_d)
             return await exports.export_rows("deletions", rows_d, out, fmt,
                                              dict(where_d.__dict__), audit)
 
-    manifest = _with_audit(ctx, work)
+    manifest = with_audit(ctx, work)
     if output is None:
         click.echo(manifest.as_json().decode(), err=True)
     else:

@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from ledger import checkpoints, integrity
-from ledger.cli.app import (
-    _fail_cleanly,
-    _Progress,
-    _settings,
-    _with_store,
-    main,
+from ledger.cli.app import main
+from ledger.cli.common import (
+    Progress,
+    fail_cleanly,
+    settings_of,
+    with_store,
 )
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
@@ -31,7 +31,7 @@ from ledger.verification import Anchor
               "the chain head the projections recorded, and ledger.portal_trust with it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def verify(
     ctx: click.Context, checkpoint_file: Path | None, public_key: Path | None,
     check_projections: bool, quiet: bool,
@@ -43,7 +43,7 @@ def verify(
     checkpoint_mismatch). With --projections, also 1 when derived state differs from a fold of
     the store, naming the first difference (table, key, column, stored and expected value).
     """
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     anchor = None
     if checkpoint_file is not None:
         anchor = _read_anchor(checkpoint_file, public_key, settings)
@@ -51,7 +51,7 @@ def verify(
     async def work(store: EventStore) -> list[integrity.StreamReport]:
         reports = []
         for stream in integrity.STREAMS:
-            with _Progress(f"verifying {stream}", quiet) as bar:
+            with Progress(f"verifying {stream}", quiet) as bar:
                 reports.append(await integrity.verify_stream(
                     store, stream, anchor=anchor if stream == "events" else None,
                     on_start=bar.start, on_progress=bar.advance,
@@ -77,13 +77,13 @@ def verify(
         reports = await record(store)
         if not check_projections:
             return reports, None
-        with _Progress("verifying projections", quiet) as bar:
+        with Progress("verifying projections", quiet) as bar:
             projected = await integrity.verify_projections(
                 ProjectionStore(store.pool), on_start=bar.start, on_progress=bar.advance
             )
         return reports, projected
 
-    reports, projected = _with_store(ctx, record_all)
+    reports, projected = with_store(ctx, record_all)
     failed = False
     for report in reports:
         if report.problem is None:
@@ -122,10 +122,10 @@ def keys() -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the key pair (default: LEDGER_DATA_DIR/keys).")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def keys_generate(ctx: click.Context, directory: Path | None) -> None:
     """Make a new signing key (0600) and its public key file, to hand to auditors."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     private, public = checkpoints.generate_keys(directory or settings.keys_dir, settings.origin)
     click.echo(f"private key: {private} (keep it off the database host's backups)")
     click.echo(f"public key:  {public}")
@@ -137,12 +137,12 @@ def keys_generate(ctx: click.Context, directory: Path | None) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the statement here instead of standard output.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def checkpoint(ctx: click.Context, key: Path | None, output: Path | None) -> None:
     """Write a signed statement of the event chain's head (origin, position, hash, time)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     signing_key = checkpoints.load_private_key(key or settings.signing_key_path)
-    text = _with_store(
+    text = with_store(
         ctx, lambda store: integrity.make_checkpoint(store, signing_key, settings.origin)
     )
     if output is None:
@@ -156,7 +156,7 @@ def checkpoint(ctx: click.Context, key: Path | None, output: Path | None) -> Non
 @click.argument("checkpoint_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--public-key", required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_fail_cleanly
+@fail_cleanly
 def verify_checkpoint(checkpoint_file: Path, public_key: Path) -> None:
     """Check a checkpoint's signature with only the public key (no database needed)."""
     origin, key = checkpoints.load_public_key(public_key)

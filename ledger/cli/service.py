@@ -10,10 +10,10 @@ import signal
 
 import click
 
-from ledger.cli.app import (
-    _fail_cleanly,
-    _settings,
-    main,
+from ledger.cli.app import main
+from ledger.cli.common import (
+    fail_cleanly,
+    settings_of,
 )
 from ledger.settings import Settings
 from ledger.storage import target as targets
@@ -26,14 +26,14 @@ from ledger.storage import target as targets
               help="Processes sharing the port (SO_REUSEPORT); the first one also projects "
               "and writes checkpoints.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
     """Receive Bitrix24 events at POST /bitrix24/events and store them.
 
     On the embedded database the schema is migrated first; on an external one the service
     refuses to start until `ledger migrate` has run.
     """
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     address = (host or settings.host, port if port is not None else settings.port)
     if workers == 1:
         _serve(settings, *address, reuse_port=False)
@@ -92,12 +92,12 @@ def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool) -> Non
 
 @main.command()
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def migrate(ctx: click.Context) -> None:
     """Bring the database schema (and its roles) up to date."""
 
     async def run() -> None:
-        target = await targets.open_target(_settings(ctx))
+        target = await targets.open_target(settings_of(ctx))
         try:
             if target.embedded is None:  # the embedded one was migrated on opening
                 await targets.migrate(target)
@@ -116,7 +116,7 @@ def db() -> None:
 @db.command("url")
 @click.option("--admin", is_flag=True, help="The superuser/migration DSN instead of the service's.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def db_url(ctx: click.Context, admin: bool) -> None:
     """Print a DSN, so that `psql "$(ledger db url)"` works.
 
@@ -125,7 +125,7 @@ def db_url(ctx: click.Context, admin: bool) -> None:
     """
 
     async def run() -> str:
-        target = await targets.open_target(_settings(ctx), keep_running=True)
+        target = await targets.open_target(settings_of(ctx), keep_running=True)
         return target.admin_dsn if admin else target.service_dsn
 
     click.echo(asyncio.run(run()))
@@ -133,10 +133,10 @@ def db_url(ctx: click.Context, admin: bool) -> None:
 
 @db.command("stop")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def db_stop(ctx: click.Context) -> None:
     """Stop the embedded PostgreSQL (no effect on an external database)."""
-    settings = _settings(ctx)
+    settings = settings_of(ctx)
     if not settings.embedded:
         raise click.ClickException("LEDGER_DATABASE_URL is set: the database is not ours to stop")
 

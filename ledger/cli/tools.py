@@ -9,11 +9,11 @@ import click
 
 from ledger import operations
 from ledger.audit import new_token
-from ledger.cli.app import (
-    _fail_cleanly,
-    _with_audit,
-    _with_store,
-    main,
+from ledger.cli.app import main
+from ledger.cli.common import (
+    fail_cleanly,
+    with_audit,
+    with_store,
 )
 from ledger.storage.store import EventStore
 from ledger.trust import TrustChange
@@ -32,7 +32,7 @@ from ledger.trust import TrustChange
 @click.option("--provision", is_flag=True,
               help="Allow the simulated portals in this ledger's own database first.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def simulate(
     ctx: click.Context, url: str | None, output: Path | None, count: int,
     duration: float | None, concurrency: int, rate: float | None, portals: int, seed: int,
@@ -61,7 +61,7 @@ def simulate(
                     store, TrustChange.ALLOWED, member_id=portal.member_id
                 )
 
-        _with_store(ctx, allow_all)
+        with_store(ctx, allow_all)
     else:
         click.echo("the simulated portals must be allowed first (or pass --provision):", err=True)
         for portal in traffic.portals:
@@ -81,30 +81,30 @@ def tokens() -> None:
 @tokens.command("create")
 @click.argument("name")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def tokens_create(ctx: click.Context, name: str) -> None:
     """Make a token; it is printed once and stored only as a hash."""
     token, digest = new_token()
-    _with_audit(ctx, lambda a: a.create_token(name, digest, operations.local_actor()))
+    with_audit(ctx, lambda a: a.create_token(name, digest, operations.local_actor()))
     click.echo(token)
 
 
 @tokens.command("revoke")
 @click.argument("name")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def tokens_revoke(ctx: click.Context, name: str) -> None:
     """Stop a token from working (within seconds on running servers)."""
-    _with_audit(ctx, lambda a: a.revoke_token(name, operations.local_actor()))
+    with_audit(ctx, lambda a: a.revoke_token(name, operations.local_actor()))
     click.echo(f"revoked {name}")
 
 
 @tokens.command("list")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def tokens_list(ctx: click.Context) -> None:
     """Names, creation and revocation of every token (never the tokens)."""
-    for row in _with_audit(ctx, lambda a: a.tokens()):
+    for row in with_audit(ctx, lambda a: a.tokens()):
         state = f"revoked {row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "live"
         click.echo(f"{row['name']:24} {state:26} created {row['created_at']:%Y-%m-%d %H:%M} "
                    f"by {row['created_by']}")

@@ -8,11 +8,11 @@ from typing import Any
 import click
 import orjson
 
-from ledger.cli.app import (
-    _change_trust,
-    _fail_cleanly,
-    _with_store,
-    main,
+from ledger.cli.app import main
+from ledger.cli.common import (
+    change_trust,
+    fail_cleanly,
+    with_store,
 )
 from ledger.trust import TrustChange
 
@@ -26,12 +26,12 @@ def portals() -> None:
 @click.option("--member-id", help="The portal's member_id (auth.member_id).")
 @click.option("--domain", help="The portal's domain, e.g. some-domain.bitrix24.com.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None) -> None:
     """Allow a portal's next ONAPPINSTALL to establish its token."""
     if (member_id is None) == (domain is None):
         raise click.UsageError("give exactly one of --member-id or --domain")
-    position = _change_trust(ctx, TrustChange.ALLOWED, member_id=member_id, domain=domain)
+    position = change_trust(ctx, TrustChange.ALLOWED, member_id=member_id, domain=domain)
     click.echo(f"allowed {member_id or domain} (recorded at position {position})")
 
 
@@ -45,7 +45,7 @@ def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None)
     help="File holding the application_token (kept out of shell history and `ps`).",
 )
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def portals_trust(
     ctx: click.Context, member_id: str, domain: str | None, token_file: Path
 ) -> None:
@@ -53,7 +53,7 @@ def portals_trust(
     token = token_file.read_text().strip()
     if not token:
         raise click.ClickException(f"{token_file} is empty")
-    position = _change_trust(
+    position = change_trust(
         ctx, TrustChange.PROVISIONED, member_id=member_id, domain=domain, token=token
     )
     click.echo(f"trusted {member_id} (recorded at position {position})")
@@ -62,20 +62,20 @@ def portals_trust(
 @portals.command("revoke")
 @click.option("--member-id", required=True, help="The portal's member_id.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def portals_revoke(ctx: click.Context, member_id: str) -> None:
     """End trust in a portal's token: its deliveries are refused from now on."""
-    position = _change_trust(ctx, TrustChange.ENDED, member_id=member_id)
+    position = change_trust(ctx, TrustChange.ENDED, member_id=member_id)
     click.echo(f"revoked {member_id} (recorded at position {position})")
 
 
 @portals.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def portals_list(ctx: click.Context, as_json: bool) -> None:
     """Show each portal's trust state."""
-    rows = _with_store(ctx, lambda store: store.portals())
+    rows = with_store(ctx, lambda store: store.portals())
     if as_json:
         for row in rows:
             record: dict[str, Any] = {

@@ -96,7 +96,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     execute_script("""
     DROP VIEW audit.anomalies;
-    CREATE OR REPLACE VIEW audit.deletions AS
+    DROP VIEW audit.deletions;
+    CREATE VIEW audit.deletions AS
     SELECT d.occurred_at AS deleted_at, d.received_at, d.member_id AS portal_member_id,
            d.domain AS portal_domain, d.bot_id, d.bot_code,
            d.actor_user_id AS deleted_by_user_id, d.cause, d.event_type, d.position,
@@ -105,6 +106,10 @@ def downgrade() -> None:
            d.activity_after_deletion AS anomaly_activity_after_deletion,
            d.activity_after_position
     FROM projections.deletions d;
+    COMMENT ON VIEW audit.deletions IS
+        'The deletion timeline: one row per bot deletion, explicit or by uninstall.';
+    ALTER VIEW audit.deletions OWNER TO ledger_owner;
+    GRANT SELECT ON audit.deletions TO ledger_reader, ledger_app;
     GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA projections
         TO ledger_app;
     REVOKE ALL ON ALL TABLES IN SCHEMA projections FROM ledger_projector;

@@ -1,0 +1,211 @@
+"""What the `ledger` subcommands share: settings, store and service access (each command
+builds what it needs once, here), one-line errors, `--as-of` and other options, progress bars
+and output."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import click
+import orjson
+
+from ledger import asof, operations
+from ledger.audit import AuditService
+from ledger.errors import LedgerError
+from ledger.projections import readers
+from ledger.projections.projector import Projector
+from ledger.readmodels import EventOut
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.audit_store import AuditStore, EventFilter
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def fail_cleanly(func: Callable[P, T]) -> Callable[P, T]:
+    """Ledger errors become one line and exit status 1, not a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except LedgerError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    settings = ctx.find_object(Settings)
+    assert settings is not None
+    return settings
+
+
+def with_store(
+    ctx: click.Context, work: Callable[[EventStore], Awaitable[T]], *, projector: bool = False
+) -> T:
+    """Run `work` on the service's store. `projector=True`: on the projector's (the only role
+    that writes projections) instead."""
+    settings = settings_of(ctx)
+
+    async def run() -> T:
+        target = await targets.open_target(settings)
+        try:
+            pool = await create_pool(
+                target.projector_dsn if projector else target.service_dsn, size=2
+            )
+            try:
+                await targets.require_current_schema(pool)
+                return await work(EventStore(pool, policy=settings.trust_policy))
+            finally:
+                await pool.close()
+        finally:
+            target.release()
+
+    return asyncio.run(run())
+
+
+def change_trust(ctx: click.Context, change: TrustChange, **target: str | None) -> int:
+    return with_store(ctx, lambda store: operations.change_trust(store, change, **target))
+
+
+def with_projections(
+    ctx: click.Context,
+    work: Callable[[ProjectionStore, Projector], Awaitable[T]],
+) -> T:
+    """Run `work` with the projector (writing as the projector role); the same pool serves
+    its reads."""
+    snapshot_every = settings_of(ctx).projector_snapshot_every
+
+    def run(store: EventStore) -> Awaitable[T]:
+        projections = ProjectionStore(store.pool)
+        return work(projections, Projector(store, projections, snapshot_every=snapshot_every))
+
+    return with_store(ctx, run, projector=True)
+
+
+def parse_as_of(value: str | None) -> readers.AsOf:
+    return asof.parse_as_of(value, "--as-of")
+
+
+AS_OF = click.option(
+    "--as-of", help="The answer as of then, folded from the store: position:N, received:TIME "
+    "(when the ledger received it) or ts:TIME (Bitrix24's time; also Unix seconds), TIME in "
+    "ISO 8601 (e.g. 2026-03-01T00:00:00Z). A plain N is a position, a plain TIME received.",
+)
+PORTAL = click.option("--portal", "member_id", help="Only this portal (member_id).")
+JSON_OUTPUT = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+
+
+def print_rows(rows: list[Any], columns: list[str], as_json: bool) -> None:
+    records = [readers.as_record(r) for r in rows]
+    if as_json:
+        for record in records:
+            click.echo(orjson.dumps(record).decode())
+        return
+    widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
+    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for record in records:
+        click.echo("  ".join(_cell(record[c]).ljust(widths[c]) for c in columns))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
+    """Run `work` with the auditor's service: reads as the service role, and first catches
+    the projections up as the projector role."""
+    settings = settings_of(ctx)
+
+    async def run() -> T:
+        target = await targets.open_target(settings)
+        try:
+            pool = await create_pool(target.service_dsn, size=2)
+            writer = await create_pool(target.projector_dsn, size=1)
+            try:
+                await targets.require_current_schema(pool)
+                store = EventStore(pool, policy=settings.trust_policy)
+                projector = Projector(
+                    EventStore(writer, policy=settings.trust_policy), ProjectionStore(writer),
+                    snapshot_every=settings.projector_snapshot_every,
+                )
+                return await work(AuditService(
+                    store, ProjectionStore(pool), AuditStore(pool), projector
+                ))
+            finally:
+                await writer.close()
+                await pool.close()
+        finally:
+            target.release()
+
+    return asyncio.run(run())
+
+
+def event_filter(
+    member_id: str | None, event_type: str | None, bot: int | None, since: str | None,
+    until: str | None, after: int = 0,
+) -> EventFilter:
+    return EventFilter(
+        member_id=member_id, event_type=event_type.upper() if event_type else None, bot_id=bot,
+        received_from=parse_moment(since), received_to=parse_moment(until), after=after,
+    )
+
+
+def parse_moment(value: str | None) -> datetime | None:
+    return asof.parse_time(value) if value else None
+
+
+EVENT_TYPE = click.option("--type", "event_type", help="Event type, e.g. ONIMBOTDELETE.")
+BOT = click.option("--bot", type=int, help="Events naming this bot id.")
+FROM = click.option("--from", "since", help="Received at or after (ISO 8601).")
+TO = click.option("--to", "until", help="Received before (ISO 8601).")
+
+
+def print_events(items: list[EventOut], as_json: bool) -> None:
+    if as_json:
+        for item in items:
+            click.echo(item.model_dump_json(exclude_none=True))
+        return
+    click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'EVENT':24} {'BOTS':12} {'ACTOR':7} HASH")
+    for e in items:
+        bots = ",".join(map(str, e.bot_ids)) or "-"
+        click.echo(f"{e.position:>9}  {e.received_at.isoformat(timespec='seconds'):25}  "
+                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':7} {e.hash[:16]}")
+
+
+class Progress:
+    """click's progress bar, started once the total is known."""
+
+    def __init__(self, label: str, quiet: bool) -> None:
+        self._label, self._quiet = label, quiet
+        self._bar: Any = None
+
+    def start(self, total: int) -> None:
+        if not self._quiet:
+            self._bar = click.progressbar(length=total, label=self._label, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, rows: int) -> None:
+        if self._bar is not None:
+            self._bar.update(rows)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
