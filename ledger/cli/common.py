@@ -135,7 +135,8 @@ def with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]])
         target = await targets.open_target(settings)
         try:
             pool = await create_pool(target.service_dsn, size=2)
-            writer = await create_pool(target.projector_dsn, size=1)
+            # connected only when a command first catches the projections up
+            writer = await create_pool(target.projector_dsn, size=1, connect=False)
             try:
                 await targets.require_current_schema(pool)
                 store = EventStore(pool, policy=settings.trust_policy)
