@@ -24,6 +24,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 _MAX_ANSWER_BYTES = 256 * 1024
+_MAX_IN_FLIGHT = 16  # anyone can send an install claiming an allowed domain: bound the call-backs
 
 
 class Confirmer(Protocol):
@@ -41,8 +42,18 @@ class RestConfirmer:
         self._session = session
         self._base_url = base_url
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._in_flight = 0
 
     async def confirm(self, domain: str, member_id: str, access_token: str) -> str | None:
+        if self._in_flight >= _MAX_IN_FLIGHT:
+            return "too many installs are being confirmed at once; install again"
+        self._in_flight += 1
+        try:
+            return await self._ask(domain, member_id, access_token)
+        finally:
+            self._in_flight -= 1
+
+    async def _ask(self, domain: str, member_id: str, access_token: str) -> str | None:
         url = self._base_url.format(domain=domain).rstrip("/") + "/app.info"
         try:
             async with self._session.post(

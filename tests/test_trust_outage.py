@@ -7,6 +7,7 @@ refusal on drain.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -183,3 +184,24 @@ async def test_a_forged_install_accepted_offline_is_refused_on_drain_and_leaves_
         None, sha256(TOKEN.encode()).hex())
     status, _ = await post(client, sample("onimbotjoinchat-1"))  # the genuine portal is fine
     assert status == 200
+
+
+async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
+    make_client: ClientFactory, outage: Any, admin: Admin, database: Database  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for(trust_refresh_seconds=0.05))
+    assert client.app is not None
+    pool = await create_pool(database.service_dsn, size=2)  # `ledger portals trust`, elsewhere
+    await change_trust(EventStore(pool, policy=TrustPolicy.ALLOWLIST), TrustChange.PROVISIONED,
+                       member_id=MEMBER_ID, token=TOKEN, actor="test")
+    await pool.close()
+    async with asyncio.timeout(10):  # the serving process picks it up by itself
+        while MEMBER_ID not in client.app[OFFLINE].view()[0].portals:
+            await asyncio.sleep(0.02)
+
+    await relay.cut()
+    await spooled(client, sample("onimbotjoinchat-1"))  # not `unknown_portal`
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == ["ONIMBOTJOINCHAT"]
