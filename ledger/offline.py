@@ -89,6 +89,7 @@ class OfflineTrust:
         self.base = TrustFacts()
         self.base_position = 0
         self._own: list[tuple[int, TrustEffect]] = []
+        self.refreshed = asyncio.Event()  # set whenever a refresh read new trust events
 
     # ---- the base, from PostgreSQL -----------------------------------------------------
 
@@ -123,6 +124,7 @@ class OfflineTrust:
         self.base, self.base_position = base, events[-1][0]
         self._own = [(p, e) for p, e in self._own if p > self.base_position]
         await asyncio.to_thread(self._persist)
+        self.refreshed.set()
 
     def _persist(self) -> None:
         self._save_snapshot()

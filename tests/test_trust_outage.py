@@ -196,9 +196,13 @@ async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
     await change_trust(EventStore(pool, policy=TrustPolicy.ALLOWLIST), TrustChange.PROVISIONED,
                        member_id=MEMBER_ID, token=TOKEN, actor="test")
     await pool.close()
+    offline = client.app[OFFLINE]
     async with asyncio.timeout(10):  # the serving process picks it up by itself
-        while MEMBER_ID not in client.app[OFFLINE].view()[0].portals:
-            await asyncio.sleep(0.02)
+        while True:
+            offline.refreshed.clear()
+            if MEMBER_ID in offline.view()[0].portals:
+                break
+            await offline.refreshed.wait()
 
     await relay.cut()
     await spooled(client, sample("onimbotjoinchat-1"))  # not `unknown_portal`
