@@ -324,7 +324,7 @@ class OfflineTrust:
                 for a in self.base.allowances.values()
             ],
         }
-        temporary = self._snapshot_path.with_suffix(f".{os.getpid()}.tmp")
+        temporary = self._snapshot_path.with_suffix(f".{os.getpid()}-{self._worker}.tmp")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(orjson.dumps(data))

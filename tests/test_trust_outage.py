@@ -20,10 +20,11 @@ from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from ledger.web import OFFLINE, STORE
-from tests.conftest import MEMBER_ID, TOKEN, ClientFactory, Database, sample
+from tests.conftest import DOMAIN, MEMBER_ID, TOKEN, ClientFactory, Database, sample
 from tests.helpers import Client, allow_sample_portal, install_sample_portal, post
 from tests.test_intake import forge
 from tests.test_spool import drained, outage, proxy  # noqa: F401 - fixtures
+from tests.test_trust import FakeBitrix24, bitrix24  # noqa: F401 - a fixture
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 NEW_TOKEN = "9" * 32
@@ -209,3 +210,29 @@ async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
     await relay.start()
     await drained(client)
     assert await stored_types(admin) == ["ONIMBOTJOINCHAT"]
+
+
+async def test_an_install_a_domain_allowance_admits_is_confirmed_before_it_is_spooled(
+    make_client: ClientFactory, outage: Any, admin: Admin,  # noqa: F811
+    bitrix24: FakeBitrix24,  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for(bitrix24_rest_url=bitrix24.url))
+    assert client.app is not None
+    await change_trust(client.app[STORE], TrustChange.ALLOWED, domain=DOMAIN, actor="test")
+    await known_everywhere(client)
+
+    await relay.cut()
+    forged = forge("onappinstall-1", member_id="f" * 32, access_token="not-issued")
+    status, answer = await post(client, forged)
+    assert (status, answer["error"]) == (403, "install_not_confirmed")  # refused at once
+    await spooled(client, sample("onappinstall-1"))  # confirmed by the portal, then spooled
+    await spooled(client, sample("onimbotjoinchat-1"))
+    assert [domain for domain, _ in bitrix24.calls] == [DOMAIN, DOMAIN]
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert await trusted_digest(admin) == sha256(TOKEN.encode())
+    assert [r["reason"] for r in await admin.fetch("SELECT reason FROM ledger.rejections")] == [
+        "install_not_confirmed"]
