@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import orjson
 
-from ledger.errors import LedgerError
+from ledger.errors import AppendFailed, LedgerError
 from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
 from ledger.planner import Facts, PlannedEffect, plan
 from ledger.settings import TrustPolicy
@@ -374,7 +374,14 @@ class Appender:
         self._offline = offline
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
-        outcomes, effects = await self._store.append_planned(drafts, draining=draining)
+        try:
+            outcomes, effects = await self._store.append_planned(drafts, draining=draining)
+        except AppendFailed:
+            if draining and len(drafts) == 1:
+                # the committer sets this one aside (quarantine): its trust effect never lands
+                refused = [Refusal(500, "quarantined", "refused by PostgreSQL", 0)]
+                await asyncio.to_thread(self._offline.settle, drafts, refused, [])
+            raise
         await self._offline.note_committed(effects)
         if draining:
             await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)

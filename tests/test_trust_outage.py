@@ -236,3 +236,29 @@ async def test_an_install_a_domain_allowance_admits_is_confirmed_before_it_is_sp
     assert await trusted_digest(admin) == sha256(TOKEN.encode())
     assert [r["reason"] for r in await admin.fetch("SELECT reason FROM ledger.rejections")] == [
         "install_not_confirmed"]
+
+
+async def test_a_forged_install_at_another_worker_is_judged_after_the_genuine_one(
+    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await allow_sample_portal(first)
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(first, sample("onappinstall-1"))  # the genuine install, at worker 0
+    # at worker 1, in the same outage: an install with another token, and its delivery —
+    # they wait for worker 0's install and are judged after it, on drain
+    await spooled(second, reinstall(FORGED_TOKEN))
+    await spooled(second, bot_events(FORGED_TOKEN)[0])
+
+    await relay.start()
+    await drained(second)
+    await drained(first)
+    assert await stored_types(admin) == ["ONAPPINSTALL"]
+    reasons = [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")]
+    assert reasons == ["token_replacement_refused", "invalid_application_token"]
+    assert await trusted_digest(admin) == sha256(TOKEN.encode())
