@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from ledger.drafts import refusal
 from ledger.errors import (
     AppendFailed,
     CommitterClosed,
@@ -27,17 +26,26 @@ from ledger.errors import (
     SpoolFull,
 )
 from ledger.metrics import Metrics
-from ledger.models import Draft, EventDraft, Outcome, Refusal, Spooled
+from ledger.models import Draft, Outcome
 from ledger.spool import Spool
-from ledger.trust import Refused
 
 log = logging.getLogger(__name__)
 
 
 class Appender(Protocol):
-    async def append(self, drafts: Sequence[Draft]) -> list[Outcome]: ...
+    async def append(
+        self, drafts: Sequence[Draft], *, draining: bool = False
+    ) -> list[Outcome]: ...
 
-    def judge_offline(self, draft: EventDraft) -> Refused | None: ...
+    def spool_offline(
+        self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
+    ) -> list[Outcome]:
+        """Judge offline, `write` what is to be spooled, answer each draft (blocking)."""
+        ...
+
+    def drainable(self, drafts: Sequence[Draft]) -> int:
+        """How many of these spooled drafts may drain now, in order (blocking)."""
+        ...
 
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
@@ -181,14 +189,16 @@ class GroupCommitter:
             if not future.done():
                 future.set_result(outcome)
 
-    async def _append_within(self, drafts: Sequence[Draft]) -> list[Outcome]:
+    async def _append_within(
+        self, drafts: Sequence[Draft], *, draining: bool = False
+    ) -> list[Outcome]:
         """Append, giving up waiting after `append_timeout`.
 
         The append itself is not cancelled — cancelling a stalled connection waits on it too —
         it finishes or fails on its own; if it commits after all, draining the spooled copy
         finds a duplicate.
         """
-        task = asyncio.ensure_future(self._appender.append(drafts))
+        task = asyncio.ensure_future(self._appender.append(drafts, draining=draining))
         if self._append_timeout is None:
             return await task
         try:
@@ -207,26 +217,12 @@ class GroupCommitter:
         self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
 
     async def _spool_batch(self, batch: list[_Pending]) -> None:
-        """Judge against cached trust, write what passes (and the refusals) durably, answer."""
+        """Judge offline (ledger.offline), write what passes (and the refusals) durably, answer."""
         assert self._spool is not None
-        records: list[Draft] = []
-        results: list[Outcome] = []
-        for draft, _ in batch:
-            refused = (
-                self._appender.judge_offline(draft) if isinstance(draft, EventDraft) else None
-            )
-            if refused is None:
-                records.append(draft)
-                results.append(Spooled())
-                continue
-            assert isinstance(draft, EventDraft)
-            record = refusal(draft, status=refused.status, reason=refused.code,
-                             detail=refused.message)
-            if record is not None:
-                records.append(record)
-            results.append(Refusal(refused.status, refused.code, refused.message, 0))
         try:
-            await asyncio.to_thread(self._spool.append, records)
+            results = await asyncio.to_thread(
+                self._appender.spool_offline, [draft for draft, _ in batch], self._spool.append
+            )
         except (SpoolFull, OSError) as exc:
             log.error("cannot spool %d deliveries: %s", len(batch), exc)
             failure = exc if isinstance(exc, SpoolFull) else SpoolFull(f"spool write failed: {exc}")
@@ -242,8 +238,15 @@ class GroupCommitter:
         if not await self._open():
             return
         pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
+        # a draft whose trust waits on another worker's spooled lifecycle event drains after it
+        ready = await asyncio.to_thread(self._appender.drainable, pending.drafts)
+        if ready == 0:
+            self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+            return
+        if ready < len(pending.drafts):
+            pending = await asyncio.to_thread(self._spool.read, ready)
         try:
-            await self._append_within(pending.drafts)
+            await self._append_within(pending.drafts, draining=True)
         except (DatabaseUnavailable, TimeoutError):
             self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
             return

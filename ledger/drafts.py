@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from ledger.envelope import Envelope, occurrence
+from ledger.errors import OperatorActionRefused
 from ledger.hashing import canonical_json, document_json, sha256
 from ledger.models import (
     ORIGIN_BITRIX24,
@@ -21,7 +22,7 @@ from ledger.models import (
     RejectionDraft,
 )
 from ledger.redaction import Scrubbed, scrub_text
-from ledger.trust import TrustChange
+from ledger.trust import TrustChange, TrustEffect, normalise_domain
 
 NO_PORTAL = ""  # member_id of operator events that name only a domain
 
@@ -92,22 +93,26 @@ def refusal(draft: EventDraft, *, status: int, reason: str, detail: str) -> Reje
 
 
 def trust_event(
-    change: TrustChange,
+    effect: TrustEffect,
     *,
-    member_id: str,
-    domain: str | None,
-    token_sha256: bytes | None,
     actor: str,
     origin: str,
     received_at: datetime,
     cause_position: int | None = None,
 ) -> EventDraft:
-    """The LEDGER.TRUST_CHANGED event recording one trust change (what, who, when)."""
+    """The LEDGER.TRUST_CHANGED event recording one trust change: its effect, who, when.
+
+    The payload holds the whole effect (`ledger.trust.effect_of` reads it back), so trust is a
+    fold of the store: the token's SHA-256 digest (never the token), the allowance an install
+    consumed, the normalised domain.
+    """
     payload_doc: dict[str, Any] = {
-        "change": change.value,
-        "member_id": member_id or None,
-        "domain": domain,
-        "token_fingerprint": token_sha256.hex()[:12] if token_sha256 else None,
+        "change": effect.change.value,
+        "member_id": effect.member_id or None,
+        "domain": effect.domain,
+        "token_fingerprint": effect.token_sha256.hex()[:12] if effect.token_sha256 else None,
+        "token_sha256": effect.token_sha256.hex() if effect.token_sha256 else None,
+        "allowance_position": effect.allowance_position,
         "actor": actor,
         "cause_position": cause_position,
     }
@@ -120,8 +125,8 @@ def trust_event(
     )
     return EventDraft(
         event_type=TRUST_EVENT,
-        member_id=member_id,
-        domain=domain,
+        member_id=effect.member_id,
+        domain=effect.domain,
         origin=origin,
         bot_ids=(),
         occurred_at=received_at,
@@ -131,10 +136,20 @@ def trust_event(
         dedup_key=sha256(identity),
         body_sha256=None,
         metadata={},
-        trust_change=change,
-        new_token_sha256=token_sha256,
-        allow_domain=domain if change is TrustChange.ALLOWED and not member_id else None,
+        trust_change=effect.change,
+        new_token_sha256=effect.token_sha256,
+        allow_domain=effect.domain
+        if effect.change is TrustChange.ALLOWED and not effect.member_id
+        else None,
     )
+
+
+def effect_of_draft(draft: EventDraft) -> TrustEffect | None:
+    """The trust effect an operator's trust event draft records (what its payload says)."""
+    if draft.trust_change is None:
+        return None
+    return TrustEffect(draft.trust_change, draft.member_id, normalise_domain(draft.domain),
+                       draft.new_token_sha256)
 
 
 def operator_action(
@@ -146,25 +161,43 @@ def operator_action(
     actor: str,
     received_at: datetime,
 ) -> EventDraft:
-    """An operator's trust command, as the event that records it."""
+    """An operator's trust command, as the event that records it.
+
+    The domain is normalised as deliveries' domains are (`ledger.trust.normalise_domain`); one
+    that is no host name is refused here rather than recorded as an allowance nothing matches.
+    """
+    normalised = normalise_domain(domain) if domain else None
+    if domain and normalised is None:
+        raise OperatorActionRefused(f"{domain!r} is not a portal domain (e.g. x.bitrix24.com)")
     return trust_event(
-        change,
-        member_id=member_id or NO_PORTAL,
-        domain=domain.lower() if domain else None,
-        token_sha256=sha256(token.encode()) if token else None,
+        TrustEffect(
+            change,
+            member_id or NO_PORTAL,
+            normalised,
+            sha256(token.encode()) if token else None,
+        ),
         actor=actor,
         origin=ORIGIN_OPERATOR,
         received_at=received_at,
     )
 
 
-def follow_up(change: TrustChange, cause: EventDraft, cause_position: int) -> EventDraft:
+def follow_up(
+    change: TrustChange,
+    cause: EventDraft,
+    cause_position: int,
+    *,
+    allowance_position: int | None = None,
+) -> EventDraft:
     """The trust event a stored Bitrix24 delivery caused (install established, uninstall ended)."""
     return trust_event(
-        change,
-        member_id=cause.member_id,
-        domain=cause.domain,
-        token_sha256=cause.presented_sha256 if change is TrustChange.ESTABLISHED else None,
+        TrustEffect(
+            change,
+            cause.member_id,
+            normalise_domain(cause.domain),
+            cause.presented_sha256 if change is TrustChange.ESTABLISHED else None,
+            allowance_position,
+        ),
         actor=f"bitrix24 user {cause.user_id}" if cause.user_id else "bitrix24",
         origin=ORIGIN_LEDGER,
         received_at=cause.received_at,

@@ -7,6 +7,7 @@ store in the append transaction itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,11 +15,21 @@ from datetime import UTC, datetime
 
 from ledger import drafts, wire
 from ledger.committer import GroupCommitter
-from ledger.envelope import DELIVERY_SPECIFIC, read_envelope
+from ledger.confirmation import Confirmer
+from ledger.envelope import DELIVERY_SPECIFIC, INSTALL, read_envelope
 from ledger.errors import DeliveryRejected, LedgerError
 from ledger.hashing import document_json
 from ledger.metrics import Metrics
-from ledger.models import Duplicate, EventDraft, Refusal, RejectionLogged, Spooled, Stored
+from ledger.models import (
+    ConfirmationNeeded,
+    Duplicate,
+    EventDraft,
+    Outcome,
+    Refusal,
+    RejectionLogged,
+    Spooled,
+    Stored,
+)
 from ledger.redaction import redact, scrub
 from ledger.settings import Settings
 
@@ -64,10 +75,16 @@ class RejectionBudget:
 
 class IntakeService:
     def __init__(
-        self, settings: Settings, committer: GroupCommitter, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        committer: GroupCommitter,
+        metrics: Metrics | None = None,
+        *,
+        confirmer: Confirmer | None = None,
     ) -> None:
         self._settings = settings
         self._committer = committer
+        self._confirmer = confirmer
         self._metrics = metrics or Metrics()
         self._budget = RejectionBudget(settings.rejections_per_second)
 
@@ -76,11 +93,13 @@ class IntakeService:
         received_at = datetime.now(UTC)
         self._metrics.received.inc()
         try:
-            draft = self._draft(delivery, received_at)
+            draft, access_token = self._draft_and_token(delivery, received_at)
         except DeliveryRejected as rejected:
             await self.refuse(delivery, rejected, received_at)
             raise
         outcome = await self._committer.submit(draft)
+        if isinstance(outcome, ConfirmationNeeded):
+            outcome = await self._confirmed(draft, outcome.domain, access_token)
         if isinstance(outcome, Refusal):
             self._metrics.rejected.labels(outcome.code).inc()
             self._budget.spend()
@@ -104,7 +123,34 @@ class IntakeService:
         )
         return Receipt(outcome.position, duplicate, draft.event_type)
 
+    async def _confirmed(
+        self, draft: EventDraft, domain: str, access_token: str | None
+    ) -> Outcome:
+        """An install a domain allowance would admit, confirmed by the portal first (outside
+        the append); submitted again with the answer, so trust decides as always."""
+        if access_token is None:
+            reason: str | None = "the install carries no auth.access_token"
+        elif self._confirmer is None:
+            reason = "no way to ask the portal is configured"
+        else:
+            reason = await self._confirmer.confirm(domain, draft.member_id, access_token)
+        answered = dataclasses.replace(
+            draft,
+            confirmed_domain=domain if reason is None else None,
+            confirmation_refused=reason,
+        )
+        outcome = await self._committer.submit(answered)
+        if isinstance(outcome, ConfirmationNeeded):  # another allowance appeared meanwhile
+            raise DeliveryRejected(403, "install_not_confirmed", "try the install again")
+        return outcome
+
     def _draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
+        return self._draft_and_token(delivery, received_at)[0]
+
+    def _draft_and_token(
+        self, delivery: Delivery, received_at: datetime
+    ) -> tuple[EventDraft, str | None]:
+        """The draft, and an install's access token — kept only in memory, for confirming."""
         limits = {
             "max_fields": self._settings.max_form_fields,
             "max_nesting": self._settings.max_nesting,
@@ -121,6 +167,11 @@ class IntakeService:
             # PostgreSQL text cannot hold U+0000: refused rather than mangled
             raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
         envelope = read_envelope(document)
+        auth = document.get("auth")
+        token = auth.get("access_token") if isinstance(auth, dict) else None
+        access_token = (
+            token if envelope.event_type == INSTALL and isinstance(token, str) and token else None
+        )
         return drafts.delivery_draft(
             body,
             envelope,
@@ -132,7 +183,7 @@ class IntakeService:
             rejection_excerpt_bytes=self._settings.rejection_excerpt_bytes
             if self._budget.available()
             else None,
-        )
+        ), access_token
 
     async def refuse(
         self, delivery: Delivery, rejected: DeliveryRejected, received_at: datetime | None = None

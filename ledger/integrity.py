@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger import checkpoints
+from ledger import checkpoints, trust
 from ledger.checkpoints import Checkpoint
 from ledger.models import TRUST_EVENT
 from ledger.projections import fold, rows
@@ -143,8 +143,6 @@ async def verify_projections(
         if difference is None:
             stored_trust = await snapshot.portal_trust()
             compared += len(stored_trust)
-            # TRUST FOLD: the one call to replace with `trust.fold_trust(events)` (branch
-            # `trust`) once it lands; `_fold_trust` is a stand-in with the same meaning.
             expected_trust = _fold_trust(trust_events)
             difference = _compare("ledger.portal_trust", ("member_id",), _TRUST_COLUMNS,
                                   [_trust_row(r) for r in stored_trust], expected_trust)
@@ -192,21 +190,21 @@ def _trust_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fold_trust(events: Sequence[StoredEvent]) -> list[dict[str, Any]]:
-    """Current trust per portal from the LEDGER.TRUST_CHANGED events, in order — what the
-    append path wrote to `ledger.portal_trust` (allowances are kept elsewhere)."""
-    trust: dict[str, dict[str, Any]] = {}
+    """Current trust per portal as `trust.fold_trust` (the one trust fold) makes it, stamped
+    with the event that last changed it — what the trigger keeps in `ledger.portal_trust`."""
+    facts = trust.TrustFacts()
+    rows: dict[str, dict[str, Any]] = {}
     for event in events:
-        payload = event.payload if isinstance(event.payload, dict) else {}
-        change = payload.get("change")
-        if not event.member_id or change not in ("established", "provisioned", "ended"):
+        before = facts.portals.get(event.member_id)
+        facts = trust.fold_trust([event], facts)
+        after = facts.portals.get(event.member_id)
+        if after is None or after == before:
             continue
-        previous = trust.get(event.member_id)
-        domain = payload.get("domain") or (previous["domain"] if previous else None)
-        ended = change == "ended"
-        trust[event.member_id] = {
-            "member_id": event.member_id, "domain": domain,
-            "state": "ended" if ended else "trusted",
-            "token_fingerprint": None if ended else payload.get("token_fingerprint"),
+        # trust events written before migration 0005 recorded only the token's fingerprint
+        legacy = event.payload.get("token_fingerprint") if isinstance(event.payload, dict) else None
+        rows[event.member_id] = {
+            "member_id": event.member_id, "domain": after.domain, "state": after.state.value,
+            "token_fingerprint": after.fingerprint or legacy,
             "changed_at": event.received_at, "changed_position": event.position,
         }
-    return list(trust.values())
+    return list(rows.values())

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ledger.trust import TRUST_EVENT as TRUST_EVENT  # re-exported: where readers find it
 from ledger.trust import TrustChange
 
 ORIGIN_BITRIX24 = "bitrix24"
 ORIGIN_OPERATOR = "operator"
 ORIGIN_LEDGER = "ledger"
-
-TRUST_EVENT = "LEDGER.TRUST_CHANGED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +47,11 @@ class EventDraft:
     body_size: int = 0
     # excerpt size for the rejection log if trust refuses it (None: the rate limit says don't)
     refusal_excerpt_bytes: int | None = None
+    # an install admitted by a domain allowance: the portal at this domain confirmed it (REST)
+    confirmed_domain: str | None = None
+    confirmation_refused: str | None = None  # or why it could not be confirmed
+    # spooled while PostgreSQL was away: the offline trust journal's length then (ledger.offline)
+    offline_seen: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +103,14 @@ class Spooled:
     """Durable in the local spool (PostgreSQL unreachable); stored when it is back."""
 
 
-Outcome = Stored | Duplicate | Refusal | RejectionLogged | Spooled
+@dataclass(frozen=True, slots=True)
+class ConfirmationNeeded:
+    """Nothing written: an install a domain allowance admits once the portal confirms it."""
+
+    domain: str
+
+
+Outcome = Stored | Duplicate | Refusal | RejectionLogged | Spooled | ConfirmationNeeded
 Draft = EventDraft | RejectionDraft
 
 

@@ -44,6 +44,19 @@ class Settings(BaseSettings):
     max_form_fields: int = Field(default=10_000, ge=10, description="cap on keys per body")
     max_nesting: int = Field(default=32, ge=2, description="cap on bracket depth per key")
     trust_policy: TrustPolicy = TrustPolicy.ALLOWLIST
+    bitrix24_rest_url: str = Field(
+        default="https://{domain}/rest/",
+        pattern=r"^https?://\S*\{domain\}\S*$",
+        description="REST base an install admitted by a domain allowance is confirmed at "
+        "(app.info); {domain} is the allowed domain",
+    )
+    confirm_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="a portal not confirming an install by then refuses it"
+    )
+    trust_refresh_seconds: float = Field(
+        default=1.0, gt=0,
+        description="how often serve re-reads trust changes made elsewhere (for outages)",
+    )
     batch_max_events: int = Field(default=256, ge=1, description="group commit: flush at N")
     batch_max_delay_ms: float = Field(
         default=2.0, ge=0, description="group commit: flush after this long"
@@ -93,6 +106,11 @@ class Settings(BaseSettings):
     def spool_path(self) -> Path:
         """Each worker process has a spool of its own (one writer per file)."""
         return (self.spool_dir or self.data_dir / "spool") / f"worker-{self.worker}"
+
+    @property
+    def trust_dir(self) -> Path:
+        """The offline trust state every worker shares: snapshot and journal (ledger.offline)."""
+        return (self.spool_dir or self.data_dir / "spool") / "trust"
 
     @property
     def keys_dir(self) -> Path:

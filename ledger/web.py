@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
@@ -21,9 +22,11 @@ from ledger.api import AUDIT, create_api
 from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
+from ledger.confirmation import RestConfirmer
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
+from ledger.offline import Appender, OfflineTrust
 from ledger.projections.projector import Projector
 from ledger.settings import Settings
 from ledger.spool import Spool
@@ -44,6 +47,7 @@ CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 PROJECTOR = web.AppKey("projector", Projector)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
+OFFLINE = web.AppKey("offline", OfflineTrust)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -183,8 +187,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             pool = await _open_pool(target, settings)
             try:
                 app[TARGET], app[POOL] = target, pool
-                app[STORE] = EventStore(pool, policy=settings.trust_policy,
-                                        trust_file=settings.spool_path / "trust.json")
+                app[STORE] = EventStore(pool, policy=settings.trust_policy)
                 yield
             finally:
                 await pool.close()
@@ -236,12 +239,12 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
                     spool.directory)
     app[SPOOL] = spool
     app[METRICS].watch_spool(lambda: spool.records, spool.age_seconds)
-    try:
-        await app[STORE].load_trust_cache()
-    except LedgerError as exc:  # unreachable and nothing saved: only installs can be spooled
-        log.error("no trust known while PostgreSQL is unreachable (%s)", exc)
+    offline = OfflineTrust(settings.trust_dir, worker=settings.worker,
+                           policy=settings.trust_policy)
+    await offline.start(app[STORE])
+    app[OFFLINE] = offline
     committer = GroupCommitter(
-        app[STORE],
+        Appender(app[STORE], offline),
         max_events=settings.batch_max_events,
         max_delay=settings.batch_max_delay_ms / 1000,
         metrics=app[METRICS],
@@ -252,9 +255,31 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     committer.start()
     app[COMMITTER] = committer
-    app[INTAKE] = IntakeService(settings, committer, app[METRICS])
-    yield
-    await committer.close()
+    refresher = asyncio.create_task(
+        _refresh_trust(offline, app[STORE], settings.trust_refresh_seconds), name="trust-refresh"
+    )
+    async with aiohttp.ClientSession() as session:
+        confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
+                                  timeout=settings.confirm_timeout_seconds)
+        app[INTAKE] = IntakeService(settings, committer, app[METRICS], confirmer=confirmer)
+        yield
+        await committer.close()
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+
+
+async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float) -> None:
+    """Keep the offline trust state current with changes made anywhere (other workers, the
+    CLI), so a later outage judges by them. Never ends on a failure: it tries again."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await offline.refresh(store)
+        except LedgerError:
+            continue  # PostgreSQL away: the state stays as last known
+        except Exception:
+            log.exception("refreshing the offline trust state failed; trying again")
 
 
 async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:

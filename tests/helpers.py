@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 from aiohttp.test_utils import TestClient
 
 from ledger.operations import change_trust
+from ledger.simulation import SimDelivery
 from ledger.trust import TrustChange
 from ledger.web import STORE
-from tests.conftest import DOMAIN, FORM, sample
+from tests.conftest import FORM, MEMBER_ID, sample
 
 Client: TypeAlias = "TestClient[Any, Any]"
 
@@ -27,8 +29,19 @@ async def post(
 
 
 async def allow_sample_portal(client: Client) -> None:
+    """By member_id: such an install needs no call-back to the portal (see test_trust.py)."""
     assert client.app is not None
-    await change_trust(client.app[STORE], TrustChange.ALLOWED, domain=DOMAIN, actor="test")
+    await change_trust(client.app[STORE], TrustChange.ALLOWED, member_id=MEMBER_ID, actor="test")
+
+
+async def allow_installs(client: Client, deliveries: Iterable[SimDelivery]) -> None:
+    """One allowance per ONAPPINSTALL in `deliveries`: an allowance admits one install, so a
+    simulated portal that reinstalls needs another (as a real one would)."""
+    assert client.app is not None
+    for delivery in deliveries:
+        if delivery.document["event"] == "ONAPPINSTALL":
+            await change_trust(client.app[STORE], TrustChange.ALLOWED,
+                               member_id=delivery.portal.member_id, actor="test")
 
 
 async def install_sample_portal(client: Client) -> None:

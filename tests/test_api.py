@@ -122,7 +122,9 @@ async def test_filters_and_page_limits(history: Client) -> None:
     assert deletes["items"]
     assert {e["event_type"] for e in deletes["items"]} == {"ONIMBOTDELETE"}
     with_payload = await get(history, "/events", headers, portal=MEMBER_ID, payload="true")
-    assert with_payload["items"][0]["payload"]["event"]
+    # the portal's first event is the operator's allowance; its install comes next
+    assert with_payload["items"][0]["payload"]["change"] == "allowed"
+    assert with_payload["items"][1]["payload"]["event"] == "ONAPPINSTALL"
     too_many = await history.get("/api/v1/events", headers=headers, params={"limit": "5000"})
     assert too_many.status == 400
     assert (await too_many.json())["error"] == "bad_query"

@@ -19,7 +19,7 @@ from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
-from tests.conftest import FORM, Database, sample
+from tests.conftest import FORM, MEMBER_ID, Database, sample
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -70,7 +70,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_delivery(
             assert response.status == 403  # not allowed yet: allow and retry
         pool = await create_pool(database.service_dsn, size=2)
         await change_trust(EventStore(pool, policy=TrustPolicy.ALLOWLIST), TrustChange.ALLOWED,
-                           domain="some-domain.bitrix24.com", actor="test")
+                           member_id=MEMBER_ID, actor="test")
         await pool.close()
         async with session.post(url, data=sample("onappinstall-1"),
                                 headers={"Content-Type": FORM}) as response:

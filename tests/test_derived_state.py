@@ -195,7 +195,9 @@ POISONS = {  # every place a bot id is read, each with something int() or isdigi
 
 async def insert_events(admin: Admin, items: list[dict[str, Any]]) -> None:
     """Store rows as they are (the fold reads only ledger.events); chain hashes are random:
-    this exercises the fold, not the chain."""
+    this exercises the fold, not the chain. Trust events of the ledger's own origins are
+    written only by the ledger (migration 0005's trigger refuses malformed ones), so arbitrary
+    payloads of that type are stored as a Bitrix24 sender's — which nothing may honour."""
     start = await admin.fetchval("SELECT position FROM ledger.stream_heads WHERE stream = 'events'")
     for offset, item in enumerate(items, start=1):
         await admin.execute(
@@ -203,7 +205,8 @@ async def insert_events(admin: Admin, items: list[dict[str, Any]]) -> None:
             "occurred_at, received_at, dedup_key, body_sha256, payload, payload_sha256, "
             "metadata, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, "
             "'{}', $11, $12)",
-            start + offset, item["member_id"], item["event_type"], item["origin"],
+            start + offset, item["member_id"], item["event_type"],
+            "bitrix24" if item["event_type"] == TRUST_EVENT else item["origin"],
             item["bot_ids"], item["occurred_at"], item["received_at"], os.urandom(32),
             orjson.dumps(item["payload"]).decode(), os.urandom(32), bytes(32), os.urandom(32),
         )

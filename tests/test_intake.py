@@ -166,7 +166,7 @@ async def test_an_install_cannot_replace_a_live_portals_token(client: Client) ->
     assert (await post(client, sample("onimbotdelete-1")))[0] == 200
 
 
-async def test_uninstall_ends_trust_and_a_reinstall_sets_the_new_token(
+async def test_uninstall_ends_trust_and_a_reinstall_needs_a_new_allowance(
     client: Client, admin: Admin
 ) -> None:
     await install_sample_portal(client)
@@ -174,23 +174,28 @@ async def test_uninstall_ends_trust_and_a_reinstall_sets_the_new_token(
     status, answer = await post(client, sample("onimbotdelete-1"))
     assert (status, answer["error"]) == (403, "portal_uninstalled")
 
-    # a verbatim replay of the old install is only a duplicate: it establishes nothing
-    replay = await post(client, forge("onappinstall-1", application_token="d" * 32))
-    assert replay[1]["duplicate"] is True
-    assert (await post(client, sample("onimbotdelete-1")))[0] == 403
-
+    # the allowance was used by the first install: a replay, or anyone's install, is refused
     new_token = "d" * 32
     reinstall = forge("onappinstall-1", application_token=new_token, ts="1796526400")
+    status, answer = await post(client, reinstall)
+    assert (status, answer["error"]) == (403, "portal_not_allowed")
+    replay = await post(client, forge("onappinstall-1", application_token=new_token))
+    assert replay[0] == 403
+    assert (await post(client, sample("onimbotdelete-1")))[0] == 403
+
+    await allow_sample_portal(client)  # the operator allows the reinstall
     assert (await post(client, reinstall))[0] == 200
     assert (await post(client, forge("onimbotdelete-1", application_token=new_token)))[0] == 200
-    changes = [
-        orjson.loads(r["payload"])["change"]
-        for r in await admin.fetch(
-            "SELECT payload FROM ledger.events WHERE event_type = 'LEDGER.TRUST_CHANGED' "
-            "ORDER BY position"
-        )
-    ]
-    assert changes == ["allowed", "established", "ended", "established"]
+    rows = await admin.fetch(
+        "SELECT position, payload FROM ledger.events "
+        "WHERE event_type = 'LEDGER.TRUST_CHANGED' ORDER BY position"
+    )
+    payloads = [orjson.loads(r["payload"]) for r in rows]
+    changes = [(p["change"], p["allowance_position"]) for p in payloads]
+    first, second = (r["position"] for r, p in zip(rows, payloads, strict=True)
+                     if p["change"] == "allowed")
+    assert changes == [("allowed", None), ("established", first), ("ended", None),
+                       ("allowed", None), ("established", second)]
 
 
 async def test_update_with_the_current_token_is_stored_and_a_new_token_is_refused(

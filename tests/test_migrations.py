@@ -14,6 +14,9 @@ GUARDS = {
     "rejections_no_update_delete", "rejections_no_truncate",
     "redeliveries_no_update_delete", "redeliveries_no_truncate",
     "verifications_no_update_delete", "verifications_no_truncate",
+    # trust state follows from trust events only (0005)
+    "events_apply_trust", "portal_trust_no_delete", "portal_trust_no_truncate",
+    "portal_allowances_no_delete", "portal_allowances_no_truncate",
 }
 
 

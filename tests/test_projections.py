@@ -11,7 +11,6 @@ import asyncpg
 import pytest
 
 from ledger import wire
-from ledger.operations import change_trust
 from ledger.projections import readers
 from ledger.projections.fold import APP_UNINSTALLED, BOT_DELETED
 from ledger.projections.projector import Projector
@@ -19,10 +18,9 @@ from ledger.settings import Settings
 from ledger.simulation import Traffic
 from ledger.storage import target as targets
 from ledger.storage.projection_store import ProjectionStore
-from ledger.trust import TrustChange
 from ledger.web import PROJECTOR, STORE
 from tests.conftest import MEMBER_ID, ClientFactory, Database, sample
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import Client, allow_installs, install_sample_portal, post
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 VIEWS = {
@@ -109,11 +107,8 @@ async def test_anomalies_are_flagged(client: Client) -> None:
 
 
 async def ingest(client: Client, traffic: Traffic, count: int) -> None:
-    assert client.app is not None
-    for portal in traffic.portals:
-        await change_trust(client.app[STORE], TrustChange.ALLOWED, member_id=portal.member_id,
-                           actor="test")
     deliveries = [traffic.next() for _ in range(count)]
+    await allow_installs(client, deliveries)
     for start in range(0, count, 40):
         answers = await asyncio.gather(*(
             post(client, wire.http_build_query(d.document), query=d.query)

@@ -8,21 +8,16 @@ from typing import Any
 import asyncpg
 
 from ledger import loadgen, wire
-from ledger.operations import change_trust
 from ledger.simulation import Traffic
-from ledger.trust import TrustChange
-from ledger.web import STORE
-from tests.helpers import Client
+from tests.helpers import Client, allow_installs
 
 
 async def test_simulated_traffic_is_accepted_under_concurrency(
     client: Client, admin: asyncpg.Connection[Any]
 ) -> None:
     traffic = Traffic(seed=5, portals=3)
-    assert client.app is not None
-    for portal in traffic.portals:
-        await change_trust(client.app[STORE], TrustChange.ALLOWED, member_id=portal.member_id,
-                           actor="test")
+    same = Traffic(seed=5, portals=3)
+    await allow_installs(client, [same.next() for _ in range(600)])
     url = str(client.make_url("/bitrix24/events"))
     report = await loadgen.send(url, traffic, count=600, concurrency=32)
     assert report.statuses == {200: 600}

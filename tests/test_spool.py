@@ -201,7 +201,7 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
     assert await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
     ) == 1
-    assert (tmp_path / "spool" / "worker-0" / "trust.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "spool" / "trust" / "snapshot.json").stat().st_mode & 0o777 == 0o600
 
 
 async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(

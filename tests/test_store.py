@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -17,6 +18,7 @@ from ledger.committer import GroupCommitter
 from ledger.errors import AppendFailed
 from ledger.hashing import sha256
 from ledger.models import EventDraft, Stored
+from ledger.offline import Appender, OfflineTrust
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
@@ -41,6 +43,13 @@ async def store(database: Database) -> Any:
     pool = await create_pool(database.service_dsn, size=4)
     yield EventStore(pool, policy=TrustPolicy.ALLOWLIST)
     await pool.close()
+
+
+@pytest.fixture
+def appender(store: EventStore, tmp_path: Path) -> Appender:
+    """The store as the group committer drives it (with an offline trust state of its own)."""
+    return Appender(store, OfflineTrust(tmp_path / "trust", worker=0,
+                                        policy=TrustPolicy.ALLOWLIST))
 
 
 async def _some_events(store: EventStore, count: int) -> None:
@@ -132,9 +141,9 @@ def _allowances(count: int) -> list[EventDraft]:
 
 
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
-    store: EventStore, admin: Connection
+    appender: Appender, admin: Connection
 ) -> None:
-    committer = GroupCommitter(store, max_events=64, max_delay=0.005)
+    committer = GroupCommitter(appender, max_events=64, max_delay=0.005)
     committer.start()
     batch = _allowances(200)
     outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
@@ -145,9 +154,9 @@ async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
 
 
 async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
-    store: EventStore, admin: Connection
+    appender: Appender, admin: Connection
 ) -> None:
-    committer = GroupCommitter(store, max_events=64, max_delay=0.05)
+    committer = GroupCommitter(appender, max_events=64, max_delay=0.05)
     committer.start()
     good = _allowances(5)
     bad = dataclasses.replace(good[0], payload=b"{not json", dedup_key=sha256(b"bad"))
@@ -162,10 +171,10 @@ async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
     assert positions == [1, 2, 3, 4, 5]
 
 
-async def test_a_closed_committer_takes_no_more_drafts(store: EventStore) -> None:
+async def test_a_closed_committer_takes_no_more_drafts(appender: Appender) -> None:
     from ledger.errors import CommitterClosed
 
-    committer = GroupCommitter(store, max_events=8, max_delay=0)
+    committer = GroupCommitter(appender, max_events=8, max_delay=0)
     committer.start()
     await committer.close()
     with pytest.raises(CommitterClosed):

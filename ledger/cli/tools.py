@@ -56,10 +56,14 @@ def simulate(
     if provision:
 
         async def allow_all(store: EventStore) -> None:
-            for portal in traffic.portals:
-                await operations.change_trust(
-                    store, TrustChange.ALLOWED, member_id=portal.member_id
-                )
+            # an allowance admits one install: one per (re)install the traffic will bring
+            same = Traffic(seed=seed, portals=portals)
+            for _ in range(count):
+                delivery = same.next()
+                if delivery.document["event"] == "ONAPPINSTALL":
+                    await operations.change_trust(
+                        store, TrustChange.ALLOWED, member_id=delivery.portal.member_id
+                    )
 
         with_store(ctx, allow_all)
     else:

@@ -28,7 +28,11 @@ def portals() -> None:
 @click.pass_context
 @fail_cleanly
 def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None) -> None:
-    """Allow a portal's next ONAPPINSTALL to establish its token."""
+    """Allow one portal's next ONAPPINSTALL to establish its token (once).
+
+    With --domain the install is trusted only after that portal's REST API confirms it; with
+    --member-id no call-back is made. Allow again before a reinstall.
+    """
     if (member_id is None) == (domain is None):
         raise click.UsageError("give exactly one of --member-id or --domain")
     position = change_trust(ctx, TrustChange.ALLOWED, member_id=member_id, domain=domain)

@@ -16,7 +16,7 @@ import orjson
 
 from ledger.asof import strict_int64
 from ledger.envelope import INSTALL, UNINSTALL, UPDATE
-from ledger.models import TRUST_EVENT
+from ledger.models import ORIGIN_BITRIX24, TRUST_EVENT
 
 BOT_DELETED = "bot deleted"
 APP_UNINSTALLED = "application uninstalled"
@@ -184,7 +184,7 @@ def apply(state: State, event: StoredEvent) -> None:
     if not event.member_id:
         return  # operator events not tied to a portal (an allowance by domain)
     portal = _portal(state, event, facts)
-    if event.event_type == TRUST_EVENT:
+    if event.event_type == TRUST_EVENT and event.origin != ORIGIN_BITRIX24:
         _trust(portal, event, facts)
     elif event.event_type in (INSTALL, UPDATE, UNINSTALL):
         _lifecycle(state, portal, event, facts)
@@ -256,7 +256,7 @@ def _read(event: StoredEvent) -> _Facts:
     facts.domain = domain.lower() if domain else None
     if auth is not None:
         facts.actor = _text(facts, "auth.user_id", auth.get("user_id"), numbers=True)
-    if event.event_type == TRUST_EVENT:
+    if event.event_type == TRUST_EVENT and event.origin != ORIGIN_BITRIX24:
         facts.change = _text(facts, "change", payload.get("change"))
     data = _object(facts, "data", payload.get("data"))
     if data is None:

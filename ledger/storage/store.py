@@ -1,11 +1,14 @@
 """Every SQL statement the service runs, and the append at the store's serialisation point.
 
-An append batch is one transaction:
+SQL and connection handling only; what a batch becomes is decided by `ledger.planner`. An append
+batch is one transaction:
 1. lock the `events` stream head (`SELECT … FOR UPDATE`): appends from every process serialise
    here, so positions are gap-free and commit-ordered and the chain has one predecessor;
-2. read the trust of the batch's portals and the dedup keys it already holds;
-3. judge, de-duplicate, number and chain each draft in order, in memory;
-4. write events, redeliveries, trust rows and rejections with a handful of set-based statements;
+2. load the facts: the trust of the batch's portals, the open allowances its installs could use,
+   and the dedup keys it already holds;
+3. plan (`ledger.planner.plan`, pure): judge, de-duplicate, number and chain, in memory;
+4. write events, redeliveries and rejections with a handful of set-based statements — the trust
+   tables follow from the trust events by a trigger the service role cannot bypass;
 5. move the heads and COMMIT (synchronous_commit = on). Only then do callers hear back.
 """
 
@@ -13,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import asyncpg
@@ -25,24 +26,21 @@ import orjson
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ledger.drafts import follow_up, refusal
 from ledger.envelope import INSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
-from ledger.hashing import canonical_json, chain_hash, event_entry, rejection_entry, sha256
+from ledger.hashing import chain_hash, rejection_entry, sha256
 from ledger.models import (
-    ORIGIN_BITRIX24,
     Draft,
-    Duplicate,
     EventDraft,
     Outcome,
     PortalRow,
     Refusal,
     RejectionDraft,
     RejectionLogged,
-    Stored,
 )
+from ledger.planner import Facts, Head, Plan, PlannedEffect, entry_of, plan
 from ledger.settings import TrustPolicy
-from ledger.trust import PortalTrust, Refused, TrustChange, TrustState, judge
+from ledger.trust import Allowance, PortalTrust, TrustFacts, TrustState, normalise_domain
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +61,9 @@ _TRUST_OF = """
     SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust
     WHERE member_id = ANY($1::text[])
 """
-_ALLOWED = """
-    SELECT member_id, domain FROM ledger.portal_allowances
-    WHERE member_id = ANY($1::text[]) OR domain = ANY($2::text[])
+_OPEN_ALLOWANCES = """
+    SELECT position, member_id, domain FROM ledger.portal_allowances
+    WHERE consumed_position IS NULL AND (member_id = ANY($1::text[]) OR domain = ANY($2::text[]))
 """
 _EXISTING = """
     SELECT e.member_id, e.dedup_key, e.position
@@ -80,24 +78,11 @@ _INSERT_EVENTS = """
                 $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::bytea[], $10::text[],
                 $11::bytea[], $12::text[], $13::bytea[], $14::bytea[])
         AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h)
+    ORDER BY p
 """
 _INSERT_REDELIVERIES = """
     INSERT INTO ledger.redeliveries (position, received_at, body_sha256, peer)
     SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bytea[], $4::text[])
-"""
-_UPSERT_TRUST = """
-    INSERT INTO ledger.portal_trust AS t
-        (member_id, domain, state, token_sha256, changed_at, changed_position)
-    VALUES ($1, $2, $3, $4, $5, $6)
-    ON CONFLICT (member_id) DO UPDATE SET
-        domain = coalesce(EXCLUDED.domain, t.domain), state = EXCLUDED.state,
-        token_sha256 = EXCLUDED.token_sha256, changed_at = EXCLUDED.changed_at,
-        changed_position = EXCLUDED.changed_position
-"""
-_INSERT_ALLOWANCE = """
-    INSERT INTO ledger.portal_allowances (member_id, domain, allowed_at, position)
-    VALUES (nullif($1, ''), $2, $3, $4)
-    ON CONFLICT DO NOTHING
 """
 _INSERT_REJECTIONS = """
     INSERT INTO ledger.rejections (position, received_at, status, reason, detail, member_id,
@@ -112,6 +97,16 @@ _TRUST_ROWS = """
 """
 _ALLOWANCE_ROWS = """
     SELECT member_id, domain, allowed_at, position FROM ledger.portal_allowances
+    WHERE consumed_position IS NULL ORDER BY position
+"""
+_ALL_TRUST = "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust"
+_TRUST_HEAD = """
+    SELECT coalesce(max(position), 0) FROM ledger.events
+    WHERE event_type = 'LEDGER.TRUST_CHANGED'
+"""
+_TRUST_EVENTS_SINCE = """
+    SELECT position, payload FROM ledger.events
+    WHERE event_type = 'LEDGER.TRUST_CHANGED' AND origin <> 'bitrix24' AND position > $1
     ORDER BY position
 """
 
@@ -174,287 +169,114 @@ async def translated_errors(action: str) -> AsyncIterator[None]:
         raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
 
 
-@dataclasses.dataclass
-class _Head:
-    position: int
-    hash: bytes
-
-
-def _entry_of(draft: EventDraft) -> tuple[bytes, bytes]:
-    """The metadata text (canonical, so a verifier hashes it as it is) and the chained entry:
-    everything of an event's hash that does not depend on its position or predecessor."""
-    metadata = canonical_json(draft.metadata)
-    entry = event_entry(
-        member_id=draft.member_id,
-        event_type=draft.event_type,
-        origin=draft.origin,
-        bot_ids=draft.bot_ids,
-        occurred_at=draft.occurred_at,
-        received_at=draft.received_at,
-        dedup_key=draft.dedup_key,
-        body_sha256=draft.body_sha256,
-        metadata=orjson.Fragment(metadata),
-    )
-    return metadata, entry
-
-
-class _Batch:
-    """The in-memory work of one append transaction (steps 2 and 3 of the module docstring)."""
-
-    def __init__(self, policy: TrustPolicy, prepared: dict[int, tuple[bytes, bytes]]) -> None:
-        self.policy = policy
-        # entries computed before the head lock was taken, by id() of their draft
-        self.prepared = prepared
-        self.trust: dict[str, PortalTrust] = {}
-        self.allowed_members: set[str] = set()
-        self.allowed_domains: set[str] = set()
-        self.seen: dict[tuple[str, bytes], int] = {}
-        self.events: list[tuple[Any, ...]] = []
-        self.redeliveries: list[tuple[Any, ...]] = []
-        self.trust_rows: dict[str, tuple[Any, ...]] = {}
-        self.allowances: list[tuple[Any, ...]] = []
-        self.rejections: list[tuple[int, RejectionDraft]] = []
-
-    def add_event(self, head: _Head, draft: EventDraft) -> int:
-        position = head.position + 1
-        metadata, entry = self.prepared.get(id(draft)) or _entry_of(draft)
-        digest = chain_hash(head.hash, position, entry, draft.payload_sha256)
-        self.events.append(
-            (position, draft.member_id, draft.event_type, draft.origin,
-             "{" + ",".join(map(str, draft.bot_ids)) + "}", draft.occurred_at,
-             draft.received_at, draft.dedup_key, draft.body_sha256, draft.payload.decode(),
-             draft.payload_sha256, metadata.decode(), head.hash, digest)
-        )
-        self.seen[(draft.member_id, draft.dedup_key)] = position
-        head.position, head.hash = position, digest
-        return position
-
-    def apply_trust(self, draft: EventDraft, position: int) -> None:
-        change, member = draft.trust_change, draft.member_id
-        if change is TrustChange.ALLOWED:
-            if member:
-                self.allowed_members.add(member)
-            if draft.allow_domain:
-                self.allowed_domains.add(draft.allow_domain)
-            self.allowances.append((member, draft.allow_domain, draft.received_at, position))
-            return
-        if change in (TrustChange.ESTABLISHED, TrustChange.PROVISIONED):
-            state, token = TrustState.TRUSTED, draft.new_token_sha256
-        else:
-            state, token = TrustState.ENDED, None
-        previous = self.trust.get(member)
-        domain = draft.domain or (previous.domain if previous else None)
-        self.trust[member] = PortalTrust(member, domain, state, token)
-        self.trust_rows[member] = (member, domain, state.value, token, draft.received_at, position)
-
-
 class EventStore:
     """Appends and reads of the ledger; the pool is owned by whoever created it."""
 
-    def __init__(
-        self, pool: Pool, *, policy: TrustPolicy, trust_file: Path | None = None
-    ) -> None:
+    def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
         self._pool = pool
         self._policy = policy
-        # Trust as last seen by this process: what an outage is judged against (README "Spool"),
-        # kept in `trust_file` too (token digests only) so a restart during an outage has it.
-        self.trust_cache: dict[str, PortalTrust] = {}
-        self._trust_file = trust_file
-
-    async def load_trust_cache(self) -> None:
-        """From PostgreSQL; when it is unreachable, from the last saved copy (if any)."""
-        try:
-            async with translated_errors("load trust"), self._pool.acquire() as connection:
-                rows = await connection.fetch(
-                    "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust"
-                )
-        except DatabaseUnavailable:
-            if self._trust_file is None or not self._trust_file.exists():
-                raise
-            saved = orjson.loads(self._trust_file.read_bytes())
-            self.trust_cache = {
-                m: PortalTrust(m, t["domain"], TrustState(t["state"]),
-                               bytes.fromhex(t["token_sha256"]) if t["token_sha256"] else None)
-                for m, t in saved.items()
-            }
-            log.warning("PostgreSQL unreachable: judging deliveries by the trust saved in %s",
-                        self._trust_file)
-            return
-        self.trust_cache = {r["member_id"]: _trust_of(r) for r in rows}
-        self._save_trust()
-
-    def _save_trust(self) -> None:
-        if self._trust_file is None:
-            return
-        data = {
-            m: {"domain": t.domain, "state": t.state.value,
-                "token_sha256": t.token_sha256.hex() if t.token_sha256 else None}
-            for m, t in self.trust_cache.items()
-        }
-        temporary = self._trust_file.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(orjson.dumps(data))
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(self._trust_file)
-
-    def judge_offline(self, draft: EventDraft) -> Refused | None:
-        """While PostgreSQL is away: refuse what the cached trust refuses; spool the rest.
-
-        An ONAPPINSTALL cannot be judged offline (allowances may have changed): it is spooled
-        and judged on drain, and its token is trusted provisionally so the portal's next
-        deliveries are spooled too — and judged on drain as well.
-        """
-        if draft.origin != ORIGIN_BITRIX24 or draft.presented_sha256 is None:
-            return None
-        if draft.event_type == INSTALL:
-            current = self.trust_cache.get(draft.member_id)
-            if current is None or current.state is not TrustState.TRUSTED:
-                self.trust_cache[draft.member_id] = PortalTrust(
-                    draft.member_id, draft.domain, TrustState.TRUSTED, draft.presented_sha256
-                )
-            return None
-        verdict = judge(
-            draft.event_type, draft.presented_sha256, self.trust_cache.get(draft.member_id),
-            allowed=False, policy=self._policy,
-        )
-        return verdict if isinstance(verdict, Refused) else None
 
     @property
     def pool(self) -> Pool:
         return self._pool
 
-    async def append(self, drafts: Sequence[Draft]) -> list[Outcome]:
+    async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
         """Append a batch in one durable transaction; one outcome per draft, in order."""
+        outcomes, _ = await self.append_planned(drafts, draining=draining)
+        return outcomes
+
+    async def append_planned(
+        self, drafts: Sequence[Draft], *, draining: bool = False
+    ) -> tuple[list[Outcome], list[PlannedEffect]]:
+        """`append`, also answering the trust changes it committed (for the offline state)."""
         # what does not need the serialisation point is done before taking it
-        prepared = {id(d): _entry_of(d) for d in drafts if isinstance(d, EventDraft)}
+        prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         async with (
             translated_errors("append"),
             self._pool.acquire() as connection,
             connection.transaction(),
         ):
-            outcomes, batch = await self._append(connection, drafts, prepared)
-        # committed: now it is what we know
-        changed = {m: t for m, t in batch.trust.items() if self.trust_cache.get(m) != t}
-        if changed:
-            self.trust_cache.update(changed)
-            self._save_trust()
-        return outcomes
+            return await self._append(connection, drafts, prepared, draining)
 
     async def _append(
         self,
         connection: Connection,
         drafts: Sequence[Draft],
         prepared: dict[int, tuple[bytes, bytes]],
-    ) -> tuple[list[Outcome], _Batch]:
-        batch = _Batch(self._policy, prepared)
-        outcomes: list[Outcome | None] = [None] * len(drafts)
+        draining: bool,
+    ) -> tuple[list[Outcome], list[PlannedEffect]]:
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
-        head: _Head | None = None
+        head: Head | None = None
+        facts = Facts()
         if event_drafts:
             row = await connection.fetchrow(_LOCK_HEAD, "events")
             assert row is not None
-            head = _Head(row["position"], bytes(row["hash"]))
-            await self._load(connection, batch, event_drafts)
-
-        for index, draft in enumerate(drafts):
-            if isinstance(draft, RejectionDraft):
-                batch.rejections.append((index, draft))
-                continue
-            assert head is not None
-            change = draft.trust_change
-            if draft.origin == ORIGIN_BITRIX24:
-                assert draft.presented_sha256 is not None
-                verdict = judge(
-                    draft.event_type,
-                    draft.presented_sha256,
-                    batch.trust.get(draft.member_id),
-                    allowed=draft.member_id in batch.allowed_members
-                    or (draft.domain is not None and draft.domain in batch.allowed_domains),
-                    policy=self._policy,
-                )
-                if isinstance(verdict, Refused):
-                    outcomes[index] = Refusal(verdict.status, verdict.code, verdict.message, 0)
-                    record = refusal(
-                        draft, status=verdict.status, reason=verdict.code, detail=verdict.message
-                    )
-                    if record is not None:
-                        batch.rejections.append((index, record))
-                    continue
-                change = verdict.change
-            known = batch.seen.get((draft.member_id, draft.dedup_key))
-            if known is not None:
-                outcomes[index] = Duplicate(known)
-                batch.redeliveries.append(
-                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
-                )
-                continue
-            position = batch.add_event(head, draft)
-            outcomes[index] = Stored(position, head.hash, change)
-            if change is None:
-                continue
-            if draft.origin == ORIGIN_BITRIX24:
-                trust_draft = follow_up(change, draft, position)
-                trust_position = batch.add_event(head, trust_draft)
-                batch.apply_trust(trust_draft, trust_position)
-            else:
-                batch.apply_trust(draft, position)
-
-        await self._write(connection, batch, head)
-        if batch.rejections:
-            positions = await self._write_rejections(connection, batch.rejections)
-            for (index, _), position in zip(batch.rejections, positions, strict=True):
+            head = Head(row["position"], bytes(row["hash"]))
+            facts = await self._load(connection, event_drafts)
+        if head is None:  # rejections only: nothing to judge, number or chain in `events`
+            planned = Plan(outcomes=[None] * len(drafts))
+            planned.rejections = [
+                (i, d) for i, d in enumerate(drafts) if isinstance(d, RejectionDraft)
+            ]
+        else:
+            planned = plan(drafts, facts, head, policy=self._policy, draining=draining,
+                           prepared=prepared)
+        await self._write(connection, planned)
+        outcomes = planned.outcomes
+        if planned.rejections:
+            positions = await self._write_rejections(connection, planned.rejections)
+            for (index, _), position in zip(planned.rejections, positions, strict=True):
                 current = outcomes[index]
                 if isinstance(current, Refusal):
                     outcomes[index] = dataclasses.replace(current, rejection_position=position)
                 else:
                     outcomes[index] = RejectionLogged(position)
         assert all(o is not None for o in outcomes)
-        return [o for o in outcomes if o is not None], batch
+        return [o for o in outcomes if o is not None], planned.effects
 
-    async def _load(
-        self, connection: Connection, batch: _Batch, drafts: list[EventDraft]
-    ) -> None:
+    async def _load(self, connection: Connection, drafts: list[EventDraft]) -> Facts:
+        """The facts a batch is planned on: its portals' trust, the open allowances its
+        installs could use, and which of its dedup keys are stored already."""
+        facts = Facts()
         members = list({d.member_id for d in drafts})
         for row in await connection.fetch(_TRUST_OF, members):
-            batch.trust[row["member_id"]] = _trust_of(row)
+            facts.trust.portals[row["member_id"]] = _trust_of(row)
         installs = [d for d in drafts if d.event_type == INSTALL]
         if installs:
-            domains = list({d.domain for d in installs if d.domain})
-            for row in await connection.fetch(_ALLOWED, [d.member_id for d in installs], domains):
-                if row["member_id"]:
-                    batch.allowed_members.add(row["member_id"])
-                if row["domain"]:
-                    batch.allowed_domains.add(row["domain"])
+            domains = list({n for d in installs if (n := normalise_domain(d.domain))})
+            rows = await connection.fetch(
+                _OPEN_ALLOWANCES, [d.member_id for d in installs], domains
+            )
+            for row in rows:
+                facts.trust.allowances[row["position"]] = _allowance_of(row)
         rows = await connection.fetch(
             _EXISTING, [d.member_id for d in drafts], [d.dedup_key for d in drafts]
         )
         for row in rows:
-            batch.seen[(row["member_id"], bytes(row["dedup_key"]))] = row["position"]
+            facts.seen[(row["member_id"], bytes(row["dedup_key"]))] = row["position"]
+        return facts
 
-    async def _write(
-        self, connection: Connection, batch: _Batch, head: _Head | None
-    ) -> None:
-        if batch.events:
-            assert head is not None
-            await connection.execute(_INSERT_EVENTS, *map(list, zip(*batch.events, strict=True)))
-            await connection.execute(_MOVE_HEAD, "events", head.position, head.hash)
-        if batch.redeliveries:
+    async def _write(self, connection: Connection, planned: Plan) -> None:
+        """Trust rows follow from the trust events by trigger (migration 0005), not from here."""
+        if planned.events:
+            assert planned.head is not None
             await connection.execute(
-                _INSERT_REDELIVERIES, *map(list, zip(*batch.redeliveries, strict=True))
+                _INSERT_EVENTS, *map(list, zip(*planned.events, strict=True))
             )
-        for row in batch.trust_rows.values():
-            await connection.execute(_UPSERT_TRUST, *row)
-        for allowance in batch.allowances:
-            await connection.execute(_INSERT_ALLOWANCE, *allowance)
+            await connection.execute(
+                _MOVE_HEAD, "events", planned.head.position, planned.head.hash
+            )
+        if planned.redeliveries:
+            await connection.execute(
+                _INSERT_REDELIVERIES, *map(list, zip(*planned.redeliveries, strict=True))
+            )
 
     async def _write_rejections(
         self, connection: Connection, rejections: list[tuple[int, RejectionDraft]]
     ) -> list[int]:
         row = await connection.fetchrow(_LOCK_HEAD, "rejections")
         assert row is not None
-        head = _Head(row["position"], bytes(row["hash"]))
+        head = Head(row["position"], bytes(row["hash"]))
         rows: list[tuple[Any, ...]] = []
         for _, r in rejections:
             position = head.position + 1
@@ -473,6 +295,31 @@ class EventStore:
         await connection.execute(_INSERT_REJECTIONS, *map(list, zip(*rows, strict=True)))
         await connection.execute(_MOVE_HEAD, "rejections", head.position, head.hash)
         return [r[0] for r in rows]
+
+    # ---- trust, whole ------------------------------------------------------------------
+
+    async def load_trust(self) -> tuple[TrustFacts, int]:
+        """Every portal's trust and every open allowance, with the last trust event's position
+        (consistent: one snapshot)."""
+        async with (
+            translated_errors("load trust"),
+            self._pool.acquire() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            position = await connection.fetchval(_TRUST_HEAD)
+            portals = await connection.fetch(_ALL_TRUST)
+            allowances = await connection.fetch(_ALLOWANCE_ROWS)
+        facts = TrustFacts(
+            {r["member_id"]: _trust_of(r) for r in portals},
+            {r["position"]: _allowance_of(r) for r in allowances},
+        )
+        return facts, int(position)
+
+    async def trust_events_since(self, position: int) -> list[tuple[int, dict[str, Any]]]:
+        """The trust events after `position`, in order, payloads parsed (for `fold_trust`)."""
+        async with translated_errors("read trust events"), self._pool.acquire() as connection:
+            rows = await connection.fetch(_TRUST_EVENTS_SINCE, position)
+        return [(r["position"], orjson.loads(r["payload"])) for r in rows]
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -531,6 +378,10 @@ class EventStore:
             row = await connection.fetchrow(_HEAD, stream)
             assert row is not None
             yield ChainSnapshot(connection, stream, int(row["position"]), bytes(row["hash"]))
+
+
+def _allowance_of(row: Any) -> Allowance:
+    return Allowance(row["position"], row["member_id"], row["domain"])
 
 
 def _trust_of(row: Any) -> PortalTrust:

@@ -2,14 +2,14 @@
 payload anomalies are kept; "as of" a Bitrix24 time is served by an index.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,397 @@
+"""Trust while PostgreSQL is away: judged by the same planner, on state every worker shares.
+
+The state a worker judges by offline is
+
+    base        the trust state as last read from PostgreSQL (all portals, open allowances)
+                at the position of the last trust event read — refreshed every
+                LEDGER_TRUST_REFRESH_SECONDS while serving, so a portal provisioned with
+                `ledger portals trust` is known in a later outage; saved (0600) to
+                `<trust_dir>/snapshot.json` so a restart during an outage has it;
+  + own         trust changes this worker committed since (until a refresh covers them);
+  + journal     the trust effects of lifecycle deliveries spooled by *any* worker and not yet in
+                PostgreSQL, in the order they were spooled: `<trust_dir>/journal.log`, one JSON
+                line each, appended under an exclusive `flock` and fsync'd.
+
+`spool()` plans a batch offline (`ledger.planner.plan` with no head) on that state, writes the
+spool records and then the batch's trust effects to the journal — all under the journal's lock,
+so every worker's offline decisions follow one order. A portal with journal entries not yet
+settled is *provisional*: what trust would refuse for it is spooled unjudged and judged on drain.
+Each spooled draft records the journal's length (`offline_seen`); on drain it waits until every
+other worker's entry for its portal before that point has drained (`drainable`), so a delivery
+that depends on another worker's spooled uninstall or reinstall is judged after it, in
+PostgreSQL. After a drain the worker settles its own entries with the position their trust event
+got — or as refused, and a refused entry no longer counts anywhere: provisional state never
+outlives its refusal. The snapshot only ever holds what PostgreSQL held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from ledger.errors import AppendFailed, LedgerError
+from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
+from ledger.planner import Facts, PlannedEffect, plan
+from ledger.settings import TrustPolicy
+from ledger.storage.store import EventStore
+from ledger.trust import (
+    Allowance,
+    PortalTrust,
+    TrustEffect,
+    TrustFacts,
+    TrustState,
+    apply,
+    effect_of,
+)
+
+log = logging.getLogger(__name__)
+
+_COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet to refresh
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    seq: int
+    worker: int
+    member_id: str
+    cause: str  # dedup key (hex) of the spooled delivery that made the change
+    effect: TrustEffect
+
+
+@dataclass(slots=True)
+class _Journal:
+    entries: list[_Entry]
+    settled: dict[int, int | None]  # seq -> position of its trust event (None: refused)
+    settled_at: float
+    next_seq: int
+
+
+class OfflineTrust:
+    """One worker's view of trust for outages. Its file methods block: call them in a thread."""
+
+    def __init__(self, directory: Path, *, worker: int, policy: TrustPolicy) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._directory = directory
+        self._journal_path = directory / "journal.log"
+        self._snapshot_path = directory / "snapshot.json"
+        self._worker = worker
+        self._policy = policy
+        self.base = TrustFacts()
+        self.base_position = 0
+        self._own: list[tuple[int, TrustEffect]] = []
+        self.refreshed = asyncio.Event()  # set whenever a refresh read new trust events
+
+    # ---- the base, from PostgreSQL -----------------------------------------------------
+
+    async def start(self, store: EventStore) -> None:
+        """Load the base from PostgreSQL; when it is unreachable, from the saved snapshot."""
+        try:
+            self.base, self.base_position = await store.load_trust()
+        except LedgerError as exc:
+            loaded = self._load_snapshot()
+            if loaded is None:
+                log.error("no trust known while PostgreSQL is unreachable (%s): only installs "
+                          "can be judged until it is back", exc)
+                return
+            self.base, self.base_position = loaded
+            log.warning("PostgreSQL unreachable: judging deliveries by the trust saved in %s "
+                        "(position %d)", self._snapshot_path, self.base_position)
+            return
+        await asyncio.to_thread(self._save_snapshot)
+
+    async def refresh(self, store: EventStore) -> None:
+        """Fold the trust events committed anywhere since the base; raises LedgerError when
+        PostgreSQL is away (the state then stays as it is)."""
+        events = await store.trust_events_since(self.base_position)
+        if not events:
+            await asyncio.to_thread(self._compact)
+            return
+        base = self.base.copy()
+        for position, payload in events:
+            effect = effect_of(payload)
+            if effect is not None:
+                apply(base, effect, position)
+        self.base, self.base_position = base, events[-1][0]
+        self._own = [(p, e) for p, e in self._own if p > self.base_position]
+        await asyncio.to_thread(self._persist)
+        self.refreshed.set()
+
+    def _persist(self) -> None:
+        self._save_snapshot()
+        self._compact()
+
+    async def note_committed(self, effects: Sequence[PlannedEffect]) -> None:
+        """This worker's own committed trust changes count offline at once (and in the saved
+        snapshot: a restart during a later outage knows them), before a refresh."""
+        if not effects:
+            return
+        self._own.extend((e.position, e.effect) for e in effects if e.position is not None)
+        await asyncio.to_thread(self._save_snapshot)
+
+    # ---- judging offline ---------------------------------------------------------------
+
+    def spool(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]) -> list[Outcome]:
+        """Judge a batch offline, write what is to be spooled with `write`, record its trust
+        effects in the journal. `write`'s failure (OSError, SpoolFull) propagates, and then
+        nothing reached the journal."""
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            facts, provisional = self._view(journal)
+            planned = plan(drafts, Facts(trust=facts), None, policy=self._policy,
+                           provisional=frozenset(provisional))
+            rejections = dict(planned.rejections)
+            records: list[Draft] = []
+            outcomes: list[Outcome] = []
+            for index, draft in enumerate(drafts):
+                outcome = planned.outcomes[index]
+                if index in rejections:
+                    records.append(rejections[index])
+                if isinstance(draft, RejectionDraft):
+                    outcomes.append(Spooled())
+                    continue
+                assert outcome is not None
+                if isinstance(outcome, Spooled):
+                    records.append(replace(draft, offline_seen=journal.next_seq))
+                outcomes.append(outcome)
+            write(records)
+            lines = []
+            for seq, made in enumerate(planned.effects, start=journal.next_seq):
+                cause = drafts[made.cause]
+                assert isinstance(cause, EventDraft)
+                lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
+                              "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
+            _append(handle, lines)
+        return outcomes
+
+    def drainable(self, drafts: Sequence[Draft]) -> int:
+        """How many of these spooled drafts may drain now: a draft waits while another worker's
+        journal entry for its portal, made before it was spooled, has not drained."""
+        if not any(isinstance(d, EventDraft) and d.offline_seen is not None for d in drafts):
+            return len(drafts)
+        with self._locked(fcntl.LOCK_SH) as handle:
+            journal = _read(handle)
+        waiting = {
+            (e.member_id, e.seq) for e in journal.entries
+            if e.worker != self._worker and e.seq not in journal.settled
+        }
+        for count, draft in enumerate(drafts):
+            if isinstance(draft, EventDraft) and draft.offline_seen is not None and any(
+                member == draft.member_id and seq < draft.offline_seen
+                for member, seq in waiting
+            ):
+                return count
+        return len(drafts)
+
+    def settle(
+        self, drafts: Sequence[Draft], outcomes: Sequence[Outcome],
+        effects: Sequence[PlannedEffect],
+    ) -> None:
+        """After a drain committed: this worker's journal entries for these drafts are in
+        PostgreSQL now (at their trust event's position), or were refused there."""
+        caused = {e.cause: e.position for e in effects}
+        drained: dict[tuple[str, str], int | None] = {}
+        for index, (draft, outcome) in enumerate(zip(drafts, outcomes, strict=True)):
+            if not isinstance(draft, EventDraft):
+                continue
+            key = (draft.member_id, draft.dedup_key.hex())
+            if isinstance(outcome, Refusal):
+                drained[key] = None
+            elif isinstance(outcome, Stored):
+                drained[key] = caused.get(index, outcome.position)
+            else:  # a duplicate: stored by an earlier drain
+                drained[key] = getattr(outcome, "position", None)
+        if not drained:
+            return
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            lines = [
+                {"settled": e.seq, "position": drained[(e.member_id, e.cause)],
+                 "at": time.time()}
+                for e in journal.entries
+                if e.worker == self._worker and e.seq not in journal.settled
+                and (e.member_id, e.cause) in drained
+            ]
+            _append(handle, lines)
+
+    def view(self) -> tuple[TrustFacts, set[str]]:
+        """The state offline judging uses now, and the portals it is provisional for."""
+        with self._locked(fcntl.LOCK_SH) as handle:
+            return self._view(_read(handle))
+
+    def _view(self, journal: _Journal) -> tuple[TrustFacts, set[str]]:
+        facts = self.base.copy()
+        own_positions: set[int] = set()
+        for position, effect in self._own:
+            if position > self.base_position:
+                apply(facts, effect, position)
+                own_positions.add(position)
+        provisional: set[str] = set()
+        for entry in journal.entries:
+            if entry.seq in journal.settled:
+                settled = journal.settled[entry.seq]
+                if settled is None or settled <= self.base_position or settled in own_positions:
+                    continue  # refused, or already in the base or among our own
+            else:
+                provisional.add(entry.member_id)
+            effect = entry.effect
+            if effect.allowance_position is not None and (
+                effect.allowance_position not in facts.allowances
+            ):
+                effect = replace(effect, allowance_position=None)
+            apply(facts, effect, journal.settled.get(entry.seq) or 0)
+        return facts, provisional
+
+    # ---- files -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[IO[bytes]]:
+        descriptor = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "r+b") as handle:
+            fcntl.flock(handle.fileno(), mode)
+            try:
+                yield handle
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _compact(self) -> None:
+        """Empty the journal once everything in it is in PostgreSQL (and old enough for every
+        worker to have refreshed past it); sequence numbers continue where they were."""
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            if not journal.entries or len(journal.settled) < len(journal.entries):
+                return
+            if any(p is not None and p > self.base_position for p in journal.settled.values()):
+                return
+            if time.time() - journal.settled_at < _COMPACT_AFTER_SECONDS:
+                return
+            handle.truncate(0)
+            _append(handle, [{"next_seq": journal.next_seq}])
+
+    def _load_snapshot(self) -> tuple[TrustFacts, int] | None:
+        """The saved base, with the saved worker's own later changes folded in."""
+        try:
+            saved: dict[str, Any] = orjson.loads(self._snapshot_path.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+        facts = TrustFacts(
+            {
+                m: PortalTrust(m, t["domain"], TrustState(t["state"]),
+                               bytes.fromhex(t["token_sha256"]) if t["token_sha256"] else None)
+                for m, t in saved["portals"].items()
+            },
+            {
+                a["position"]: Allowance(a["position"], a["member_id"], a["domain"])
+                for a in saved["allowances"]
+            },
+        )
+        for own_position, payload in saved.get("own", []):
+            effect = effect_of(payload)
+            if effect is not None:
+                apply(facts, effect, own_position)
+        # the base's position: a refresh re-reads from there, re-applying the own changes too
+        return facts, int(saved["position"])
+
+    def _save_snapshot(self) -> None:
+        """Atomically, and never over a newer one another worker saved."""
+        known = max([self.base_position, *(p for p, _ in self._own)])
+        try:
+            saved_known = int(orjson.loads(self._snapshot_path.read_bytes())["known"])
+        except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            saved_known = -1
+        if saved_known > known:
+            return
+        data = {
+            "position": self.base_position,
+            "known": known,
+            "own": [(p, e.as_json()) for p, e in self._own if p > self.base_position],
+            "portals": {
+                m: {"domain": t.domain, "state": t.state.value,
+                    "token_sha256": t.token_sha256.hex() if t.token_sha256 else None}
+                for m, t in self.base.portals.items()
+            },
+            "allowances": [
+                {"position": a.position, "member_id": a.member_id, "domain": a.domain}
+                for a in self.base.allowances.values()
+            ],
+        }
+        temporary = self._snapshot_path.with_suffix(f".{os.getpid()}-{self._worker}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(orjson.dumps(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(self._snapshot_path)
+
+
+def _read(handle: IO[bytes]) -> _Journal:
+    handle.seek(0)
+    journal = _Journal([], {}, 0.0, 0)
+    for line in handle.read().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line torn by a crash: its writer never acknowledged what it spooled
+        if "next_seq" in record:
+            journal.next_seq = max(journal.next_seq, int(record["next_seq"]))
+        elif "settled" in record:
+            journal.settled[int(record["settled"])] = record["position"]
+            journal.settled_at = max(journal.settled_at, float(record["at"]))
+        else:
+            effect = effect_of(record["effect"])
+            if effect is None:
+                continue
+            journal.entries.append(_Entry(int(record["seq"]), int(record["worker"]),
+                                          record["member_id"], record["cause"], effect))
+            journal.next_seq = max(journal.next_seq, int(record["seq"]) + 1)
+    return journal
+
+
+def _append(handle: IO[bytes], lines: list[dict[str, Any]]) -> None:
+    if not lines:
+        return
+    handle.seek(0, os.SEEK_END)
+    handle.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+class Appender:
+    """The store as the group committer uses it: appends (keeping the offline state current),
+    offline spooling, and the drain's order across workers."""
+
+    def __init__(self, store: EventStore, offline: OfflineTrust) -> None:
+        self._store = store
+        self._offline = offline
+
+    async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
+        try:
+            outcomes, effects = await self._store.append_planned(drafts, draining=draining)
+        except AppendFailed:
+            if draining and len(drafts) == 1:
+                # the committer sets this one aside (quarantine): its trust effect never lands
+                refused = [Refusal(500, "quarantined", "refused by PostgreSQL", 0)]
+                await asyncio.to_thread(self._offline.settle, drafts, refused, [])
+            raise
+        await self._offline.note_committed(effects)
+        if draining:
+            await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)
+        return outcomes
+
+    def spool_offline(
+        self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
+    ) -> list[Outcome]:
+        return self._offline.spool(drafts, write)
+
+    def drainable(self, drafts: Sequence[Draft]) -> int:
+        return self._offline.drainable(drafts)
+

@@ -1,0 +1,261 @@
+"""The append planner: what one batch of drafts becomes, decided in memory, without I/O.
+
+`plan(drafts, facts, head)` judges each Bitrix24 delivery by `ledger.trust`, de-duplicates,
+numbers and chains what is accepted, adds the trust event each lifecycle delivery causes, and
+moves the trust state by every trust event it plans (`ledger.trust.apply`), so later drafts of the
+same batch are judged by it. The store runs it under the head lock on the facts it loaded
+(lock → load facts → plan → write); the offline judge runs it without a head (`head=None`: judge
+only) on the trust state known while PostgreSQL is away. One function, so both decide alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ledger.drafts import effect_of_draft, follow_up, refusal
+from ledger.envelope import INSTALL
+from ledger.hashing import canonical_json, chain_hash, event_entry
+from ledger.models import (
+    ORIGIN_BITRIX24,
+    ConfirmationNeeded,
+    Draft,
+    Duplicate,
+    EventDraft,
+    Outcome,
+    Refusal,
+    RejectionDraft,
+    Spooled,
+    Stored,
+)
+from ledger.settings import TrustPolicy
+from ledger.trust import (
+    Accepted,
+    Claim,
+    NeedsConfirmation,
+    Refused,
+    TrustChange,
+    TrustEffect,
+    TrustFacts,
+    apply,
+    judge,
+    normalise_domain,
+)
+
+
+@dataclass(slots=True)
+class Head:
+    position: int
+    hash: bytes
+
+
+@dataclass(slots=True)
+class Facts:
+    """What the planner needs from the store: trust, and the dedup keys already stored."""
+
+    trust: TrustFacts = field(default_factory=TrustFacts)
+    seen: dict[tuple[str, bytes], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedEffect:
+    """A trust change the plan makes: its event's position (None offline) and its cause."""
+
+    position: int | None
+    effect: TrustEffect
+    cause: int  # index of the draft that caused it
+
+
+@dataclass(slots=True)
+class Plan:
+    outcomes: list[Outcome | None]  # None: a rejection draft, answered once it is written
+    events: list[tuple[Any, ...]] = field(default_factory=list)  # rows for ledger.events
+    redeliveries: list[tuple[Any, ...]] = field(default_factory=list)
+    rejections: list[tuple[int, RejectionDraft]] = field(default_factory=list)
+    effects: list[PlannedEffect] = field(default_factory=list)
+    head: Head | None = None
+
+
+def entry_of(draft: EventDraft) -> tuple[bytes, bytes]:
+    """The metadata text (canonical, so a verifier hashes it as it is) and the chained entry:
+    everything of an event's hash that does not depend on its position or predecessor.
+    Pure and position-free, so callers compute it before taking the head lock."""
+    metadata = canonical_json(draft.metadata)
+    entry = event_entry(
+        member_id=draft.member_id,
+        event_type=draft.event_type,
+        origin=draft.origin,
+        bot_ids=draft.bot_ids,
+        occurred_at=draft.occurred_at,
+        received_at=draft.received_at,
+        dedup_key=draft.dedup_key,
+        body_sha256=draft.body_sha256,
+        metadata=orjson.Fragment(metadata),
+    )
+    return metadata, entry
+
+
+def claim_of(draft: EventDraft) -> Claim:
+    assert draft.presented_sha256 is not None
+    return Claim(
+        event_type=draft.event_type,
+        member_id=draft.member_id,
+        domain=normalise_domain(draft.domain),
+        presented_sha256=draft.presented_sha256,
+        confirmed_domain=draft.confirmed_domain,
+        confirmation_refused=draft.confirmation_refused,
+    )
+
+
+def plan(
+    drafts: Sequence[Draft],
+    facts: Facts,
+    head: Head | None,
+    *,
+    policy: TrustPolicy,
+    draining: bool = False,
+    provisional: frozenset[str] = frozenset(),
+    prepared: dict[int, tuple[bytes, bytes]] | None = None,
+) -> Plan:
+    """Decide a batch, in order. `facts` is moved along (the caller passes a copy to keep one).
+
+    - `head=None` plans offline: verdicts and trust effects only, accepted drafts are `Spooled`;
+      a refusal of a portal in `provisional` (its trust moved by spooled lifecycle events not yet
+      in PostgreSQL) is not final: the draft is spooled unjudged and judged on drain.
+    - `draining`: the drafts come from the spool. Every refusal gets a rejection record (the
+      sender heard 202 long ago; the record is all that is left), an install that would need the
+      portal's confirmation is refused (its access token was never kept), and a draft already
+      stored is a duplicate before it is judged (a drain repeated after a crash).
+    - `prepared`: entries computed earlier, by `id()` of their draft.
+    """
+    result = Plan(outcomes=[None] * len(drafts), head=head)
+    provisional_now = set(provisional)
+    prepared = prepared or {}
+
+    def add_event(draft: EventDraft) -> int:
+        assert result.head is not None
+        current = result.head
+        position = current.position + 1
+        metadata, entry = prepared.get(id(draft)) or entry_of(draft)
+        digest = chain_hash(current.hash, position, entry, draft.payload_sha256)
+        result.events.append(
+            (position, draft.member_id, draft.event_type, draft.origin,
+             "{" + ",".join(map(str, draft.bot_ids)) + "}", draft.occurred_at,
+             draft.received_at, draft.dedup_key, draft.body_sha256, draft.payload.decode(),
+             draft.payload_sha256, metadata.decode(), current.hash, digest)
+        )
+        facts.seen[(draft.member_id, draft.dedup_key)] = position
+        current.position, current.hash = position, digest
+        return position
+
+    def refuse(index: int, draft: EventDraft, verdict: Refused) -> None:
+        result.outcomes[index] = Refusal(verdict.status, verdict.code, verdict.message, 0)
+        source = draft
+        if draining and draft.refusal_excerpt_bytes is None:
+            source = dataclasses.replace(draft, refusal_excerpt_bytes=0)  # hash and size, at least
+        record = refusal(source, status=verdict.status, reason=verdict.code,
+                         detail=verdict.message)
+        if record is not None:
+            result.rejections.append((index, record))
+
+    for index, draft in enumerate(drafts):
+        if isinstance(draft, RejectionDraft):
+            result.rejections.append((index, draft))
+            continue
+        if draining and head is not None:
+            known = facts.seen.get((draft.member_id, draft.dedup_key))
+            if known is not None:
+                result.outcomes[index] = Duplicate(known)
+                result.redeliveries.append(
+                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
+                )
+                continue
+        effect: TrustEffect | None = None
+        if draft.origin == ORIGIN_BITRIX24:
+            verdict = judge(claim_of(draft), facts.trust, policy=policy)
+            if isinstance(verdict, NeedsConfirmation):
+                if draining:
+                    verdict = Refused(
+                        403, "install_not_confirmed",
+                        f"the install could not be confirmed with {verdict.domain}: it was "
+                        "spooled during an outage without its access token",
+                    )
+                else:
+                    result.outcomes[index] = ConfirmationNeeded(verdict.domain)
+                    continue
+            if isinstance(verdict, Refused):
+                if head is None and draft.member_id in provisional_now:
+                    result.outcomes[index] = _unjudged(draft, facts.trust)
+                    continue
+                refuse(index, draft, verdict)
+                continue
+            assert isinstance(verdict, Accepted)
+            if verdict.change is not None:
+                effect = _effect(verdict, draft)
+        else:
+            effect = effect_of_draft(draft)
+
+        if head is None:
+            result.outcomes[index] = Spooled()
+            if effect is not None:
+                apply(facts.trust, effect, 0)
+                result.effects.append(PlannedEffect(None, effect, index))
+                if effect.member_id:
+                    provisional_now.add(effect.member_id)
+            continue
+
+        if not draining:
+            known = facts.seen.get((draft.member_id, draft.dedup_key))
+            if known is not None:
+                result.outcomes[index] = Duplicate(known)
+                result.redeliveries.append(
+                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
+                )
+                continue
+        position = add_event(draft)
+        assert result.head is not None
+        if effect is None:
+            result.outcomes[index] = Stored(position, result.head.hash, None)
+            continue
+        if draft.origin == ORIGIN_BITRIX24:
+            assert isinstance(verdict, Accepted)
+            assert verdict.change is not None
+            result.outcomes[index] = Stored(position, result.head.hash, verdict.change)
+            trust_draft = follow_up(
+                verdict.change, draft, position, allowance_position=verdict.allowance_position
+            )
+            trust_position = add_event(trust_draft)
+        else:
+            assert draft.trust_change is not None
+            result.outcomes[index] = Stored(position, result.head.hash, draft.trust_change)
+            trust_position = position
+        apply(facts.trust, effect, trust_position)
+        result.effects.append(PlannedEffect(trust_position, effect, index))
+    return result
+
+
+def _effect(verdict: Accepted, draft: EventDraft) -> TrustEffect:
+    assert verdict.change is not None
+    return TrustEffect(
+        verdict.change,
+        draft.member_id,
+        normalise_domain(draft.domain),
+        draft.presented_sha256 if verdict.change is TrustChange.ESTABLISHED else None,
+        verdict.allowance_position,
+    )
+
+
+def _unjudged(draft: EventDraft, trust: TrustFacts) -> Outcome:
+    """Offline, for a portal whose trust waits on spooled lifecycle events: spool it and judge
+    it on drain — unless it is an install a domain allowance may admit, which must be confirmed
+    now, while its access token is in hand."""
+    if draft.event_type == INSTALL and draft.confirmed_domain is None:
+        domain = normalise_domain(draft.domain)
+        allowance = trust.allowance_for(domain=domain) if domain else None
+        if allowance is not None and allowance.domain is not None:
+            return ConfirmationNeeded(allowance.domain)
+    return Spooled()

@@ -1,0 +1,223 @@
+"""The append planner and the trust fold, alone: pure functions, no PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from ledger import drafts
+from ledger.hashing import GENESIS_HASH as GENESIS
+from ledger.hashing import chain_hash, sha256
+from ledger.models import (
+    ConfirmationNeeded,
+    Duplicate,
+    EventDraft,
+    Refusal,
+    Spooled,
+    Stored,
+)
+from ledger.planner import Facts, Head, Plan, entry_of, plan
+from ledger.settings import TrustPolicy
+from ledger.trust import (
+    TRUST_EVENT,
+    Allowance,
+    PortalTrust,
+    TrustChange,
+    TrustFacts,
+    TrustState,
+    fold_trust,
+    normalise_domain,
+)
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+MEMBER = "bac1cd5c8940947a75e0d71b1a84e348"
+DOMAIN = "some-domain.bitrix24.com"
+
+
+def delivery(event: str, token: str, *, ts: int = 1, member: str = MEMBER,
+             domain: str | None = DOMAIN, **changes: Any) -> EventDraft:
+    payload = f'{{"event":"{event}","ts":"{ts}"}}'.encode()
+    made = EventDraft(
+        event_type=event, member_id=member, domain=domain, origin="bitrix24", bot_ids=(),
+        occurred_at=None, received_at=NOW, payload=payload, payload_sha256=sha256(payload),
+        dedup_key=sha256(f"{event}{ts}".encode()), body_sha256=sha256(payload), metadata={},
+        presented_sha256=sha256(token.encode()), refusal_excerpt_bytes=100,
+    )
+    return dataclasses.replace(made, **changes)
+
+
+def allowed(*, member: str | None = MEMBER, domain: str | None = None,
+            position: int = 1) -> TrustFacts:
+    return TrustFacts({}, {position: Allowance(position, member, domain)})
+
+
+def trusted(token: str) -> TrustFacts:
+    return TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.TRUSTED,
+                                           sha256(token.encode()))}, {})
+
+
+def run(batch: list[EventDraft], trust: TrustFacts, *, position: int = 10,
+        **options: Any) -> Plan:
+    return plan(batch, Facts(trust=trust), Head(position, GENESIS),
+                policy=TrustPolicy.ALLOWLIST, **options)
+
+
+def test_install_uninstall_install_in_one_batch_each_judged_by_the_state_before_it() -> None:
+    facts = allowed()
+    facts.allowances[2] = Allowance(2, MEMBER, None)  # a second allowance, for the reinstall
+    made = run([delivery("ONAPPINSTALL", "T"), delivery("ONAPPUNINSTALL", "T", ts=2),
+                delivery("ONAPPINSTALL", "N", ts=3), delivery("ONIMBOTDELETE", "N", ts=4)],
+               facts)
+    assert [type(o) for o in made.outcomes] == [Stored] * 4
+    assert [o.trust_change for o in made.outcomes if isinstance(o, Stored)] == [
+        TrustChange.ESTABLISHED, TrustChange.ENDED, TrustChange.ESTABLISHED, None]
+    # each lifecycle delivery is followed by its trust event; positions run on without gaps
+    assert [row[0] for row in made.events] == list(range(11, 18))
+    assert [row[2] for row in made.events] == [
+        "ONAPPINSTALL", TRUST_EVENT, "ONAPPUNINSTALL", TRUST_EVENT, "ONAPPINSTALL", TRUST_EVENT,
+        "ONIMBOTDELETE"]
+    assert [(e.position, e.effect.allowance_position) for e in made.effects] == [
+        (12, 1), (14, None), (16, 2)]
+    assert facts.portals[MEMBER].token_sha256 == sha256(b"N")
+    assert facts.allowances == {}
+
+
+def test_events_are_chained_each_to_the_one_before() -> None:
+    batch = [delivery("ONIMBOTDELETE", "T", ts=1), delivery("ONIMBOTDELETE", "T", ts=2)]
+    made = run(batch, trusted("T"), position=0)
+    previous = GENESIS
+    for row, draft in zip(made.events, batch, strict=True):
+        assert row[12] == previous
+        assert row[13] == chain_hash(previous, row[0], entry_of(draft)[1], draft.payload_sha256)
+        previous = row[13]
+    assert made.head == Head(2, previous)
+
+
+def test_a_duplicate_inside_a_batch_is_stored_once() -> None:
+    made = run([delivery("ONIMBOTDELETE", "T"), delivery("ONIMBOTDELETE", "T")], trusted("T"))
+    assert made.outcomes == [Stored(11, made.events[0][13], None), Duplicate(11)]
+    assert len(made.events) == 1
+    assert [r[0] for r in made.redeliveries] == [11]
+
+
+def test_a_refused_install_leaves_trust_as_it_was_and_is_logged() -> None:
+    facts = trusted("T")
+    made = run([delivery("ONAPPINSTALL", "X"), delivery("ONIMBOTDELETE", "X", ts=2)], facts)
+    assert [(o.status, o.code) for o in made.outcomes if isinstance(o, Refusal)] == [
+        (403, "token_replacement_refused"), (401, "invalid_application_token")]
+    assert made.events == []
+    assert [r.reason for _, r in made.rejections] == [
+        "token_replacement_refused", "invalid_application_token"]
+    assert facts == trusted("T")
+
+
+def test_an_allowance_admits_one_install_only() -> None:
+    facts = allowed()
+    made = run([delivery("ONAPPINSTALL", "T"), delivery("ONAPPUNINSTALL", "T", ts=2),
+                delivery("ONAPPINSTALL", "N", ts=3)], facts)
+    assert isinstance(made.outcomes[2], Refusal)
+    assert made.outcomes[2].code == "portal_not_allowed"
+    assert facts.portals[MEMBER].state is TrustState.ENDED
+
+
+def test_a_domain_allowance_needs_the_portals_confirmation_of_exactly_its_domain() -> None:
+    facts = allowed(member=None, domain=DOMAIN)
+    install = delivery("ONAPPINSTALL", "T", domain="SOME-DOMAIN.Bitrix24.com.")
+    assert run([install], facts.copy()).outcomes == [ConfirmationNeeded(DOMAIN)]
+    confirmed = run([dataclasses.replace(install, confirmed_domain=DOMAIN)], facts.copy())
+    assert isinstance(confirmed.outcomes[0], Stored)
+    refused = run([dataclasses.replace(install, confirmation_refused="unreachable")],
+                  facts.copy())
+    assert isinstance(refused.outcomes[0], Refusal)
+    assert refused.outcomes[0].code == "install_not_confirmed"
+    elsewhere = run([delivery("ONAPPINSTALL", "T", domain="other.bitrix24.com",
+                              confirmed_domain="other.bitrix24.com")], facts.copy())
+    assert isinstance(elsewhere.outcomes[0], Refusal)
+    assert elsewhere.outcomes[0].code == "portal_not_allowed"
+
+
+def test_draining_refuses_what_would_need_a_confirmation_and_logs_every_refusal() -> None:
+    facts = allowed(member=None, domain=DOMAIN)
+    unlogged = delivery("ONAPPINSTALL", "T", refusal_excerpt_bytes=None)
+    made = run([unlogged, delivery("ONIMBOTDELETE", "T", ts=2, refusal_excerpt_bytes=None)],
+               facts, draining=True)
+    assert [o.code for o in made.outcomes if isinstance(o, Refusal)] == [
+        "install_not_confirmed", "unknown_portal"]
+    assert len(made.rejections) == 2  # rate limit or not: the record is all that is left
+
+
+def test_draining_a_stored_draft_again_is_a_duplicate_before_it_is_judged() -> None:
+    uninstall = delivery("ONAPPUNINSTALL", "T")
+    facts = Facts(trust=TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}),
+                  seen={(MEMBER, uninstall.dedup_key): 7})
+    made = plan([uninstall], facts, Head(10, GENESIS), policy=TrustPolicy.ALLOWLIST,
+                draining=True)
+    assert made.outcomes == [Duplicate(7)]
+    assert made.rejections == []
+
+
+def test_offline_the_planner_judges_only_and_spools_unjudged_what_waits_on_lifecycle() -> None:
+    facts = Facts(trust=trusted("T"))
+    made = plan([delivery("ONAPPUNINSTALL", "T"), delivery("ONAPPINSTALL", "N", ts=2),
+                 delivery("ONIMBOTDELETE", "N", ts=3)], facts, None,
+                policy=TrustPolicy.ALLOWLIST)
+    # the uninstall ends T; the reinstall has no allowance, but the portal's trust waits on a
+    # spooled lifecycle event: judged on drain, not refused on stale trust
+    assert made.outcomes == [Spooled(), Spooled(), Spooled()]
+    assert [e.effect.change for e in made.effects] == [TrustChange.ENDED]
+    assert made.events == []
+    settled = plan([delivery("ONIMBOTDELETE", "X", ts=4)], Facts(trust=trusted("T")), None,
+                   policy=TrustPolicy.ALLOWLIST)
+    assert isinstance(settled.outcomes[0], Refusal)  # nothing pending: refused at once
+
+
+def test_tofu_trusts_the_first_sender() -> None:
+    made = plan([delivery("ONAPPINSTALL", "anything")], Facts(), Head(0, GENESIS),
+                policy=TrustPolicy.TOFU)
+    assert isinstance(made.outcomes[0], Stored)
+
+
+def test_operator_events_move_trust_in_the_same_batch() -> None:
+    facts = TrustFacts()
+    provision = drafts.operator_action(TrustChange.PROVISIONED, member_id=MEMBER, domain=DOMAIN,
+                                       token="T", actor="t", received_at=NOW)
+    made = run([provision, delivery("ONIMBOTDELETE", "T")], facts)
+    assert [type(o) for o in made.outcomes] == [Stored, Stored]
+    assert facts.portals[MEMBER].state is TrustState.TRUSTED
+
+
+def test_the_fold_of_the_planned_trust_events_is_the_planned_state() -> None:
+    facts = allowed()
+    made = run([delivery("ONAPPINSTALL", "T"), delivery("ONAPPUNINSTALL", "T", ts=2)],
+               facts.copy())
+
+    @dataclasses.dataclass
+    class Row:
+        position: int
+        event_type: str
+        origin: str
+        payload: dict[str, Any]
+
+    import orjson
+
+    history = [Row(1, TRUST_EVENT, "operator", {"change": "allowed", "member_id": MEMBER})]
+    history += [Row(r[0], r[2], r[3], orjson.loads(r[9])) for r in made.events]
+    folded = fold_trust(history)
+    assert folded.portals == {MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}
+    assert folded.allowances == {}
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("SOME-DOMAIN.Bitrix24.com.", "some-domain.bitrix24.com"),
+    ("  some-domain.bitrix24.com", "some-domain.bitrix24.com"),
+    ("пример.рф", "xn--e1afmkfd.xn--p1ai"),
+    ("some-domain.bitrix24.com/evil", None),
+    ("a..b", None),
+    ("", None),
+    (None, None),
+])
+def test_domains_compare_after_normalisation(given: str | None, expected: str | None) -> None:
+    assert normalise_domain(given) == expected

@@ -1,0 +1,264 @@
+"""Trust through a real outage: what is judged offline is what is judged on drain.
+
+PostgreSQL is cut with the socket relay of the spool tests; lifecycle events spooled during the
+outage move the offline trust state — across workers too — and nothing provisional survives a
+refusal on drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import asyncpg
+import orjson
+
+from ledger.hashing import sha256
+from ledger.operations import change_trust
+from ledger.settings import TrustPolicy
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+from ledger.web import OFFLINE, STORE
+from tests.conftest import DOMAIN, MEMBER_ID, TOKEN, ClientFactory, Database, sample
+from tests.helpers import Client, allow_sample_portal, install_sample_portal, post
+from tests.test_intake import forge
+from tests.test_spool import drained, outage, proxy  # noqa: F401 - fixtures
+from tests.test_trust import FakeBitrix24, bitrix24  # noqa: F401 - a fixture
+
+Admin: TypeAlias = "asyncpg.Connection[Any]"
+NEW_TOKEN = "9" * 32
+FORGED_TOKEN = "6" * 32
+
+
+async def known_everywhere(*clients: Client) -> None:
+    """Each app's offline state has read every trust change made so far (refreshes, made
+    explicit here instead of waiting for the periodic one)."""
+    for client in clients:
+        assert client.app is not None
+        await client.app[OFFLINE].refresh(client.app[STORE])
+
+
+def reinstall(token: str = NEW_TOKEN) -> bytes:
+    return forge("onappinstall-1", application_token=token, ts="1796526400")
+
+
+def bot_events(token: str) -> list[bytes]:
+    return [forge("onimbotjoinchat-1", application_token=token),
+            forge("onimbotmessageadd-1", application_token=token)]
+
+
+async def spooled(client: Client, body: bytes) -> None:
+    status, answer = await post(client, body)
+    assert (status, answer.get("status")) == (202, "spooled"), answer
+
+
+async def stored_types(admin: Admin) -> list[str]:
+    return [r["event_type"] for r in await admin.fetch(
+        "SELECT event_type FROM ledger.events WHERE origin = 'bitrix24' ORDER BY position")]
+
+
+async def trusted_digest(admin: Admin) -> bytes | None:
+    row = await admin.fetchrow(
+        "SELECT state, token_sha256 FROM ledger.portal_trust WHERE member_id = $1", MEMBER_ID)
+    assert row is not None
+    return bytes(row["token_sha256"]) if row["state"] == "trusted" else None
+
+
+async def test_uninstall_and_reinstall_during_an_outage_lose_no_genuine_delivery(
+    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    await allow_sample_portal(client)  # for the reinstall to come
+    await known_everywhere(client)
+
+    await relay.cut()
+    await spooled(client, sample("onappuninstall-1"))
+    await spooled(client, reinstall())
+    for body in bot_events(NEW_TOKEN):
+        await spooled(client, body)
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == [
+        "ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert (await post(client, bot_events(NEW_TOKEN)[0]))[1]["duplicate"] is True
+
+
+async def test_the_same_sequence_across_two_workers_sharing_the_data_dir(
+    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    await allow_sample_portal(first)
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(first, sample("onappuninstall-1"))  # worker 0 sees the uninstall,
+    await spooled(second, reinstall())  # worker 1 the reinstall,
+    join, message = bot_events(NEW_TOKEN)
+    await spooled(first, join)  # and each a delivery with the new token
+    await spooled(second, message)
+
+    await relay.start()
+    await drained(first)
+    await drained(second)
+    types = await stored_types(admin)
+    # the lifecycle in the order it happened; the two workers' other deliveries after it
+    assert types[:3] == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+    assert sorted(types[3:]) == ["ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+
+
+async def test_deliveries_waiting_on_a_spooled_uninstall_are_judged_on_drain_and_logged(
+    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    await known_everywhere(client)
+
+    await relay.cut()
+    await spooled(client, sample("onappuninstall-1"))
+    # no allowance is left: this install would be refused, but only once the uninstall is in
+    await spooled(client, reinstall(FORGED_TOKEN))
+    await spooled(client, bot_events(FORGED_TOKEN)[0])
+    status, answer = await post(client, forge("onappupdate-1", application_token="0" * 32,
+                                              member_id="unknown"))
+    assert (status, answer["error"]) == (403, "unknown_portal")  # nothing pending: refused now
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+    reasons = [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")]
+    assert reasons == ["portal_not_allowed", "portal_uninstalled", "unknown_portal"]
+    assert await trusted_digest(admin) is None
+
+
+async def test_a_forged_install_accepted_offline_is_refused_on_drain_and_leaves_no_trust(
+    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path,  # noqa: F811
+    database: Database,
+) -> None:
+    relay, settings_for = outage
+    settings = settings_for()
+    before: Client = await make_client(settings)
+    await allow_sample_portal(before)
+    await known_everywhere(before)  # saved: the portal is allowed, not installed
+    await before.close()
+    # then the genuine token is provisioned while this process is not running to see it
+    pool = await create_pool(database.service_dsn, size=2)
+    await change_trust(EventStore(pool, policy=TrustPolicy.ALLOWLIST), TrustChange.PROVISIONED,
+                       member_id=MEMBER_ID, token=TOKEN, actor="test")
+    await pool.close()
+
+    await relay.cut()
+    client: Client = await make_client(settings)  # restarted during the outage: stale trust
+    await spooled(client, forge("onappinstall-1", application_token=FORGED_TOKEN))
+    await spooled(client, bot_events(FORGED_TOKEN)[0])  # the forger's own delivery
+    assert client.app is not None
+    facts, provisional = client.app[OFFLINE].view()
+    assert provisional == {MEMBER_ID}
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == []
+    reasons = [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")]
+    assert reasons == ["token_replacement_refused", "invalid_application_token"]
+    assert await trusted_digest(admin) == sha256(TOKEN.encode())
+    # nothing of the forged token is left: not in memory, not in the saved state
+    facts, provisional = client.app[OFFLINE].view()
+    assert provisional == set()
+    forged = sha256(FORGED_TOKEN.encode())
+    assert all(t.token_sha256 != forged for t in facts.portals.values())
+    saved = (tmp_path / "spool" / "trust" / "snapshot.json").read_bytes()
+    assert forged.hex().encode() not in saved
+    assert orjson.loads(saved)["portals"].get(MEMBER_ID, {}).get("token_sha256") in (
+        None, sha256(TOKEN.encode()).hex())
+    status, _ = await post(client, sample("onimbotjoinchat-1"))  # the genuine portal is fine
+    assert status == 200
+
+
+async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
+    make_client: ClientFactory, outage: Any, admin: Admin, database: Database  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for(trust_refresh_seconds=0.05))
+    assert client.app is not None
+    pool = await create_pool(database.service_dsn, size=2)  # `ledger portals trust`, elsewhere
+    await change_trust(EventStore(pool, policy=TrustPolicy.ALLOWLIST), TrustChange.PROVISIONED,
+                       member_id=MEMBER_ID, token=TOKEN, actor="test")
+    await pool.close()
+    offline = client.app[OFFLINE]
+    async with asyncio.timeout(10):  # the serving process picks it up by itself
+        while True:
+            offline.refreshed.clear()
+            if MEMBER_ID in offline.view()[0].portals:
+                break
+            await offline.refreshed.wait()
+
+    await relay.cut()
+    await spooled(client, sample("onimbotjoinchat-1"))  # not `unknown_portal`
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == ["ONIMBOTJOINCHAT"]
+
+
+async def test_an_install_a_domain_allowance_admits_is_confirmed_before_it_is_spooled(
+    make_client: ClientFactory, outage: Any, admin: Admin,  # noqa: F811
+    bitrix24: FakeBitrix24,  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for(bitrix24_rest_url=bitrix24.url))
+    assert client.app is not None
+    await change_trust(client.app[STORE], TrustChange.ALLOWED, domain=DOMAIN, actor="test")
+    await known_everywhere(client)
+
+    await relay.cut()
+    forged = forge("onappinstall-1", member_id="f" * 32, access_token="not-issued")
+    status, answer = await post(client, forged)
+    assert (status, answer["error"]) == (403, "install_not_confirmed")  # refused at once
+    await spooled(client, sample("onappinstall-1"))  # confirmed by the portal, then spooled
+    await spooled(client, sample("onimbotjoinchat-1"))
+    assert [domain for domain, _ in bitrix24.calls] == [DOMAIN, DOMAIN]
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert await trusted_digest(admin) == sha256(TOKEN.encode())
+    assert [r["reason"] for r in await admin.fetch("SELECT reason FROM ledger.rejections")] == [
+        "install_not_confirmed"]
+
+
+async def test_a_forged_install_at_another_worker_is_judged_after_the_genuine_one(
+    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+) -> None:
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await allow_sample_portal(first)
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(first, sample("onappinstall-1"))  # the genuine install, at worker 0
+    # at worker 1, in the same outage: an install with another token, and its delivery —
+    # they wait for worker 0's install and are judged after it, on drain
+    await spooled(second, reinstall(FORGED_TOKEN))
+    await spooled(second, bot_events(FORGED_TOKEN)[0])
+
+    await relay.start()
+    await drained(second)
+    await drained(first)
+    assert await stored_types(admin) == ["ONAPPINSTALL"]
+    reasons = [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")]
+    assert reasons == ["token_replacement_refused", "invalid_application_token"]
+    assert await trusted_digest(admin) == sha256(TOKEN.encode())
