@@ -20,6 +20,8 @@ from pydantic.json_schema import models_json_schema
 from ledger import __version__, asof
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
 from ledger.errors import BadQuery, Unauthorized
+from ledger.gateway.forwarder import FORWARDER
+from ledger.gateway.routes import RouteOut
 from ledger.readmodels import (
     BotHistory,
     BotOut,
@@ -170,6 +172,11 @@ async def projection(request: web.Request) -> web.Response:
     return _json(_dump(await _service(request).projection()))
 
 
+async def routes(request: web.Request) -> web.Response:
+    """Gateway mode: the routes this process forwards to, with their health."""
+    return _json([h.as_json() for h in request.config_dict[FORWARDER].health()])
+
+
 async def openapi(request: web.Request) -> web.Response:
     return _json(openapi_document())
 
@@ -212,6 +219,8 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                list[VerificationOut]), verification),
         (Route("/projection", "The store position and chain hash the registry is folded up to",
                ProjectionOut), projection),
+        (Route("/routes", "Gateway mode: routes, each with its health in this process",
+               list[RouteOut]), routes),
     ]
 }
 
@@ -219,7 +228,7 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], VerificationOut,
-        ProjectionOut, ErrorOut,
+        ProjectionOut, ErrorOut, RouteOut,
     ]
     _, schemas = models_json_schema(
         [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"

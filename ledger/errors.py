@@ -143,3 +143,27 @@ class CheckpointError(LedgerError):
 
     status = 400
     code = "bad_checkpoint"
+
+
+# ---- gateway mode (ledger.gateway) ---------------------------------------------------------
+
+
+class RouteRefused(LedgerError):
+    """A route the ledger will not forward to (scheme, loop, pattern); the message says why."""
+
+    status = 400
+    code = "route_refused"
+
+
+class NoSuchRoute(LedgerError):
+    status = 404
+    code = "no_such_route"
+
+    def __init__(self, route_id: str) -> None:
+        super().__init__(f"no route {route_id!r}; see `ledger routes list`")
+
+
+class OutboxError(LedgerError):
+    """The forwarding outbox or its key cannot be used; the message says which and why."""
+
+    code = "outbox_error"

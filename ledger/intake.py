@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -18,6 +19,7 @@ from ledger.committer import GroupCommitter
 from ledger.confirmation import Confirmer
 from ledger.envelope import DELIVERY_SPECIFIC, INSTALL, read_envelope
 from ledger.errors import DeliveryRejected, LedgerError
+from ledger.gateway.routes import Accepted
 from ledger.hashing import document_json
 from ledger.metrics import Metrics
 from ledger.models import (
@@ -81,12 +83,15 @@ class IntakeService:
         metrics: Metrics | None = None,
         *,
         confirmer: Confirmer | None = None,
+        forward: Callable[[Accepted], Awaitable[None]] | None = None,
     ) -> None:
+        """`forward` (gateway mode) is handed every delivery once it is durable."""
         self._settings = settings
         self._committer = committer
         self._confirmer = confirmer
         self._metrics = metrics or Metrics()
         self._budget = RejectionBudget(settings.rejections_per_second)
+        self._forward = forward
 
     async def receive(self, delivery: Delivery) -> Receipt:
         """Store one delivery durably, or raise `DeliveryRejected` after logging why."""
@@ -111,6 +116,7 @@ class IntakeService:
         if isinstance(outcome, Spooled):
             self._metrics.spooled.inc()
             log.info("spooled %s portal=%s", draft.event_type, draft.member_id)
+            await self._forwarded(delivery, draft, outcome)
             return Receipt(None, False, draft.event_type, spooled=True)
         assert isinstance(outcome, Stored | Duplicate)
         duplicate = isinstance(outcome, Duplicate)
@@ -121,6 +127,8 @@ class IntakeService:
             "duplicate" if duplicate else "stored", draft.event_type, draft.member_id,
             outcome.position,
         )
+        if isinstance(outcome, Stored):  # a redelivery was forwarded when first stored
+            await self._forwarded(delivery, draft, outcome)
         return Receipt(outcome.position, duplicate, draft.event_type)
 
     async def _confirmed(
@@ -143,6 +151,22 @@ class IntakeService:
         if isinstance(outcome, ConfirmationNeeded):  # another allowance appeared meanwhile
             raise DeliveryRejected(403, "install_not_confirmed", "try the install again")
         return outcome
+
+    async def _forwarded(
+        self, delivery: Delivery, draft: EventDraft, outcome: Stored | Spooled
+    ) -> None:
+        """Gateway mode: hand the durable delivery, as received, to the forwarder."""
+        if self._forward is None:
+            return
+        position, event_hash = (
+            (outcome.position, outcome.hash) if isinstance(outcome, Stored) else (None, None)
+        )
+        await self._forward(Accepted(
+            body=delivery.body, content_type=delivery.content_type,
+            raw_query=delivery.raw_query, member_id=draft.member_id,
+            event_type=draft.event_type, position=position, event_hash=event_hash,
+            dedup_key=draft.dedup_key, received_at=draft.received_at,
+        ))
 
     def _draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
         return self._draft_and_token(delivery, received_at)[0]

@@ -81,3 +81,54 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---- gateway mode (ledger.gateway) ---------------------------------------------------------
+
+
+class _RouteBacklog(Collector):
+    """Per route: forwards pending and the age of the oldest, computed when scraped."""
+
+    def __init__(self, backlog: Callable[[], dict[str, tuple[int, float]]]) -> None:
+        self._backlog = backlog
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        pending = GaugeMetricFamily(
+            "ledger_forward_backlog", "Forwards waiting for the route's destination",
+            labels=["route"],
+        )
+        oldest = GaugeMetricFamily(
+            "ledger_forward_oldest_pending_seconds",
+            "Age of the oldest forward waiting for the route's destination", labels=["route"],
+        )
+        for route, (count, age) in self._backlog().items():
+            pending.add_metric([route], count)
+            oldest.add_metric([route], age)
+        return [pending, oldest]
+
+
+class ForwardMetrics:
+    """Gateway mode's metrics, in the process's registry."""
+
+    def __init__(
+        self, metrics: Metrics, backlog: Callable[[], dict[str, tuple[int, float]]]
+    ) -> None:
+        r = metrics.registry
+        self.attempts = Counter(
+            "ledger_forward_attempts", "Forward attempts by outcome (delivered, failed)",
+            ["route", "outcome"], registry=r,
+        )
+        self.given_up = Counter(
+            "ledger_forward_given_up", "Forwards given up, by reason", ["route", "reason"],
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "ledger_forward_delivery_seconds", "From durable to the destination's 2xx",
+            ["route"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 30, 300, 3600),
+            registry=r,
+        )
+        self.unrecorded = Counter(
+            "ledger_forward_attempts_unrecorded",
+            "Attempt records dropped because PostgreSQL was away too long", registry=r,
+        )
+        r.register(_RouteBacklog(backlog))

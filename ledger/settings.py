@@ -101,6 +101,32 @@ class Settings(BaseSettings):
     )
     checkpoint_every_events: int = Field(default=10_000, ge=1)
     checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
+    # gateway mode (ledger.gateway): forwarding stored deliveries to routes' destinations
+    forward_max_age_seconds: float = Field(
+        default=3600.0, gt=0, description="a forward not delivered by then is given up"
+    )
+    forward_timeout_seconds: float = Field(default=10.0, gt=0, description="per attempt")
+    forward_retry_initial_seconds: float = Field(default=1.0, gt=0)
+    forward_retry_max_seconds: float = Field(default=60.0, gt=0)
+    forward_memory_items: int = Field(
+        default=1000, ge=1, description="bodies kept in memory per route; the rest are read "
+        "back from the outbox when their turn comes",
+    )
+    forward_max_pending: int = Field(
+        default=100_000, ge=1, description="forwards pending per route; past it, given up"
+    )
+    forward_plain_http_hosts: str = Field(
+        default="", description="comma-separated hosts routes may reach over plain http"
+    )
+    outbox_dir: Path | None = Field(
+        default=None, description="encrypted forwarding outbox (default LEDGER_DATA_DIR/outbox)"
+    )
+    outbox_key: SecretStr | None = Field(
+        default=None, description="base64 AES-256 key of the outbox (default: a key file)"
+    )
+    routes_reload_seconds: float = Field(
+        default=2.0, gt=0, description="how soon a serving process notices route changes"
+    )
 
     @property
     def spool_path(self) -> Path:
@@ -111,6 +137,11 @@ class Settings(BaseSettings):
     def trust_dir(self) -> Path:
         """The offline trust state every worker shares: snapshot and journal (ledger.offline)."""
         return (self.spool_dir or self.data_dir / "spool") / "trust"
+
+    @property
+    def outbox_path(self) -> Path:
+        """Each worker process has an outbox of its own (one writer per file)."""
+        return (self.outbox_dir or self.data_dir / "outbox") / f"worker-{self.worker}"
 
     @property
     def keys_dir(self) -> Path:

@@ -24,6 +24,7 @@ from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
+from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
 from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
 from ledger.offline import Appender, OfflineTrust
@@ -32,6 +33,7 @@ from ledger.settings import Settings
 from ledger.spool import Spool
 from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.gateway_store import GatewayStore
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
 
@@ -170,12 +172,18 @@ async def readyz(request: web.Request) -> web.Response:
         else "ok"
     )
     ready = all(v == "ok" for v in checks.values())
+    # gateway mode: reported, never a reason to stop intake (a destination down is not ours)
+    forwarding = [h.as_json() for h in request.app[FORWARDER].health()]
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
         "projector": {"checkpoint": projector.checkpoint, "lag": projector.lag},
         "spool": {"records": spool.records, "bytes": spool.size,
                   "oldest_seconds": round(spool.age_seconds(), 3)},
+        "forwarding": [
+            {k: h[k] for k in ("route_id", "state", "backlog", "oldest_pending_seconds",
+                               "last_error")} for h in forwarding
+        ],
     }
     return json_response(body, 200 if ready else 503)
 
@@ -261,7 +269,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
                                   timeout=settings.confirm_timeout_seconds)
-        app[INTAKE] = IntakeService(settings, committer, app[METRICS], confirmer=confirmer)
+        app[INTAKE] = IntakeService(settings, committer, app[METRICS], confirmer=confirmer,
+                                     forward=app[FORWARDER].accept)
         yield
         await committer.close()
     refresher.cancel()
@@ -280,6 +289,20 @@ async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float)
             continue  # PostgreSQL away: the state stays as last known
         except Exception:
             log.exception("refreshing the offline trust state failed; trying again")
+
+
+async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Gateway mode: forward durable deliveries to the routes' destinations (ledger.gateway).
+
+    Runs its background tasks itself; once `ledger.supervision` lands they belong under it.
+    """
+    settings = app[SETTINGS]
+    outbox = await asyncio.to_thread(outbox_for, settings)
+    forwarder = Forwarder(settings, GatewayStore(app[POOL]), outbox, app[METRICS])
+    await forwarder.start()
+    app[FORWARDER] = forwarder
+    yield
+    await forwarder.close()
 
 
 async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -348,6 +371,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_database_ctx(settings))
+    app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
     app.cleanup_ctx.append(_projector_ctx)

@@ -17,6 +17,7 @@ GUARDS = {
     # trust state follows from trust events only (0005)
     "events_apply_trust", "portal_trust_no_delete", "portal_trust_no_truncate",
     "portal_allowances_no_delete", "portal_allowances_no_truncate",
+    "forward_attempts_no_update_delete", "forward_attempts_no_truncate",
 }
 
 

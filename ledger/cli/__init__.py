@@ -1,6 +1,13 @@
 """The `ledger` command: one group (`app.main`), its subcommands registered by module."""
 
-from ledger.cli import forensics, integrity, service, tools, trust  # noqa: F401 - registration
+from ledger.cli import (  # noqa: F401 - registration
+    forensics,
+    integrity,
+    routes,
+    service,
+    tools,
+    trust,
+)
 from ledger.cli.app import main
 
 __all__ = ["main"]

@@ -35,6 +35,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     """
     settings = settings_of(ctx)
     address = (host or settings.host, port if port is not None else settings.port)
+    # the listen address is a setting too: gateway mode refuses routes that point back at it
+    settings = settings.model_copy(update={"host": address[0], "port": address[1]})
     if workers == 1:
         _serve(settings, *address, reuse_port=False)
         return

@@ -1,0 +1,83 @@
+"""SQL of gateway mode: the route events a forwarder folds, and the record of forward attempts.
+
+Attempts never carry a body (nor anything from it but the portal and the event's identity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ledger.storage.store import Pool, translated_errors
+
+_ROUTE_EVENTS = """
+    SELECT position, received_at, payload FROM ledger.events
+    WHERE event_type = $1 AND position > $2 ORDER BY position
+"""
+_INSERT_ATTEMPTS = """
+    INSERT INTO ledger.forward_attempts (route_id, member_id, position, dedup_key, attempt,
+        outcome, status, error, latency_ms, accepted_at, attempted_at)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::int[],
+        $6::text[], $7::smallint[], $8::text[], $9::real[], $10::timestamptz[],
+        $11::timestamptz[])
+"""
+_ATTEMPTS = """
+    SELECT id, route_id, portal_member_id, position, event_type, event_hash, spool_id, attempt,
+           outcome, status, error, latency_ms, accepted_at, attempted_at
+    FROM audit.forwards
+    WHERE ($1::text IS NULL OR route_id = $1)
+      AND ($2::bigint IS NULL OR position = $2)
+      AND ($3::text IS NULL OR outcome = $3)
+    ORDER BY id DESC LIMIT $4
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt (or the giving up) to forward one event to one route."""
+
+    route_id: str
+    member_id: str
+    position: int | None
+    dedup_key: bytes
+    attempt: int
+    outcome: str  # delivered, failed, given_up
+    status: int | None
+    error: str | None
+    latency_ms: float | None
+    accepted_at: datetime
+    attempted_at: datetime
+
+
+class GatewayStore:
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    async def route_events(
+        self, event_type: str, after: int
+    ) -> list[tuple[int, datetime, dict[str, Any]]]:
+        """Route changes after a position, in position order (positions are gap-free and
+        commit-ordered, so `after` is a safe cursor)."""
+        async with translated_errors("read routes"), self._pool.acquire() as connection:
+            rows = await connection.fetch(_ROUTE_EVENTS, event_type, after)
+        return [(r["position"], r["received_at"], orjson.loads(r["payload"])) for r in rows]
+
+    async def record_attempts(self, records: list[AttemptRecord]) -> None:
+        columns = list(zip(*(
+            (r.route_id, r.member_id, r.position, r.dedup_key, r.attempt, r.outcome, r.status,
+             r.error, r.latency_ms, r.accepted_at, r.attempted_at) for r in records
+        ), strict=True))
+        async with translated_errors("record forward attempts"), self._pool.acquire() as conn:
+            await conn.execute(_INSERT_ATTEMPTS, *map(list, columns))
+
+    async def attempts(
+        self, *, route_id: str | None = None, position: int | None = None,
+        outcome: str | None = None, limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """The newest attempts first, as `audit.forwards` shows them."""
+        async with translated_errors("read forward attempts"), self._pool.acquire() as conn:
+            rows = await conn.fetch(_ATTEMPTS, route_id, position, outcome, limit)
+        return [dict(r) for r in rows]

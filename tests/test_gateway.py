@@ -1,0 +1,339 @@
+"""Gateway mode, checked from outside with a destination of our own: every stored delivery
+reaches it byte-identical, after it is stored, in ledger order; outages of the destination are
+waited out; every attempt and every giving-up is on record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import asyncpg
+import orjson
+import pytest
+from yarl import URL
+
+from ledger import wire
+from ledger.audit import new_token
+from ledger.errors import NoSuchRoute, RouteRefused
+from ledger.gateway import admin as routes_admin
+from ledger.gateway.forwarder import FORWARDER, Forwarder
+from ledger.gateway.routes import check_destination
+from ledger.settings import Settings
+from ledger.storage.audit_store import AuditStore
+from ledger.web import STORE
+from tests.conftest import FIXTURES, FORM, MEMBER_ID, ClientFactory, Database, sample
+from tests.gateway_helpers import Destination, eventually
+from tests.helpers import Client, allow_sample_portal, install_sample_portal, post
+
+Admin: TypeAlias = "asyncpg.Connection[Any]"
+QUERY = "CLIENT_ID=wh%2Ftest+1&x%5B%5D=%C3%A9"  # raw, as a webhook-registered bot gets it
+
+
+@pytest.fixture
+async def destination(database: Database) -> AsyncIterator[Destination]:
+    checker = await asyncpg.connect(database.admin_dsn)
+    lock = asyncio.Lock()
+
+    async def stored(position: int) -> bool:
+        async with lock:
+            return bool(await checker.fetchval(
+                "SELECT count(*) FROM ledger.events WHERE position = $1", position))
+
+    dest = Destination(stored)
+    await dest.start()
+    yield dest
+    await dest.stop()
+    await checker.close()
+
+
+@pytest.fixture
+def gateway_settings(settings_factory: Callable[..., Settings]) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "forward_plain_http_hosts": "127.0.0.1",
+            "forward_retry_initial_seconds": 0.02,
+            "forward_retry_max_seconds": 0.1,
+        }
+        return settings_factory(**(values | overrides))
+
+    return make
+
+
+async def routed_client(
+    make_client: ClientFactory, settings: Settings, url: str, **route: Any
+) -> tuple[Client, Forwarder, str]:
+    client = await make_client(settings)
+    assert client.app is not None
+    route_id, _ = await routes_admin.add_route(
+        client.app[STORE], settings, member_id=route.pop("member_id", None), url=url,
+        actor="test", **route,
+    )
+    forwarder = client.app[FORWARDER]
+    await forwarder.reload()
+    return client, forwarder, route_id
+
+
+async def post_raw(
+    client: Client, body: bytes, content_type: str, query: str
+) -> tuple[int, dict[str, Any]]:
+    """POST with the query string exactly as given (no re-quoting on our side either)."""
+    url = str(client.make_url("/bitrix24/events")) + (f"?{query}" if query else "")
+    async with client.session.post(
+        URL(url, encoded=True), data=body, headers={"Content-Type": content_type}
+    ) as response:
+        return response.status, await response.json()
+
+
+def messages(count: int, start: int = 0) -> list[bytes]:
+    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
+    made = []
+    for i in range(start, start + count):
+        document["data"]["PARAMS"]["MESSAGE_ID"] = str(900000 + i)
+        made.append(wire.http_build_query(document))
+    return made
+
+
+def sample_deliveries(kind: str) -> list[tuple[str, bytes, str, str]]:
+    """(name, body, content type, raw query) of every sample: install first, uninstall last."""
+    names = sorted(p.stem for p in (FIXTURES / "bitrix24").glob(f"*.{kind}"))
+    ordered = (
+        [n for n in names if n.startswith("onappinstall")]
+        + [n for n in names if not n.startswith(("onappinstall", "onappuninstall"))]
+        + [n for n in names if n.startswith("onappuninstall")]
+    )
+    content_type = FORM if kind == "form" else "application/json"
+    return [
+        (n, (FIXTURES / "bitrix24" / f"{n}.{kind}").read_bytes(), content_type,
+         QUERY if "webhook" in n else "")
+        for n in ordered
+    ]
+
+
+@pytest.mark.parametrize("kind", ["form", "json"])
+async def test_every_sample_reaches_the_destination_byte_identical_after_it_is_stored_in_order(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination, admin: Admin, kind: str,
+) -> None:
+    client, _, route_id = await routed_client(make_client, gateway_settings(), destination.url)
+    await allow_sample_portal(client)
+    sent: dict[int, tuple[bytes, str, str]] = {}
+    for name, body, content_type, query in sample_deliveries(kind):
+        status, answer = await post_raw(client, body, content_type, query)
+        assert status == 200, (name, answer)
+        sent[answer["position"]] = (body, content_type, query)
+
+    await destination.wait_until(lambda d: len(d.requests) >= len(sent))
+    assert len(destination.requests) == len(sent)
+    positions = [r.position for r in destination.requests]
+    assert positions == sorted(sent)  # ledger order
+    hashes = {r["position"]: bytes(r["hash"]).hex() for r in await admin.fetch(
+        "SELECT position, hash FROM ledger.events")}
+    for received in destination.requests:
+        assert received.position is not None
+        assert (received.body, received.content_type, received.raw_query) == sent[
+            received.position]
+        assert received.stored_when_received is True
+        assert received.headers["X-Ledger-Event-Hash"] == hashes[received.position]
+        assert received.headers["X-Ledger-Route"] == route_id
+
+
+async def test_a_destination_down_for_a_while_then_up_gets_everything_in_order(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination, admin: Admin,
+) -> None:
+    # bodies beyond 3 per route are not held in memory: read back from the outbox in turn
+    client, forwarder, route_id = await routed_client(
+        make_client, gateway_settings(forward_memory_items=3), destination.url)
+    await install_sample_portal(client)
+    await destination.wait_until(lambda d: len(d.delivered) == 1)
+    destination.status = 503
+    answers = await asyncio.gather(*(post(client, b) for b in messages(20)))
+    assert all(status == 200 for status, _ in answers)
+    await destination.wait_until(lambda d: len(d.requests) >= 6)  # retried, refused
+
+    response = await client.get("/readyz")
+    ready = await response.json()
+    assert response.status == 200  # intake must not stop for a destination
+    (route,) = ready["forwarding"]
+    assert (route["route_id"], route["state"], route["backlog"]) == (route_id, "failing", 20)
+    metrics = await (await client.get("/metrics")).text()
+    assert f'ledger_forward_backlog{{route="{route_id}"}} 20.0' in metrics
+    assert f'ledger_forward_attempts_total{{outcome="failed",route="{route_id}"}}' in metrics
+
+    destination.status = 200
+    await destination.wait_until(lambda d: len(d.delivered) == 21)
+    delivered = [r.position for r in destination.delivered]
+    assert delivered == sorted(delivered)
+    assert set(delivered[1:]) == {a["position"] for _, a in answers}
+    await eventually(lambda: forwarder.backlog()[route_id] == (0, 0.0))  # settled
+    await forwarder.records_flushed()
+    rows = await admin.fetch(
+        "SELECT position, attempt, outcome, status FROM audit.forwards ORDER BY id")
+    assert {r["position"] for r in rows if r["outcome"] == "delivered"} == set(delivered)
+    assert any(r["outcome"] == "failed" and r["status"] == 503 for r in rows)
+    assert all(r["position"] is not None for r in rows)
+    assert not list((Path(".ledger") / "outbox" / "worker-0").glob("seg-*"))  # all settled
+
+
+async def test_a_forward_past_its_age_is_given_up_and_auditors_see_it_with_its_position(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination, admin: Admin,
+) -> None:
+    client, forwarder, route_id = await routed_client(
+        make_client, gateway_settings(forward_max_age_seconds=0.5), destination.url)
+    destination.status = 500
+    await install_sample_portal(client)
+    status, answer = await post(client, messages(1)[0])
+    assert status == 200
+    await eventually(lambda: forwarder.backlog()[route_id][0] == 0)
+    await forwarder.records_flushed()
+    await admin.execute("SET ROLE ledger_reader")  # what an auditor's login sees
+    given_up = await admin.fetch(
+        "SELECT position, event_type, outcome, error, attempt FROM audit.forwards "
+        "WHERE outcome = 'given_up' ORDER BY position")
+    assert [(r["position"], r["error"]) for r in given_up] == [
+        (answer["position"] - 2, "expired"), (answer["position"], "expired")]  # + the install
+    assert all(r["attempt"] >= 1 for r in given_up)
+    failed = await admin.fetchval(
+        "SELECT count(*) FROM audit.forwards WHERE outcome = 'failed' AND status = 500")
+    assert failed >= 2
+    assert not list((Path(".ledger") / "outbox" / "worker-0").glob("seg-*"))  # deleted
+
+
+async def test_a_stuck_destination_delays_neither_intake_nor_other_routes(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination,
+) -> None:
+    stuck = Destination()
+    stuck.gate = asyncio.Event()  # answers nothing until released
+    await stuck.start()
+    try:
+        settings = gateway_settings()
+        client, forwarder, _ = await routed_client(make_client, settings, stuck.url)
+        assert client.app is not None
+        await routes_admin.add_route(client.app[STORE], settings, member_id=MEMBER_ID,
+                                     url=destination.url, event_pattern="ONIMBOT*")
+        await forwarder.reload()
+        await install_sample_portal(client)
+        async with asyncio.timeout(10):
+            answers = await asyncio.gather(*(post(client, b) for b in messages(10)))
+        assert all(status == 200 for status, _ in answers)
+        await destination.wait_until(lambda d: len(d.delivered) == 10)  # not the install
+        assert [r.position for r in destination.delivered] == [a["position"] for _, a in answers]
+        stuck.gate.set()
+        await stuck.wait_until(lambda d: len(d.delivered) == 11)
+    finally:
+        stuck.gate.set()
+        await stuck.stop()
+
+
+async def test_routes_changed_by_an_operator_are_noticed_while_serving_and_recorded(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination, admin: Admin,
+) -> None:
+    settings = gateway_settings(routes_reload_seconds=0.05)
+    client = await make_client(settings)
+    assert client.app is not None
+    await install_sample_portal(client)
+    route_id, _ = await routes_admin.add_route(
+        client.app[STORE], settings, member_id=MEMBER_ID, url=destination.url,
+        event_pattern="onimbotmessage*", actor="alice")
+    forwarder = client.app[FORWARDER]
+    await eventually(lambda: [r.route_id for r in forwarder.routes] == [route_id])
+    for body in messages(2):
+        await post(client, body)
+    await post(client, sample("onimbotjoinchat-1"))  # does not match the pattern
+    await destination.wait_until(lambda d: len(d.delivered) == 2)
+
+    await routes_admin.remove_route(client.app[STORE], route_id, actor="bob")
+    await eventually(lambda: forwarder.routes == [])
+    await post(client, messages(1, start=5)[0])
+    with pytest.raises(NoSuchRoute):
+        await routes_admin.remove_route(client.app[STORE], route_id)
+    rows = [(r["origin"], orjson.loads(r["payload"])) for r in await admin.fetch(
+        "SELECT origin, payload FROM ledger.events "
+        "WHERE event_type = 'LEDGER.ROUTE_CHANGED' ORDER BY position")]
+    assert [(origin, p["action"], p["actor"]) for origin, p in rows] == [
+        ("operator", "added", "alice"), ("operator", "removed", "bob")]
+    assert rows[0][1]["url"] == destination.url
+    assert len(destination.requests) == 2
+
+
+async def test_the_read_api_lists_routes_with_their_health(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination,
+) -> None:
+    client, _, route_id = await routed_client(make_client, gateway_settings(), destination.url)
+    assert client.app is not None
+    token, digest = new_token()
+    await AuditStore(client.app[STORE].pool).create_token("reader", digest, "test")
+    response = await client.get("/api/v1/routes", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200
+    (route,) = await response.json()
+    assert (route["route_id"], route["url"], route["state"], route["backlog"]) == (
+        route_id, destination.url, "ok", 0)
+
+
+async def test_redirects_are_not_followed(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination, admin: Admin,
+) -> None:
+    client, forwarder, _ = await routed_client(
+        make_client, gateway_settings(forward_max_age_seconds=0.3), destination.url)
+    destination.status = 307
+    await install_sample_portal(client)
+    await eventually(lambda: sum(forwarder.backlog()[r][0] for r in forwarder.backlog()) == 0)
+    await forwarder.records_flushed()
+    statuses = {r["status"] for r in await admin.fetch(
+        "SELECT status FROM audit.forwards WHERE outcome = 'failed'")}
+    assert statuses == {307}
+    assert {r.answered for r in destination.requests} == {307}
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_http", "why"),
+    [
+        ("http://bot.example/h", False, "plain http"),
+        ("ftp://bot.example/h", True, "https:// URL"),
+        ("https://bot.example/h?x=1", False, "no query string"),
+        ("http://127.0.0.1:8080/bitrix24/events", True, "own listen address"),
+        ("http://localhost:8080/x", True, "own listen address"),
+        ("https://user:pw@bot.example/h", False, "credentials"),
+    ],
+)
+def test_destinations_are_https_unless_allowed_and_never_the_ledger_itself(
+    url: str, allow_http: bool, why: str
+) -> None:
+    with pytest.raises(RouteRefused, match=why):
+        check_destination(url, allow_http=allow_http, http_hosts=frozenset(),
+                          listen_host="127.0.0.1", listen_port=8080)
+
+
+def test_allowed_destinations() -> None:
+    for url, allow_http, hosts in [
+        ("https://bot.example/handler", False, frozenset[str]()),
+        ("http://10.0.0.5:9000/h", False, frozenset({"10.0.0.5"})),
+        ("http://127.0.0.1:8081/h", True, frozenset[str]()),
+    ]:
+        assert check_destination(url, allow_http=allow_http, http_hosts=hosts,
+                                 listen_host="127.0.0.1", listen_port=8080) == url
+
+
+async def test_a_duplicate_is_not_forwarded_again(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings],
+    destination: Destination,
+) -> None:
+    client, _, _ = await routed_client(make_client, gateway_settings(), destination.url)
+    await install_sample_portal(client)
+    body = messages(1)[0]
+    await post(client, body)
+    status, answer = await post(client, body)
+    assert (status, answer["duplicate"]) == (200, True)
+    later = json.loads((FIXTURES / "bitrix24" / "onimbotjoinchat-1.json").read_text())
+    await post(client, json.dumps(later).encode(), content_type="application/json")
+    await destination.wait_until(lambda d: len(d.delivered) == 3)
+    assert [r.position for r in destination.delivered] == [1, 3, 4]  # 2: install's trust event
+
