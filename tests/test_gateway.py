@@ -165,7 +165,7 @@ async def test_a_destination_down_for_a_while_then_up_gets_everything_in_order(
 
     destination.status = 200
     await destination.wait_until(lambda d: len(d.delivered) == 21)
-    delivered = [r.position for r in destination.delivered]
+    delivered = [r.position or 0 for r in destination.delivered]
     assert delivered == sorted(delivered)
     assert set(delivered[1:]) == {a["position"] for _, a in answers}
     await eventually(lambda: forwarder.backlog()[route_id] == (0, 0.0))  # settled
@@ -338,3 +338,25 @@ async def test_a_duplicate_is_not_forwarded_again(
     assert [r.position for r in destination.delivered][1:] == [
         first["position"], last["position"]]
 
+
+
+def test_routes_from_the_command_line(database: Database) -> None:
+    from tests.test_cli import run
+
+    refused = run(database, "routes", "add", "--all", "--url", "http://bot.example/h")
+    assert refused.exit_code == 1
+    assert "plain http" in refused.output
+    added = run(database, "routes", "add", "--member-id", MEMBER_ID, "--event", "ONIMBOT*",
+                "--url", "https://bot.example/h")
+    assert added.exit_code == 0, added.output
+    route_id = added.output.split()[2]
+    listed = [orjson.loads(line) for line in
+              run(database, "routes", "list", "--json").output.splitlines()]
+    assert [(r["route_id"], r["member_id"], r["event"], r["url"]) for r in listed] == [
+        (route_id, MEMBER_ID, "ONIMBOT*", "https://bot.example/h")]
+    assert "via cli" in listed[0]["added_by"]
+    assert run(database, "routes", "attempts").exit_code == 0
+    assert run(database, "routes", "remove", route_id).exit_code == 0
+    assert run(database, "routes", "list", "--json").output == ""
+    missing = run(database, "routes", "remove", route_id)
+    assert (missing.exit_code, "no route" in missing.output) == (1, True)

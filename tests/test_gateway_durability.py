@@ -77,8 +77,9 @@ def test_the_outbox_is_sealed_recovered_after_a_restart_and_deleted_once_settled
     assert reopened.read(first)[1] == body
     reopened.settle(first, "b", "given_up")
     reopened.settle(second, "a", "delivered")
-    reopened.close()
+    reopened.apply_settled()
     assert list((tmp_path / "outbox").glob("seg-*")) == []  # nothing owed: deleted
+    reopened.close()
 
 
 def test_an_outbox_under_another_key_is_refused(tmp_path: Path) -> None:

@@ -3,10 +3,10 @@
 Per route and portal there is one lane, delivering its items one at a time in the order the
 ledger stored them (head-of-line: the next waits until the one before was delivered or given
 up). Lanes are independent: a slow or failing destination holds up only its own lanes, never
-the intake (which only waits for the outbox fsync) nor other routes.
+the intake (which only waits for the outbox write) nor other routes.
 
-Life of a forward: accepted after the commit (or the spool fsync) → sealed into the outbox and
-fsync'd → queued in memory → attempted until a 2xx, with exponential backoff and jitter, until
+Life of a forward: accepted after the commit (or the spool fsync) → sealed into the outbox
+(written before the sender's answer, fsync'd within OUTBOX_SYNC_SECONDS) → queued in memory → attempted until a 2xx, with exponential backoff and jitter, until
 `forward_max_age_seconds` after it was accepted → settled (delivered, or given up with a reason)
 and deleted from the outbox. Every attempt and every giving-up is recorded in PostgreSQL
 (`ledger.forward_attempts`, without the body); records wait in memory (bounded) while
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
+OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
 
 
 @dataclass(slots=True, eq=False)
@@ -157,6 +158,8 @@ class Forwarder:
                 self._requeue(found.location, found.header, found.routes)
         self._spawn(self._reload_loop(), "routes-reload")
         self._spawn(self._record_loop(), "forward-attempts")
+        if self._outbox is not None:
+            self._spawn(self._outbox_loop(), "outbox-sync")
 
     async def close(self) -> None:
         """Stop forwarding (what is pending stays in the outbox); record what was attempted."""
@@ -264,8 +267,9 @@ class Forwarder:
 
     async def accept(self, accepted: Accepted) -> None:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
-        route it matches, then queue it. Returns after the outbox fsync (so a `kill -9` after
-        the sender's 2xx loses no forward); never waits for a destination, never raises."""
+        route it matches, then queue it. Returns once the outbox holds it (so a `kill -9` after
+        the sender's 2xx loses no forward; the fsync follows within OUTBOX_SYNC_SECONDS); never
+        waits for a destination, never raises."""
         states = [s for s in self._states.values()
                   if s.route.matches(accepted.member_id, accepted.event_type)]
         if not states or self._closing:
@@ -293,7 +297,7 @@ class Forwarder:
             self._enqueue(state, _item(location, header, accepted.body))
 
     async def _write(self, header: dict[str, Any], body: bytes) -> Location:
-        """Group fsync: concurrent deliveries share one write and one fsync."""
+        """Concurrent deliveries share one write (in a thread: the loop never waits on disk)."""
         future: asyncio.Future[Location] = asyncio.get_running_loop().create_future()
         self._writes.append((header, body, future))
         if self._writer is None:
@@ -513,10 +517,23 @@ class Forwarder:
                 self._records_wake.set()
 
     async def records_flushed(self) -> None:
-        """Write every attempt record held so far (tests and shutdown)."""
+        """Write every attempt record held so far, and settle the outbox (tests, shutdown)."""
         while self._records:
             if not await self._flush_records():
                 raise LedgerError("forward attempts could not be recorded")
+        if self._outbox is not None:
+            await asyncio.to_thread(self._outbox.apply_settled)
+
+    async def _outbox_loop(self) -> None:
+        """fsync what was written, write down what was settled and delete what is no longer
+        owed — in the background, off the event loop (see `ledger.gateway.outbox`)."""
+        assert self._outbox is not None
+        while not self._closing:
+            await asyncio.sleep(OUTBOX_SYNC_SECONDS)  # the batching interval
+            if self._outbox.unsynced:
+                await asyncio.to_thread(self._outbox.sync)
+            if self._outbox.settling:
+                await asyncio.to_thread(self._outbox.apply_settled)
 
     # ---- health -----------------------------------------------------------------------------
 

@@ -6,7 +6,10 @@ them), so it never goes to PostgreSQL or a log: only here, encrypted with AES-GC
 
 Layout (one directory per worker process):
 - `seg-<n>.log`: frames `"LOB1"` ‖ uint32 length ‖ nonce ‖ AES-GCM(JSON header ‖ "\\n" ‖ body),
-  appended and fsync'd before the delivery is answered. A frame is known by (segment, offset).
+  written (to the kernel) before the delivery is answered, so a killed process loses none; they
+  are fsync'd in the background every `sync_interval` (waiting for an fsync per batch would halve
+  intake throughput: bench/RESULTS.md), so an OS crash or power loss may lose the forwards of
+  that last interval. A frame is known by (segment, offset).
 - `done.log`: one plaintext line `<segment> <offset> <route> <outcome>` per forward settled
   (delivered or given up); not fsync'd — losing a line only means that forward is sent again
   (at least once). A segment file is deleted once every forward in it is settled; `done.log`
@@ -99,6 +102,9 @@ class Outbox:
         self._active_file: Any = None
         self._next = 0
         self._done_file: Any = None
+        self._settled: list[tuple[Location, str, str]] = []
+        self._settled_lock = threading.Lock()  # never held during I/O
+        self._unsynced = False
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -190,7 +196,7 @@ class Outbox:
             ) from exc
 
     def append(self, records: list[tuple[dict[str, Any], bytes]]) -> list[Location]:
-        """Write records (header, body) and fsync them; where each one is."""
+        """Write records (header, body) to the kernel (not fsync'd: see `sync`); where each is."""
         with self._lock:
             if self._active is None or self._segments[self._active].size > self._segment_bytes:
                 self._rotate()
@@ -207,12 +213,25 @@ class Outbox:
                 segment.outstanding += len(header["routes"])
             self._active_file.write(b"".join(frames))
             self._active_file.flush()
-            os.fsync(self._active_file.fileno())
+            self._unsynced = True
             segment.size = offset
             return locations
 
+    def sync(self) -> None:
+        """fsync what was written since the last call."""
+        with self._lock:
+            if self._unsynced and self._active_file is not None:
+                os.fsync(self._active_file.fileno())
+            self._unsynced = False
+
+    @property
+    def unsynced(self) -> bool:
+        return self._unsynced
+
     def _rotate(self) -> None:
         if self._active_file is not None:
+            if self._unsynced:
+                os.fsync(self._active_file.fileno())
             self._active_file.close()
         number = self._next
         self._next += 1
@@ -237,23 +256,38 @@ class Outbox:
         return orjson.loads(header), body
 
     def settle(self, location: Location, route_id: str, outcome: str) -> None:
-        """One forward is over (delivered or given up); drop segments nothing is owed from."""
-        number, offset = location
+        """One forward is over (delivered or given up). Only noted here — no I/O, so the event
+        loop may call it; `apply_settled` (from a thread) writes it down."""
+        with self._settled_lock:
+            self._settled.append((location, route_id, outcome))
+
+    @property
+    def settling(self) -> bool:
+        return bool(self._settled)
+
+    def apply_settled(self) -> None:
+        """Record what was settled in `done.log`; delete segments nothing is owed from."""
+        with self._settled_lock:
+            settled, self._settled = self._settled, []
+        if not settled:
+            return
         with self._lock:
-            segment = self._segments.get(number)
-            if segment is None or (offset, route_id) in segment.settled:
-                return
-            segment.settled.add((offset, route_id))
-            segment.outstanding -= 1
-            self._done_file.write(f"{number} {offset} {route_id} {outcome}\n")
+            for (number, offset), route_id, outcome in settled:
+                segment = self._segments.get(number)
+                if segment is None or (offset, route_id) in segment.settled:
+                    continue
+                segment.settled.add((offset, route_id))
+                segment.outstanding -= 1
+                self._done_file.write(f"{number} {offset} {route_id} {outcome}\n")
+                if segment.outstanding > 0:
+                    continue
+                if number == self._active:
+                    self._active_file.close()
+                    self._active_file, self._active = None, None
+                    self._unsynced = False  # nothing in it is owed any more
+                del self._segments[number]
+                self._path(number).unlink(missing_ok=True)
             self._done_file.flush()
-            if segment.outstanding > 0:
-                return
-            if number == self._active:
-                self._active_file.close()
-                self._active_file, self._active = None, None
-            del self._segments[number]
-            self._path(number).unlink(missing_ok=True)
             if not self._segments:
                 self._done_file.truncate(0)
 
@@ -262,6 +296,8 @@ class Outbox:
         return sum(s.size for s in self._segments.values())
 
     def close(self) -> None:
+        self.apply_settled()
+        self.sync()
         with self._lock:
             if self._active_file is not None:
                 self._active_file.close()
