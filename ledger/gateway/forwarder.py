@@ -6,9 +6,10 @@ up). Lanes are independent: a slow or failing destination holds up only its own 
 the intake (which only waits for the outbox write) nor other routes.
 
 Life of a forward: accepted after the commit (or the spool fsync) → sealed into the outbox
-(written before the sender's answer, fsync'd within OUTBOX_SYNC_SECONDS) → queued in memory → attempted until a 2xx, with exponential backoff and jitter, until
-`forward_max_age_seconds` after it was accepted → settled (delivered, or given up with a reason)
-and deleted from the outbox. Every attempt and every giving-up is recorded in PostgreSQL
+(written before the sender's answer, fsync'd within OUTBOX_SYNC_SECONDS) → queued in memory →
+attempted until a 2xx, with exponential backoff and jitter, until `forward_max_age_seconds`
+after it was accepted → settled (delivered, or given up with a reason) and deleted from the
+outbox. Every attempt and every giving-up is recorded in PostgreSQL
 (`ledger.forward_attempts`, without the body); records wait in memory (bounded) while
 PostgreSQL is away. After a crash the outbox is replayed: a forward whose outcome was not
 settled may be sent again — the destination dedups by `X-Ledger-Position` (or
@@ -152,7 +153,11 @@ class Forwarder:
             await self.reload()
         except LedgerError as exc:
             log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._routes_file)
-            self._load_saved_routes()
+            try:
+                self._load_saved_routes()
+            except (OSError, ValueError, KeyError, TypeError) as bad:
+                log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
+                          self._routes_file, bad)
         if self._outbox is not None:
             for found in await asyncio.to_thread(self._outbox.recover):
                 self._requeue(found.location, found.header, found.routes)
@@ -266,6 +271,14 @@ class Forwarder:
     # ---- intake side ------------------------------------------------------------------------
 
     async def accept(self, accepted: Accepted) -> None:
+        try:
+            await self._accept(accepted)
+        except Exception:
+            # the delivery is durable and its sender must hear so; this is a bug to fix
+            log.exception("forwarding position %s of portal %s failed unexpectedly",
+                          accepted.position, accepted.member_id)
+
+    async def _accept(self, accepted: Accepted) -> None:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
         route it matches, then queue it. Returns once the outbox holds it (so a `kill -9` after
         the sender's 2xx loses no forward; the fsync follows within OUTBOX_SYNC_SECONDS); never

@@ -58,18 +58,26 @@ def load_key(path: Path, configured: str | None) -> bytes:
             raise OutboxError("LEDGER_OUTBOX_KEY must be 32 bytes, base64-encoded")
         return key
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        # written aside, then linked into place: workers starting together all get one key
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process was first: use its key
+        finally:
+            temporary.unlink()
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = base64.b64decode(path.read_bytes().strip())
-        if len(key) != 32:
-            raise OutboxError(f"{path} does not hold a 32-byte key (base64)") from None
-        return key
-    key = AESGCM.generate_key(bit_length=256)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(base64.b64encode(key) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+        key = base64.b64decode(path.read_bytes().strip(), validate=True)
+    except ValueError as exc:
+        raise OutboxError(f"{path} does not hold a base64 key") from exc
+    if len(key) != 32:
+        raise OutboxError(f"{path} does not hold a 32-byte key (base64)")
     return key
 
 
