@@ -360,3 +360,4 @@ def test_routes_from_the_command_line(database: Database) -> None:
     assert run(database, "routes", "list", "--json").output == ""
     missing = run(database, "routes", "remove", route_id)
     assert (missing.exit_code, "no route" in missing.output) == (1, True)
+    assert run(database, "verify").exit_code == 0  # route events are in the chain like others
