@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
+_ANSWER_READ = 64 * 1024  # of a destination's answer body; the rest is not read
 OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
 
 
@@ -148,6 +149,9 @@ class Forwarder:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit_per_host=32),
             trust_env=False,  # no proxy from the environment: destinations are the operator's
+            timeout=aiohttp.ClientTimeout(total=self._settings.forward_timeout_seconds),
+            skip_auto_headers=("Content-Type",),  # only the one Bitrix24 sent
+            auto_decompress=False,
         )
         try:
             await self.reload()
@@ -429,11 +433,11 @@ class Forwarder:
         began = time.perf_counter()
         try:
             async with self._session.post(
-                url, data=item.body, headers=headers, allow_redirects=False,
-                skip_auto_headers=("Content-Type",),
-                timeout=aiohttp.ClientTimeout(total=self._settings.forward_timeout_seconds),
+                url, data=item.body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status
+                # a short answer read to its end lets the connection be reused
+                await response.content.read(_ANSWER_READ)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             if item.raw_query:  # a query string may carry secrets: never into a record
