@@ -361,3 +361,22 @@ def test_routes_from_the_command_line(database: Database) -> None:
     missing = run(database, "routes", "remove", route_id)
     assert (missing.exit_code, "no route" in missing.output) == (1, True)
     assert run(database, "verify").exit_code == 0  # route events are in the chain like others
+
+
+async def test_an_unreachable_destination_is_recorded_without_the_query_string(
+    make_client: ClientFactory, gateway_settings: Callable[..., Settings], admin: Admin,
+) -> None:
+    from tests.test_crash import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/bot"  # nobody listens there
+    client, forwarder, route_id = await routed_client(
+        make_client, gateway_settings(forward_max_age_seconds=0.3), closed)
+    await allow_sample_portal(client)
+    status, _ = await post_raw(client, sample("onappinstall-1"), FORM, QUERY)
+    assert status == 200
+    await eventually(lambda: forwarder.backlog()[route_id][0] == 0)
+    await forwarder.records_flushed()
+    errors = [r["error"] for r in await admin.fetch(
+        "SELECT error FROM audit.forwards WHERE outcome = 'failed'")]
+    assert errors
+    assert all("Connect" in e and "CLIENT_ID" not in e for e in errors)

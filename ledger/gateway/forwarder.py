@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
+_QUERY = re.compile(r"\?[^\s'\"]*")
 _ANSWER_READ = 64 * 1024  # of a destination's answer body; the rest is not read
 OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
 
@@ -439,10 +441,8 @@ class Forwarder:
                 # a short answer read to its end lets the connection be reused
                 await response.content.read(_ANSWER_READ)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if item.raw_query:  # a query string may carry secrets: never into a record
-                error = error.replace(item.raw_query, "…")
-            error = error[:300]
+            # a query string may carry secrets: never into a record or a log line
+            error = _QUERY.sub("?…", f"{type(exc).__name__}: {exc}")[:300]
         latency = time.perf_counter() - began
         delivered = status is not None and 200 <= status < 300
         if status is not None and not delivered:
