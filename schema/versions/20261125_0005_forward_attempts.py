@@ -1,13 +1,13 @@
 """Gateway mode: every forward attempt to a route's destination, without the body.
 
-Revision ID: 0008
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
-revision = "0008"
+revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
