@@ -108,9 +108,9 @@ class Settings(BaseSettings):
     forward_timeout_seconds: float = Field(default=10.0, gt=0, description="per attempt")
     forward_retry_initial_seconds: float = Field(default=1.0, gt=0)
     forward_retry_max_seconds: float = Field(default=60.0, gt=0)
-    forward_memory_items: int = Field(
-        default=1000, ge=1, description="bodies kept in memory per route; the rest are read "
-        "back from the outbox when their turn comes",
+    forward_memory_bytes: int = Field(
+        default=64 * 1024**2, ge=0, description="pending bodies kept in memory per route; "
+        "older ones are read back from the outbox when their turn comes",
     )
     forward_max_pending: int = Field(
         default=100_000, ge=1, description="forwards pending per route; past it, given up"

@@ -86,6 +86,7 @@ class _RouteState:
     pending: int = 0
     # items whose body is in memory, oldest first (a dict: ordered, O(1) removal)
     held: dict[_Item, None] = field(default_factory=dict)
+    held_bytes: int = 0
     removed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failing_since: float | None = None
@@ -196,8 +197,15 @@ class Forwarder:
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A background task that dies is a bug: say so loudly (until `ledger.supervision`
+        restarts such tasks and reports them in /readyz)."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway task %s died", task.get_name(), exc_info=task.exception())
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -360,9 +368,11 @@ class Forwarder:
         state.pending += 1
         if item.body is not None and item.location is not None:
             state.held[item] = None
-            while len(state.held) > self._settings.forward_memory_items:
+            state.held_bytes += len(item.body)
+            while state.held_bytes > self._settings.forward_memory_bytes and state.held:
                 spilled = next(iter(state.held))
                 del state.held[spilled]
+                state.held_bytes -= len(spilled.body or b"")
                 spilled.body = None  # read back from the outbox when its turn comes
         lane = state.lanes.get(item.member_id)
         if lane is None:
@@ -467,7 +477,9 @@ class Forwarder:
     ) -> None:
         lane.items.popleft()
         state.pending -= 1
-        state.held.pop(item, None)
+        if item in state.held:
+            del state.held[item]
+            state.held_bytes -= len(item.body or b"")
         item.body = None
         if outcome == GIVEN_UP:
             self._give_up_item(state, state.route.route_id, item, reason or "unknown")
@@ -547,10 +559,13 @@ class Forwarder:
         assert self._outbox is not None
         while not self._closing:
             await asyncio.sleep(OUTBOX_SYNC_SECONDS)  # the batching interval
-            if self._outbox.unsynced:
-                await asyncio.to_thread(self._outbox.sync)
-            if self._outbox.settling:
-                await asyncio.to_thread(self._outbox.apply_settled)
+            try:
+                if self._outbox.unsynced:
+                    await asyncio.to_thread(self._outbox.sync)
+                if self._outbox.settling:
+                    await asyncio.to_thread(self._outbox.apply_settled)
+            except OSError as exc:  # a disk error: keep trying, loudly
+                log.error("outbox %s: %s", self._outbox.directory, exc)
 
     # ---- health -----------------------------------------------------------------------------
 
