@@ -25,7 +25,7 @@ from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from ledger.web import STORE
-from tests.conftest import FORM, TOKEN, ClientFactory, Database, sample, sample_names
+from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
 from tests.gateway_helpers import Destination, eventually
 from tests.helpers import Client, install_sample_portal, post
 from tests.test_crash import free_port
@@ -179,8 +179,7 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
     port = free_port()
     try:
         store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
-        await change_trust(store, TrustChange.ALLOWED, domain="some-domain.bitrix24.com",
-                           actor="test")
+        await change_trust(store, TrustChange.ALLOWED, member_id=MEMBER_ID, actor="test")
         await routes_admin.add_route(
             store, Settings(port=port, forward_plain_http_hosts="127.0.0.1"), member_id=None,
             url=destination.url, actor="test")

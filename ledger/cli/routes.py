@@ -8,7 +8,8 @@ from typing import Any
 import click
 import orjson
 
-from ledger.cli.app import _fail_cleanly, _settings, _with_store, main
+from ledger.cli.app import main
+from ledger.cli.common import fail_cleanly, settings_of, with_store
 from ledger.gateway import admin
 from ledger.storage.gateway_store import GatewayStore
 
@@ -27,7 +28,7 @@ def routes() -> None:
 @click.option("--allow-http", is_flag=True,
               help="Allow a plain http:// destination (a trusted network only).")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def routes_add(
     ctx: click.Context, member_id: str | None, all_portals: bool, event_pattern: str, url: str,
     allow_http: bool,
@@ -35,8 +36,8 @@ def routes_add(
     """Forward matching deliveries, once stored, to URL (recorded as an event)."""
     if (member_id is None) == (not all_portals):
         raise click.UsageError("give exactly one of --member-id or --all")
-    settings = _settings(ctx)
-    route_id, position = _with_store(ctx, lambda store: admin.add_route(
+    settings = settings_of(ctx)
+    route_id, position = with_store(ctx, lambda store: admin.add_route(
         store, settings, member_id=member_id, url=url, event_pattern=event_pattern,
         allow_http=allow_http,
     ))
@@ -47,20 +48,20 @@ def routes_add(
 @routes.command("remove")
 @click.argument("route_id")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def routes_remove(ctx: click.Context, route_id: str) -> None:
     """Stop forwarding to a route; what is pending for it is given up (recorded)."""
-    position = _with_store(ctx, lambda store: admin.remove_route(store, route_id))
+    position = with_store(ctx, lambda store: admin.remove_route(store, route_id))
     click.echo(f"removed route {route_id} (recorded at position {position})")
 
 
 @routes.command("list")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def routes_list(ctx: click.Context, as_json: bool) -> None:
     """The routes now (live health: GET /api/v1/routes or /readyz of the serving ledger)."""
-    current = _with_store(ctx, admin.current_routes)
+    current = with_store(ctx, admin.current_routes)
     if as_json:
         for r in current.values():
             click.echo(orjson.dumps({
@@ -82,13 +83,13 @@ def routes_list(ctx: click.Context, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.pass_context
-@_fail_cleanly
+@fail_cleanly
 def routes_attempts(
     ctx: click.Context, route_id: str | None, position: int | None, outcome: str | None,
     limit: int, as_json: bool,
 ) -> None:
     """Forward attempts and forwards given up, newest first (as audit.forwards shows them)."""
-    rows = _with_store(ctx, lambda store: GatewayStore(store.pool).attempts(
+    rows = with_store(ctx, lambda store: GatewayStore(store.pool).attempts(
         route_id=route_id, position=position, outcome=outcome, limit=limit))
     if as_json:
         for row in rows:

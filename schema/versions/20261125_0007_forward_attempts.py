@@ -1,14 +1,14 @@
 """Gateway mode: every forward attempt to a route's destination, without the body.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
-revision = "0005"
-down_revision = "0004"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
