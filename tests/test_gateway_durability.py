@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -143,8 +144,20 @@ async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_po
         await destination.stop()
 
 
+@pytest.fixture
+async def started() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`ledger serve` processes a test started: none outlives it, even when it fails."""
+    processes: list[asyncio.subprocess.Process] = []
+    yield processes
+    for process in processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 async def start_ledger(
-    database: Database, port: int, directory: Path, log: Path
+    database: Database, port: int, directory: Path, log: Path,
+    started: list[asyncio.subprocess.Process],
 ) -> asyncio.subprocess.Process:
     env = {**os.environ, "LEDGER_DATABASE_URL": database.service_dsn,
            "LEDGER_LOG_LEVEL": "INFO", "LEDGER_DATA_DIR": str(directory),
@@ -159,6 +172,7 @@ async def start_ledger(
         )
     finally:
         os.close(stderr)
+    started.append(process)
     async with asyncio.timeout(30), aiohttp.ClientSession() as session:
         while True:  # poll the condition (it answers) until the deadline; no other signal
             try:
@@ -171,6 +185,7 @@ async def start_ledger(
 
 async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behind(
     database: Database, admin: Admin, tmp_path: Path,
+    started: list[asyncio.subprocess.Process],
 ) -> None:
     destination = Destination()
     destination.status = 503  # the bot is down
@@ -186,7 +201,7 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
     finally:
         await pool.close()
     log = tmp_path / "ledger.log"
-    server = await start_ledger(database, port, tmp_path, log)
+    server = await start_ledger(database, port, tmp_path, log, started)
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     others = [n for n in sample_names() if not n.startswith(("onappinstall", "onappuninstall"))]
     acknowledged: list[int] = []
@@ -206,7 +221,7 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
     assert [s for s in secrets_of_samples() if s in sealed] == []  # …sealed
 
     destination.status = 200  # the bot is back, then the ledger restarts
-    restarted = await start_ledger(database, port, tmp_path, log)
+    restarted = await start_ledger(database, port, tmp_path, log, started)
     await destination.wait_until(
         lambda d: {r.position for r in d.delivered} >= set(acknowledged))
     first_seen: list[int] = []
