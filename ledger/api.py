@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
-from ledger import __version__, asof
+from ledger import __version__, asof, proving
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
 from ledger.errors import BadQuery, Unauthorized
 from ledger.gateway.forwarder import FORWARDER
@@ -31,11 +31,14 @@ from ledger.readmodels import (
     Page,
     PortalOut,
     ProjectionOut,
+    ProofOut,
     VerificationOut,
 )
 from ledger.storage.audit_store import EventFilter
+from ledger.storage.tree_store import EVENTS_LOG, TreeStore
 
 AUDIT = web.AppKey("audit", AuditService)
+TREES = web.AppKey("trees", TreeStore)
 TOKEN_CACHE = web.AppKey("token_cache", dict)  # sha256 -> monotonic expiry
 TOKEN_CACHE_SECONDS = 10.0  # a revoked token stops working within this long
 
@@ -164,6 +167,18 @@ async def events(request: web.Request) -> web.Response:
     return _json(page)
 
 
+async def event_proof(request: web.Request) -> web.Response:
+    """The offline-checkable proof bundle of one event (docs/spec/proofs.md)."""
+    try:
+        position = int(request.match_info["position"])
+    except ValueError as exc:
+        raise BadQuery("position must be an integer") from exc
+    bundle = await proving.inclusion_bundle(
+        request.config_dict[TREES], position, None, log_id=EVENTS_LOG
+    )
+    return _json(bundle)
+
+
 async def verification(request: web.Request) -> web.Response:
     return _json(_dump(await _service(request).verification()))
 
@@ -215,6 +230,11 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                 Param("from", "date-time", "received at or after"),
                 Param("to", "date-time", "received before"), _AFTER, _LIMIT,
                 Param("payload", "boolean", "include the stored payloads"))), events),
+        (Route("/events/{position}/proof",
+               "Proof that the event is in the signed log: the event as stored, its Merkle "
+               "audit path and the newest signed checkpoint covering it (check it offline "
+               "with `ledger verify-proof`)", ProofOut,
+               (Param("position", "integer", "the event's position", "path"),)), event_proof),
         (Route("/verification", "Last `ledger verify` result per chain, and the heads now",
                list[VerificationOut]), verification),
         (Route("/projection", "The store position and chain hash the registry is folded up to",
@@ -228,7 +248,7 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], VerificationOut,
-        ProjectionOut, ErrorOut, RouteOut,
+        ProjectionOut, ErrorOut, RouteOut, ProofOut,
     ]
     _, schemas = models_json_schema(
         [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"

@@ -167,3 +167,26 @@ class OutboxError(LedgerError):
     """The forwarding outbox or its key cannot be used; the message says which and why."""
 
     code = "outbox_error"
+
+
+class TreeNotReady(LedgerError):
+    """The Merkle tree cannot answer yet (not built that far, or no checkpoint covers the
+    event); the message says what to run or wait for."""
+
+    status = 409
+    code = "tree_not_ready"
+
+
+class ProofInvalid(LedgerError):
+    """A proof bundle, consistency proof or cosignature that does not verify: the event is not
+    in the signed log, or the logs diverged. The message names the first failed check."""
+
+    status = 422
+    code = "proof_invalid"
+
+
+class WitnessRefused(LedgerError):
+    """A witness will not cosign: the checkpoint does not extend what it cosigned before."""
+
+    status = 409
+    code = "witness_refused"

@@ -5,20 +5,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger import checkpoints, trust
-from ledger.checkpoints import Checkpoint
+from ledger import proving, trust
 from ledger.models import TRUST_EVENT
 from ledger.projections import fold, rows
 from ledger.projections.fold import State, StoredEvent
 from ledger.projections.projector import REGISTRY
 from ledger.storage.projection_store import COLUMNS, KEYS, TABLES, ProjectionStore
 from ledger.storage.store import EventStore
-from ledger.verification import Anchor, ChainVerifier, Problem, event_row, rejection_row
+from ledger.storage.tree_store import EVENTS_LOG, TreeStore
+from ledger.verification import (
+    Anchor,
+    ChainVerifier,
+    Problem,
+    ProblemKind,
+    TreeVerifier,
+    event_row,
+    rejection_row,
+)
 
 STREAMS = {"events": event_row, "rejections": rejection_row}
 
@@ -59,9 +67,9 @@ async def verify_stream(
 
 
 async def make_checkpoint(store: EventStore, key: Ed25519PrivateKey, origin: str) -> str:
-    """A signed statement of the event chain's current head."""
-    position, head_hash = await store.head()
-    return checkpoints.sign(Checkpoint(origin, position, head_hash, datetime.now(UTC)), key)
+    """A signed statement of the event log's current tree and chain head (the tree is brought
+    up to the chain first)."""
+    return await proving.make_checkpoint(TreeStore(store.pool), key, origin)
 
 
 # ---- the projections against a fold of the store ------------------------------------------
@@ -208,3 +216,31 @@ def _fold_trust(events: Sequence[StoredEvent]) -> list[dict[str, Any]]:
             "changed_at": event.received_at, "changed_position": event.position,
         }
     return list(rows.values())
+
+
+@dataclass(frozen=True)
+class TreeReport:
+    log_id: str
+    size: int
+    root: bytes
+    problem: Problem | None
+
+
+async def verify_tree(store: EventStore, log_id: str = EVENTS_LOG) -> TreeReport:
+    """Recompute every stored node of a log's tree from the chain; stop at the first bad one."""
+    verifier = TreeVerifier(log_id)
+    async with TreeStore(store.pool).snapshot(log_id) as snapshot:
+        async for leaves in snapshot.leaves():
+            made = verifier.expected([h for _, h in leaves])
+            expected_positions = range(verifier.size - len(leaves) + 1, verifier.size + 1)
+            if [p for p, _ in leaves] != list(expected_positions):
+                gap = next(e for (p, _), e in zip(leaves, expected_positions, strict=True)
+                           if p != e)
+                return TreeReport(log_id, snapshot.size, snapshot.root, Problem(
+                    verifier.stream, gap, ProblemKind.EVENT_MISSING,
+                    "the chain has a gap under the tree (see the events report)"))
+            stored = await snapshot.nodes((level, index) for level, index, _ in made)
+            if not verifier.check(made, stored):
+                break
+        problem = verifier.finish(snapshot.size, snapshot.root, await snapshot.node_count())
+        return TreeReport(log_id, snapshot.size, snapshot.root, problem)

@@ -125,6 +125,38 @@ class ProjectionOut(_Model):
     updated_at: datetime
 
 
+class StoredEventOut(_Model):
+    """An event exactly as stored: what its chain entry hash is computed from."""
+
+    position: int
+    member_id: str
+    event_type: str
+    origin: str
+    bot_ids: list[int]
+    occurred_at: str | None = Field(description="RFC 3339 UTC, six fractional digits")
+    received_at: str = Field(description="RFC 3339 UTC, six fractional digits")
+    dedup_key: str = Field(description="hex")
+    body_sha256: str | None = Field(description="hex")
+    payload: str = Field(description="the stored payload JSON text, byte for byte")
+    payload_sha256: str = Field(description="hex")
+    metadata: str = Field(description="the stored canonical metadata JSON text")
+    prev_hash: str = Field(description="hex")
+    hash: str = Field(description="hex: the chain entry hash, which is the Merkle leaf")
+
+
+class ProofOut(_Model):
+    """A self-contained inclusion proof (docs/spec/proofs.md)."""
+
+    format: str = Field(description="ledger-inclusion-proof/v1")
+    log_id: str
+    event: StoredEventOut
+    leaf: str = Field(description="hex: the event's chain entry hash")
+    leaf_index: int = Field(description="position - 1")
+    tree_size: int
+    audit_path: list[str] = Field(description="hex hashes, RFC 6962 PATH order")
+    checkpoint: str = Field(description="the signed note (C2SP tlog-checkpoint)")
+
+
 class ErrorOut(_Model):
     error: str
     message: str

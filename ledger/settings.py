@@ -127,6 +127,17 @@ class Settings(BaseSettings):
     routes_reload_seconds: float = Field(
         default=2.0, gt=0, description="how soon a serving process notices route changes"
     )
+    run_tree_follower: bool = Field(
+        default=True, description="keep the Merkle tree up to date inside `ledger serve`"
+    )
+    tree_batch: int = Field(
+        default=5000, ge=1, description="leaves the tree follower adds per transaction"
+    )
+    tree_poll_seconds: float = Field(default=1.0, gt=0)
+    tree_gather_ms: float = Field(
+        default=250.0, ge=0,
+        description="the tree follower merges wake-ups this close into one transaction",
+    )
 
     @property
     def spool_path(self) -> Path:

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from ledger import merkle
 from ledger.hashing import GENESIS_HASH, chain_hash, event_entry, rejection_entry, sha256
 
 
@@ -32,6 +33,9 @@ class ProblemKind(StrEnum):
     ORDER_CHANGED = "order_changed"
     HEAD_MISMATCH = "head_mismatch"
     CHECKPOINT_MISMATCH = "checkpoint_mismatch"
+    TREE_NODE_CHANGED = "tree_node_changed"
+    TREE_NODE_MISSING = "tree_node_missing"
+    TREE_HEAD_MISMATCH = "tree_head_mismatch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,3 +215,67 @@ class ChainVerifier:
             self._fail(row.position, ProblemKind.EVENT_MISSING,
                        "links to a predecessor that is not in the table: an earlier row was "
                        "removed (or this row's prev_hash edited)")
+
+
+class TreeVerifier:
+    """Recompute a log's Merkle tree from its leaves (the chain's entry hashes, in order) and
+    compare every stored node; `problem` names the first node that differs or is missing.
+
+    Feed leaves in batches; for each batch, `expected` says which nodes it completes (fetch
+    those) and `check` compares them. Only the tree's right edge is kept in memory.
+    """
+
+    def __init__(self, log_id: str) -> None:
+        self.stream = f"tree {log_id}"
+        self.size = 0
+        self.problem: Problem | None = None
+        self._frontier: dict[merkle.NodeId, bytes] = {}
+
+    def expected(self, leaves: list[bytes]) -> list[tuple[int, int, bytes]]:
+        made = merkle.new_nodes(self.size, [merkle.leaf_hash(x) for x in leaves], self._frontier)
+        known = {**self._frontier, **{(level, index): h for level, index, h in made}}
+        self.size += len(leaves)
+        self._frontier = {n: known[n] for n in merkle.frontier_nodes(self.size)}
+        return made
+
+    def check(
+        self, made: list[tuple[int, int, bytes]], stored: dict[merkle.NodeId, bytes]
+    ) -> bool:
+        """False (and `problem` set) at the first node, in order of completion, that is off."""
+        for level, index, value in made:
+            if level == 0:  # leaf hashes are not stored: the chain is checked on its own
+                continue
+            last_leaf = ((index + 1) << level)  # 1-based position of its last leaf
+            first_leaf = (index << level) + 1
+            where = f"node level {level} index {index} (positions {first_leaf}..{last_leaf})"
+            found = stored.get((level, index))
+            if found is None:
+                self._fail(last_leaf, ProblemKind.TREE_NODE_MISSING, f"{where} is not stored")
+                return False
+            if found != value:
+                self._fail(last_leaf, ProblemKind.TREE_NODE_CHANGED,
+                           f"{where} is stored as {found.hex()[:16]}…, the chain gives "
+                           f"{value.hex()[:16]}…")
+                return False
+        return True
+
+    def finish(self, size: int, root: bytes, stored_nodes: int) -> Problem | None:
+        """The log's recorded size and root must be the recomputed ones, and no node may be
+        stored past them."""
+        if self.problem is not None:
+            return self.problem
+        if self.size != size:
+            self._fail(self.size + 1, ProblemKind.EVENT_MISSING,
+                       f"the tree holds {size} leaves, the chain has only {self.size} of them")
+        elif merkle.root_from(size, self._frontier) != root:
+            self._fail(size, ProblemKind.TREE_HEAD_MISMATCH,
+                       "the recorded root is not the root of the stored nodes")
+        elif stored_nodes != size - size.bit_count():
+            self._fail(size, ProblemKind.TREE_NODE_CHANGED,
+                       f"{stored_nodes} nodes are stored, a tree of {size} leaves has "
+                       f"{size - size.bit_count()} above its leaves: nodes were added past "
+                       "the tree")
+        return self.problem
+
+    def _fail(self, position: int, kind: ProblemKind, detail: str) -> None:
+        self.problem = Problem(self.stream, position, kind, detail)

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from ledger import checkpoints
-from ledger.api import AUDIT, create_api
+from ledger.api import AUDIT, TREES, create_api
 from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
@@ -29,6 +29,7 @@ from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
 from ledger.offline import Appender, OfflineTrust
 from ledger.projections.projector import Projector
+from ledger.proving import TreeFollower
 from ledger.settings import Settings
 from ledger.spool import Spool
 from ledger.storage import target as targets
@@ -36,6 +37,7 @@ from ledger.storage.audit_store import AuditStore
 from ledger.storage.gateway_store import GatewayStore
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
+from ledger.storage.tree_store import TreeStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ PROJECTOR = web.AppKey("projector", Projector)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 OFFLINE = web.AppKey("offline", OfflineTrust)
+TREE_FOLLOWER = web.AppKey("tree_follower", TreeFollower)
+TREE_TASK = web.AppKey("tree_task", asyncio.Task)  # present while the follower should run
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -165,6 +169,11 @@ async def readyz(request: web.Request) -> web.Response:
         if projector.stalled(stall)
         else "ok"
     )
+    tree_task = request.app.get(TREE_TASK)
+    if tree_task is not None:
+        checks["tree"] = (
+            "stopped: the Merkle tree follower ended; see the log" if tree_task.done() else "ok"
+        )
     spool = request.app[SPOOL]
     checks["spool"] = (
         f"nearly full: {spool.size} of {spool.max_bytes} bytes"
@@ -354,6 +363,32 @@ async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
+async def _tree_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Merkle tree follower: grows the tree after each commit, outside the append.
+
+    A plain task for now; it belongs under the service's supervision (ledger.supervision) so
+    that a crash is restarted and reported like the committer's and the projector's.
+    """
+    settings = app[SETTINGS]
+    trees = TreeStore(app[POOL])
+    app[TREES] = trees
+    follower = TreeFollower(trees, batch=settings.tree_batch)
+    app[TREE_FOLLOWER] = follower
+    if not settings.run_tree_follower:
+        yield
+        return
+    task = asyncio.create_task(
+        follower.run(app[TARGET].service_dsn, poll_seconds=settings.tree_poll_seconds,
+                     gather_seconds=settings.tree_gather_ms / 1000),
+        name="tree-follower",
+    )
+    app[TREE_TASK] = task
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     """Move everything start-up allocated out of the collector's sight: otherwise full
     collections over it stall requests by tens of milliseconds (bench/RESULTS.md)."""
@@ -373,6 +408,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_committer_ctx)
+    app.cleanup_ctx.append(_tree_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
     app.cleanup_ctx.append(_projector_ctx)
     app.cleanup_ctx.append(_gc_ctx)

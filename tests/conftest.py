@@ -132,6 +132,7 @@ def settings_factory(database: Database) -> Callable[..., Settings]:
             "admin_database_url": database.admin_dsn,
             "batch_max_delay_ms": 1.0,
             "run_projector": False,  # tests drain it explicitly with catch_up()
+            "run_tree_follower": False,  # likewise: TreeFollower.catch_up()
         }
         values.update(overrides)
         return Settings(**values)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter
 
-from ledger import wire
+from ledger import checkpoints, wire
 from ledger.api import ROUTES, openapi_document
 from ledger.audit import new_token
+from ledger.proving import make_checkpoint
 from ledger.simulation import Traffic
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.tree_store import TreeStore
 from ledger.web import PROJECTOR, STORE
 from tests.conftest import MEMBER_ID, sample
 from tests.helpers import Client, install_sample_portal, post
@@ -64,12 +67,19 @@ async def test_a_revoked_token_stops_working(client: Client) -> None:
     assert (await client.get("/api/v1/portals", headers=headers)).status == 401
 
 
-async def test_every_resource_answers_as_its_openapi_schema_says(history: Client) -> None:
+async def test_every_resource_answers_as_its_openapi_schema_says(
+    history: Client, tmp_path: Path
+) -> None:
     headers = await bearer(history)
+    assert history.app is not None
+    private, _ = checkpoints.generate_keys(tmp_path, "test-ledger")  # for the proof resource
+    await make_checkpoint(TreeStore(history.app[STORE].pool),
+                          checkpoints.load_private_key(private), "test-ledger")
     document = openapi_document()
     assert set(document["paths"]) == set(ROUTES)
     for path, (route, _) in ROUTES.items():
-        concrete = path.replace("{member_id}", MEMBER_ID).replace("{bot_id}", "567")
+        concrete = (path.replace("{member_id}", MEMBER_ID).replace("{bot_id}", "567")
+                    .replace("{position}", "5"))
         body = await get(history, concrete, headers)
         TypeAdapter(route.response).validate_python(body)  # raises on any mismatch
         schema = document["paths"][path]["get"]["responses"]["200"]["content"]

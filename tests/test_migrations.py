@@ -18,6 +18,8 @@ GUARDS = {
     "events_apply_trust", "portal_trust_no_delete", "portal_trust_no_truncate",
     "portal_allowances_no_delete", "portal_allowances_no_truncate",
     "forward_attempts_no_update_delete", "forward_attempts_no_truncate",
+    "tree_nodes_no_update_delete", "tree_nodes_no_truncate",
+    "tree_checkpoints_no_update_delete", "tree_checkpoints_no_truncate",
 }
 
 

@@ -3,6 +3,7 @@
 from ledger.cli import (  # noqa: F401 - registration
     forensics,
     integrity,
+    proofs,
     routes,
     service,
     tools,

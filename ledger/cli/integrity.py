@@ -40,8 +40,10 @@ def verify(
 
     Exits 0 when both verify; otherwise 1, naming the first bad position and what is wrong
     (payload_changed, event_changed, event_missing, event_inserted, order_changed, head_mismatch,
-    checkpoint_mismatch). With --projections, also 1 when derived state differs from a fold of
-    the store, naming the first difference (table, key, column, stored and expected value).
+    checkpoint_mismatch). Then recomputes every stored node of the Merkle tree from the chain
+    and names the first bad one (tree_node_changed, tree_node_missing, tree_head_mismatch).
+    With --projections, also 1 when derived state differs from a fold of the store, naming the
+    first difference (table, key, column, stored and expected value).
     """
     settings = settings_of(ctx)
     anchor = None
@@ -58,7 +60,9 @@ def verify(
                 ))
         return reports
 
-    async def record(store: EventStore) -> list[integrity.StreamReport]:
+    async def record(
+        store: EventStore,
+    ) -> tuple[list[integrity.StreamReport], integrity.TreeReport]:
         reports = await work(store)
         audit = AuditStore(store.pool)
         for report in reports:
@@ -69,22 +73,24 @@ def verify(
                 else None,
                 problem=str(report.problem) if report.problem else None,
             )
-        return reports
+        return reports, await integrity.verify_tree(store)
 
     async def record_all(
         store: EventStore,
-    ) -> tuple[list[integrity.StreamReport], integrity.ProjectionReport | None]:
-        reports = await record(store)
+    ) -> tuple[
+        list[integrity.StreamReport], integrity.TreeReport, integrity.ProjectionReport | None
+    ]:
+        reports, tree = await record(store)
         if not check_projections:
-            return reports, None
+            return reports, tree, None
         with Progress("verifying projections", quiet) as bar:
             projected = await integrity.verify_projections(
                 ProjectionStore(store.pool), on_start=bar.start, on_progress=bar.advance
             )
-        return reports, projected
+        return reports, tree, projected
 
-    reports, projected = with_store(ctx, record_all)
-    failed = False
+    reports, tree, projected = with_store(ctx, record_all)
+    failed = tree.problem is not None
     for report in reports:
         if report.problem is None:
             click.echo(f"{report.stream}: {report.verified} rows verified, head "
@@ -92,6 +98,11 @@ def verify(
         else:
             failed = True
             click.echo(f"{report.stream}: FAILED at {report.problem}", err=True)
+    if tree.problem is None:
+        click.echo(f"tree {tree.log_id}: {tree.size} leaves, every stored node recomputed, "
+                   f"root {tree.root.hex()}")
+    else:
+        click.echo(f"tree {tree.log_id}: FAILED at {tree.problem}", err=True)
     if anchor is not None and not failed:
         click.echo(f"checkpoint at position {anchor.position} matches")
     if projected is not None:
@@ -139,7 +150,8 @@ def keys_generate(ctx: click.Context, directory: Path | None) -> None:
 @click.pass_context
 @fail_cleanly
 def checkpoint(ctx: click.Context, key: Path | None, output: Path | None) -> None:
-    """Write a signed statement of the event chain's head (origin, position, hash, time)."""
+    """Write a signed checkpoint: origin, tree size, Merkle root, chain head, time (the tree is
+    brought up to the chain first; docs/spec/proofs.md)."""
     settings = settings_of(ctx)
     signing_key = checkpoints.load_private_key(key or settings.signing_key_path)
     text = with_store(
