@@ -38,8 +38,8 @@ async def fill(store: EventStore, settings: Settings, traffic: Traffic, count: i
             if delivery.document["event"] in (INSTALL, UNINSTALL, UPDATE):
                 continue
             body = wire.http_build_query(delivery.document)
-            drafts.append(intake._draft(Delivery(body, wire.FORM, "", "127.0.0.1"),
-                                        datetime.now(UTC)))
+            drafts.append(intake.draft(Delivery(body, wire.FORM, "", "127.0.0.1"),
+                                       datetime.now(UTC)))
         await store.append(drafts)
         appended += len(drafts)
     return time.perf_counter() - began

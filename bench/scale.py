@@ -44,7 +44,7 @@ def templates(traffic: Traffic, settings: Settings, count: int) -> list[EventDra
         if delivery.document["event"] in (INSTALL, UNINSTALL, UPDATE):
             continue
         body = wire.http_build_query(delivery.document)
-        made.append(intake._draft(Delivery(body, wire.FORM, "", "10.0.0.1"), datetime.now(UTC)))
+        made.append(intake.draft(Delivery(body, wire.FORM, "", "10.0.0.1"), datetime.now(UTC)))
     return made
 
 

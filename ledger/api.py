@@ -6,6 +6,7 @@ the OpenAPI document and the tests all read it, so they cannot drift apart.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,16 +42,40 @@ AUDIT = web.AppKey("audit", AuditService)
 TREES = web.AppKey("trees", TreeStore)
 TOKEN_CACHE = web.AppKey("token_cache", dict)  # sha256 -> monotonic expiry
 TOKEN_CACHE_SECONDS = 10.0  # a revoked token stops working within this long
+MAX_TOKEN = 512
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+INT64_MAX = asof.INT64_MAX  # positions, bot ids: PostgreSQL bigint
+MAX_TEXT = 256  # member ids, event types, actors: far longer than any real one
+_UNSAFE_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "string", "integer", "boolean", "date-time"
+    kind: str  # a key of _SCHEMAS
     description: str
     where: str = "query"
+
+
+# what each kind of parameter accepts — exactly what the handlers accept, so that a client
+# generated from the document (or schemathesis) never sends a "valid" value that gets a 400
+_SCHEMAS: dict[str, dict[str, Any]] = {
+    "string": {"type": "string", "maxLength": MAX_TEXT, "pattern": "^[^\\u0000]*$"},
+    "integer": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+    "boolean": {"type": "boolean"},
+    "date-time": {"type": "string", "format": "date-time"},
+    "status": {"type": "string", "enum": ["active", "deleted"]},
+    # the prefixed forms with a time are accepted too; the document lists what a generator
+    # can produce without inventing invalid dates
+    "as-of": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+                        {"type": "string", "format": "date-time"},
+                        {"type": "string", "pattern": "^position:[0-9]{1,18}$"},
+                        {"type": "string", "maxLength": 0}]},
+}
 
 
 @dataclass(frozen=True)
@@ -73,34 +98,59 @@ def _dump(value: Any) -> Any:
     return value
 
 
+def _text_value(name: str, value: str) -> str:
+    """A text parameter PostgreSQL can take: no U+0000, no lone surrogate, not absurdly long."""
+    if len(value) > MAX_TEXT or _UNSAFE_TEXT.search(value):
+        raise BadQuery(f"`{name}` must be text of at most {MAX_TEXT} characters, without U+0000")
+    return value
+
+
 def _text(request: web.Request, name: str) -> str | None:
     value = request.query.get(name)
-    return value if value else None
+    return _text_value(name, value) if value else None
+
+
+def _integer(name: str, value: str) -> int:
+    """A non-negative int64 written in ASCII digits (`asof.strict_int64`); else a 400."""
+    number = asof.strict_int64(value)
+    if number is None:
+        raise BadQuery(f"`{name}` must be a whole number from 0 to {INT64_MAX}")
+    return number
 
 
 def _int(request: web.Request, name: str, default: int | None = None) -> int | None:
     value = request.query.get(name)
-    if value is None or value == "":
+    if value is None:
         return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise BadQuery(f"`{name}` must be an integer") from exc
+    return _integer(name, value)
 
 
 def _time(request: web.Request, name: str) -> datetime | None:
     value = request.query.get(name)
-    if not value:
+    if value is None:
         return None
+    problem = f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z"
+    if not value.isascii():
+        raise BadQuery(problem)
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise BadQuery(f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment.astimezone(UTC)  # an offset can push year 1 or 9999 out of range
+    except (ValueError, OverflowError) as exc:
+        raise BadQuery(problem) from exc
+    return moment
+
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def _bool(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    value = request.query.get(name)
+    if value is None:
+        return False
+    if value.lower() not in _TRUE + _FALSE:
+        raise BadQuery(f"`{name}` must be true or false")
+    return value.lower() in _TRUE
 
 
 def _as_of(request: web.Request) -> asof.AsOf | None:
@@ -116,7 +166,7 @@ async def portals(request: web.Request) -> web.Response:
 
 
 async def bots(request: web.Request) -> web.Response:
-    status = _text(request, "status")
+    status = request.query.get("status")
     if status not in (None, "active", "deleted"):
         raise BadQuery("`status` is active or deleted")
     rows = await _service(request).bots(
@@ -126,13 +176,10 @@ async def bots(request: web.Request) -> web.Response:
 
 
 async def bot_history(request: web.Request) -> web.Response:
-    try:
-        bot_id = int(request.match_info["bot_id"])
-    except ValueError as exc:
-        raise BadQuery("bot id must be an integer") from exc
+    bot_id = _integer("bot id", request.match_info["bot_id"])
     history = await _service(request).bot_history(
-        request.match_info["member_id"], bot_id,
-        after=_int(request, "after", 0) or 0, limit=_int(request, "limit", MAX_PAGE) or MAX_PAGE,
+        _text_value("member id", request.match_info["member_id"]), bot_id,
+        after=_int(request, "after", 0) or 0, limit=_int(request, "limit", MAX_PAGE) or 0,
     )
     return _json(_dump(history))
 
@@ -198,13 +245,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 _PORTAL = Param("portal", "string", "portal member_id")
 _AS_OF = Param(
-    "as_of", "string",
+    "as_of", "as-of",
     "the answer as of then, folded from the store: `position:N`, `received:TIME` (when the "
     "ledger received it) or `ts:TIME` (Bitrix24's time; also Unix seconds); TIME is ISO 8601, "
     "e.g. 2026-03-01T00:00:00Z. A plain N is a position, a plain TIME a received time.",
 )
 _AFTER = Param("after", "integer", "return events after this position (cursor)")
-_LIMIT = Param("limit", "integer", f"page size, 1..{MAX_PAGE}")
+_LIMIT = Param("limit", "limit", f"page size, 1..{MAX_PAGE}")
 
 ROUTES: dict[str, tuple[Route, Handler]] = {
     r.path: (r, h)
@@ -212,7 +259,7 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
         (Route("/portals", "Portals: trust, installation, last activity", list[PortalOut]),
          portals),
         (Route("/bots", "The bot registry", list[BotOut],
-               (_PORTAL, Param("status", "string", "active or deleted"), _AS_OF)), bots),
+               (_PORTAL, Param("status", "status", "active or deleted"), _AS_OF)), bots),
         (Route("/portals/{member_id}/bots/{bot_id}", "One bot and its whole history",
                BotHistory, (Param("member_id", "string", "portal", "path"),
                             Param("bot_id", "integer", "bot id", "path"), _AFTER, _LIMIT)),
@@ -269,6 +316,7 @@ def openapi_document() -> dict[str, Any]:
                 "400": _error("the request cannot be answered as asked"),
                 "401": _error("no or bad bearer token"),
                 "404": _error("no such portal or bot"),
+                "503": _error("PostgreSQL is unavailable; try again"),
             },
         }}
     return {
@@ -285,10 +333,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 def _parameter(param: Param) -> dict[str, Any]:
-    schema: dict[str, Any] = (
-        {"type": "string", "format": "date-time"} if param.kind == "date-time"
-        else {"type": param.kind}
-    )
+    schema = _SCHEMAS[param.kind]
     return {"name": param.name, "in": param.where, "required": param.where == "path",
             "description": param.description, "schema": schema}
 
@@ -304,7 +349,11 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if request.path != "/api/v1/openapi.json":
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token or not await _live(request, token.strip()):
+        token = token.strip()
+        # ours are short ASCII; any other bytes (undecodable ones arrive as surrogates) are no
+        # token, and are never hashed or looked up
+        plausible = 0 < len(token) <= MAX_TOKEN and token.isascii() and token.isprintable()
+        if scheme.lower() != "bearer" or not plausible or not await _live(request, token):
             raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
     return await handler(request)
 

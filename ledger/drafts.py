@@ -7,10 +7,14 @@ anything — the store only assigns positions and chains.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ledger.envelope import Envelope, occurrence
+import orjson
+
+from ledger import identity
+from ledger.envelope import Envelope
 from ledger.errors import OperatorActionRefused
 from ledger.hashing import canonical_json, document_json, sha256
 from ledger.models import (
@@ -21,8 +25,9 @@ from ledger.models import (
     EventDraft,
     RejectionDraft,
 )
-from ledger.redaction import Scrubbed, scrub_text
+from ledger.redaction import Scrubbed, rejection_view, scrub_text
 from ledger.trust import TrustChange, TrustEffect, normalise_domain
+from ledger.wire import safe_text
 
 NO_PORTAL = ""  # member_id of operator events that name only a domain
 
@@ -43,6 +48,10 @@ def delivery_draft(
     `rejection_excerpt_bytes` None means: if trust refuses it, do not log it (rate limit).
     """
     payload = document_json(body.redacted)
+    occurrence = identity.occurrence(
+        body.stripped, query.redacted, event_type=envelope.event_type,
+        user_id=envelope.user_id, token_sha256=envelope.token_digest,
+    )
     return EventDraft(
         event_type=envelope.event_type,
         member_id=envelope.member_id,
@@ -53,14 +62,14 @@ def delivery_draft(
         received_at=received_at,
         payload=payload,
         payload_sha256=sha256(payload),
-        dedup_key=sha256(canonical_json(occurrence(body.stripped, query.redacted))),
+        dedup_key=identity.dedup_key(occurrence),
         body_sha256=sha256(raw_body),
         metadata={
             "query": query.redacted,
             "redactions": [r.as_json() for r in body.redactions]
             + [r.under("query").as_json() for r in query.redactions],
-            "peer": peer,
-            "content_type": content_type,
+            "peer": safe_text(peer),
+            "content_type": safe_text(content_type),
         },
         presented_sha256=envelope.token_digest,
         user_id=envelope.user_id,
@@ -76,7 +85,7 @@ def refusal(draft: EventDraft, *, status: int, reason: str, detail: str) -> Reje
     """
     if draft.refusal_excerpt_bytes is None or draft.body_sha256 is None:
         return None
-    excerpt = draft.payload[: draft.refusal_excerpt_bytes].decode("utf-8", "ignore")
+    claim = claim_of_document(orjson.loads(draft.payload), draft.refusal_excerpt_bytes)
     return RejectionDraft(
         received_at=draft.received_at,
         status=status,
@@ -88,7 +97,7 @@ def refusal(draft: EventDraft, *, status: int, reason: str, detail: str) -> Reje
         content_type=(draft.metadata.get("content_type") or "")[:200] or None,
         body_size=draft.body_size,
         body_sha256=draft.body_sha256,
-        excerpt=excerpt,
+        excerpt=claim.excerpt,
     )
 
 
@@ -205,37 +214,67 @@ def follow_up(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What a refused body says about itself, as far as the rejection log may keep it."""
+
+    excerpt: str  # redacted, at most the excerpt size in UTF-8 bytes
+    member_id: str | None = None
+    event_type: str | None = None
+
+
+def _capped(text: str, size: int) -> str:
+    return text.encode()[:size].decode("utf-8", "ignore")
+
+
+def claim_of_document(document: dict[str, Any], excerpt_bytes: int) -> Claim:
+    """A decoded body: the excerpt is built from its redacted structure only
+    (`redaction.rejection_view`), the claimed portal and event read from it as given."""
+    view = rejection_view(document, budget=excerpt_bytes)
+    auth = document.get("auth")
+    member_id = auth.get("member_id") if isinstance(auth, dict) else None
+    event = document.get("event")
+    return Claim(
+        excerpt=_capped(document_json(view).decode(), excerpt_bytes),
+        member_id=safe_text(member_id, 200) if isinstance(member_id, str) else None,
+        event_type=safe_text(event, 100) if isinstance(event, str) else None,
+    )
+
+
+def claim_of_text(body: bytes, excerpt_bytes: int) -> Claim:
+    """A body that did not decode: structure-free, the text up to its first byte that is not
+    UTF-8, cut where a secret name could begin (`redaction.scrub_text`)."""
+    window = body[: excerpt_bytes * 2]
+    try:
+        text = window.decode()
+    except UnicodeDecodeError as exc:
+        # a multi-byte character cut by the window is fine; any other bad byte ends the text
+        text = window[: exc.start].decode()
+    return Claim(excerpt=_capped(safe_text(scrub_text(text), len(text)) or "", excerpt_bytes))
+
+
 def rejection_draft(
     *,
     received_at: datetime,
     status: int,
     reason: str,
     detail: str,
-    member_id: str | None,
-    event_type: str | None,
     peer: str | None,
     content_type: str | None,
     body: bytes,
-    excerpt_source: str | None,
-    excerpt_bytes: int,
+    claim: Claim,
 ) -> RejectionDraft:
-    """A rejection record; the excerpt is redacted (structurally when possible) and capped."""
-    source = (
-        excerpt_source
-        if excerpt_source is not None
-        else scrub_text(body[: excerpt_bytes * 2].decode("utf-8", "replace"))
-    )
-    excerpt = source.encode()[:excerpt_bytes].decode("utf-8", "ignore").replace("\0", "\\0")
+    """A rejection record: the body's hash and size, and the claim's redacted excerpt."""
     return RejectionDraft(
         received_at=received_at,
         status=status,
         reason=reason,
-        detail=detail[:500],
-        member_id=member_id[:200] if member_id else None,
-        event_type=event_type[:100] if event_type else None,
-        peer=peer,
-        content_type=content_type[:200] if content_type else None,
+        detail=safe_text(detail, 500) or "",
+        member_id=claim.member_id,
+        event_type=claim.event_type,
+        peer=safe_text(peer),
+        content_type=safe_text(content_type, 200),
         body_size=len(body),
         body_sha256=sha256(body),
-        excerpt=excerpt,
+        excerpt=claim.excerpt,
     )

@@ -13,21 +13,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ledger.errors import DeliveryRejected
+from ledger.identity import canonical
 
-_EVENT_NAME = re.compile(r"^[A-Z][A-Z0-9_.]{0,99}$")
-_NUMBER = re.compile(r"^[0-9]{1,18}$")
+_EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_.]{0,99}")
+_NUMBER = re.compile(r"[0-9]{1,18}")
+MAX_MEMBER_ID = 128  # Bitrix24's are 32 hex digits; longer ones would not fit an index entry
+MAX_DOMAIN = 253  # the longest DNS name
 
 INSTALL = "ONAPPINSTALL"
 UPDATE = "ONAPPUPDATE"
 UNINSTALL = "ONAPPUNINSTALL"
-
-# Keys that differ between two deliveries of one occurrence (tokens, their expiry, the binding):
-# they must not make a redelivery look like a new event.
-DELIVERY_SPECIFIC = frozenset(
-    {"access_token", "refresh_token", "application_token", "client_secret", "sessid",
-     "expires", "expires_in", "auth"}
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -47,8 +42,9 @@ def read_envelope(document: dict[str, Any]) -> Envelope:
     event = document.get("event")
     if not isinstance(event, str) or not event.strip():
         raise DeliveryRejected(400, "missing_event", "the delivery has no `event` field")
-    event_type = event.strip().upper()
-    if not _EVENT_NAME.match(event_type):
+    # ASCII first: Unicode case mapping would let a long s (U+017F) spell an S
+    event_type = event.strip().upper() if event.isascii() else ""
+    if not _EVENT_NAME.fullmatch(event_type):
         raise DeliveryRejected(400, "invalid_event", "`event` is not an event name")
     auth = document.get("auth")
     if not isinstance(auth, dict):
@@ -56,27 +52,41 @@ def read_envelope(document: dict[str, Any]) -> Envelope:
     member_id = auth.get("member_id")
     if not isinstance(member_id, str) or not member_id:
         raise DeliveryRejected(401, "missing_member_id", "`auth.member_id` is missing")
+    if len(member_id) > MAX_MEMBER_ID:
+        raise DeliveryRejected(
+            400, "invalid_member_id", f"`auth.member_id` is longer than {MAX_MEMBER_ID} characters"
+        )
     token = auth.get("application_token")
     if not isinstance(token, str) or not token:
         raise DeliveryRejected(
             401, "missing_application_token", "`auth.application_token` is missing"
         )
     domain = auth.get("domain")
+    if isinstance(domain, str) and len(domain) > MAX_DOMAIN:
+        raise DeliveryRejected(
+            400, "invalid_domain", f"`auth.domain` is longer than {MAX_DOMAIN} characters"
+        )
     user_id = auth.get("user_id")
     return Envelope(
         event_type=event_type,
         member_id=member_id,
         domain=domain.lower() if isinstance(domain, str) and domain else None,
-        user_id=str(user_id) if isinstance(user_id, str | int) else None,
+        user_id=_scalar(user_id),
         token_digest=hashlib.sha256(token.encode()).digest(),
         occurred_at=_parse_ts(document.get("ts")),
         bot_ids=bot_ids(document.get("data")),
     )
 
 
+def _scalar(value: Any) -> str | None:
+    """A scalar as the form encoding would carry it (JSON senders may send numbers)."""
+    text = canonical(value)
+    return text if isinstance(text, str) and text else None
+
+
 def _parse_ts(value: Any) -> datetime | None:
     text = str(value) if isinstance(value, str | int) else ""
-    if not _NUMBER.match(text):
+    if not _NUMBER.fullmatch(text):
         return None
     seconds = int(text)
     if seconds > 253402300799:  # past 9999-12-31: not a time anyone meant
@@ -86,7 +96,7 @@ def _parse_ts(value: Any) -> datetime | None:
 
 def _as_bot_id(value: Any) -> int | None:
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
-    return int(text) if _NUMBER.match(text) else None
+    return int(text) if _NUMBER.fullmatch(text) else None
 
 
 def bot_ids(data: Any) -> tuple[int, ...]:
@@ -116,18 +126,3 @@ def bot_ids(data: Any) -> tuple[int, ...]:
     if isinstance(bot, dict):
         found.append(_as_bot_id(bot.get("id")))
     return tuple(dict.fromkeys(b for b in found if b is not None))
-
-
-def occurrence(stripped: dict[str, Any], query: dict[str, Any]) -> dict[str, Any]:
-    """What identifies the occurrence, for the permanent de-duplication key.
-
-    The event, its data, its `ts` and the query string, from a document already stripped of
-    `DELIVERY_SPECIFIC` keys: tokens, their expiry and any `auth` block vary between deliveries
-    of one occurrence, and the handler id is left out as well.
-    """
-    return {
-        "event": str(stripped.get("event", "")).upper(),
-        "data": stripped.get("data"),
-        "ts": stripped.get("ts"),
-        "query": query,
-    }

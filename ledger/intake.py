@@ -3,24 +3,32 @@
 No I/O of its own: the store is reached through the group committer. Everything refused before the
 append is written to the rejection log here (rate-limited); refusals by trust are written by the
 store in the append transaction itself.
+
+Decoding runs before anyone is authenticated, so it is bounded (`ledger.wire`) and, for bodies
+larger than `INLINE_BODY_BYTES`, runs on a small thread pool of its own: a hostile body then
+costs the event loop a few GIL switches, not its whole decoding time, and a flood of them queues
+on that pool instead of on every other request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from ledger import drafts, wire
 from ledger.committer import GroupCommitter
 from ledger.confirmation import Confirmer
-from ledger.envelope import DELIVERY_SPECIFIC, INSTALL, read_envelope
+from ledger.envelope import INSTALL, read_envelope
 from ledger.errors import DeliveryRejected, LedgerError
 from ledger.gateway.routes import Accepted
-from ledger.hashing import document_json
+from ledger.identity import DELIVERY_SPECIFIC
 from ledger.metrics import Metrics
 from ledger.models import (
     ConfirmationNeeded,
@@ -28,14 +36,18 @@ from ledger.models import (
     EventDraft,
     Outcome,
     Refusal,
+    RejectionDraft,
     RejectionLogged,
     Spooled,
     Stored,
 )
-from ledger.redaction import redact, scrub
+from ledger.redaction import scrub
 from ledger.settings import Settings
 
 log = logging.getLogger(__name__)
+
+INLINE_BODY_BYTES = 16 * 1024  # Bitrix24's bodies are a few KiB: decoded on the loop, no hop
+DECODE_THREADS = 1  # one: more threads would only take more GIL turns from the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +62,22 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
+    """A request as the intake sees it; every text field already made safe (`wire.safe_text`)."""
+
     body: bytes
     content_type: str | None
     raw_query: str
     peer: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """The outcome of the pure part: a draft, or the refusal and what the log may keep of it."""
+
+    draft: EventDraft | None
+    rejected: DeliveryRejected | None = None
+    record: RejectionDraft | None = None  # None: not to be logged (rate limit)
+    access_token: str | None = None  # an install's, held in memory only, for confirming it
 
 
 class RejectionBudget:
@@ -92,19 +116,32 @@ class IntakeService:
         self._metrics = metrics or Metrics()
         self._budget = RejectionBudget(settings.rejections_per_second)
         self._forward = forward
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="ledger-decode")
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True, cancel_futures=True)
 
     async def receive(self, delivery: Delivery) -> Receipt:
         """Store one delivery durably, or raise `DeliveryRejected` after logging why."""
         received_at = datetime.now(UTC)
         self._metrics.received.inc()
-        try:
-            draft, access_token = self._draft_and_token(delivery, received_at)
-        except DeliveryRejected as rejected:
-            await self.refuse(delivery, rejected, received_at)
-            raise
+        excerpt_bytes = (
+            self._settings.rejection_excerpt_bytes if self._budget.available() else None
+        )
+        if len(delivery.body) <= INLINE_BODY_BYTES:
+            prepared = self._prepare(delivery, received_at, excerpt_bytes)
+        else:
+            prepared = await asyncio.get_running_loop().run_in_executor(
+                self._decoder, self._prepare, delivery, received_at, excerpt_bytes
+            )
+        if prepared.rejected is not None:
+            await self._log_refusal(delivery, prepared.rejected, prepared.record)
+            raise prepared.rejected
+        draft = prepared.draft
+        assert draft is not None
         outcome = await self._committer.submit(draft)
         if isinstance(outcome, ConfirmationNeeded):
-            outcome = await self._confirmed(draft, outcome.domain, access_token)
+            outcome = await self._confirmed(draft, outcome.domain, prepared.access_token)
         if isinstance(outcome, Refusal):
             self._metrics.rejected.labels(outcome.code).inc()
             self._budget.spend()
@@ -168,34 +205,56 @@ class IntakeService:
             dedup_key=draft.dedup_key, received_at=draft.received_at,
         ))
 
-    def _draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
-        return self._draft_and_token(delivery, received_at)[0]
+    def draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
+        """The draft of one delivery, without appending it (benchmarks build stores with it);
+        raises `DeliveryRejected` as `receive` would."""
+        return self._draft(delivery, self._decode(delivery), received_at, None)
 
-    def _draft_and_token(
-        self, delivery: Delivery, received_at: datetime
-    ) -> tuple[EventDraft, str | None]:
-        """The draft, and an install's access token — kept only in memory, for confirming."""
-        limits = {
-            "max_fields": self._settings.max_form_fields,
-            "max_nesting": self._settings.max_nesting,
-        }
+    def _prepare(
+        self, delivery: Delivery, received_at: datetime, excerpt_bytes: int | None
+    ) -> _Prepared:
+        """Decode, check, redact and draft (pure; may run on the decoding pool)."""
+        document: dict[str, Any] | None = None
+        try:
+            document = self._decode(delivery)
+            draft = self._draft(delivery, document, received_at, excerpt_bytes)
+            return _Prepared(draft, access_token=_install_access_token(draft, document))
+        except DeliveryRejected as rejected:
+            if excerpt_bytes is None:
+                return _Prepared(None, rejected)
+            claim = (
+                drafts.claim_of_text(delivery.body, excerpt_bytes) if document is None
+                else drafts.claim_of_document(document, excerpt_bytes)
+            )
+            return _Prepared(None, rejected, _record(delivery, rejected, received_at, claim))
+
+    def _decode(self, delivery: Delivery) -> dict[str, Any]:
         if len(delivery.body) > self._settings.max_body_bytes:
             raise DeliveryRejected(
                 413, "body_too_large", f"body exceeds {self._settings.max_body_bytes} bytes"
             )
-        document = wire.decode_body(delivery.body, delivery.content_type, **limits)
-        query = wire.parse_query(delivery.raw_query, **limits)
+        return wire.decode_body(
+            delivery.body, delivery.content_type,
+            max_fields=self._settings.max_form_fields, max_nesting=self._settings.max_nesting,
+        )
+
+    def _draft(
+        self,
+        delivery: Delivery,
+        document: dict[str, Any],
+        received_at: datetime,
+        excerpt_bytes: int | None,
+    ) -> EventDraft:
+        query = wire.parse_query(
+            delivery.raw_query,
+            max_fields=self._settings.max_form_fields, max_nesting=self._settings.max_nesting,
+        )
         body = scrub(document, DELIVERY_SPECIFIC)
         in_query = scrub(query)
         if body.has_nul or in_query.has_nul:
             # PostgreSQL text cannot hold U+0000: refused rather than mangled
             raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
         envelope = read_envelope(document)
-        auth = document.get("auth")
-        token = auth.get("access_token") if isinstance(auth, dict) else None
-        access_token = (
-            token if envelope.event_type == INSTALL and isinstance(token, str) and token else None
-        )
         return drafts.delivery_draft(
             body,
             envelope,
@@ -204,42 +263,36 @@ class IntakeService:
             received_at=received_at,
             peer=delivery.peer,
             content_type=delivery.content_type,
-            rejection_excerpt_bytes=self._settings.rejection_excerpt_bytes
-            if self._budget.available()
-            else None,
-        ), access_token
+            rejection_excerpt_bytes=excerpt_bytes,
+        )
 
     async def refuse(
         self, delivery: Delivery, rejected: DeliveryRejected, received_at: datetime | None = None
     ) -> None:
-        """Record a refused delivery in the rejection log (unless a flood exhausted the budget).
-
-        The HTTP layer calls this for what it refuses itself (an oversized body, `delivery.body`
-        then holding only the part that was read).
-        """
+        """Record a delivery the HTTP layer refused itself (an oversized or late body,
+        `delivery.body` then holding only the part that was read)."""
         received_at = received_at or datetime.now(UTC)
+        claim = drafts.claim_of_text(delivery.body, self._settings.rejection_excerpt_bytes)
+        if len(delivery.body) <= INLINE_BODY_BYTES:
+            record = _record(delivery, rejected, received_at, claim)
+        else:  # hashing a large body is work for the pool too
+            record = await asyncio.get_running_loop().run_in_executor(
+                self._decoder, _record, delivery, rejected, received_at, claim
+            )
+        await self._log_refusal(delivery, rejected, record)
+
+    async def _log_refusal(
+        self, delivery: Delivery, rejected: DeliveryRejected, record: RejectionDraft | None
+    ) -> None:
+        """The rejection log record (unless a flood exhausted the budget) and one log line."""
         self._metrics.rejected.labels(rejected.code).inc()
         log.warning("rejected delivery from %s: %s", delivery.peer, rejected)
-        if not self._budget.available():
+        if record is None or not self._budget.available():
             self._metrics.rejections_suppressed.inc()
             return
         self._budget.spend()
-        excerpt, member_id, event_type = _best_effort_excerpt(delivery, self._settings)
-        draft = drafts.rejection_draft(
-            received_at=received_at,
-            status=rejected.status,
-            reason=rejected.code,
-            detail=rejected.message,
-            member_id=member_id,
-            event_type=event_type,
-            peer=delivery.peer,
-            content_type=delivery.content_type,
-            body=delivery.body,
-            excerpt_source=excerpt,
-            excerpt_bytes=self._settings.rejection_excerpt_bytes,
-        )
         try:
-            outcome = await self._committer.submit(draft)
+            outcome = await self._committer.submit(record)
         except LedgerError as exc:
             # the sender still deserves the real reason, not a 503 about our log
             log.error("rejection of a delivery from %s not logged: %s", delivery.peer, exc)
@@ -247,25 +300,23 @@ class IntakeService:
         assert isinstance(outcome, RejectionLogged | Spooled)
 
 
-def _best_effort_excerpt(
-    delivery: Delivery, settings: Settings
-) -> tuple[str | None, str | None, str | None]:
-    """A structurally redacted excerpt and the claimed portal/event, when the body decodes."""
-    try:
-        document = wire.decode_body(
-            delivery.body[: settings.max_body_bytes],
-            delivery.content_type,
-            max_fields=settings.max_form_fields,
-            max_nesting=settings.max_nesting,
-        )
-    except DeliveryRejected:
-        return None, None, None
-    redacted, _ = redact(document)
-    auth = redacted.get("auth")
-    member_id = auth.get("member_id") if isinstance(auth, dict) else None
-    event = redacted.get("event")
-    return (
-        document_json(redacted).decode(),
-        member_id if isinstance(member_id, str) else None,
-        event if isinstance(event, str) else None,
+def _install_access_token(draft: EventDraft, document: dict[str, Any]) -> str | None:
+    """An install's `auth.access_token` (to confirm it with the portal), else None."""
+    auth = document.get("auth")
+    token = auth.get("access_token") if isinstance(auth, dict) else None
+    return token if draft.event_type == INSTALL and isinstance(token, str) and token else None
+
+
+def _record(
+    delivery: Delivery, rejected: DeliveryRejected, received_at: datetime, claim: drafts.Claim
+) -> RejectionDraft:
+    return drafts.rejection_draft(
+        received_at=received_at,
+        status=rejected.status,
+        reason=rejected.code,
+        detail=rejected.message,
+        peer=delivery.peer,
+        content_type=delivery.content_type,
+        body=delivery.body,
+        claim=claim,
     )

@@ -116,7 +116,9 @@ class Spool:
                 f"the spool in {self.directory} holds {self._size} bytes, its limit is "
                 f"{self.max_bytes}: PostgreSQL must come back (or LEDGER_SPOOL_MAX_BYTES grow)"
             )
-        with self._log.open("ab") as handle:
+        descriptor = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "ab") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # payloads: the owner's only (older files too)
             handle.write(blob)
             handle.flush()
             os.fsync(handle.fileno())

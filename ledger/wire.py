@@ -7,8 +7,14 @@ maps, so every bracketed level decodes to a `dict` with string keys in arrival o
 (`BOT[567]`, `departments[0]`) stay string keys; guessing lists would lose information.
 
 Deliberate differences from PHP, all of which turn silent loss into a clear rejection:
-- PHP silently drops fields past `max_input_vars` (1000) or nesting past 64; we reject (`TooLarge`).
+- PHP silently drops fields past `max_input_vars` (1000) or nesting past 64; we reject (413/400).
 - PHP accepts invalid UTF-8; we reject it, because the store keeps text, not bytes.
+
+Decoding is bounded before it costs much, because it runs before anyone is authenticated: fields
+(`max_fields`), depth (`max_nesting`) and the total number of bracket levels over all keys
+(`max_segments`, default `max_fields`: each level is a container to find or build) are
+counted as the body is read and refused at the first excess; JSON depth and size are measured
+without recursion. The decoded-key caches hold only short keys, so their size is bounded in bytes.
 """
 
 from __future__ import annotations
@@ -68,10 +74,32 @@ def _url_decode(raw: bytes) -> bytes:
     return raw
 
 
-@lru_cache(maxsize=8192)
+CACHED_KEY_BYTES = 256  # longer keys are decoded every time: caches stay below ~8192 x 1 KiB
+_CACHE_ENTRIES = 8192
+
+
 def _decoded_key(raw: bytes) -> str:
-    """A key as PHP sees it: URL-decoded, cut at the first NUL (C strings). Keys repeat: cached."""
+    """A key as PHP sees it: URL-decoded, cut at the first NUL (C strings).
+
+    Bitrix24 repeats the same few hundred short keys in every body, so short keys are cached;
+    a long key (only a hostile sender makes one) is never kept.
+    """
+    if len(raw) <= CACHED_KEY_BYTES:
+        return _decoded_short_key(raw)
+    return _decode_key(raw)
+
+
+def _decode_key(raw: bytes) -> str:
     return _text(_url_decode(raw).split(b"\0", 1)[0], "a form key")
+
+
+_decoded_short_key = lru_cache(maxsize=_CACHE_ENTRIES)(_decode_key)
+
+
+def cached_key_bytes() -> int:
+    """An upper bound of the key bytes the caches hold (a test and the metrics read it)."""
+    entries = _decoded_short_key.cache_info().currsize + _short_key_path.cache_info().currsize
+    return entries * CACHED_KEY_BYTES
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -83,10 +111,14 @@ def _text(raw: bytes, what: str) -> str:
         ) from exc
 
 
-def parse_php_form(body: bytes, *, max_fields: int, max_nesting: int) -> Document:
+def parse_php_form(
+    body: bytes, *, max_fields: int, max_nesting: int, max_segments: int | None = None
+) -> Document:
     """Decode a form body exactly as PHP's `parse_str` would, into ordered string-keyed dicts."""
+    budget = max_fields if max_segments is None else max_segments
     root = _PhpArray()
     fields = 0
+    segments = 0
     for pair in body.split(b"&"):
         if not pair:
             continue  # php_strtok_r skips empty tokens
@@ -96,18 +128,29 @@ def parse_php_form(body: bytes, *, max_fields: int, max_nesting: int) -> Documen
                 413, "too_many_fields", f"more than {max_fields} form fields in one body"
             )
         raw_key, sep, raw_value = pair.partition(b"=")
+        key = _decoded_key(raw_key)
+        segments += min(key.count("["), max_nesting + 1)
+        if segments > budget:
+            raise DeliveryRejected(
+                413, "too_complex", f"more than {budget} bracket levels over all form keys"
+            )
         value = _text(_url_decode(raw_value), "a form value") if sep else ""
-        _register(root, _decoded_key(raw_key), value, max_nesting)
+        _register(root, key, value, max_nesting)
     document: Document = _freeze(root)
     return document
 
 
-@lru_cache(maxsize=8192)
 def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:
     """Where a (decoded) key puts its value: the base name and the bracket indices (None for `[]`).
 
-    Bitrix24 repeats the same few hundred keys in every body, so this is cached.
+    Short keys repeat in every body: cached (long ones are not kept).
     """
+    if len(key) <= CACHED_KEY_BYTES:
+        return _short_key_path(key, max_nesting)
+    return _find_key_path(key, max_nesting)
+
+
+def _find_key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:
     key = key.lstrip(" ")
     bracket = key.find("[")
     base = key if bracket < 0 else key[:bracket]
@@ -134,6 +177,9 @@ def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] 
         if not rest.startswith("["):
             break  # anything after `]` that is not `[` is ignored, as PHP does
     return base, tuple(indices)
+
+
+_short_key_path = lru_cache(maxsize=_CACHE_ENTRIES)(_find_key_path)
 
 
 def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
@@ -169,25 +215,40 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def parse_json(body: bytes, *, max_nesting: int) -> Document:
-    """Decode a JSON body; it must be an object."""
+def parse_json(body: bytes, *, max_nesting: int, max_fields: int | None = None) -> Document:
+    """Decode a JSON body; it must be an object, no deeper than `max_nesting` below the top and
+    with at most `2 * max_fields` values in all (as a form of `max_fields` fields could be)."""
     try:
         document: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "recursion" in str(exc):  # orjson stops at 1024 levels
+            raise DeliveryRejected(
+                400, "too_deep", f"JSON nests deeper than {max_nesting} levels"
+            ) from exc
         raise DeliveryRejected(400, "malformed_json", f"body is not valid JSON: {exc}") from exc
     if not isinstance(document, dict):
         raise DeliveryRejected(400, "malformed_json", "a JSON body must be an object")
-    if _depth(document) > max_nesting + 1:
-        raise DeliveryRejected(400, "too_deep", f"JSON nests deeper than {max_nesting} levels")
+    _check_shape(document, max_nesting + 1, None if max_fields is None else 2 * max_fields)
     return document
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _check_shape(document: Any, max_depth: int, max_values: int | None) -> None:
+    """Depth and size of a decoded JSON document, measured with a stack (no recursion)."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    values = 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > max_depth:
+            raise DeliveryRejected(
+                400, "too_deep", f"JSON nests deeper than {max_depth - 1} levels"
+            )
+        children = node.values() if isinstance(node, dict) else node
+        values += len(children)
+        if max_values is not None and values > max_values:
+            raise DeliveryRejected(
+                413, "too_many_fields", f"more than {max_values} values in one JSON body"
+            )
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
 def media_type(content_type: str | None) -> str:
@@ -203,7 +264,7 @@ def decode_body(
     if kind == FORM:
         return parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting)
     if kind == JSON:
-        return parse_json(body, max_nesting=max_nesting)
+        return parse_json(body, max_nesting=max_nesting, max_fields=max_fields)
     raise DeliveryRejected(
         415,
         "unsupported_media_type",
@@ -212,8 +273,38 @@ def decode_body(
 
 
 def parse_query(query: str, *, max_fields: int, max_nesting: int) -> Document:
-    """The handler URL's raw query string (Bitrix24 appends `CLIENT_ID`), decoded like a form."""
-    return parse_php_form(query.encode(), max_fields=max_fields, max_nesting=max_nesting)
+    """The handler URL's raw query string (Bitrix24 appends `CLIENT_ID`), decoded like a form.
+
+    The HTTP server hands raw bytes over as surrogate escapes; they go back to bytes here, so a
+    query that is not UTF-8 is refused like a body that is not.
+    """
+    try:
+        raw = query.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise DeliveryRejected(400, "invalid_utf8", "the query string is not valid UTF-8") from exc
+    return parse_php_form(raw, max_fields=max_fields, max_nesting=max_nesting)
+
+
+_UNSAFE = re.compile("[\x00\ud800-\udfff]")
+MAX_HEADER_TEXT = 256
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte the HTTP server could not decode (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(value: str | None, limit: int = MAX_HEADER_TEXT) -> str | None:
+    """A header (or other wire text) made safe to record: at most `limit` characters (a longer
+    one is cut and marked with `…`), every undecodable byte, lone surrogate and U+0000 written
+    as a `\\xNN` / `\\uNNNN` escape — JSON and PostgreSQL text can hold the result."""
+    if value is None:
+        return None
+    if len(value) > limit:
+        value = value[:limit] + "…"
+    return _UNSAFE.sub(_escaped, value)
 
 
 def http_build_query(document: Mapping[str, JsonValue]) -> bytes:

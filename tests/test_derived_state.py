@@ -121,8 +121,11 @@ async def test_wrong_types_huge_ids_and_other_scripts_digits_are_noted_not_fatal
     for expected in ["data.BOT_ID.code: a list where text belongs",
                      "'99999999999999999999' is not a bot id",
                      "key '\\u0661\\u0662' is not a bot id", "where an object belongs",
-                     "data.COMMAND: a list", "data.bot: a number", "auth.user_id: an object"]:
+                     "data.COMMAND: a list", "data.bot: a number"]:
         assert expected in notes, (expected, notes)
+    # an `auth` field that is not text never reaches the store (a token could hide in it:
+    # redaction keeps only public scalar fields of `auth`), so the fold never sees it
+    assert "auth.user_id" not in notes
     assert deletion.actor_user_id is None  # not made up from a wrong-typed value
 
 

@@ -20,8 +20,8 @@ from ledger.errors import OutboxError
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.forwarder import FORWARDER
 from ledger.gateway.outbox import KEY_NAME, Outbox, load_key
+from ledger.identity import SECRET_KEYS
 from ledger.operations import change_trust
-from ledger.redaction import SECRET_KEYS
 from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -95,3 +98,144 @@ async def test_a_slow_client_gets_408(make_client: Any, settings_factory: Any) -
         response = await asyncio.shield(task)
     assert response.status == 408
     stalled.set()
+
+
+async def raw_post(client: Client, target: bytes, headers: list[bytes], body: bytes) -> int:
+    """One request written byte for byte (clients refuse to send such headers); its status."""
+    status, _ = await raw_request(client, b"POST", target, headers, body)
+    return status
+
+
+async def raw_get(client: Client, target: bytes, headers: list[bytes]) -> tuple[int, bytes]:
+    return await raw_request(client, b"GET", target, headers, b"")
+
+
+async def raw_request(
+    client: Client, method: bytes, target: bytes, headers: list[bytes], body: bytes
+) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = [method + b" " + target + b" HTTP/1.1", b"Host: x", b"Connection: close",
+            b"Content-Length: " + str(len(body)).encode(), *headers]
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    status = int(answer.split(b" ", 2)[1])
+    top, _, content = answer.partition(b"\r\n\r\n")
+    # aiohttp's own HTTP parser refuses malformed requests (too long, bytes not allowed in a
+    # URL) in text before the application sees them: nothing is recorded then
+    if status >= 400 and not top.startswith(b"HTTP/1.0 400"):
+        assert content.startswith(b"{"), answer[:300]
+    return status, content
+
+
+async def genuine_is_stored_within_a_second(client: Client, message_id: int) -> None:
+    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
+    document["data"]["PARAMS"]["MESSAGE_ID"] = str(message_id)
+    async with asyncio.timeout(1):
+        status, answer = await post(client, wire.http_build_query(document))
+    assert (status, answer["status"]) == (200, "stored"), answer
+
+
+HEADER_SHAPES = [
+    [b"Content-Type: application/x-www-form-urlencoded\xff"],
+    [b"Content-Type: application/x-www-form-urlencoded" + bytes(range(0x80, 0x100))],
+    [b"Content-Type: application/json\x80"],
+    [b"Content-Type: " + b"\xe9" * 8000],
+    [b"Content-Type: application/x-www-form-urlencoded", b"X-Anything: \xff\xfe"],
+    [b"Content-Type: application/x-www-form-urlencoded; charset=\xed\xa0\x80"],
+    [b"Content-Type: application/x-www-form-urlencoded", b"X-Long: " + b"a" * 100_000],
+    [b"Content-Type: application/x-www-form-urlencoded\x00"],
+    [b"Content-Type: application/x-www-form-urlencoded", b"X-Nul: a\x00b"],
+]
+
+
+async def test_undecodable_headers_are_refused_or_escaped_and_intake_goes_on(
+    client: Client,
+) -> None:
+    await install_sample_portal(client)
+    for n, headers in enumerate(HEADER_SHAPES):
+        status = await raw_post(client, b"/bitrix24/events", headers, sample("onimbotdelete-1"))
+        assert status < 500, headers  # 415 for a content type not ours; other headers: ignored
+        await genuine_is_stored_within_a_second(client, 100 + n)
+
+
+QUERY_SHAPES = [
+    b"/bitrix24/events?CLIENT_ID=\xff\xfe", b"/bitrix24/events?a=%ED%A0%80",
+    b"/bitrix24/events?x=%00", b"/bitrix24/events?\xed\xa0\x80=1", b"/bitrix24/events?a=%FF",
+]
+
+
+async def test_undecodable_query_strings_get_a_4xx_and_intake_goes_on(client: Client) -> None:
+    await install_sample_portal(client)
+    for n, target in enumerate(QUERY_SHAPES):
+        status = await raw_post(client, target, [b"Content-Type: " + FORM.encode()],
+                                sample("onimbotdelete-1"))
+        assert 400 <= status < 500, target
+        await genuine_is_stored_within_a_second(client, 200 + n)
+
+
+async def test_an_escaped_content_type_is_recorded_as_text(client: Client, admin: Any) -> None:
+    status = await raw_post(client, b"/bitrix24/events",
+                            [b"Content-Type: application/x-www-form-urlencoded\xff\xfe"], b"x=1")
+    assert status == 415
+    recorded = await admin.fetchval("SELECT content_type FROM ledger.rejections")
+    assert recorded == "application/x-www-form-urlencoded\\xff\\xfe"
+
+
+WORST_BODIES = {
+    "json 330 deep": (b'{"a":' + b"[" * 330 + b"]" * 330 + b"}", "application/json"),
+    "json 100k deep": (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json"),
+    "json 100k keys": (b"{" + b",".join(b'"k%d":1' % i for i in range(100_000)) + b"}",
+                       "application/json"),
+    "unique deep keys": ("&".join(
+        f"k{i}" + "".join(f"[s{j}]" for j in range(30)) + "=1" for i in range(5000)
+    ).encode(), FORM),
+    "appends": ("&".join("a" + "[]" * 31 + "=1" for _ in range(9000)).encode(), FORM),
+    "one long key": (b"k" * 900_000 + b"=1", FORM),
+    "bracket key": (b"a" + b"[]" * 400_000 + b"=1", FORM),
+}
+
+
+async def test_worst_case_bodies_are_refused_and_intake_goes_on(client: Client) -> None:
+    await install_sample_portal(client)
+    for n, (name, (body, content_type)) in enumerate(WORST_BODIES.items()):
+        response = await client.post("/bitrix24/events", data=io.BytesIO(body),
+                                     headers={"Content-Type": content_type})
+        assert 400 <= response.status < 500, name
+        assert (await response.json())["error"], name
+        await genuine_is_stored_within_a_second(client, 300 + n)
+
+
+def test_json_depth_is_measured_without_recursion() -> None:
+    for depth in (330, 1000, 100_000):
+        body = b'{"a":' + b"[" * depth + b"]" * depth + b"}"
+        with pytest.raises(DeliveryRejected) as caught:
+            wire.parse_json(body, max_nesting=32)
+        assert (caught.value.status, caught.value.code) == (400, "too_deep")
+
+
+def test_the_bracket_budget_refuses_before_the_work_is_done() -> None:
+    body = "&".join("a" + "[]" * 31 + "=1" for _ in range(9000)).encode()
+    started = time.perf_counter()
+    with pytest.raises(DeliveryRejected) as caught:
+        wire.parse_php_form(body, max_fields=10_000, max_nesting=32)
+    assert (caught.value.status, caught.value.code) == (413, "too_complex")
+    assert time.perf_counter() - started < 1.0  # bounded: ~10k levels, not 280k
+
+
+def test_distinct_long_keys_do_not_stay_in_memory() -> None:
+    """600 bodies with distinct 1 MB keys (the RSS attack): the caches keep short keys only."""
+    before = wire.cached_key_bytes()
+    tracemalloc.start()
+    try:
+        baseline, _ = tracemalloc.get_traced_memory()
+        for i in range(600):
+            key = (b"%d" % i).ljust(1_000_000, b"k")
+            wire.parse_php_form(key + b"=1", max_fields=10, max_nesting=4)
+        retained, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert retained - baseline < 10_000_000  # without the bound: 600 MB
+    assert wire.cached_key_bytes() - before <= 2 * 8192 * wire.CACHED_KEY_BYTES

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from ledger import wire
-from ledger.redaction import SECRET_KEYS
+from ledger.identity import SECRET_KEYS
 from ledger.settings import Settings, TrustPolicy
 from tests.conftest import (
     FIXTURES,
@@ -196,6 +196,20 @@ async def test_uninstall_ends_trust_and_a_reinstall_needs_a_new_allowance(
                      if p["change"] == "allowed")
     assert changes == [("allowed", None), ("established", first), ("ended", None),
                        ("allowed", None), ("established", second)]
+
+
+async def test_a_reinstall_by_another_user_in_the_same_second_is_a_new_occurrence(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings]
+) -> None:
+    client = await make_client(settings_factory(trust_policy=TrustPolicy.TOFU))
+    assert (await post(client, sample("onappinstall-1")))[1]["duplicate"] is False
+    assert (await post(client, sample("onappuninstall-1")))[1]["duplicate"] is False
+    new_token = "e" * 32
+    status, answer = await post(
+        client, forge("onappinstall-1", application_token=new_token, user_id="28")
+    )
+    assert (status, answer["duplicate"]) == (200, False), answer
+    assert (await post(client, forge("onimbotdelete-1", application_token=new_token)))[0] == 200
 
 
 async def test_update_with_the_current_token_is_stored_and_a_new_token_is_refused(

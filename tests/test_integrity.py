@@ -37,9 +37,8 @@ async def store(database: Database) -> Any:
         for i in range(EVENTS)
     ])
     rejection = drafts.rejection_draft(
-        received_at=now, status=401, reason="missing_auth", detail="", member_id=None,
-        event_type=None, peer="10.0.0.1", content_type=None, body=b"x=1", excerpt_source=None,
-        excerpt_bytes=64,
+        received_at=now, status=401, reason="missing_auth", detail="", peer="10.0.0.1",
+        content_type=None, body=b"x=1", claim=drafts.claim_of_text(b"x=1", 64),
     )
     await store.append([rejection, rejection])
     yield store

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from ledger import wire
-from ledger.redaction import SECRET_KEYS, fingerprint, redact, scrub_text
+from ledger.identity import SECRET_KEYS
+from ledger.redaction import fingerprint, redact, scrub_text
 from tests.conftest import FIXTURES, TOKEN, sample, sample_names
 
 PHP = {

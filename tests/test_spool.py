@@ -35,9 +35,8 @@ def some_drafts(count: int) -> list[EventDraft | RejectionDraft]:
         for i in range(count)
     ]
     made.append(drafts.rejection_draft(
-        received_at=now, status=401, reason="missing_auth", detail="x", member_id=None,
-        event_type=None, peer="1.2.3.4", content_type="text/plain", body=b"a=1",
-        excerpt_source=None, excerpt_bytes=100,
+        received_at=now, status=401, reason="missing_auth", detail="x", peer="1.2.3.4",
+        content_type="text/plain", body=b"a=1", claim=drafts.claim_of_text(b"a=1", 100),
     ))
     return made
 

@@ -65,8 +65,8 @@ async def _some_history(store: EventStore) -> None:
         TrustChange.ALLOWED, member_id="p", domain=None, token=None, actor="t", received_at=now
     )
     rejection = drafts.rejection_draft(
-        received_at=now, status=400, reason="test", detail="", member_id=None, event_type=None,
-        peer=None, content_type=None, body=b"x", excerpt_source=None, excerpt_bytes=10,
+        received_at=now, status=400, reason="test", detail="", peer=None, content_type=None,
+        body=b"x", claim=drafts.claim_of_text(b"x", 10),
     )
     await store.append([again, again, rejection])
 
