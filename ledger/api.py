@@ -84,6 +84,7 @@ class Route:
     summary: str
     response: Any  # a model type or list[model]
     params: tuple[Param, ...] = ()
+    errors: tuple[tuple[int, str], ...] = ()  # statuses beyond 400/401/404/503, documented
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -281,7 +282,8 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                "Proof that the event is in the signed log: the event as stored, its Merkle "
                "audit path and the newest signed checkpoint covering it (check it offline "
                "with `ledger verify-proof`)", ProofOut,
-               (Param("position", "integer", "the event's position", "path"),)), event_proof),
+               (Param("position", "integer", "the event's position", "path"),),
+               ((409, "no signed checkpoint covers that position yet"),)), event_proof),
         (Route("/verification", "Last `ledger verify` result per chain, and the heads now",
                list[VerificationOut]), verification),
         (Route("/projection", "The store position and chain hash the registry is folded up to",
@@ -317,6 +319,7 @@ def openapi_document() -> dict[str, Any]:
                 "401": _error("no or bad bearer token"),
                 "404": _error("no such portal or bot"),
                 "503": _error("PostgreSQL is unavailable; try again"),
+                **{str(status): _error(why) for status, why in route.errors},
             },
         }}
     return {
