@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -84,9 +85,8 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
         logger.setLevel(logging.NOTSET)
     if level <= logging.DEBUG:
         return
-    chatter = logging.FileHandler(  # opened on first use, after the server made data_dir
-        settings.data_dir.expanduser() / "embedded.log", delay=True, encoding="utf-8"
-    ) if settings.embedded else None
+    chatter = _ChatterLog(settings.data_dir.expanduser() / "embedded.log") \
+        if settings.embedded else None
     for name in _THIRD_PARTY:
         logger = logging.getLogger(name)
         logger.propagate = False
@@ -98,6 +98,22 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class _ChatterLog(logging.FileHandler):
+    """The embedded server's chatter file: opened when first written, and never a reason for
+    anything to fail (a server stopped after its data dir is gone still stops)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, delay=True, encoding="utf-8")
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            super().emit(record)
+        except OSError:
+            pass  # chatter is not worth an error
 
 
 def _stderr_handler(level: int) -> logging.Handler:
