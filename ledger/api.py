@@ -33,9 +33,10 @@ from ledger.readmodels import (
     PortalOut,
     ProjectionOut,
     ProofOut,
+    RejectionOut,
     VerificationOut,
 )
-from ledger.storage.audit_store import EventFilter
+from ledger.storage.audit_store import EventFilter, RejectionFilter
 from ledger.storage.tree_store import EVENTS_LOG, TreeStore
 
 AUDIT = web.AppKey("audit", AuditService)
@@ -227,6 +228,19 @@ async def event_proof(request: web.Request) -> web.Response:
     return _json(bundle)
 
 
+async def rejections(request: web.Request) -> web.Response:
+    service = _service(request)
+    where = RejectionFilter(
+        member_id=await service.resolve_portal(_text(request, "portal")),
+        reason=_text(request, "reason"),
+        received_from=_time(request, "from"),
+        received_to=_time(request, "to"),
+        after=_int(request, "after", 0) or 0,
+    )
+    page = await service.rejections(where, limit=_int(request, "limit", 100) or 0)
+    return _json(_dump(page))
+
+
 async def verification(request: web.Request) -> web.Response:
     return _json(_dump(await _service(request).verification()))
 
@@ -284,6 +298,12 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                "with `ledger verify-proof`)", ProofOut,
                (Param("position", "integer", "the event's position", "path"),),
                ((409, "no signed checkpoint covers that position yet"),)), event_proof),
+        (Route("/rejections", "Refused deliveries: reason, time, portal, sizes, hashes "
+               "(never the excerpt)", Page[RejectionOut],
+               (Param("portal", "string", "portal member_id or domain"),
+                Param("reason", "string", "reason code, e.g. invalid_application_token"),
+                Param("from", "date-time", "received at or after"),
+                Param("to", "date-time", "received before"), _AFTER, _LIMIT)), rejections),
         (Route("/verification", "Last `ledger verify` result per chain, and the heads now",
                list[VerificationOut]), verification),
         (Route("/projection", "The store position and chain hash the registry is folded up to",
@@ -296,8 +316,8 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
 
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], VerificationOut,
-        ProjectionOut, ErrorOut, RouteOut, ProofOut,
+        PortalOut, BotOut, BotHistory, DeletionOut, EventOut, Page[EventOut], RejectionOut,
+        Page[RejectionOut], VerificationOut, ProjectionOut, ErrorOut, RouteOut, ProofOut,
     ]
     _, schemas = models_json_schema(
         [(m, "serialization") for m in models], ref_template="#/components/schemas/{model}"

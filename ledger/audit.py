@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from ledger import operations
 from ledger.errors import BadQuery, NotFound
 from ledger.projections import readers
 from ledger.projections.fold import Deletion
@@ -24,9 +25,10 @@ from ledger.readmodels import (
     Page,
     PortalOut,
     ProjectionOut,
+    RejectionOut,
     VerificationOut,
 )
-from ledger.storage.audit_store import AuditStore, EventFilter, ExportSnapshot
+from ledger.storage.audit_store import AuditStore, EventFilter, ExportSnapshot, RejectionFilter
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 
@@ -154,6 +156,20 @@ class AuditService:
             raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
         rows = await self._audit.events(where, limit=limit, with_payload=with_payload)
         return {"items": rows, "next_after": rows[-1]["position"] if len(rows) == limit else None}
+
+    async def rejections(self, where: RejectionFilter, *, limit: int = 100) -> Page[RejectionOut]:
+        """Refused deliveries in log order (reason, time, portal, sizes, hashes; no excerpt)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
+        rows = await self._audit.rejections(where, limit=limit)
+        return Page[RejectionOut](
+            items=[RejectionOut.model_validate(r) for r in rows],
+            next_after=rows[-1]["position"] if len(rows) == limit else None,
+        )
+
+    async def resolve_portal(self, portal: str | None) -> str | None:
+        """`portal` as a member_id or a domain (see `operations.resolve_portal`)."""
+        return await operations.resolve_portal(self._events, portal)
 
     async def bot_history(
         self, member_id: str, bot_id: int, *, after: int = 0, limit: int = 1000

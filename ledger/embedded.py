@@ -48,9 +48,11 @@ class _PgServer:
             warnings.simplefilter("ignore")
             from pgserver import postgres_server
 
-        self._server: Any = postgres_server.get_server(
-            pgdata, cleanup_mode=None if keep_running else "stop"
-        )
+        mode = None if keep_running else "stop"
+        self._server: Any = postgres_server.get_server(pgdata, cleanup_mode=mode)
+        # get_server returns this process's cached handle as it was first made: a later
+        # `db stop` in the same process (tests) must still stop what `db url` kept running
+        self._server.cleanup_mode = mode
         info = self._server.get_postmaster_info()
         self.socket_dir = Path(info.socket_dir)
         self.port = int(info.port or 5432)

@@ -36,6 +36,19 @@ class DatabaseUnavailable(LedgerError):
     code = "store_unavailable"
 
 
+class DatabaseMissing(ConfigurationError):
+    """The configured database does not exist on the server (the message says how to create it)."""
+
+    code = "database_missing"
+
+
+class PermissionDenied(LedgerError):
+    """PostgreSQL or the file system refused the action for lack of rights."""
+
+    status = 403
+    code = "permission_denied"
+
+
 class SchemaNotMigrated(LedgerError):
     """The database schema is missing or behind the code's migrations."""
 
@@ -99,6 +112,13 @@ class BadQuery(LedgerError):
 
     status = 400
     code = "bad_query"
+
+
+class BadInput(LedgerError):
+    """An operator's input that does not have the shape it must have (the message says which)."""
+
+    status = 400
+    code = "bad_input"
 
 
 class NotFound(LedgerError):

@@ -144,6 +144,8 @@ class IntakeService:
             outcome = await self._confirmed(draft, outcome.domain, prepared.access_token)
         if isinstance(outcome, Refusal):
             self._metrics.rejected.labels(outcome.code).inc()
+            if not outcome.rejection_position:  # the store logs a refusal only within budget
+                self._metrics.rejections_suppressed.inc()
             self._budget.spend()
             log.warning(
                 "rejected %s from %s for portal %s: %s",
@@ -296,6 +298,7 @@ class IntakeService:
         except LedgerError as exc:
             # the sender still deserves the real reason, not a 503 about our log
             log.error("rejection of a delivery from %s not logged: %s", delivery.peer, exc)
+            self._metrics.rejections_suppressed.inc()
             return
         assert isinstance(outcome, RejectionLogged | Spooled)
 

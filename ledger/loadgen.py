@@ -39,6 +39,11 @@ class LoadReport:
     def rate(self) -> float:
         return self.sent / self.seconds if self.seconds else 0.0
 
+    @property
+    def failed(self) -> int:
+        """Deliveries not answered 2xx (refused, or no answer at all: status 0)."""
+        return sum(n for status, n in self.statuses.items() if not 200 <= status < 300)
+
     def summary(self) -> str:
         return (
             f"{self.sent} deliveries in {self.seconds:.1f}s = {self.rate:.0f}/s; latency "

@@ -1,37 +1,61 @@
-"""Prometheus metrics of one ledger process, in a registry of its own (no global state)."""
+"""Prometheus metrics of the service, in a registry of their own (no global state).
+
+One process (`serve`): the registry is rendered as it is. Several (`serve --workers N`):
+prometheus-client's multiprocess mode. Every worker writes its counters and histograms to mmap
+files in `metrics_dir` (LEDGER_DATA_DIR/metrics, emptied by the parent at start and set as
+PROMETHEUS_MULTIPROC_DIR before the workers exist), and whichever worker is scraped sums all of
+them: one scrape shows the whole service, and a counter never goes backwards however the scrapes
+land. Values computed on demand (spool depth and age, projector lag) are sampled into
+multiprocess gauges every `SAMPLE_SECONDS` by each worker (summed for the spool depth, the
+maximum otherwise, live workers only).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import values as _values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from ledger.errors import ConfigurationError
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SAMPLE_SECONDS = 1.0
+_LAST_EVENT = "ledger_portal_last_event_timestamp_seconds"
 
 
 class _PortalSilence(Collector):
     """Seconds since each portal's last stored event, computed when scraped."""
 
-    def __init__(self, last_seen: dict[str, float]) -> None:
+    def __init__(self, last_seen: Callable[[], dict[str, float]]) -> None:
         self._last_seen = last_seen
 
     def collect(self) -> list[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "ledger_portal_seconds_since_last_event",
-            "Seconds since this process stored an event of the portal",
+            "Seconds since the service stored an event of the portal",
             labels=["member_id"],
         )
         now = time.time()
-        for member_id, seen in self._last_seen.items():
+        for member_id, seen in self._last_seen().items():
             family.add_metric([member_id], now - seen)
         return [family]
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self._dir = multiprocess_dir
+        if multiprocess_dir is not None and not getattr(_values.ValueClass, "_multiprocess", False):
+            raise ConfigurationError(
+                "metrics across workers need PROMETHEUS_MULTIPROC_DIR set before the process "
+                "starts (`ledger serve --workers N` does this)"
+            )
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.received = Counter("ledger_deliveries_received", "Deliveries received", registry=r)
@@ -43,7 +67,9 @@ class Metrics:
             "ledger_deliveries_rejected", "Deliveries refused", ["reason"], registry=r
         )
         self.rejections_suppressed = Counter(
-            "ledger_rejections_unlogged", "Rejections not written (rate limit)", registry=r
+            "ledger_rejections_unlogged",
+            "Refusals counted but not written to the rejection log (rate limit, or the log "
+            "could not be written)", registry=r,
         )
         self.batch_size = Histogram(
             "ledger_append_batch_size", "Drafts per group-commit transaction",
@@ -58,29 +84,97 @@ class Metrics:
             registry=r,
         )
         self.spool_depth = Gauge(
-            "ledger_spool_records", "Deliveries waiting in the local spool", registry=r
+            "ledger_spool_records", "Deliveries waiting in the local spool", registry=r,
+            multiprocess_mode="livesum",
         )
         self.spool_age = Gauge(
-            "ledger_spool_oldest_seconds", "Age of the oldest spooled delivery", registry=r
+            "ledger_spool_oldest_seconds", "Age of the oldest spooled delivery", registry=r,
+            multiprocess_mode="livemax",
         )
         self.projector_lag = Gauge(
-            "ledger_projector_lag_events", "Events not yet in the projections", registry=r
+            "ledger_projector_lag_events", "Events not yet in the projections", registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.last_event = Gauge(
+            _LAST_EVENT, "Unix time the service last stored an event of the portal",
+            ["member_id"], registry=r, multiprocess_mode="max",
         )
         self.last_seen: dict[str, float] = {}
-        r.register(_PortalSilence(self.last_seen))
+        self._samplers: list[tuple[Gauge, Callable[[], float]]] = []
+        if multiprocess_dir is None:
+            r.register(_PortalSilence(lambda: self.last_seen))
+
+    @property
+    def multiprocess(self) -> bool:
+        return self._dir is not None
 
     def seen(self, member_id: str) -> None:
-        self.last_seen[member_id] = time.time()
+        now = time.time()
+        self.last_seen[member_id] = now
+        self.last_event.labels(member_id).set(now)
 
     def watch_lag(self, lag: Callable[[], int]) -> None:
-        self.projector_lag.set_function(lag)
+        self._watch(self.projector_lag, lag)
 
     def watch_spool(self, depth: Callable[[], int], age: Callable[[], float]) -> None:
-        self.spool_depth.set_function(depth)
-        self.spool_age.set_function(age)
+        self._watch(self.spool_depth, depth)
+        self._watch(self.spool_age, age)
+
+    def _watch(self, gauge: Gauge, value: Callable[[], float]) -> None:
+        if self._dir is None:
+            gauge.set_function(value)
+        else:  # other workers' functions cannot be called: sample into the shared files
+            self._samplers.append((gauge, value))
+
+    def sample(self) -> None:
+        for gauge, value in self._samplers:
+            gauge.set(value())
+
+    def start_sampling(self) -> asyncio.Task[None] | None:
+        """Keep this worker's sampled gauges fresh while the service runs (multiprocess only;
+        the caller cancels the task)."""
+        if self._dir is None:
+            return None
+
+        async def loop() -> None:
+            while True:
+                self.sample()
+                await asyncio.sleep(SAMPLE_SECONDS)
+
+        return asyncio.create_task(loop(), name="metrics-sampler")
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._dir is None:
+            return generate_latest(self.registry)
+        self.sample()
+        registry = CollectorRegistry()
+        collector = MultiProcessCollector(registry, path=str(self._dir))  # type: ignore[no-untyped-call]
+        registry.register(_PortalSilence(lambda: _last_seen_of(collector)))
+        registry.register(_ProcessLocal(self.registry, collector))
+        return generate_latest(registry)
+
+
+class _ProcessLocal(Collector):
+    """What only this process can compute (collectors registered on its registry, e.g. the
+    gateway's backlog), without the metrics the shared files already hold."""
+
+    def __init__(self, local: CollectorRegistry, shared: MultiProcessCollector) -> None:
+        self._local, self._shared = local, shared
+
+    def collect(self) -> list[Metric]:
+        shared = {f.name for f in self._shared.collect()}  # type: ignore[no-untyped-call]
+        return [f for f in self._local.collect() if f.name not in shared and f.samples]
+
+
+def _last_seen_of(collector: MultiProcessCollector) -> dict[str, float]:
+    seen: dict[str, float] = {}
+    for family in collector.collect():  # type: ignore[no-untyped-call]
+        if family.name == _LAST_EVENT:
+            for sample in family.samples:
+                member_id = sample.labels.get("member_id")
+                if member_id:
+                    seen[member_id] = max(seen.get(member_id, 0.0), sample.value)
+    return seen
 
 
 # ---- gateway mode (ledger.gateway) ---------------------------------------------------------

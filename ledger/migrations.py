@@ -12,7 +12,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+# The one source of truth for the schema: alembic's script directory, shipped inside the package
+# (package data in pyproject.toml), so an installed wheel migrates exactly like a checkout.
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 
 
 def alembic_config(dsn: str) -> Config:
@@ -24,7 +26,7 @@ def alembic_config(dsn: str) -> Config:
 
 def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config("")).get_current_head()
-    assert head is not None, "schema/versions holds no revision"
+    assert head is not None, "ledger/schema/versions holds no revision"
     return head
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import getpass
 import socket
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from ledger import drafts
-from ledger.errors import OperatorActionRefused
+from ledger.errors import NotFound, OperatorActionRefused
 from ledger.models import Refusal, Stored
 from ledger.storage.store import EventStore
 from ledger.trust import TrustChange
@@ -41,3 +42,24 @@ async def change_trust(
         raise OperatorActionRefused(outcome.message)
     assert isinstance(outcome, Stored)
     return outcome.position
+
+
+async def resolve_portal(store: EventStore, portal: str | None) -> str | None:
+    """A member_id, or the member_id of the portal with that domain (every `--portal` takes
+    either), from what the service role sees of trust."""
+    if portal is None or "." not in portal:
+        return portal
+    return portal_by_domain(portal, [(row.member_id, row.domain) for row in await store.portals()])
+
+
+def portal_by_domain(portal: str, known: Iterable[tuple[str | None, str | None]]) -> str:
+    """The member_id of the portal whose domain is `portal`; an unknown domain is an error
+    rather than an empty answer."""
+    domain = portal.strip().lower()
+    for member_id, known_domain in known:
+        if known_domain == domain and member_id:
+            return member_id
+    raise NotFound(
+        f"no portal with domain {domain!r} has a known member_id; see `ledger portals list`, "
+        "or pass the member_id"
+    )

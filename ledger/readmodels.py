@@ -74,6 +74,26 @@ class DeletionOut(_Model):
     )
 
 
+class RejectionOut(_Model):
+    """A refused delivery as auditors see it: never the excerpt, only its size and hash."""
+
+    position: int = Field(description="position in the rejection log's own chain")
+    received_at: datetime
+    status: int = Field(description="the HTTP status the sender got")
+    reason: str = Field(description="stable reason code, e.g. invalid_application_token")
+    detail: str
+    member_id: str | None = Field(description="the portal the delivery claimed, if readable")
+    domain: str | None
+    event_type: str | None
+    peer: str | None
+    content_type: str | None
+    body_size: int
+    body_sha256: str
+    excerpt_chars: int
+    excerpt_sha256: str
+    hash: str = Field(description="chain hash of the rejection log entry, hex")
+
+
 class EventOut(_Model):
     position: int
     received_at: datetime

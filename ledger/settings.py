@@ -89,6 +89,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often to try draining while PostgreSQL is away"
     )
     worker: int = Field(default=0, ge=0, description="set by `serve --workers` per process")
+    metrics_dir: Path | None = Field(
+        default=None, description="set by `serve --workers`: the workers' shared metric files"
+    )
     run_projector: bool = Field(
         default=True, description="keep the projections up to date inside `ledger serve`"
     )
@@ -166,4 +169,5 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        return self.database_url is None
+        """Our own server only when no DSN at all is configured (never as a silent fallback)."""
+        return self.database_url is None and self.admin_database_url is None

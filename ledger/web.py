@@ -424,19 +424,29 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     gc.unfreeze()
 
 
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    task = app[METRICS].start_sampling()
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def create_app(settings: Settings) -> web.Application:
     """Wire settings, the database, the store and the intake; nothing exists before this."""
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=settings.max_body_bytes + 1
     )
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = Metrics(settings.metrics_dir)
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_tree_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
     app.cleanup_ctx.append(_projector_ctx)
+    app.cleanup_ctx.append(_metrics_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     app.cleanup_ctx.append(_switch_interval_ctx)
     app.router.add_post("/bitrix24/events", receive_event)

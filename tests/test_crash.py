@@ -8,11 +8,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import aiohttp
 import asyncpg
+import pytest
 
 from ledger import wire
 from ledger.operations import change_trust
@@ -20,6 +22,7 @@ from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from tests.conftest import FORM, MEMBER_ID, Database, sample
+from tests.servers import stop
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -39,14 +42,27 @@ async def start_server(
         sys.executable, "-m", "ledger", "serve", "--port", str(port), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
-    async with asyncio.timeout(30), aiohttp.ClientSession() as session:
-        while True:  # poll the condition (it answers) until the deadline; no other signal
-            try:
-                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
-                    if response.status == 200:
-                        return process
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
+    try:
+        async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+            while True:  # poll the condition (it answers) until the deadline; no other signal
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        if response.status == 200:
+                            return process
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+    except BaseException:
+        await stop(process)
+        raise
+
+
+@pytest.fixture
+async def reaper() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """Servers a test started, stopped when it ends (also when it fails)."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for process in started:
+        await stop(process)
 
 
 def bodies(count: int) -> list[bytes]:
@@ -59,10 +75,12 @@ def bodies(count: int) -> list[bytes]:
 
 
 async def test_kill_9_under_load_loses_no_acknowledged_delivery(
-    database: Database, admin: Admin, tmp_path: Path
+    database: Database, admin: Admin, tmp_path: Path,
+    reaper: list[asyncio.subprocess.Process],
 ) -> None:
     port = free_port()
     server = await start_server(database, port, tmp_path)
+    reaper.append(server)
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=sample("onappinstall-1"),
@@ -99,6 +117,7 @@ async def test_kill_9_under_load_loses_no_acknowledged_delivery(
         assert len(acknowledged) >= 100
 
     restarted = await start_server(database, port, tmp_path)
+    reaper.append(restarted)
     restarted.send_signal(signal.SIGTERM)
     assert await restarted.wait() == 0  # graceful shutdown exits 0
 

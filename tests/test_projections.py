@@ -212,7 +212,7 @@ async def test_the_readmes_forensic_sql_runs_for_a_reader(
         await post(client, sample(name))
     _, odd = await post(client, sample("onimbotjoinchat-1") + b"&data%5BBOT%5D%5B%C2%B2%5D=x")
     await projector_of(client).catch_up()
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parent.parent / "docs" / "auditors.md").read_text()
     (block,) = re.findall(r"```sql\n(.*?)```", readme, re.S)
     statements = [s.strip() for s in block.replace("'X'", f"'{MEMBER_ID}'").split(";")]
     target = await targets.open_target(settings)

@@ -92,11 +92,11 @@ async def test_even_the_owner_is_stopped_by_the_triggers(
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 1
 
 
-async def test_the_chain_is_exactly_what_the_readme_defines(
+async def test_the_chain_is_exactly_what_the_spec_defines(
     store: EventStore, admin: Connection
 ) -> None:
-    """A from-scratch re-implementation of README "Hash chain" (hashlib and json only), as a
-    third party would write it: if this passes, the README is the specification."""
+    """A from-scratch re-implementation of docs/spec/chain.md (hashlib and json only), as a
+    third party would write it: if this passes, that page is the specification."""
     await _some_history(store)
     previous = bytes(32)
     rows = await admin.fetch("SELECT * FROM ledger.events ORDER BY position")

@@ -32,16 +32,23 @@ T = TypeVar("T")
 
 
 def fail_cleanly(func: Callable[P, T]) -> Callable[P, T]:
-    """Ledger errors become one line and exit status 1, not a traceback."""
+    """Ledger errors become one line and exit status 1, not a traceback.
+
+    The `ledger` group (`ledger.cli.app`) renders every other failure the same way.
+    """
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return func(*args, **kwargs)
         except LedgerError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(one_line(str(exc))) from exc
 
     return wrapper
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def settings_of(ctx: click.Context) -> Settings:
@@ -93,6 +100,25 @@ def with_projections(
     return with_store(ctx, run, projector=True)
 
 
+def with_portal_projections(
+    ctx: click.Context, portal: str | None,
+    work: Callable[[ProjectionStore, Projector, str | None], Awaitable[T]],
+) -> T:
+    """`with_projections`, with `--portal` (a member_id or a domain) resolved to a member_id."""
+    snapshot_every = settings_of(ctx).projector_snapshot_every
+
+    async def run(store: EventStore) -> T:
+        projections = ProjectionStore(store.pool)
+        projector = Projector(store, projections, snapshot_every=snapshot_every)
+        member_id = portal
+        if portal is not None and "." in portal:  # the projector role reads projected portals
+            known = [(p.member_id, p.domain) for p in await readers.portals(projections, projector)]
+            member_id = operations.portal_by_domain(portal, known)
+        return await work(projections, projector, member_id)
+
+    return with_store(ctx, run, projector=True)
+
+
 def parse_as_of(value: str | None) -> readers.AsOf:
     return asof.parse_as_of(value, "--as-of")
 
@@ -102,7 +128,8 @@ AS_OF = click.option(
     "(when the ledger received it) or ts:TIME (Bitrix24's time; also Unix seconds), TIME in "
     "ISO 8601 (e.g. 2026-03-01T00:00:00Z). A plain N is a position, a plain TIME received.",
 )
-PORTAL = click.option("--portal", "member_id", help="Only this portal (member_id).")
+PORTAL = click.option("--portal", "member_id",
+                      help="Only this portal: its member_id or its domain.")
 JSON_OUTPUT = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 
 

@@ -32,12 +32,14 @@ from ledger.cli.common import (
     print_rows,
     settings_of,
     with_audit,
+    with_portal_projections,
     with_projections,
 )
 from ledger.projections import readers
 from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
-from ledger.readmodels import EventOut
+from ledger.readmodels import EventOut, Page, RejectionOut
 from ledger.storage import target as targets
+from ledger.storage.audit_store import RejectionFilter
 from ledger.storage.projection_store import ProjectionStore
 
 
@@ -54,8 +56,8 @@ def bots(
 ) -> None:
     """The bot registry: which bots exist on which portal, active or deleted, since when."""
     moment = parse_as_of(as_of)
-    rows = with_projections(ctx, lambda p, j: readers.bots(
-        p, j, member_id=member_id, status=status, as_of=moment))
+    rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.bots(
+        p, j, member_id=portal, status=status, as_of=moment))
     print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
                        "first_seen_at", "last_activity_at", "message_count", "deleted_at",
                        "deleted_by"], as_json)
@@ -70,8 +72,8 @@ def bots(
 def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_json: bool) -> None:
     """The deletion timeline: who deleted which bot when, and what it had done before."""
     moment = parse_as_of(as_of)
-    rows = with_projections(ctx, lambda p, j: readers.deletions(
-        p, j, member_id=member_id, as_of=moment))
+    rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.deletions(
+        p, j, member_id=portal, as_of=moment))
     print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
                        "cause", "position", "message_count", "anomalies"], as_json)
 
@@ -123,7 +125,7 @@ def roles_create_reader(ctx: click.Context, name: str) -> None:
     password = secrets.token_urlsafe(24)
 
     async def run() -> str:
-        target = await targets.open_target(settings)
+        target = await targets.open_target(settings, admin_only=True)
         try:
             return await targets.create_reader(target, name, password)
         finally:
@@ -133,7 +135,8 @@ def roles_create_reader(ctx: click.Context, name: str) -> None:
 
 
 @main.command()
-@click.option("--portal", "member_id", required=True, help="The portal (member_id).")
+@click.option("--portal", "member_id", required=True,
+              help="The portal: its member_id or its domain.")
 @click.option("--bot", type=int, required=True, help="The bot id.")
 @JSON_OUTPUT
 @click.pass_context
@@ -142,16 +145,56 @@ def history(ctx: click.Context, member_id: str, bot: int, as_json: bool) -> None
     """One bot's whole life: every event that named it, with position, actor and hash."""
 
     async def work(audit: AuditService) -> list[EventOut]:
-        result = await audit.bot_history(member_id, bot, limit=MAX_PAGE)
+        portal = await audit.resolve_portal(member_id)
+        assert portal is not None
+        result = await audit.bot_history(portal, bot, limit=MAX_PAGE)
         items = list(result.events)
         after = result.next_after
         while after is not None:
-            page = await audit.bot_history(member_id, bot, after=after, limit=MAX_PAGE)
+            page = await audit.bot_history(portal, bot, after=after, limit=MAX_PAGE)
             items += page.events
             after = page.next_after
         return items
 
     print_events(with_audit(ctx, work), as_json)
+
+
+@main.command()
+@PORTAL
+@click.option("--reason", help="Only this reason code, e.g. invalid_application_token.")
+@FROM
+@TO
+@click.option("--after", default=0, show_default=True, help="Start after this position.")
+@click.option("--limit", default=100, show_default=True, help=f"At most this many (<= {MAX_PAGE}).")
+@JSON_OUTPUT
+@click.pass_context
+@fail_cleanly
+def rejections(
+    ctx: click.Context, member_id: str | None, reason: str | None, since: str | None,
+    until: str | None, after: int, limit: int, as_json: bool,
+) -> None:
+    """Refused deliveries: when, why, which portal, sizes and hashes (never the excerpt)."""
+
+    async def work(audit: AuditService) -> Page[RejectionOut]:
+        where = RejectionFilter(
+            member_id=await audit.resolve_portal(member_id), reason=reason,
+            received_from=parse_moment(since), received_to=parse_moment(until), after=after,
+        )
+        return await audit.rejections(where, limit=limit)
+
+    page = with_audit(ctx, work)
+    if as_json:
+        for item in page.items:
+            click.echo(item.model_dump_json())
+    else:
+        click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'STATUS':6} {'REASON':28} "
+                   f"{'PORTAL':34} {'BYTES':>8} BODY_SHA256")
+        for r in page.items:
+            click.echo(f"{r.position:>9}  {r.received_at.isoformat(timespec='seconds'):25}  "
+                       f"{r.status:<6} {r.reason:28} {r.member_id or '-':34} {r.body_size:>8} "
+                       f"{r.body_sha256[:16]}")
+    if page.next_after is not None:
+        click.echo(f"(more: --after {page.next_after})", err=True)
 
 
 @main.command()
@@ -170,11 +213,23 @@ def events(
     since: str | None, until: str | None, after: int, limit: int, as_json: bool,
 ) -> None:
     """Stored events in ledger order, filtered."""
-    where = event_filter(member_id, event_type, bot, since, until, after)
-    page = with_audit(ctx, lambda a: a.events(where, limit=limit))
+
+    async def work(audit: AuditService) -> Page[EventOut]:
+        portal = await audit.resolve_portal(member_id)
+        where = event_filter(portal, event_type, bot, since, until, after)
+        return await audit.events(where, limit=limit)
+
+    page = with_audit(ctx, work)
     print_events(page.items, as_json)
     if page.next_after is not None:
         click.echo(f"(more: --after {page.next_after})", err=True)
+
+
+_EXPORT_FILTERS = {
+    "events": ("--portal", "--type", "--bot", "--from", "--to"),
+    "bots": ("--portal",),
+    "deletions": ("--portal", "--from", "--to"),
+}
 
 
 @main.command()
@@ -186,8 +241,9 @@ def events(
 @BOT
 @FROM
 @TO
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write here (and a FILE.manifest.json beside it); default standard output.")
+@click.option("--output", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write here (and a FILE.manifest.json beside it); default or `-`: standard "
+              "output (the manifest then goes to standard error).")
 @click.pass_context
 @fail_cleanly
 def export(
@@ -197,24 +253,37 @@ def export(
     """Stream events, bots or deletions as CSV or JSON Lines, with a manifest.
 
     The manifest records the position range, the chain head at export time, the filters and
-    the time, so an export can be tied back to `ledger verify`.
+    the time, so an export can be tied back to `ledger verify`. A filter the chosen kind
+    cannot apply is refused, never ignored.
     """
+    given = {"--portal": member_id, "--type": event_type, "--bot": bot, "--from": since,
+             "--to": until}
+    allowed = _EXPORT_FILTERS[kind]
+    stray = [name for name, value in given.items() if value is not None and name not in allowed]
+    if stray:
+        raise click.UsageError(
+            f"{', '.join(stray)} does not apply to `export {kind}` "
+            f"(its filters: {', '.join(allowed)})"
+        )
+    if output is not None and str(output) == "-":
+        output = None
 
     async def work(audit: AuditService) -> exports.Manifest:
+        portal = await audit.resolve_portal(member_id)
         with contextlib.ExitStack() as stack:
             out: IO[str] = (stack.enter_context(output.open("w", newline=""))
                             if output else sys.stdout)
             if kind == "events":
-                where = event_filter(member_id, event_type, bot, since, until)
+                where = event_filter(portal, event_type, bot, since, until)
                 bar = stack.enter_context(Progress("exporting", output is None))
                 return await exports.export_events(
                     audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
                 )
             if kind == "bots":
-                rows = await audit.bots(member_id=member_id)
+                rows = await audit.bots(member_id=portal)
                 return await exports.export_rows("bots", rows, out, fmt,
-                                                 {"member_id": member_id}, audit)
-            where_d = DeletionFilter(member_id=member_id, occurred_from=parse_moment(since),
+                                                 {"member_id": portal}, audit)
+            where_d = DeletionFilter(member_id=portal, occurred_from=parse_moment(since),
                                      occurred_to=parse_moment(until))
             rows_d = await audit.deletions(where_d)
             return await exports.export_rows("deletions", rows_d, out, fmt,

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import logging
+import errno
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import sys
+from pathlib import Path
 
 import click
+from prometheus_client import multiprocess as prometheus_multiprocess
 
-from ledger.cli.app import main
+from ledger import migrations
+from ledger.cli.app import PORT_KEY, configure_logging, describe_failure, main
 from ledger.cli.common import (
     fail_cleanly,
     settings_of,
@@ -24,7 +30,7 @@ from ledger.storage import target as targets
 @click.option("--port", default=None, type=int, help="Listen port (default: LEDGER_PORT, 8080).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Processes sharing the port (SO_REUSEPORT); the first one also projects "
-              "and writes checkpoints.")
+              "and writes checkpoints. /metrics then sums all of them.")
 @click.pass_context
 @fail_cleanly
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
@@ -37,15 +43,27 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     address = (host or settings.host, port if port is not None else settings.port)
     # the listen address is a setting too: gateway mode refuses routes that point back at it
     settings = settings.model_copy(update={"host": address[0], "port": address[1]})
+    ctx.meta[PORT_KEY] = address[1]
+    _check_address(*address, reuse_port=workers > 1)  # before starting anything
+    debug = bool(ctx.meta.get("ledger.debug"))
     if workers == 1:
-        _serve(settings, *address, reuse_port=False)
+        _serve(settings, *address, reuse_port=False, debug=debug)
         return
+    metrics_dir = _fresh_metrics_dir(settings)
     # Start (and migrate) the database once, here, before the workers attach to it.
     target = asyncio.run(targets.open_target(settings))
+    try:
+        asyncio.run(targets.check_schema_if_reachable(
+            target, connect_timeout=settings.connect_timeout_seconds))
+    except BaseException:
+        target.release()
+        raise
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_serve, args=(_worker_settings(settings, i), *address),
-                        kwargs={"reuse_port": True}, name=f"ledger-worker-{i}")
+        context.Process(
+            target=_serve, args=(_worker_settings(settings, i, metrics_dir), *address),
+            kwargs={"reuse_port": True, "debug": debug}, name=f"ledger-worker-{i}",
+        )
         for i in range(workers)
     ]
     for process in processes:
@@ -60,54 +78,113 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     signal.signal(signal.SIGINT, forward)
     for process in processes:
         process.join()
+        if process.pid is not None:
+            prometheus_multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                process.pid, str(metrics_dir)
+            )
     target.release()
     failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         raise click.ClickException(f"worker(s) {', '.join(failed)} failed; see the log above")
 
 
-def _worker_settings(settings: Settings, index: int) -> Settings:
-    if index == 0:
-        return settings
-    return settings.model_copy(
-        update={"run_projector": False, "checkpoint_dir": None, "worker": index}
-    )
+def _check_address(host: str, port: int, *, reuse_port: bool) -> None:
+    """Fail with one line now, not with a traceback once the database is up."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise click.ClickException(f"cannot listen on {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(sockaddr)
+        except PermissionError as exc:
+            raise click.ClickException(
+                f"not allowed to listen on port {port}: ports below 1024 need root or "
+                "CAP_NET_BIND_SERVICE; choose another with --port / LEDGER_PORT"
+            ) from exc
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise click.ClickException(
+                    f"port {port} on {host} is already in use: stop what listens there, or "
+                    "choose another with --port / LEDGER_PORT"
+                ) from exc
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") \
+                from exc
 
 
-def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool) -> None:
+def _fresh_metrics_dir(settings: Settings) -> Path:
+    """The workers' shared metric files: emptied at every start (the counters of the last run
+    belong to it), announced to prometheus-client through its environment variable before any
+    worker imports it."""
+    directory = (settings.data_dir / "metrics").expanduser().resolve()
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+def _worker_settings(settings: Settings, index: int, metrics_dir: Path) -> Settings:
+    update: dict[str, object] = {"worker": index, "metrics_dir": metrics_dir}
+    if index > 0:
+        update.update(run_projector=False, checkpoint_dir=None)
+    return settings.model_copy(update=update)
+
+
+def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool, debug: bool) -> None:
     from aiohttp import web
 
     from ledger.web import create_app
 
     if reuse_port:  # a spawned worker: set up logging like the parent did
-        logging.basicConfig(level=settings.log_level.upper(),
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        reuse_port=reuse_port or None,
-        print=lambda line: click.echo(line, err=True),
-        access_log=None,
-    )
+        configure_logging(settings, debug=debug, command="serve")
+    try:
+        web.run_app(
+            create_app(settings),
+            host=host,
+            port=port,
+            reuse_port=reuse_port or None,
+            print=lambda line: click.echo(line, err=True),
+            access_log=None,
+        )
+    except Exception as exc:
+        if not reuse_port or debug:
+            raise  # the group renders it (or shows the traceback)
+        # a worker has no click group around it: one line, and the parent sees exit status 1
+        click.echo(f"Error: worker {settings.worker}: {describe_failure(exc, port=port)}",
+                   err=True)
+        sys.exit(1)
 
 
 @main.command()
+@click.option("--create-database", is_flag=True,
+              help="Create the database named in LEDGER_ADMIN_DATABASE_URL if it is missing "
+              "(the admin role needs CREATEDB).")
 @click.pass_context
 @fail_cleanly
-def migrate(ctx: click.Context) -> None:
-    """Bring the database schema (and its roles) up to date."""
+def migrate(ctx: click.Context, create_database: bool) -> None:
+    """Bring the database schema (and its roles) up to date.
 
-    async def run() -> None:
-        target = await targets.open_target(settings_of(ctx))
+    On an external PostgreSQL this connects with LEDGER_ADMIN_DATABASE_URL (else
+    LEDGER_DATABASE_URL); with neither set it migrates the embedded database.
+    """
+
+    async def run() -> str:
+        target = await targets.open_target(settings_of(ctx), admin_only=True)
         try:
             if target.embedded is None:  # the embedded one was migrated on opening
+                await targets.prepare_external(target.admin_dsn, create_database=create_database)
                 await targets.migrate(target)
+                return "external"
+            return "embedded"
         finally:
             target.release()
 
-    asyncio.run(run())
-    click.echo("schema is up to date", err=True)
+    where = asyncio.run(run())
+    click.echo(f"schema is up to date ({where} database, revision {migrations.head_revision()})")
 
 
 @main.group()
@@ -140,7 +217,10 @@ def db_stop(ctx: click.Context) -> None:
     """Stop the embedded PostgreSQL (no effect on an external database)."""
     settings = settings_of(ctx)
     if not settings.embedded:
-        raise click.ClickException("LEDGER_DATABASE_URL is set: the database is not ours to stop")
+        raise click.ClickException(
+            "LEDGER_DATABASE_URL / LEDGER_ADMIN_DATABASE_URL is set: the database is not ours "
+            "to stop"
+        )
 
     async def run() -> None:
         target = await targets.open_target(settings)

@@ -75,6 +75,12 @@ def simulate(
         url, traffic, count=count, concurrency=concurrency, rate=rate, duration=duration,
     ))
     click.echo(report.summary())
+    if report.failed:
+        raise click.ClickException(
+            f"{report.failed} of {report.sent} deliveries were refused or unanswered: see the "
+            "statuses above and `ledger rejections` (portals must be allowed before their "
+            "install; a second run with the same --seed re-installs portals already trusted)"
+        )
 
 
 @main.group()

@@ -8,6 +8,7 @@ from typing import Any
 import click
 import orjson
 
+from ledger import portal_ids
 from ledger.cli.app import main
 from ledger.cli.common import (
     change_trust,
@@ -35,6 +36,9 @@ def portals_allow(ctx: click.Context, member_id: str | None, domain: str | None)
     """
     if (member_id is None) == (domain is None):
         raise click.UsageError("give exactly one of --member-id or --domain")
+    # the shape is checked before anything is recorded: an allowance stays in the chain forever
+    member_id = portal_ids.member_id(member_id) if member_id is not None else None
+    domain = portal_ids.domain(domain) if domain is not None else None
     position = change_trust(ctx, TrustChange.ALLOWED, member_id=member_id, domain=domain)
     click.echo(f"allowed {member_id or domain} (recorded at position {position})")
 
@@ -54,6 +58,8 @@ def portals_trust(
     ctx: click.Context, member_id: str, domain: str | None, token_file: Path
 ) -> None:
     """Provision the token of an app installed before the ledger existed (or replace it)."""
+    member_id = portal_ids.member_id(member_id)
+    domain = portal_ids.domain(domain) if domain is not None else None
     token = token_file.read_text().strip()
     if not token:
         raise click.ClickException(f"{token_file} is empty")

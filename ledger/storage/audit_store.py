@@ -43,6 +43,36 @@ class EventFilter:
         return " AND ".join(clauses), args
 
 
+@dataclass(frozen=True)
+class RejectionFilter:
+    member_id: str | None = None
+    reason: str | None = None
+    received_from: datetime | None = None
+    received_to: datetime | None = None
+    after: int = 0
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = ["position > $1"]
+        args: list[Any] = [self.after]
+        for clause, value in (
+            ("portal_member_id = ${}", self.member_id),
+            ("reason = ${}", self.reason),
+            ("received_at >= ${}", self.received_from),
+            ("received_at < ${}", self.received_to),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(clause.format(len(args)))
+        return " AND ".join(clauses), args
+
+
+# audit.rejections (migration 0009) never exposes the excerpt, only its size and hash.
+_REJECTION_COLUMNS = """
+    position, received_at, status, reason, detail, portal_member_id AS member_id,
+    portal_domain AS domain, event_type, peer, content_type, body_size, body_sha256,
+    excerpt_chars, excerpt_sha256, rejection_hash AS hash
+"""
+
 _EVENT_COLUMNS = """
     position, received_at, occurred_at, member_id, event_type, origin, bot_ids,
     payload::json #>> '{auth,user_id}' AS actor_user_id, encode(hash, 'hex') AS hash
@@ -106,6 +136,17 @@ class AuditStore:
                 *args,
             )
         return [{**r, "bot_ids": list(r["bot_ids"])} for r in rows]
+
+    async def rejections(self, where: RejectionFilter, *, limit: int) -> list[dict[str, Any]]:
+        clause, args = where.where()
+        args.append(limit)
+        async with translated_errors("read rejections"), self._pool.acquire() as connection:
+            rows = await connection.fetch(
+                f"SELECT {_REJECTION_COLUMNS} FROM audit.rejections WHERE {clause} "
+                f"ORDER BY position LIMIT ${len(args)}",
+                *args,
+            )
+        return [dict(r) for r in rows]
 
     @asynccontextmanager
     async def export_snapshot(self) -> AsyncIterator[ExportSnapshot]:
