@@ -15,7 +15,9 @@ from typing import Any
 from ledger.errors import DeliveryRejected
 from ledger.identity import canonical
 
-_EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_.]{0,99}")
+# Bitrix24's event names are letters, digits and underscores; the dotted namespace (`LEDGER.…`)
+# is the ledger's own (trust and route changes), so no sender can name an event into it.
+_EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,99}")
 _NUMBER = re.compile(r"[0-9]{1,18}")
 MAX_MEMBER_ID = 128  # Bitrix24's are 32 hex digits; longer ones would not fit an index entry
 MAX_DOMAIN = 253  # the longest DNS name

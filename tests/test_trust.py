@@ -217,3 +217,26 @@ async def test_the_trust_fold_of_the_store_is_what_the_trust_tables_hold(
     open_rows = await admin.fetch(
         "SELECT position FROM ledger.portal_allowances WHERE consumed_position IS NULL")
     assert sorted(folded.allowances) == [r["position"] for r in open_rows]
+
+
+@pytest.mark.parametrize("event", ["LEDGER.TRUST_CHANGED", "ledger.trust_changed",
+                                   "LEDGER.ROUTE_CHANGED", "ONAPP.INSTALL"])
+async def test_a_trusted_portal_cannot_name_an_event_into_the_ledgers_own_namespace(
+    portal_client: Client, admin: Admin, event: str
+) -> None:
+    """A sender with a valid token that posts a trust-changing payload under the ledger's own
+    event names gets a 400, and neither trust nor allowances move."""
+    assert (await post(portal_client, sample("onappinstall-1")))[0] == 200
+    before = await admin.fetch("SELECT * FROM ledger.portal_allowances ORDER BY position")
+    body = (
+        f"event={event}&change=allowed&member_id=&domain=victim.bitrix24.com"
+        f"&token_sha256={'ab' * 32}&auth[member_id]={MEMBER_ID}&auth[domain]={DOMAIN}"
+        "&auth[application_token]=831c76b092f9f135d9b6b36c3a720757"
+    ).encode()
+    status, answer = await post(portal_client, body)
+    assert (status, answer["error"]) == (400, "invalid_event")
+    assert await admin.fetch("SELECT * FROM ledger.portal_allowances ORDER BY position") == before
+    assert await trust_of(admin) == "trusted"
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE origin = 'bitrix24' AND event_type LIKE '%.%'"
+    ) == 0

@@ -15,7 +15,7 @@ from ledger.storage.store import Pool, translated_errors
 
 _ROUTE_EVENTS = """
     SELECT position, received_at, payload FROM ledger.events
-    WHERE event_type = $1 AND position > $2 ORDER BY position
+    WHERE event_type = $1 AND origin = 'operator' AND position > $2 ORDER BY position
 """
 _INSERT_ATTEMPTS = """
     INSERT INTO ledger.forward_attempts (route_id, member_id, position, dedup_key, attempt,
