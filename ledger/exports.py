@@ -13,9 +13,9 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
+from pydantic import BaseModel
 
 from ledger.audit import AuditService
-from ledger.readmodels import BotOut, DeletionOut
 from ledger.storage.audit_store import EventFilter
 
 EVENT_FIELDS = ["position", "received_at", "occurred_at", "member_id", "event_type", "origin",
@@ -69,7 +69,9 @@ async def export_events(
     rows, first, last = 0, None, None
     async with service.export_snapshot() as snapshot:
         on_start(snapshot.head_position)
-        bounded = EventFilter(**{**where.__dict__, "up_to": snapshot.head_position})
+        up_to = snapshot.head_position if where.up_to is None else min(
+            where.up_to, snapshot.head_position)  # a caller may pin an earlier head
+        bounded = EventFilter(**{**where.__dict__, "up_to": up_to})
         async for batch in snapshot.events(bounded):
             for row in batch:
                 record = dict(row)
@@ -88,7 +90,7 @@ async def export_events(
 
 
 async def export_rows(
-    kind: str, rows: Iterable[BotOut | DeletionOut], out: IO[str], fmt: str,
+    kind: str, rows: Iterable[BaseModel], out: IO[str], fmt: str,
     filters: dict[str, Any], service: AuditService,
 ) -> Manifest:
     items = list(rows)

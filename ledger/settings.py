@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     projector_stall_seconds: float = Field(
         default=60.0, gt=0, description="readiness fails when the projector lags this long"
     )
+    console_secure_cookie: bool = Field(
+        default=False, description="console cookie Secure even over http (TLS ends at a proxy)"
+    )
     checkpoint_every_events: int = Field(default=10_000, ge=1)
     checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
     # gateway mode (ledger.gateway): forwarding stored deliveries to routes' destinations

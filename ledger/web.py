@@ -24,6 +24,7 @@ from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
+from ledger.console import create_console
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
 from ledger.intake import Delivery, IntakeService
@@ -454,4 +455,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.add_subapp("/api/v1/", create_api())
+    app.add_subapp("/console/", create_console(settings))  # the auditor's console (HTML)
     return app
