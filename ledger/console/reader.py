@@ -106,9 +106,7 @@ class Reader:
             rows = [b.model_dump() for b in everything
                     if (members is None or b.member_id in members)
                     and (b.member_id, b.bot_id) > after][:limit]
-        domains = await self.store.domains(sorted({r["member_id"] for r in rows}))
-        for row in rows:
-            row["domain"] = domains.get(row["member_id"])
+        await self._describe_bots(rows)
         more = len(rows) == limit
         return PageOf(rows, f"{rows[-1]['member_id']}:{rows[-1]['bot_id']}" if more else None)
 
@@ -120,10 +118,19 @@ class Reader:
             return []
         rows = [b.model_dump() for b in await self.audit.bots(status=status, as_of=as_of)
                 if members is None or b.member_id in members]
+        await self._describe_bots(rows)
+        return rows
+
+    async def _describe_bots(self, rows: list[dict[str, Any]]) -> None:
+        """Each bot's portal domain, and the name of whoever deleted it."""
         domains = await self.store.domains(sorted({r["member_id"] for r in rows}))
         for row in rows:
             row["domain"] = domains.get(row["member_id"])
-        return rows
+            found = None
+            if row.get("deleted_by") and row.get("deleted_position"):
+                found = await self.user_name(row["member_id"], row["deleted_by"],
+                                             row["deleted_position"])
+            row["deleted_by_name"], row["deleted_by_name_position"] = found or (None, None)
 
     # ---- deletion timeline ----------------------------------------------------------------
 
@@ -202,10 +209,7 @@ class Reader:
         if not found or found[0]["bot_id"] != bot_id:
             raise NotFound(f"no bot {bot_id} on portal {member_id}")
         bot = BotOut.model_validate(found[0]).model_dump()
-        bot["domain"] = (await self.store.domains([member_id])).get(member_id)
-        if bot.get("deleted_by") and bot.get("deleted_position"):
-            named = await self.user_name(member_id, bot["deleted_by"], bot["deleted_position"])
-            bot["deleted_by_name"], bot["deleted_by_name_position"] = named or (None, None)
+        await self._describe_bots([bot])
         events = await self.store.bot_events(
             member_id, bot_id, newest_first=newest_first, cursor=cursor, limit=limit
         )

@@ -26,6 +26,7 @@ class BotRow(_Row):
     chat_join_count: int
     deleted_at: str = Field(description="Bitrix24's time of the deleting event")
     deleted_by_user_id: str | None
+    deleted_by_name: str | None = Field(description="as the portal's own payloads named the user")
     deletion_cause: str | None
     first_seen_position: int
     last_activity_position: int | None
@@ -93,7 +94,8 @@ def bot_row(r: dict[str, Any]) -> BotRow:
         last_activity_at=iso(r["last_activity_at"]), message_count=r["message_count"],
         command_count=r["command_count"], chat_join_count=r["chat_join_count"],
         deleted_at=iso(r["deleted_at"]), deleted_by_user_id=r["deleted_by"],
-        deletion_cause=r["deletion_cause"], first_seen_position=r["first_seen_position"],
+        deleted_by_name=r.get("deleted_by_name"), deletion_cause=r["deletion_cause"],
+        first_seen_position=r["first_seen_position"],
         last_activity_position=r["last_activity_position"],
         deleted_position=r["deleted_position"], portal_member_id=r["member_id"],
     )
