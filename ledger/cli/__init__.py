@@ -4,6 +4,7 @@ from ledger.cli import (  # noqa: F401 - registration
     forensics,
     integrity,
     proofs,
+    report,
     routes,
     service,
     tools,

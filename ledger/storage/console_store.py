@@ -164,6 +164,23 @@ class ConsoleStore:
             before or 2**63 - 1, limit,
         )
 
+    async def rejection_summary(
+        self, received_from: datetime | None, received_to: datetime | None,
+        members: list[str] | None,
+    ) -> list[dict[str, Any]]:
+        """Rejections per reason in a time range (for the report: a full scan of the range)."""
+        return await self._fetch(
+            "summarise rejections",
+            "SELECT reason, status, count(*) AS count, min(received_at) AS first_at, "
+            "max(received_at) AS last_at, min(position) AS first_position, "
+            "max(position) AS last_position FROM ledger.rejections "
+            "WHERE ($1::timestamptz IS NULL OR received_at >= $1) "
+            "AND ($2::timestamptz IS NULL OR received_at < $2) "
+            "AND ($3::text[] IS NULL OR member_id = ANY($3::text[])) "
+            "GROUP BY reason, status ORDER BY count(*) DESC, reason",
+            received_from, received_to, members,
+        )
+
     async def rejections_since(self, moment: datetime, cap: int) -> int:
         """How many rejections arrived since `moment`, counting at most `cap` of the newest
         (the log has no time index; positions follow arrival)."""
