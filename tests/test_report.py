@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import DOMAIN, Database
 from tests.test_cli import _deliver_samples, run
@@ -57,3 +60,14 @@ def test_the_report_names_the_verified_head_the_deletions_and_recomputes(
     tampered = run(database, "report", "--check", str(output))
     assert tampered.exit_code == 1
     assert "does not match" in tampered.output
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary on PATH")
+def test_the_report_prints_to_pdf_with_headless_chromium(
+    database: Database, tmp_path: Path
+) -> None:
+    asyncio.run(_deliver_samples(database))
+    pdf = tmp_path / "r.pdf"
+    made = run(database, "report", "--output", str(tmp_path / "r.html"), "--pdf", str(pdf))
+    assert made.exit_code == 0, made.output
+    assert pdf.read_bytes().startswith(b"%PDF-")
