@@ -214,3 +214,9 @@ async def test_events_download_is_pinned_to_the_head_the_page_saw(signed_in: Cli
     after = await (await signed_in.get(link)).read()
     assert before == after
     assert before.count(b"\n") == 7
+
+
+async def test_the_console_is_found_without_its_trailing_slash(history: Client) -> None:
+    response = await history.get("/console", allow_redirects=False)
+    assert response.status in (301, 302, 303, 307, 308)
+    assert response.headers["Location"].startswith("/console/")

@@ -206,7 +206,7 @@ class Reader:
     ) -> tuple[dict[str, Any], PageOf]:
         found = await self.store.bots(member_id=member_id, status=None,
                                       after=(member_id, bot_id - 1), limit=1)
-        if not found or found[0]["bot_id"] != bot_id:
+        if not found or (found[0]["member_id"], found[0]["bot_id"]) != (member_id, bot_id):
             raise NotFound(f"no bot {bot_id} on portal {member_id}")
         bot = BotOut.model_validate(found[0]).model_dump()
         await self._describe_bots([bot])
