@@ -35,6 +35,7 @@ from ledger.console.reader import Reader
 from ledger.errors import ConfigurationError
 from ledger.projections.readers import AsOf
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.store import EventStore
 
 PLACEHOLDER = "0" * 64
 _DOCUMENT_HASH = re.compile(r'<code id="document-sha256">([0-9a-f]{64})</code>')
@@ -74,10 +75,10 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-async def build(reader: Reader, scope: Scope) -> str:
+async def build(reader: Reader, events: EventStore, scope: Scope) -> str:
     """The report's HTML (its document hash filled in)."""
     generated = datetime.now(UTC)
-    store = reader.audit.events_store
+    store = events
     verifications = []
     audit = AuditStore(store.pool)
     for stream in integrity.STREAMS:
@@ -89,13 +90,12 @@ async def build(reader: Reader, scope: Scope) -> str:
         )
         verifications.append(report)
     events_report = verifications[0]
-    if reader.audit.catch_up:  # the CLI: portals must be known before a domain is resolved
-        await reader.audit.projector.catch_up()
+    await reader.audit.portals()  # the CLI's service folds pending events first: portals known
     members = await reader.resolve_portal(scope.portal)
     if isinstance(scope.as_of, int):
         pinned = min(scope.as_of, events_report.head_position)
     elif isinstance(scope.as_of, datetime):
-        pinned = await reader.audit.projections.position_at(scope.as_of)
+        pinned = await reader.store.position_at(scope.as_of)
     else:
         pinned = events_report.head_position
     bots = await reader.all_bots(members=members, status=None, as_of=pinned)

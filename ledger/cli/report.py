@@ -11,6 +11,7 @@ from ledger.audit import AuditService
 from ledger.cli.app import _AS_OF, _fail_cleanly, _settings, _with_store, main
 from ledger.console.params import parse_as_of, parse_time
 from ledger.console.reader import Reader
+from ledger.storage.console_store import ConsoleStore
 from ledger.storage.store import EventStore
 
 
@@ -53,7 +54,7 @@ def report_command(
     async def work(store: EventStore) -> str:
         audit = AuditService(store, catch_up=True,
                              snapshot_every=settings.projector_snapshot_every)
-        return await report.build(Reader(audit, settings), scope)
+        return await report.build(Reader(audit, ConsoleStore(store.pool), settings), store, scope)
 
     output.write_text(_with_store(ctx, work), encoding="utf-8")
     click.echo(f"report written to {output}")

@@ -18,12 +18,10 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 
 from ledger import checkpoints
-from ledger.audit import AuditService
+from ledger.audit import AuditService, DeletionFilter
 from ledger.console import present
 from ledger.errors import CheckpointError, NotFound
 from ledger.projections import readers
-from ledger.projections.fold import Deletion
-from ledger.readmodels import BotOut
 from ledger.settings import Settings
 from ledger.storage.audit_store import EventFilter
 from ledger.storage.console_store import ConsoleStore
@@ -61,11 +59,14 @@ class NameCache:
 
 class Reader:
     def __init__(
-        self, audit: AuditService, settings: Settings, names: NameCache | None = None
+        self, audit: AuditService, store: ConsoleStore, settings: Settings,
+        names: NameCache | None = None,
     ) -> None:
+        """Only `AuditService`'s public questions are used (bots, deletions, event_page,
+        verification); everything else the console reads through its own `ConsoleStore`."""
         self.audit = audit
         self.settings = settings
-        self.store = ConsoleStore(audit.events_store.pool)
+        self.store = store
         self.names = names or NameCache()
 
     # ---- portals -------------------------------------------------------------------------
@@ -100,7 +101,7 @@ class Reader:
             member = members[0] if members else None
             found = await self.store.bots(member_id=member, status=status, after=after,
                                           limit=limit)
-            rows = [BotOut.model_validate(r).model_dump() for r in found]
+            rows = found
         else:
             everything = await self.audit.bots(status=status, as_of=as_of)
             rows = [b.model_dump() for b in everything
@@ -145,8 +146,7 @@ class Reader:
             found = await self.store.deletions(
                 member_id=members[0] if members else None, before=cursor, limit=limit
             )
-            rows = [readers.as_record(Deletion(**{**r, "event_hash": bytes(r["event_hash"])}))
-                    for r in found]
+            rows = [_flagged(r) for r in found]
         else:
             rows = [r for r in await self._all_deletions(members, as_of)
                     if cursor is None or (r["position"], r["bot_id"]) < cursor][:limit]
@@ -169,11 +169,9 @@ class Reader:
     ) -> list[dict[str, Any]]:
         if members == []:
             return []
-        found = await readers.deletions(
-            self.audit.projections, self.audit.projector, as_of=as_of,
-            catch_up=self.audit.catch_up,
-        )
-        rows = [readers.as_record(d) for d in found if members is None or d.member_id in members]
+        found = await self.audit.deletions(DeletionFilter(), as_of=as_of)
+        rows = [_flagged(d.model_dump()) for d in found
+                if members is None or d.member_id in members]
         rows.sort(key=lambda r: (r["position"], r["bot_id"]), reverse=True)
         return rows
 
@@ -208,7 +206,7 @@ class Reader:
                                       after=(member_id, bot_id - 1), limit=1)
         if not found or (found[0]["member_id"], found[0]["bot_id"]) != (member_id, bot_id):
             raise NotFound(f"no bot {bot_id} on portal {member_id}")
-        bot = BotOut.model_validate(found[0]).model_dump()
+        bot = found[0]
         await self._describe_bots([bot])
         events = await self.store.bot_events(
             member_id, bot_id, newest_first=newest_first, cursor=cursor, limit=limit
@@ -305,8 +303,22 @@ def public_key_fingerprint(path: Path) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def _flagged(row: dict[str, Any]) -> dict[str, Any]:
+    """A deletion row with both shapes of its anomalies: flags (the projection's columns) and
+    the read API's list of names."""
+    names = row.get("anomalies")
+    if names is None:
+        row["anomalies"] = [n for n in ("never_seen", "repeated", "activity_after_deletion")
+                            if row.get(n)]
+    else:
+        for name in ("never_seen", "repeated", "activity_after_deletion"):
+            row.setdefault(name, name in names)
+    return row
+
+
 def _at(row: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(row["occurred_at"] or row["received_at"])
+    moment = row["occurred_at"] or row["received_at"]
+    return datetime.fromisoformat(moment) if isinstance(moment, str) else moment
 
 
 def _decode(event: dict[str, Any]) -> None:

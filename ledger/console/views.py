@@ -62,7 +62,7 @@ async def _pin(r: Reader, as_of: int | datetime | None) -> int:
     if isinstance(as_of, int):
         return as_of
     if isinstance(as_of, datetime):
-        return await r.audit.projections.position_at(as_of)
+        return await r.store.position_at(as_of)
     return await r.store.projection_checkpoint()
 
 
@@ -171,7 +171,7 @@ async def bot(request: web.Request) -> web.Response:
     record, page = await r.bot(member_id, bot_id, newest_first=order == "newest", cursor=cursor,
                                limit=HISTORY_PAGE)
     base = f"/console/portals/{member_id}/bots/{bot_id}"
-    head, _ = await r.audit.events_store.head()
+    head, _ = await r.store.head()
     return render(
         request, "bot.html", bot=record, page=page, order=order, base=base,
         next_link=_link(base, order=order, cursor=page.next_cursor) if page.next_cursor else None,
@@ -206,7 +206,7 @@ async def events(request: web.Request) -> web.Response:
     where = _event_filter(query, members)
     limit = int(params.choice(query, "limit", EVENT_PAGES) or "50")
     page = await r.events(where, limit) if members != [] else PageOf([], None)
-    head, _ = await r.audit.events_store.head()
+    head, _ = await r.store.head()
     filters = {
         "portal": portal, "type": where.event_type, "bot": where.bot_id,
         "from": params.single(query, "from"), "to": params.single(query, "to"),
@@ -233,7 +233,7 @@ async def rejections(request: web.Request) -> web.Response:
     r = reader(request)
     cursor = params.integer(request.query, "cursor")
     page = await r.rejections(cursor, PAGE)
-    head, _ = await r.audit.events_store.head("rejections")
+    head, _ = await r.store.head("rejections")
     return render(
         request, "rejections.html", page=page,
         next_link=_link("/console/rejections", cursor=page.next_cursor)

@@ -24,8 +24,8 @@ _BOT = """
 """
 _DELETION = """
     position, bot_id, member_id, domain, bot_code, occurred_at, received_at, actor_user_id, cause,
-    event_type, event_hash, first_seen_at, last_activity_at, message_count, never_seen, repeated,
-    activity_after_deletion, activity_after_position
+    event_type, encode(event_hash, 'hex') AS event_hash, first_seen_at, last_activity_at,
+    message_count, never_seen, repeated, activity_after_deletion, activity_after_position
 """
 # A person's name as the portal's own payloads gave it: v1 events carry data.USER{ID,NAME,…},
 # v2 events data.user{id,name,…}. Only the newest `$4` events of the portal before the deleting
@@ -111,6 +111,25 @@ class ConsoleStore:
             "ORDER BY position DESC, bot_id DESC LIMIT $4",
             position, bot_id, member_id, limit,
         )
+
+    async def head(self, stream: str = "events") -> tuple[int, str]:
+        """A chain's head now: position and hash (hex)."""
+        rows = await self._fetch(
+            "read head",
+            "SELECT position, encode(hash, 'hex') AS hash FROM ledger.stream_heads "
+            "WHERE stream = $1", stream,
+        )
+        return (int(rows[0]["position"]), str(rows[0]["hash"])) if rows else (0, "0" * 64)
+
+    async def position_at(self, moment: datetime) -> int:
+        """The last position the ledger had received by `moment` (0 before the first event)."""
+        async with translated_errors("find position"), self._pool.acquire() as connection:
+            value = await connection.fetchval(
+                "SELECT position FROM ledger.events WHERE received_at <= $1 "
+                "ORDER BY received_at DESC LIMIT 1",
+                moment,
+            )
+        return int(value or 0)
 
     async def projection_checkpoint(self) -> int:
         async with translated_errors("read checkpoint"), self._pool.acquire() as connection:
