@@ -56,8 +56,13 @@ def _cell(value: Any) -> Any:
     if isinstance(value, list | dict):
         return orjson.dumps(value).decode()
     if isinstance(value, datetime):
-        return value.isoformat()
+        return utc(value)
     return value
+
+
+def utc(moment: datetime) -> str:
+    """ISO 8601 in UTC with a `Z`, as the read API and the console write times."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 async def export_events(
@@ -79,7 +84,7 @@ async def export_events(
                 record["payload"] = orjson.loads(record["payload"])
                 for key in ("received_at", "occurred_at"):
                     if record[key] is not None:
-                        record[key] = record[key].isoformat()
+                        record[key] = utc(record[key])
                 writer.write(record)
                 first = record["position"] if first is None else first
                 last = record["position"]
@@ -111,10 +116,10 @@ def _manifest(
 ) -> Manifest:
     return Manifest(
         kind=kind, format=fmt,
-        filters={k: (v.isoformat() if isinstance(v, datetime) else v)
+        filters={k: (utc(v) if isinstance(v, datetime) else v)
                  for k, v in filters.items() if v not in (None, 0, False)},
         rows=rows, first_position=first, last_position=last,
         head_position=head[0], head_hash=head[1],
-        exported_at=datetime.now(UTC).isoformat(),
+        exported_at=utc(datetime.now(UTC)),
     )
 

@@ -8,6 +8,7 @@ import io
 import re
 from typing import Any
 
+import orjson
 import pytest
 
 from ledger.audit import new_token
@@ -214,6 +215,8 @@ async def test_events_download_is_pinned_to_the_head_the_page_saw(signed_in: Cli
     after = await (await signed_in.get(link)).read()
     assert before == after
     assert before.count(b"\n") == 7
+    first = orjson.loads(before.splitlines()[0])
+    assert first["received_at"].endswith("Z")  # one time format: ISO 8601 UTC with a Z
 
 
 async def test_the_console_is_found_without_its_trailing_slash(history: Client) -> None:
