@@ -28,12 +28,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ledger import __version__, integrity
-from ledger.console import present, tables
+from ledger import __version__, asof, integrity
+from ledger.console import params, present, tables
 from ledger.console.app import templates
 from ledger.console.reader import Reader
 from ledger.errors import ConfigurationError
-from ledger.projections.readers import AsOf
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.store import EventStore
 
@@ -54,7 +53,7 @@ class Scope:
     portal: str | None = None
     received_from: datetime | None = None
     received_to: datetime | None = None
-    as_of: AsOf = None
+    as_of: asof.AsOf | None = None
 
 
 def _csv(rows: list[Any]) -> str:
@@ -92,12 +91,7 @@ async def build(reader: Reader, events: EventStore, scope: Scope) -> str:
     events_report = verifications[0]
     await reader.audit.portals()  # the CLI's service folds pending events first: portals known
     members = await reader.resolve_portal(scope.portal)
-    if isinstance(scope.as_of, int):
-        pinned = min(scope.as_of, events_report.head_position)
-    elif isinstance(scope.as_of, datetime):
-        pinned = await reader.store.position_at(scope.as_of)
-    else:
-        pinned = events_report.head_position
+    pinned = scope.as_of or asof.Position(events_report.head_position)
     bots = await reader.all_bots(members=members, status=None, as_of=pinned)
     deletions = await reader.all_deletions(
         members=members, as_of=pinned, received_from=scope.received_from,
@@ -112,7 +106,8 @@ async def build(reader: Reader, events: EventStore, scope: Scope) -> str:
     checkpoint = await reader.latest_checkpoint()
     env = templates()
     page = env.get_template("report.html").render(
-        version=__version__, generated=generated, scope=scope, pinned=pinned,
+        version=__version__, generated=generated, scope=scope,
+        pinned=params.as_of_words(pinned),
         members=members, verifications=verifications, bots=bots, deletions=deletions,
         rejections=rejections, checkpoint=checkpoint, embedded=embedded,
         hashes={name: _sha(text) for name, text in embedded.items()},

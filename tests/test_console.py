@@ -223,3 +223,15 @@ async def test_the_console_is_found_without_its_trailing_slash(history: Client) 
     response = await history.get("/console", allow_redirects=False)
     assert response.status in (301, 302, 303, 307, 308)
     assert response.headers["Location"].startswith("/console/")
+
+
+async def test_as_of_a_bitrix24_time_before_the_deletion_shows_the_bot_active(
+    signed_in: Client,
+) -> None:
+    text = await page(signed_in, f"/console/bots?portal={DOMAIN}&as_of=ts:2026-02-26T07:00:00Z")
+    assert "everything that happened (Bitrix24 time) by 2026-02-26T07:00:00Z" in text
+    row = text.split("/bots/567")[1].split("</tr>")[0]
+    assert "state-active" in row
+    link = re.search(r'href="(/console/download/bots\.csv\?[^"]+)"', text)
+    assert link
+    assert "as_of=ts%3A2026-02-26T07%3A00%3A00Z" in link.group(1)

@@ -122,7 +122,7 @@ async def test_an_auditor_reads_the_console_in_a_browser(
     await shoot(page, shots, "bot")
 
     await page.goto(f"/console/bots?portal={DOMAIN}")
-    await page.get_by_label("Position or received time").fill(str(positions[0] - 1))
+    await page.get_by_label("Position, received time or Bitrix24 time").fill(str(positions[0] - 1))
     await page.get_by_role("button", name="Show").click()
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name=BOT_567))
     assert "active" in await row.inner_text()

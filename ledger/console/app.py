@@ -101,9 +101,8 @@ def reader(request: web.Request) -> Reader:
 
 
 async def _digest_is_live(request: web.Request, digest: bytes) -> bool:
-    """The read API's own check (AuditService's token store); the one line to follow it when
-    AuditService grows a `token_is_live` of its own."""
-    return await request.config_dict[AUDIT].audit.token_is_live(digest)
+    """The read API's own check, through AuditService."""
+    return await request.config_dict[AUDIT].token_is_live(digest)
 
 
 async def token_is_live(request: web.Request, token: str) -> bool:

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 from multidict import MultiMapping
 
+from ledger import asof
 from ledger.errors import BadQuery
-from ledger.projections.readers import AsOf
 
 MAX_TEXT = 200
 MAX_POSITION = 2**63 - 1
@@ -82,22 +82,27 @@ def parse_time(value: str, name: str) -> datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def parse_as_of(value: str | None) -> AsOf:
-    """"As of": a position (digits) or a received time (ISO 8601). The single place to switch
-    to the read API's shared parser (which also accepts a Bitrix24 time) once it exists."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        position = int(value)
-        if position > MAX_POSITION:
-            raise BadQuery("`as_of` position is too large")
-        return position
-    return parse_time(value, "as_of")
+def parse_as_of(value: str | None) -> asof.AsOf | None:
+    """"As of": the read API's own parser (`ledger.asof`): position:N, received:TIME or
+    ts:TIME (Bitrix24 time); a plain number is a position, a plain time a received time."""
+    return asof.parse_as_of(value.strip() if value else None, "as_of")
 
 
-def as_of(query: MultiMapping[str]) -> AsOf:
-    return parse_as_of(single(query, "as_of"))
+def as_of_text(moment: asof.AsOf) -> str:
+    """The canonical spelling of an "as of", as links and file names carry it."""
+    if isinstance(moment, asof.Position):
+        return f"position:{moment.position}"
+    kind = "received" if isinstance(moment, asof.Received) else "ts"
+    return f"{kind}:{moment.at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def as_of_words(moment: asof.AsOf) -> str:
+    if isinstance(moment, asof.Position):
+        return f"position {moment.position}"
+    if isinstance(moment, asof.Received):
+        return f"everything received by {moment.at.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
+    at = moment.at.astimezone(UTC)
+    return f"everything that happened (Bitrix24 time) by {at:%Y-%m-%dT%H:%M:%SZ}"
 
 
 def event_type(query: MultiMapping[str]) -> str | None:

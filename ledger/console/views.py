@@ -7,7 +7,6 @@ import hmac
 import re
 import tempfile
 from collections.abc import Callable
-from datetime import datetime
 from typing import IO, Any
 from urllib.parse import urlencode
 
@@ -15,7 +14,7 @@ import orjson
 from aiohttp import web
 from multidict import MultiMapping
 
-from ledger import exports
+from ledger import asof, exports
 from ledger.console import params, tables
 from ledger.console.app import (
     CSRF,
@@ -56,14 +55,12 @@ def _downloads(table: str, **query: Any) -> dict[str, str]:
     }
 
 
-async def _pin(r: Reader, as_of: int | datetime | None) -> int:
-    """The position an answer is as of: the one asked for, the last one received by the time
-    asked for, or (live) the position the projections have reached."""
-    if isinstance(as_of, int):
+async def _pin(r: Reader, as_of: asof.AsOf | None) -> asof.AsOf:
+    """What an answer is as of, fixed for its downloads: the moment asked for, or (live) the
+    position the projections have reached."""
+    if as_of is not None:
         return as_of
-    if isinstance(as_of, datetime):
-        return await r.store.position_at(as_of)
-    return await r.store.projection_checkpoint()
+    return asof.Position(await r.store.projection_checkpoint())
 
 
 def _member_cursor(query: MultiMapping[str]) -> str | None:
@@ -136,11 +133,13 @@ async def bots(request: web.Request) -> web.Response:
     pinned = await _pin(r, as_of)
     filters = {"portal": portal, "status": status, "as_of": as_of_text}
     return render(
-        request, "bots.html", page=page, filters=filters, as_of=as_of, pinned=pinned,
+        request, "bots.html", page=page, filters=filters, as_of=as_of,
+        pinned=params.as_of_words(pinned),
         portals=await r.portal_choices(), unknown_portal=members == [],
         next_link=_link("/console/bots", **filters, cursor=page.next_cursor)
         if page.next_cursor else None,
-        downloads=_downloads("bots", portal=portal, status=status, as_of=pinned),
+        downloads=_downloads("bots", portal=portal, status=status,
+                             as_of=params.as_of_text(pinned)),
     )
 
 
@@ -155,11 +154,12 @@ async def deletions(request: web.Request) -> web.Response:
     pinned = await _pin(r, as_of)
     filters = {"portal": portal, "as_of": as_of_text}
     return render(
-        request, "deletions.html", page=page, filters=filters, as_of=as_of, pinned=pinned,
+        request, "deletions.html", page=page, filters=filters, as_of=as_of,
+        pinned=params.as_of_words(pinned),
         portals=await r.portal_choices(), unknown_portal=members == [],
         next_link=_link("/console/deletions", **filters, cursor=page.next_cursor)
         if page.next_cursor else None,
-        downloads=_downloads("deletions", portal=portal, as_of=pinned),
+        downloads=_downloads("deletions", portal=portal, as_of=params.as_of_text(pinned)),
     )
 
 
@@ -271,9 +271,10 @@ async def write_table(
         manifest = await exports.export_events(r.audit, where, out, fmt)
         return f"events-upto-{where.up_to}.{fmt}", manifest
     if table in ("bots", "deletions"):
-        position = params.integer(query, "as_of")
+        position = params.parse_as_of(params.single(query, "as_of"))
         if position is None:
             raise BadQuery("`as_of` pins a download; use the page's link")
+        pinned = re.sub(r"[^A-Za-z0-9]+", "-", params.as_of_text(position))
         members = await r.resolve_portal(params.portal(query))
         rows: list[Any]
         if table == "bots":
@@ -285,7 +286,7 @@ async def write_table(
             rows = [tables.deletion_row(d) for d in found]
         filters = {k: v for k, v in query.items() if k != "manifest"}
         manifest = await exports.export_rows(table, rows, out, fmt, filters, r.audit)
-        return f"{table}-asof-{position}.{fmt}", manifest
+        return f"{table}-asof-{pinned}.{fmt}", manifest
     if table == "rejections":
         up_to = params.integer(query, "up_to")
         if up_to is None:

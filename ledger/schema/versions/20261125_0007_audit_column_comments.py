@@ -4,15 +4,15 @@
 "received" is when the ledger stored it. Columns named `*_at` of people-facing facts use Bitrix24
 time where the event gave one, and the received time otherwise; `received_at` is always ours.
 
-Revision ID: 0011
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
-revision = "0011"
-down_revision = "0004"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
@@ -77,6 +77,15 @@ COMMENTS: dict[str, dict[str, str]] = {
         "anomaly_repeated": "true: the bot had already been deleted before",
         "anomaly_activity_after_deletion": "true: the bot was active again after this deletion",
         "activity_after_position": "position of the first activity after this deletion",
+        "payload_anomalies": "what the deleting event's payload held that the ledger could not "
+                             "read as expected (path: problem); empty when nothing",
+    },
+    "anomalies": {
+        "position": "position of the stored event whose payload held something unexpected",
+        "portal_member_id": _PORTAL,
+        "event_type": "type of that event",
+        "bot_ids": "the bot ids the event names",
+        "notes": "what was unexpected, one note per place (path: problem)",
     },
     "portals": {
         "portal_member_id": _PORTAL,
