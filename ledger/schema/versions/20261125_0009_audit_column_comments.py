@@ -4,15 +4,15 @@
 "received" is when the ledger stored it. Columns named `*_at` of people-facing facts use Bitrix24
 time where the event gave one, and the received time otherwise; `received_at` is always ours.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
