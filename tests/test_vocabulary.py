@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 
-VIEWS = ("events", "bots", "deletions", "portals", "portal_lifecycle", "anomalies")
+VIEWS = ("events", "bots", "deletions", "portals", "portal_lifecycle", "anomalies", "rejections")
 
 
 async def test_every_column_of_the_audit_views_has_a_comment(

@@ -4,15 +4,15 @@
 "received" is when the ledger stored it. Columns named `*_at` of people-facing facts use Bitrix24
 time where the event gave one, and the received time otherwise; `received_at` is always ours.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-25
 """
 
 from ledger.migrations import execute_script
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
@@ -79,6 +79,23 @@ COMMENTS: dict[str, dict[str, str]] = {
         "activity_after_position": "position of the first activity after this deletion",
         "payload_anomalies": "what the deleting event's payload held that the ledger could not "
                              "read as expected (path: problem); empty when nothing",
+    },
+    "rejections": {
+        "position": "place in the rejection log (its own gap-free chain, apart from events)",
+        "received_at": "when the ledger received and refused the delivery",
+        "status": "the HTTP status the sender was answered with",
+        "reason": "why it was refused: a stable code such as invalid_application_token",
+        "detail": "the refusal in words (the ledger's own text, never the sender's)",
+        "portal_member_id": "the member_id the delivery claimed, when it named one",
+        "portal_domain": _DOMAIN,
+        "event_type": "the event type the delivery claimed, when it named one",
+        "peer": "the address the delivery came from",
+        "content_type": "the Content-Type the delivery was sent with",
+        "body_size": "bytes in the refused body",
+        "body_sha256": "SHA-256 (hex) of the refused body as received",
+        "excerpt_chars": "length of the kept, redacted excerpt (the excerpt itself is not shown)",
+        "excerpt_sha256": "SHA-256 (hex) of the kept excerpt",
+        "rejection_hash": "chain hash (hex) of this rejection in the rejection log",
     },
     "anomalies": {
         "position": "position of the stored event whose payload held something unexpected",
