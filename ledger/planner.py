@@ -44,6 +44,7 @@ from ledger.trust import (
     apply,
     judge,
     normalise_domain,
+    proves_redelivery,
 )
 
 
@@ -55,10 +56,14 @@ class Head:
 
 @dataclass(slots=True)
 class Facts:
-    """What the planner needs from the store: trust, and the dedup keys already stored."""
+    """What the planner needs from the store: trust, the dedup keys already stored, and for
+    those of them a delivery may need it, the token digest the stored event was accepted with
+    (by position) — so a redelivery refused by today's trust (uninstalled, re-provisioned) is
+    still recognised when, and only when, it presents that token."""
 
     trust: TrustFacts = field(default_factory=TrustFacts)
     seen: dict[tuple[str, bytes], int] = field(default_factory=dict)
+    accepted: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,9 @@ def plan(
       sender heard 202 long ago; the record is all that is left), an install that would need the
       portal's confirmation is refused (its access token was never kept), and a draft already
       stored is a duplicate before it is judged (a drain repeated after a crash).
+    - otherwise a delivery today's trust refuses is still the duplicate of a stored occurrence
+      if it presents the token that occurrence was accepted with (`Facts.accepted`): Bitrix24
+      redelivers after an uninstall or a re-provisioning too. Without that token it is refused.
     - `prepared`: entries computed earlier, by `id()` of their draft.
     """
     result = Plan(outcomes=[None] * len(drafts), head=head)
@@ -149,6 +157,8 @@ def plan(
              draft.payload_sha256, metadata.decode(), current.hash, digest)
         )
         facts.seen[(draft.member_id, draft.dedup_key)] = position
+        if draft.origin == ORIGIN_BITRIX24 and draft.presented_sha256 is not None:
+            facts.accepted[position] = draft.presented_sha256
         current.position, current.hash = position, digest
         return position
 
@@ -162,6 +172,23 @@ def plan(
         if record is not None:
             result.rejections.append((index, record))
 
+    def duplicate(index: int, draft: EventDraft, known: int) -> None:
+        result.outcomes[index] = Duplicate(known)
+        result.redeliveries.append(
+            (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
+        )
+
+    def proven_redelivery(draft: EventDraft) -> int | None:
+        """The stored original of a delivery today's trust does not accept, if the delivery
+        holds the token the original was accepted with."""
+        if head is None or draining:
+            return None
+        known = facts.seen.get((draft.member_id, draft.dedup_key))
+        if known is None or not proves_redelivery(draft.presented_sha256,
+                                                  facts.accepted.get(known)):
+            return None
+        return known
+
     for index, draft in enumerate(drafts):
         if isinstance(draft, RejectionDraft):
             result.rejections.append((index, draft))
@@ -169,14 +196,16 @@ def plan(
         if draining and head is not None:
             known = facts.seen.get((draft.member_id, draft.dedup_key))
             if known is not None:
-                result.outcomes[index] = Duplicate(known)
-                result.redeliveries.append(
-                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
-                )
+                duplicate(index, draft, known)
                 continue
         effect: TrustEffect | None = None
         if draft.origin == ORIGIN_BITRIX24:
             verdict = judge(claim_of(draft), facts.trust, policy=policy)
+            if not isinstance(verdict, Accepted):
+                original = proven_redelivery(draft)
+                if original is not None:
+                    duplicate(index, draft, original)
+                    continue
             if isinstance(verdict, NeedsConfirmation):
                 if draining:
                     verdict = Refused(
@@ -211,10 +240,7 @@ def plan(
         if not draining:
             known = facts.seen.get((draft.member_id, draft.dedup_key))
             if known is not None:
-                result.outcomes[index] = Duplicate(known)
-                result.redeliveries.append(
-                    (known, draft.received_at, draft.body_sha256, draft.metadata.get("peer"))
-                )
+                duplicate(index, draft, known)
                 continue
         position = add_event(draft)
         assert result.head is not None

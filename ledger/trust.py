@@ -246,6 +246,24 @@ def token_matches(presented_sha256: bytes, trust: PortalTrust | None) -> bool:
     return hmac.compare_digest(presented_sha256, trust.token_sha256)
 
 
+def token_accepted_under(effect: TrustEffect | None) -> bytes | None:
+    """The token digest a portal's deliveries were accepted with after this trust event
+    (None after an ending, or an event from before digests were recorded)."""
+    if effect is None or effect.change not in (TrustChange.ESTABLISHED, TrustChange.PROVISIONED):
+        return None
+    return effect.token_sha256
+
+
+def proves_redelivery(presented_sha256: bytes | None, accepted_sha256: bytes | None) -> bool:
+    """Whether a delivery refused now may still be answered as the duplicate of a stored one:
+    only if it presents the token the original was accepted with (full digests, constant time;
+    the 48-bit fingerprint in an event's metadata is readable by every ledger reader, and a
+    preimage of 48 bits can be searched for offline, so it proves nothing)."""
+    if presented_sha256 is None or accepted_sha256 is None:
+        return False
+    return hmac.compare_digest(presented_sha256, accepted_sha256)
+
+
 def judge(claim: Claim, facts: TrustFacts, *, policy: TrustPolicy) -> Verdict:
     """Decide one delivery against the current trust state."""
     trust = facts.portals.get(claim.member_id)

@@ -14,7 +14,10 @@ import pytest
 
 from ledger import wire
 from ledger.identity import SECRET_KEYS
+from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
+from ledger.trust import TrustChange
+from ledger.web import STORE
 from tests.conftest import (
     FIXTURES,
     MEMBER_ID,
@@ -196,6 +199,67 @@ async def test_uninstall_ends_trust_and_a_reinstall_needs_a_new_allowance(
                      if p["change"] == "allowed")
     assert changes == [("allowed", None), ("established", first), ("ended", None),
                        ("allowed", None), ("established", second)]
+
+
+async def _refusal_logged_without_redelivery(
+    admin: Admin, answer: dict[str, Any], code: str, redeliveries: int
+) -> None:
+    assert answer["error"] == code
+    reason = await admin.fetchval(
+        "SELECT reason FROM ledger.rejections ORDER BY position DESC LIMIT 1")
+    assert reason == code
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == redeliveries
+
+
+async def test_after_an_uninstall_a_redelivery_with_the_original_token_is_a_duplicate(
+    client: Client, admin: Admin
+) -> None:
+    await install_sample_portal(client)
+    _, bot_event = await post(client, sample("onimbotmessageadd-1"))
+    status, uninstall = await post(client, sample("onappuninstall-1"))
+    assert (status, uninstall["duplicate"]) == (200, False)
+
+    for name, original in (("onappuninstall-1", uninstall), ("onimbotmessageadd-1", bot_event)):
+        status, answer = await post(client, sample(name))
+        assert (status, answer["status"], answer["duplicate"]) == (200, "duplicate", True), answer
+        assert answer["position"] == original["position"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 2
+
+    # the same bodies under a token the originals were not accepted with prove nothing
+    for name in ("onappuninstall-1", "onimbotmessageadd-1"):
+        status, answer = await post(client, forge(name, application_token="f" * 32))
+        assert status == 403
+        await _refusal_logged_without_redelivery(admin, answer, "portal_uninstalled", 2)
+    # and a new occurrence of a stored event type is refused as before
+    status, answer = await post(client, sample("onimbotdelete-1"))
+    assert (status, answer["error"]) == (403, "portal_uninstalled")
+
+
+async def test_after_re_provisioning_a_redelivery_under_the_old_token_is_a_duplicate(
+    client: Client, admin: Admin
+) -> None:
+    await install_sample_portal(client)
+    _, bot_event = await post(client, sample("onimbotmessageadd-1"))
+    assert client.app is not None
+    new_token = "a" * 32
+    await change_trust(client.app[STORE], TrustChange.PROVISIONED, member_id=MEMBER_ID,
+                       token=new_token, actor="test")
+
+    status, answer = await post(client, sample("onimbotmessageadd-1"))
+    assert (status, answer["duplicate"], answer["position"]) == (200, True, bot_event["position"])
+    status, answer = await post(client, sample("onappinstall-1"))  # stored under the old token
+    assert (status, answer["duplicate"]) == (200, True), answer
+    # the new token also names the occurrence (trusted now); a third token does not
+    assert (await post(client, forge("onimbotmessageadd-1", application_token=new_token)))[
+        1]["duplicate"] is True
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 3
+    status, answer = await post(client, forge("onimbotmessageadd-1",
+                                              application_token="f" * 32))
+    assert status == 401
+    await _refusal_logged_without_redelivery(admin, answer, "invalid_application_token", 3)
+    # a new occurrence under the old token is refused: it is no longer trusted
+    status, answer = await post(client, sample("onimbotdelete-1"))
+    assert (status, answer["error"]) == (401, "invalid_application_token")
 
 
 async def test_a_reinstall_by_another_user_in_the_same_second_is_a_new_occurrence(

@@ -159,6 +159,56 @@ def test_draining_a_stored_draft_again_is_a_duplicate_before_it_is_judged() -> N
     assert made.rejections == []
 
 
+ENDED = TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)})
+
+
+@pytest.mark.parametrize(
+    ("trust", "refused"),
+    [(ENDED, (403, "portal_uninstalled")), (trusted("N"), (401, "invalid_application_token"))],
+    ids=["after an uninstall", "after re-provisioning"],
+)
+def test_a_refused_redelivery_is_a_duplicate_only_with_the_token_the_original_had(
+    trust: TrustFacts, refused: tuple[int, str]
+) -> None:
+    original = delivery("ONIMBOTDELETE", "T")
+    facts = Facts(trust=trust.copy(), seen={(MEMBER, original.dedup_key): 7},
+                  accepted={7: sha256(b"T")})
+    made = plan([original, delivery("ONIMBOTDELETE", "X"), delivery("ONIMBOTDELETE", "T", ts=2)],
+                facts, Head(10, GENESIS), policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes[0] == Duplicate(7)
+    assert [row[0] for row in made.redeliveries] == [7]  # one row: the proven redelivery
+    for outcome in made.outcomes[1:]:  # another token; a new occurrence under the old token
+        assert isinstance(outcome, Refusal)
+        assert (outcome.status, outcome.code) == refused
+    assert [index for index, _ in made.rejections] == [1, 2]
+    assert made.events == []
+
+
+def test_without_a_known_original_token_a_refused_redelivery_stays_refused() -> None:
+    original = delivery("ONIMBOTDELETE", "T")
+    facts = Facts(trust=ENDED.copy(), seen={(MEMBER, original.dedup_key): 7})  # e.g. pre-0005
+    made = plan([original], facts, Head(10, GENESIS), policy=TrustPolicy.ALLOWLIST)
+    assert isinstance(made.outcomes[0], Refusal)
+    assert made.redeliveries == []
+
+
+def test_an_uninstall_redelivered_in_its_own_batch_is_a_duplicate() -> None:
+    uninstall = delivery("ONAPPUNINSTALL", "T")
+    made = run([uninstall, uninstall, delivery("ONAPPUNINSTALL", "X")], trusted("T"))
+    assert made.outcomes[1] == Duplicate(11)
+    assert isinstance(made.outcomes[2], Refusal)
+    assert [row[0] for row in made.redeliveries] == [11]
+
+
+def test_a_redelivered_install_needs_no_allowance_with_its_own_token() -> None:
+    install = delivery("ONAPPINSTALL", "T")
+    facts = Facts(trust=ENDED.copy(), seen={(MEMBER, install.dedup_key): 3},
+                  accepted={3: sha256(b"T")})
+    made = plan([install], facts, Head(10, GENESIS), policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes == [Duplicate(3)]
+    assert made.effects == []
+
+
 def test_offline_the_planner_judges_only_and_spools_unjudged_what_waits_on_lifecycle() -> None:
     facts = Facts(trust=trusted("T"))
     made = plan([delivery("ONAPPUNINSTALL", "T"), delivery("ONAPPINSTALL", "N", ts=2),

@@ -30,6 +30,7 @@ from ledger.envelope import INSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
 from ledger.hashing import chain_hash, rejection_entry, sha256
 from ledger.models import (
+    ORIGIN_BITRIX24,
     Draft,
     EventDraft,
     Outcome,
@@ -40,7 +41,16 @@ from ledger.models import (
 )
 from ledger.planner import Facts, Head, Plan, PlannedEffect, entry_of, plan
 from ledger.settings import TrustPolicy
-from ledger.trust import Allowance, PortalTrust, TrustFacts, TrustState, normalise_domain
+from ledger.trust import (
+    Allowance,
+    PortalTrust,
+    TrustFacts,
+    TrustState,
+    effect_of,
+    normalise_domain,
+    token_accepted_under,
+    token_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,23 @@ _EXISTING = """
     SELECT e.member_id, e.dedup_key, e.position
     FROM unnest($1::text[], $2::bytea[]) AS k(member_id, dedup_key)
     JOIN ledger.events e USING (member_id, dedup_key)
+"""
+# The trust event a stored event was accepted under: the portal's last one before it, or, for an
+# install, the establishment it caused (the follow-up right after it). Trust events are few
+# (partial index events_trust_changes); asked only for redeliveries today's trust refuses.
+_ACCEPTED_UNDER = """
+    SELECT k.position, t.payload
+    FROM unnest($1::text[], $2::bigint[]) AS k(member_id, position)
+    CROSS JOIN LATERAL (
+        SELECT t.payload FROM ledger.events t
+        WHERE t.event_type = 'LEDGER.TRUST_CHANGED' AND t.origin <> 'bitrix24'
+          AND t.member_id = k.member_id
+          AND (t.position < k.position
+               OR (t.position = k.position + 1
+                   AND t.payload->>'change' = 'established'
+                   AND t.payload->>'cause_position' = k.position::text))
+        ORDER BY t.position DESC LIMIT 1
+    ) t
 """
 _INSERT_EVENTS = """
     INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids, occurred_at,
@@ -254,6 +281,24 @@ class EventStore:
         )
         for row in rows:
             facts.seen[(row["member_id"], bytes(row["dedup_key"]))] = row["position"]
+        # a redelivery today's trust would refuse may prove itself by the original's token
+        doubtful = {
+            (d.member_id, known)
+            for d in drafts
+            if d.origin == ORIGIN_BITRIX24
+            and (known := facts.seen.get((d.member_id, d.dedup_key))) is not None
+            and not token_matches(d.presented_sha256 or b"",
+                                  facts.trust.portals.get(d.member_id))
+        }
+        if doubtful:
+            keys = sorted(doubtful)
+            rows = await connection.fetch(
+                _ACCEPTED_UNDER, [m for m, _ in keys], [p for _, p in keys]
+            )
+            for row in rows:
+                digest = token_accepted_under(effect_of(orjson.loads(row["payload"])))
+                if digest is not None:
+                    facts.accepted[row["position"]] = digest
         return facts
 
     async def _write(self, connection: Connection, planned: Plan) -> None:
