@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,15 +29,22 @@ class Checkpointer:
         directory: Path,
         every_events: int,
         every_seconds: float,
+        fault: Callable[[str], None] | None = None,
     ) -> None:
+        """`fault` (tests only) is called with "checkpoint" on every wake and may raise: it
+        crashes `run` from the inside, for the supervisor to restart."""
         self._store, self._committer, self._key = store, committer, key
         self._origin, self._directory = origin, directory
         self._every_events, self._every_seconds = every_events, every_seconds
         self.last_position = 0
         self._written = asyncio.Condition()
+        self._fault = fault
 
     async def run(self) -> None:
-        """Wake on commits (or the timer); write when enough events or time have passed."""
+        """Wake on commits (or the timer); write when enough events or time have passed.
+
+        The database being away is waited out; anything else raises, for the supervisor
+        (`ledger.supervision`) to log, count and restart."""
         loop = asyncio.get_running_loop()
         self._directory.mkdir(parents=True, exist_ok=True)
         due = loop.time() + self._every_seconds
@@ -46,6 +54,8 @@ class Checkpointer:
                     self._committer.progressed.wait(), max(0.0, due - loop.time())
                 )
             self._committer.progressed.clear()
+            if self._fault is not None:
+                self._fault("checkpoint")
             try:
                 position, _ = await self._store.head()
                 timer_due = loop.time() >= due

@@ -4,9 +4,16 @@ Each caller awaits the commit of the batch its draft went into. A batch is flush
 `max_events` drafts or `max_delay` seconds after its first draft arrived, whichever comes first;
 while one batch commits the next one fills, so under load the delay is rarely waited out.
 If PostgreSQL refuses a batch for a data reason, its drafts are retried one by one, so one bad
-draft fails alone. If PostgreSQL is unavailable (or anything unexpected happens to the append),
-the batch goes to the spool instead, and from then on every batch does, until this task has
-drained the spool back into PostgreSQL — one task does both, so nothing overtakes what waits.
+draft fails alone. If PostgreSQL is unavailable, the batch goes to the spool instead, and from
+then on every batch does, until this task has drained the spool back into PostgreSQL — one task
+does both, so nothing overtakes what waits.
+
+Nothing in a batch can end this task: an unexpected exception while storing or spooling a batch
+is logged, counted (`ledger_batch_failures_total`) and the batch retried one draft at a time; the
+draft that still fails alone is answered `DeliveryNotStored` (503), its neighbours as usual. A
+spooled record that cannot be read back, or that fails to drain again and again, is set aside for
+an operator. Whatever still escapes (a bug in the loop itself) crashes `run`, whose supervisor
+(`ledger.supervision`) calls `fail_pending` — every waiting sender gets a 503 — and runs it again.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from ledger.errors import (
     AppendFailed,
     CommitterClosed,
     DatabaseUnavailable,
+    DeliveryNotStored,
     LedgerError,
     SpoolFull,
+    SpoolUnwritable,
+    TaskCrashed,
 )
 from ledger.metrics import Metrics
 from ledger.models import Draft, Outcome
@@ -49,6 +59,8 @@ class Appender(Protocol):
 
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
+Fault = Callable[[str], None]
+_DRAIN_ATTEMPTS = 3  # unexpected failures of one spooled draft before it is set aside
 
 
 class GroupCommitter:
@@ -63,11 +75,14 @@ class GroupCommitter:
         retry_seconds: float = 1.0,
         gate: Callable[[], Awaitable[bool]] | None = None,
         append_timeout: float | None = None,
+        fault: Fault | None = None,
     ) -> None:
         """`gate`, when given, must pass (PostgreSQL reachable and its schema current) before
         anything is appended directly or drained; until then everything is spooled.
         An append taking longer than `append_timeout` counts as PostgreSQL being unavailable:
-        the batch is spooled (if it did commit after all, draining finds it a duplicate)."""
+        the batch is spooled (if it did commit after all, draining finds it a duplicate).
+        `fault` (tests only) is called with "commit" before each batch and "drain" before each
+        drain step, outside the per-batch handling: whatever it raises crashes `run`."""
         self._append_timeout = append_timeout
         self._appender = appender
         self._metrics = metrics
@@ -82,18 +97,36 @@ class GroupCommitter:
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # committed transactions, for tests and benchmarks
+        self._inflight: list[_Pending] = []
+        self._fault = fault or _no_fault
+        self._drain_failures = 0
         self.progressed = asyncio.Event()  # set after every committed batch; readers clear it
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="group-committer")
+        """Run unsupervised (tools and tests that own the committer); `ledger serve` runs `run`
+        under its supervisor instead."""
+        self._task = asyncio.create_task(self.run(), name="group-committer")
+
+    def finish(self) -> None:
+        """Stop taking drafts; `run` returns once every one already taken is answered."""
+        self._closing = True
+        self._arrived.set()
 
     async def close(self) -> None:
         """Stop taking drafts, commit every one already taken, then return."""
-        self._closing = True
-        self._arrived.set()
+        self.finish()
         if self._task is not None:
             await self._task
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """After `run` crashed: answer every waiting sender (503), none is left waiting."""
+        waiting = [*self._inflight, *self._queue]
+        self._inflight, self._queue = [], []
+        self._arrived.clear()
+        self._settle(waiting, TaskCrashed(
+            f"the ledger's committer failed ({type(exc).__name__}) and is restarting; "
+            "the delivery was not acknowledged"
+        ))
 
     async def submit(self, draft: Draft) -> Outcome:
         if self._closing:
@@ -103,7 +136,8 @@ class GroupCommitter:
         self._arrived.set()
         return await asyncio.shield(future)
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Commit batches (and drain the spool) until `finish`ed and everything is answered."""
         loop = asyncio.get_running_loop()
         while True:
             if self._spool is not None and self._spool.has_pending():
@@ -112,6 +146,7 @@ class GroupCommitter:
                         self._arrived.wait(), max(0.0, self._next_attempt - loop.time())
                     )
                 if loop.time() >= self._next_attempt:
+                    self._fault("drain")
                     await self._drain()
             else:
                 await self._arrived.wait()
@@ -138,7 +173,10 @@ class GroupCommitter:
             )
             if not self._queue:
                 self._arrived.clear()
+            self._inflight = batch
+            self._fault("commit")
             await self._commit(batch)
+            self._inflight = []
 
     async def _open(self) -> bool:
         """Whether PostgreSQL may be written (the gate is tried at most every retry interval)."""
@@ -175,12 +213,9 @@ class GroupCommitter:
         except LedgerError as exc:
             self._settle(batch, exc)
             return
-        except Exception as exc:
-            # whether it committed is unknown: spooling is safe (draining is idempotent)
-            log.exception("append failed unexpectedly")
-            await self._fall_back(batch, exc)
+        except Exception as exc:  # noqa: BLE001 - logged and counted in _failed
+            await self._failed("append", batch, exc, self._commit)
             return
-        self.batches += 1
         self.progressed.set()
         if self._metrics is not None:
             self._metrics.batch_size.observe(len(batch))
@@ -216,16 +251,53 @@ class GroupCommitter:
         await self._spool_batch(batch)
         self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
 
+    async def _failed(
+        self,
+        stage: str,
+        batch: list[_Pending],
+        exc: Exception,
+        again: Callable[[list[_Pending]], Awaitable[None]],
+    ) -> None:
+        """Something unexpected failed a batch: isolate the culprit one draft at a time; the
+        draft that fails alone gets a 503 (whether it was committed is unknown, so it is not
+        spooled either: a sender is never told 2xx for what may be unreadable)."""
+        if self._metrics is not None:
+            self._metrics.batch_failures.labels(stage).inc()
+        if len(batch) > 1:
+            log.error("%s of a batch of %d failed unexpectedly; retrying one by one",
+                      stage, len(batch), exc_info=exc)
+            for pending in batch:
+                await again([pending])
+            return
+        (draft, _), = batch
+        log.error("%s of one %s failed unexpectedly; it was not acknowledged", stage,
+                  getattr(draft, "event_type", None) or "rejection", exc_info=exc)
+        self._settle(batch, DeliveryNotStored(
+            f"the ledger failed unexpectedly while storing this delivery ({type(exc).__name__});"
+            " it was not acknowledged — the ledger's log has the details"
+        ))
+
     async def _spool_batch(self, batch: list[_Pending]) -> None:
-        """Judge offline (ledger.offline), write what passes (and the refusals) durably, answer."""
+        """Judge offline (ledger.offline), write what passes (and the refusals) durably, answer.
+        Nothing reaches the offline trust journal unless the spool write succeeded, so a batch
+        that failed can be retried one draft at a time."""
+        try:
+            await self._spool_judged(batch)
+        except Exception as exc:  # noqa: BLE001 - logged and counted in _failed
+            await self._failed("spool", batch, exc, self._spool_batch)
+
+    async def _spool_judged(self, batch: list[_Pending]) -> None:
         assert self._spool is not None
         try:
             results = await asyncio.to_thread(
                 self._appender.spool_offline, [draft for draft, _ in batch], self._spool.append
             )
-        except (SpoolFull, OSError) as exc:
+        except (SpoolFull, SpoolUnwritable, OSError) as exc:
             log.error("cannot spool %d deliveries: %s", len(batch), exc)
-            failure = exc if isinstance(exc, SpoolFull) else SpoolFull(f"spool write failed: {exc}")
+            failure = (
+                exc if isinstance(exc, LedgerError)
+                else SpoolUnwritable(f"the spool cannot be written ({exc}); not taken")
+            )
             self._settle(batch, failure)
             return
         for (_, future), result in zip(batch, results, strict=True):
@@ -238,6 +310,10 @@ class GroupCommitter:
         if not await self._open():
             return
         pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
+        if pending.unreadable is not None:
+            await asyncio.to_thread(self._spool.quarantine, pending, pending.unreadable)
+            self.progressed.set()
+            return
         # a draft whose trust waits on another worker's spooled lifecycle event drains after it
         ready = await asyncio.to_thread(self._appender.drainable, pending.drafts)
         if ready == 0:
@@ -250,15 +326,29 @@ class GroupCommitter:
         except (DatabaseUnavailable, TimeoutError):
             self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
             return
-        except AppendFailed as exc:
+        except Exception as exc:  # AppendFailed, or anything else: logged and counted here
+            if not isinstance(exc, AppendFailed):
+                log.error("draining %d spooled deliveries failed unexpectedly",
+                          len(pending.drafts), exc_info=exc)
+                if self._metrics is not None:
+                    self._metrics.batch_failures.labels("drain").inc()
             if len(pending.drafts) > 1:
                 self._drain_limit = 1  # find the culprit one draft at a time
                 return
-            # a spooled draft PostgreSQL refuses for a data reason cannot be answered any more:
-            # keep it for an operator instead of blocking every later one behind it
+            if not isinstance(exc, AppendFailed):
+                self._drain_failures += 1
+                if self._drain_failures < _DRAIN_ATTEMPTS:  # perhaps passing: try it again
+                    loop = asyncio.get_running_loop()
+                    self._next_attempt = loop.time() + self._retry_seconds
+                    return
+            # a spooled draft PostgreSQL refuses (or that fails the append every time) cannot
+            # be answered any more: keep it for an operator instead of blocking every later one
             await asyncio.to_thread(self._spool.quarantine, pending, str(exc))
             self._drain_limit = self._max_events
+            self._drain_failures = 0
+            self.progressed.set()
             return
+        self._drain_failures = 0
         await asyncio.to_thread(self._spool.mark_drained, pending)
         self.progressed.set()
         log.info("drained %d spooled deliveries into PostgreSQL", len(pending.drafts))
@@ -277,6 +367,10 @@ class GroupCommitter:
         for _, future in batch:
             if not future.done():
                 future.set_exception(exc)
+
+
+def _no_fault(step: str) -> None:
+    """Production: nothing is injected."""
 
 
 def _outcome_ignored(task: asyncio.Future[list[Outcome]]) -> None:

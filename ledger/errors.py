@@ -210,3 +210,40 @@ class WitnessRefused(LedgerError):
 
     status = 409
     code = "witness_refused"
+
+
+# ---- background tasks, the spool, stored records -------------------------------------------
+
+
+class CodecError(LedgerError):
+    """A stored record (spool record, fold snapshot) that does not decode as its type."""
+
+    code = "undecodable_record"
+
+
+class DeliveryNotStored(LedgerError):
+    """Something unexpected failed while this delivery was being stored or spooled.
+
+    The delivery was not acknowledged; the failure is logged with its traceback and counted in
+    `ledger_batch_failures_total`. Its neighbours in the same batch were answered as usual.
+    """
+
+    status = 503
+    code = "not_stored"
+
+
+class SpoolUnwritable(LedgerError):
+    """A spool write failed (and was undone), or could not be undone: the delivery was not
+    acknowledged. While a failed write cannot be undone the spool accepts nothing; `/readyz`
+    names the file and what to repair."""
+
+    status = 503
+    code = "store_unavailable"
+
+
+class TaskCrashed(LedgerError):
+    """A supervised background task crashed while this request waited on it; it is restarting
+    (see the log and `ledger_task_failures_total`). Nothing was acknowledged."""
+
+    status = 503
+    code = "store_unavailable"

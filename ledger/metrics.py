@@ -99,6 +99,18 @@ class Metrics:
             _LAST_EVENT, "Unix time the service last stored an event of the portal",
             ["member_id"], registry=r, multiprocess_mode="max",
         )
+        self.task_failures = Counter(
+            "ledger_task_failures", "Crashes of a supervised background task", ["task"],
+            registry=r,
+        )
+        self.task_up = Gauge(
+            "ledger_task_up", "1 while a supervised background task runs", ["task"], registry=r
+        )
+        self.batch_failures = Counter(
+            "ledger_batch_failures",
+            "Unexpected failures while storing, spooling or draining a batch", ["stage"],
+            registry=r,
+        )
         self.last_seen: dict[str, float] = {}
         self._samplers: list[tuple[Gauge, Callable[[], float]]] = []
         if multiprocess_dir is None:

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     console_secure_cookie: bool = Field(
         default=False, description="console cookie Secure even over http (TLS ends at a proxy)"
     )
+    task_restart_seconds: float = Field(
+        default=0.1, gt=0,
+        description="first wait before a crashed background task restarts (doubles to 30 s)",
+    )
     checkpoint_every_events: int = Field(default=10_000, ge=1)
     checkpoint_every_seconds: float = Field(default=3600.0, gt=0)
     # gateway mode (ledger.gateway): forwarding stored deliveries to routes' destinations

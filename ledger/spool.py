@@ -4,22 +4,31 @@ Bitrix24 never re-sends, so a 503 during a database restart would lose the event
 spool is one append-only file of records, each fsync'd before the sender hears 2xx:
 
     record  = magic "LSP1" (4 bytes) ‖ length (uint32 BE) ‖ CRC-32 of body (uint32 BE) ‖ body
-    body    = UTF-8 JSON of one draft: {"kind": "event"|"rejection", <fields>}, bytes as hex,
-              times as ISO 8601
+    body    = UTF-8 JSON of one draft, `ledger.codec`'s form of it plus
+              {"v": <format version>, "kind": "event"|"rejection"}
+              (records written before the version field existed are format 1, read the same way)
 
 A second file, `drained`, holds (fsync'd) the offset up to which records are in PostgreSQL. Drained
 records are appended again idempotently if a crash comes between COMMIT and that write (the dedup
 key makes the second copy a duplicate). A record cut short or failing its CRC (power loss while
 writing) is moved aside to `spool.corrupt-<time>` and reported — never stored.
+
+A write that fails part-way (ENOSPC, EIO, a short write, a failed fsync) is undone — the file is
+truncated back to the end of the last good record — before anything else is appended, and the
+drafts are refused (`SpoolUnwritable`), never acknowledged. If the truncation fails too, the spool
+is *broken*: it accepts nothing (each attempt first retries the repair) and `health()` says so.
+Every file here is created 0600 and the directory is 0700: records hold payloads.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import logging
 import os
 import struct
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,73 +36,80 @@ from typing import Any
 
 import orjson
 
-from ledger.errors import SpoolFull
+from ledger import codec
+from ledger.errors import CodecError, SpoolFull, SpoolUnwritable
 from ledger.models import Draft, EventDraft, RejectionDraft
-from ledger.trust import TrustChange
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"LSP1"
+FORMAT = 2  # of a record's body; 1 had no "v" field and is read the same way
+_READABLE = {1, 2}
 _HEADER = struct.Struct(">4sII")
-_BYTES = {"payload", "payload_sha256", "dedup_key", "body_sha256", "presented_sha256",
-          "new_token_sha256"}
-_TIMES = {"occurred_at", "received_at"}
+_KINDS: dict[str, type[EventDraft] | type[RejectionDraft]] = {
+    "event": EventDraft, "rejection": RejectionDraft,
+}
 
 
 def encode(draft: Draft) -> bytes:
+    """A record body; raises (TypeError) for a draft JSON cannot hold (e.g. a lone surrogate)."""
     kind = "event" if isinstance(draft, EventDraft) else "rejection"
-    fields: dict[str, Any] = {"kind": kind}
-    for f in dataclasses.fields(draft):
-        value = getattr(draft, f.name)
-        if isinstance(value, bytes):
-            value = value.hex()
-        elif isinstance(value, datetime):
-            value = value.isoformat()
-        elif isinstance(value, TrustChange):
-            value = value.value
-        fields[f.name] = value
-    return orjson.dumps(fields)
+    return orjson.dumps({"v": FORMAT, "kind": kind, **codec.to_json(draft)})
 
 
 def decode(body: bytes) -> Draft:
-    fields: dict[str, Any] = orjson.loads(body)
-    kind = fields.pop("kind")
-    for name in list(fields):
-        value = fields[name]
-        if value is None:
-            continue
-        if name in _BYTES:
-            fields[name] = bytes.fromhex(value)
-        elif name in _TIMES:
-            fields[name] = datetime.fromisoformat(value)
-    if kind == "event":
-        fields["bot_ids"] = tuple(fields["bot_ids"])
-        if fields.get("trust_change") is not None:
-            fields["trust_change"] = TrustChange(fields["trust_change"])
-        return EventDraft(**fields)
-    return RejectionDraft(**fields)
+    """The draft of a record body (any readable format); `CodecError` when it is none."""
+    try:
+        fields: dict[str, Any] = orjson.loads(body)
+        version = fields.pop("v", 1)
+        kind = fields.pop("kind")
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+        raise CodecError(f"not a spool record: {exc}") from exc
+    if version not in _READABLE or kind not in _KINDS:
+        raise CodecError(f"spool record of format {version!r}, kind {kind!r}: not readable here")
+    return codec.from_json(_KINDS[kind], fields)
+
+
+@dataclass(frozen=True)
+class FileOps:
+    """The calls the spool writes its log with. A test passes failing ones (ENOSPC at byte k, a
+    short write, a truncate that fails) to show that a failed write is never acknowledged."""
+
+    pwrite: Callable[[int, bytes, int], int] = os.pwrite
+    fsync: Callable[[int], None] = os.fsync
+    ftruncate: Callable[[int, int], None] = os.ftruncate
 
 
 @dataclass(frozen=True)
 class Pending:
     drafts: list[Draft]
     end: int  # offset just past the last of them
+    start: int = 0
+    unreadable: str | None = None  # why the record at `start` cannot be decoded (then no drafts)
 
 
 class Spool:
-    """One process's spool directory. Not thread-safe: one committer task owns it."""
+    """One process's spool directory. One committer task owns it; a lock keeps the readiness
+    check's repair attempts from interleaving with its writes."""
 
-    def __init__(self, directory: Path, *, max_bytes: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: Path, *, max_bytes: int, files: FileOps | None = None) -> None:
+        _private_directory(directory)
         self.directory = directory
         self.max_bytes = max_bytes
+        self._files = files or FileOps()
+        self._lock = threading.Lock()
         self._log = directory / "spool.log"
         self._marker = directory / "drained"
-        self._log.touch(exist_ok=True)
+        os.close(os.open(self._log, os.O_WRONLY | os.O_CREAT, 0o600))
+        for path in directory.iterdir():  # files from before the modes were enforced
+            if path.is_file():
+                path.chmod(0o600)
         self.drained = self._read_marker()
         self.corrupt_found: list[Path] = []
         self.records = 0
         self.oldest: datetime | None = None
+        self.broken: str | None = None  # a failed write that could not be undone
+        self.failure: str | None = None  # the last write failed (undone); cleared by a good one
         self._size = self._recover()
 
     @property
@@ -108,41 +124,90 @@ class Spool:
             return 0.0
         return (datetime.now(UTC) - self.oldest).total_seconds()
 
+    def health(self) -> str | None:
+        """Why the spool cannot take a write now (None: it can). Retries a pending repair, and
+        after a failed write probes the directory with one small fsync'd write."""
+        with self._lock:
+            if self.broken is not None and not self._undo():
+                return self.broken
+            if self.failure is not None and self._probe():
+                self.failure = None
+            return None if self.failure is None else f"its last write failed: {self.failure}"
+
     def append(self, drafts: list[Draft]) -> None:
-        """Write and fsync; raise SpoolFull (writing nothing) past the limit."""
+        """Write and fsync, or raise writing nothing: `SpoolFull` past the limit,
+        `SpoolUnwritable` when the write failed (undone) or the spool is broken."""
         blob = b"".join(self._record(encode(d)) for d in drafts)
-        if self._size + len(blob) > self.max_bytes:
-            raise SpoolFull(
-                f"the spool in {self.directory} holds {self._size} bytes, its limit is "
-                f"{self.max_bytes}: PostgreSQL must come back (or LEDGER_SPOOL_MAX_BYTES grow)"
-            )
-        descriptor = os.open(self._log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "ab") as handle:
-            os.fchmod(handle.fileno(), 0o600)  # payloads: the owner's only (older files too)
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if not self.has_pending():
-            self.oldest = drafts[0].received_at if drafts else None
-        self._size += len(blob)
-        self.records += len(drafts)
+        with self._lock:
+            if self.broken is not None and not self._undo():
+                raise SpoolUnwritable(f"the spool accepts nothing: {self.broken}")
+            if self._size + len(blob) > self.max_bytes:
+                raise SpoolFull(
+                    f"the spool in {self.directory} holds {self._size} bytes, its limit is "
+                    f"{self.max_bytes}: PostgreSQL must come back (or LEDGER_SPOOL_MAX_BYTES grow)"
+                )
+            try:
+                self._write_at(self._size, blob)
+            except OSError as exc:
+                self.failure = f"{exc} (writing {len(blob)} bytes to {self._log})"
+                undone = self._undo()
+                log.error("spool write failed (%s); %s", exc,
+                          "undone" if undone else f"NOT undone: {self.broken}")
+                raise SpoolUnwritable(
+                    f"the delivery could not be written to the spool ({exc}); it was not taken"
+                ) from exc
+            self.failure = None
+            if not self.has_pending():
+                self.oldest = drafts[0].received_at if drafts else None
+            self._size += len(blob)
+            self.records += len(drafts)
 
     def read(self, limit: int) -> Pending:
-        """Up to `limit` undrained drafts, in order."""
+        """Up to `limit` undrained drafts, in order — or, when the first of them cannot be
+        decoded, none and the reason (the caller sets that record aside)."""
         drafts: list[Draft] = []
-        with self._log.open("rb") as handle:
+        with self._lock, self._log.open("rb") as handle:
             handle.seek(self.drained)
             offset = self.drained
             while len(drafts) < limit and offset < self._size:
                 header = handle.read(_HEADER.size)
                 _, length, _ = _HEADER.unpack(header)
-                drafts.append(decode(handle.read(length)))
-                offset += _HEADER.size + length
-        return Pending(drafts, offset)
+                end = offset + _HEADER.size + length
+                try:
+                    drafts.append(decode(handle.read(length)))
+                except CodecError as exc:
+                    if drafts:
+                        break  # read up to it; it comes first next time
+                    return Pending([], end, offset, unreadable=str(exc))
+                offset = end
+        return Pending(drafts, offset, self.drained)
 
     def mark_drained(self, pending: Pending) -> None:
         """Record (durably) that these drafts are in PostgreSQL; empty the files when all are."""
-        self.records -= len(pending.drafts)
+        with self._lock:
+            self._mark_drained(pending)
+
+    def quarantine(self, pending: Pending, reason: str) -> Path:
+        """Set aside records PostgreSQL will not take (or that cannot be read), byte for byte,
+        so the ones after them can drain."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        aside = self.directory / f"spool.refused-{stamp}"
+        with self._lock:
+            with self._log.open("rb") as handle:
+                handle.seek(pending.start)
+                _write_private(aside, handle.read(pending.end - pending.start))
+            log.error("spooled deliveries refused (%s): kept in %s", reason, aside)
+            self._mark_drained(pending)
+        return aside
+
+    # ---- file handling --------------------------------------------------------------------
+
+    @staticmethod
+    def _record(body: bytes) -> bytes:
+        return _HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+    def _mark_drained(self, pending: Pending) -> None:
+        self.records -= len(pending.drafts) if pending.unreadable is None else 1
         if pending.end >= self._size:
             # marker first: a crash between the two re-drains (idempotently), never skips
             self._write_marker(0)
@@ -156,20 +221,55 @@ class Spool:
         self._write_marker(pending.end)
         self.oldest = pending.drafts[-1].received_at if pending.drafts else self.oldest
 
-    def quarantine(self, pending: Pending, reason: str) -> Path:
-        """Set aside drafts PostgreSQL will not take, so the ones after them can drain."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        aside = self.directory / f"spool.refused-{stamp}"
-        aside.write_bytes(b"".join(self._record(encode(d)) for d in pending.drafts))
-        log.error("spooled deliveries refused by PostgreSQL (%s): kept in %s", reason, aside)
-        self.mark_drained(pending)
-        return aside
+    def _write_at(self, offset: int, blob: bytes) -> None:
+        """All of `blob` at `offset`, fsync'd — or OSError, with any part of it possibly there."""
+        fd = os.open(self._log, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                written = self._files.pwrite(fd, bytes(view), offset)
+                if written <= 0:
+                    raise OSError(errno.EIO, f"short write: {written} of {len(view)} bytes")
+                view, offset = view[written:], offset + written
+            self._files.fsync(fd)
+        finally:
+            os.close(fd)
 
-    # ---- file handling --------------------------------------------------------------------
+    def _undo(self) -> bool:
+        """Truncate the log back to its last good record; on failure mark the spool broken."""
+        try:
+            fd = os.open(self._log, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                self._files.ftruncate(fd, self._size)
+                self._files.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.broken = (
+                f"{self._log} may hold a torn record past offset {self._size} that could not be "
+                f"truncated ({exc}): free space or fix the disk; the spool retries by itself"
+            )
+            return False
+        if self.broken is not None:
+            log.warning("spool %s repaired: truncated back to offset %d", self._log, self._size)
+        self.broken = None
+        return True
 
-    @staticmethod
-    def _record(body: bytes) -> bytes:
-        return _HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+    def _probe(self) -> bool:
+        """Whether one small write can be made durable in the spool directory now."""
+        probe = self.directory / "spool.probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if self._files.pwrite(fd, b"probe", 0) != len(b"probe"):
+                    return False
+                self._files.fsync(fd)
+            finally:
+                os.close(fd)
+                probe.unlink(missing_ok=True)
+        except OSError:
+            return False
+        return True
 
     def _read_marker(self) -> int:
         try:
@@ -179,10 +279,7 @@ class Spool:
 
     def _write_marker(self, offset: int) -> None:
         temporary = self._marker.with_suffix(".tmp")
-        with temporary.open("w") as handle:
-            handle.write(str(offset))
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_private(temporary, str(offset).encode())
         temporary.replace(self._marker)
 
     def _recover(self) -> int:
@@ -202,13 +299,16 @@ class Spool:
             if magic != MAGIC or len(body) < length or zlib.crc32(body) != crc:
                 break
             if self.oldest is None:
-                self.oldest = decode(body).received_at
+                try:
+                    self.oldest = decode(body).received_at
+                except CodecError:  # intact but unreadable: draining sets it aside
+                    self.oldest = datetime.now(UTC)
             self.records += 1
             offset += _HEADER.size + length
         if offset < len(data):
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
             aside = self.directory / f"spool.corrupt-{stamp}"
-            aside.write_bytes(data[offset:])
+            _write_private(aside, data[offset:])
             with self._log.open("r+b") as handle:
                 handle.truncate(offset)
                 os.fsync(handle.fileno())
@@ -219,3 +319,24 @@ class Spool:
                 self._log, len(data) - offset, offset, aside,
             )
         return offset
+
+
+def _private_directory(directory: Path) -> None:
+    """The spool directory (and any parent it creates) readable by this user only."""
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in (directory, *missing):
+        path.chmod(0o700)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write and fsync a file only this user can read."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

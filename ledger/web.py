@@ -12,6 +12,7 @@ import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -34,15 +35,31 @@ from ledger.projections.projector import Projector
 from ledger.proving import TreeFollower
 from ledger.redaction import scrub_text
 from ledger.settings import Settings
-from ledger.spool import Spool
+from ledger.spool import FileOps, Spool
 from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.gateway_store import GatewayStore
+from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, Pool, create_pool, ping
 from ledger.storage.tree_store import TreeStore
+from ledger.supervision import Supervisor
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Seams:
+    """Where a test reaches into a running app; production passes none.
+
+    `fault` is called with a step name at every step of every background task ("commit",
+    "drain", "catch_up", "listen", "checkpoint") and may raise to crash that task from the
+    inside; `spool_files` are the calls the spool writes with.
+    """
+
+    fault: Callable[[str], None] | None = None
+    spool_files: FileOps | None = None
+
 
 SETTINGS = web.AppKey("settings", Settings)
 TARGET = web.AppKey("target", targets.DatabaseTarget)
@@ -56,7 +73,8 @@ METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 OFFLINE = web.AppKey("offline", OfflineTrust)
 TREE_FOLLOWER = web.AppKey("tree_follower", TreeFollower)
-TREE_TASK = web.AppKey("tree_task", asyncio.Task)  # present while the follower should run
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+SEAMS = web.AppKey("seams", Seams)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -168,6 +186,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """503 with a reason per failing check: the database (reachable, schema current), every
+    supervised background task running, the projector not stalled, the spool writable and not
+    nearly full."""
     checks: dict[str, str] = {}
     try:
         await ping(request.app[POOL])
@@ -175,6 +196,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = "ok"
     except LedgerError as exc:
         checks["database"] = str(exc)
+    down = request.app[SUPERVISOR].down()
+    checks["tasks"] = "; ".join(f"{name}: {why}" for name, why in down.items()) or "ok"
     projector = request.app[PROJECTOR]
     stall = request.app[SETTINGS].projector_stall_seconds
     checks["projector"] = (
@@ -182,14 +205,13 @@ async def readyz(request: web.Request) -> web.Response:
         if projector.stalled(stall)
         else "ok"
     )
-    tree_task = request.app.get(TREE_TASK)
-    if tree_task is not None:
-        checks["tree"] = (
-            "stopped: the Merkle tree follower ended; see the log" if tree_task.done() else "ok"
-        )
+    if request.app[SETTINGS].run_tree_follower:
+        checks["tree"] = "down: see tasks" if "tree-follower" in down else "ok"
     spool = request.app[SPOOL]
+    unwritable = await asyncio.to_thread(spool.health)
     checks["spool"] = (
-        f"nearly full: {spool.size} of {spool.max_bytes} bytes"
+        f"unwritable: {unwritable}" if unwritable is not None
+        else f"nearly full: {spool.size} of {spool.max_bytes} bytes"
         if spool.size > 0.9 * spool.max_bytes
         else "ok"
     )
@@ -261,9 +283,19 @@ async def _schema_gate(pool: Pool) -> bool:
     return True
 
 
+async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Every long-running task of the service runs under this one supervisor (restarted after a
+    crash, readiness failing while it is down); anything still running at the end is stopped."""
+    supervisor = Supervisor(app[METRICS], first_backoff=app[SETTINGS].task_restart_seconds)
+    app[SUPERVISOR] = supervisor
+    yield
+    await supervisor.close()
+
+
 async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes)
+    spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes,
+                  files=app[SEAMS].spool_files)
     if spool.has_pending():
         log.warning("%d deliveries wait in the spool %s; draining", spool.records,
                     spool.directory)
@@ -282,11 +314,14 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         retry_seconds=settings.spool_retry_seconds,
         gate=lambda: _schema_gate(app[POOL]),
         append_timeout=settings.append_timeout_seconds,
+        fault=app[SEAMS].fault,
     )
-    committer.start()
+    app[SUPERVISOR].start("committer", committer.run, on_crash=committer.fail_pending)
     app[COMMITTER] = committer
-    refresher = asyncio.create_task(
-        _refresh_trust(offline, app[STORE], settings.trust_refresh_seconds), name="trust-refresh"
+    supervisor = app[SUPERVISOR]
+    supervisor.start(
+        "trust-refresh",
+        lambda: _refresh_trust(offline, app[STORE], settings.trust_refresh_seconds),
     )
     async with aiohttp.ClientSession() as session:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
@@ -294,24 +329,22 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
                                              confirmer=confirmer, forward=app[FORWARDER].accept)
         yield
-        await committer.close()
+        committer.finish()  # answers every delivery already taken before returning
+        await supervisor.join("committer")
         intake.close()
-    refresher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await refresher
+    await supervisor.stop("trust-refresh")
 
 
 async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float) -> None:
     """Keep the offline trust state current with changes made anywhere (other workers, the
-    CLI), so a later outage judges by them. Never ends on a failure: it tries again."""
+    CLI), so a later outage judges by them. PostgreSQL being away is waited out; anything else
+    raises, for the supervisor to log, count and restart."""
     while True:
         await asyncio.sleep(every)
         try:
             await offline.refresh(store)
         except LedgerError:
             continue  # PostgreSQL away: the state stays as last known
-        except Exception:
-            log.exception("refreshing the offline trust state failed; trying again")
 
 
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -341,13 +374,12 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
         directory=settings.checkpoint_dir,
         every_events=settings.checkpoint_every_events,
         every_seconds=settings.checkpoint_every_seconds,
+        fault=app[SEAMS].fault,
     )
     app[CHECKPOINTER] = checkpointer
-    task = asyncio.create_task(checkpointer.run(), name="checkpointer")
+    app[SUPERVISOR].start("checkpointer", checkpointer.run)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await app[SUPERVISOR].stop("checkpointer")
 
 
 async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -365,24 +397,26 @@ async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
         if not settings.run_projector:
             yield
             return
-        task = asyncio.create_task(
-            projector.run(target.projector_dsn, poll_seconds=settings.projector_poll_seconds),
-            name="projector",
-        )
+        fault, supervisor = app[SEAMS].fault, app[SUPERVISOR]
+
+        async def listen() -> None:
+            if fault is not None:
+                fault("listen")
+            await listen_forever(target.projector_dsn, "ledger_events", projector.wake)
+
+        supervisor.start("listener", listen)
+        supervisor.start("projector", lambda: projector.run(
+            poll_seconds=settings.projector_poll_seconds, fault=fault))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await supervisor.stop("projector")
+        await supervisor.stop("listener")
     finally:
         await pool.close()
 
 
 async def _tree_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The Merkle tree follower: grows the tree after each commit, outside the append.
-
-    A plain task for now; it belongs under the service's supervision (ledger.supervision) so
-    that a crash is restarted and reported like the committer's and the projector's.
-    """
+    """The Merkle tree follower: grows the tree after each commit, outside the append; run
+    supervised (restarted and reported like the committer and the projector)."""
     settings = app[SETTINGS]
     trees = TreeStore(app[POOL])
     app[TREES] = trees
@@ -391,16 +425,11 @@ async def _tree_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.run_tree_follower:
         yield
         return
-    task = asyncio.create_task(
-        follower.run(app[TARGET].service_dsn, poll_seconds=settings.tree_poll_seconds,
-                     gather_seconds=settings.tree_gather_ms / 1000),
-        name="tree-follower",
-    )
-    app[TREE_TASK] = task
+    app[SUPERVISOR].start("tree-follower", lambda: follower.run(
+        app[TARGET].service_dsn, poll_seconds=settings.tree_poll_seconds,
+        gather_seconds=settings.tree_gather_ms / 1000))
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await app[SUPERVISOR].stop("tree-follower")
 
 
 SWITCH_INTERVAL_SECONDS = 0.0005
@@ -434,13 +463,16 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Wire settings, the database, the store and the intake; nothing exists before this."""
+def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Application:
+    """Wire settings, the database, the store and the intake; nothing exists before this.
+    `seams` are for tests only."""
     app = web.Application(
         middlewares=[errors_middleware], client_max_size=settings.max_body_bytes + 1
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics_dir)
+    app[SEAMS] = seams or Seams()
+    app.cleanup_ctx.append(_supervisor_ctx)
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_forwarder_ctx)
     app.cleanup_ctx.append(_committer_ctx)

@@ -11,10 +11,12 @@ import asyncio
 import itertools
 import os
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
@@ -186,3 +188,31 @@ def sample(name: str) -> bytes:
 
 def sample_names() -> list[str]:
     return sorted(p.stem for p in SAMPLES.glob("*.form"))
+
+
+@pytest.fixture
+async def proxy(database: Database) -> Any:
+    """A relay in front of the test's PostgreSQL, and the service DSN that goes through it."""
+    from tests.helpers import SocketProxy
+
+    query = parse_qs(urlsplit(database.service_dsn).query)
+    socket_dir, port = query["host"][0], int(query.get("port", ["5432"])[0])
+    directory = tempfile.mkdtemp(prefix="pgproxy-")
+    relay = SocketProxy(f"{socket_dir}/.s.PGSQL.{port}", directory, port)
+    await relay.start()
+    yield relay, database.service_dsn.replace(socket_dir, directory)
+    if relay._server is not None:
+        await relay.cut()
+
+
+@pytest.fixture
+def outage(proxy: Any, settings_factory: Any, tmp_path: Path) -> Any:
+    """The relay, and settings for an app that reaches PostgreSQL only through it."""
+    relay, dsn = proxy
+
+    def settings(**extra: Any) -> Settings:
+        made: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
+                                          spool_dir=tmp_path / "spool", **extra)
+        return made
+
+    return relay, settings

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 
@@ -10,8 +12,9 @@ from aiohttp.test_utils import TestClient
 
 from ledger.operations import change_trust
 from ledger.simulation import SimDelivery
+from ledger.spool import FileOps
 from ledger.trust import TrustChange
-from ledger.web import STORE
+from ledger.web import COMMITTER, SPOOL, STORE
 from tests.conftest import FORM, MEMBER_ID, sample
 
 Client: TypeAlias = "TestClient[Any, Any]"
@@ -48,6 +51,16 @@ async def install_sample_portal(client: Client) -> None:
     await allow_sample_portal(client)
     status, answer = await post(client, sample("onappinstall-1"))
     assert status == 200, answer
+
+
+async def drained(client: Client) -> None:
+    """Until the app's spool is empty — woken by each committed batch, bounded in time."""
+    assert client.app is not None
+    spool, committer = client.app[SPOOL], client.app[COMMITTER]
+    async with asyncio.timeout(20):
+        while spool.has_pending():
+            committer.progressed.clear()
+            await committer.progressed.wait()
 
 
 class SocketProxy:
@@ -97,3 +110,38 @@ class SocketProxy:
                 self._writers.discard(sink)
 
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+class Disk:
+    """File calls that fail on demand: `fail_at` bytes into the next write (ENOSPC, or a short
+    write returning 0), or every fsync / truncate while `fsync_fails` / `truncate_fails`."""
+
+    def __init__(self) -> None:
+        self.fail_at: int | None = None
+        self.short = False
+        self.fsync_fails = False
+        self.truncate_fails = False
+
+    def files(self) -> FileOps:
+        return FileOps(pwrite=self.pwrite, fsync=self.fsync, ftruncate=self.ftruncate)
+
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        if self.fail_at is None:
+            return os.pwrite(fd, data, offset)
+        if self.fail_at > 0:
+            written = os.pwrite(fd, data[: self.fail_at], offset)
+            self.fail_at -= written
+            return written
+        if self.short:
+            return 0
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fsync(self, fd: int) -> None:
+        if self.fsync_fails:
+            raise OSError(errno.EIO, "Input/output error")
+        os.fsync(fd)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        if self.truncate_fails:
+            raise OSError(errno.EIO, "Input/output error")
+        os.ftruncate(fd, length)

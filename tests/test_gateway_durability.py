@@ -28,10 +28,9 @@ from ledger.trust import TrustChange
 from ledger.web import STORE
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
 from tests.gateway_helpers import Destination, eventually
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import Client, drained, install_sample_portal, post
 from tests.test_crash import free_port
 from tests.test_intake import _pg_dump
-from tests.test_spool import drained, outage, proxy  # noqa: F401 - fixtures
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -105,7 +104,7 @@ def test_a_torn_tail_is_cut_and_never_forwarded(tmp_path: Path) -> None:
 
 
 async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_position(
-    make_client: ClientFactory, outage: Any, admin: Admin,  # noqa: F811 - fixture
+    make_client: ClientFactory, outage: Any, admin: Admin,
 ) -> None:
     relay, settings_for = outage
     settings: Settings = settings_for(

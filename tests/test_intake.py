@@ -390,7 +390,9 @@ async def test_health_and_readiness(client: Client) -> None:
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json())["checks"] == {"database": "ok", "projector": "ok", "spool": "ok"}
+    assert (await ready.json())["checks"] == {
+        "database": "ok", "tasks": "ok", "projector": "ok", "spool": "ok"
+    }
 
 
 async def test_member_id_of_the_sample_portal_is_what_gets_trusted(

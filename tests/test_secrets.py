@@ -17,10 +17,9 @@ import pytest
 from ledger.settings import Settings
 from ledger.web import PROJECTOR
 from tests.conftest import MEMBER_ID, TOKEN, ClientFactory, Database, sample
-from tests.helpers import Client, install_sample_portal
+from tests.helpers import Client, drained, install_sample_portal
 from tests.test_api import bearer
 from tests.test_intake import _pg_dump, forge
-from tests.test_spool import drained, outage, proxy  # noqa: F401  (fixtures)
 
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
@@ -91,7 +90,7 @@ async def send(client: Client, body: bytes, content_type: str, query: str) -> st
 
 async def test_no_token_of_any_shape_reaches_the_database_the_spool_the_log_or_an_answer(
     make_client: ClientFactory,
-    outage: Any,  # noqa: F811
+    outage: Any,
     database: Database,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,

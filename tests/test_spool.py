@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import tempfile
+import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeAlias
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import orjson
 import pytest
 
 from ledger import drafts
-from ledger.errors import SpoolFull
+from ledger.errors import SpoolFull, SpoolUnwritable
 from ledger.models import EventDraft, RejectionDraft
-from ledger.settings import Settings
 from ledger.spool import Spool, decode, encode
 from ledger.trust import TrustChange
-from ledger.web import COMMITTER, SPOOL
-from tests.conftest import ClientFactory, Database, sample
-from tests.helpers import Client, SocketProxy, install_sample_portal, post
+from tests.conftest import ClientFactory, sample
+from tests.helpers import Client, Disk, drained, install_sample_portal, post
 from tests.test_intake import forge
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -78,41 +77,6 @@ def test_a_full_spool_refuses_instead_of_growing(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull, match="LEDGER_SPOOL_MAX_BYTES"):
         spool.append(some_drafts(20))
     assert not spool.has_pending()
-
-
-async def drained(client: Client) -> None:
-    """Until the app's spool is empty — woken by each committed batch, bounded in time."""
-    assert client.app is not None
-    spool, committer = client.app[SPOOL], client.app[COMMITTER]
-    async with asyncio.timeout(20):
-        while spool.has_pending():
-            committer.progressed.clear()
-            await committer.progressed.wait()
-
-
-@pytest.fixture
-async def proxy(database: Database) -> Any:
-    query = parse_qs(urlsplit(database.service_dsn).query)
-    socket_dir, port = query["host"][0], int(query.get("port", ["5432"])[0])
-    directory = tempfile.mkdtemp(prefix="pgproxy-")
-    relay = SocketProxy(f"{socket_dir}/.s.PGSQL.{port}", directory, port)
-    await relay.start()
-    yield relay, database.service_dsn.replace(socket_dir, directory)
-    if relay._server is not None:
-        await relay.cut()
-
-
-@pytest.fixture
-def outage(proxy: Any, settings_factory: Any, tmp_path: Path) -> Any:
-    """The relay, and settings for an app that reaches PostgreSQL only through it."""
-    relay, dsn = proxy
-
-    def settings(**extra: Any) -> Settings:
-        made: Settings = settings_factory(database_url=dsn, spool_retry_seconds=0.1,
-                                          spool_dir=tmp_path / "spool", **extra)
-        return made
-
-    return relay, settings
 
 
 async def test_an_outage_loses_no_acknowledged_delivery(
@@ -219,3 +183,136 @@ async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(
     assert await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
     ) == 1
+
+
+# ---- a failed write is never acknowledged ---------------------------------------------------
+
+
+def record_size(draft: EventDraft | RejectionDraft) -> int:
+    return 12 + len(encode(draft))  # magic, length, CRC, body
+
+
+def test_a_write_failing_at_any_byte_is_undone_refused_and_never_read_back(
+    tmp_path: Path,
+) -> None:
+    first, failed, after = some_drafts(3)[:3]
+    for short in (False, True):
+        for fail_at in range(record_size(failed)):
+            directory = tmp_path / f"{short}-{fail_at}"
+            disk = Disk()
+            spool = Spool(directory, max_bytes=1 << 20, files=disk.files())
+            spool.append([first])
+            disk.fail_at, disk.short = fail_at, short
+            with pytest.raises(SpoolUnwritable):
+                spool.append([failed])
+            assert spool.health() is not None  # readiness says the last write failed
+            disk.fail_at = None
+            spool.append([after])  # the next acknowledged record
+            assert spool.health() is None
+            reopened = Spool(directory, max_bytes=1 << 20)  # a restart
+            assert reopened.read(100).drafts == [first, after], (short, fail_at)
+            assert reopened.corrupt_found == []  # nothing acknowledged was set aside
+
+
+def test_a_failed_fsync_is_undone_and_refused(tmp_path: Path) -> None:
+    first, failed, after = some_drafts(3)[:3]
+    disk = Disk()
+    spool = Spool(tmp_path, max_bytes=1 << 20, files=disk.files())
+    spool.append([first])
+    disk.fsync_fails = True
+    with pytest.raises(SpoolUnwritable):
+        spool.append([failed])
+    disk.fsync_fails = False
+    spool.append([after])
+    assert Spool(tmp_path, max_bytes=1 << 20).read(100).drafts == [first, after]
+
+
+def test_a_spool_whose_failed_write_cannot_be_undone_accepts_nothing_until_repaired(
+    tmp_path: Path,
+) -> None:
+    first, failed, refused, after = some_drafts(4)[:4]
+    disk = Disk()
+    spool = Spool(tmp_path, max_bytes=1 << 20, files=disk.files())
+    spool.append([first])
+    disk.fail_at, disk.truncate_fails = 10, True
+    with pytest.raises(SpoolUnwritable):
+        spool.append([failed])
+    disk.fail_at = None  # writing works again, truncating does not
+    with pytest.raises(SpoolUnwritable, match="accepts nothing"):
+        spool.append([refused])
+    reason = spool.health()
+    assert reason is not None
+    assert "could not be truncated" in reason
+    disk.truncate_fails = False  # repaired (space freed, disk fixed)
+    assert spool.health() is None
+    spool.append([after])
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    assert reopened.read(100).drafts == [first, after]
+    assert reopened.corrupt_found == []
+
+
+def test_spool_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        directory = tmp_path / "spool" / "worker-0"
+        spool = Spool(directory, max_bytes=1 << 20)
+        written = some_drafts(3)
+        spool.append(written)
+        spool.mark_drained(spool.read(1))
+        spool.quarantine(spool.read(1), "test")
+        log = directory / "spool.log"
+        log.write_bytes(log.read_bytes()[:-5])  # a torn tail, set aside on the next start
+        reopened = Spool(directory, max_bytes=1 << 20)
+    finally:
+        os.umask(previous)
+    assert reopened.corrupt_found
+    names = {p.name.split("-")[0] for p in directory.iterdir()}
+    assert {"spool.log", "drained", "spool.refused", "spool.corrupt"} <= names
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for folder in (directory, directory.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+# ---- the record format -----------------------------------------------------------------------
+
+
+def format_1(draft: EventDraft | RejectionDraft) -> bytes:
+    """A record body exactly as the spool wrote it before records carried a version."""
+    fields: dict[str, Any] = {"kind": "event" if isinstance(draft, EventDraft) else "rejection"}
+    for f in dataclasses.fields(draft):
+        value = getattr(draft, f.name)
+        if isinstance(value, bytes):
+            value = value.hex()
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, TrustChange):
+            value = value.value
+        fields[f.name] = value
+    return orjson.dumps(fields)
+
+
+def test_records_written_before_the_upgrade_are_read_back_unchanged(tmp_path: Path) -> None:
+    old = some_drafts(3)
+    (tmp_path / "spool.log").write_bytes(b"".join(Spool._record(format_1(d)) for d in old))
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    new = some_drafts(1)
+    spool.append(new)
+    assert spool.read(100).drafts == [*old, *new]
+    assert orjson.loads(encode(new[0]))["v"] == 2
+
+
+def test_an_intact_record_of_an_unknown_format_is_set_aside_not_guessed_at(
+    tmp_path: Path,
+) -> None:
+    draft, later = some_drafts(2)[:2]
+    alien = orjson.loads(encode(draft)) | {"v": 99}
+    (tmp_path / "spool.log").write_bytes(Spool._record(orjson.dumps(alien)))
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.append([later])
+    pending = spool.read(100)
+    assert pending.drafts == []
+    assert pending.unreadable is not None
+    aside = spool.quarantine(pending, pending.unreadable)
+    assert orjson.loads(aside.read_bytes()[12:])["v"] == 99  # kept byte for byte
+    assert spool.read(100).drafts == [later]

@@ -17,6 +17,7 @@ from ledger import drafts
 from ledger.committer import GroupCommitter
 from ledger.errors import AppendFailed
 from ledger.hashing import sha256
+from ledger.metrics import Metrics
 from ledger.models import EventDraft, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.operations import change_trust
@@ -143,13 +144,16 @@ def _allowances(count: int) -> list[EventDraft]:
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     appender: Appender, admin: Connection
 ) -> None:
-    committer = GroupCommitter(appender, max_events=64, max_delay=0.005)
+    metrics = Metrics()
+    committer = GroupCommitter(appender, max_events=64, max_delay=0.005, metrics=metrics)
     committer.start()
     batch = _allowances(200)
     outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
     await committer.close()
     assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
-    assert committer.batches <= 200 // 64 + 3  # far fewer transactions than events
+    transactions = metrics.registry.get_sample_value("ledger_append_batch_size_count")
+    assert transactions is not None
+    assert transactions <= 200 // 64 + 3  # far fewer transactions than events
     assert await admin.fetchval("SELECT count(*) FROM ledger.events") == 200
 
 

@@ -21,9 +21,8 @@ from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from ledger.web import OFFLINE, STORE
 from tests.conftest import DOMAIN, MEMBER_ID, TOKEN, ClientFactory, Database, sample
-from tests.helpers import Client, allow_sample_portal, install_sample_portal, post
+from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
 from tests.test_intake import forge
-from tests.test_spool import drained, outage, proxy  # noqa: F401 - fixtures
 from tests.test_trust import FakeBitrix24, bitrix24  # noqa: F401 - a fixture
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -66,7 +65,7 @@ async def trusted_digest(admin: Admin) -> bytes | None:
 
 
 async def test_uninstall_and_reinstall_during_an_outage_lose_no_genuine_delivery(
-    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
     relay, settings_for = outage
     client: Client = await make_client(settings_for())
@@ -90,7 +89,7 @@ async def test_uninstall_and_reinstall_during_an_outage_lose_no_genuine_delivery
 
 
 async def test_the_same_sequence_across_two_workers_sharing_the_data_dir(
-    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
     relay, settings_for = outage
     first: Client = await make_client(settings_for(worker=0))
@@ -118,7 +117,7 @@ async def test_the_same_sequence_across_two_workers_sharing_the_data_dir(
 
 
 async def test_deliveries_waiting_on_a_spooled_uninstall_are_judged_on_drain_and_logged(
-    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
     relay, settings_for = outage
     client: Client = await make_client(settings_for())
@@ -144,7 +143,7 @@ async def test_deliveries_waiting_on_a_spooled_uninstall_are_judged_on_drain_and
 
 
 async def test_a_forged_install_accepted_offline_is_refused_on_drain_and_leaves_no_trust(
-    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path,  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin, tmp_path: Path,
     database: Database,
 ) -> None:
     relay, settings_for = outage
@@ -188,7 +187,7 @@ async def test_a_forged_install_accepted_offline_is_refused_on_drain_and_leaves_
 
 
 async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
-    make_client: ClientFactory, outage: Any, admin: Admin, database: Database  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin, database: Database
 ) -> None:
     relay, settings_for = outage
     client: Client = await make_client(settings_for(trust_refresh_seconds=0.05))
@@ -213,7 +212,7 @@ async def test_a_portal_provisioned_while_serving_is_known_in_a_later_outage(
 
 
 async def test_an_install_a_domain_allowance_admits_is_confirmed_before_it_is_spooled(
-    make_client: ClientFactory, outage: Any, admin: Admin,  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin,
     bitrix24: FakeBitrix24,  # noqa: F811
 ) -> None:
     relay, settings_for = outage
@@ -239,7 +238,7 @@ async def test_an_install_a_domain_allowance_admits_is_confirmed_before_it_is_sp
 
 
 async def test_a_forged_install_at_another_worker_is_judged_after_the_genuine_one(
-    make_client: ClientFactory, outage: Any, admin: Admin  # noqa: F811
+    make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
     relay, settings_for = outage
     first: Client = await make_client(settings_for(worker=0))

@@ -7,15 +7,16 @@ Every value comes from the events; nothing reads a clock.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
 
+from ledger import codec
 from ledger.asof import strict_int64
 from ledger.envelope import INSTALL, UNINSTALL, UPDATE
+from ledger.errors import CodecError
 from ledger.models import ORIGIN_BITRIX24, TRUST_EVENT
 
 BOT_DELETED = "bot deleted"
@@ -409,60 +410,45 @@ def _flag_activity_after_deletion(state: State, bot: Bot, event: StoredEvent) ->
 
 # ---- snapshots: the state as bytes, exactly round-tripped ----------------------------------
 
-_TYPES: dict[str, type[Any]] = {
-    "bots": Bot, "deletions": Deletion, "portals": Portal, "lifecycle": Lifecycle,
-    "anomalies": Anomaly,
-}
+SNAPSHOT_FORMAT = 2  # 1 (unversioned, hand-written conversions) is ignored: snapshots are derived
 
 
 def dump_state(state: State) -> bytes:
-    """The fold state as JSON, rows in key order so that equal states dump equal (dirty-tracking
-    is not state: it is left out)."""
-
-    def row(item: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(item):
-            value = getattr(item, f.name)
-            if isinstance(value, bytes):
-                value = {"hex": value.hex()}
-            elif isinstance(value, datetime):
-                value = {"at": value.isoformat()}
-            out[f.name] = value
-        return out
-
+    """The fold state as versioned JSON (`ledger.codec`), rows in key order so that equal
+    states dump equal (dirty-tracking is not state: it is left out)."""
     return orjson.dumps({
+        "version": SNAPSHOT_FORMAT,
         "position": state.position,
-        "bots": [row(state.bots[k]) for k in sorted(state.bots)],
-        "deletions": [row(state.deletions[k]) for k in sorted(state.deletions)],
-        "portals": [row(state.portals[k]) for k in sorted(state.portals)],
-        "lifecycle": [row(item) for item in sorted(state.lifecycle, key=lambda x: x.position)],
-        "anomalies": [row(state.anomalies[k]) for k in sorted(state.anomalies)],
+        "bots": [codec.to_json(state.bots[k]) for k in sorted(state.bots)],
+        "deletions": [codec.to_json(state.deletions[k]) for k in sorted(state.deletions)],
+        "portals": [codec.to_json(state.portals[k]) for k in sorted(state.portals)],
+        "lifecycle": [codec.to_json(item)
+                      for item in sorted(state.lifecycle, key=lambda x: x.position)],
+        "anomalies": [codec.to_json(state.anomalies[k]) for k in sorted(state.anomalies)],
     })
 
 
 def load_state(blob: bytes) -> State:
-    data = orjson.loads(blob)
-
-    def build(kind: str, fields: dict[str, Any]) -> Any:
-        for name, value in fields.items():
-            if isinstance(value, dict) and "hex" in value:
-                fields[name] = bytes.fromhex(value["hex"])
-            elif isinstance(value, dict) and "at" in value:
-                fields[name] = datetime.fromisoformat(value["at"])
-        return _TYPES[kind](**fields)
-
-    state = State(position=data["position"])
-    for fields in data["bots"]:
-        bot = build("bots", fields)
-        state.bots[bot.key] = bot
-    for fields in data["deletions"]:
-        deletion = build("deletions", fields)
-        state.deletions[deletion.key] = deletion
-    for fields in data["portals"]:
-        portal = build("portals", fields)
-        state.portals[portal.member_id] = portal
-    state.lifecycle = [build("lifecycle", fields) for fields in data["lifecycle"]]
-    for fields in data.get("anomalies", []):  # snapshots from before anomalies were kept
-        anomaly = build("anomalies", fields)
-        state.anomalies[anomaly.position] = anomaly
+    """The state `dump_state` wrote — or, for a snapshot of another format (or one that does
+    not decode), the empty state at position 0, so that the caller folds from the start."""
+    try:
+        data = orjson.loads(blob)
+        if not isinstance(data, dict) or data.get("version") != SNAPSHOT_FORMAT:
+            return State()
+        state = State(position=codec.from_json(int, data["position"]))
+        for row in data["bots"]:
+            bot = codec.from_json(Bot, row)
+            state.bots[bot.key] = bot
+        for row in data["deletions"]:
+            deletion = codec.from_json(Deletion, row)
+            state.deletions[deletion.key] = deletion
+        for row in data["portals"]:
+            portal = codec.from_json(Portal, row)
+            state.portals[portal.member_id] = portal
+        state.lifecycle = [codec.from_json(Lifecycle, row) for row in data["lifecycle"]]
+        for row in data["anomalies"]:
+            anomaly = codec.from_json(Anomaly, row)
+            state.anomalies[anomaly.position] = anomaly
+    except (orjson.JSONDecodeError, CodecError, KeyError, TypeError):
+        return State()
     return state

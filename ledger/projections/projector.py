@@ -18,7 +18,6 @@ from ledger.asof import AsOf, Occurred, Position, Received
 from ledger.errors import LedgerError
 from ledger.projections import fold, rows
 from ledger.projections.fold import State
-from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore
 
@@ -110,24 +109,24 @@ class Projector:
     def wake(self) -> None:
         self._wake.set()
 
-    async def run(self, listen_dsn: str, *, poll_seconds: float = 5.0) -> None:
-        """Catch up whenever woken (NOTIFY) or every `poll_seconds`, until cancelled."""
-        listener = asyncio.create_task(
-            listen_forever(listen_dsn, "ledger_events", self.wake), name="projector-listen"
-        )
-        try:
-            while True:
-                try:
-                    await self.catch_up()
-                except LedgerError as exc:
-                    log.warning("projector could not catch up: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), poll_seconds)
-                self._wake.clear()
-        finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+    async def run(
+        self, *, poll_seconds: float = 5.0, fault: Callable[[str], None] | None = None
+    ) -> None:
+        """Catch up whenever woken (`wake`, on NOTIFY) or every `poll_seconds`, until cancelled.
+
+        The database being away is waited out here; anything else raises, for the supervisor
+        (`ledger.supervision`) to log, count and restart. `fault` (tests only) is called with
+        "catch_up" before each catch-up and may raise to crash the loop from the inside."""
+        while True:
+            if fault is not None:
+                fault("catch_up")
+            try:
+                await self.catch_up()
+            except LedgerError as exc:
+                log.warning("projector could not catch up: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+            self._wake.clear()
 
     async def fold_to(
         self, as_of: int | AsOf, on_progress: Callable[[int], None] = lambda n: None
