@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -324,7 +325,10 @@ class OfflineTrust:
                 for a in self.base.allowances.values()
             ],
         }
-        temporary = self._snapshot_path.with_suffix(f".{os.getpid()}-{self._worker}.tmp")
+        # one name per thread: a refresh and a commit may save at the same time
+        temporary = self._snapshot_path.with_suffix(
+            f".{os.getpid()}-{self._worker}-{threading.get_ident()}.tmp"
+        )
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(orjson.dumps(data))
@@ -382,9 +386,13 @@ class Appender:
                 refused = [Refusal(500, "quarantined", "refused by PostgreSQL", 0)]
                 await asyncio.to_thread(self._offline.settle, drafts, refused, [])
             raise
-        await self._offline.note_committed(effects)
-        if draining:
-            await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)
+        try:
+            await self._offline.note_committed(effects)
+            if draining:
+                await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)
+        except Exception:  # committed already: the senders must hear so
+            log.exception("committed, but the offline trust state was not updated (the next "
+                          "refresh catches up)")
         return outcomes
 
     def spool_offline(
