@@ -26,6 +26,7 @@ from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
 from ledger.console import create_console
+from ledger.console.app import CONSOLE_STORE
 from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
 from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
 from ledger.intake import Delivery, IntakeService
@@ -38,6 +39,7 @@ from ledger.settings import Settings
 from ledger.spool import FileOps, Spool
 from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.console_store import ConsoleStore
 from ledger.storage.gateway_store import GatewayStore
 from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
@@ -240,6 +242,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             try:
                 app[TARGET], app[POOL] = target, pool
                 app[STORE] = EventStore(pool, policy=settings.trust_policy)
+                app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
             finally:
                 await pool.close()

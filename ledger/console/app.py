@@ -52,6 +52,8 @@ CONSOLE_SETTINGS = web.AppKey("console_settings", Settings)
 TEMPLATES = web.AppKey("console_templates", Environment)
 SESSIONS = web.AppKey("console_sessions", dict)  # token sha256 -> monotonic expiry
 NAMES = web.AppKey("console_names", NameCache)
+# set by the app factory once the pool exists (the console holds no pool of its own)
+CONSOLE_STORE = web.AppKey("console_store", ConsoleStore)
 STYLESHEET = web.AppKey("console_stylesheet", bytes)
 SESSION_TOKEN = web.RequestKey("console_token", str)
 CSRF = web.RequestKey("console_csrf", str)
@@ -93,10 +95,8 @@ def csrf_token(token: str) -> str:
 
 
 def reader(request: web.Request) -> Reader:
-    from ledger.web import POOL  # the app factory imports this module: no import cycle
-
     audit: AuditService = request.config_dict[AUDIT]
-    return Reader(audit, ConsoleStore(request.config_dict[POOL]),
+    return Reader(audit, request.config_dict[CONSOLE_STORE],
                   request.config_dict[CONSOLE_SETTINGS], request.config_dict[NAMES])
 
 
