@@ -142,18 +142,16 @@ class Metrics:
         for gauge, value in self._samplers:
             gauge.set(value())
 
-    def start_sampling(self) -> asyncio.Task[None] | None:
-        """Keep this worker's sampled gauges fresh while the service runs (multiprocess only;
-        the caller cancels the task)."""
-        if self._dir is None:
-            return None
+    @property
+    def samples(self) -> bool:
+        """Whether gauges must be sampled into the shared files (multiprocess mode)."""
+        return self._dir is not None
 
-        async def loop() -> None:
-            while True:
-                self.sample()
-                await asyncio.sleep(SAMPLE_SECONDS)
-
-        return asyncio.create_task(loop(), name="metrics-sampler")
+    async def sample_forever(self) -> None:
+        """Keep this worker's sampled gauges fresh while the service runs."""
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_SECONDS)
 
     def render(self) -> bytes:
         if self._dir is None:

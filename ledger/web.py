@@ -7,7 +7,6 @@ HTTP answers in one middleware; nothing here knows SQL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import sys
@@ -351,13 +350,12 @@ async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float)
 
 
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Gateway mode: forward durable deliveries to the routes' destinations (ledger.gateway).
-
-    Runs its background tasks itself; once `ledger.supervision` lands they belong under it.
-    """
+    """Gateway mode: forward durable deliveries to the routes' destinations (ledger.gateway);
+    its long-lived loops run under the app's supervisor."""
     settings = app[SETTINGS]
     outbox = await asyncio.to_thread(outbox_for, settings)
-    forwarder = Forwarder(settings, GatewayStore(app[POOL]), outbox, app[METRICS])
+    forwarder = Forwarder(settings, GatewayStore(app[POOL]), outbox, app[METRICS],
+                          runner=app[SUPERVISOR])
     await forwarder.start()
     app[FORWARDER] = forwarder
     yield
@@ -458,12 +456,11 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
-    task = app[METRICS].start_sampling()
+    """Keep this worker's sampled gauges fresh (multiprocess metrics only), supervised."""
+    if app[METRICS].samples:
+        app[SUPERVISOR].start("metrics-sampler", app[METRICS].sample_forever)
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await app[SUPERVISOR].stop("metrics-sampler")
 
 
 def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Application:

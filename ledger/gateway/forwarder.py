@@ -25,9 +25,10 @@ import random
 import re
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -123,10 +124,22 @@ class RouteHealth:
         }
 
 
+class LoopRunner(Protocol):
+    """What runs the forwarder's long-lived loops: `ledger.supervision.Supervisor` in serve."""
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None: ...
+
+    async def stop(self, name: str) -> None: ...
+
+
 class Forwarder:
     def __init__(
-        self, settings: Settings, store: GatewayStore, outbox: Outbox | None, metrics: Metrics
+        self, settings: Settings, store: GatewayStore, outbox: Outbox | None, metrics: Metrics,
+        *, runner: LoopRunner | None = None,
     ) -> None:
+        """`runner` (the app's supervisor) runs the forwarder's long-lived loops, restarting one
+        that crashes and failing readiness meanwhile; without it they are plain tasks."""
+        self._runner = runner
         self._settings = settings
         self._store = store
         self._outbox = outbox
@@ -141,6 +154,7 @@ class Forwarder:
         self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[Location]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[str] = []  # started through the runner
         self._closing = False
         self._session: aiohttp.ClientSession | None = None
 
@@ -168,10 +182,17 @@ class Forwarder:
         if self._outbox is not None:
             for found in await asyncio.to_thread(self._outbox.recover):
                 self._requeue(found.location, found.header, found.routes)
-        self._spawn(self._reload_loop(), "routes-reload")
-        self._spawn(self._record_loop(), "forward-attempts")
+        self._start_loop("gateway-routes-reload", self._reload_loop)
+        self._start_loop("gateway-attempts", self._record_loop)
         if self._outbox is not None:
-            self._spawn(self._outbox_loop(), "outbox-sync")
+            self._start_loop("gateway-outbox-sync", self._outbox_loop)
+
+    def _start_loop(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        if self._runner is None:
+            self._spawn(run(), name)
+        else:
+            self._runner.start(name, run)
+            self._loops.append(name)
 
     async def close(self) -> None:
         """Stop forwarding (what is pending stays in the outbox); record what was attempted."""
@@ -179,6 +200,9 @@ class Forwarder:
         for state in self._states.values():
             state.wake.set()
         self._records_wake.set()
+        if self._runner is not None:
+            for name in self._loops:
+                await self._runner.stop(name)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -201,8 +225,7 @@ class Forwarder:
         return task
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        """A background task that dies is a bug: say so loudly (until `ledger.supervision`
-        restarts such tasks and reports them in /readyz)."""
+        """A lane (or, without a runner, a loop) that dies is a bug: say so loudly."""
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway task %s died", task.get_name(), exc_info=task.exception())
