@@ -57,6 +57,10 @@ class Appender(Protocol):
         """How many of these spooled drafts may drain now, in order (blocking)."""
         ...
 
+    def set_aside(self, drafts: Sequence[Draft]) -> None:
+        """These spooled drafts will never be stored: undo what they promised (blocking)."""
+        ...
+
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
 Fault = Callable[[str], None]
@@ -342,7 +346,9 @@ class GroupCommitter:
                     self._next_attempt = loop.time() + self._retry_seconds
                     return
             # a spooled draft PostgreSQL refuses (or that fails the append every time) cannot
-            # be answered any more: keep it for an operator instead of blocking every later one
+            # be answered any more: keep it for an operator instead of blocking every later one,
+            # and let no provisional trust it carried outlive it
+            await asyncio.to_thread(self._appender.set_aside, pending.drafts)
             await asyncio.to_thread(self._spool.quarantine, pending, str(exc))
             self._drain_limit = self._max_events
             self._drain_failures = 0

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 import orjson
 
-from ledger.errors import AppendFailed, LedgerError
+from ledger.errors import LedgerError
 from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
 from ledger.planner import Facts, PlannedEffect, plan
 from ledger.settings import TrustPolicy
@@ -378,14 +378,7 @@ class Appender:
         self._offline = offline
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
-        try:
-            outcomes, effects = await self._store.append_planned(drafts, draining=draining)
-        except AppendFailed:
-            if draining and len(drafts) == 1:
-                # the committer sets this one aside (quarantine): its trust effect never lands
-                refused = [Refusal(500, "quarantined", "refused by PostgreSQL", 0)]
-                await asyncio.to_thread(self._offline.settle, drafts, refused, [])
-            raise
+        outcomes, effects = await self._store.append_planned(drafts, draining=draining)
         try:
             await self._offline.note_committed(effects)
             if draining:
@@ -394,6 +387,13 @@ class Appender:
             log.exception("committed, but the offline trust state was not updated (the next "
                           "refresh catches up)")
         return outcomes
+
+    def set_aside(self, drafts: Sequence[Draft]) -> None:
+        """Spooled drafts the committer quarantines: their trust effects never land, so their
+        journal entries are settled as refused (provisional state never outlives them)."""
+        refused: list[Outcome] = [Refusal(500, "quarantined", "set aside from the spool", 0)
+                                  for _ in drafts]
+        self._offline.settle(drafts, refused, [])
 
     def spool_offline(
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
