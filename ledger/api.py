@@ -88,7 +88,8 @@ class Route:
     errors: tuple[tuple[int, str], ...] = ()  # statuses beyond 400/401/404/503, documented
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """The one way a JSON answer is made (the API's, the intake's, the health checks')."""
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -164,7 +165,7 @@ def _service(request: web.Request) -> AuditService:
 
 
 async def portals(request: web.Request) -> web.Response:
-    return _json(_dump(await _service(request).portals()))
+    return json_response(_dump(await _service(request).portals()))
 
 
 async def bots(request: web.Request) -> web.Response:
@@ -174,7 +175,7 @@ async def bots(request: web.Request) -> web.Response:
     rows = await _service(request).bots(
         member_id=_text(request, "portal"), status=status, as_of=_as_of(request)
     )
-    return _json(_dump(rows))
+    return json_response(_dump(rows))
 
 
 async def bot_history(request: web.Request) -> web.Response:
@@ -183,7 +184,7 @@ async def bot_history(request: web.Request) -> web.Response:
         _text_value("member id", request.match_info["member_id"]), bot_id,
         after=_int(request, "after", 0) or 0, limit=_int(request, "limit", MAX_PAGE) or 0,
     )
-    return _json(_dump(history))
+    return json_response(_dump(history))
 
 
 async def deletions(request: web.Request) -> web.Response:
@@ -195,7 +196,7 @@ async def deletions(request: web.Request) -> web.Response:
         cause=_text(request, "cause"),
         anomalies_only=_bool(request, "anomalies"),
     )
-    return _json(_dump(await _service(request).deletions(where, as_of=_as_of(request))))
+    return json_response(_dump(await _service(request).deletions(where, as_of=_as_of(request))))
 
 
 async def events(request: web.Request) -> web.Response:
@@ -213,7 +214,7 @@ async def events(request: web.Request) -> web.Response:
     for row in page["items"]:
         if "payload" in row:  # the stored JSON text, spliced in without a parse
             row["payload"] = orjson.Fragment(row["payload"])
-    return _json(page)
+    return json_response(page)
 
 
 async def event_proof(request: web.Request) -> web.Response:
@@ -225,7 +226,7 @@ async def event_proof(request: web.Request) -> web.Response:
     bundle = await proving.inclusion_bundle(
         request.config_dict[TREES], position, None, log_id=EVENTS_LOG
     )
-    return _json(bundle)
+    return json_response(bundle)
 
 
 async def rejections(request: web.Request) -> web.Response:
@@ -238,24 +239,24 @@ async def rejections(request: web.Request) -> web.Response:
         after=_int(request, "after", 0) or 0,
     )
     page = await service.rejections(where, limit=_int(request, "limit", 100) or 0)
-    return _json(_dump(page))
+    return json_response(_dump(page))
 
 
 async def verification(request: web.Request) -> web.Response:
-    return _json(_dump(await _service(request).verification()))
+    return json_response(_dump(await _service(request).verification()))
 
 
 async def projection(request: web.Request) -> web.Response:
-    return _json(_dump(await _service(request).projection()))
+    return json_response(_dump(await _service(request).projection()))
 
 
 async def routes(request: web.Request) -> web.Response:
     """Gateway mode: the routes this process forwards to, with their health."""
-    return _json([h.as_json() for h in request.config_dict[FORWARDER].health()])
+    return json_response([h.as_json() for h in request.config_dict[FORWARDER].health()])
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return _json(openapi_document())
+    return json_response(openapi_document())
 
 
 _PORTAL = Param("portal", "string", "portal member_id")
@@ -382,14 +383,28 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def _live(request: web.Request, token: str) -> bool:
+    return await token_is_live(request.config_dict[TOKEN_CACHE], token,
+                               _service(request).token_is_live)
+
+
+async def token_is_live(
+    cache: dict[bytes, float], token: str, check: Callable[[bytes], Awaitable[bool]]
+) -> bool:
+    """Whether a read-API token is live, asking `check` (the database) at most every
+    TOKEN_CACHE_SECONDS per token: a revoked token stops working within that window. Only live
+    tokens are kept, and expired ones are pruned, so nothing a sender sends grows the cache.
+    The API and the console (each with its own cache) both decide through this."""
     digest = token_digest(token)
-    cache: dict[bytes, float] = request.config_dict[TOKEN_CACHE]
     now = time.monotonic()
     if cache.get(digest, 0.0) > now:
         return True
-    if await _service(request).token_is_live(digest):
+    if len(cache) > 10_000:
+        for key in [k for k, expiry in cache.items() if expiry <= now]:
+            del cache[key]
+    if await check(digest):
         cache[digest] = now + TOKEN_CACHE_SECONDS
         return True
+    cache.pop(digest, None)
     return False
 
 

@@ -12,14 +12,12 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from ledger import checkpoints, wire
-from ledger.api import AUDIT, TREES, create_api
+from ledger.api import AUDIT, TREES, create_api, json_response
 from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
@@ -78,12 +76,6 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 SEAMS = web.AppKey("seams", Seams)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type="application/json"
-    )
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -23,8 +22,9 @@ import orjson
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from ledger.api import AUDIT, TOKEN_CACHE_SECONDS
-from ledger.audit import AuditService, token_digest
+from ledger.api import AUDIT
+from ledger.api import token_is_live as api_token_is_live
+from ledger.audit import AuditService
 from ledger.console import present
 from ledger.console.reader import NameCache, Reader
 from ledger.errors import BadQuery, LedgerError
@@ -100,25 +100,11 @@ def reader(request: web.Request) -> Reader:
                   request.config_dict[CONSOLE_SETTINGS], request.config_dict[NAMES])
 
 
-async def _digest_is_live(request: web.Request, digest: bytes) -> bool:
-    """The read API's own check, through AuditService."""
-    return await request.config_dict[AUDIT].token_is_live(digest)
-
-
 async def token_is_live(request: web.Request, token: str) -> bool:
-    digest = token_digest(token)
-    sessions: dict[bytes, float] = request.config_dict[SESSIONS]
-    now = time.monotonic()
-    if sessions.get(digest, 0.0) > now:
-        return True
-    if len(sessions) > 10_000:  # only live tokens are kept; drop the expired ones
-        for key in [k for k, expiry in sessions.items() if expiry <= now]:
-            del sessions[key]
-    if await _digest_is_live(request, digest):
-        sessions[digest] = now + TOKEN_CACHE_SECONDS
-        return True
-    sessions.pop(digest, None)
-    return False
+    """The read API's own decision (`ledger.api.token_is_live`), with the console's sessions
+    as its cache."""
+    return await api_token_is_live(request.config_dict[SESSIONS], token,
+                                   request.config_dict[AUDIT].token_is_live)
 
 
 def same_origin(request: web.Request) -> bool:
