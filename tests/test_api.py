@@ -10,7 +10,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from ledger import checkpoints, wire
-from ledger.api import ROUTES, openapi_document
+from ledger.api import ROUTES, TOKEN_CACHE, openapi_document
 from ledger.audit import new_token
 from ledger.proving import make_checkpoint
 from ledger.simulation import Traffic
@@ -65,6 +65,23 @@ async def test_a_revoked_token_stops_working(client: Client) -> None:
     assert client.app is not None
     await AuditStore(client.app[STORE].pool).revoke_token("auditor", "test")
     assert (await client.get("/api/v1/portals", headers=headers)).status == 401
+
+
+async def test_a_revoked_token_in_use_works_until_its_cache_window_ends(client: Client) -> None:
+    """The token cache spares the database a lookup per request; the price is that revoking
+    a token in use takes effect when its window (TOKEN_CACHE_SECONDS) ends, not at once."""
+    headers = await bearer(client)
+    assert client.app is not None
+    assert (await client.get("/api/v1/portals", headers=headers)).status == 200
+    await AuditStore(client.app[STORE].pool).revoke_token("auditor", "test")
+    assert (await client.get("/api/v1/portals", headers=headers)).status == 200  # cached
+    api = next(a for a in client.app._subapps if TOKEN_CACHE in a)
+    cache = api[TOKEN_CACHE]
+    assert len(cache) == 1
+    for digest in cache:  # the window has passed
+        cache[digest] = 0.0
+    assert (await client.get("/api/v1/portals", headers=headers)).status == 401
+    assert cache == {}  # a revoked token is not kept
 
 
 async def test_every_resource_answers_as_its_openapi_schema_says(

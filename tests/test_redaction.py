@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -64,9 +65,10 @@ def test_removed_secrets_are_located_by_path() -> None:
     assert ("auth", "application_token") in paths
 
 
-def test_two_different_tokens_get_different_fingerprints() -> None:
+def test_a_fingerprint_is_the_sha256_prefix_an_investigator_can_recompute() -> None:
     assert fingerprint("a" * 32) != fingerprint("b" * 32)
-    assert fingerprint(TOKEN) == fingerprint(TOKEN)
+    # the documented definition, computed here independently: 12 hex digits of SHA-256
+    assert fingerprint(TOKEN) == "9ad7bcee3d6e" == hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize(
