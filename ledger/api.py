@@ -219,10 +219,7 @@ async def events(request: web.Request) -> web.Response:
 
 async def event_proof(request: web.Request) -> web.Response:
     """The offline-checkable proof bundle of one event (docs/spec/proofs.md)."""
-    try:
-        position = int(request.match_info["position"])
-    except ValueError as exc:
-        raise BadQuery("position must be an integer") from exc
+    position = _integer("position", request.match_info["position"])
     bundle = await proving.inclusion_bundle(
         request.config_dict[TREES], position, None, log_id=EVENTS_LOG
     )

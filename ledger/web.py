@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ledger import checkpoints, wire
 from ledger.api import AUDIT, TREES, create_api, json_response
@@ -148,6 +149,18 @@ async def receive_event(request: web.Request) -> web.Response:
         )
         await intake.refuse(_delivery(request, b""), rejected)
         raise rejected from None
+    except (HttpProcessingError, web.RequestPayloadError) as exc:
+        # a body the HTTP layer cannot read (a broken gzip/deflate, a short chunked body): the
+        # sender's fault, answered and recorded like any other refusal — not a bug
+        rejected = DeliveryRejected(400, "malformed_body",
+                                    f"the body could not be read: {exc.__class__.__name__}")
+        await intake.refuse(_delivery(request, b""), rejected)
+        raise rejected from None
+    except ConnectionResetError:
+        # the sender went away mid-body: nobody is left to answer, nothing was acknowledged
+        log.info("a sender from %s went away before its body arrived",
+                 wire.safe_text(request.remote))
+        raise web.HTTPBadRequest(text="connection lost") from None
     delivery = _delivery(request, body)
     if truncated:
         rejected = DeliveryRejected(

@@ -32,7 +32,7 @@ from ledger.errors import DeliveryRejected
 JsonValue: TypeAlias = Any
 Document: TypeAlias = dict[str, Any]
 
-_PHP_INT_KEY = re.compile(r"^(0|-?[1-9][0-9]*)$")
+_PHP_INT_KEY = re.compile(r"^(0|-?[1-9][0-9]*)\Z")
 _PHP_LONG_MAX = 2**63 - 1
 
 FORM = "application/x-www-form-urlencoded"

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from ledger.web import PROJECTOR
 from tests.conftest import MEMBER_ID, sample
 from tests.helpers import Client, install_sample_portal, post
@@ -87,3 +89,15 @@ async def test_schemathesis_finds_nothing_against_the_live_api(
     )
     output, _ = await process.communicate()
     assert process.returncode == 0, output.decode()[-6000:]
+
+
+@pytest.mark.parametrize("position", ["%D9%A1%D9%A0", "5_0", "+5", "%205", "1e3", "-1",
+                                      "9223372036854775808"])
+async def test_a_proof_path_position_is_as_strict_as_any_parameter(
+    client: Client, position: str
+) -> None:
+    """Found by a break test: the path used bare int(), so Arabic-Indic digits meant 10 and `5_0` meant 50."""
+    headers = await bearer(client)
+    response = await client.get(f"/api/v1/events/{position}/proof", headers=headers)
+    assert response.status == 400
+    assert (await response.json())["error"] == "bad_query"

@@ -235,3 +235,16 @@ async def test_as_of_a_bitrix24_time_before_the_deletion_shows_the_bot_active(
     link = re.search(r'href="(/console/download/bots\.csv\?[^"]+)"', text)
     assert link
     assert "as_of=ts%3A2026-02-26T07%3A00%3A00Z" in link.group(1)
+
+
+@pytest.mark.parametrize("next_path", ["/console/events\n", "/console/\r\nX-Evil: 1",
+                                       "/console/bots%0A", "https://evil.example/console/"])
+async def test_sign_in_with_a_hostile_next_lands_on_the_overview(
+    client: Client, next_path: str
+) -> None:
+    """Found by a break test: a trailing newline passed the check and the answer was lost."""
+    token = await make_token(client)
+    response = await client.post("/console/sign-in", data={"token": token, "next": next_path},
+                                 allow_redirects=False)
+    assert response.status == 303
+    assert response.headers["Location"] == "/console/"

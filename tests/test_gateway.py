@@ -305,6 +305,16 @@ async def test_redirects_are_not_followed(
         ("https://bot.example/h?x=1", False, "no query string"),
         ("http://127.0.0.1:8080/bitrix24/events", True, "own listen address"),
         ("http://localhost:8080/x", True, "own listen address"),
+        # every other spelling of a loopback or unspecified address (found by a break test)
+        ("http://0.0.0.0:8080/bitrix24/events", True, "own listen address"),
+        ("http://[::ffff:127.0.0.1]:8080/x", True, "own listen address"),
+        ("http://[::1]:8080/x", True, "own listen address"),
+        ("http://127.0.0.2:8080/x", True, "own listen address"),
+        ("http://127.0.0.1.:8080/x", True, "own listen address"),
+        ("http://localhost.:8080/x", True, "own listen address"),
+        ("http://0x7f000001:8080/x", True, "four decimal numbers"),
+        ("http://127.1:8080/x", True, "four decimal numbers"),
+        ("http://2130706433:8080/x", True, "four decimal numbers"),
         ("https://user:pw@bot.example/h", False, "credentials"),
     ],
 )

@@ -239,3 +239,20 @@ def test_distinct_long_keys_do_not_stay_in_memory() -> None:
         tracemalloc.stop()
     assert retained - baseline < 10_000_000  # without the bound: 600 MB
     assert wire.cached_key_bytes() - before <= 2 * 8192 * wire.CACHED_KEY_BYTES
+
+
+@pytest.mark.parametrize(("encoding", "body"), [
+    ("gzip", b"{}"), ("deflate", b"xx"), ("gzip", b"\x1f\x8b\x08garbage"),
+])
+async def test_a_body_the_http_layer_cannot_decompress_is_a_4xx_and_recorded(
+    client: Client, admin: Any, encoding: str, body: bytes
+) -> None:
+    """Found by a break test: this was a 500 with a traceback, and never recorded."""
+    await install_sample_portal(client)
+    response = await client.post("/bitrix24/events", data=body, headers={
+        "Content-Type": "application/json", "Content-Encoding": encoding})
+    assert response.status == 400
+    assert (await response.json())["error"] in ("malformed_body", "unsupported_media_type")
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.rejections WHERE reason = 'malformed_body'") >= 1
+    await genuine_is_stored_within_a_second(client, 300)

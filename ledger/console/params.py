@@ -18,10 +18,10 @@ from ledger.errors import BadQuery
 
 MAX_TEXT = 200
 MAX_POSITION = 2**63 - 1
-_PORTAL = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
-_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.]{1,100}$")
-_TOKEN = re.compile(r"^[A-Za-z0-9_\-]{8,128}$")
-_NEXT = re.compile(r"^/console/[A-Za-z0-9/_\-.]{0,300}$")
+_PORTAL = re.compile(r"^[A-Za-z0-9._:\-]{1,200}\Z")
+_EVENT_TYPE = re.compile(r"^[A-Za-z0-9_.]{1,100}\Z")
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]{8,128}\Z")
+_NEXT = re.compile(r"/console/[A-Za-z0-9/_\-.]{0,300}")  # fullmatch: `$` passes a "\n"
 
 
 def single(query: MultiMapping[str], name: str) -> str | None:
@@ -143,6 +143,7 @@ def token(form: Mapping[str, object]) -> str:
 
 def next_path(value: object) -> str:
     """Where to go after signing in: a console path only (never another site)."""
-    if isinstance(value, str) and _NEXT.match(value) and "//" not in value and ".." not in value:
+    if (isinstance(value, str) and _NEXT.fullmatch(value)
+            and "//" not in value and ".." not in value):
         return value
     return "/console/"

@@ -38,7 +38,7 @@ EVENT_PAGES = ("25", "50", "100", "200")
 DOWNLOAD_CAP = 100_000  # rows of a rejections or portals download
 TABLES = ("portals", "bots", "deletions", "events", "rejections")
 FORMATS = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
-_MEMBER = re.compile(r"^[A-Za-z0-9._:\-]{1,200}$")
+_MEMBER = re.compile(r"^[A-Za-z0-9._:\-]{1,200}\Z")
 
 
 def _link(path: str, **query: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -110,20 +111,45 @@ def check_destination(
             "string is appended as Bitrix24 sent it)"
         )
     port = port or (443 if parts.scheme == "https" else 80)
-    if port == listen_port and host in _local_names(listen_host.lower()):
-        raise RouteRefused(f"{url!r} is the ledger's own listen address: it would loop")
-    if port == listen_port and _is_loopback(host) and _is_loopback(listen_host):
+    address = _address(host)
+    if address is None and _legacy_ipv4(host):
+        raise RouteRefused(f"{url!r}: write an IPv4 address as four decimal numbers")
+    if port == listen_port and (
+        host.rstrip(".") in _local_names(listen_host.lower())
+        or (address is not None and _is_local(address, listen_host))
+    ):
         raise RouteRefused(f"{url!r} is the ledger's own listen address: it would loop")
     return url
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _address(host: str) -> Address | None:
+    """The IP address a URL's host names literally (IPv4-mapped IPv6 unwrapped), if it does."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.rstrip("."))
     except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _legacy_ipv4(host: str) -> bool:
+    """`127.1`, `0x7f000001`, `2130706433`: forms C resolvers read as IPv4 addresses."""
+    try:
+        socket.inet_aton(host.rstrip("."))
+    except OSError:
         return False
+    return True
+
+
+def _is_local(address: Address, listen_host: str) -> bool:
+    """Whether the ledger, listening on `listen_host`, would answer at `address`."""
+    if address.is_loopback or address.is_unspecified:
+        return True
+    return _address(listen_host) == address
 
 
 def check_pattern(pattern: str) -> str:
