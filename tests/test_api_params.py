@@ -96,7 +96,8 @@ async def test_schemathesis_finds_nothing_against_the_live_api(
 async def test_a_proof_path_position_is_as_strict_as_any_parameter(
     client: Client, position: str
 ) -> None:
-    """Found by a break test: the path used bare int(), so Arabic-Indic digits meant 10 and `5_0` meant 50."""
+    """Found by a break test: the path used bare int(), so `5_0` meant 50 (and other
+    scripts' digits were numbers)."""
     headers = await bearer(client)
     response = await client.get(f"/api/v1/events/{position}/proof", headers=headers)
     assert response.status == 400
