@@ -15,6 +15,7 @@ install's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -24,11 +25,18 @@ import orjson
 log = logging.getLogger(__name__)
 
 _MAX_ANSWER_BYTES = 256 * 1024
-_MAX_IN_FLIGHT = 16  # anyone can send an install claiming an allowed domain: bound the call-backs
+# Anyone can send an install claiming an allowed domain, and a refused genuine install is never
+# sent again. So call-backs wait for one of a bounded number of slots (within the confirmation
+# timeout) rather than being refused when busy, and one sender address may hold only a few of
+# them at once: a flood from one address cannot crowd out Bitrix24's own delivery.
+_MAX_IN_FLIGHT = 64
+_PER_SENDER = 8
 
 
 class Confirmer(Protocol):
-    async def confirm(self, domain: str, member_id: str, access_token: str) -> str | None:
+    async def confirm(
+        self, domain: str, member_id: str, access_token: str, *, sender: str | None = None
+    ) -> str | None:
         """None when the portal at `domain` confirms the install; otherwise why not."""
         ...
 
@@ -41,17 +49,29 @@ class RestConfirmer:
     ) -> None:
         self._session = session
         self._base_url = base_url
+        self._seconds = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._in_flight = 0
+        self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
+        self._by_sender: dict[str, int] = {}  # in flight per sender address (bounded by slots)
 
-    async def confirm(self, domain: str, member_id: str, access_token: str) -> str | None:
-        if self._in_flight >= _MAX_IN_FLIGHT:
-            return "too many installs are being confirmed at once; install again"
-        self._in_flight += 1
+    async def confirm(
+        self, domain: str, member_id: str, access_token: str, *, sender: str | None = None
+    ) -> str | None:
+        key = sender or ""
+        if self._by_sender.get(key, 0) >= _PER_SENDER:
+            return "too many installs from this address are being confirmed at once"
+        self._by_sender[key] = self._by_sender.get(key, 0) + 1
         try:
-            return await self._ask(domain, member_id, access_token)
+            async with asyncio.timeout(self._seconds), self._slots:
+                return await self._ask(domain, member_id, access_token)
+        except TimeoutError:
+            return f"{domain} did not confirm within {self._seconds:g}s"
         finally:
-            self._in_flight -= 1
+            left = self._by_sender[key] - 1
+            if left:
+                self._by_sender[key] = left
+            else:
+                del self._by_sender[key]
 
     async def _ask(self, domain: str, member_id: str, access_token: str) -> str | None:
         url = self._base_url.format(domain=domain).rstrip("/") + "/app.info"

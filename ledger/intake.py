@@ -180,7 +180,8 @@ class IntakeService:
         elif self._confirmer is None:
             reason = "no way to ask the portal is configured"
         else:
-            reason = await self._confirmer.confirm(domain, draft.member_id, access_token)
+            reason = await self._confirmer.confirm(domain, draft.member_id, access_token,
+                                                   sender=draft.metadata.get("peer"))
         answered = dataclasses.replace(
             draft,
             confirmed_domain=domain if reason is None else None,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 from aiohttp import web
 
+from ledger.confirmation import RestConfirmer
 from ledger.operations import change_trust
 from ledger.projections.fold import StoredEvent
 from ledger.settings import Settings
@@ -31,11 +34,17 @@ class FakeBitrix24:
     issued: dict[str, str] = field(default_factory=dict)  # access token -> member_id
     name_member: bool = False  # answer with install.member_id (undocumented, but seen)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (domain, auth)
+    hold: asyncio.Event | None = None  # when set up, answers wait for it (a slow portal)
+    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def app_info(self, request: web.Request) -> web.Response:
         form = await request.post()
         token = str(form.get("auth", ""))
         self.calls.append((request.match_info["domain"], token))
+        async with self.arrived:
+            self.arrived.notify_all()
+        if self.hold is not None:
+            await self.hold.wait()
         member = self.issued.get(token)
         if member is None:
             return web.json_response(
@@ -240,3 +249,27 @@ async def test_a_trusted_portal_cannot_name_an_event_into_the_ledgers_own_namesp
     assert await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE origin = 'bitrix24' AND event_type LIKE '%.%'"
     ) == 0
+
+
+async def test_a_flood_of_bogus_installs_from_one_address_cannot_crowd_out_the_genuine_one(
+    bitrix24: FakeBitrix24,
+) -> None:
+    """Found by a break test: 16 slow call-backs from anyone made the genuine install fail at
+    once (and Bitrix24 never sends it again). Now one address holds a few slots; the genuine
+    delivery waits for a slot within the confirmation timeout."""
+    bitrix24.hold = asyncio.Event()
+    async with aiohttp.ClientSession() as session:
+        confirmer = RestConfirmer(session, base_url=bitrix24.url, timeout=5.0)
+        flood = [asyncio.ensure_future(confirmer.confirm(DOMAIN, MEMBER_ID, f"bogus{n}",
+                                                         sender="203.0.113.9"))
+                 for n in range(40)]
+        genuine = asyncio.ensure_future(confirmer.confirm(DOMAIN, MEMBER_ID, ACCESS_TOKEN,
+                                                          sender="198.51.100.1"))
+        async with asyncio.timeout(5), bitrix24.arrived:
+            # 8 from the flooding address, then the genuine one
+            await bitrix24.arrived.wait_for(lambda: len(bitrix24.calls) >= 9)
+        assert bitrix24.calls[-1] == (DOMAIN, ACCESS_TOKEN)
+        bitrix24.hold.set()
+        assert await genuine is None
+        refused = [r for r in await asyncio.gather(*flood) if r and "this address" in r]
+        assert len(refused) == 32
