@@ -93,9 +93,25 @@ def is_secret_key(key: str) -> bool:
     return is_secret_normal(normal_key(key))
 
 
+# the secret names without their separators: `accessToken`, `ACCESS-TOKEN`, `access.token`
+_COMPACT_SECRETS = {name.replace("_", ""): name for name in SECRET_KEYS}
+
+
 def is_secret_normal(normal: str) -> bool:
     """`is_secret_key` for a key already passed through `normal_key`."""
-    return any(name in normal for name in SECRET_KEYS)
+    return secret_name_in(normal) is not None
+
+
+def secret_name_in(normal: str) -> str | None:
+    """The secret name a normalised key contains (separators ignored), if any."""
+    compact = normal.replace("_", "")
+    return next((name for c, name in _COMPACT_SECRETS.items() if c in compact), None)
+
+
+def known_name(key: str) -> bool:
+    """A key exactly as Bitrix24 names its secrets or its public `auth` fields."""
+    folded = key.casefold()
+    return folded in SECRET_KEYS or folded in AUTH_PUBLIC or folded == AUTH_KEY
 
 
 def is_auth_key(key: str) -> bool:

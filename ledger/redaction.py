@@ -24,7 +24,14 @@ from typing import Any
 from urllib.parse import unquote
 
 from ledger.hashing import canonical_json
-from ledger.identity import AUTH_KEY, SECRET_KEYS, key_facts, normal_key
+from ledger.identity import (
+    AUTH_KEY,
+    SECRET_KEYS,
+    key_facts,
+    known_name,
+    normal_key,
+    secret_name_in,
+)
 
 FINGERPRINT_HEX = 12  # 48 bits: tells tokens apart, reveals nothing usable about a 128-bit token
 REDACTED = "[redacted]"
@@ -87,7 +94,11 @@ def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scru
                     or (in_auth and not (facts.public and isinstance(value, str)))
                     or (facts.auth and not isinstance(value, dict))
                 ):
-                    removed.append(Redaction((*path, key), _value_fingerprint(value)))
+                    # a key of a sender's own making may carry the secret itself: record it
+                    # by the secret name it contains instead
+                    shown = key if known_name(key) else (
+                        secret_name_in(facts.normal) or ("auth" if facts.auth else "(key)"))
+                    removed.append(Redaction((*path, shown), _value_fingerprint(value)))
                     continue
                 if isinstance(value, str):  # most values: no call, no path to build
                     if "\0" in value:

@@ -77,6 +77,12 @@ def accepted_shapes() -> list[tuple[str, bytes]]:
          + f"&data[BOT][567][AUTH][weird][]={T[31]}&data[bot][auth]={T[32]}".encode()),
         ("mangled secret name", sample("onimbotjoinchat-1")
          + f"&data[PARAMS][bot.refresh_token]={T[33]}".encode()),
+        # found by a break test: camelCase names, and a key that carries the value itself
+        ("camelCase secret names", sample("onimbotmessageupdate-1")
+         + f"&data[PARAMS][accessToken]={T[38]}&data[PARAMS][ApplicationToken]={T[35]}"
+           f"&data[PARAMS][Refresh-Token]={T[36]}".encode()),
+        ("secret inside a key", sample("onimbotmessagedelete-1")
+         + f"&data[PARAMS][access_token {T[37]}]=1".encode()),
     ]
 
 
