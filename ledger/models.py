@@ -52,6 +52,10 @@ class EventDraft:
     confirmation_refused: str | None = None  # or why it could not be confirmed
     # spooled while PostgreSQL was away: the offline trust journal's length then (ledger.offline)
     offline_seen: int | None = None
+    # spooled after the offline judge accepted it on settled (not provisional) trust, changing
+    # no trust itself: it was verified as firmly as online and the sender heard 202, so the drain
+    # stores it whatever another worker's spooled lifecycle event did to trust meanwhile
+    offline_accepted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

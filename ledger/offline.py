@@ -136,8 +136,23 @@ class OfflineTrust:
         snapshot: a restart during a later outage knows them), before a refresh."""
         if not effects:
             return
-        self._own.extend((e.position, e.effect) for e in effects if e.position is not None)
+        committed = [(e.position, e.effect) for e in effects if e.position is not None]
+        self._own.extend(committed)
+        await asyncio.to_thread(self._share, committed)
         await asyncio.to_thread(self._save_snapshot)
+
+    def _share(self, committed: Sequence[tuple[int, TrustEffect]]) -> None:
+        """Tell the other workers at once, through the journal (as entries already settled at
+        their positions): an outage right after this commit is judged on it by every worker,
+        not only once their next refresh has read it from PostgreSQL."""
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            lines: list[dict[str, Any]] = []
+            for seq, (position, effect) in enumerate(committed, start=journal.next_seq):
+                lines.append({"seq": seq, "worker": self._worker, "member_id": effect.member_id,
+                              "cause": "", "effect": effect.as_json()})
+                lines.append({"settled": seq, "position": position, "at": time.time()})
+            _append(handle, lines)
 
     # ---- judging offline ---------------------------------------------------------------
 
@@ -162,7 +177,8 @@ class OfflineTrust:
                     continue
                 assert outcome is not None
                 if isinstance(outcome, Spooled):
-                    records.append(replace(draft, offline_seen=journal.next_seq))
+                    records.append(replace(draft, offline_seen=journal.next_seq,
+                                           offline_accepted=index in planned.accepted_offline))
                 outcomes.append(outcome)
             write(records)
             lines = []
@@ -361,12 +377,29 @@ def _read(handle: IO[bytes]) -> _Journal:
 
 
 def _append(handle: IO[bytes], lines: list[dict[str, Any]]) -> None:
+    """Append whole lines, fsync'd; a write that fails part-way is cut back off, and a torn
+    tail left by a crash is cut off before anything is appended after it (else the next,
+    acknowledged line would be glued to it and unreadable)."""
     if not lines:
         return
-    handle.seek(0, os.SEEK_END)
-    handle.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-    handle.flush()
-    os.fsync(handle.fileno())
+    end = handle.seek(0, os.SEEK_END)
+    if end:
+        handle.seek(end - 1)
+        if handle.read(1) != b"\n":
+            handle.seek(0)
+            data = handle.read()
+            end = data.rfind(b"\n") + 1
+            handle.truncate(end)
+            handle.seek(end)
+    try:
+        handle.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            handle.truncate(end)
+            os.fsync(handle.fileno())
+        raise
 
 
 class Appender:

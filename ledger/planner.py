@@ -83,6 +83,8 @@ class Plan:
     rejections: list[tuple[int, RejectionDraft]] = field(default_factory=list)
     effects: list[PlannedEffect] = field(default_factory=list)
     head: Head | None = None
+    # offline: drafts accepted on settled trust that change no trust (`offline_accepted`)
+    accepted_offline: set[int] = field(default_factory=set)
 
 
 def entry_of(draft: EventDraft) -> tuple[bytes, bytes]:
@@ -201,6 +203,10 @@ def plan(
         effect: TrustEffect | None = None
         if draft.origin == ORIGIN_BITRIX24:
             verdict = judge(claim_of(draft), facts.trust, policy=policy)
+            if draining and draft.offline_accepted and not (
+                isinstance(verdict, Accepted) and verdict.change is not None
+            ):
+                verdict = Accepted()  # judged when it arrived (see EventDraft.offline_accepted)
             if not isinstance(verdict, Accepted):
                 original = proven_redelivery(draft)
                 if original is not None:
@@ -230,6 +236,9 @@ def plan(
 
         if head is None:
             result.outcomes[index] = Spooled()
+            if (draft.origin == ORIGIN_BITRIX24 and effect is None
+                    and draft.member_id not in provisional_now):
+                result.accepted_offline.add(index)
             if effect is not None:
                 apply(facts.trust, effect, 0)
                 result.effects.append(PlannedEffect(None, effect, index))

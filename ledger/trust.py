@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -54,14 +55,23 @@ def normalise_domain(value: str | None) -> str | None:
     """
     if not isinstance(value, str):
         return None
-    text = value.strip().rstrip(".")
+    # one trailing dot (the DNS root) is the same name; anything else a sender adds — spaces,
+    # controls, invisible or compatibility characters, empty labels — is another spelling
+    text = value[:-1] if value.endswith(".") else value
     if not text.isascii():
+        if any(dot in text for dot in "\u3002\uff0e\uff61") or unicodedata.normalize(
+            "NFC", text
+        ) != text or any(
+            unicodedata.category(c)[0] in "CZ" or unicodedata.normalize("NFKC", c) != c
+            for c in text
+        ):
+            return None
         try:
             text = text.encode("idna").decode("ascii")
         except UnicodeError:
             return None
     text = text.lower()
-    return text if _HOSTNAME.match(text) else None
+    return text if _HOSTNAME.fullmatch(text) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -262,7 +262,14 @@ def test_the_fold_of_the_planned_trust_events_is_the_planned_state() -> None:
 
 @pytest.mark.parametrize(("given", "expected"), [
     ("SOME-DOMAIN.Bitrix24.com.", "some-domain.bitrix24.com"),
-    ("  some-domain.bitrix24.com", "some-domain.bitrix24.com"),
+    # every other spelling is another name (found by a break test)
+    ("  some-domain.bitrix24.com", None),
+    ("some-domain.bitrix24.com..", None),
+    ("some-domain.bitrix24.com\n", None),
+    ("some\u200b-domain.bitrix24.com", None),
+    ("some\u00ad-domain.bitrix24.com", None),
+    ("\uff53ome-domain.bitrix24.com", None),
+    ("some-domain\u3002bitrix24\u3002com", None),
     ("пример.рф", "xn--e1afmkfd.xn--p1ai"),
     ("some-domain.bitrix24.com/evil", None),
     ("a..b", None),
@@ -271,3 +278,26 @@ def test_the_fold_of_the_planned_trust_events_is_the_planned_state() -> None:
 ])
 def test_domains_compare_after_normalisation(given: str | None, expected: str | None) -> None:
     assert normalise_domain(given) == expected
+
+
+def test_offline_an_acceptance_on_settled_trust_is_marked_one_on_provisional_not() -> None:
+    settled = plan([delivery("ONIMBOTJOINCHAT", "t1")], Facts(trust=trusted("t1")), None,
+                   policy=TrustPolicy.ALLOWLIST)
+    assert settled.accepted_offline == {0}
+    provisional = plan([delivery("ONIMBOTJOINCHAT", "t1")], Facts(trust=trusted("t1")), None,
+                       policy=TrustPolicy.ALLOWLIST, provisional=frozenset({MEMBER}))
+    assert provisional.accepted_offline == set()
+    lifecycle = plan([delivery("ONAPPUNINSTALL", "t1")], Facts(trust=trusted("t1")), None,
+                     policy=TrustPolicy.ALLOWLIST)
+    assert lifecycle.accepted_offline == set()  # it changes trust: judged again on drain
+
+
+def test_on_drain_a_delivery_accepted_offline_is_stored_though_trust_ended_meanwhile() -> None:
+    """Another worker's spooled uninstall may drain first; what this worker acknowledged (202)
+    after judging it on settled trust is stored all the same. An unmarked one is refused."""
+    ended = TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}, {})
+    marked = delivery("ONIMBOTJOINCHAT", "t1", offline_accepted=True)
+    unmarked = delivery("ONIMBOTMESSAGEADD", "t1")
+    made = run([marked, unmarked], ended, draining=True)
+    assert isinstance(made.outcomes[0], Stored)
+    assert isinstance(made.outcomes[1], Refusal)

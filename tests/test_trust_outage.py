@@ -261,3 +261,54 @@ async def test_a_forged_install_at_another_worker_is_judged_after_the_genuine_on
         "SELECT reason FROM ledger.rejections ORDER BY position")]
     assert reasons == ["token_replacement_refused", "invalid_application_token"]
     assert await trusted_digest(admin) == sha256(TOKEN.encode())
+
+
+async def test_deliveries_a_worker_accepted_offline_are_stored_whatever_drains_first(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Found by a break test: bot events worker 0 accepted (202) before worker 1 spooled an
+    uninstall were judged again on drain — after the uninstall had drained — and refused: lost."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    for body in bot_events(TOKEN):
+        await spooled(first, body)
+    await spooled(second, sample("onappuninstall-1"))
+    await first.close()  # worker 0 stops; its spool waits on disk
+
+    await relay.start()
+    await drained(second)  # the uninstall goes in first
+    first = await make_client(settings_for(worker=0))  # worker 0 back: it drains its spool
+    await drained(first)
+    assert sorted(await stored_types(admin)) == sorted(
+        ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"])
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await trusted_digest(admin) is None  # and the uninstall still ended trust
+
+
+async def test_a_trust_change_another_worker_just_committed_counts_offline_at_once(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Found by a break test: worker 1 committed an uninstall and a reinstall; PostgreSQL went
+    away before worker 0's periodic refresh read them, and worker 0 refused the new token."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0, trust_refresh_seconds=3600))
+    second: Client = await make_client(settings_for(worker=1, trust_refresh_seconds=3600))
+    await install_sample_portal(first)
+    await allow_sample_portal(first)  # for the reinstall to come
+    await known_everywhere(first, second)
+
+    assert (await post(second, sample("onappuninstall-1")))[0] == 200
+    assert (await post(second, reinstall()))[0] == 200
+    await relay.cut()
+    for body in bot_events(NEW_TOKEN):
+        await spooled(first, body)
+
+    await relay.start()
+    await drained(first)
+    assert (await stored_types(admin))[-2:] == ["ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
