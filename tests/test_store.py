@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -18,7 +18,7 @@ from ledger.committer import GroupCommitter
 from ledger.errors import AppendFailed
 from ledger.hashing import sha256
 from ledger.metrics import Metrics
-from ledger.models import EventDraft, Stored
+from ledger.models import Duplicate, EventDraft, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
@@ -69,7 +69,8 @@ async def _some_history(store: EventStore) -> None:
         received_at=now, status=400, reason="test", detail="", peer=None, content_type=None,
         body=b"x", claim=drafts.claim_of_text(b"x", 10),
     )
-    await store.append([again, again, rejection])
+    redelivered = dataclasses.replace(again, received_at=now + timedelta(seconds=1))
+    await store.append([again, redelivered, rejection])
 
 
 @pytest.mark.parametrize("statement", STATEMENTS)
@@ -183,3 +184,23 @@ async def test_a_closed_committer_takes_no_more_drafts(appender: Appender) -> No
     await committer.close()
     with pytest.raises(CommitterClosed):
         await committer.submit(_allowances(1)[0])
+
+
+async def test_draining_what_already_committed_records_no_redelivery_but_a_real_one_does(
+    store: EventStore, admin: Connection
+) -> None:
+    """Found by a break test: an append that timed out but committed, then drained from the
+    spool, left a redelivery row for an arrival that happened once."""
+    now = datetime.now(UTC)
+    draft = drafts.operator_action(
+        TrustChange.ALLOWED, member_id="p", domain=None, token=None, actor="t", received_at=now
+    )
+    (stored,) = await store.append([draft])
+    (again,) = await store.append([draft], draining=True)  # the spooled copy of that append
+    assert isinstance(stored, Stored)
+    assert isinstance(again, Duplicate)
+    assert again.position == stored.position
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
+    later = dataclasses.replace(draft, received_at=now + timedelta(seconds=3))
+    await store.append([later], draining=True)
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 1

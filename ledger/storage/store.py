@@ -107,9 +107,18 @@ _INSERT_EVENTS = """
         AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h)
     ORDER BY p
 """
+# A drained draft that is "a duplicate" of the event it itself became (an append that timed out
+# but committed, then drained from the spool) is no redelivery: the same arrival is not recorded
+# twice. A real redelivery arrives at another time.
 _INSERT_REDELIVERIES = """
     INSERT INTO ledger.redeliveries (position, received_at, body_sha256, peer)
-    SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::bytea[], $4::text[])
+    SELECT r.* FROM unnest($1::bigint[], $2::timestamptz[], $3::bytea[], $4::text[])
+        AS r(position, received_at, body_sha256, peer)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM ledger.events e
+        WHERE e.position = r.position AND e.received_at = r.received_at
+            AND e.body_sha256 IS NOT DISTINCT FROM r.body_sha256
+    )
 """
 _INSERT_REJECTIONS = """
     INSERT INTO ledger.rejections (position, received_at, status, reason, detail, member_id,
