@@ -318,6 +318,9 @@ TAMPERING = {
         "UPDATE ledger.portal_trust SET state = 'ended', token_sha256 = NULL",
         "ledger.portal_trust (member_id='" + MEMBER_ID + "') state: stored 'ended', "
         "expected 'trusted'"),
+    "a re-opened allowance": (  # found by a break test: it let a forged install in
+        "UPDATE ledger.portal_allowances SET consumed_position = NULL",
+        "ledger.portal_allowances (open) (position="),
     "an altered recorded head": (
         "UPDATE projections.checkpoints SET head_hash = decode(repeat('ab', 32), 'hex')",
         "projections.checkpoints (projection='registry') head_hash: stored abab"),
@@ -339,6 +342,29 @@ async def test_verify_projections_names_a_superusers_edit(
     tampered = await cli(database, "verify", "--projections", "--quiet")
     assert tampered.exit_code == 1
     assert named.format(p=stored["position"]) in tampered.output, tampered.output
+
+
+async def test_verify_projections_names_an_altered_snapshot(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings], admin: Admin,
+    database: Database,
+) -> None:
+    """Found by a break test: a saved fold state edited by a superuser changed `as_of` answers
+    and `verify --projections` passed."""
+    client = await make_client(settings_factory(projector_snapshot_every=1))
+    await install_sample_portal(client)
+    for name in ["onimbotjoinchat-1", "onimbotmessageadd-1", "onimbotdelete-1"]:
+        assert (await post(client, sample(name)))[0] == 200
+        await projector_of(client).catch_up()
+    assert await admin.fetchval("SELECT count(*) FROM projections.snapshots") >= 2
+    clean = await cli(database, "verify", "--projections", "--quiet")
+    assert clean.exit_code == 0, clean.output
+    await admin.execute(
+        "UPDATE projections.snapshots SET state = (SELECT state FROM projections.snapshots "
+        "ORDER BY position LIMIT 1) WHERE position = (SELECT max(position) "
+        "FROM projections.snapshots)")
+    tampered = await cli(database, "verify", "--projections", "--quiet")
+    assert tampered.exit_code == 1
+    assert "projections.snapshots (position=" in tampered.output, tampered.output
 
 
 # ---- 3. time, both ways --------------------------------------------------------------------

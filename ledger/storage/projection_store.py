@@ -252,6 +252,20 @@ class ProjectionSnapshot:
             "FROM ledger.portal_trust ORDER BY member_id"
         )]
 
+    async def open_allowances(self) -> list[Row]:
+        """Allowances no install has used yet (what the next install may consume)."""
+        return [_plain(r) for r in await self._connection.fetch(
+            "SELECT position, member_id, domain FROM ledger.portal_allowances "
+            "WHERE consumed_position IS NULL ORDER BY position"
+        )]
+
+    async def snapshots(self) -> list[tuple[int, bytes]]:
+        """The saved fold states (compressed), in position order."""
+        return [(int(r["position"]), bytes(r["state"])) for r in await self._connection.fetch(
+            "SELECT position, state FROM projections.snapshots WHERE projection = $1 "
+            "ORDER BY position", self._name,
+        )]
+
 
 class ProjectionStore:
     def __init__(self, pool: Pool) -> None:
