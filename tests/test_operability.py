@@ -359,3 +359,56 @@ async def test_simulate_exits_non_zero_when_deliveries_were_refused(
     assert result.exit_code == 1, result.output
     assert len(one_line) == 1
     assert "refused" in one_line[0]
+
+
+def _workers(parent: int) -> set[int]:
+    """The worker processes of a `ledger serve --workers N` (not its resource tracker)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            match = re.search(r"^PPid:\s+(\d+)$", status, re.M)
+            if match is not None and int(match.group(1)) == parent and b"spawn_main" in command:
+                found.add(int(entry.name))
+    return found
+
+
+def _serve_pid(port: int) -> int:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in command and str(port).encode() in command:
+                return int(entry.name)
+    raise AssertionError("no ledger serve process found")
+
+
+async def test_a_worker_killed_with_sigkill_is_replaced(database: Database, tmp_path: Path) -> None:
+    """Found by a break test: a worker killed with -9 stayed dead (its spool undrained, its
+    connections refused) while the parent went on as if nothing happened."""
+    env = {**service_env(database), "LEDGER_DATA_DIR": str(tmp_path), "LEDGER_LOG_LEVEL": "WARNING"}
+    port = free_port()
+    async with serving(env, "--workers", "2", port=port, cwd=tmp_path) as base:
+        parent = _serve_pid(port)
+        workers = _workers(parent)
+        assert len(workers) == 2  # ready: both serve
+        victim = min(workers)
+        os.kill(victim, 9)
+        async with asyncio.timeout(60):  # the condition: two live workers, the victim not one
+            while True:
+                now = _workers(parent)
+                if victim not in now and len(now) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+            while True:
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.05)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -23,6 +26,9 @@ from ledger.cli.common import (
 )
 from ledger.settings import Settings
 from ledger.storage import target as targets
+
+log = logging.getLogger(__name__)
+_MAX_RESTARTS, _RESTART_WINDOW_SECONDS = 5, 60.0  # more worker deaths than this: stop serving
 
 
 @main.command()
@@ -59,31 +65,59 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         target.release()
         raise
     context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(
-            target=_serve, args=(_worker_settings(settings, i, metrics_dir), *address),
-            kwargs={"reuse_port": True, "debug": debug}, name=f"ledger-worker-{i}",
+
+    def start(index: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(
+            target=_serve, args=(_worker_settings(settings, index, metrics_dir), *address),
+            kwargs={"reuse_port": True, "debug": debug}, name=f"ledger-worker-{index}",
         )
-        for i in range(workers)
-    ]
-    for process in processes:
         process.start()
+        return process
+
+    processes = {index: start(index) for index in range(workers)}
+    started = {index: time.monotonic() for index in processes}
+    stopping = False
+    failed: list[str] = []
 
     def forward(signum: int, _: object) -> None:
-        for process in processes:
-            if process.pid is not None:
+        nonlocal stopping
+        stopping = True
+        for process in processes.values():
+            if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for process in processes:
-        process.join()
-        if process.pid is not None:
-            prometheus_multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-                process.pid, str(metrics_dir)
-            )
+    # A worker killed or crashed is replaced under the same number, so its spool
+    # (LEDGER_SPOOL_DIR/worker-N) drains and its share of connections is served again. One that
+    # exits on a failure it explained (exit status 1 or 2: settings, schema, port) has a problem
+    # a restart will not mend, and neither has one that keeps dying: then everything stops.
+    restarts: list[float] = []
+    while processes:
+        multiprocessing.connection.wait([p.sentinel for p in processes.values()])
+        for index, process in list(processes.items()):
+            if process.exitcode is None:
+                continue
+            process.join()
+            del processes[index]
+            if process.pid is not None:
+                prometheus_multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
+                    process.pid, str(metrics_dir)
+                )
+            if process.exitcode in (0, -signal.SIGTERM, -signal.SIGINT) or stopping:
+                continue
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < _RESTART_WINDOW_SECONDS]
+            if process.exitcode in (1, 2) or len(restarts) >= _MAX_RESTARTS:
+                failed.append(process.name or f"ledger-worker-{index}")
+                forward(signal.SIGTERM, None)
+                continue
+            log.error("%s exited with %s after %.0f s; starting it again", process.name,
+                      process.exitcode, now - started[index])
+            restarts.append(now)
+            processes[index] = start(index)
+            started[index] = now
     target.release()
-    failed = [p.name for p in processes if p.exitcode not in (0, -signal.SIGTERM)]
     if failed:
         raise click.ClickException(f"worker(s) {', '.join(failed)} failed; see the log above")
 
