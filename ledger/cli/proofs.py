@@ -44,7 +44,7 @@ def _emit(document: dict[str, Any], output: Path | None) -> None:
 
 
 @main.command()
-@click.argument("position", type=int)
+@click.argument("position", type=click.IntRange(1, 2**63 - 1))
 @click.option("--checkpoint", "checkpoint_file", type=_FILE,
               help="Prove against this signed checkpoint (default: the newest recorded one "
               "covering POSITION, or a new one signed with the checkpoint key).")
