@@ -90,12 +90,13 @@ class Route:
 
 def json_response(body: Any, status: int = 200) -> web.Response:
     """The one way a JSON answer is made (the API's, the intake's, the health checks')."""
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+    return web.Response(body=orjson.dumps(body, option=orjson.OPT_UTC_Z), status=status,
+                        content_type="application/json")
 
 
 def _dump(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
+        return value.model_dump(mode="json", by_alias=True)
     if isinstance(value, list):
         return [_dump(v) for v in value]
     return value
@@ -211,10 +212,17 @@ async def events(request: web.Request) -> web.Response:
     page = await _service(request).event_page(
         where, limit=_int(request, "limit", 100) or 0, with_payload=_bool(request, "payload")
     )
-    for row in page["items"]:
-        if "payload" in row:  # the stored JSON text, spliced in without a parse
-            row["payload"] = orjson.Fragment(row["payload"])
+    names = [(name, field.alias or name) for name, field in EventOut.model_fields.items()]
+    page["items"] = [_public_event(row, names) for row in page["items"]]
     return json_response(page)
+
+
+def _public_event(row: dict[str, Any], names: list[tuple[str, str]]) -> dict[str, Any]:
+    """An event row under the audit view's names (EventOut's aliases), in EventOut's order."""
+    public = {alias: row[name] for name, alias in names if name in row}
+    if "payload" in public:  # the stored JSON text, spliced in without a parse
+        public["payload"] = orjson.Fragment(public["payload"])
+    return public
 
 
 async def event_proof(request: web.Request) -> web.Response:

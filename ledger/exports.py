@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from ledger.audit import AuditService
 from ledger.storage.audit_store import EventFilter
 
-EVENT_FIELDS = ["position", "received_at", "occurred_at", "member_id", "event_type", "origin",
-                "bot_ids", "actor_user_id", "hash", "payload"]
+# audit.events' column names, in human order: what, when, who, then positions and hashes
+EVENT_FIELDS = ["event_type", "bot_ids", "occurred_at", "received_at", "actor_user_id",
+                "portal_member_id", "origin", "position", "event_hash", "payload"]
+_EVENT_NAMES = {"member_id": "portal_member_id", "hash": "event_hash"}
 
 
 @dataclass
@@ -47,13 +49,18 @@ class _Writer:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._csv is None:
-            self._out.write(orjson.dumps(record, default=str).decode() + "\n")
+            self._out.write(orjson.dumps(record, default=str,
+                                         option=orjson.OPT_UTC_Z).decode() + "\n")
             return
         self._csv.writerow({k: _cell(record.get(k)) for k in self._fields})
 
 
 def _cell(value: Any) -> Any:
-    if isinstance(value, list | dict):
+    """A CSV cell a person can read: a list as its items joined by spaces (empty when there
+    are none, never `[]`), a mapping as JSON, a time as ISO 8601 UTC with a `Z`."""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    if isinstance(value, dict):
         return orjson.dumps(value).decode()
     if isinstance(value, datetime):
         return utc(value)
@@ -63,6 +70,11 @@ def _cell(value: Any) -> Any:
 def utc(moment: datetime) -> str:
     """ISO 8601 in UTC with a `Z`, as the read API and the console write times."""
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def utc_seconds(moment: datetime) -> str:
+    """The same to the second, for tables people read (the CLI's, the console's)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def export_events(
@@ -79,7 +91,8 @@ async def export_events(
         bounded = EventFilter(**{**where.__dict__, "up_to": up_to})
         async for batch in snapshot.events(bounded):
             for row in batch:
-                record = dict(row)
+                record: dict[str, Any] = {_EVENT_NAMES.get(str(k), str(k)): v
+                                          for k, v in dict(row).items()}
                 record["bot_ids"] = list(record["bot_ids"])
                 record["payload"] = orjson.loads(record["payload"])
                 for key in ("received_at", "occurred_at"):
@@ -99,10 +112,11 @@ async def export_rows(
     filters: dict[str, Any], service: AuditService,
 ) -> Manifest:
     items = list(rows)
-    fields = list(type(items[0]).model_fields) if items else ["member_id"]
+    fields = ([f.alias or name for name, f in type(items[0]).model_fields.items()]
+              if items else ["portal_member_id"])
     writer = _Writer(out, fmt, fields)
     for item in items:
-        writer.write(item.model_dump(mode="json"))
+        writer.write(item.model_dump(mode="json", by_alias=True))
     position, head_hash = await service.head()
     positions = [getattr(i, "position", None) for i in items]
     known = [p for p in positions if p is not None]

@@ -15,12 +15,16 @@ T = TypeVar("T")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, from_attributes=True)
+    """Public names are the audit views' column names (docs/auditors.md, "Vocabulary"); where
+    the projections call a field otherwise, the field keeps that Python name and carries the
+    public one as its alias. Dump with `by_alias=True` for anything a person or program reads."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True, populate_by_name=True)
 
 
 class PortalOut(_Model):
-    member_id: str
-    domain: str | None
+    member_id: str = Field(alias="portal_member_id")
+    domain: str | None = Field(alias="portal_domain")
     trust_state: str = Field(description="allowed, trusted, ended or unknown")
     installed_at: datetime | None
     uninstalled_at: datetime | None
@@ -32,36 +36,43 @@ class PortalOut(_Model):
 
 
 class BotOut(_Model):
-    member_id: str
+    """A bot in the registry; field names are audit.bots' column names."""
+
     bot_id: int
     bot_code: str | None
+    member_id: str = Field(alias="portal_member_id")
     api_version: str = Field(description="v1 (ONIMBOT*) or v2 (ONIMBOTV2*)")
     status: str = Field(description="active or deleted")
-    first_seen_position: int
     first_seen_at: datetime
-    last_activity_position: int | None
     last_activity_at: datetime | None
     message_count: int
     command_count: int
     chat_join_count: int
-    deleted_position: int | None
-    deleted_at: datetime | None
-    deleted_by: str | None = Field(description="auth.user_id of the deleting event")
+    deleted_at: datetime | None = Field(
+        description="Bitrix24 time of the deleting event (its ts), else its received time")
+    deleted_by: str | None = Field(alias="deleted_by_user_id",
+                                   description="auth.user_id of the deleting event")
     deletion_cause: str | None
+    first_seen_position: int
+    last_activity_position: int | None
+    deleted_position: int | None
 
 
 class DeletionOut(_Model):
-    position: int = Field(description="position of the deleting event")
-    event_hash: str = Field(description="its chain hash, hex")
-    member_id: str
-    domain: str | None
+    """A deletion, in human order (what, when, who, then positions and hashes); field names
+    are audit.deletions' column names."""
+
     bot_id: int
     bot_code: str | None
-    occurred_at: datetime | None = Field(description="Bitrix24's ts")
-    received_at: datetime
-    actor_user_id: str | None
+    domain: str | None = Field(alias="portal_domain")
     cause: str
     event_type: str
+    occurred_at: datetime | None = Field(
+        alias="deleted_at",
+        description="Bitrix24 time of the deleting event (its ts); null when it gave none")
+    received_at: datetime = Field(description="when the ledger received the deleting event")
+    actor_user_id: str | None = Field(alias="deleted_by_user_id",
+                                      description="auth.user_id of the deleting event")
     first_seen_at: datetime | None
     last_activity_at: datetime | None
     message_count: int
@@ -72,6 +83,9 @@ class DeletionOut(_Model):
         default_factory=list,
         description="what the deleting event's payload held that the registry could not use",
     )
+    position: int = Field(description="position of the deleting event")
+    event_hash: str = Field(description="its chain hash, hex")
+    member_id: str = Field(alias="portal_member_id")
 
 
 class RejectionOut(_Model):
@@ -82,8 +96,9 @@ class RejectionOut(_Model):
     status: int = Field(description="the HTTP status the sender got")
     reason: str = Field(description="stable reason code, e.g. invalid_application_token")
     detail: str
-    member_id: str | None = Field(description="the portal the delivery claimed, if readable")
-    domain: str | None
+    member_id: str | None = Field(alias="portal_member_id",
+                                  description="the portal the delivery claimed, if readable")
+    domain: str | None = Field(alias="portal_domain")
     event_type: str | None
     peer: str | None
     content_type: str | None
@@ -91,19 +106,22 @@ class RejectionOut(_Model):
     body_sha256: str
     excerpt_chars: int
     excerpt_sha256: str
-    hash: str = Field(description="chain hash of the rejection log entry, hex")
+    hash: str = Field(alias="rejection_hash",
+                      description="chain hash of the rejection log entry, hex")
 
 
 class EventOut(_Model):
+    """A stored event; field names are audit.events' column names."""
+
     position: int
-    received_at: datetime
-    occurred_at: datetime | None
-    member_id: str
     event_type: str
-    origin: str
+    member_id: str = Field(alias="portal_member_id")
     bot_ids: list[int]
-    actor_user_id: str | None
-    hash: str = Field(description="chain hash, hex")
+    occurred_at: datetime | None = Field(description="Bitrix24 time (the event's ts)")
+    received_at: datetime = Field(description="when the ledger received it")
+    actor_user_id: str | None = Field(description="auth.user_id of the event")
+    origin: str
+    hash: str = Field(alias="event_hash", description="chain hash, hex")
     payload: dict[str, Any] | None = Field(
         default=None, description="the stored payload (secrets removed), when asked for"
     )

@@ -108,7 +108,7 @@ async def test_every_resource_answers_as_its_openapi_schema_says(
 async def test_registry_and_timeline_answer_the_forensic_questions(history: Client) -> None:
     headers = await bearer(history)
     bots = await get(history, "/bots", headers, portal=MEMBER_ID, status="deleted")
-    assert [(b["bot_id"], b["deleted_by"]) for b in bots] == [(567, "27")]
+    assert [(b["bot_id"], b["deleted_by_user_id"]) for b in bots] == [(567, "27")]
     deletions = await get(history, "/deletions", headers, portal=MEMBER_ID, actor="27")
     assert [d["bot_id"] for d in deletions] == [567]
     assert len(deletions[0]["event_hash"]) == 64
@@ -122,7 +122,7 @@ async def test_registry_and_timeline_answer_the_forensic_questions(history: Clie
     missing = await history.get(f"/api/v1/portals/{MEMBER_ID}/bots/1", headers=headers)
     assert missing.status == 404
     portals = await get(history, "/portals", headers)
-    assert MEMBER_ID in {p["member_id"] for p in portals}
+    assert MEMBER_ID in {p["portal_member_id"] for p in portals}
 
 
 async def test_event_pages_are_stable_under_concurrent_appends(history: Client) -> None:

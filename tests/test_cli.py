@@ -117,12 +117,12 @@ def test_bots_and_deletions_answer_in_json_with_snake_case_fields(database: Data
     asyncio.run(_deliver_samples(database))
     assert "applied" in run(database, "project", "--once").output
     bots = [orjson.loads(x) for x in run(database, "bots", "--json").output.splitlines()]
-    assert {(b["member_id"], b["bot_id"], b["bot_code"], b["status"]) for b in bots} == {
+    assert {(b["portal_member_id"], b["bot_id"], b["bot_code"], b["status"]) for b in bots} == {
         (MEMBER_ID, 567, "BOT", "deleted"), (MEMBER_ID, 571, "BOT", "active"),  # latest code
     }
     (deletion,) = [orjson.loads(x) for x in
                    run(database, "deletions", "--portal", MEMBER_ID, "--json").output.splitlines()]
-    assert (deletion["bot_id"], deletion["cause"], deletion["actor_user_id"]) == (
+    assert (deletion["bot_id"], deletion["cause"], deletion["deleted_by_user_id"]) == (
         567, "bot deleted", "27")
     assert isinstance(deletion["position"], int)
     before = run(database, "bots", "--as-of", str(deletion["position"] - 1), "--json").output

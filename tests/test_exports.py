@@ -63,7 +63,7 @@ def test_filtered_csv_exports_and_bots(database: Database, tmp_path: Path) -> No
     assert manifest["filters"] == {"event_type": "ONIMBOTDELETE"}
     bots = run(database, "export", "bots", "--format", "jsonl").output.splitlines()
     assert bots
-    assert {"member_id", "bot_id", "status"} <= set(json.loads(bots[0]))
+    assert {"portal_member_id", "bot_id", "status"} <= set(json.loads(bots[0]))
 
 
 def test_verification_runs_are_recorded_for_the_api(database: Database) -> None:

@@ -237,7 +237,7 @@ async def test_portal_takes_a_member_id_or_a_domain(
     assert "ONIMBOTDELETE" in by_domain.output
     deleted = await asyncio.to_thread(cli, env, "bots", "--json", "--portal", DOMAIN)
     assert deleted.exit_code == 0, deleted.output
-    assert orjson.loads(deleted.output.splitlines()[0])["member_id"] == MEMBER_ID
+    assert orjson.loads(deleted.output.splitlines()[0])["portal_member_id"] == MEMBER_ID
     unknown = await asyncio.to_thread(cli, env, "events", "--portal", "other.bitrix24.com")
     one_line_failure(unknown, "other.bitrix24.com", "ledger portals list")
 
@@ -260,14 +260,14 @@ async def test_rejections_are_listed_for_auditors_without_the_excerpt(
     assert listed.exit_code == 0, listed.output
     (row,) = [orjson.loads(line) for line in listed.output.splitlines()]
     assert row["reason"] == "invalid_application_token"
-    assert row["member_id"] == MEMBER_ID
+    assert row["portal_member_id"] == MEMBER_ID
     assert len(row["body_sha256"]) == 64
-    assert len(row["hash"]) == 64
+    assert len(row["rejection_hash"]) == 64
     assert "excerpt" not in row
 
     headers = await bearer(client)
     page = await get(client, "/rejections", headers, portal=DOMAIN, reason=row["reason"])
-    assert [r["hash"] for r in page["items"]] == [row["hash"]]
+    assert [r["rejection_hash"] for r in page["items"]] == [row["rejection_hash"]]
     assert page["next_after"] is None
     assert (await get(client, "/rejections", headers, reason="nothing_like_it"))["items"] == []
 

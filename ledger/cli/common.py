@@ -5,6 +5,7 @@ and output."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -13,10 +14,12 @@ from typing import Any, ParamSpec, TypeVar
 
 import click
 import orjson
+from pydantic import BaseModel
 
 from ledger import asof, operations
 from ledger.audit import AuditService
 from ledger.errors import LedgerError
+from ledger.exports import utc_seconds
 from ledger.projections import readers
 from ledger.projections.projector import Projector
 from ledger.readmodels import EventOut
@@ -27,6 +30,7 @@ from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 
+_JSON_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -133,8 +137,9 @@ PORTAL = click.option("--portal", "member_id",
 JSON_OUTPUT = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 
 
-def print_rows(rows: list[Any], columns: list[str], as_json: bool) -> None:
-    records = [readers.as_record(r) for r in rows]
+def print_rows(rows: list[BaseModel], columns: list[str], as_json: bool) -> None:
+    """Rows under the audit views' names (the models' aliases), times in UTC with a `Z`."""
+    records = [r.model_dump(mode="json", by_alias=True) for r in rows]
     if as_json:
         for record in records:
             click.echo(orjson.dumps(record).decode())
@@ -150,6 +155,8 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, list):
         return ",".join(map(str, value)) or "-"
+    if isinstance(value, str) and _JSON_TIME.fullmatch(value):
+        return value[:19] + "Z"  # to the second, as the console shows it
     return str(value)
 
 
@@ -206,13 +213,14 @@ TO = click.option("--to", "until", help="Received before (ISO 8601).")
 def print_events(items: list[EventOut], as_json: bool) -> None:
     if as_json:
         for item in items:
-            click.echo(item.model_dump_json(exclude_none=True))
+            click.echo(item.model_dump_json(exclude_none=True, by_alias=True))
         return
-    click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'EVENT':24} {'BOTS':12} {'ACTOR':7} HASH")
+    click.echo(f"{'POSITION':>9}  {'RECEIVED_AT':20}  {'EVENT_TYPE':24} {'BOT_IDS':12} "
+               f"{'ACTOR_USER_ID':13} EVENT_HASH")
     for e in items:
         bots = ",".join(map(str, e.bot_ids)) or "-"
-        click.echo(f"{e.position:>9}  {e.received_at.isoformat(timespec='seconds'):25}  "
-                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':7} {e.hash[:16]}")
+        click.echo(f"{e.position:>9}  {utc_seconds(e.received_at):20}  "
+                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':13} {e.hash[:16]}")
 
 
 class Progress:

@@ -13,7 +13,7 @@ from typing import IO
 import click
 
 from ledger import exports
-from ledger.audit import MAX_PAGE, AuditService, DeletionFilter
+from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, deletion_out
 from ledger.cli.app import main
 from ledger.cli.common import (
     AS_OF,
@@ -37,7 +37,7 @@ from ledger.cli.common import (
 )
 from ledger.projections import readers
 from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
-from ledger.readmodels import EventOut, Page, RejectionOut
+from ledger.readmodels import BotOut, EventOut, Page, RejectionOut
 from ledger.storage import target as targets
 from ledger.storage.audit_store import RejectionFilter
 from ledger.storage.projection_store import ProjectionStore
@@ -58,9 +58,10 @@ def bots(
     moment = parse_as_of(as_of)
     rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.bots(
         p, j, member_id=portal, status=status, as_of=moment))
-    print_rows(rows, ["member_id", "bot_id", "bot_code", "api_version", "status",
-                       "first_seen_at", "last_activity_at", "message_count", "deleted_at",
-                       "deleted_by"], as_json)
+    print_rows([BotOut.model_validate(b) for b in rows],
+               ["bot_id", "bot_code", "status", "first_seen_at", "last_activity_at",
+                "message_count", "deleted_at", "deleted_by_user_id", "api_version",
+                "portal_member_id"], as_json)
 
 
 @main.command()
@@ -74,8 +75,9 @@ def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_j
     moment = parse_as_of(as_of)
     rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.deletions(
         p, j, member_id=portal, as_of=moment))
-    print_rows(rows, ["occurred_at", "member_id", "bot_id", "bot_code", "actor_user_id",
-                       "cause", "position", "message_count", "anomalies"], as_json)
+    print_rows([deletion_out(d) for d in rows],
+               ["bot_id", "bot_code", "cause", "deleted_at", "deleted_by_user_id",
+                "message_count", "anomalies", "position", "portal_member_id"], as_json)
 
 
 @main.command()
@@ -185,13 +187,13 @@ def rejections(
     page = with_audit(ctx, work)
     if as_json:
         for item in page.items:
-            click.echo(item.model_dump_json())
+            click.echo(item.model_dump_json(by_alias=True))
     else:
-        click.echo(f"{'POSITION':>9}  {'RECEIVED':25}  {'STATUS':6} {'REASON':28} "
-                   f"{'PORTAL':34} {'BYTES':>8} BODY_SHA256")
+        click.echo(f"{'POSITION':>9}  {'RECEIVED_AT':20}  {'STATUS':6} {'REASON':28} "
+                   f"{'PORTAL_MEMBER_ID':34} {'BODY_SIZE':>9} BODY_SHA256")
         for r in page.items:
-            click.echo(f"{r.position:>9}  {r.received_at.isoformat(timespec='seconds'):25}  "
-                       f"{r.status:<6} {r.reason:28} {r.member_id or '-':34} {r.body_size:>8} "
+            click.echo(f"{r.position:>9}  {exports.utc_seconds(r.received_at):20}  "
+                       f"{r.status:<6} {r.reason:28} {r.member_id or '-':34} {r.body_size:>9} "
                        f"{r.body_sha256[:16]}")
     if page.next_after is not None:
         click.echo(f"(more: --after {page.next_after})", err=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ledger import checkpoints, integrity
+from ledger import checkpoints, exports, integrity
 from ledger.cli.app import main
 from ledger.cli.common import (
     Progress,
@@ -174,4 +174,4 @@ def verify_checkpoint(checkpoint_file: Path, public_key: Path) -> None:
     origin, key = checkpoints.load_public_key(public_key)
     checkpoint = checkpoints.verify(checkpoint_file.read_text(), key, origin)
     click.echo(f"valid: {checkpoint.origin} position {checkpoint.position} head "
-               f"{checkpoint.head_hash.hex()} at {checkpoint.time.isoformat()}")
+               f"{checkpoint.head_hash.hex()} at {exports.utc(checkpoint.time)}")

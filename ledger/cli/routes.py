@@ -8,6 +8,7 @@ from typing import Any
 import click
 import orjson
 
+from ledger import exports
 from ledger.cli.app import main
 from ledger.cli.common import fail_cleanly, settings_of, with_store
 from ledger.gateway import admin
@@ -66,14 +67,14 @@ def routes_list(ctx: click.Context, as_json: bool) -> None:
         for r in current.values():
             click.echo(orjson.dumps({
                 "route_id": r.route_id, "member_id": r.member_id, "event": r.event_pattern,
-                "url": r.url, "allow_http": r.allow_http, "added_at": r.added_at.isoformat(),
+                "url": r.url, "allow_http": r.allow_http, "added_at": exports.utc(r.added_at),
                 "added_by": r.added_by, "position": r.position,
             }).decode())
         return
     click.echo(f"{'ROUTE':14} {'PORTAL':34} {'EVENT':16} {'ADDED':25} URL")
     for r in current.values():
         click.echo(f"{r.route_id:14} {r.member_id:34} {r.event_pattern:16} "
-                   f"{r.added_at.isoformat(timespec='seconds'):25} {r.url}")
+                   f"{exports.utc_seconds(r.added_at):25} {r.url}")
 
 
 @routes.command("attempts")
@@ -100,11 +101,11 @@ def routes_attempts(
     for row in rows:
         latency = f"{row['latency_ms']:.1f}" if row["latency_ms"] is not None else "-"
         click.echo(
-            f"{row['attempted_at'].isoformat(timespec='seconds'):25} {row['route_id']:14} "
+            f"{exports.utc_seconds(row['attempted_at']):25} {row['route_id']:14} "
             f"{row['position'] if row['position'] is not None else '-':>9} {row['attempt']:>3} "
             f"{row['outcome']:9} {row['status'] or '-':6} {latency:>8} {row['error'] or ''}"
         )
 
 
 def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return exports.utc(value) if isinstance(value, datetime) else value

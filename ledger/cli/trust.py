@@ -8,7 +8,7 @@ from typing import Any
 import click
 import orjson
 
-from ledger import portal_ids
+from ledger import exports, portal_ids
 from ledger.cli.app import main
 from ledger.cli.common import (
     change_trust,
@@ -91,7 +91,7 @@ def portals_list(ctx: click.Context, as_json: bool) -> None:
             record: dict[str, Any] = {
                 "member_id": row.member_id or None, "domain": row.domain, "state": row.state,
                 "allowed": row.allowed, "token_fingerprint": row.token_fingerprint,
-                "changed_at": row.changed_at.isoformat(),
+                "changed_at": exports.utc(row.changed_at),
                 "changed_position": row.changed_position,
             }
             click.echo(orjson.dumps(record).decode())
@@ -101,6 +101,6 @@ def portals_list(ctx: click.Context, as_json: bool) -> None:
     for row in rows:
         click.echo(
             f"{row.member_id or '-':34} {row.domain or '-':32} {row.state:8} "
-            f"{row.token_fingerprint or '-':12} {row.changed_at.isoformat(timespec='seconds'):25} "
+            f"{row.token_fingerprint or '-':12} {exports.utc_seconds(row.changed_at):25} "
             f"{row.changed_position}"
         )

@@ -51,14 +51,14 @@ class DeletionRow(_Row):
 
 
 class EventRow(_Row):
-    position: int
     event_type: str
+    bot_ids: str
     portal_domain: str | None
     occurred_at: str = Field(description="Bitrix24's time")
     received_at: str
-    bot_ids: str
     actor_user_id: str | None
-    hash: str
+    position: int
+    event_hash: str
     portal_member_id: str
 
 
@@ -71,7 +71,7 @@ class RejectionRow(_Row):
     body_size: int
     body_sha256: str
     position: int
-    hash: str
+    rejection_hash: str
 
 
 class PortalRow(_Row):
@@ -117,7 +117,7 @@ def event_row(r: dict[str, Any]) -> EventRow:
         position=r["position"], event_type=r["event_type"], portal_domain=r.get("domain"),
         occurred_at=iso(r["occurred_at"]), received_at=iso(r["received_at"]),
         bot_ids=" ".join(str(b) for b in r["bot_ids"]), actor_user_id=r["actor_user_id"],
-        hash=r["hash"], portal_member_id=r["member_id"],
+        event_hash=r["hash"], portal_member_id=r["member_id"],
     )
 
 
@@ -125,7 +125,7 @@ def rejection_row(r: dict[str, Any]) -> RejectionRow:
     return RejectionRow(
         received_at=iso(r["received_at"]), reason=r["reason"], status=r["status"],
         portal_member_id=r["member_id"], event_type=r["event_type"], body_size=r["body_size"],
-        body_sha256=r["body_sha256"], position=r["position"], hash=r["hash"],
+        body_sha256=r["body_sha256"], position=r["position"], rejection_hash=r["hash"],
     )
 
 
