@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -27,7 +29,7 @@ from ledger.settings import Settings
 from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore, EventFilter
 from ledger.storage.projection_store import ProjectionStore
-from ledger.storage.store import EventStore, create_pool
+from ledger.storage.store import EventStore, Pool, create_pool
 from ledger.trust import TrustChange
 
 _JSON_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -160,32 +162,46 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+@dataclass(frozen=True)
+class Opened:
+    """What a read-only command works with: the auditor's service and what it is built on."""
+
+    audit: AuditService
+    store: EventStore
+    pool: Pool
+
+
+@asynccontextmanager
+async def opened_audit(settings: Settings) -> AsyncIterator[Opened]:
+    """The auditor's service: reads as the service role, and catches the projections up as the
+    projector role (that pool connects only when a command first does)."""
+    target = await targets.open_target(settings)
+    try:
+        pool = await create_pool(target.service_dsn, size=2)
+        writer = await create_pool(target.projector_dsn, size=1, connect=False)
+        try:
+            await targets.require_current_schema(pool)
+            store = EventStore(pool, policy=settings.trust_policy)
+            projector = Projector(
+                EventStore(writer, policy=settings.trust_policy), ProjectionStore(writer),
+                snapshot_every=settings.projector_snapshot_every,
+            )
+            audit = AuditService(store, ProjectionStore(pool), AuditStore(pool), projector)
+            yield Opened(audit, store, pool)
+        finally:
+            await writer.close()
+            await pool.close()
+    finally:
+        target.release()
+
+
 def with_audit(ctx: click.Context, work: Callable[[AuditService], Awaitable[T]]) -> T:
-    """Run `work` with the auditor's service: reads as the service role, and first catches
-    the projections up as the projector role."""
+    """Run `work` with the auditor's service (`opened_audit`)."""
     settings = settings_of(ctx)
 
     async def run() -> T:
-        target = await targets.open_target(settings)
-        try:
-            pool = await create_pool(target.service_dsn, size=2)
-            # connected only when a command first catches the projections up
-            writer = await create_pool(target.projector_dsn, size=1, connect=False)
-            try:
-                await targets.require_current_schema(pool)
-                store = EventStore(pool, policy=settings.trust_policy)
-                projector = Projector(
-                    EventStore(writer, policy=settings.trust_policy), ProjectionStore(writer),
-                    snapshot_every=settings.projector_snapshot_every,
-                )
-                return await work(AuditService(
-                    store, ProjectionStore(pool), AuditStore(pool), projector
-                ))
-            finally:
-                await writer.close()
-                await pool.close()
-        finally:
-            target.release()
+        async with opened_audit(settings) as opened:
+            return await work(opened.audit)
 
     return asyncio.run(run())
 

@@ -8,18 +8,12 @@ from pathlib import Path
 import click
 
 from ledger import report
-from ledger.audit import AuditService
 from ledger.cli.app import main
-from ledger.cli.common import AS_OF, fail_cleanly, settings_of
+from ledger.cli.common import AS_OF, fail_cleanly, opened_audit, settings_of
 from ledger.console.params import parse_as_of, parse_time
 from ledger.console.reader import Reader
-from ledger.projections.projector import Projector
 from ledger.settings import Settings
-from ledger.storage import target as targets
-from ledger.storage.audit_store import AuditStore
 from ledger.storage.console_store import ConsoleStore
-from ledger.storage.projection_store import ProjectionStore
-from ledger.storage.store import EventStore, create_pool
 
 
 @main.command("report")
@@ -64,23 +58,8 @@ def report_command(
 
 
 async def _build(settings: Settings, scope: report.Scope) -> str:
-    """As `with_audit` builds the service (reads as the service role, catches the projections
-    up as the projector role), plus the store the verification and the console queries need."""
-    target = await targets.open_target(settings)
-    try:
-        pool = await create_pool(target.service_dsn, size=2)
-        writer = await create_pool(target.projector_dsn, size=1, connect=False)
-        try:
-            await targets.require_current_schema(pool)
-            store = EventStore(pool, policy=settings.trust_policy)
-            projector = Projector(
-                EventStore(writer, policy=settings.trust_policy), ProjectionStore(writer),
-                snapshot_every=settings.projector_snapshot_every,
-            )
-            audit = AuditService(store, ProjectionStore(pool), AuditStore(pool), projector)
-            return await report.build(Reader(audit, ConsoleStore(pool), settings), store, scope)
-        finally:
-            await writer.close()
-            await pool.close()
-    finally:
-        target.release()
+    """With the auditor's service (`opened_audit`), plus the store the verification and the
+    console queries need."""
+    async with opened_audit(settings) as opened:
+        reader = Reader(opened.audit, ConsoleStore(opened.pool), settings)
+        return await report.build(reader, opened.store, scope)
