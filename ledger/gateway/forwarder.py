@@ -311,9 +311,11 @@ class Forwarder:
         try:
             await self._accept(accepted)
         except Exception:
-            # the delivery is durable and its sender must hear so; this is a bug to fix
+            # the delivery is durable and its sender must hear so; this is a bug to fix — and a
+            # forward lost to it is counted, so /metrics shows what the log says
             log.exception("forwarding position %s of portal %s failed unexpectedly",
                           accepted.position, accepted.member_id)
+            self._metrics.given_up.labels("*", "internal_error").inc()
 
     async def _accept(self, accepted: Accepted) -> None:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
