@@ -17,6 +17,9 @@ class LedgerError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # the HTTP connection cannot carry another request after this answer (its body stream is
+    # broken), so the answer says `Connection: close` and the server reads no more of it
+    closes_connection: bool = False
 
     @property
     def message(self) -> str:
@@ -105,6 +108,15 @@ class DeliveryRejected(LedgerError):
     @property
     def message(self) -> str:
         return self._message
+
+
+class UnreadableBody(DeliveryRejected):
+    """A body the HTTP layer could not read (broken gzip/deflate/br, a short chunked body)."""
+
+    closes_connection = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, "malformed_body", message)
 
 
 class BadQuery(LedgerError):

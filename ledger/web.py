@@ -25,7 +25,13 @@ from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
 from ledger.console import create_console
 from ledger.console.app import CONSOLE_STORE
-from ledger.errors import DatabaseUnavailable, DeliveryRejected, LedgerError, SchemaNotMigrated
+from ledger.errors import (
+    DatabaseUnavailable,
+    DeliveryRejected,
+    LedgerError,
+    SchemaNotMigrated,
+    UnreadableBody,
+)
 from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
 from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, Metrics
@@ -96,7 +102,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status >= 500:
             log.error("%s %s: %s", request.method, request.path, exc,
                       exc_info=exc.status == 500)
-        return error_response(exc.status, exc.code, exc.message)
+        response = error_response(exc.status, exc.code, exc.message)
+        if exc.closes_connection:
+            # aiohttp would otherwise drain the rest of the broken body for keep-alive and log
+            # each decoding failure as an "Unhandled exception": read no more of it, and close
+            request.content.feed_eof()
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -152,8 +164,7 @@ async def receive_event(request: web.Request) -> web.Response:
     except (HttpProcessingError, web.RequestPayloadError) as exc:
         # a body the HTTP layer cannot read (a broken gzip/deflate, a short chunked body): the
         # sender's fault, answered and recorded like any other refusal — not a bug
-        rejected = DeliveryRejected(400, "malformed_body",
-                                    f"the body could not be read: {exc.__class__.__name__}")
+        rejected = UnreadableBody(f"the body could not be read: {exc.__class__.__name__}")
         await intake.refuse(_delivery(request, b""), rejected)
         raise rejected from None
     except ConnectionResetError:
@@ -451,6 +462,34 @@ async def _switch_interval_ctx(app: web.Application) -> AsyncIterator[None]:
     sys.setswitchinterval(previous)
 
 
+class _ParserRefusals(logging.Filter):
+    """aiohttp logs a request its own parser refused (a bad request line, a header over 8 KiB,
+    a body encoding it cannot decode) with a full traceback at ERROR: log volume and alarm any
+    sender could cause. Such a record becomes one INFO line naming what was refused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError) or isinstance(
+            getattr(exc, "__cause__", None), HttpProcessingError
+        ):
+            try:
+                reason = wire.safe_text(" ".join(str(exc).split()), 200)
+                record.args = (record.getMessage(), reason)
+            except Exception:  # noqa: BLE001 — a filter that raises turns the answer into a 500
+                return True
+            record.msg = "%s: %s (refused by the HTTP parser, not recorded)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+async def _parser_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    server_log, refusals = logging.getLogger("aiohttp.server"), _ParserRefusals()
+    server_log.addFilter(refusals)
+    yield
+    server_log.removeFilter(refusals)
+
+
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     """Move everything start-up allocated out of the collector's sight: otherwise full
     collections over it stall requests by tens of milliseconds (bench/RESULTS.md)."""
@@ -477,6 +516,7 @@ def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Applica
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics_dir)
     app[SEAMS] = seams or Seams()
+    app.cleanup_ctx.append(_parser_log_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(_forwarder_ctx)
