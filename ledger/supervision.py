@@ -6,6 +6,8 @@ the traceback, counts it (`ledger_task_failures_total{task=…}`), marks the tas
 names it), calls the task's `on_crash` hook — the committer's settles every delivery waiting on
 it, so no sender waits forever — and starts it again after a backoff that doubles up to a cap
 and resets once a run has lasted a while. A task that returns has finished (it was closed).
+A task that crashed `CRASH_LOOP` times within `stable_after` seconds stays named by readiness
+even while it runs between crashes: a crash loop must not look healthy at the instant probed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ log = logging.getLogger(__name__)
 
 Run = Callable[[], Awaitable[None]]
 OnCrash = Callable[[BaseException], None]
+CRASH_LOOP = 3  # crashes within `stable_after` seconds that make a running task unready
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class Supervisor:
         self._first, self._max, self._stable = first_backoff, max_backoff, stable_after
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._down: dict[str, Down] = {}
+        self._crashes: dict[str, deque[tuple[float, str]]] = {}
 
     def start(self, name: str, run: Run, *, on_crash: OnCrash | None = None) -> None:
         """Run `run()` as task `name`, again after every crash, until it returns or is stopped."""
@@ -59,10 +64,16 @@ class Supervisor:
     def down(self) -> dict[str, str]:
         """Each task not running now, with why and when it restarts (empty: all are up)."""
         now = asyncio.get_running_loop().time()
-        return {
+        down = {
             name: f"down ({d.reason}); restarting in {max(0.0, d.restart_at - now):.1f}s"
             for name, d in self._down.items()
         }
+        for name, crashes in self._crashes.items():
+            recent = [reason for at, reason in crashes if now - at < self._stable]
+            if name not in down and len(recent) >= CRASH_LOOP:
+                down[name] = (f"crash-looping: {len(recent)} crashes in the last "
+                              f"{self._stable:g}s (last: {recent[-1]})")
+        return down
 
     async def join(self, name: str) -> None:
         """Until task `name` has returned (after its owner asked it to finish)."""
@@ -106,6 +117,7 @@ class Supervisor:
                 self._up(name)
         finally:
             self._down.pop(name, None)
+            self._crashes.pop(name, None)
             if self._metrics is not None:
                 self._metrics.task_up.labels(name).set(0)
 
@@ -113,6 +125,8 @@ class Supervisor:
         reason = f"{type(exc).__name__}: {exc}"[:300]
         log.error("background task %s crashed; restarting", name, exc_info=exc)
         self._down[name] = Down(reason, restart_at)
+        now = asyncio.get_running_loop().time()
+        self._crashes.setdefault(name, deque(maxlen=CRASH_LOOP)).append((now, reason))
         if self._metrics is not None:
             self._metrics.task_failures.labels(name).inc()
             self._metrics.task_up.labels(name).set(0)

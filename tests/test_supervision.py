@@ -273,6 +273,54 @@ async def test_the_supervisor_calls_the_hook_counts_and_restarts_until_the_task_
     assert supervisor.down() == {}
 
 
+async def test_a_crash_looping_task_stays_named_while_it_runs_between_crashes() -> None:
+    """Left over from the last session: readiness named a crashing task only during its
+    backoff, so a task crashing every few seconds looked ready almost whenever probed."""
+    release = asyncio.Event()
+    runs = 0
+
+    async def run() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 3:
+            raise ValueError(f"crash {runs}")
+        await release.wait()  # up and running, after three quick crashes
+
+    supervisor = Supervisor(Metrics(), first_backoff=0.01, max_backoff=0.01, stable_after=0.5)
+    supervisor.start("flaky", run)
+    async with asyncio.timeout(5):
+        while runs < 4:
+            await asyncio.sleep(0.01)
+    assert "crash-looping: 3 crashes" in supervisor.down()["flaky"]
+    assert "crash 3" in supervisor.down()["flaky"]
+    async with asyncio.timeout(5):  # the window passes without a crash: ready again
+        while supervisor.down():
+            await asyncio.sleep(0.05)
+    release.set()
+    await supervisor.join("flaky")
+    assert supervisor.down() == {}
+
+
+async def test_two_crashes_in_the_window_are_not_a_loop() -> None:
+    runs = 0
+    running = asyncio.Event()
+
+    async def run() -> None:
+        nonlocal runs
+        runs += 1
+        if runs <= 2:
+            raise ValueError(f"crash {runs}")
+        running.set()
+        await asyncio.Event().wait()
+
+    supervisor = Supervisor(Metrics(), first_backoff=0.01, max_backoff=0.01, stable_after=60)
+    supervisor.start("twice", run)
+    async with asyncio.timeout(5):
+        await running.wait()
+    assert supervisor.down() == {}
+    await supervisor.close()
+
+
 # ---- readiness degrades with a reason, and recovers ----------------------------------------
 
 
