@@ -27,6 +27,7 @@ from ledger.supervision import Supervisor
 from ledger.trust import TrustChange
 from ledger.web import METRICS, SPOOL, Seams, create_app
 from tests.conftest import Database, sample
+from tests.gateway_helpers import eventually
 from tests.helpers import Client, Disk, drained, install_sample_portal, post
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -276,7 +277,7 @@ async def test_the_supervisor_calls_the_hook_counts_and_restarts_until_the_task_
 async def test_a_crash_looping_task_stays_named_while_it_runs_between_crashes() -> None:
     """Left over from the last session: readiness named a crashing task only during its
     backoff, so a task crashing every few seconds looked ready almost whenever probed."""
-    release = asyncio.Event()
+    release, running = asyncio.Event(), asyncio.Event()
     runs = 0
 
     async def run() -> None:
@@ -284,18 +285,17 @@ async def test_a_crash_looping_task_stays_named_while_it_runs_between_crashes() 
         runs += 1
         if runs <= 3:
             raise ValueError(f"crash {runs}")
+        running.set()
         await release.wait()  # up and running, after three quick crashes
 
     supervisor = Supervisor(Metrics(), first_backoff=0.01, max_backoff=0.01, stable_after=0.5)
     supervisor.start("flaky", run)
     async with asyncio.timeout(5):
-        while runs < 4:
-            await asyncio.sleep(0.01)
+        await running.wait()
     assert "crash-looping: 3 crashes" in supervisor.down()["flaky"]
     assert "crash 3" in supervisor.down()["flaky"]
-    async with asyncio.timeout(5):  # the window passes without a crash: ready again
-        while supervisor.down():
-            await asyncio.sleep(0.05)
+    # the window passes without a crash: ready again
+    await eventually(lambda: supervisor.down() == {}, within=5)
     release.set()
     await supervisor.join("flaky")
     assert supervisor.down() == {}
