@@ -3,15 +3,17 @@ state (projections, portal trust) against a fold of the store; making checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger import proving, trust
+from ledger import foldrecord, proving, trust
 from ledger.models import TRUST_EVENT
 from ledger.projections import fold, rows
 from ledger.projections.fold import State, StoredEvent
@@ -130,6 +132,11 @@ async def verify_projections(
         async for batch in snapshot.events(head):
             for row in batch:
                 event = rows.event(row)
+                # the fold folds what the payload says; a stored fold record must say the same
+                expected = foldrecord.fold_record(event.event_type, event.origin, event.payload)
+                if difference is None and row["fold_record"] is not None:
+                    difference = _compare_record(event.position, row["fold_record"], expected)
+                event = dataclasses.replace(event, record=expected)
                 if event.position <= position:
                     fold.apply(state, event)
                     blob = saved.pop(event.position, None)
@@ -176,6 +183,27 @@ async def verify_projections(
             difference = _compare("ledger.portal_allowances (open)", ("position",),
                                   ("member_id", "domain"), stored_open, expected_open)
     return ProjectionReport(position, recorded_hash, compared, difference)
+
+
+def _compare_record(
+    position: int, text: str, expected: foldrecord.FoldRecord
+) -> Difference | None:
+    """A stored fold record against the one its payload gives (records of another version are
+    never used, so only they may differ)."""
+    stored = foldrecord.decode(text)
+    if stored == expected or (stored is None and _other_version(text)):
+        return None
+    return Difference("ledger.events", f"position={position}", "fold_record", text,
+                      foldrecord.encode(expected))
+
+
+def _other_version(text: str) -> bool:
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(document, dict) and isinstance(document.get("v"), int) \
+        and document["v"] != foldrecord.VERSION
 
 
 def _compare_snapshot(position: int, blob: bytes, state: State) -> Difference | None:

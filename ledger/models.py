@@ -56,6 +56,9 @@ class EventDraft:
     # no trust itself: it was verified as firmly as online and the sender heard 202, so the drain
     # stores it whatever another worker's spooled lifecycle event did to trust meanwhile
     offline_accepted: bool = False
+    # what the fold reads of the payload (`ledger.foldrecord`), computed where the payload was
+    # built; None (older spool records): the planner reads it from the payload
+    fold_record: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from ledger import foldrecord
 from ledger.drafts import effect_of_draft, follow_up, refusal
 from ledger.envelope import INSTALL
 from ledger.hashing import canonical_json, chain_hash, event_entry
@@ -156,7 +157,9 @@ def plan(
             (position, draft.member_id, draft.event_type, draft.origin,
              "{" + ",".join(map(str, draft.bot_ids)) + "}", draft.occurred_at,
              draft.received_at, draft.dedup_key, draft.body_sha256, draft.payload.decode(),
-             draft.payload_sha256, metadata.decode(), current.hash, digest)
+             draft.payload_sha256, metadata.decode(), current.hash, digest,
+             draft.fold_record if draft.fold_record is not None
+             else foldrecord.stored(draft.event_type, draft.origin, orjson.loads(draft.payload)))
         )
         facts.seen[(draft.member_id, draft.dedup_key)] = position
         if draft.origin == ORIGIN_BITRIX24 and draft.presented_sha256 is not None:

@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 
 from ledger import codec
-from ledger.asof import strict_int64
 from ledger.envelope import INSTALL, UNINSTALL, UPDATE
 from ledger.errors import CodecError
+from ledger.foldrecord import FoldRecord, fold_record
 from ledger.models import ORIGIN_BITRIX24, TRUST_EVENT
 
 BOT_DELETED = "bot deleted"
@@ -30,8 +30,9 @@ _DELETES = {"ONIMBOTDELETE", "ONIMBOTV2DELETE"}
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as the fold sees it: the store row with its payload parsed (any JSON value:
-    the fold never trusts its shape)."""
+    """An event as the fold sees it: the store row with its fold record (what the fold reads
+    of the payload, computed at intake) — or, for events stored without a usable one, the
+    payload parsed (any JSON value: the fold never trusts its shape), read here instead."""
 
     position: int
     member_id: str
@@ -42,6 +43,13 @@ class StoredEvent:
     received_at: datetime
     payload: Any
     hash: bytes
+    record: FoldRecord | None = None
+
+    def facts(self) -> FoldRecord:
+        """The fold record: the stored one, else read from the payload (`ledger.foldrecord`)."""
+        if self.record is not None:
+            return self.record
+        return fold_record(self.event_type, self.origin, self.payload)
 
     @property
     def at(self) -> datetime:
@@ -177,10 +185,11 @@ def apply(state: State, event: StoredEvent) -> None:
     """
     assert event.position > state.position, "events must be folded in position order"
     state.position = event.position
-    facts = _read(event)
+    facts = event.facts()
     if facts.notes:
         state.anomalies[event.position] = Anomaly(
-            event.position, event.member_id, event.event_type, list(event.bot_ids), facts.notes
+            event.position, event.member_id, event.event_type, list(event.bot_ids),
+            list(facts.notes),
         )
     if not event.member_id:
         return  # operator events not tied to a portal (an allowance by domain)
@@ -193,115 +202,7 @@ def apply(state: State, event: StoredEvent) -> None:
         _bot_event(state, portal, event, facts, bot_id)
 
 
-_MAX_SHOWN = 40  # characters of a sender's key or type name quoted in a note
-
-
-@dataclass(slots=True)
-class _Facts:
-    """What the fold uses of one payload, read defensively, with notes on what it could not."""
-
-    domain: str | None = None
-    actor: str | None = None
-    version: str | None = None
-    change: str | None = None
-    codes: dict[int, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def note(self, path: str, problem: str) -> None:
-        self.notes.append(f"{path}: {problem}")
-
-
-def _shown(key: Any) -> str:
-    text = ascii(key)
-    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "text", bool: "a boolean",
-            type(None): "null", float: "a number", int: "a number"}.get(type(value), "a value")
-
-
-def _text(facts: _Facts, path: str, value: Any, *, numbers: bool = False) -> str | None:
-    """Text fit for a text column: a non-empty string without NUL (or, where Bitrix24 sends
-    numbers, an integer); anything else present is noted."""
-    if value is None or value == "":
-        return None
-    if numbers and isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, str) and "\x00" not in value:
-        return value
-    facts.note(path, f"{_kind(value)} where text belongs" if not isinstance(value, str)
-               else "text with a NUL character")
-    return None
-
-
-def _object(facts: _Facts, path: str, value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value
-    facts.note(path, f"{_kind(value)} where an object belongs")
-    return None
-
-
-def _read(event: StoredEvent) -> _Facts:
-    facts = _Facts()
-    payload = event.payload
-    if not isinstance(payload, dict):
-        facts.note("payload", f"{_kind(payload)} where an object belongs")
-        return facts
-    auth = _object(facts, "auth", payload.get("auth"))
-    domain = _text(facts, "auth.domain", auth.get("domain")) if auth else None
-    if domain is None and (auth is None or "domain" not in auth):
-        domain = _text(facts, "domain", payload.get("domain"))
-    facts.domain = domain.lower() if domain else None
-    if auth is not None:
-        facts.actor = _text(facts, "auth.user_id", auth.get("user_id"), numbers=True)
-    if event.event_type == TRUST_EVENT and event.origin != ORIGIN_BITRIX24:
-        facts.change = _text(facts, "change", payload.get("change"))
-    data = _object(facts, "data", payload.get("data"))
-    if data is None:
-        return facts
-    if event.event_type in (INSTALL, UPDATE, UNINSTALL):
-        facts.version = _text(facts, "data.VERSION", data.get("VERSION"), numbers=True)
-    _bot_codes(facts, data)
-    return facts
-
-
-def _bot_codes(facts: _Facts, data: dict[str, Any]) -> None:
-    """Bot codes by bot id, from every place a v1 or v2 payload names a bot."""
-
-    def note(path: str, bot_id: Any, code: Any) -> None:
-        text = _text(facts, f"{path}.code", code)
-        if bot_id is None or bot_id == "":
-            return
-        parsed = strict_int64(bot_id)
-        if parsed is None:
-            facts.note(path, f"{_shown(bot_id)} is not a bot id (ASCII digits, int64)")
-        elif text:
-            facts.codes.setdefault(parsed, text)
-
-    if "BOT_ID" in data:
-        note("data.BOT_ID", data.get("BOT_ID"), data.get("BOT_CODE"))
-    for group in ("BOT", "COMMAND"):
-        entries = _object(facts, f"data.{group}", data.get(group))
-        for key, entry in (entries or {}).items():
-            path = f"data.{group}.{_shown(key)}"
-            item = _object(facts, path, entry)
-            if group == "BOT" and strict_int64(key) is None:
-                facts.note(path, f"key {_shown(key)} is not a bot id (ASCII digits, int64)")
-            if item is None:
-                continue
-            if "BOT_ID" in item:
-                note(f"{path}.BOT_ID", item.get("BOT_ID"), item.get("BOT_CODE"))
-            elif group == "BOT" and strict_int64(key) is not None:
-                note(path, key, item.get("BOT_CODE"))
-    bot = _object(facts, "data.bot", data.get("bot"))
-    if bot is not None:
-        note("data.bot.id", bot.get("id"), bot.get("code"))
-
-
-def _portal(state: State, event: StoredEvent, facts: _Facts) -> Portal:
+def _portal(state: State, event: StoredEvent, facts: FoldRecord) -> Portal:
     portal = state.portals.get(event.member_id)
     if portal is None:
         portal = state.portals[event.member_id] = Portal(event.member_id, facts.domain)
@@ -316,7 +217,7 @@ def _portal(state: State, event: StoredEvent, facts: _Facts) -> Portal:
     return portal
 
 
-def _trust(portal: Portal, event: StoredEvent, facts: _Facts) -> None:
+def _trust(portal: Portal, event: StoredEvent, facts: FoldRecord) -> None:
     state = {"allowed": "allowed", "established": "trusted", "provisioned": "trusted",
              "ended": "ended"}.get(facts.change or "")
     if state is None or (state == "allowed" and portal.trust_state in ("trusted", "ended")):
@@ -324,7 +225,7 @@ def _trust(portal: Portal, event: StoredEvent, facts: _Facts) -> None:
     portal.trust_state, portal.trust_position = state, event.position
 
 
-def _lifecycle(state: State, portal: Portal, event: StoredEvent, facts: _Facts) -> None:
+def _lifecycle(state: State, portal: Portal, event: StoredEvent, facts: FoldRecord) -> None:
     state.lifecycle.append(Lifecycle(
         event.position, event.member_id, event.event_type, event.occurred_at,
         event.received_at, facts.version, facts.actor,
@@ -343,7 +244,7 @@ def _lifecycle(state: State, portal: Portal, event: StoredEvent, facts: _Facts) 
 
 
 def _bot_event(
-    state: State, portal: Portal, event: StoredEvent, facts: _Facts, bot_id: int
+    state: State, portal: Portal, event: StoredEvent, facts: FoldRecord, bot_id: int
 ) -> None:
     key = (event.member_id, bot_id)
     bot = state.bots.get(key)
@@ -375,7 +276,7 @@ def _bot_event(
 
 
 def _delete(
-    state: State, portal: Portal, bot: Bot, event: StoredEvent, facts: _Facts, cause: str, *,
+    state: State, portal: Portal, bot: Bot, event: StoredEvent, facts: FoldRecord, cause: str, *,
     never_seen: bool,
 ) -> None:
     deletion = Deletion(

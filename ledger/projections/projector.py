@@ -62,7 +62,9 @@ class Projector:
         applied = 0
         while True:
             async with self._projections.batch(REGISTRY) as batch:
-                events = [rows.event(r) for r in await batch.events(self.head, self._batch_size)]
+                reader = rows.EventReader()
+                events = [reader.event(r) for r in await batch.events(
+                    self.head, self._batch_size, reader.needs_payload)]
                 if not events:
                     self.checkpoint = batch.checkpoint
                     break
@@ -175,11 +177,12 @@ async def fold_to(
     assert isinstance(as_of, Occurred | Received)
     saved = await projections.snapshot_by_time(REGISTRY, as_of.at, occurred=occurred)
     state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
+    reader = rows.EventReader()
     async for batch in projections.stream_events_by_time(
-        as_of.at, occurred=occurred, after=state.position
+        as_of.at, occurred=occurred, after=state.position, needs_payload=reader.needs_payload
     ):
         for event in batch:
-            fold.apply(state, rows.event(event))
+            fold.apply(state, reader.event(event))
         on_progress(len(batch))
     return state
 
@@ -188,9 +191,14 @@ async def fold_range(
     projections: ProjectionStore, state: State, position: int,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> State:
-    """Fold the events after `state.position` up to `position` into `state`."""
-    async for events in projections.stream_events(position, after=state.position):
+    """Fold the events after `state.position` up to `position` into `state`, by their fold
+    records (payloads parsed only where an event has no usable one)."""
+    reader = rows.EventReader()
+    async for events in projections.stream_events(
+        position, after=state.position, needs_payload=reader.needs_payload
+    ):
+        apply = fold.apply
         for event in events:
-            fold.apply(state, rows.event(event))
+            apply(state, reader.event(event))
         on_progress(len(events))
     return state

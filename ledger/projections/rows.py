@@ -12,13 +12,15 @@ from typing import Any
 
 import orjson
 
+from ledger.foldrecord import FoldRecord, decode
 from ledger.projections.fold import Anomaly, Bot, Deletion, Lifecycle, Portal, State, StoredEvent
 
 Row = Mapping[str, Any]
 
 
-def event(row: Row) -> StoredEvent:
-    """A store row as the fold reads it (the payload parsed, whatever JSON it holds)."""
+def event(row: Row, record: FoldRecord | None = None) -> StoredEvent:
+    """A store row as the fold reads it: the payload parsed (whatever JSON it holds), and the
+    fold reads it — unless `record` is given, which it reads instead."""
     return StoredEvent(
         position=row["position"],
         member_id=row["member_id"],
@@ -29,7 +31,45 @@ def event(row: Row) -> StoredEvent:
         received_at=row["received_at"],
         payload=orjson.loads(row["payload"]),
         hash=bytes(row["hash"]),
+        record=record,
     )
+
+
+class EventReader:
+    """Store rows as the fold reads them, by their fold records (`ledger.foldrecord`).
+
+    Records repeat (one portal, one user, one bot), so each distinct text is decoded once
+    (a bounded cache, per reader). A row whose record is missing (stored before migration
+    0011) or unusable (another version, or not a record) needs its payload: pass
+    `needs_payload` to the storage read, which then fetches it for just those rows.
+    """
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        self._records: dict[str, FoldRecord | None] = {}
+        self._cache_size = cache_size
+
+    def record(self, row: Row) -> FoldRecord | None:
+        text = row["fold_record"]
+        if text is None:
+            return None
+        try:
+            return self._records[text]
+        except KeyError:
+            if len(self._records) >= self._cache_size:
+                self._records.clear()
+            record = self._records[text] = decode(text)
+            return record
+
+    def needs_payload(self, row: Row) -> bool:
+        return self.record(row) is None
+
+    def event(self, row: Row) -> StoredEvent:
+        record = self.record(row)
+        return StoredEvent(
+            row["position"], row["member_id"], row["event_type"], row["origin"],
+            tuple(row["bot_ids"]), row["occurred_at"], row["received_at"],
+            orjson.loads(row["payload"]) if record is None else None, row["hash"], record,
+        )
 
 
 def bot_row(b: Bot) -> dict[str, Any]:

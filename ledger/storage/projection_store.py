@@ -11,7 +11,7 @@ commits in one transaction, with the checkpoint row locked so that two projector
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -20,10 +20,20 @@ from ledger.storage.store import Connection, Pool, translated_errors
 
 Row = Mapping[str, Any]
 
-EVENT_COLUMNS = (
+# what the fold reads of an event: its fold record (migration 0011), not its payload — which is
+# read only for the rows whose record the caller cannot use (`NeedsPayload`)
+FOLD_COLUMNS = (
     "position", "member_id", "event_type", "origin", "bot_ids", "occurred_at", "received_at",
-    "payload", "hash",
+    "hash", "fold_record",
 )
+EVENT_COLUMNS = (*FOLD_COLUMNS, "payload")
+NeedsPayload = Callable[[Row], bool]
+
+
+def no_record(row: Row) -> bool:
+    """The payload is needed where no fold record was stored (events before migration 0011)."""
+    return row["fold_record"] is None
+
 COLUMNS: dict[str, tuple[str, ...]] = {
     "bots": (
         "member_id", "bot_id", "bot_code", "api_version", "status", "first_seen_position",
@@ -77,18 +87,23 @@ def _upsert(table: str) -> str:
 
 _UPSERTS = {table: _upsert(table) for table in TABLES}
 _EVENTS_AFTER = f"""
-    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
     WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
+"""
+_EVENTS_UP_TO = f"""
+    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events WHERE position > $2
+    AND position <= $1 ORDER BY position
 """
 # "as of" a time: every event at that time or before, in position order, after `$2`
 _EVENTS_RECEIVED_BY = f"""
-    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
     WHERE received_at <= $1 AND position > $2 ORDER BY position
 """
 _EVENTS_OCCURRED_BY = f"""
-    SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events
+    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
     WHERE coalesce(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
 """
+_PAYLOADS = "SELECT position, payload FROM ledger.events WHERE position = ANY($1::bigint[])"
 
 
 def _values(table: str, row: Row) -> tuple[Any, ...]:
@@ -103,6 +118,25 @@ def _plain(record: Any) -> dict[str, Any]:
     return row
 
 
+async def _fold_rows(
+    connection: Connection, records: Sequence[Any], needs_payload: NeedsPayload
+) -> list[Row]:
+    """Rows to fold, each with `payload` set: the stored payload where `needs_payload` says
+    so (fetched in one more statement, in the caller's transaction), else None."""
+    rows: list[Row] = []
+    wanted: dict[int, dict[str, Any]] = {}
+    for record in records:
+        row = _plain(record)
+        row["payload"] = None
+        if needs_payload(row):
+            wanted[row["position"]] = row
+        rows.append(row)
+    if wanted:
+        for found in await connection.fetch(_PAYLOADS, list(wanted)):
+            wanted[found["position"]]["payload"] = found["payload"]
+    return rows
+
+
 class ProjectionBatch:
     """One locked projector transaction."""
 
@@ -111,9 +145,11 @@ class ProjectionBatch:
         self.name = name
         self.checkpoint = checkpoint
 
-    async def events(self, up_to: int, limit: int) -> list[Row]:
-        return [_plain(r) for r in
-                await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)]
+    async def events(
+        self, up_to: int, limit: int, needs_payload: NeedsPayload = no_record
+    ) -> list[Row]:
+        records = await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)
+        return await _fold_rows(self._connection, records, needs_payload)
 
     async def load(
         self, bot_keys: Iterable[tuple[str, int]], whole_portals: Iterable[str],
@@ -336,7 +372,8 @@ class ProjectionStore:
         return int(value or 0)
 
     async def stream_events(
-        self, up_to: int, batch: int = 2000, after: int = 0
+        self, up_to: int, batch: int = 2000, after: int = 0,
+        needs_payload: NeedsPayload = no_record,
     ) -> AsyncIterator[list[Row]]:
         """Events after..up_to in order, through a cursor in one read-only snapshot."""
         async with (
@@ -344,16 +381,13 @@ class ProjectionStore:
             self._pool.acquire() as connection,
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
-            cursor = await connection.cursor(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM ledger.events WHERE position > $2 "
-                "AND position <= $1 ORDER BY position",
-                up_to, after,
-            )
+            cursor = await connection.cursor(_EVENTS_UP_TO, up_to, after)
             while rows := await cursor.fetch(batch):
-                yield [_plain(r) for r in rows]
+                yield await _fold_rows(connection, rows, needs_payload)
 
     async def stream_events_by_time(
-        self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000
+        self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000,
+        needs_payload: NeedsPayload = no_record,
     ) -> AsyncIterator[list[Row]]:
         """Every event received (or, `occurred`, that happened) at `moment` or before, after
         position `after`, in position order — whatever order the times are in (spooled
@@ -366,7 +400,7 @@ class ProjectionStore:
         ):
             cursor = await connection.cursor(query, moment, after)
             while rows := await cursor.fetch(batch):
-                yield [_plain(r) for r in rows]
+                yield await _fold_rows(connection, rows, needs_payload)
 
     async def rows(self, table: str, **where: Any) -> list[Row]:
         """Rows of one projection table, in key order, filtered by equality on columns."""

@@ -99,12 +99,13 @@ _ACCEPTED_UNDER = """
 """
 _INSERT_EVENTS = """
     INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids, occurred_at,
-        received_at, dedup_key, body_sha256, payload, payload_sha256, metadata, prev_hash, hash)
-    SELECT p, m, t, o, b::bigint[], oa, ra, dk, bs, pl::json, ps, md::json, ph, h
+        received_at, dedup_key, body_sha256, payload, payload_sha256, metadata, prev_hash, hash,
+        fold_record)
+    SELECT p, m, t, o, b::bigint[], oa, ra, dk, bs, pl::json, ps, md::json, ph, h, fr::json
     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
                 $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::bytea[], $10::text[],
-                $11::bytea[], $12::text[], $13::bytea[], $14::bytea[])
-        AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h)
+                $11::bytea[], $12::text[], $13::bytea[], $14::bytea[], $15::text[])
+        AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h, fr)
     ORDER BY p
 """
 # A drained draft that is "a duplicate" of the event it itself became (an append that timed out

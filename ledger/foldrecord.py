@@ -1,0 +1,205 @@
+"""What the fold reads of one event's payload — its fold record — computed once, at intake.
+
+The fold (`ledger.projections.fold`) needs a handful of facts from a payload: the portal's
+domain, the acting user, the application version, a trust change, the bot codes by bot id,
+and notes on whatever it could not use. Reading them means parsing the whole payload, which was
+most of a rebuild's cost; so the draft builder computes them here, once, from the document it
+already holds, and the store keeps them beside the event (`ledger.events.fold_record`, migration
+0011). A rebuild and `as_of` then read the record and never parse the payload — except for
+events stored before the record existed (or with a record of another `VERSION`), which fall
+back to `fold_record(payload)`: the same function, so the two paths cannot disagree.
+
+The record is derived, not history: it is outside the chain hash, like the projections, and
+`ledger verify --projections` recomputes it from the payload for every event and names the
+first position whose stored record differs (docs/spec/chain.md, "Fold records").
+
+Pure code, total: whatever a payload holds, `fold_record` returns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ledger.asof import strict_int64
+from ledger.envelope import INSTALL, UNINSTALL, UPDATE
+from ledger.models import ORIGIN_BITRIX24, TRUST_EVENT
+
+VERSION = 1  # bump when what the fold reads changes: records of another version are not used
+
+_MAX_SHOWN = 40  # characters of a sender's key or type name quoted in a note
+_LIFECYCLE = (INSTALL, UPDATE, UNINSTALL)
+
+
+@dataclass(frozen=True, slots=True)
+class FoldRecord:
+    """The facts of one payload the fold uses, and notes on what it set aside."""
+
+    domain: str | None = None  # lower-cased
+    actor: str | None = None  # auth.user_id
+    version: str | None = None  # data.VERSION of lifecycle events
+    change: str | None = None  # of the ledger's own trust events
+    codes: dict[int, str] = field(default_factory=dict)  # bot code by bot id
+    notes: tuple[str, ...] = ()
+
+
+def fold_record(event_type: str, origin: str, payload: Any) -> FoldRecord:
+    """The record of one event (`payload`: the parsed JSON document, any value)."""
+    reader = _Reader()
+    return reader.read(event_type, origin, payload)
+
+
+def stored(event_type: str, origin: str, payload: Any) -> str:
+    """`fold_record` as the text the store keeps (what the draft carries)."""
+    return encode(fold_record(event_type, origin, payload))
+
+
+def encode(record: FoldRecord) -> str:
+    """Compact JSON, the version first, empty facts left out; `decode` reverses it."""
+    document: dict[str, Any] = {"v": VERSION}
+    if record.domain is not None:
+        document["domain"] = record.domain
+    if record.actor is not None:
+        document["actor"] = record.actor
+    if record.version is not None:
+        document["version"] = record.version
+    if record.change is not None:
+        document["change"] = record.change
+    if record.codes:
+        document["codes"] = [[bot_id, code] for bot_id, code in record.codes.items()]
+    if record.notes:
+        document["notes"] = list(record.notes)
+    return orjson.dumps(document).decode()
+
+
+_TEXT_KEYS = ("domain", "actor", "version", "change")
+_KEYS = frozenset({"v", *_TEXT_KEYS, "codes", "notes"})
+
+
+def decode(text: str) -> FoldRecord | None:
+    """The record `encode` wrote — or None for anything else (another version, or a text that
+    is not a well-formed record): the caller then reads the payload instead."""
+    try:
+        document = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict) or document.get("v") != VERSION \
+            or not document.keys() <= _KEYS:
+        return None
+    texts = [document.get(key) for key in _TEXT_KEYS]
+    if not all(t is None or (isinstance(t, str) and t) for t in texts):
+        return None
+    codes: dict[int, str] = {}
+    pairs = document.get("codes", [])
+    if not isinstance(pairs, list):
+        return None
+    for pair in pairs:
+        if not (isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int
+                and isinstance(pair[1], str) and pair[0] not in codes):
+            return None
+        codes[pair[0]] = pair[1]
+    notes = document.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        return None
+    return FoldRecord(texts[0], texts[1], texts[2], texts[3], codes, tuple(notes))
+
+
+# ---- reading a payload, defensively ---------------------------------------------------------
+
+
+def _shown(key: Any) -> str:
+    text = ascii(key)
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "text", bool: "a boolean",
+            type(None): "null", float: "a number", int: "a number"}.get(type(value), "a value")
+
+
+class _Reader:
+    """One payload's facts, with a note for each thing it could not use."""
+
+    __slots__ = ("codes", "notes")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, str] = {}
+        self.notes: list[str] = []
+
+    def note(self, path: str, problem: str) -> None:
+        self.notes.append(f"{path}: {problem}")
+
+    def text(self, path: str, value: Any, *, numbers: bool = False) -> str | None:
+        """Text fit for a text column: a non-empty string without NUL (or, where Bitrix24
+        sends numbers, an integer); anything else present is noted."""
+        if value is None or value == "":
+            return None
+        if numbers and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and "\x00" not in value:
+            return value
+        self.note(path, f"{_kind(value)} where text belongs" if not isinstance(value, str)
+                  else "text with a NUL character")
+        return None
+
+    def object(self, path: str, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return value
+        self.note(path, f"{_kind(value)} where an object belongs")
+        return None
+
+    def read(self, event_type: str, origin: str, payload: Any) -> FoldRecord:
+        if not isinstance(payload, dict):
+            self.note("payload", f"{_kind(payload)} where an object belongs")
+            return FoldRecord(notes=tuple(self.notes))
+        auth = self.object("auth", payload.get("auth"))
+        domain = self.text("auth.domain", auth.get("domain")) if auth else None
+        if domain is None and (auth is None or "domain" not in auth):
+            domain = self.text("domain", payload.get("domain"))
+        actor = self.text("auth.user_id", auth.get("user_id"), numbers=True) \
+            if auth is not None else None
+        change = self.text("change", payload.get("change")) \
+            if event_type == TRUST_EVENT and origin != ORIGIN_BITRIX24 else None
+        version = None
+        data = self.object("data", payload.get("data"))
+        if data is not None:
+            if event_type in _LIFECYCLE:
+                version = self.text("data.VERSION", data.get("VERSION"), numbers=True)
+            self.bot_codes(data)
+        return FoldRecord(domain.lower() if domain else None, actor, version, change,
+                          self.codes, tuple(self.notes))
+
+    def bot_code(self, path: str, bot_id: Any, code: Any) -> None:
+        text = self.text(f"{path}.code", code)
+        if bot_id is None or bot_id == "":
+            return
+        parsed = strict_int64(bot_id)
+        if parsed is None:
+            self.note(path, f"{_shown(bot_id)} is not a bot id (ASCII digits, int64)")
+        elif text:
+            self.codes.setdefault(parsed, text)
+
+    def bot_codes(self, data: dict[str, Any]) -> None:
+        """Bot codes by bot id, from every place a v1 or v2 payload names a bot."""
+        if "BOT_ID" in data:
+            self.bot_code("data.BOT_ID", data.get("BOT_ID"), data.get("BOT_CODE"))
+        for group in ("BOT", "COMMAND"):
+            entries = self.object(f"data.{group}", data.get(group))
+            for key, entry in (entries or {}).items():
+                path = f"data.{group}.{_shown(key)}"
+                item = self.object(path, entry)
+                if group == "BOT" and strict_int64(key) is None:
+                    self.note(path, f"key {_shown(key)} is not a bot id (ASCII digits, int64)")
+                if item is None:
+                    continue
+                if "BOT_ID" in item:
+                    self.bot_code(f"{path}.BOT_ID", item.get("BOT_ID"), item.get("BOT_CODE"))
+                elif group == "BOT" and strict_int64(key) is not None:
+                    self.bot_code(path, key, item.get("BOT_CODE"))
+        bot = self.object("data.bot", data.get("bot"))
+        if bot is not None:
+            self.bot_code("data.bot.id", bot.get("id"), bot.get("code"))
