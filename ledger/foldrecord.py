@@ -85,8 +85,8 @@ def decode(text: str) -> FoldRecord | None:
         document = orjson.loads(text)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(document, dict) or document.get("v") != VERSION \
-            or not document.keys() <= _KEYS:
+    if not isinstance(document, dict) or not document.keys() <= _KEYS \
+            or type(document.get("v")) is not int or document["v"] != VERSION:
         return None
     texts = [document.get(key) for key in _TEXT_KEYS]
     if not all(t is None or (isinstance(t, str) and t) for t in texts):

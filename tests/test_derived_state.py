@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import asof, integrity, wire
+from ledger import asof, foldrecord, integrity, wire
 from ledger.cli import main
 from ledger.errors import BadQuery
 from ledger.models import TRUST_EVENT
@@ -200,18 +200,24 @@ async def insert_events(admin: Admin, items: list[dict[str, Any]]) -> None:
     """Store rows as they are (the fold reads only ledger.events); chain hashes are random:
     this exercises the fold, not the chain. Trust events of the ledger's own origins are
     written only by the ledger (migration 0005's trigger refuses malformed ones), so arbitrary
-    payloads of that type are stored as a Bitrix24 sender's — which nothing may honour."""
+    payloads of that type are stored as a Bitrix24 sender's — which nothing may honour.
+
+    Every other row has its fold record, as the intake writes it; the rest have none, as
+    events stored before migration 0011: the fold reads both kinds in one store."""
     start = await admin.fetchval("SELECT position FROM ledger.stream_heads WHERE stream = 'events'")
     for offset, item in enumerate(items, start=1):
+        origin = "bitrix24" if item["event_type"] == TRUST_EVENT else item["origin"]
+        position = start + offset
         await admin.execute(
             "INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids, "
             "occurred_at, received_at, dedup_key, body_sha256, payload, payload_sha256, "
-            "metadata, prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, $9, $10, "
-            "'{}', $11, $12)",
-            start + offset, item["member_id"], item["event_type"],
-            "bitrix24" if item["event_type"] == TRUST_EVENT else item["origin"],
+            "metadata, prev_hash, hash, fold_record) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+            "NULL, $9, $10, '{}', $11, $12, $13)",
+            position, item["member_id"], item["event_type"], origin,
             item["bot_ids"], item["occurred_at"], item["received_at"], os.urandom(32),
             orjson.dumps(item["payload"]).decode(), os.urandom(32), bytes(32), os.urandom(32),
+            foldrecord.stored(item["event_type"], origin, item["payload"])
+            if position % 2 else None,
         )
     await admin.execute("UPDATE ledger.stream_heads SET position = $1 WHERE stream = 'events'",
                         start + len(items))
