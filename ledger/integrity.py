@@ -3,7 +3,6 @@ state (projections, portal trust) against a fold of the store; making checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -136,7 +135,7 @@ async def verify_projections(
                 expected = foldrecord.fold_record(event.event_type, event.origin, event.payload)
                 if difference is None and row["fold_record"] is not None:
                     difference = _compare_record(event.position, row["fold_record"], expected)
-                event = dataclasses.replace(event, record=expected)
+                event = event._replace(record=expected)
                 if event.position <= position:
                     fold.apply(state, event)
                     blob = saved.pop(event.position, None)

@@ -62,9 +62,7 @@ class Projector:
         applied = 0
         while True:
             async with self._projections.batch(REGISTRY) as batch:
-                reader = rows.EventReader()
-                events = [reader.event(r) for r in await batch.events(
-                    self.head, self._batch_size, reader.needs_payload)]
+                events = await batch.events(self.head, self._batch_size, rows.stored_event)
                 if not events:
                     self.checkpoint = batch.checkpoint
                     break
@@ -177,12 +175,11 @@ async def fold_to(
     assert isinstance(as_of, Occurred | Received)
     saved = await projections.snapshot_by_time(REGISTRY, as_of.at, occurred=occurred)
     state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
-    reader = rows.EventReader()
     async for batch in projections.stream_events_by_time(
-        as_of.at, occurred=occurred, after=state.position, needs_payload=reader.needs_payload
+        as_of.at, rows.stored_event, occurred=occurred, after=state.position
     ):
         for event in batch:
-            fold.apply(state, reader.event(event))
+            fold.apply(state, event)
         on_progress(len(batch))
     return state
 
@@ -193,12 +190,11 @@ async def fold_range(
 ) -> State:
     """Fold the events after `state.position` up to `position` into `state`, by their fold
     records (payloads parsed only where an event has no usable one)."""
-    reader = rows.EventReader()
+    apply = fold.apply
     async for events in projections.stream_events(
-        position, after=state.position, needs_payload=reader.needs_payload
+        position, rows.stored_event, after=state.position
     ):
-        apply = fold.apply
         for event in events:
-            apply(state, reader.event(event))
+            apply(state, event)
         on_progress(len(events))
     return state

@@ -35,41 +35,27 @@ def event(row: Row, record: FoldRecord | None = None) -> StoredEvent:
     )
 
 
-class EventReader:
-    """Store rows as the fold reads them, by their fold records (`ledger.foldrecord`).
-
-    Records repeat (one portal, one user, one bot), so each distinct text is decoded once
-    (a bounded cache, per reader). A row whose record is missing (stored before migration
-    0011) or unusable (another version, or not a record) needs its payload: pass
-    `needs_payload` to the storage read, which then fetches it for just those rows.
+def stored_event(row: Row) -> StoredEvent | None:
+    """A store row as the fold reads it, by its fold record (`ledger.foldrecord`) — or by its
+    payload where it has no usable record (stored before migration 0011, of another version,
+    or not a record): None when that row came without its `payload` (pass this function to the
+    storage read, which then fetches the payload of just those rows).
     """
-
-    def __init__(self, cache_size: int = 4096) -> None:
-        self._records: dict[str, FoldRecord | None] = {}
-        self._cache_size = cache_size
-
-    def record(self, row: Row) -> FoldRecord | None:
-        text = row["fold_record"]
-        if text is None:
+    text = row["fold_record"]
+    record = decode(text) if text is not None else None
+    if record is None:
+        payload = row.get("payload")
+        if payload is None:
             return None
-        try:
-            return self._records[text]
-        except KeyError:
-            if len(self._records) >= self._cache_size:
-                self._records.clear()
-            record = self._records[text] = decode(text)
-            return record
-
-    def needs_payload(self, row: Row) -> bool:
-        return self.record(row) is None
-
-    def event(self, row: Row) -> StoredEvent:
-        record = self.record(row)
         return StoredEvent(
             row["position"], row["member_id"], row["event_type"], row["origin"],
             tuple(row["bot_ids"]), row["occurred_at"], row["received_at"],
-            orjson.loads(row["payload"]) if record is None else None, row["hash"], record,
+            orjson.loads(payload), row["hash"], None,
         )
+    return StoredEvent(
+        row["position"], row["member_id"], row["event_type"], row["origin"],
+        tuple(row["bot_ids"]), row["occurred_at"], row["received_at"], None, row["hash"], record,
+    )
 
 
 def bot_row(b: Bot) -> dict[str, Any]:

@@ -11,28 +11,27 @@ commits in one transaction, with the checkpoint row locked so that two projector
 
 from __future__ import annotations
 
+import typing
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ledger.storage.store import Connection, Pool, translated_errors
 
 Row = Mapping[str, Any]
 
 # what the fold reads of an event: its fold record (migration 0011), not its payload — which is
-# read only for the rows whose record the caller cannot use (`NeedsPayload`)
+# read only for the rows whose record the caller cannot use (see `Make`)
 FOLD_COLUMNS = (
     "position", "member_id", "event_type", "origin", "bot_ids", "occurred_at", "received_at",
     "hash", "fold_record",
 )
 EVENT_COLUMNS = (*FOLD_COLUMNS, "payload")
-NeedsPayload = Callable[[Row], bool]
-
-
-def no_record(row: Row) -> bool:
-    """The payload is needed where no fold record was stored (events before migration 0011)."""
-    return row["fold_record"] is None
+T = TypeVar("T")
+# the caller's value of a row (`FOLD_COLUMNS`), or None when it needs the row's payload too:
+# it is then called again with the row and its `payload`
+Make = Callable[[Row], T | None]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "bots": (
@@ -118,23 +117,21 @@ def _plain(record: Any) -> dict[str, Any]:
     return row
 
 
-async def _fold_rows(
-    connection: Connection, records: Sequence[Any], needs_payload: NeedsPayload
-) -> list[Row]:
-    """Rows to fold, each with `payload` set: the stored payload where `needs_payload` says
-    so (fetched in one more statement, in the caller's transaction), else None."""
-    rows: list[Row] = []
-    wanted: dict[int, dict[str, Any]] = {}
-    for record in records:
-        row = _plain(record)
-        row["payload"] = None
-        if needs_payload(row):
-            wanted[row["position"]] = row
-        rows.append(row)
+async def _made(connection: Connection, records: Sequence[Any], make: Make[T]) -> list[T]:
+    """`make` of each row, in order; rows it needs the payload of get it, fetched in one more
+    statement in the caller's transaction (a rebuild reads millions of rows: the others are
+    passed on as the driver made them, never copied)."""
+    made: list[T | None] = [make(record) for record in records]
+    wanted = {record["position"]: index for index, record in enumerate(records)
+              if made[index] is None}
     if wanted:
         for found in await connection.fetch(_PAYLOADS, list(wanted)):
-            wanted[found["position"]]["payload"] = found["payload"]
-    return rows
+            index = wanted[found["position"]]
+            row = _plain(records[index])
+            row["payload"] = found["payload"]
+            made[index] = make(row)
+    assert all(item is not None for item in made), "made None from a row with its payload"
+    return typing.cast(list[T], made)
 
 
 class ProjectionBatch:
@@ -145,11 +142,10 @@ class ProjectionBatch:
         self.name = name
         self.checkpoint = checkpoint
 
-    async def events(
-        self, up_to: int, limit: int, needs_payload: NeedsPayload = no_record
-    ) -> list[Row]:
+    async def events(self, up_to: int, limit: int, make: Make[T]) -> list[T]:
+        """The events after the checkpoint up to `up_to` (at most `limit`), as `make` makes them."""
         records = await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)
-        return await _fold_rows(self._connection, records, needs_payload)
+        return await _made(self._connection, records, make)
 
     async def load(
         self, bot_keys: Iterable[tuple[str, int]], whole_portals: Iterable[str],
@@ -372,9 +368,8 @@ class ProjectionStore:
         return int(value or 0)
 
     async def stream_events(
-        self, up_to: int, batch: int = 2000, after: int = 0,
-        needs_payload: NeedsPayload = no_record,
-    ) -> AsyncIterator[list[Row]]:
+        self, up_to: int, make: Make[T], batch: int = 2000, after: int = 0
+    ) -> AsyncIterator[list[T]]:
         """Events after..up_to in order, through a cursor in one read-only snapshot."""
         async with (
             translated_errors("read events"),
@@ -383,12 +378,12 @@ class ProjectionStore:
         ):
             cursor = await connection.cursor(_EVENTS_UP_TO, up_to, after)
             while rows := await cursor.fetch(batch):
-                yield await _fold_rows(connection, rows, needs_payload)
+                yield await _made(connection, rows, make)
 
     async def stream_events_by_time(
-        self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000,
-        needs_payload: NeedsPayload = no_record,
-    ) -> AsyncIterator[list[Row]]:
+        self, moment: datetime, make: Make[T], *, occurred: bool, after: int = 0,
+        batch: int = 2000,
+    ) -> AsyncIterator[list[T]]:
         """Every event received (or, `occurred`, that happened) at `moment` or before, after
         position `after`, in position order — whatever order the times are in (spooled
         deliveries keep their received time but get later positions)."""
@@ -400,7 +395,7 @@ class ProjectionStore:
         ):
             cursor = await connection.cursor(query, moment, after)
             while rows := await cursor.fetch(batch):
-                yield await _fold_rows(connection, rows, needs_payload)
+                yield await _made(connection, rows, make)
 
     async def rows(self, table: str, **where: Any) -> list[Row]:
         """Rows of one projection table, in key order, filtered by equality on columns."""
