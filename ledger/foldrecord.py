@@ -94,7 +94,11 @@ def decode(text: str) -> FoldRecord | None:
             and (change is None or (type(change) is str and change))):
         return None
     codes: Mapping[int, str] = _NO_CODES
-    if pairs:
+    if len(pairs) == 2:  # one bot: nearly every event
+        if type(pairs[0]) is not int or type(pairs[1]) is not str:
+            return None
+        codes = {pairs[0]: pairs[1]}
+    elif pairs:
         found: dict[int, str] = {}
         for index in range(0, len(pairs) - 1, 2):
             bot_id, code = pairs[index], pairs[index + 1]
@@ -108,8 +112,11 @@ def decode(text: str) -> FoldRecord | None:
         for note in notes:
             if type(note) is not str:
                 return None
-        return FoldRecord(domain, actor, version, change, codes, tuple(notes))
-    return FoldRecord(domain, actor, version, change, codes)
+        notes_ = tuple(notes)
+    else:
+        notes_ = ()
+    # tuple.__new__ skips the named tuple's generated __new__ (a Python frame per event)
+    return tuple.__new__(FoldRecord, (domain, actor, version, change, codes, notes_))
 
 
 # ---- reading a payload, defensively ---------------------------------------------------------

@@ -43,19 +43,17 @@ def stored_event(row: Row) -> StoredEvent | None:
     """
     text = row["fold_record"]
     record = decode(text) if text is not None else None
+    payload = None
     if record is None:
-        payload = row.get("payload")
-        if payload is None:
+        if (stored := row.get("payload")) is None:
             return None
-        return StoredEvent(
-            row["position"], row["member_id"], row["event_type"], row["origin"],
-            tuple(row["bot_ids"]), row["occurred_at"], row["received_at"],
-            orjson.loads(payload), row["hash"], None,
-        )
-    return StoredEvent(
+        payload = orjson.loads(stored)
+    # tuple.__new__ skips the named tuple's generated __new__ (a Python frame per event)
+    return tuple.__new__(StoredEvent, (
         row["position"], row["member_id"], row["event_type"], row["origin"],
-        tuple(row["bot_ids"]), row["occurred_at"], row["received_at"], None, row["hash"], record,
-    )
+        tuple(row["bot_ids"]), row["occurred_at"], row["received_at"], payload, row["hash"],
+        record,
+    ))
 
 
 def bot_row(b: Bot) -> dict[str, Any]:

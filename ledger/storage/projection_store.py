@@ -122,15 +122,15 @@ async def _made(connection: Connection, records: Sequence[Any], make: Make[T]) -
     statement in the caller's transaction (a rebuild reads millions of rows: the others are
     passed on as the driver made them, never copied)."""
     made: list[T | None] = [make(record) for record in records]
-    wanted = {record["position"]: index for index, record in enumerate(records)
-              if made[index] is None}
+    wanted = {records[index]["position"]: index
+              for index, item in enumerate(made) if item is None}
     if wanted:
         for found in await connection.fetch(_PAYLOADS, list(wanted)):
             index = wanted[found["position"]]
             row = _plain(records[index])
             row["payload"] = found["payload"]
-            made[index] = make(row)
-    assert all(item is not None for item in made), "made None from a row with its payload"
+            item = made[index] = make(row)
+            assert item is not None, "a row with its payload is always made"
     return typing.cast(list[T], made)
 
 
