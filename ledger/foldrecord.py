@@ -132,6 +132,17 @@ def _kind(value: Any) -> str:
             type(None): "null", float: "a number", int: "a number"}.get(type(value), "a value")
 
 
+# where in the payload a value was: a fixed path, or (prefix, sender's key, suffix) — formatted
+# only when a note needs it (`_shown` of every key of every delivery would cost the intake)
+_Path = str | tuple[str, Any, str]
+
+
+def _render(path: _Path, suffix: str = "") -> str:
+    if isinstance(path, str):
+        return path + suffix
+    return f"{path[0]}.{_shown(path[1])}{path[2]}{suffix}"
+
+
 class _Reader:
     """One payload's facts, with a note for each thing it could not use."""
 
@@ -141,10 +152,12 @@ class _Reader:
         self.codes: dict[int, str] = {}
         self.notes: list[str] = []
 
-    def note(self, path: str, problem: str) -> None:
-        self.notes.append(f"{path}: {problem}")
+    def note(self, path: _Path, problem: str, suffix: str = "") -> None:
+        self.notes.append(f"{_render(path, suffix)}: {problem}")
 
-    def text(self, path: str, value: Any, *, numbers: bool = False) -> str | None:
+    def text(
+        self, path: _Path, value: Any, *, numbers: bool = False, suffix: str = ""
+    ) -> str | None:
         """Text fit for a text column: a non-empty string without NUL (or, where Bitrix24
         sends numbers, an integer); anything else present is noted."""
         if value is None or value == "":
@@ -154,10 +167,10 @@ class _Reader:
         if isinstance(value, str) and "\x00" not in value:
             return value
         self.note(path, f"{_kind(value)} where text belongs" if not isinstance(value, str)
-                  else "text with a NUL character")
+                  else "text with a NUL character", suffix)
         return None
 
-    def object(self, path: str, value: Any) -> dict[str, Any] | None:
+    def object(self, path: _Path, value: Any) -> dict[str, Any] | None:
         if value is None:
             return None
         if isinstance(value, dict):
@@ -187,8 +200,8 @@ class _Reader:
                           self.codes or _NO_CODES,
                           tuple(self.notes))
 
-    def bot_code(self, path: str, bot_id: Any, code: Any) -> None:
-        text = self.text(f"{path}.code", code)
+    def bot_code(self, path: _Path, bot_id: Any, code: Any) -> None:
+        text = self.text(path, code, suffix=".code")
         if bot_id is None or bot_id == "":
             return
         parsed = strict_int64(bot_id)
@@ -201,18 +214,20 @@ class _Reader:
         """Bot codes by bot id, from every place a v1 or v2 payload names a bot."""
         if "BOT_ID" in data:
             self.bot_code("data.BOT_ID", data.get("BOT_ID"), data.get("BOT_CODE"))
-        for group in ("BOT", "COMMAND"):
-            entries = self.object(f"data.{group}", data.get(group))
+        for group, prefix in (("BOT", "data.BOT"), ("COMMAND", "data.COMMAND")):
+            entries = self.object(prefix, data.get(group))
             for key, entry in (entries or {}).items():
-                path = f"data.{group}.{_shown(key)}"
+                path = (prefix, key, "")
                 item = self.object(path, entry)
-                if group == "BOT" and strict_int64(key) is None:
+                key_id = strict_int64(key) if group == "BOT" else None
+                if group == "BOT" and key_id is None:
                     self.note(path, f"key {_shown(key)} is not a bot id (ASCII digits, int64)")
                 if item is None:
                     continue
                 if "BOT_ID" in item:
-                    self.bot_code(f"{path}.BOT_ID", item.get("BOT_ID"), item.get("BOT_CODE"))
-                elif group == "BOT" and strict_int64(key) is not None:
+                    self.bot_code((prefix, key, ".BOT_ID"), item.get("BOT_ID"),
+                                  item.get("BOT_CODE"))
+                elif key_id is not None:
                     self.bot_code(path, key, item.get("BOT_CODE"))
         bot = self.object("data.bot", data.get("bot"))
         if bot is not None:
