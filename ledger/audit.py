@@ -109,6 +109,11 @@ class AuditService:
         """How far the registry is folded: the position and chain hash its answers stand on."""
         return ProjectionOut.model_validate(await self._projections.checkpoint(readers.REGISTRY))
 
+    async def progress(self) -> dict[str, Any]:
+        """The registry's checkpoint against the chain's head, and how long each has waited
+        (`ProjectionStore.progress`): what readiness and the lag metric report."""
+        return dict(await self._projections.progress(readers.REGISTRY))
+
     async def head(self) -> tuple[int, bytes]:
         """The event chain's head now."""
         return await self._events.head()

@@ -49,10 +49,9 @@ class Checkpointer:
         self._directory.mkdir(parents=True, exist_ok=True)
         due = loop.time() + self._every_seconds
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._committer.progressed.wait(), max(0.0, due - loop.time())
-                )
+            with contextlib.suppress(TimeoutError):  # not wait_for: it can swallow a cancel
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    await self._committer.progressed.wait()
             self._committer.progressed.clear()
             if self._fault is not None:
                 self._fault("checkpoint")

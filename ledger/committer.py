@@ -145,10 +145,10 @@ class GroupCommitter:
         loop = asyncio.get_running_loop()
         while True:
             if self._spool is not None and self._spool.has_pending():
+                # asyncio.timeout, not wait_for: no task per wait, and no cancellation lost
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._arrived.wait(), max(0.0, self._next_attempt - loop.time())
-                    )
+                    async with asyncio.timeout(max(0.0, self._next_attempt - loop.time())):
+                        await self._arrived.wait()
                 if loop.time() >= self._next_attempt:
                     self._fault("drain")
                     await self._drain()
@@ -168,7 +168,8 @@ class GroupCommitter:
                     if remaining <= 0:
                         break
                     try:
-                        await asyncio.wait_for(self._arrived.wait(), remaining)
+                        async with asyncio.timeout(remaining):
+                            await self._arrived.wait()
                     except TimeoutError:
                         break
             batch, self._queue = (

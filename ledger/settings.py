@@ -93,7 +93,8 @@ class Settings(BaseSettings):
         default=None, description="set by `serve --workers`: the workers' shared metric files"
     )
     run_projector: bool = Field(
-        default=True, description="keep the projections up to date inside `ledger serve`"
+        default=True,
+        description="`ledger serve` keeps the projections up to date (in a child process)",
     )
     projector_poll_seconds: float = Field(default=5.0, gt=0)
     projector_snapshot_every: int = Field(
@@ -104,6 +105,10 @@ class Settings(BaseSettings):
     )
     console_secure_cookie: bool = Field(
         default=False, description="console cookie Secure even over http (TLS ends at a proxy)"
+    )
+    shutdown_timeout_seconds: float = Field(
+        default=10.0, gt=0,
+        description="on SIGTERM, how long requests in progress may take to be answered",
     )
     task_restart_seconds: float = Field(
         default=0.1, gt=0,

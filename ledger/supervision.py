@@ -44,11 +44,14 @@ class Supervisor:
         first_backoff: float = 0.1,
         max_backoff: float = 30.0,
         stable_after: float = 60.0,
+        stop_seconds: float = 5.0,
     ) -> None:
         """A run that lasted `stable_after` seconds before crashing restarts after
-        `first_backoff` again; each quicker crash doubles the wait, up to `max_backoff`."""
+        `first_backoff` again; each quicker crash doubles the wait, up to `max_backoff`.
+        `stop` waits at most `stop_seconds` for a cancelled task to end."""
         self._metrics = metrics
         self._first, self._max, self._stable = first_backoff, max_backoff, stable_after
+        self._stop_seconds = stop_seconds
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._down: dict[str, Down] = {}
         self._crashes: dict[str, deque[tuple[float, str]]] = {}
@@ -82,13 +85,29 @@ class Supervisor:
             await task
 
     async def stop(self, name: str) -> None:
-        """Cancel task `name` and wait for it to end."""
+        """Cancel task `name` and wait for it to end — a bounded wait, so that a shutdown
+        (`systemctl stop`) never hangs on one task.
+
+        A cancellation can be lost inside a task (on Python 3.11 `asyncio.wait_for` returns
+        the result instead when the awaited thing completes in the same step, and a library
+        may turn it into an error the task's loop retries), so it is repeated until the task
+        ends; one that still runs after `stop_seconds` is abandoned, with an error logged.
+        """
         task = self._tasks.pop(name, None)
         if task is None:
             return
-        task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._stop_seconds
+        while not task.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.error("background task %s did not stop within %gs of being cancelled; "
+                          "abandoned", name, self._stop_seconds)
+                return
+            task.cancel()
+            await asyncio.wait({task}, timeout=min(0.5, remaining))
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            task.result()
 
     async def close(self) -> None:
         for name in list(self._tasks):

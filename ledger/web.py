@@ -34,9 +34,8 @@ from ledger.errors import (
 )
 from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
 from ledger.intake import Delivery, IntakeService
-from ledger.metrics import CONTENT_TYPE, Metrics
+from ledger.metrics import CONTENT_TYPE, SAMPLE_SECONDS, Metrics
 from ledger.offline import Appender, OfflineTrust
-from ledger.projections.projector import Projector
 from ledger.proving import TreeFollower
 from ledger.redaction import scrub_text
 from ledger.settings import Settings
@@ -45,9 +44,8 @@ from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.console_store import ConsoleStore
 from ledger.storage.gateway_store import GatewayStore
-from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
-from ledger.storage.store import EventStore, Pool, create_pool, ping
+from ledger.storage.store import EventStore, Pool, close_pool, create_pool, ping
 from ledger.storage.tree_store import TreeStore
 from ledger.supervision import Supervisor
 
@@ -59,12 +57,20 @@ class Seams:
     """Where a test reaches into a running app; production passes none.
 
     `fault` is called with a step name at every step of every background task ("commit",
-    "drain", "catch_up", "listen", "checkpoint") and may raise to crash that task from the
+    "drain", "checkpoint") and may raise to crash that task from the
     inside; `spool_files` are the calls the spool writes with.
     """
 
     fault: Callable[[str], None] | None = None
     spool_files: FileOps | None = None
+
+
+@dataclass
+class ProjectorLag:
+    """The projector's lag as last read from the database, for the lag gauge (the projector
+    runs in a process of its own, `ledger project --follow`)."""
+
+    events: int = 0
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -74,7 +80,7 @@ STORE = web.AppKey("store", EventStore)
 COMMITTER = web.AppKey("committer", GroupCommitter)
 INTAKE = web.AppKey("intake", IntakeService)
 CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
-PROJECTOR = web.AppKey("projector", Projector)
+LAG = web.AppKey("projector_lag", ProjectorLag)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
 OFFLINE = web.AppKey("offline", OfflineTrust)
@@ -215,13 +221,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = str(exc)
     down = request.app[SUPERVISOR].down()
     checks["tasks"] = "; ".join(f"{name}: {why}" for name, why in down.items()) or "ok"
-    projector = request.app[PROJECTOR]
-    stall = request.app[SETTINGS].projector_stall_seconds
-    checks["projector"] = (
-        f"stalled: {projector.lag} events behind for over {stall:g}s"
-        if projector.stalled(stall)
-        else "ok"
-    )
+    checks["projector"], projection = await _projector_check(request.app)
     if request.app[SETTINGS].run_tree_follower:
         checks["tree"] = "down: see tasks" if "tree-follower" in down else "ok"
     spool = request.app[SPOOL]
@@ -238,7 +238,7 @@ async def readyz(request: web.Request) -> web.Response:
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
-        "projector": {"checkpoint": projector.checkpoint, "lag": projector.lag},
+        "projector": projection,
         "spool": {"records": spool.records, "bytes": spool.size,
                   "oldest_seconds": round(spool.age_seconds(), 3)},
         "forwarding": [
@@ -247,6 +247,25 @@ async def readyz(request: web.Request) -> web.Response:
         ],
     }
     return json_response(body, 200 if ready else 503)
+
+
+async def _projector_check(app: web.Application) -> tuple[str, dict[str, int] | None]:
+    """Whether the projector (another process) keeps up, judged from the database: stalled
+    when events wait unfolded and neither the checkpoint has moved nor the oldest of them
+    arrived within `projector_stall_seconds`."""
+    settings = app[SETTINGS]
+    try:
+        progress = await app[AUDIT].progress()
+    except LedgerError as exc:
+        return ("ok" if not settings.run_projector else f"unknown: {exc}"), None
+    lag = max(0, progress["head"] - progress["checkpoint"])
+    app[LAG].events = lag
+    stall = settings.projector_stall_seconds
+    stalled = (settings.run_projector and lag > 0 and progress["idle_seconds"] > stall
+               and (progress["waiting_seconds"] or 0.0) > stall)
+    check = (f"stalled: {lag} events behind, none folded for over {stall:g}s (is the "
+             "projector process running? see the log)") if stalled else "ok"
+    return check, {"checkpoint": progress["checkpoint"], "lag": lag}
 
 
 def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -260,7 +279,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                 app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
             finally:
-                await pool.close()
+                await close_pool(pool)
         finally:
             target.release()
 
@@ -399,36 +418,29 @@ async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[SUPERVISOR].stop("checkpointer")
 
 
-async def _projector_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The projector writes through a pool of its own, as the only role that may write
-    projections; the read API reads them through the service's pool and never writes."""
-    settings, target = app[SETTINGS], app[TARGET]
-    pool = await create_pool(target.projector_dsn, size=2, connect=False,
-                             connect_timeout=settings.connect_timeout_seconds)
-    projector = Projector(EventStore(pool, policy=settings.trust_policy), ProjectionStore(pool),
-                          snapshot_every=settings.projector_snapshot_every)
-    app[PROJECTOR] = projector
-    app[METRICS].watch_lag(lambda: projector.lag)
-    app[AUDIT] = AuditService(app[STORE], ProjectionStore(app[POOL]), AuditStore(app[POOL]))
-    try:
-        if not settings.run_projector:
-            yield
-            return
-        fault, supervisor = app[SEAMS].fault, app[SUPERVISOR]
-
-        async def listen() -> None:
-            if fault is not None:
-                fault("listen")
-            await listen_forever(target.projector_dsn, "ledger_events", projector.wake)
-
-        supervisor.start("listener", listen)
-        supervisor.start("projector", lambda: projector.run(
-            poll_seconds=settings.projector_poll_seconds, fault=fault))
+async def _projection_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The read side: the audit service over the service's pool (it never writes projections:
+    the projector, `ledger project --follow`, runs in a process of its own). While a projector
+    is expected, its lag is read from the database for the lag gauge."""
+    app[AUDIT] = audit = AuditService(app[STORE], ProjectionStore(app[POOL]), AuditStore(app[POOL]))
+    lag = app[LAG] = ProjectorLag()
+    app[METRICS].watch_lag(lambda: lag.events)
+    if not app[SETTINGS].run_projector:
         yield
-        await supervisor.stop("projector")
-        await supervisor.stop("listener")
-    finally:
-        await pool.close()
+        return
+
+    async def watch() -> None:
+        while True:
+            try:
+                progress = await audit.progress()
+                lag.events = max(0, progress["head"] - progress["checkpoint"])
+            except LedgerError:
+                pass  # the database away: readiness says so; the gauge keeps its last value
+            await asyncio.sleep(SAMPLE_SECONDS)  # pacing a sample, not waiting for a result
+
+    app[SUPERVISOR].start("projector-lag", watch)
+    yield
+    await app[SUPERVISOR].stop("projector-lag")
 
 
 async def _tree_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -523,7 +535,7 @@ def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Applica
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_tree_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)
-    app.cleanup_ctx.append(_projector_ctx)
+    app.cleanup_ctx.append(_projection_ctx)
     app.cleanup_ctx.append(_metrics_ctx)
     app.cleanup_ctx.append(_gc_ctx)
     app.cleanup_ctx.append(_switch_interval_ctx)

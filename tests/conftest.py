@@ -155,7 +155,9 @@ def make_client(database: Database, aiohttp_client: Any) -> ClientFactory:
     """Serve `create_app(settings)` to a test client (closed before the database is dropped)."""
 
     async def make(settings: Settings) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+        from tests.helpers import with_projector
+
+        client: TestClient[Any, Any] = await aiohttp_client(with_projector(create_app(settings)))
         return client
 
     return make

@@ -8,14 +8,37 @@ import os
 from collections.abc import Iterable
 from typing import Any, TypeAlias
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ledger.operations import change_trust
+from ledger.projections.projector import Projector
 from ledger.simulation import SimDelivery
 from ledger.spool import FileOps
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore, close_pool, create_pool
 from ledger.trust import TrustChange
-from ledger.web import COMMITTER, SPOOL, STORE
+from ledger.web import COMMITTER, SETTINGS, SPOOL, STORE, TARGET
 from tests.conftest import FORM, MEMBER_ID, sample
+
+PROJECTOR = web.AppKey("test_projector", Projector)
+
+
+def with_projector(app: web.Application) -> web.Application:
+    """Give a test's app what `ledger project --follow` is in production, to be drained on
+    call (`app[PROJECTOR].catch_up()`): the app itself runs no projector."""
+
+    async def ctx(app: web.Application) -> Any:
+        settings = app[SETTINGS]
+        pool = await create_pool(app[TARGET].projector_dsn, size=2, connect=False)
+        app[PROJECTOR] = Projector(EventStore(pool, policy=settings.trust_policy),
+                                   ProjectionStore(pool),
+                                   snapshot_every=settings.projector_snapshot_every)
+        yield
+        await close_pool(pool)
+
+    app.cleanup_ctx.append(ctx)
+    return app
 
 Client: TypeAlias = "TestClient[Any, Any]"
 

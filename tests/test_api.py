@@ -16,9 +16,9 @@ from ledger.proving import make_checkpoint
 from ledger.simulation import Traffic
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.tree_store import TreeStore
-from ledger.web import PROJECTOR, STORE
+from ledger.web import STORE
 from tests.conftest import MEMBER_ID, sample
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_projections import ingest
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ledger.web import PROJECTOR
 from tests.conftest import MEMBER_ID, sample
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_api import bearer
 from tests.test_hostile import raw_get
 

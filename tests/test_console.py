@@ -14,9 +14,9 @@ import pytest
 from ledger.audit import new_token
 from ledger.console.app import COOKIE, CSP, SESSIONS
 from ledger.storage.audit_store import AuditStore
-from ledger.web import PROJECTOR, STORE
+from ledger.web import STORE
 from tests.conftest import DOMAIN, MEMBER_ID, sample
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 
 DELETED_AT = "2026-02-26T07:19:23Z"  # ts 1772090363 of the sample ONIMBOTDELETE
 PAGES = ["/console/", "/console/bots", "/console/deletions", "/console/events",

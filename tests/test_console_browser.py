@@ -16,9 +16,9 @@ import pytest
 from ledger.console.app import SESSIONS
 from ledger.simulation import Traffic
 from ledger.storage.audit_store import AuditStore
-from ledger.web import PROJECTOR, STORE
+from ledger.web import STORE
 from tests.conftest import DOMAIN, MEMBER_ID, sample
-from tests.helpers import Client, install_sample_portal, post
+from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_console import DELETED_AT, make_token
 from tests.test_projections import ingest
 

@@ -18,9 +18,9 @@ from ledger.settings import Settings
 from ledger.simulation import Traffic
 from ledger.storage import target as targets
 from ledger.storage.projection_store import ProjectionStore
-from ledger.web import PROJECTOR, STORE
+from ledger.web import STORE
 from tests.conftest import MEMBER_ID, ClientFactory, Database, sample
-from tests.helpers import Client, allow_installs, install_sample_portal, post
+from tests.helpers import PROJECTOR, Client, allow_installs, install_sample_portal, post
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 VIEWS = {
@@ -159,20 +159,6 @@ async def test_as_of_answers_match_what_the_live_registry_showed(
         assert await readers.bots(projections, projector, as_of=position) == live_bots
         assert await readers.deletions(projections, projector, as_of=position) == live_deletions
         assert await readers.bots(projections, projector, as_of=moment) == live_bots
-
-
-async def test_serve_keeps_projections_current_by_itself(
-    make_client: ClientFactory, settings_factory: Callable[..., Settings]
-) -> None:
-    client = await make_client(settings_factory(run_projector=True, projector_poll_seconds=60))
-    await install_sample_portal(client)
-    _, answer = await post(client, sample("onimbotjoinchat-1"))
-    async with asyncio.timeout(10):  # woken by NOTIFY, not by the 60 s poll
-        await projector_of(client).wait_for(answer["position"])
-    bots = await readers.bots(projections_of(client), None, member_id=MEMBER_ID)
-    assert [b.bot_id for b in bots] == [571]
-    ready = await (await client.get("/readyz")).json()
-    assert ready["projector"]["lag"] == 0
 
 
 async def test_a_reader_role_sees_the_views_and_nothing_else(

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 
 from ledger.settings import Settings
-from ledger.web import PROJECTOR
 from tests.conftest import MEMBER_ID, TOKEN, ClientFactory, Database, sample
-from tests.helpers import Client, drained, install_sample_portal
+from tests.helpers import PROJECTOR, Client, drained, install_sample_portal
 from tests.test_api import bearer
 from tests.test_intake import _pg_dump, forge
 

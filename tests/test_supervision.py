@@ -188,8 +188,8 @@ async def until_ready(client: Client) -> dict[str, Any]:
             await asyncio.sleep(0.05)  # pacing the polls of a condition, bounded above
 
 
-TASKS = {"commit": "committer", "drain": "committer", "catch_up": "projector",
-         "listen": "listener", "checkpoint": "checkpointer"}
+# the projector and its listener run in a process of their own (tests/test_projector_process.py)
+TASKS = {"commit": "committer", "drain": "committer", "checkpoint": "checkpointer"}
 
 
 @pytest.mark.parametrize("step", list(TASKS))
@@ -200,14 +200,13 @@ async def test_a_task_crashed_from_the_inside_restarts_and_intake_resumes(
     task = TASKS[step]
     private, _ = checkpoints.generate_keys(tmp_path / "keys", "test")
     settings = settings_for(
-        task_restart_seconds=1.5, run_projector=True, projector_poll_seconds=0.2,
+        task_restart_seconds=1.5,
         checkpoint_dir=tmp_path / "checkpoints", checkpoint_key=private,
         checkpoint_every_events=1,
     )
-    crash = Crash(step, armed=step == "listen")  # the listener only has a start to crash in
+    crash = Crash(step, armed=False)
     client = await seamed_client(settings, Seams(fault=crash))
-    if step != "listen":
-        await install_sample_portal(client)
+    await install_sample_portal(client)
 
     in_flight: asyncio.Task[tuple[int, dict[str, Any]]] | None = None
     if step == "drain":
@@ -219,10 +218,10 @@ async def test_a_task_crashed_from_the_inside_restarts_and_intake_resumes(
     elif step == "commit":
         crash.armed = True
         in_flight = asyncio.create_task(post(client, sample("onimbotjoinchat-1")))
-    elif step != "listen":
+    else:
         await until_ready(client)
         crash.armed = True
-        await post(client, sample("onimbotjoinchat-1"))  # wakes the projector, checkpointer
+        await post(client, sample("onimbotjoinchat-1"))  # wakes the checkpointer
 
     async with asyncio.timeout(10):
         await crash.fired.wait()
@@ -237,8 +236,6 @@ async def test_a_task_crashed_from_the_inside_restarts_and_intake_resumes(
 
     body = await until_ready(client)  # restarted
     assert body["checks"]["tasks"] == "ok"
-    if step == "listen":
-        await install_sample_portal(client)
     if step == "drain":
         await drained(client)
     async with asyncio.timeout(5):

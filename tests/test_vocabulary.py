@@ -53,11 +53,11 @@ async def _answers(settings: Settings) -> dict[str, Any]:
     views say about them."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from ledger.web import PROJECTOR, create_app
-    from tests.helpers import install_sample_portal, post
+    from ledger.web import create_app
+    from tests.helpers import PROJECTOR, install_sample_portal, post, with_projector
     from tests.test_api import bearer
 
-    async with TestClient(TestServer(create_app(settings))) as client:
+    async with TestClient(TestServer(with_projector(create_app(settings)))) as client:
         await install_sample_portal(client)
         for name in ["onimbotjoinchat-1", "onimbotmessageadd-1", "onimbotdelete-1"]:
             assert (await post(client, sample(name)))[0] == 200

@@ -14,7 +14,7 @@ import click
 
 from ledger import exports
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, deletion_out
-from ledger.cli.app import main
+from ledger.cli.app import configure_logging, main
 from ledger.cli.common import (
     AS_OF,
     BOT,
@@ -35,6 +35,7 @@ from ledger.cli.common import (
     with_portal_projections,
     with_projections,
 )
+from ledger.cli.follow import follow
 from ledger.projections import readers
 from ledger.projections.projector import PROJECTIONS, REGISTRY, Projector
 from ledger.readmodels import BotOut, EventOut, Page, RejectionOut
@@ -81,12 +82,24 @@ def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_j
 
 
 @main.command()
-@click.option("--once", is_flag=True, required=True,
+@click.option("--once", "mode", flag_value="once",
               help="Drain every pending event into the projections and exit.")
+@click.option("--follow", "mode", flag_value="follow",
+              help="Keep them current until SIGTERM (`ledger serve` runs this as a child).")
+@click.option("--parent-pid", type=int, default=None, hidden=True,
+              help="Stop when this process is no longer the parent (set by `ledger serve`).")
 @click.pass_context
 @fail_cleanly
-def project(ctx: click.Context, once: bool) -> None:
-    """Bring the projections up to date (`ledger serve` does this continuously)."""
+def project(ctx: click.Context, mode: str | None, parent_pid: int | None) -> None:
+    """Bring the projections up to date, once or continuously."""
+    if mode is None:
+        raise click.UsageError("say --once or --follow")
+    if mode == "follow":
+        settings = settings_of(ctx)
+        # the service's log level, not a one-shot command's
+        configure_logging(settings, debug=bool(ctx.meta.get("ledger.debug")), command="serve")
+        asyncio.run(follow(settings, parent_pid=parent_pid))
+        return
 
     async def work(projections: ProjectionStore, projector: Projector) -> int:
         return await projector.catch_up()

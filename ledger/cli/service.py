@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -24,6 +25,7 @@ from ledger.cli.common import (
     fail_cleanly,
     settings_of,
 )
+from ledger.cli.sidecars import Sidecar
 from ledger.settings import Settings
 from ledger.storage import target as targets
 
@@ -35,8 +37,9 @@ _MAX_RESTARTS, _RESTART_WINDOW_SECONDS = 5, 60.0  # more worker deaths than this
 @click.option("--host", default=None, help="Listen address (default: LEDGER_HOST, 127.0.0.1).")
 @click.option("--port", default=None, type=int, help="Listen port (default: LEDGER_PORT, 8080).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Processes sharing the port (SO_REUSEPORT); the first one also projects "
-              "and writes checkpoints. /metrics then sums all of them.")
+              help="Processes sharing the port (SO_REUSEPORT); the first one also writes "
+              "checkpoints. /metrics then sums all of them. The projector runs in a process "
+              "of its own either way (LEDGER_RUN_PROJECTOR).")
 @click.pass_context
 @fail_cleanly
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
@@ -53,7 +56,18 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     _check_address(*address, reuse_port=workers > 1)  # before starting anything
     debug = bool(ctx.meta.get("ledger.debug"))
     if workers == 1:
-        _serve(settings, *address, reuse_port=False, debug=debug)
+        if not settings.run_projector:
+            _serve(settings, *address, reuse_port=False, debug=debug)
+            return
+        target = asyncio.run(targets.open_target(settings))  # the children's DSNs
+        sidecars = _sidecars(settings, target)
+        try:
+            for sidecar in sidecars:
+                sidecar.start()
+            _serve(settings, *address, reuse_port=False, debug=debug, sidecars=sidecars)
+        finally:
+            _stop(sidecars)
+            target.release()
         return
     metrics_dir = _fresh_metrics_dir(settings)
     # Start (and migrate) the database once, here, before the workers attach to it.
@@ -64,6 +78,38 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     except BaseException:
         target.release()
         raise
+    sidecars = _sidecars(settings, target)
+    try:
+        _run_workers(settings, address, workers, metrics_dir, sidecars, debug=debug)
+    finally:
+        _stop(sidecars)
+        target.release()
+
+
+def _sidecars(settings: Settings, target: targets.DatabaseTarget) -> list[Sidecar]:
+    """The service's child processes besides its workers: one of each, whatever --workers
+    says. They reach the database `target` this process opened (the embedded one by its DSNs,
+    so that a child killed with -9 leaves the embedded server no stale user)."""
+    env: dict[str, str] = {}
+    if target.embedded is not None:
+        env = {"LEDGER_DATABASE_URL": target.service_dsn,
+               "LEDGER_PROJECTOR_DATABASE_URL": target.projector_dsn}
+    found: list[Sidecar] = []
+    if settings.run_projector:
+        found.append(Sidecar("projector", ["project", "--follow"], env=env,
+                             first_backoff=settings.task_restart_seconds))
+    return found
+
+
+def _stop(sidecars: list[Sidecar]) -> None:
+    for sidecar in sidecars:
+        sidecar.stop()
+
+
+def _run_workers(
+    settings: Settings, address: tuple[str, int], workers: int, metrics_dir: Path,
+    sidecars: list[Sidecar], *, debug: bool,
+) -> None:
     context = multiprocessing.get_context("spawn")
 
     def start(index: int) -> multiprocessing.process.BaseProcess:
@@ -88,6 +134,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    for sidecar in sidecars:
+        sidecar.start()
     # A worker killed or crashed is replaced under the same number, so its spool
     # (LEDGER_SPOOL_DIR/worker-N) drains and its share of connections is served again. One that
     # exits on a failure it explained (exit status 1 or 2: settings, schema, port) has a problem
@@ -117,7 +165,6 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
             restarts.append(now)
             processes[index] = start(index)
             started[index] = now
-    target.release()
     if failed:
         raise click.ClickException(f"worker(s) {', '.join(failed)} failed; see the log above")
 
@@ -164,20 +211,33 @@ def _fresh_metrics_dir(settings: Settings) -> Path:
 def _worker_settings(settings: Settings, index: int, metrics_dir: Path) -> Settings:
     update: dict[str, object] = {"worker": index, "metrics_dir": metrics_dir}
     if index > 0:
-        update.update(run_projector=False, checkpoint_dir=None)
+        update.update(checkpoint_dir=None)
     return settings.model_copy(update=update)
 
 
-def _serve(settings: Settings, host: str, port: int, *, reuse_port: bool, debug: bool) -> None:
+def _serve(
+    settings: Settings, host: str, port: int, *, reuse_port: bool, debug: bool,
+    sidecars: Sequence[Sidecar] = (),
+) -> None:
+    """One serving process; `sidecars` (one worker only) are stopped as its shutdown begins,
+    before the database they use is let go."""
     from aiohttp import web
 
     from ledger.web import create_app
 
     if reuse_port:  # a spawned worker: set up logging like the parent did
         configure_logging(settings, debug=debug, command="serve")
+    app = create_app(settings)
+
+    async def stop_sidecars(_: web.Application) -> None:
+        await asyncio.to_thread(_stop, list(sidecars))
+
+    if sidecars:
+        app.on_shutdown.append(stop_sidecars)
     try:
         web.run_app(
-            create_app(settings),
+            app,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
             host=host,
             port=port,
             reuse_port=reuse_port or None,

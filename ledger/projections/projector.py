@@ -124,8 +124,11 @@ class Projector:
                 await self.catch_up()
             except LedgerError as exc:
                 log.warning("projector could not catch up: %s", exc)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the wake-up does, and shutdown would wait for ever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll_seconds)
+                async with asyncio.timeout(poll_seconds):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def fold_to(

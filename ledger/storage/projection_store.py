@@ -325,6 +325,25 @@ class ProjectionStore:
         ):
             yield ProjectionSnapshot(connection, name)
 
+    async def progress(self, name: str) -> Row:
+        """How far the projection is behind, from the database alone (the projector runs in
+        another process): `checkpoint`, `head`, `idle_seconds` since the checkpoint last moved,
+        and `waiting_seconds` since the oldest event not yet folded was received (None: none)."""
+        async with translated_errors("read projection progress"), \
+                self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT c.position AS checkpoint, h.position AS head, "
+                "extract(epoch FROM now() - c.updated_at)::float8 AS idle_seconds, "
+                "extract(epoch FROM now() - e.received_at)::float8 AS waiting_seconds "
+                "FROM projections.checkpoints c "
+                "CROSS JOIN ledger.stream_heads h "
+                "LEFT JOIN ledger.events e ON e.position = c.position + 1 "
+                "WHERE c.projection = $1 AND h.stream = 'events'",
+                name,
+            )
+        assert row is not None
+        return dict(row)
+
     async def checkpoint(self, name: str) -> Row:
         """How far the projection is folded: position, the chain hash there, and when."""
         async with translated_errors("read checkpoint"), self._pool.acquire() as connection:

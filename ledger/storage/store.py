@@ -14,6 +14,7 @@ batch is one transaction:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -180,6 +181,19 @@ async def create_pool(
     return pool
 
 
+async def close_pool(pool: Pool, *, seconds: float = 5.0) -> None:
+    """Close gracefully, but within `seconds`: asyncpg's `close` waits for every connection to
+    be released, and one held by a task that did not stop would hold the shutdown for ever;
+    past the deadline the remaining connections are terminated."""
+    try:
+        async with asyncio.timeout(seconds):
+            await pool.close()
+    except TimeoutError:
+        log.error("connections still in use %gs into closing the pool; terminating them",
+                  seconds)
+        pool.terminate()
+
+
 def _unavailable(exc: BaseException) -> bool:
     return isinstance(
         exc,
@@ -192,17 +206,28 @@ def _unavailable(exc: BaseException) -> bool:
     )
 
 
+def _cancelled_meanwhile(exc: BaseException) -> None:
+    """A driver error raised while the task was being cancelled (a rollback on a connection
+    whose query the cancellation interrupted) stays a cancellation: translated, it would be an
+    error a background loop retries, and the task would never stop (shutdown would hang)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
+
+
 @asynccontextmanager
 async def translated_errors(action: str) -> AsyncIterator[None]:
     """Driver errors become ledger errors exactly once, here."""
     try:
         yield
     except asyncpg.PostgresError as exc:
+        _cancelled_meanwhile(exc)
         if _unavailable(exc):
             raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
         raise AppendFailed(f"{action}: {exc.__class__.__name__}: {exc}") from exc
     except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError) as exc:
         # InternalClientError: the protocol state of a connection that broke mid-operation
+        _cancelled_meanwhile(exc)
         raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
 
 

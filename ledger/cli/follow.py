@@ -1,0 +1,68 @@
+"""`ledger project --follow`: the projector as a process of its own.
+
+Folding is CPU work the intake must not share its event loop with (issue #15): `ledger serve`
+runs this as a child process (`ledger.cli.sidecars`), an operator may run it alone. It writes
+through a pool of the projector role, wakes on NOTIFY, polls as a fallback, saves snapshots, and
+stops cleanly on SIGTERM — or when the `ledger serve` that started it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from ledger.projections.projector import Projector
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.notifications import listen_forever
+from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.store import EventStore, close_pool, create_pool
+from ledger.supervision import Supervisor
+
+log = logging.getLogger(__name__)
+_PARENT_CHECK_SECONDS = 1.0
+
+
+async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
+    """Keep the projections current until SIGTERM/SIGINT, or until `parent_pid` is no longer
+    this process's parent (the serving process died without stopping us)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if parent_pid is None:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    else:  # a child of `serve`: Ctrl-C reaches it through serve, which stops it in order
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target = await targets.open_target(settings)
+    try:
+        pool = await create_pool(target.projector_dsn, size=2, connect=False,
+                                 connect_timeout=settings.connect_timeout_seconds)
+        try:
+            projector = Projector(EventStore(pool, policy=settings.trust_policy),
+                                  ProjectionStore(pool),
+                                  snapshot_every=settings.projector_snapshot_every)
+            supervisor = Supervisor(first_backoff=settings.task_restart_seconds)
+            supervisor.start("listener", lambda: listen_forever(
+                target.projector_dsn, "ledger_events", projector.wake))
+            supervisor.start("projector", lambda: projector.run(
+                poll_seconds=settings.projector_poll_seconds))
+            log.info("projector following the store (pid %d)", os.getpid())
+            try:
+                while not stop.is_set():
+                    if parent_pid is not None and os.getppid() != parent_pid:
+                        log.error("the ledger serve process %d is gone; the projector stops",
+                                  parent_pid)
+                        break
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_PARENT_CHECK_SECONDS):
+                            await stop.wait()
+            finally:
+                await supervisor.close()
+        finally:
+            await close_pool(pool)
+    finally:
+        target.release()
+    log.info("projector stopped at position %d", projector.checkpoint)
