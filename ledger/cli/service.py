@@ -62,8 +62,6 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         target = asyncio.run(targets.open_target(settings))  # the children's DSNs
         sidecars = _sidecars(settings, target)
         try:
-            for sidecar in sidecars:
-                sidecar.start()
             _serve(settings, *address, reuse_port=False, debug=debug, sidecars=sidecars)
         finally:
             _stop(sidecars)
@@ -219,8 +217,8 @@ def _serve(
     settings: Settings, host: str, port: int, *, reuse_port: bool, debug: bool,
     sidecars: Sequence[Sidecar] = (),
 ) -> None:
-    """One serving process; `sidecars` (one worker only) are stopped as its shutdown begins,
-    before the database they use is let go."""
+    """One serving process; `sidecars` (one worker only) are started once it is up (the schema
+    checked) and stopped as its shutdown begins, before the database they use is let go."""
     from aiohttp import web
 
     from ledger.web import create_app
@@ -229,10 +227,15 @@ def _serve(
         configure_logging(settings, debug=debug, command="serve")
     app = create_app(settings)
 
+    async def start_sidecars(_: web.Application) -> None:
+        for sidecar in sidecars:
+            await asyncio.to_thread(sidecar.start)
+
     async def stop_sidecars(_: web.Application) -> None:
         await asyncio.to_thread(_stop, list(sidecars))
 
     if sidecars:
+        app.on_startup.append(start_sidecars)  # after the app's own start-up (cleanup_ctx)
         app.on_shutdown.append(stop_sidecars)
     try:
         web.run_app(
