@@ -82,7 +82,7 @@ def measure(
            "LEDGER_LOG_LEVEL": log_level, "LEDGER_DATA_DIR": str(OUT / f"data-{port}")}
     log = (OUT / f"cpu-server-{port}.log").open("ab")
     process = subprocess.Popen([sys.executable, "-m", "ledger", "serve", "--port", str(port)],
-                               env=env, stdout=log, stderr=log)
+                               env=env, stdout=log, stderr=log, cwd=tree)
     try:
         wait_healthy(f"http://127.0.0.1:{port}/healthz", 60)
         url = f"http://127.0.0.1:{port}/bitrix24/events"

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     console_secure_cookie: bool = Field(
         default=False, description="console cookie Secure even over http (TLS ends at a proxy)"
     )
+    log_summary_seconds: float = Field(
+        default=60.0, gt=0,
+        description="deliveries are logged one by one at DEBUG; at INFO, counted by outcome "
+        "once per this interval (refusals are always logged, with their reason)",
+    )
     shutdown_timeout_seconds: float = Field(
         default=10.0, gt=0,
         description="on SIGTERM, how long requests in progress may take to be answered",

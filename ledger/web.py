@@ -365,7 +365,13 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
                                   timeout=settings.confirm_timeout_seconds)
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
                                              confirmer=confirmer, forward=app[FORWARDER].accept)
+        supervisor.start("intake-summary",
+                         lambda: intake.summarize_forever(settings.log_summary_seconds))
         yield
+        await supervisor.stop("intake-summary")
+        line = intake.summary()
+        if line is not None:
+            log.info("%s since the last summary", line)
         committer.finish()  # answers every delivery already taken before returning
         await supervisor.join("committer")
         intake.close()

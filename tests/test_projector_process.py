@@ -64,10 +64,12 @@ async def _projected(admin: asyncpg.Connection[Any], seconds: float = 30) -> int
     """Until the registry's checkpoint reaches the chain's head (the database's condition)."""
     async with asyncio.timeout(seconds):
         while True:
-            checkpoint, head = await admin.fetchrow(
+            row = await admin.fetchrow(
                 "SELECT c.position, h.position FROM projections.checkpoints c, "
                 "ledger.stream_heads h WHERE c.projection = 'registry' AND h.stream = 'events'"
             )
+            assert row is not None
+            checkpoint, head = row[0], row[1]
             if head > 0 and checkpoint == head:
                 return int(head)
             await asyncio.sleep(0.05)
