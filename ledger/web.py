@@ -159,8 +159,11 @@ def _delivery(request: web.Request, body: bytes) -> Delivery:
 async def receive_event(request: web.Request) -> web.Response:
     settings, intake = request.app[SETTINGS], request.app[INTAKE]
     try:
-        async with asyncio.timeout(settings.body_timeout_seconds):
+        if request.content.is_eof():  # all of it arrived with the headers: nothing to wait for
             body, truncated = await _read_body(request, settings.max_body_bytes)
+        else:  # a timer per request costs ~4 µs: only for a body still on its way
+            async with asyncio.timeout(settings.body_timeout_seconds):
+                body, truncated = await _read_body(request, settings.max_body_bytes)
     except TimeoutError:
         rejected = DeliveryRejected(
             408, "body_timeout", f"body not received within {settings.body_timeout_seconds:g}s"

@@ -101,6 +101,23 @@ async def test_a_slow_client_gets_408(make_client: Any, settings_factory: Any) -
     stalled.set()
 
 
+async def test_a_body_shorter_than_its_content_length_gets_408(
+    make_client: Any, settings_factory: Any
+) -> None:
+    """The headers came with part of the body: the rest is waited for within the time limit
+    (a body that arrived whole with its headers is read without a timer)."""
+    client = await make_client(settings_factory(body_timeout_seconds=0.3))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /bitrix24/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                 b"Content-Type: " + FORM.encode() + b"\r\n\r\nevent=ONIM")
+    await writer.drain()
+    async with asyncio.timeout(10):
+        status_line = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert status_line.split(b" ", 2)[1] == b"408", status_line
+
+
 async def raw_post(client: Client, target: bytes, headers: list[bytes], body: bytes) -> int:
     """One request written byte for byte (clients refuse to send such headers); its status."""
     status, _ = await raw_request(client, b"POST", target, headers, body)
