@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 from bench.common import OUT, Cluster, wait_healthy
 from bench.intake import corpus, provision
@@ -73,6 +74,23 @@ async def load(url: str, bodies: list[str], start: int, count: int, concurrency:
     return ok
 
 
+async def projected(dsn: str, seconds: float = 120) -> None:
+    """Until the registry's checkpoint has reached the chain's head."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                if await connection.fetchval(
+                    "SELECT c.position = h.position FROM projections.checkpoints c, "
+                    "ledger.stream_heads h WHERE c.projection = 'registry' "
+                    "AND h.stream = 'events'"
+                ):
+                    return
+                await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+
+
 def measure(
     tree: Path, dsn: str, port: int, bodies: list[str], offset: int, args: argparse.Namespace,
     log_level: str,
@@ -87,6 +105,7 @@ def measure(
         wait_healthy(f"http://127.0.0.1:{port}/healthz", 60)
         url = f"http://127.0.0.1:{port}/bitrix24/events"
         asyncio.run(load(url, bodies, offset, args.warmup, args.concurrency))
+        asyncio.run(projected(dsn))  # a projector child has started and caught up
         kids = children(process.pid)
         before = cpu_seconds(process.pid)
         kids_before = {k: cpu_seconds(k) for k in kids}
