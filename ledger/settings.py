@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         description="`ledger serve` keeps the projections up to date (in a child process)",
     )
     projector_poll_seconds: float = Field(default=5.0, gt=0)
+    projector_gather_ms: float = Field(
+        default=100.0, ge=0,
+        description="commits closer than this are folded in one catch-up (projections lag by "
+        "up to this much more; each catch-up costs the same round trips however much it folds)",
+    )
     projector_snapshot_every: int = Field(
         default=100_000, ge=1, description="save the fold state every N events (for --as-of)"
     )

@@ -48,7 +48,8 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
             supervisor.start("listener", lambda: listen_forever(
                 target.projector_dsn, "ledger_events", projector.wake))
             supervisor.start("projector", lambda: projector.run(
-                poll_seconds=settings.projector_poll_seconds))
+                poll_seconds=settings.projector_poll_seconds,
+                gather_seconds=settings.projector_gather_ms / 1000))
             log.info("projector following the store (pid %d)", os.getpid())
             try:
                 while not stop.is_set():

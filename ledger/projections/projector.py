@@ -110,14 +110,20 @@ class Projector:
         self._wake.set()
 
     async def run(
-        self, *, poll_seconds: float = 5.0, fault: Callable[[str], None] | None = None
+        self, *, poll_seconds: float = 5.0, gather_seconds: float = 0.0,
+        fault: Callable[[str], None] | None = None,
     ) -> None:
         """Catch up whenever woken (`wake`, on NOTIFY) or every `poll_seconds`, until cancelled.
 
+        Wake-ups closer than `gather_seconds` are merged: one catch-up then folds the events of
+        several commits (each costs round trips and a transaction whatever it folds).
         The database being away is waited out here; anything else raises, for the supervisor
         (`ledger.supervision`) to log, count and restart. `fault` (tests only) is called with
         "catch_up" before each catch-up and may raise to crash the loop from the inside."""
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
+            self._wake.clear()
             if fault is not None:
                 fault("catch_up")
             try:
@@ -129,7 +135,8 @@ class Projector:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll_seconds):
                     await self._wake.wait()
-            self._wake.clear()
+            # pacing: at most one catch-up per gather window, holding every commit in it
+            await asyncio.sleep(max(0.0, began + gather_seconds - loop.time()))
 
     async def fold_to(
         self, as_of: int | AsOf, on_progress: Callable[[int], None] = lambda n: None
