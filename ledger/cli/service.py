@@ -118,6 +118,8 @@ def _run_workers(
         process.start()
         return process
 
+    for sidecar in sidecars:  # the parent checked the schema (when reachable)
+        sidecar.start()
     processes = {index: start(index) for index in range(workers)}
     started = {index: time.monotonic() for index in processes}
     stopping = False
@@ -132,8 +134,6 @@ def _run_workers(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for sidecar in sidecars:
-        sidecar.start()
     # A worker killed or crashed is replaced under the same number, so its spool
     # (LEDGER_SPOOL_DIR/worker-N) drains and its share of connections is served again. One that
     # exits on a failure it explained (exit status 1 or 2: settings, schema, port) has a problem
