@@ -1,15 +1,17 @@
 """Server CPU per delivery, trees side by side: which change to the intake pays, in µs.
 
     python -m bench.cpu --tree main=/tmp/main-ledger --tree branch=. [--deliveries 3000]
+    python -m bench.cpu --tree a=DIR,LEDGER_PROJECTOR_GATHER_MS=100 --tree b=DIR,...=1000
 
 Each `--tree` is a directory holding a `ledger` package (`git archive <commit> ledger | tar -x
--C DIR`). For every round and tree, in interleaved order, a fresh `ledger serve` (1 worker, that
-tree's code first on PYTHONPATH) on one PostgreSQL gets the same simulated bot events (made
-unique) from `--concurrency` client connections in this process; the CPU the serving process
-used (user + system, all its threads, from /proc) is divided by the deliveries it answered. On a
-shared machine only ratios taken in one run mean anything: each tree is reported as the median
-over rounds and as µs saved against the first tree. A projector child's CPU (trees that run
-the projector in a process of its own) is reported apart: that is the point of moving it.
+-C DIR`), optionally followed by `,NAME=VALUE` settings for its server. For every round and
+tree, in interleaved order, a fresh `ledger serve` (1 worker, that tree's code first on
+PYTHONPATH) on one PostgreSQL gets the same simulated bot events (made unique) from
+`--concurrency` client connections in this process; the CPU the serving process used (user +
+system, all its threads, from /proc) is divided by the deliveries it answered. On a shared
+machine only ratios taken in one run mean anything: each tree is reported as the median over
+rounds and as µs saved against the first tree. A projector child's CPU (trees that run the
+projector in a process of its own) is reported apart: that is the point of moving it.
 """
 
 from __future__ import annotations
@@ -92,12 +94,13 @@ async def projected(dsn: str, seconds: float = 120) -> None:
 
 
 def measure(
-    tree: Path, dsn: str, port: int, bodies: list[str], offset: int, args: argparse.Namespace,
-    log_level: str,
+    tree: Path, settings: dict[str, str], dsn: str, port: int, bodies: list[str], offset: int,
+    args: argparse.Namespace,
 ) -> tuple[float, float]:
     """(server CPU µs per delivery, projector child CPU µs per delivery) for one tree."""
     env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "LEDGER_DATABASE_URL": dsn,
-           "LEDGER_LOG_LEVEL": log_level, "LEDGER_DATA_DIR": str(OUT / f"data-{port}")}
+           "LEDGER_LOG_LEVEL": args.log_level, "LEDGER_DATA_DIR": str(OUT / f"data-{port}"),
+           **settings}
     log = (OUT / f"cpu-server-{port}.log").open("ab")
     process = subprocess.Popen([sys.executable, "-m", "ledger", "serve", "--port", str(port)],
                                env=env, stdout=log, stderr=log, cwd=tree)
@@ -133,12 +136,16 @@ def main() -> None:
     parser.add_argument("--log-level", default="INFO",
                         help="LEDGER_LOG_LEVEL of the servers (INFO: the default's log cost)")
     args = parser.parse_args()
-    trees = [(name, Path(path)) for name, path in (t.split("=", 1) for t in args.tree)]
+    trees: list[tuple[str, Path, dict[str, str]]] = []
+    for spec in args.tree:
+        name, rest = spec.split("=", 1)
+        path, *pairs = rest.split(",")
+        trees.append((name, Path(path), dict(p.split("=", 1) for p in pairs)))
     cluster = Cluster()
     traffic = Traffic(seed=42, portals=20, churn=False)
     tokens = {p.member_id: p.token for p in traffic.portals}
     bodies = corpus(traffic, 5000).read_text().splitlines()
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in trees}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in trees}
     try:
         database = asyncio.run(cluster.fresh_database("bench_cpu", migrate=True))
         service = cluster.dsn(database, user="ledger_app")
@@ -146,9 +153,9 @@ def main() -> None:
         offset = 0
         for round_ in range(args.rounds):
             order = trees if round_ % 2 == 0 else trees[::-1]
-            for index, (name, tree) in enumerate(order):
-                results[name].append(measure(tree, service, 9300 + index, bodies, offset, args,
-                                             args.log_level))
+            for index, (name, tree, settings) in enumerate(order):
+                results[name].append(measure(tree, settings, service, 9300 + index, bodies,
+                                             offset, args))
                 offset += args.warmup + args.deliveries
                 print(f"round {round_ + 1} {name}: {results[name][-1][0]:.1f} µs/delivery "
                       f"(+{results[name][-1][1]:.1f} in children)", flush=True)
@@ -157,7 +164,7 @@ def main() -> None:
     base = statistics.median(r[0] for r in results[trees[0][0]])
     print(f"\nserver CPU per delivery, median of {args.rounds} rounds, "
           f"{args.deliveries} deliveries, {args.concurrency} connections:")
-    for name, _ in trees:
+    for name, _, _ in trees:
         server = statistics.median(r[0] for r in results[name])
         kids = statistics.median(r[1] for r in results[name])
         print(f"  {name:24} {server:7.1f} µs  ({server / base:.2f}x of {trees[0][0]}, "

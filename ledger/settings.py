@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     )
     projector_poll_seconds: float = Field(default=5.0, gt=0)
     projector_gather_ms: float = Field(
-        default=100.0, ge=0,
+        default=1000.0, ge=0,
         description="commits closer than this are folded in one catch-up (projections lag by "
         "up to this much more; each catch-up costs the same round trips however much it folds)",
     )
