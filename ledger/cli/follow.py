@@ -62,8 +62,8 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
                             await stop.wait()
             finally:
                 await supervisor.close()
+            log.info("projector stopped at position %d", projector.checkpoint)
         finally:
             await close_pool(pool)
     finally:
         target.release()
-    log.info("projector stopped at position %d", projector.checkpoint)
