@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ledger.caches import KeyCache
 from ledger.hashing import canonical_json
 
 SECRET_KEYS = frozenset(
@@ -56,15 +57,29 @@ class KeyFacts:
     secret: bool  # a secret name is part of it
     auth: bool  # it is `auth` (any case, any mangling)
     public: bool  # one of `AUTH_PUBLIC`
+    plain: bool  # neither secret nor `auth`, no U+0000: outside `auth`, a text value stays
+    shown: str  # how a removal under this key is recorded (see `redaction.scrub`)
 
 
 def key_facts(key: str) -> KeyFacts:
-    return _short_key_facts(key) if len(key) <= _CACHED_KEY else _facts(key)
+    """The facts of a key; short keys' are cached (a bounded cache: senders feed it)."""
+    facts: KeyFacts | None = _KEY_FACTS.get(key)
+    if facts is None:
+        facts = _facts(key)
+        if len(key) <= _CACHED_KEY:
+            _KEY_FACTS.put(key, facts)
+    return facts
 
 
 def _facts(key: str) -> KeyFacts:
     normal = normal_key(key)
-    return KeyFacts(normal, is_secret_normal(normal), normal == AUTH_KEY, normal in AUTH_PUBLIC)
+    secret = is_secret_normal(normal)
+    auth = normal == AUTH_KEY
+    # a key of a sender's own making may carry the secret itself: a removal is recorded by the
+    # secret name it contains instead
+    shown = key if known_name(key) else (secret_name_in(normal) or ("auth" if auth else "(key)"))
+    return KeyFacts(normal, secret, auth, normal in AUTH_PUBLIC,
+                    not secret and not auth and "\0" not in key, shown)
 
 
 def normal_key(key: str) -> str:
@@ -85,7 +100,7 @@ def _normalise(key: str) -> str:
 
 _CACHED_KEY = 64
 _normal_short_key = lru_cache(maxsize=4096)(_normalise)
-_short_key_facts = lru_cache(maxsize=4096)(_facts)
+_KEY_FACTS = KeyCache(2048)  # str -> KeyFacts; redaction reads `.young` directly when it can
 
 
 def is_secret_key(key: str) -> bool:
@@ -120,6 +135,19 @@ def is_auth_key(key: str) -> bool:
 
 def canonical(value: Any) -> Any:
     """The value as PHP's `parse_str(http_build_query(value))` gives it (None when it vanishes)."""
+    if type(value) is str:  # noqa: E721 - exact types first: a form body holds nothing else
+        return value
+    if type(value) is dict:  # noqa: E721
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            kept = item if type(item) is str else canonical(item)  # noqa: E721
+            if kept is not None:
+                out[str(key)] = kept
+        return out or None
+    return _canonical(value)
+
+
+def _canonical(value: Any) -> Any:
     items: Iterable[tuple[Any, Any]]
     if isinstance(value, Mapping):
         items = value.items()

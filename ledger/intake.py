@@ -236,63 +236,13 @@ class IntakeService:
     def draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
         """The draft of one delivery, without appending it (benchmarks build stores with it);
         raises `DeliveryRejected` as `receive` would."""
-        return self._draft(delivery, self._decode(delivery), received_at, None)
+        return draft_of(self._settings, delivery, decode(self._settings, delivery), received_at,
+                        None)
 
     def _prepare(
         self, delivery: Delivery, received_at: datetime, excerpt_bytes: int | None
     ) -> _Prepared:
-        """Decode, check, redact and draft (pure; may run on the decoding pool)."""
-        document: dict[str, Any] | None = None
-        try:
-            document = self._decode(delivery)
-            draft = self._draft(delivery, document, received_at, excerpt_bytes)
-            return _Prepared(draft, access_token=_install_access_token(draft, document))
-        except DeliveryRejected as rejected:
-            if excerpt_bytes is None:
-                return _Prepared(None, rejected)
-            claim = (
-                drafts.claim_of_text(delivery.body, excerpt_bytes) if document is None
-                else drafts.claim_of_document(document, excerpt_bytes)
-            )
-            return _Prepared(None, rejected, _record(delivery, rejected, received_at, claim))
-
-    def _decode(self, delivery: Delivery) -> dict[str, Any]:
-        if len(delivery.body) > self._settings.max_body_bytes:
-            raise DeliveryRejected(
-                413, "body_too_large", f"body exceeds {self._settings.max_body_bytes} bytes"
-            )
-        return wire.decode_body(
-            delivery.body, delivery.content_type,
-            max_fields=self._settings.max_form_fields, max_nesting=self._settings.max_nesting,
-        )
-
-    def _draft(
-        self,
-        delivery: Delivery,
-        document: dict[str, Any],
-        received_at: datetime,
-        excerpt_bytes: int | None,
-    ) -> EventDraft:
-        query = wire.parse_query(
-            delivery.raw_query,
-            max_fields=self._settings.max_form_fields, max_nesting=self._settings.max_nesting,
-        )
-        body = scrub(document, DELIVERY_SPECIFIC)
-        in_query = scrub(query)
-        if body.has_nul or in_query.has_nul:
-            # PostgreSQL text cannot hold U+0000: refused rather than mangled
-            raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
-        envelope = read_envelope(document)
-        return drafts.delivery_draft(
-            body,
-            envelope,
-            query=in_query,
-            raw_body=delivery.body,
-            received_at=received_at,
-            peer=delivery.peer,
-            content_type=delivery.content_type,
-            rejection_excerpt_bytes=excerpt_bytes,
-        )
+        return prepare(self._settings, delivery, received_at, excerpt_bytes)
 
     async def refuse(
         self, delivery: Delivery, rejected: DeliveryRejected, received_at: datetime | None = None
@@ -328,6 +278,65 @@ class IntakeService:
             self._metrics.rejections_suppressed.inc()
             return
         assert isinstance(outcome, RejectionLogged | Spooled)
+
+
+def prepare(
+    settings: Settings, delivery: Delivery, received_at: datetime, excerpt_bytes: int | None
+) -> _Prepared:
+    """Decode, check, redact and draft (pure; may run on the decoding pool). The differential
+    test holds it to the frozen reference of today's path (`tests/reference/intake.py`)."""
+    document: dict[str, Any] | None = None
+    try:
+        document = decode(settings, delivery)
+        draft = draft_of(settings, delivery, document, received_at, excerpt_bytes)
+        return _Prepared(draft, access_token=_install_access_token(draft, document))
+    except DeliveryRejected as rejected:
+        if excerpt_bytes is None:
+            return _Prepared(None, rejected)
+        claim = (
+            drafts.claim_of_text(delivery.body, excerpt_bytes) if document is None
+            else drafts.claim_of_document(document, excerpt_bytes)
+        )
+        return _Prepared(None, rejected, _record(delivery, rejected, received_at, claim))
+
+
+def decode(settings: Settings, delivery: Delivery) -> dict[str, Any]:
+    if len(delivery.body) > settings.max_body_bytes:
+        raise DeliveryRejected(
+            413, "body_too_large", f"body exceeds {settings.max_body_bytes} bytes"
+        )
+    return wire.decode_body(
+        delivery.body, delivery.content_type,
+        max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
+    )
+
+
+def draft_of(
+    settings: Settings,
+    delivery: Delivery,
+    document: dict[str, Any],
+    received_at: datetime,
+    excerpt_bytes: int | None,
+) -> EventDraft:
+    query = wire.parse_query(
+        delivery.raw_query, max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
+    )
+    body = scrub(document, DELIVERY_SPECIFIC)
+    in_query = scrub(query)
+    if body.has_nul or in_query.has_nul:
+        # PostgreSQL text cannot hold U+0000: refused rather than mangled
+        raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
+    envelope = read_envelope(document)
+    return drafts.delivery_draft(
+        body,
+        envelope,
+        query=in_query,
+        raw_body=delivery.body,
+        received_at=received_at,
+        peer=delivery.peer,
+        content_type=delivery.content_type,
+        rejection_excerpt_bytes=excerpt_bytes,
+    )
 
 
 def _install_access_token(draft: EventDraft, document: dict[str, Any]) -> str | None:

@@ -25,8 +25,10 @@ from urllib.parse import unquote
 
 from ledger.hashing import canonical_json
 from ledger.identity import (
+    _KEY_FACTS,
     AUTH_KEY,
     SECRET_KEYS,
+    KeyFacts,
     key_facts,
     known_name,
     normal_key,
@@ -44,7 +46,9 @@ def fingerprint(secret: str) -> str:
 
 
 def _value_fingerprint(value: Any) -> str:
-    return fingerprint(value if isinstance(value, str) else canonical_json(value).decode())
+    if isinstance(value, str):
+        return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
+    return fingerprint(canonical_json(value).decode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,52 +79,80 @@ def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scru
     """Remove secrets (keeping fingerprints), and in a second copy also the `strip` keys.
 
     `strip` holds normalised key names (`identity.normal_key`). One walk does all of it because
-    this runs for every delivery on the intake's hot path.
+    this runs for every delivery on the intake's hot path; it builds a path only for what it
+    removes (the keys above are on a stack), and reads key facts from the cache directly.
     """
     removed: list[Redaction] = []
-    nul = False
-
-    def walk(node: Any, path: tuple[str, ...], in_auth: bool) -> tuple[Any, Any]:
-        nonlocal nul
-        if isinstance(node, dict):
-            kept: dict[str, Any] = {}
-            stripped: dict[str, Any] = {}
-            for key, value in node.items():
-                if "\0" in key:
-                    nul = True
-                facts = key_facts(key)
-                if (
-                    facts.secret
-                    or (in_auth and not (facts.public and isinstance(value, str)))
-                    or (facts.auth and not isinstance(value, dict))
-                ):
-                    # a key of a sender's own making may carry the secret itself: record it
-                    # by the secret name it contains instead
-                    shown = key if known_name(key) else (
-                        secret_name_in(facts.normal) or ("auth" if facts.auth else "(key)"))
-                    removed.append(Redaction((*path, shown), _value_fingerprint(value)))
-                    continue
-                if isinstance(value, str):  # most values: no call, no path to build
-                    if "\0" in value:
-                        nul = True
-                    kept[key] = value
-                    if facts.normal not in strip:
-                        stripped[key] = value
-                    continue
-                kept_value, stripped_value = walk(value, (*path, key), facts.auth)
-                kept[key] = kept_value
-                if facts.normal not in strip:
-                    stripped[key] = stripped_value
-            return kept, stripped
-        if isinstance(node, list):
-            pairs = [walk(item, (*path, str(i)), False) for i, item in enumerate(node)]
-            return [k for k, _ in pairs], [s for _, s in pairs]
-        if isinstance(node, str) and "\0" in node:
-            nul = True
-        return node, node
-
-    redacted, stripped = walk(document, (), False)
+    path: list[str] = []
+    redacted, stripped, nul = _scrub_dict(document, path, False, strip, removed)
     return Scrubbed(redacted, tuple(removed), stripped, nul)
+
+
+def _scrub_dict(
+    node: dict[str, Any], path: list[str], in_auth: bool, strip: frozenset[str],
+    removed: list[Redaction],
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    kept: dict[str, Any] = {}
+    stripped: dict[str, Any] = {}
+    nul = False
+    cached = _KEY_FACTS.young
+    for key, value in node.items():
+        facts: KeyFacts | None = cached.get(key)
+        if facts is None:
+            facts = key_facts(key)
+        if facts.plain and not in_auth and isinstance(value, str):  # most keys of a delivery
+            if "\0" in value:
+                nul = True
+            kept[key] = value
+            if facts.normal not in strip:
+                stripped[key] = value
+            continue
+        if "\0" in key:
+            nul = True
+        is_text = isinstance(value, str)
+        if (
+            facts.secret
+            or (in_auth and not (facts.public and is_text))
+            or (facts.auth and not isinstance(value, dict))
+        ):
+            removed.append(Redaction((*path, facts.shown), _value_fingerprint(value)))
+            continue
+        if is_text:  # most values: no call, no path to build
+            if "\0" in value:
+                nul = True
+            kept[key] = value
+            if facts.normal not in strip:
+                stripped[key] = value
+            continue
+        path.append(key)
+        kept_value, stripped_value, inner_nul = _scrub_value(
+            value, path, facts.auth, strip, removed)
+        path.pop()
+        nul = nul or inner_nul
+        kept[key] = kept_value
+        if facts.normal not in strip:
+            stripped[key] = stripped_value
+    return kept, stripped, nul
+
+
+def _scrub_value(
+    node: Any, path: list[str], in_auth: bool, strip: frozenset[str], removed: list[Redaction]
+) -> tuple[Any, Any, bool]:
+    if isinstance(node, dict):
+        return _scrub_dict(node, path, in_auth, strip, removed)
+    if isinstance(node, list):
+        kept: list[Any] = []
+        stripped: list[Any] = []
+        nul = False
+        for i, item in enumerate(node):
+            path.append(str(i))
+            kept_item, stripped_item, inner_nul = _scrub_value(item, path, False, strip, removed)
+            path.pop()
+            nul = nul or inner_nul
+            kept.append(kept_item)
+            stripped.append(stripped_item)
+        return kept, stripped, nul
+    return node, node, isinstance(node, str) and "\0" in node
 
 
 def redact(document: dict[str, Any]) -> tuple[dict[str, Any], tuple[Redaction, ...]]:

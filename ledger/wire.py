@@ -19,6 +19,7 @@ without recursion. The decoded-key caches hold only short keys, so their size is
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Mapping
 from functools import lru_cache
@@ -27,6 +28,7 @@ from urllib.parse import quote_plus, unquote_to_bytes
 
 import orjson
 
+from ledger.caches import KeyCache
 from ledger.errors import DeliveryRejected
 
 JsonValue: TypeAlias = Any
@@ -98,7 +100,10 @@ _decoded_short_key = lru_cache(maxsize=_CACHE_ENTRIES)(_decode_key)
 
 def cached_key_bytes() -> int:
     """An upper bound of the key bytes the caches hold (a test and the metrics read it)."""
-    entries = _decoded_short_key.cache_info().currsize + _short_key_path.cache_info().currsize
+    entries = (
+        _decoded_short_key.cache_info().currsize + _short_key_path.cache_info().currsize
+        + len(_PLANS) + len(_SHAPES)
+    )
     return entries * CACHED_KEY_BYTES
 
 
@@ -114,8 +119,22 @@ def _text(raw: bytes, what: str) -> str:
 def parse_php_form(
     body: bytes, *, max_fields: int, max_nesting: int, max_segments: int | None = None
 ) -> Document:
-    """Decode a form body exactly as PHP's `parse_str` would, into ordered string-keyed dicts."""
+    """Decode a form body exactly as PHP's `parse_str` would, into ordered string-keyed dicts.
+
+    The fast path (`_parse_fast`) answers every ordinary body; whenever it is not sure — an
+    excess, a malformed escape, text that is not UTF-8, `[]`, a value replacing an array — it
+    hands the body to the exact, field-by-field decoder, which raises what PHP's rules and our
+    budgets say, in the order they say it.
+    """
     budget = max_fields if max_segments is None else max_segments
+    document = _parse_fast(body, max_fields, max_nesting, budget)
+    if document is None:
+        document = _parse_exact(body, max_fields, max_nesting, budget)
+    return document
+
+
+def _parse_exact(body: bytes, max_fields: int, max_nesting: int, budget: int) -> Document:
+    """PHP's algorithm field by field, every check in PHP's order (the reference behaviour)."""
     root = _PhpArray()
     fields = 0
     segments = 0
@@ -138,6 +157,196 @@ def parse_php_form(
         _register(root, key, value, max_nesting)
     document: Document = _freeze(root)
     return document
+
+
+# ---- the fast path ---------------------------------------------------------------------------
+#
+# A key's *plan* says where its value goes: (depth, brackets, prefix, parents, leaf, full)
+# - depth: how deep the key counts against `max_nesting` — the larger of its `[` count and the
+#   turns PHP's key parser takes; `_UNPLANNED` for a key with `[]` (the next free index is the
+#   exact decoder's business);
+# - brackets: the key's `[` count (the segment budget);
+# - prefix / full: the parent's and the value's path joined with NUL (no decoded key holds one),
+#   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name).
+# Plans are cached by the raw key (a hit costs one dict lookup) and, behind that, by the key's
+# *shape* (digit runs taken out), so the bot and message ids inside keys do not make every
+# delivery a miss. Both caches are bounded in entries and, by admitting short keys only, bytes.
+
+_Plan: TypeAlias = tuple[int, int, str, tuple[str, ...], str, str]
+_UNPLANNED = 1 << 30
+_DROPPED = "\0"  # no container is named so: names are never empty here, so no id starts so
+_DIGITS = re.compile(r"[0-9]+")
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_SLOT = "\0"  # stands for a digit run in a shape; decoded keys are cut at their first NUL
+_CACHE_GENERATION = 8192  # entries per generation; two generations per cache
+_PLANNED_KEY_BYTES = 128  # Bitrix24's longest keys are ~60 bytes; a plan holds ~4x its key
+
+_PLANS = KeyCache(_CACHE_GENERATION)  # raw key bytes -> plan
+_SHAPES = KeyCache(_CACHE_GENERATION // 4)  # key with digit runs as _SLOT -> plan with slots
+
+
+def _parse_fast(body: bytes, max_fields: int, max_nesting: int, budget: int) -> Document | None:
+    """The whole body at C speed where PHP's rules allow it; None means "ask the exact decoder".
+
+    Keys: cached plans. Values: percent-decoded all at once (one `escape_decode` over the joined
+    values) and checked as UTF-8 once. Containers: plain dicts, found by their path. Every
+    budget is checked on totals: they only grow, so a total within budget never passed it.
+    """
+    pairs = body.split(b"&")
+    if b"" in pairs:
+        pairs = [pair for pair in pairs if pair]  # php_strtok_r skips empty tokens
+        if not pairs:
+            return {}
+    if len(pairs) > max_fields:
+        return None
+    parts = [pair.partition(b"=") for pair in pairs]
+    cached = _PLANS.young
+    plans = [cached.get(part[0]) for part in parts]
+    segments = 0
+    for i, plan in enumerate(plans):
+        if plan is None:
+            plan = _PLANS.get(parts[i][0]) or _plan_of(parts[i][0], max_nesting, budget - segments)
+            if plan is None:
+                return None
+            plans[i] = plan
+        if plan[0] > max_nesting:
+            return None
+        segments += plan[1]
+    if segments > budget:
+        return None
+    values = _decode_values([part[2] for part in parts])
+    if values is None:
+        return None
+    root: Document = {}
+    containers: dict[str, Document] = {"": root}
+    for (_, _, prefix, parents, leaf, full), value in zip(plans, values, strict=True):
+        parent = containers.get(prefix)
+        if parent is None:
+            if prefix == _DROPPED:
+                continue
+            parent = _open(root, containers, parents)
+        if full in containers:
+            return None  # a value replacing an array: PHP's order matters, ask the exact decoder
+        parent[leaf] = value
+    return root
+
+
+def _open(root: Document, containers: dict[str, Document], parents: tuple[str, ...]) -> Document:
+    """The container at `parents`, made as `_register` makes it (a scalar in the way is
+    replaced in place, so the key keeps its first position)."""
+    node = root
+    for depth, name in enumerate(parents):
+        child = node.get(name)
+        if not isinstance(child, dict):
+            child = {}
+            node[name] = child
+            containers[_SLOT.join(parents[: depth + 1])] = child
+        node = child
+    return node
+
+
+def _plan_of(raw_key: bytes, max_nesting: int, budget_left: int) -> _Plan | None:
+    """A key's plan, from the shape cache or worked out (None: the exact decoder decides)."""
+    try:
+        key = _decode_key(raw_key)
+    except DeliveryRejected:
+        return None
+    brackets = key.count("[")
+    if min(brackets, max_nesting + 1) > budget_left:
+        return None  # past the segment budget: parse nothing more
+    numbers = _DIGITS.findall(key)
+    shape = _DIGITS.sub(_SLOT, key) if numbers else key
+    template: _Plan | None = _SHAPES.get(shape) if len(shape) <= _PLANNED_KEY_BYTES else None
+    if template is None:
+        template = _parse_plan(shape, brackets, max_nesting)
+        if template is None:
+            return None
+        if len(shape) <= _PLANNED_KEY_BYTES:
+            _SHAPES.put(shape, template)
+    plan = _filled(template, numbers) if numbers else template
+    if len(raw_key) <= _PLANNED_KEY_BYTES:
+        _PLANS.put(raw_key, plan)
+    return plan
+
+
+def _parse_plan(key: str, brackets: int, max_nesting: int) -> _Plan | None:
+    """`_find_key_path` without raising: the same walk, counting its turns (None: too deep)."""
+    key = key.lstrip(" ")
+    bracket = key.find("[")
+    base = key if bracket < 0 else key[:bracket]
+    base = base.replace(" ", "_").replace(".", "_")
+    if not base:
+        return (brackets, brackets, _DROPPED, (), "", "")
+    if bracket < 0:
+        return _plan(False, brackets, 0, (base,))
+    names: list[str] = [base]
+    append = False
+    levels = 0
+    rest = key[bracket:]
+    while True:
+        levels += 1
+        if levels > max_nesting:
+            return None
+        close = rest.find("]", 1)
+        if close < 0:
+            if len(names) == 1:
+                return _plan(False, brackets, levels,
+                             (base + "_" + re.sub(r"[ .\[]", "_", rest[1:]),))
+            break
+        index = rest[1:close]
+        if not index:
+            append = True
+        names.append(index)
+        rest = rest[close + 1 :]
+        if not rest.startswith("["):
+            break
+    return _plan(append, brackets, levels, tuple(names))
+
+
+def _plan(append: bool, brackets: int, levels: int, names: tuple[str, ...]) -> _Plan:
+    parents = names[:-1]
+    depth = _UNPLANNED if append else max(brackets, levels)
+    return (depth, brackets, _SLOT.join(parents), parents, names[-1], _SLOT.join(names))
+
+
+def _filled(template: _Plan, numbers: list[str]) -> _Plan:
+    """A shape's plan with the key's own digit runs put back, in key order."""
+    depth, brackets, _, parents, leaf, _ = template
+    if not leaf:  # a dropped key (every other plan has a leaf name)
+        return template
+    taken = iter(numbers)
+    names = tuple(
+        name if _SLOT not in name
+        else "".join(part if i == 0 else next(taken) + part
+                     for i, part in enumerate(name.split(_SLOT)))
+        for name in (*parents, leaf)
+    )
+    return (depth, brackets, _SLOT.join(names[:-1]), names[:-1], names[-1], _SLOT.join(names))
+
+
+def _decode_values(raw: list[bytes]) -> list[str] | None:
+    """PHP `urldecode` and UTF-8 of every value in a few C calls (None: let the exact decoder
+    find and report the problem). The values are joined by a byte none of them can decode to."""
+    joined = b"&".join(raw)
+    sep = "&"
+    if b"%26" in joined:  # an escaped `&` would split a value: join by a byte nobody sent
+        if b"\x1f" in joined or b"%1F" in joined or b"%1f" in joined:
+            return None
+        joined = b"\x1f".join(raw)
+        sep = "\x1f"
+    if b"+" in joined:
+        joined = joined.replace(b"+", b" ")
+    if b"%" in joined:
+        if _BAD_ESCAPE.search(joined):
+            return None  # PHP keeps a malformed escape as it is: the exact decoder does too
+        if b"\\" in joined:
+            joined = joined.replace(b"\\", b"\\\\")
+        joined = codecs.escape_decode(joined.replace(b"%", b"\\x"))[0]
+    try:
+        text = joined.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text.split(sep)
 
 
 def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:

@@ -1,0 +1,217 @@
+"""Secrets out before anything is written anywhere: store, rejection log, spool, log lines.
+
+Pure code. Which keys are secret is defined once, in `ledger.identity`. Three views:
+
+- `scrub`: what a *stored* delivery keeps. Secret keys go at any depth (Bitrix24 repeats its
+  tokens inside `data.BOT[*]`, `data.BOT[*].AUTH`, `data.COMMAND[*]`, `data.bot.auth`); an `auth`
+  block keeps only its public scalar fields (`identity.AUTH_PUBLIC`), and an `auth` that is not an
+  object goes whole. A removed value leaves its path and a short fingerprint behind.
+- `rejection_view`: what the rejection log keeps of a body that decoded but was refused: as
+  `scrub`, and every key that so much as contains `auth` goes whole, and string values are cut
+  by `scrub_text` (a token may hide anywhere in a body nobody vouched for).
+- `scrub_text`: a body that could not be decoded. Structure-free: the text is kept only up to the
+  first place where a decoder (percent escapes, `\\u`/`\\x` escapes, `+`, case, Unicode folding,
+  PHP's name mangling) could read a secret name or `auth`; everything after it is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from ledger.hashing import canonical_json
+from tests.reference.identity import (
+    AUTH_KEY,
+    SECRET_KEYS,
+    key_facts,
+    known_name,
+    normal_key,
+    secret_name_in,
+)
+
+FINGERPRINT_HEX = 12  # 48 bits: tells tokens apart, reveals nothing usable about a 128-bit token
+REDACTED = "[redacted]"
+_SUSPICIOUS = (*sorted(SECRET_KEYS), AUTH_KEY)
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable fingerprint of a secret value (hex prefix of its SHA-256)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
+
+
+def _value_fingerprint(value: Any) -> str:
+    return fingerprint(value if isinstance(value, str) else canonical_json(value).decode())
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    """One removed secret: where it was (path of keys from the top) and its fingerprint."""
+
+    path: tuple[str, ...]
+    fingerprint: str
+
+    def under(self, root: str) -> Redaction:
+        return Redaction((root, *self.path), self.fingerprint)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": list(self.path), "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True, slots=True)
+class Scrubbed:
+    """One pass over a document: what may be stored, what was removed, and two facts about it."""
+
+    redacted: dict[str, Any]  # secrets removed, order kept
+    redactions: tuple[Redaction, ...]
+    stripped: dict[str, Any]  # also without `strip` keys (for identities that ignore them)
+    has_nul: bool  # U+0000 anywhere, keys included
+
+
+def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scrubbed:
+    """Remove secrets (keeping fingerprints), and in a second copy also the `strip` keys.
+
+    `strip` holds normalised key names (`identity.normal_key`). One walk does all of it because
+    this runs for every delivery on the intake's hot path.
+    """
+    removed: list[Redaction] = []
+    nul = False
+
+    def walk(node: Any, path: tuple[str, ...], in_auth: bool) -> tuple[Any, Any]:
+        nonlocal nul
+        if isinstance(node, dict):
+            kept: dict[str, Any] = {}
+            stripped: dict[str, Any] = {}
+            for key, value in node.items():
+                if "\0" in key:
+                    nul = True
+                facts = key_facts(key)
+                if (
+                    facts.secret
+                    or (in_auth and not (facts.public and isinstance(value, str)))
+                    or (facts.auth and not isinstance(value, dict))
+                ):
+                    # a key of a sender's own making may carry the secret itself: record it
+                    # by the secret name it contains instead
+                    shown = key if known_name(key) else (
+                        secret_name_in(facts.normal) or ("auth" if facts.auth else "(key)"))
+                    removed.append(Redaction((*path, shown), _value_fingerprint(value)))
+                    continue
+                if isinstance(value, str):  # most values: no call, no path to build
+                    if "\0" in value:
+                        nul = True
+                    kept[key] = value
+                    if facts.normal not in strip:
+                        stripped[key] = value
+                    continue
+                kept_value, stripped_value = walk(value, (*path, key), facts.auth)
+                kept[key] = kept_value
+                if facts.normal not in strip:
+                    stripped[key] = stripped_value
+            return kept, stripped
+        if isinstance(node, list):
+            pairs = [walk(item, (*path, str(i)), False) for i, item in enumerate(node)]
+            return [k for k, _ in pairs], [s for _, s in pairs]
+        if isinstance(node, str) and "\0" in node:
+            nul = True
+        return node, node
+
+    redacted, stripped = walk(document, (), False)
+    return Scrubbed(redacted, tuple(removed), stripped, nul)
+
+
+def redact(document: dict[str, Any]) -> tuple[dict[str, Any], tuple[Redaction, ...]]:
+    """A copy without secret keys (order otherwise kept), and what was removed."""
+    scrubbed = scrub(document)
+    return scrubbed.redacted, scrubbed.redactions
+
+
+def rejection_view(document: Any, *, budget: int = 2048) -> Any:
+    """What the rejection log may keep of a decoded body: no secret key, nothing under any key
+    that contains `auth`, and string values cut where a secret name could begin.
+
+    Walks only until about `budget` characters are kept (the excerpt is capped anyway), so a
+    huge refused body costs no more than a small one.
+    """
+    left = budget
+
+    def view(node: Any) -> Any:
+        nonlocal left
+        if isinstance(node, dict):
+            kept: dict[str, Any] = {}
+            for key, value in node.items():
+                if left <= 0:
+                    break
+                left -= len(key) + 4
+                normal = normal_key(key)
+                if any(name in normal for name in _SUSPICIOUS):
+                    kept[scrub_text(key[:budget])] = REDACTED
+                else:
+                    kept[key] = view(value)
+            return kept
+        if isinstance(node, list):
+            items: list[Any] = []
+            for item in node:
+                if left <= 0:
+                    break
+                items.append(view(item))
+            return items
+        if isinstance(node, str):
+            text = scrub_text(node[: max(left, 0)])
+            left -= len(text) + 2
+            return text
+        left -= 8
+        return node
+
+    return view(document)
+
+
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|x([0-9a-fA-F]{2})|U([0-9a-fA-F]{8}))")
+_NOT_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = int(next(g for g in match.groups() if g is not None), 16)
+    return chr(code) if code <= 0x10FFFF else "_"
+
+
+def skeleton(text: str) -> str:
+    """The text as any decoder could read its keys: escapes undone (three times over, for
+    double encodings), folded, lower-cased, every other run of characters one `_`."""
+    for _ in range(3):
+        decoded = _ESCAPE.sub(_unescape, unquote(text.replace("+", " "), errors="replace"))
+        if decoded == text:
+            break
+        text = decoded
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)
+    return _NOT_WORD.sub("_", text.casefold())
+
+
+def _suspicious(text: str) -> bool:
+    shape = skeleton(text)
+    return any(name in shape for name in _SUSPICIOUS)
+
+
+def scrub_text(text: str) -> str:
+    """Structure-free redaction: `text` up to just before a secret name or `auth` could be read.
+
+    The longest prefix whose `skeleton` contains no such name is kept (found by bisection, then
+    checked as a whole: if the check fails, nothing is kept); the rest is replaced by a marker.
+    """
+    if not _suspicious(text):
+        return text
+    low, high = 0, len(text)  # skeleton(text[:low]) is clean, skeleton(text[:high]) is not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _suspicious(text[:middle]):
+            high = middle
+        else:
+            low = middle
+    kept = text[:low]
+    if _suspicious(kept):  # a prefix that reads differently from the whole: keep nothing
+        return REDACTED
+    return kept + REDACTED

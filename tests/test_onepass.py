@@ -1,0 +1,220 @@
+"""The fast decoding path is today's path, byte for byte: a differential test against the frozen
+reference (`tests/reference/`) on a generated corpus (`tests/corpus.py`), plus the bounds of the
+key caches.
+
+Every case is compared on everything the intake hands on: the decoded document (with key order),
+both scrubbed views and their redaction records, the draft (every `EventDraft` field; payload,
+hashes, dedup key), the refusal of a trust-refused draft, and on a refusal the exception (class,
+status, code, message) and the rejection record with its excerpt.
+
+`ONEPASS_CORPUS=200000 ./run test tests/test_onepass.py -k corpus` runs a larger corpus
+(`ONEPASS_SEED` picks another one); the default takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ledger import drafts, intake, redaction, wire
+from ledger.errors import DeliveryRejected
+from ledger.identity import DELIVERY_SPECIFIC
+from ledger.models import EventDraft, RejectionDraft
+from ledger.settings import Settings
+from tests.corpus import FORM, JSON, KEY_PIECES, VALUE_PIECES, Case, Corpus
+from tests.reference import drafts as reference_drafts
+from tests.reference import intake as reference
+from tests.reference import redaction as reference_redaction
+from tests.reference import wire as reference_wire
+
+CORPUS = int(os.environ.get("ONEPASS_CORPUS", "6000"))
+SEED = int(os.environ.get("ONEPASS_SEED", "15"))
+RECEIVED = datetime(2026, 11, 26, 1, 2, 3, 456789, tzinfo=UTC)
+_SETTINGS: dict[tuple[int, int, int], Settings] = {}
+
+
+def _settings(case: Case) -> Settings:
+    key = (case.max_body_bytes, case.max_fields, case.max_nesting)
+    if key not in _SETTINGS:
+        _SETTINGS[key] = Settings.model_construct(
+            max_body_bytes=case.max_body_bytes, max_form_fields=case.max_fields,
+            max_nesting=case.max_nesting,
+        )
+    return _SETTINGS[key]
+
+
+def _outcome(run: Any) -> Any:
+    try:
+        return ("ok", run())
+    except DeliveryRejected as exc:
+        return ("refused", type(exc), exc.status, exc.code, exc.message)
+
+
+def _json(value: Any) -> bytes:
+    """Order-sensitive, type-exact bytes of a value (PHP arrays are ordered maps)."""
+    return orjson.dumps(value, option=orjson.OPT_PASSTHROUGH_DATACLASS, default=repr)
+
+
+def _draft_view(draft: EventDraft | None) -> Any:
+    if draft is None:
+        return None
+    fields = {f.name: getattr(draft, f.name) for f in dataclasses.fields(draft)}
+    fields["metadata"] = _json(draft.metadata)
+    return fields
+
+
+def _record_view(record: RejectionDraft | None) -> Any:
+    return None if record is None else dataclasses.asdict(record)
+
+
+def _scrub_view(scrubbed: Any) -> Any:
+    return (_json(scrubbed.redacted), _json(scrubbed.stripped),
+            [(r.path, r.fingerprint) for r in scrubbed.redactions], scrubbed.has_nul)
+
+
+def check(case: Case) -> None:
+    """Assert that the fast path and the reference agree on every output of `case`."""
+    limits = reference.Limits(case.max_body_bytes, case.max_fields, case.max_nesting)
+    delivery = intake.Delivery(case.body, case.content_type, case.query, "10.0.0.1")
+
+    # the decoded document
+    new_doc = _outcome(lambda: intake.decode(_settings(case), delivery))
+    old_doc = _outcome(lambda: reference.decode(case.body, case.content_type, limits))
+    assert _json(new_doc[1]) == _json(old_doc[1]) if new_doc[0] == "ok" else new_doc == old_doc
+    assert new_doc[0] == old_doc[0]
+    if new_doc[0] == "ok":
+        document = old_doc[1]
+        for strip in (DELIVERY_SPECIFIC, frozenset()):
+            assert _scrub_view(redaction.scrub(document, strip)) == _scrub_view(
+                reference_redaction.scrub(document, strip))
+    query_new = _outcome(lambda: wire.parse_query(
+        case.query, max_fields=case.max_fields, max_nesting=case.max_nesting))
+    query_old = _outcome(lambda: reference_wire.parse_query(
+        case.query, max_fields=case.max_fields, max_nesting=case.max_nesting))
+    assert (_json(query_new[1]), query_new[0]) == (_json(query_old[1]), query_old[0]) if (
+        query_new[0] == "ok") else query_new == query_old
+
+    # the whole pure path of the intake: draft or refusal and its record
+    new = intake.prepare(_settings(case), delivery, RECEIVED, case.excerpt_bytes)
+    old = reference.prepare(case.body, case.content_type, case.query, "10.0.0.1", RECEIVED,
+                            case.excerpt_bytes, limits)
+    assert _draft_view(new.draft) == _draft_view(old.draft)
+    assert new.access_token == old.access_token
+    assert _record_view(new.record) == _record_view(old.record)
+    if old.rejected is None:
+        assert new.rejected is None
+    else:
+        assert new.rejected is not None
+        assert (type(new.rejected), new.rejected.status, new.rejected.code,
+                new.rejected.message) == (type(old.rejected), old.rejected.status,
+                                          old.rejected.code, old.rejected.message)
+    if new.draft is not None and old.draft is not None:
+        refused = drafts.refusal(new.draft, status=403, reason="unknown_portal", detail="d")
+        expected = reference_drafts.refusal(old.draft, status=403, reason="unknown_portal",
+                                            detail="d")
+        assert _record_view(refused) == _record_view(expected)
+
+
+def test_a_generated_corpus_drafts_exactly_as_the_reference() -> None:
+    """`CORPUS` cases (default 6000, ~10 s): simulated, sampled, mutated, hostile, near budgets."""
+    outcomes: dict[str, int] = {}
+    for n, case in enumerate(Corpus(SEED)):
+        if n >= CORPUS:
+            break
+        try:
+            check(case)
+        except AssertionError:
+            raise AssertionError(f"case {n} of seed {SEED} differs: {case!r}") from None
+        prepared = intake.prepare(_settings(case), intake.Delivery(
+            case.body, case.content_type, case.query, None), RECEIVED, None)
+        kind = "draft" if prepared.rejected is None else prepared.rejected.code
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+    # the corpus reaches drafts and the refusals the budgets and PHP's rules make
+    for reached in ("draft", "too_many_fields", "too_deep", "invalid_utf8", "body_too_large",
+                    "nul_character", "missing_event", "malformed_json"):
+        assert outcomes.get(reached, 0) > 0, (reached, outcomes)
+
+
+def test_every_sample_and_php_fixture_drafts_exactly_as_the_reference() -> None:
+    corpus = Corpus(1)
+    for body, content_type in corpus._samples:
+        for query in ("", "CLIENT_ID=abc"):
+            check(Case(body, content_type, query))
+            check(Case(body, content_type, query, max_nesting=2, max_fields=10))
+
+
+_piece = st.sampled_from(KEY_PIECES) | st.text(string.printable, max_size=3)
+_key = st.builds(
+    lambda base, levels: base + "".join(f"{o}{i}{c}" for o, i, c in levels),
+    st.lists(_piece, max_size=2).map("".join),
+    st.lists(st.tuples(st.sampled_from(["[", "%5B", "%5b"]),
+                       st.lists(_piece, max_size=2).map("".join),
+                       st.sampled_from(["]", "%5D", ""])), max_size=6),
+)
+_value = st.lists(st.sampled_from(VALUE_PIECES) | st.text(max_size=3), max_size=3).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(_key, st.booleans(), _value), max_size=12),
+       envelope=st.booleans(), max_nesting=st.sampled_from([2, 3, 32]))
+def test_php_bracket_forms_draft_exactly_as_the_reference(
+    pairs: list[tuple[str, bool, str]], envelope: bool, max_nesting: int
+) -> None:
+    text = "&".join(k + ("=" + v if sep else "") for k, sep, v in pairs)
+    if envelope:
+        text += "&event=X&auth[member_id]=m&auth[application_token]=t"
+    body = text.encode("utf-8", "surrogatepass")
+    check(Case(body, FORM, "", max_nesting=max_nesting))
+
+
+_json_doc = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.sampled_from(KEY_PIECES) | st.text(max_size=4), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(document=st.dictionaries(st.sampled_from(KEY_PIECES) | st.text(max_size=4), _json_doc,
+                                max_size=6),
+       envelope=st.booleans())
+def test_json_bodies_draft_exactly_as_the_reference(document: dict[str, Any],
+                                                    envelope: bool) -> None:
+    if envelope:
+        document = {"event": "ONIMBOTJOINCHAT",
+                    "auth": {"member_id": "m", "application_token": "t"}, **document}
+    check(Case(json.dumps(document).encode(), JSON, "", max_fields=10))
+
+
+def test_keys_with_ids_are_planned_by_shape() -> None:
+    """A new bot id is a cache miss on the raw key but a hit on its shape (digit runs out)."""
+    wire.parse_php_form(b"data%5BBOT%5D%5B101%5D%5BBOT_ID%5D=101", max_fields=10, max_nesting=4)
+    shapes = len(wire._SHAPES)
+    for bot in range(102, 600):
+        document = wire.parse_php_form(b"data%5BBOT%5D%5B" + str(bot).encode()
+                                       + b"%5D%5BBOT_ID%5D=1", max_fields=10, max_nesting=4)
+        assert document == {"data": {"BOT": {str(bot): {"BOT_ID": "1"}}}}
+    assert len(wire._SHAPES) == shapes
+
+
+def test_the_key_caches_stay_bounded_whatever_keys_arrive() -> None:
+    """40k distinct keys (ids, names, lengths): entries never pass two generations, and only
+    short keys are admitted (so the bytes are bounded too)."""
+    for i in range(40_000):
+        key = (b"k%d" % i) + b"x" * (i % 300) + b"%5Bq" + str(i * 7).encode() + b"%5D"
+        wire.parse_php_form(key + b"=1", max_fields=10, max_nesting=4)
+        wire.parse_php_form(b"z" + b"a" * (i % 50) + b"=1", max_fields=10, max_nesting=4)
+    assert len(wire._PLANS) <= 2 * wire._PLANS.generation
+    assert len(wire._SHAPES) <= 2 * wire._SHAPES.generation
+    assert all(len(key) <= wire._PLANNED_KEY_BYTES for key in wire._PLANS.young)
+    assert all(len(key) <= wire._PLANNED_KEY_BYTES for key in wire._SHAPES.young)
