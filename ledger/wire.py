@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeAlias
 from urllib.parse import quote_plus, unquote_to_bytes
@@ -30,6 +31,7 @@ import orjson
 
 from ledger.caches import KeyCache
 from ledger.errors import DeliveryRejected
+from ledger.identity import DELIVERY_SPECIFIC, key_facts
 
 JsonValue: TypeAlias = Any
 Document: TypeAlias = dict[str, Any]
@@ -167,12 +169,19 @@ def _parse_exact(body: bytes, max_fields: int, max_nesting: int, budget: int) ->
 #   exact decoder's business);
 # - brackets: the key's `[` count (the segment budget);
 # - prefix / full: the parent's and the value's path joined with NUL (no decoded key holds one),
-#   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name).
+#   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name);
+# - fate: what redaction does to the value (FATE_*), ancestors: the ids of the containers above
+#   it (the ones a removal makes redaction copy).
 # Plans are cached by the raw key (a hit costs one dict lookup) and, behind that, by the key's
 # *shape* (digit runs taken out), so the bot and message ids inside keys do not make every
 # delivery a miss. Both caches are bounded in entries and, by admitting short keys only, bytes.
 
-_Plan: TypeAlias = tuple[int, int, str, tuple[str, ...], str, str]
+_Plan: TypeAlias = tuple[int, int, str, tuple[str, ...], str, str, int, tuple[str, ...]]
+# a value's fate in the stored view (`redaction.scrub` with `identity.DELIVERY_SPECIFIC`)
+FATE_IDENTITY = 0  # kept, and part of the occurrence's identity
+FATE_KEPT = 1  # kept, but under a delivery-specific key (not part of the identity)
+FATE_REMOVED = 2  # removed (a secret, or not public inside `auth`)
+FATE_UNPLANNED = 3  # a whole container removed: left to the walk of `redaction.scrub`
 _UNPLANNED = 1 << 30
 _DROPPED = "\0"  # no container is named so: names are never empty here, so no id starts so
 _DIGITS = re.compile(r"[0-9]+")
@@ -186,17 +195,25 @@ _SHAPES = KeyCache(_CACHE_GENERATION // 4)  # key with digit runs as _SLOT -> pl
 
 
 def _parse_fast(body: bytes, max_fields: int, max_nesting: int, budget: int) -> Document | None:
-    """The whole body at C speed where PHP's rules allow it; None means "ask the exact decoder".
+    """The whole body at C speed where PHP's rules allow it; None means "ask the exact decoder"."""
+    planned = _planned(body, max_fields, max_nesting, budget)
+    if planned is None:
+        return None
+    return _built(*planned)
+
+
+def _planned(
+    body: bytes, max_fields: int, max_nesting: int, budget: int
+) -> tuple[list[_Plan], list[str]] | None:
+    """Every field's plan and decoded value, or None when the exact decoder must decide.
 
     Keys: cached plans. Values: percent-decoded all at once (one `escape_decode` over the joined
-    values) and checked as UTF-8 once. Containers: plain dicts, found by their path. Every
-    budget is checked on totals: they only grow, so a total within budget never passed it.
+    values) and checked as UTF-8 once. Every budget is checked on totals: they only grow, so a
+    total within budget never passed it on the way.
     """
     pairs = body.split(b"&")
     if b"" in pairs:
         pairs = [pair for pair in pairs if pair]  # php_strtok_r skips empty tokens
-        if not pairs:
-            return {}
     if len(pairs) > max_fields:
         return None
     parts = [pair.partition(b"=") for pair in pairs]
@@ -214,12 +231,19 @@ def _parse_fast(body: bytes, max_fields: int, max_nesting: int, budget: int) -> 
         segments += plan[1]
     if segments > budget:
         return None
+    if not parts:
+        return plans, []
     values = _decode_values([part[2] for part in parts])
     if values is None:
         return None
+    return plans, values
+
+
+def _built(plans: list[_Plan], values: list[str]) -> Document | None:
+    """The document, in plain dicts, found by their path (None: a value replaces an array)."""
     root: Document = {}
     containers: dict[str, Document] = {"": root}
-    for (_, _, prefix, parents, leaf, full), value in zip(plans, values, strict=True):
+    for (_, _, prefix, parents, leaf, full, _, _), value in zip(plans, values, strict=True):
         parent = containers.get(prefix)
         if parent is None:
             if prefix == _DROPPED:
@@ -229,6 +253,91 @@ def _parse_fast(body: bytes, max_fields: int, max_nesting: int, budget: int) -> 
             return None  # a value replacing an array: PHP's order matters, ask the exact decoder
         parent[leaf] = value
     return root
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A form decoded by the fast path, with what its stored view needs (`redaction.planned`):
+    the values redaction removes (by path id), the containers above them, and the identity
+    view — `identity.canonical` of the document without removed and delivery-specific values,
+    built as the fields arrive (the identity is hashed with sorted keys: order is irrelevant)."""
+
+    document: Document
+    removed: dict[str, str]  # path id (names joined by NUL) -> the removed text
+    dirty: set[str]  # path ids of the containers holding a removed value
+    identity: Document
+
+
+def parse_form_planned(body: bytes, *, max_fields: int, max_nesting: int) -> Planned | None:
+    """`parse_php_form` in one pass that also plans redaction and the identity view. None when
+    the body needs anything but that pass (the exact decoder, a whole container removed,
+    U+0000): the caller then decodes and scrubs as usual."""
+    planned = _planned(body, max_fields, max_nesting, max_fields)
+    if planned is None:
+        return None
+    plans, values = planned
+    if any("\0" in value for value in values):
+        return None
+    root: Document = {}
+    containers: dict[str, Document] = {"": root}
+    identity: Document = {}
+    shown: dict[str, Document] = {"": identity}
+    removed: dict[str, str] = {}
+    dirty: set[str] = set()
+    for (_, _, prefix, parents, leaf, full, fate, ancestors), value in zip(
+        plans, values, strict=True
+    ):
+        parent = containers.get(prefix)
+        if parent is None:
+            if prefix == _DROPPED:
+                continue
+            found = _open_planned(root, containers, parents)
+            if found is None:
+                return None
+            parent = found
+        if full in containers or fate == FATE_UNPLANNED:
+            return None
+        parent[leaf] = value
+        if fate == FATE_IDENTITY:
+            target = shown.get(prefix)
+            if target is None:
+                target = _open_identity(identity, shown, parents)
+            target[leaf] = value
+        elif fate == FATE_REMOVED:
+            removed[full] = value
+            dirty.update(ancestors)
+    return Planned(root, removed, dirty, identity)
+
+
+def _open_planned(
+    root: Document, containers: dict[str, Document], parents: tuple[str, ...]
+) -> Document | None:
+    """`_open`, but a value in the way is no longer replaced: redaction planned it as text."""
+    node = root
+    for depth, name in enumerate(parents):
+        child = node.get(name)
+        if child is None:
+            child = {}
+            node[name] = child
+            containers[_SLOT.join(parents[: depth + 1])] = child
+        elif not isinstance(child, dict):
+            return None
+        node = child
+    return node
+
+
+def _open_identity(
+    identity: Document, shown: dict[str, Document], parents: tuple[str, ...]
+) -> Document:
+    node = identity
+    for depth, name in enumerate(parents):
+        child = node.get(name)
+        if child is None:
+            child = {}
+            node[name] = child
+            shown[_SLOT.join(parents[: depth + 1])] = child
+        node = child
+    return node
 
 
 def _open(root: Document, containers: dict[str, Document], parents: tuple[str, ...]) -> Document:
@@ -276,7 +385,7 @@ def _parse_plan(key: str, brackets: int, max_nesting: int) -> _Plan | None:
     base = key if bracket < 0 else key[:bracket]
     base = base.replace(" ", "_").replace(".", "_")
     if not base:
-        return (brackets, brackets, _DROPPED, (), "", "")
+        return (brackets, brackets, _DROPPED, (), "", "", FATE_KEPT, ())
     if bracket < 0:
         return _plan(False, brackets, 0, (base,))
     names: list[str] = [base]
@@ -304,14 +413,36 @@ def _parse_plan(key: str, brackets: int, max_nesting: int) -> _Plan | None:
 
 
 def _plan(append: bool, brackets: int, levels: int, names: tuple[str, ...]) -> _Plan:
+    return _made(_UNPLANNED if append else max(brackets, levels), brackets, names)
+
+
+def _made(depth: int, brackets: int, names: tuple[str, ...]) -> _Plan:
     parents = names[:-1]
-    depth = _UNPLANNED if append else max(brackets, levels)
-    return (depth, brackets, _SLOT.join(parents), parents, names[-1], _SLOT.join(names))
+    ancestors = tuple(_SLOT.join(parents[:n]) for n in range(len(names)))
+    return (depth, brackets, _SLOT.join(parents), parents, names[-1], _SLOT.join(names),
+            _fate(names), ancestors)
+
+
+def _fate(names: tuple[str, ...]) -> int:
+    """What `redaction.scrub(document, DELIVERY_SPECIFIC)` does to a value at `names` when the
+    document holds dicts above it and text at it (the fast path makes sure it does)."""
+    in_auth = False
+    ident = True
+    last = len(names) - 1
+    for level, name in enumerate(names):
+        facts = key_facts(name)
+        leaf = level == last
+        if facts.secret or (in_auth and not (facts.public and leaf)) or (facts.auth and leaf):
+            return FATE_REMOVED if leaf else FATE_UNPLANNED
+        if facts.normal in DELIVERY_SPECIFIC:
+            ident = False
+        in_auth = facts.auth
+    return FATE_IDENTITY if ident else FATE_KEPT
 
 
 def _filled(template: _Plan, numbers: list[str]) -> _Plan:
     """A shape's plan with the key's own digit runs put back, in key order."""
-    depth, brackets, _, parents, leaf, _ = template
+    depth, brackets, _, parents, leaf, _, _, _ = template
     if not leaf:  # a dropped key (every other plan has a leaf name)
         return template
     taken = iter(numbers)
@@ -321,7 +452,7 @@ def _filled(template: _Plan, numbers: list[str]) -> _Plan:
                      for i, part in enumerate(name.split(_SLOT)))
         for name in (*parents, leaf)
     )
-    return (depth, brackets, _SLOT.join(names[:-1]), names[:-1], names[-1], _SLOT.join(names))
+    return _made(depth, brackets, names)
 
 
 def _decode_values(raw: list[bytes]) -> list[str] | None:

@@ -1,0 +1,141 @@
+"""CPU per draft: the decoding path before one-pass decoding (frozen in `tests/reference/`)
+against the one-pass path the intake takes now.
+
+`python -m bench.draft [--bodies 5000] [--rounds 5]`: builds the drafts of simulated deliveries
+(mean ~2 KB, ~40 form fields) with both paths, interleaved round by round in one process, and
+prints CPU µs per draft (process time, so other processes on the machine count little) for
+decode (body and query), redact (both scrubs), draft (envelope, hashes, identity) and total, and
+the ratio new/old. The first round of each path starts with cold key caches; the table is the
+median of the warm rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any
+
+from ledger import drafts, envelope, identity, redaction, wire
+from ledger.simulation import Traffic
+from tests.reference import drafts as old_drafts
+from tests.reference import envelope as old_envelope
+from tests.reference import identity as old_identity
+from tests.reference import redaction as old_redaction
+from tests.reference import wire as old_wire
+
+MAX_FIELDS = 10_000
+MAX_NESTING = 32
+Stages = tuple[float, float, float]
+
+
+def _path(w: ModuleType, r: ModuleType, e: ModuleType, d: ModuleType,
+          i: ModuleType) -> Callable[[list[tuple[bytes, str]]], Stages]:
+    decode_body: Callable[..., Any] = w.decode_body
+    parse_query: Callable[..., Any] = w.parse_query
+    scrub: Callable[..., Any] = r.scrub
+    read_envelope: Callable[..., Any] = e.read_envelope
+    delivery_draft: Callable[..., Any] = d.delivery_draft
+    strip = i.DELIVERY_SPECIFIC
+    received_at = datetime.now(UTC)
+
+    def run(bodies: list[tuple[bytes, str]]) -> Stages:
+        clock = time.process_time
+        decoding = redacting = drafting = 0.0
+        for body, query in bodies:
+            t0 = clock()
+            document = decode_body(body, wire.FORM, max_fields=MAX_FIELDS,
+                                   max_nesting=MAX_NESTING)
+            parsed = parse_query(query, max_fields=MAX_FIELDS, max_nesting=MAX_NESTING)
+            t1 = clock()
+            scrubbed = scrub(document, strip)
+            in_query = scrub(parsed)
+            t2 = clock()
+            delivery_draft(scrubbed, read_envelope(document), query=in_query, raw_body=body,
+                           received_at=received_at, peer="10.0.0.1", content_type=wire.FORM,
+                           rejection_excerpt_bytes=None)
+            t3 = clock()
+            decoding += t1 - t0
+            redacting += t2 - t1
+            drafting += t3 - t2
+        scale = 1e6 / len(bodies)
+        return decoding * scale, redacting * scale, drafting * scale
+
+    return run
+
+
+def _one_pass(bodies: list[tuple[bytes, str]]) -> Stages:
+    """The intake's path now (`intake.decode` + `intake.draft_of`), timed by stage."""
+    clock = time.process_time
+    received_at = datetime.now(UTC)
+    decoding = redacting = drafting = 0.0
+    for body, query in bodies:
+        t0 = clock()
+        planned = wire.parse_form_planned(body, max_fields=MAX_FIELDS, max_nesting=MAX_NESTING)
+        assert planned is not None  # simulated traffic never needs the exact decoder
+        parsed = wire.parse_query(query, max_fields=MAX_FIELDS, max_nesting=MAX_NESTING)
+        t1 = clock()
+        scrubbed = redaction.scrub_planned(planned.document, planned.removed, planned.dirty,
+                                           planned.identity)
+        in_query = redaction.scrub(parsed)
+        t2 = clock()
+        drafts.delivery_draft(scrubbed, envelope.read_envelope(planned.document),
+                              query=in_query, raw_body=body, received_at=received_at,
+                              peer="10.0.0.1", content_type=wire.FORM,
+                              rejection_excerpt_bytes=None)
+        t3 = clock()
+        decoding += t1 - t0
+        redacting += t2 - t1
+        drafting += t3 - t2
+    scale = 1e6 / len(bodies)
+    return decoding * scale, redacting * scale, drafting * scale
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bodies", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    traffic = Traffic(seed=args.seed, churn=False)
+    bodies = []
+    for _ in range(args.bodies):
+        delivery = traffic.next()
+        bodies.append((wire.http_build_query(delivery.document), delivery.query))
+    fields = sum(body.count(b"&") + 1 for body, _ in bodies) / len(bodies)
+    size = sum(len(body) for body, _ in bodies) / len(bodies)
+    keys = len({p.partition(b"=")[0] for body, _ in bodies for p in body.split(b"&")})
+    print(f"{len(bodies)} simulated bodies: mean {size:.0f} bytes, {fields:.1f} fields, "
+          f"{keys} distinct keys")
+
+    old = _path(old_wire, old_redaction, old_envelope, old_drafts, old_identity)
+    new = _one_pass
+    results: dict[str, list[Stages]] = {"old": [], "new": []}
+    for _ in range(args.rounds):
+        results["old"].append(old(bodies))
+        results["new"].append(new(bodies))
+
+    def row(name: str, stages: Stages) -> str:
+        cells = "".join(f"{v:>9.1f}" for v in stages)
+        return f"| {name:<22}{cells}{sum(stages):>9.1f} |"
+
+    print(f"| {'µs per draft (CPU)':<22}{'decode':>9}{'redact':>9}{'draft':>9}{'total':>9} |")
+    for name in ("old", "new"):
+        print(row(f"{name}, cold caches", results[name][0]))
+        warm = results[name][1:] or results[name]
+        median: Stages = (
+            statistics.median(s[0] for s in warm), statistics.median(s[1] for s in warm),
+            statistics.median(s[2] for s in warm),
+        )
+        results[name] = [median]
+        print(row(f"{name}, warm (median)", median))
+    (o,), (n,) = results["old"], results["new"]
+    ratios = "".join(f"{b / a:>9.2f}" for a, b in zip((*o, sum(o)), (*n, sum(n)), strict=True))
+    print(f"| {'new / old':<22}{ratios} |")
+
+
+if __name__ == "__main__":
+    main()
