@@ -1,5 +1,5 @@
-"""CPU per draft: the decoding path before one-pass decoding (frozen in `tests/reference/`)
-against the one-pass path the intake takes now.
+"""CPU per draft: the decoding path before the fast path (frozen in `tests/reference/`)
+against the one the intake takes now (`ledger.wire`'s fast path, the flat `redaction.scrub`).
 
 `python -m bench.draft [--bodies 5000] [--rounds 5]`: builds the drafts of simulated deliveries
 (mean ~2 KB, ~40 form fields) with both paths, interleaved round by round in one process, and
@@ -67,33 +67,6 @@ def _path(w: ModuleType, r: ModuleType, e: ModuleType, d: ModuleType,
     return run
 
 
-def _one_pass(bodies: list[tuple[bytes, str]]) -> Stages:
-    """The intake's path now (`intake.decode` + `intake.draft_of`), timed by stage."""
-    clock = time.process_time
-    received_at = datetime.now(UTC)
-    decoding = redacting = drafting = 0.0
-    for body, query in bodies:
-        t0 = clock()
-        planned = wire.parse_form_planned(body, max_fields=MAX_FIELDS, max_nesting=MAX_NESTING)
-        assert planned is not None  # simulated traffic never needs the exact decoder
-        parsed = wire.parse_query(query, max_fields=MAX_FIELDS, max_nesting=MAX_NESTING)
-        t1 = clock()
-        scrubbed = redaction.scrub_planned(planned.document, planned.removed, planned.dirty,
-                                           planned.identity)
-        in_query = redaction.scrub(parsed)
-        t2 = clock()
-        drafts.delivery_draft(scrubbed, envelope.read_envelope(planned.document),
-                              query=in_query, raw_body=body, received_at=received_at,
-                              peer="10.0.0.1", content_type=wire.FORM,
-                              rejection_excerpt_bytes=None)
-        t3 = clock()
-        decoding += t1 - t0
-        redacting += t2 - t1
-        drafting += t3 - t2
-    scale = 1e6 / len(bodies)
-    return decoding * scale, redacting * scale, drafting * scale
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bodies", type=int, default=5000)
@@ -112,7 +85,7 @@ def main() -> None:
           f"{keys} distinct keys")
 
     old = _path(old_wire, old_redaction, old_envelope, old_drafts, old_identity)
-    new = _one_pass
+    new = _path(wire, redaction, envelope, drafts, identity)
     results: dict[str, list[Stages]] = {"old": [], "new": []}
     for _ in range(args.rounds):
         results["old"].append(old(bodies))

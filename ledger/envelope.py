@@ -18,7 +18,6 @@ from ledger.identity import canonical
 # Bitrix24's event names are letters, digits and underscores; the dotted namespace (`LEDGER.…`)
 # is the ledger's own (trust and route changes), so no sender can name an event into it.
 _EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,99}")
-_NUMBER = re.compile(r"[0-9]{1,18}")
 MAX_MEMBER_ID = 128  # Bitrix24's are 32 hex digits; longer ones would not fit an index entry
 MAX_DOMAIN = 253  # the longest DNS name
 
@@ -88,7 +87,7 @@ def _scalar(value: Any) -> str | None:
 
 def _parse_ts(value: Any) -> datetime | None:
     text = str(value) if isinstance(value, str | int) else ""
-    if not _NUMBER.fullmatch(text):
+    if not _is_number(text):
         return None
     seconds = int(text)
     if seconds > 253402300799:  # past 9999-12-31: not a time anyone meant
@@ -97,8 +96,15 @@ def _parse_ts(value: Any) -> datetime | None:
 
 
 def _as_bot_id(value: Any) -> int | None:
+    if type(value) is str:  # noqa: E721 - what forms hold: no conversion, no regex
+        return int(value) if _is_number(value) else None
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
-    return int(text) if _NUMBER.fullmatch(text) else None
+    return int(text) if _is_number(text) else None
+
+
+def _is_number(text: str) -> bool:
+    """1 to 18 ASCII digits (`isdigit` alone would take any script's digits)."""
+    return len(text) <= 18 and text.isascii() and text.isdigit()
 
 
 def bot_ids(data: Any) -> tuple[int, ...]:

@@ -42,7 +42,7 @@ from ledger.models import (
     Spooled,
     Stored,
 )
-from ledger.redaction import Scrubbed, scrub, scrub_planned
+from ledger.redaction import scrub
 from ledger.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,8 @@ class IntakeService:
     def draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
         """The draft of one delivery, without appending it (benchmarks build stores with it);
         raises `DeliveryRejected` as `receive` would."""
-        document, planned = decode(self._settings, delivery)
-        return draft_of(self._settings, delivery, document, received_at, None, planned)
+        return draft_of(self._settings, delivery, decode(self._settings, delivery), received_at,
+                        None)
 
     def _prepare(
         self, delivery: Delivery, received_at: datetime, excerpt_bytes: int | None
@@ -287,8 +287,8 @@ def prepare(
     test holds it to the frozen reference of today's path (`tests/reference/intake.py`)."""
     document: dict[str, Any] | None = None
     try:
-        document, planned = decode(settings, delivery)
-        draft = draft_of(settings, delivery, document, received_at, excerpt_bytes, planned)
+        document = decode(settings, delivery)
+        draft = draft_of(settings, delivery, document, received_at, excerpt_bytes)
         return _Prepared(draft, access_token=_install_access_token(draft, document))
     except DeliveryRejected as rejected:
         if excerpt_bytes is None:
@@ -300,24 +300,15 @@ def prepare(
         return _Prepared(None, rejected, _record(delivery, rejected, received_at, claim))
 
 
-def decode(settings: Settings, delivery: Delivery) -> tuple[dict[str, Any], Scrubbed | None]:
-    """The document, and for a form the one-pass decoder took, its stored view already."""
+def decode(settings: Settings, delivery: Delivery) -> dict[str, Any]:
     if len(delivery.body) > settings.max_body_bytes:
         raise DeliveryRejected(
             413, "body_too_large", f"body exceeds {settings.max_body_bytes} bytes"
         )
-    if wire.media_type(delivery.content_type) == wire.FORM:
-        planned = wire.parse_form_planned(
-            delivery.body, max_fields=settings.max_form_fields, max_nesting=settings.max_nesting
-        )
-        if planned is not None:
-            return planned.document, scrub_planned(
-                planned.document, planned.removed, planned.dirty, planned.identity
-            )
     return wire.decode_body(
         delivery.body, delivery.content_type,
         max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
-    ), None
+    )
 
 
 def draft_of(
@@ -326,12 +317,11 @@ def draft_of(
     document: dict[str, Any],
     received_at: datetime,
     excerpt_bytes: int | None,
-    scrubbed: Scrubbed | None = None,
 ) -> EventDraft:
     query = wire.parse_query(
         delivery.raw_query, max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
     )
-    body = scrub(document, DELIVERY_SPECIFIC) if scrubbed is None else scrubbed
+    body = scrub(document, DELIVERY_SPECIFIC)
     in_query = scrub(query)
     if body.has_nul or in_query.has_nul:
         # PostgreSQL text cannot hold U+0000: refused rather than mangled

@@ -155,43 +155,6 @@ def _scrub_value(
     return node, node, isinstance(node, str) and "\0" in node
 
 
-def scrub_planned(
-    document: dict[str, Any], removed: dict[str, str], dirty: set[str], identity: dict[str, Any]
-) -> Scrubbed:
-    """`scrub(document, DELIVERY_SPECIFIC)` of a form the one-pass decoder planned
-    (`wire.parse_form_planned`): only the containers above a removed value are copied (the
-    others are shared with the document), in the document's order, so the records come out in
-    the order `scrub` finds them. `stripped` is the identity view the decoder built: what
-    `identity.occurrence` reads, equal to `scrub`'s under `identity.canonical`."""
-    if not removed:
-        return Scrubbed(document, (), identity, False)
-    records: list[Redaction] = []
-    redacted = _copied(document, "", [], removed, dirty, records, {})
-    return Scrubbed(redacted, tuple(records), identity, False)
-
-
-def _copied(
-    node: dict[str, Any], node_id: str, path: list[str], removed: dict[str, str],
-    dirty: set[str], records: list[Redaction], fingerprints: dict[str, str],
-) -> dict[str, Any]:
-    kept: dict[str, Any] = {}
-    for key, value in node.items():
-        child_id = node_id + "\0" + key if node_id else key
-        if child_id in removed:
-            text = removed[child_id]
-            known = fingerprints.get(text)
-            if known is None:
-                known = fingerprints[text] = _value_fingerprint(text)
-            records.append(Redaction((*path, key_facts(key).shown), known))
-        elif child_id in dirty:
-            path.append(key)
-            kept[key] = _copied(value, child_id, path, removed, dirty, records, fingerprints)
-            path.pop()
-        else:
-            kept[key] = value
-    return kept
-
-
 def redact(document: dict[str, Any]) -> tuple[dict[str, Any], tuple[Redaction, ...]]:
     """A copy without secret keys (order otherwise kept), and what was removed."""
     scrubbed = scrub(document)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import codecs
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any, TypeAlias
 from urllib.parse import quote_plus, unquote_to_bytes
 
@@ -31,7 +31,6 @@ import orjson
 
 from ledger.caches import KeyCache
 from ledger.errors import DeliveryRejected
-from ledger.identity import DELIVERY_SPECIFIC, key_facts
 
 JsonValue: TypeAlias = Any
 Document: TypeAlias = dict[str, Any]
@@ -169,20 +168,15 @@ def _parse_exact(body: bytes, max_fields: int, max_nesting: int, budget: int) ->
 #   exact decoder's business);
 # - brackets: the key's `[` count (the segment budget);
 # - prefix / full: the parent's and the value's path joined with NUL (no decoded key holds one),
-#   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name);
-# - fate: what redaction does to the value (FATE_*), ancestors: the ids of the containers above
-#   it (the ones a removal makes redaction copy).
+#   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name).
 # Plans are cached by the raw key (a hit costs one dict lookup) and, behind that, by the key's
 # *shape* (digit runs taken out), so the bot and message ids inside keys do not make every
 # delivery a miss. Both caches are bounded in entries and, by admitting short keys only, bytes.
 
-_Plan: TypeAlias = tuple[int, int, str, tuple[str, ...], str, str, int, tuple[str, ...]]
-# a value's fate in the stored view (`redaction.scrub` with `identity.DELIVERY_SPECIFIC`)
-FATE_IDENTITY = 0  # kept, and part of the occurrence's identity
-FATE_KEPT = 1  # kept, but under a delivery-specific key (not part of the identity)
-FATE_REMOVED = 2  # removed (a secret, or not public inside `auth`)
-FATE_UNPLANNED = 3  # a whole container removed: left to the walk of `redaction.scrub`
+_Plan: TypeAlias = tuple[int, int, str, tuple[str, ...], str, str]
 _UNPLANNED = 1 << 30
+_DEPTH = itemgetter(0)
+_BRACKETS = itemgetter(1)
 _DROPPED = "\0"  # no container is named so: names are never empty here, so no id starts so
 _DIGITS = re.compile(r"[0-9]+")
 _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
@@ -217,22 +211,21 @@ def _planned(
     if len(pairs) > max_fields:
         return None
     parts = [pair.partition(b"=") for pair in pairs]
-    cached = _PLANS.young
-    plans = [cached.get(part[0]) for part in parts]
-    segments = 0
-    for i, plan in enumerate(plans):
-        if plan is None:
-            plan = _PLANS.get(parts[i][0]) or _plan_of(parts[i][0], max_nesting, budget - segments)
+    young, old = _PLANS.young.get, _PLANS.old.get  # no promotion: an old plan in use is
+    plans = [young(part[0]) or old(part[0]) for part in parts]  # made again once it ages out
+    if None in plans:  # a key not planned lately: plan it, counting the budget on the way
+        segments = 0
+        for i, plan in enumerate(plans):
             if plan is None:
-                return None
-            plans[i] = plan
-        if plan[0] > max_nesting:
-            return None
-        segments += plan[1]
-    if segments > budget:
-        return None
+                plan = _plan_of(parts[i][0], max_nesting, budget - segments)
+                if plan is None:
+                    return None
+                plans[i] = plan
+            segments += min(plan[1], max_nesting + 1)
     if not parts:
         return plans, []
+    if max(map(_DEPTH, plans)) > max_nesting or sum(map(_BRACKETS, plans)) > budget:
+        return None
     values = _decode_values([part[2] for part in parts])
     if values is None:
         return None
@@ -243,7 +236,7 @@ def _built(plans: list[_Plan], values: list[str]) -> Document | None:
     """The document, in plain dicts, found by their path (None: a value replaces an array)."""
     root: Document = {}
     containers: dict[str, Document] = {"": root}
-    for (_, _, prefix, parents, leaf, full, _, _), value in zip(plans, values, strict=True):
+    for (_, _, prefix, parents, leaf, full), value in zip(plans, values, strict=True):
         parent = containers.get(prefix)
         if parent is None:
             if prefix == _DROPPED:
@@ -253,91 +246,6 @@ def _built(plans: list[_Plan], values: list[str]) -> Document | None:
             return None  # a value replacing an array: PHP's order matters, ask the exact decoder
         parent[leaf] = value
     return root
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """A form decoded by the fast path, with what its stored view needs (`redaction.planned`):
-    the values redaction removes (by path id), the containers above them, and the identity
-    view — `identity.canonical` of the document without removed and delivery-specific values,
-    built as the fields arrive (the identity is hashed with sorted keys: order is irrelevant)."""
-
-    document: Document
-    removed: dict[str, str]  # path id (names joined by NUL) -> the removed text
-    dirty: set[str]  # path ids of the containers holding a removed value
-    identity: Document
-
-
-def parse_form_planned(body: bytes, *, max_fields: int, max_nesting: int) -> Planned | None:
-    """`parse_php_form` in one pass that also plans redaction and the identity view. None when
-    the body needs anything but that pass (the exact decoder, a whole container removed,
-    U+0000): the caller then decodes and scrubs as usual."""
-    planned = _planned(body, max_fields, max_nesting, max_fields)
-    if planned is None:
-        return None
-    plans, values = planned
-    if any("\0" in value for value in values):
-        return None
-    root: Document = {}
-    containers: dict[str, Document] = {"": root}
-    identity: Document = {}
-    shown: dict[str, Document] = {"": identity}
-    removed: dict[str, str] = {}
-    dirty: set[str] = set()
-    for (_, _, prefix, parents, leaf, full, fate, ancestors), value in zip(
-        plans, values, strict=True
-    ):
-        parent = containers.get(prefix)
-        if parent is None:
-            if prefix == _DROPPED:
-                continue
-            found = _open_planned(root, containers, parents)
-            if found is None:
-                return None
-            parent = found
-        if full in containers or fate == FATE_UNPLANNED:
-            return None
-        parent[leaf] = value
-        if fate == FATE_IDENTITY:
-            target = shown.get(prefix)
-            if target is None:
-                target = _open_identity(identity, shown, parents)
-            target[leaf] = value
-        elif fate == FATE_REMOVED:
-            removed[full] = value
-            dirty.update(ancestors)
-    return Planned(root, removed, dirty, identity)
-
-
-def _open_planned(
-    root: Document, containers: dict[str, Document], parents: tuple[str, ...]
-) -> Document | None:
-    """`_open`, but a value in the way is no longer replaced: redaction planned it as text."""
-    node = root
-    for depth, name in enumerate(parents):
-        child = node.get(name)
-        if child is None:
-            child = {}
-            node[name] = child
-            containers[_SLOT.join(parents[: depth + 1])] = child
-        elif not isinstance(child, dict):
-            return None
-        node = child
-    return node
-
-
-def _open_identity(
-    identity: Document, shown: dict[str, Document], parents: tuple[str, ...]
-) -> Document:
-    node = identity
-    for depth, name in enumerate(parents):
-        child = node.get(name)
-        if child is None:
-            child = {}
-            node[name] = child
-            shown[_SLOT.join(parents[: depth + 1])] = child
-        node = child
-    return node
 
 
 def _open(root: Document, containers: dict[str, Document], parents: tuple[str, ...]) -> Document:
@@ -385,7 +293,7 @@ def _parse_plan(key: str, brackets: int, max_nesting: int) -> _Plan | None:
     base = key if bracket < 0 else key[:bracket]
     base = base.replace(" ", "_").replace(".", "_")
     if not base:
-        return (brackets, brackets, _DROPPED, (), "", "", FATE_KEPT, ())
+        return (brackets, brackets, _DROPPED, (), "", "")
     if bracket < 0:
         return _plan(False, brackets, 0, (base,))
     names: list[str] = [base]
@@ -418,31 +326,12 @@ def _plan(append: bool, brackets: int, levels: int, names: tuple[str, ...]) -> _
 
 def _made(depth: int, brackets: int, names: tuple[str, ...]) -> _Plan:
     parents = names[:-1]
-    ancestors = tuple(_SLOT.join(parents[:n]) for n in range(len(names)))
-    return (depth, brackets, _SLOT.join(parents), parents, names[-1], _SLOT.join(names),
-            _fate(names), ancestors)
-
-
-def _fate(names: tuple[str, ...]) -> int:
-    """What `redaction.scrub(document, DELIVERY_SPECIFIC)` does to a value at `names` when the
-    document holds dicts above it and text at it (the fast path makes sure it does)."""
-    in_auth = False
-    ident = True
-    last = len(names) - 1
-    for level, name in enumerate(names):
-        facts = key_facts(name)
-        leaf = level == last
-        if facts.secret or (in_auth and not (facts.public and leaf)) or (facts.auth and leaf):
-            return FATE_REMOVED if leaf else FATE_UNPLANNED
-        if facts.normal in DELIVERY_SPECIFIC:
-            ident = False
-        in_auth = facts.auth
-    return FATE_IDENTITY if ident else FATE_KEPT
+    return (depth, brackets, _SLOT.join(parents), parents, names[-1], _SLOT.join(names))
 
 
 def _filled(template: _Plan, numbers: list[str]) -> _Plan:
     """A shape's plan with the key's own digit runs put back, in key order."""
-    depth, brackets, _, parents, leaf, _, _, _ = template
+    depth, brackets, _, parents, leaf, _ = template
     if not leaf:  # a dropped key (every other plan has a leaf name)
         return template
     taken = iter(numbers)
@@ -618,6 +507,8 @@ def parse_query(query: str, *, max_fields: int, max_nesting: int) -> Document:
     The HTTP server hands raw bytes over as surrogate escapes; they go back to bytes here, so a
     query that is not UTF-8 is refused like a body that is not.
     """
+    if not query:
+        return {}  # what the decoder makes of no fields (most deliveries have no query)
     try:
         raw = query.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError as exc:
