@@ -96,7 +96,7 @@ def _parse_ts(value: Any) -> datetime | None:
 
 
 def _as_bot_id(value: Any) -> int | None:
-    if type(value) is str:  # noqa: E721 - what forms hold: no conversion, no regex
+    if type(value) is str:
         return int(value) if _is_number(value) else None
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     return int(text) if _is_number(text) else None

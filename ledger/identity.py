@@ -135,12 +135,12 @@ def is_auth_key(key: str) -> bool:
 
 def canonical(value: Any) -> Any:
     """The value as PHP's `parse_str(http_build_query(value))` gives it (None when it vanishes)."""
-    if type(value) is str:  # noqa: E721 - exact types first: a form body holds nothing else
+    if type(value) is str:
         return value
-    if type(value) is dict:  # noqa: E721
+    if type(value) is dict:
         out: dict[str, Any] = {}
         for key, item in value.items():
-            kept = item if type(item) is str else canonical(item)  # noqa: E721
+            kept = item if type(item) is str else canonical(item)
             if kept is not None:
                 out[str(key)] = kept
         return out or None

@@ -30,9 +30,7 @@ from ledger.identity import (
     SECRET_KEYS,
     KeyFacts,
     key_facts,
-    known_name,
     normal_key,
-    secret_name_in,
 )
 
 FINGERPRINT_HEX = 12  # 48 bits: tells tokens apart, reveals nothing usable about a 128-bit token
@@ -84,13 +82,13 @@ def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scru
     """
     removed: list[Redaction] = []
     path: list[str] = []
-    redacted, stripped, nul = _scrub_dict(document, path, False, strip, removed)
+    redacted, stripped, nul = _scrub_dict(document, path, False, strip, removed, {})
     return Scrubbed(redacted, tuple(removed), stripped, nul)
 
 
 def _scrub_dict(
     node: dict[str, Any], path: list[str], in_auth: bool, strip: frozenset[str],
-    removed: list[Redaction],
+    removed: list[Redaction], removed_texts: dict[str, str],
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
     kept: dict[str, Any] = {}
     stripped: dict[str, Any] = {}
@@ -115,7 +113,13 @@ def _scrub_dict(
             or (in_auth and not (facts.public and is_text))
             or (facts.auth and not isinstance(value, dict))
         ):
-            removed.append(Redaction((*path, facts.shown), _value_fingerprint(value)))
+            if is_text:  # a token recurs in a delivery (bot entry, its AUTH copy, `auth`)
+                known = removed_texts.get(value)
+                if known is None:
+                    known = removed_texts[value] = _value_fingerprint(value)
+            else:
+                known = _value_fingerprint(value)
+            removed.append(Redaction((*path, facts.shown), known))
             continue
         if is_text:  # most values: no call, no path to build
             if "\0" in value:
@@ -125,8 +129,11 @@ def _scrub_dict(
                 stripped[key] = value
             continue
         path.append(key)
-        kept_value, stripped_value, inner_nul = _scrub_value(
-            value, path, facts.auth, strip, removed)
+        kept_value, stripped_value, inner_nul = (
+            _scrub_dict(value, path, facts.auth, strip, removed, removed_texts)
+            if isinstance(value, dict)
+            else _scrub_value(value, path, facts.auth, strip, removed, removed_texts)
+        )
         path.pop()
         nul = nul or inner_nul
         kept[key] = kept_value
@@ -136,17 +143,19 @@ def _scrub_dict(
 
 
 def _scrub_value(
-    node: Any, path: list[str], in_auth: bool, strip: frozenset[str], removed: list[Redaction]
+    node: Any, path: list[str], in_auth: bool, strip: frozenset[str], removed: list[Redaction],
+    removed_texts: dict[str, str],
 ) -> tuple[Any, Any, bool]:
     if isinstance(node, dict):
-        return _scrub_dict(node, path, in_auth, strip, removed)
+        return _scrub_dict(node, path, in_auth, strip, removed, removed_texts)
     if isinstance(node, list):
         kept: list[Any] = []
         stripped: list[Any] = []
         nul = False
         for i, item in enumerate(node):
             path.append(str(i))
-            kept_item, stripped_item, inner_nul = _scrub_value(item, path, False, strip, removed)
+            kept_item, stripped_item, inner_nul = _scrub_value(
+                item, path, False, strip, removed, removed_texts)
             path.pop()
             nul = nul or inner_nul
             kept.append(kept_item)

@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from functools import lru_cache
 from operator import itemgetter
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 from urllib.parse import quote_plus, unquote_to_bytes
 
 import orjson
@@ -211,17 +211,19 @@ def _planned(
     if len(pairs) > max_fields:
         return None
     parts = [pair.partition(b"=") for pair in pairs]
-    young, old = _PLANS.young.get, _PLANS.old.get  # no promotion: an old plan in use is
-    plans = [young(part[0]) or old(part[0]) for part in parts]  # made again once it ages out
-    if None in plans:  # a key not planned lately: plan it, counting the budget on the way
+    # no promotion from the old generation: a plan in use there is made again once it ages out
+    young, old = _PLANS.young.get, _PLANS.old.get
+    found: list[_Plan | None] = [young(part[0]) or old(part[0]) for part in parts]
+    if None in found:  # a key not planned lately: plan it, counting the budget on the way
         segments = 0
-        for i, plan in enumerate(plans):
+        for i, plan in enumerate(found):
             if plan is None:
                 plan = _plan_of(parts[i][0], max_nesting, budget - segments)
                 if plan is None:
                     return None
-                plans[i] = plan
+                found[i] = plan
             segments += min(plan[1], max_nesting + 1)
+    plans = cast(list[_Plan], found)
     if not parts:
         return plans, []
     if max(map(_DEPTH, plans)) > max_nesting or sum(map(_BRACKETS, plans)) > budget:

@@ -13,8 +13,6 @@ from typing import Any
 
 import orjson
 
-from tests.reference import identity
-from tests.reference.envelope import Envelope
 from ledger.errors import OperatorActionRefused
 from ledger.hashing import canonical_json, document_json, sha256
 from ledger.models import (
@@ -25,8 +23,10 @@ from ledger.models import (
     EventDraft,
     RejectionDraft,
 )
-from tests.reference.redaction import Scrubbed, rejection_view, scrub_text
 from ledger.trust import TrustChange, TrustEffect, normalise_domain
+from tests.reference import identity
+from tests.reference.envelope import Envelope
+from tests.reference.redaction import Scrubbed, rejection_view, scrub_text
 from tests.reference.wire import safe_text
 
 NO_PORTAL = ""  # member_id of operator events that name only a domain

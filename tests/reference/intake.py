@@ -83,4 +83,5 @@ def _draft(
 def _install_access_token(draft: EventDraft, document: dict[str, Any]) -> str | None:
     auth = document.get("auth")
     token = auth.get("access_token") if isinstance(auth, dict) else None
-    return token if draft.event_type == "ONAPPINSTALL" and isinstance(token, str) and token else None
+    install = draft.event_type == "ONAPPINSTALL"
+    return token if install and isinstance(token, str) and token else None
