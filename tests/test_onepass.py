@@ -145,6 +145,25 @@ def test_a_generated_corpus_drafts_exactly_as_the_reference() -> None:
         assert outcomes.get(reached, 0) > 0, (reached, outcomes)
 
 
+def test_the_fast_path_takes_ordinary_forms_and_leaves_odd_ones_to_the_exact_decoder() -> None:
+    """Without this the differential test could pass with the fast path never taken."""
+    traffic = Corpus(3)._traffic
+    for _ in range(300):
+        delivery = traffic.next()
+        body = wire.http_build_query(delivery.document)
+        fast = wire._parse_fast(body, 10_000, 32, 10_000)
+        assert fast is not None
+        assert _json(fast) == _json(reference_wire.parse_php_form(
+            body, max_fields=10_000, max_nesting=32))
+    for odd in (b"a[]=1", b"a=%zz", b"a=%FF", b"a[b]=1&a=2", b"a[b][c]=1", b"k" * 300 + b"=1"):
+        expected = _outcome(lambda odd=odd: reference_wire.parse_php_form(
+            odd, max_fields=10, max_nesting=1))
+        assert _outcome(lambda odd=odd: wire.parse_php_form(
+            odd, max_fields=10, max_nesting=1)) == expected
+        if odd != b"k" * 300 + b"=1":
+            assert wire._parse_fast(odd, 10, 1, 10) is None
+
+
 def test_every_sample_and_php_fixture_drafts_exactly_as_the_reference() -> None:
     corpus = Corpus(1)
     for body, content_type in corpus._samples:
