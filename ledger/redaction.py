@@ -25,8 +25,8 @@ from urllib.parse import unquote
 
 from ledger.hashing import canonical_json
 from ledger.identity import (
-    _KEY_FACTS,
     AUTH_KEY,
+    KEY_FACTS,
     SECRET_KEYS,
     KeyFacts,
     key_facts,
@@ -93,7 +93,7 @@ def _scrub_dict(
     kept: dict[str, Any] = {}
     stripped: dict[str, Any] = {}
     nul = False
-    cached = _KEY_FACTS.young
+    cached = KEY_FACTS.young
     for key, value in node.items():
         facts: KeyFacts | None = cached.get(key)
         if facts is None:
