@@ -140,8 +140,8 @@ def test_a_generated_corpus_drafts_exactly_as_the_reference() -> None:
         kind = "draft" if prepared.rejected is None else prepared.rejected.code
         outcomes[kind] = outcomes.get(kind, 0) + 1
     # the corpus reaches drafts and the refusals the budgets and PHP's rules make
-    for reached in ("draft", "too_many_fields", "too_deep", "invalid_utf8", "body_too_large",
-                    "nul_character", "missing_event", "malformed_json"):
+    for reached in ("draft", "too_many_fields", "too_complex", "too_deep", "invalid_utf8",
+                    "body_too_large", "nul_character", "missing_event", "malformed_json"):
         assert outcomes.get(reached, 0) > 0, (reached, outcomes)
 
 
@@ -170,6 +170,8 @@ def test_every_sample_and_php_fixture_drafts_exactly_as_the_reference() -> None:
         for query in ("", "CLIENT_ID=abc"):
             check(Case(body, content_type, query))
             check(Case(body, content_type, query, max_nesting=2, max_fields=10))
+        for other in (None, "text/plain", "APPLICATION/X-WWW-FORM-URLENCODED"):
+            check(Case(body, other, ""))
 
 
 _piece = st.sampled_from(KEY_PIECES) | st.text(string.printable, max_size=3)
