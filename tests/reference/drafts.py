@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from ledger import foldrecord
 from ledger.errors import OperatorActionRefused
 from ledger.hashing import canonical_json, document_json, sha256
 from ledger.models import (
@@ -75,6 +76,7 @@ def delivery_draft(
         user_id=envelope.user_id,
         body_size=len(raw_body),
         refusal_excerpt_bytes=rejection_excerpt_bytes,
+        fold_record=foldrecord.stored(envelope.event_type, ORIGIN_BITRIX24, body.redacted),
     )
 
 
@@ -150,6 +152,7 @@ def trust_event(
         allow_domain=effect.domain
         if effect.change is TrustChange.ALLOWED and not effect.member_id
         else None,
+        fold_record=foldrecord.stored(TRUST_EVENT, origin, payload_doc),
     )
 
 
