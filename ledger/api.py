@@ -21,7 +21,7 @@ from pydantic.json_schema import models_json_schema
 from ledger import __version__, asof, proving
 from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
 from ledger.errors import BadQuery, Unauthorized
-from ledger.gateway.forwarder import FORWARDER
+from ledger.gateway.handoff import HANDOFF
 from ledger.gateway.routes import RouteOut
 from ledger.readmodels import (
     BotHistory,
@@ -256,8 +256,9 @@ async def projection(request: web.Request) -> web.Response:
 
 
 async def routes(request: web.Request) -> web.Response:
-    """Gateway mode: the routes this process forwards to, with their health."""
-    return json_response([h.as_json() for h in request.config_dict[FORWARDER].health()])
+    """Gateway mode: the routes, with their health as the forwarder process last published it
+    (state `forwarder_down` while it does not run)."""
+    return json_response([h.as_json() for h in request.config_dict[HANDOFF].health()])
 
 
 async def openapi(request: web.Request) -> web.Response:

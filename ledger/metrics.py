@@ -112,9 +112,15 @@ class Metrics:
             "Unexpected failures while storing, spooling or draining a batch", ["stage"],
             registry=r,
         )
+        self.forward_handoff_failures = Counter(
+            "ledger_forward_handoff_failures",
+            "Gateway mode: durable deliveries whose forward could not be sealed into the outbox "
+            "(lost; recorded as given up, outbox_unwritable)", registry=r,
+        )
         self.last_seen: dict[str, float] = {}
         self._published: dict[str, float] = {}  # when `last_event` was last set, per portal
         self._samplers: list[tuple[Gauge, Callable[[], float]]] = []
+        self._texts: list[Callable[[], bytes]] = []
         if multiprocess_dir is None:
             r.register(_PortalSilence(lambda: self.last_seen))
 
@@ -159,7 +165,15 @@ class Metrics:
             self.sample()
             await asyncio.sleep(SAMPLE_SECONDS)
 
+    def append_text(self, text: Callable[[], bytes]) -> None:
+        """Another process's metrics, already in the text format (the forwarder's), appended
+        to every scrape: its names are its own."""
+        self._texts.append(text)
+
     def render(self) -> bytes:
+        return self._render() + b"".join(text() for text in self._texts)
+
+    def _render(self) -> bytes:
         if self._dir is None:
             return generate_latest(self.registry)
         self.sample()
@@ -218,12 +232,12 @@ class _RouteBacklog(Collector):
 
 
 class ForwardMetrics:
-    """Gateway mode's metrics, in the process's registry."""
+    """Gateway mode's metrics, in the forwarder process's registry (published to the intake
+    with its status: `Metrics.append_text`)."""
 
     def __init__(
-        self, metrics: Metrics, backlog: Callable[[], dict[str, tuple[int, float]]]
+        self, r: CollectorRegistry, backlog: Callable[[], dict[str, tuple[int, float]]]
     ) -> None:
-        r = metrics.registry
         self.attempts = Counter(
             "ledger_forward_attempts", "Forward attempts by outcome (delivered, failed)",
             ["route", "outcome"], registry=r,

@@ -149,6 +149,18 @@ class Settings(BaseSettings):
     outbox_key: SecretStr | None = Field(
         default=None, description="base64 AES-256 key of the outbox (default: a key file)"
     )
+    forward_poll_seconds: float = Field(
+        default=0.05, gt=0, description="how often the forwarder process looks for new "
+        "records in the outbox",
+    )
+    forwarder_nice: int = Field(
+        default=10, ge=0, le=19, description="niceness of serve's forwarder process: when CPU "
+        "is short, intake goes first and forwarding catches up after (the outbox holds it)",
+    )
+    forward_status_seconds: float = Field(
+        default=1.0, gt=0, description="how often the forwarder process publishes its "
+        "status (route health, metrics) for the intake",
+    )
     routes_reload_seconds: float = Field(
         default=2.0, gt=0, description="how soon a serving process notices route changes"
     )
@@ -175,9 +187,14 @@ class Settings(BaseSettings):
         return (self.spool_dir or self.data_dir / "spool") / "trust"
 
     @property
+    def outbox_root(self) -> Path:
+        """The workers' outboxes, and the forwarder process's files beside them."""
+        return self.outbox_dir or self.data_dir / "outbox"
+
+    @property
     def outbox_path(self) -> Path:
         """Each worker process has an outbox of its own (one writer per file)."""
-        return (self.outbox_dir or self.data_dir / "outbox") / f"worker-{self.worker}"
+        return self.outbox_root / f"worker-{self.worker}"
 
     @property
     def keys_dir(self) -> Path:

@@ -32,7 +32,9 @@ from ledger.errors import (
     SchemaNotMigrated,
     UnreadableBody,
 )
-from ledger.gateway.forwarder import FORWARDER, Forwarder, outbox_for
+from ledger.gateway.forwarder import outbox_key
+from ledger.gateway.handoff import HANDOFF, Handoff
+from ledger.gateway.outbox import OutboxWriter
 from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, SAMPLE_SECONDS, Metrics
 from ledger.offline import Appender, OfflineTrust
@@ -236,8 +238,11 @@ async def readyz(request: web.Request) -> web.Response:
         else "ok"
     )
     ready = all(v == "ok" for v in checks.values())
-    # gateway mode: reported, never a reason to stop intake (a destination down is not ours)
-    forwarding = [h.as_json() for h in request.app[FORWARDER].health()]
+    # gateway mode: reported, never a reason to stop intake (a destination down, or the
+    # forwarder process, is not ours to wait for)
+    handoff = request.app[HANDOFF]
+    forwarding = [h.as_json() for h in handoff.health()]
+    forwarder = handoff.forwarder()
     body = {
         "status": "ready" if ready else "not_ready",
         "checks": checks,
@@ -248,6 +253,12 @@ async def readyz(request: web.Request) -> web.Response:
             {k: h[k] for k in ("route_id", "state", "backlog", "oldest_pending_seconds",
                                "last_error")} for h in forwarding
         ],
+        "forwarder": (
+            {"state": "running", "pid": forwarder.pid,
+             "status_age_seconds": round(forwarder.age_seconds, 3)}
+            if forwarder is not None else
+            {"state": "down", "pid": None, "status_age_seconds": None}
+        ),
     }
     return json_response(body, 200 if ready else 503)
 
@@ -367,7 +378,7 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
                                   timeout=settings.confirm_timeout_seconds)
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
-                                             confirmer=confirmer, forward=app[FORWARDER].accept)
+                                             confirmer=confirmer, forward=app[HANDOFF].accept)
         supervisor.start("intake-summary",
                          lambda: intake.summarize_forever(settings.log_summary_seconds))
         yield
@@ -393,17 +404,19 @@ async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float)
             continue  # PostgreSQL away: the state stays as last known
 
 
-async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Gateway mode: forward durable deliveries to the routes' destinations (ledger.gateway);
-    its long-lived loops run under the app's supervisor."""
+async def _handoff_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Gateway mode, the intake's part: seal durable deliveries into this worker's outbox
+    (ledger.gateway.handoff); the forwarder process does the rest."""
     settings = app[SETTINGS]
-    outbox = await asyncio.to_thread(outbox_for, settings)
-    forwarder = Forwarder(settings, GatewayStore(app[POOL]), outbox, app[METRICS],
-                          runner=app[SUPERVISOR])
-    await forwarder.start()
-    app[FORWARDER] = forwarder
+    key = await asyncio.to_thread(outbox_key, settings)
+    outbox = await asyncio.to_thread(OutboxWriter, settings.outbox_path, key)
+    handoff = Handoff(settings, GatewayStore(app[POOL]), outbox, app[SUPERVISOR],
+                      app[METRICS])
+    await handoff.start()
+    app[HANDOFF] = handoff
+    app[METRICS].append_text(handoff.metrics_text)
     yield
-    await forwarder.close()
+    await handoff.close()
 
 
 async def _checkpoint_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -540,7 +553,7 @@ def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Applica
     app.cleanup_ctx.append(_parser_log_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.cleanup_ctx.append(_database_ctx(settings))
-    app.cleanup_ctx.append(_forwarder_ctx)
+    app.cleanup_ctx.append(_handoff_ctx)
     app.cleanup_ctx.append(_committer_ctx)
     app.cleanup_ctx.append(_tree_ctx)
     app.cleanup_ctx.append(_checkpoint_ctx)

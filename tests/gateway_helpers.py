@@ -98,3 +98,27 @@ async def eventually(condition: Callable[[], Any], within: float = 30) -> None:
 
 async def _value(value: Any) -> Any:
     return await value if asyncio.iscoroutine(value) else value
+
+
+class Forwarders:
+    """Forwarder processes' work, run in the test's own event loop beside a test client's app
+    (`ledger serve` runs it as a child process; tests/test_gateway_durability.py does that)."""
+
+    def __init__(self) -> None:
+        self.running: list[Any] = []
+
+    async def start(self, client: Any) -> Any:
+        from ledger.gateway.forwarder import Forwarder, outbox_key
+        from ledger.storage.gateway_store import GatewayStore
+        from ledger.web import POOL, SETTINGS
+
+        app = client.app
+        settings = app[SETTINGS]
+        forwarder = Forwarder(settings, GatewayStore(app[POOL]), outbox_key(settings))
+        await forwarder.start()
+        self.running.append(forwarder)
+        return forwarder
+
+    async def close(self) -> None:
+        while self.running:
+            await self.running.pop().close()

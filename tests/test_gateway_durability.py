@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeAlias
+from unittest import mock
 
 import aiohttp
 import asyncpg
@@ -18,8 +19,8 @@ import pytest
 from ledger import wire
 from ledger.errors import OutboxError
 from ledger.gateway import admin as routes_admin
-from ledger.gateway.forwarder import FORWARDER
-from ledger.gateway.outbox import KEY_NAME, Outbox, load_key
+from ledger.gateway.handoff import HANDOFF
+from ledger.gateway.outbox import KEY_NAME, OutboxReader, OutboxWriter, load_key
 from ledger.identity import SECRET_KEYS
 from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
@@ -27,7 +28,7 @@ from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from ledger.web import STORE
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
-from tests.gateway_helpers import Destination, eventually
+from tests.gateway_helpers import Destination, Forwarders, eventually
 from tests.helpers import Client, drained, install_sample_portal, post
 from tests.test_crash import free_port
 from tests.test_intake import _pg_dump
@@ -56,51 +57,97 @@ def secrets_of_samples() -> set[bytes]:
     return found
 
 
-def test_the_outbox_is_sealed_recovered_after_a_restart_and_deleted_once_settled(
+def test_the_outbox_is_sealed_read_again_after_a_restart_and_deleted_once_settled(
     tmp_path: Path,
 ) -> None:
     key = load_key(tmp_path / "keys" / KEY_NAME, None)
     assert (tmp_path / "keys" / KEY_NAME).stat().st_mode & 0o777 == 0o600
-    outbox = Outbox(tmp_path / "outbox", key)
-    assert outbox.recover() == []
+    directory = tmp_path / "outbox"
+    writer = OutboxWriter(directory, key)
+    reader = OutboxReader(directory, key)
+    reader.open()
+    assert reader.poll() == []
     body = sample("onappinstall-1")
-    (first, second) = outbox.append([(header(["a", "b"]), body), (header(["a"]), b"x=1")])
-    data = b"".join(p.read_bytes() for p in (tmp_path / "outbox").glob("seg-*"))
+    writer.append([(header(["a", "b"]), body), (header(["a"]), b"x=1")])
+    data = b"".join(p.read_bytes() for p in directory.glob("seg-*"))
     assert [s for s in secrets_of_samples() if s in data] == []
     assert b"ONAPPINSTALL" not in data  # nothing readable at all without the key
-    outbox.settle(first, "a", "delivered")
-    outbox.close()
+    first, second = reader.poll()
+    assert (first.body, first.routes, second.routes) == (body, ["a", "b"], ["a"])
+    assert reader.poll() == []  # read once
+    reader.settle(first.location, "a", "delivered")
+    reader.close()  # the forwarder process ends (or is killed after writing done.log)
 
-    reopened = Outbox(tmp_path / "outbox", load_key(tmp_path / "keys" / KEY_NAME, None))
-    found = reopened.recover()
-    assert [(f.location, f.routes) for f in found] == [(first, ["b"]), (second, ["a"])]
-    assert reopened.read(first)[1] == body
-    reopened.settle(first, "b", "given_up")
-    reopened.settle(second, "a", "delivered")
-    reopened.apply_settled()
-    assert list((tmp_path / "outbox").glob("seg-*")) == []  # nothing owed: deleted
-    reopened.close()
+    again = OutboxReader(directory, load_key(tmp_path / "keys" / KEY_NAME, None))
+    again.open()
+    found = again.poll()
+    assert [(f.location, f.routes) for f in found] == [
+        (first.location, ["b"]), (second.location, ["a"])]
+    assert again.read(first.location) == body
+    again.settle(first.location, "b", "given_up")
+    again.settle(second.location, "a", "delivered")
+    again.apply_settled()
+    assert list(directory.glob("seg-*"))  # the writer's newest segment: kept while fresh
+    writer.close()
+    writer = OutboxWriter(directory, key)  # a restarted intake writes to a new segment
+    writer.append([(header(["a"]), b"x=2")])
+    (third,) = again.poll()
+    assert third.body == b"x=2"
+    again.apply_settled()
+    assert len(list(directory.glob("seg-*"))) == 1  # the old one: nothing owed, deleted
+    writer.close()
+    again.close()
+
+
+def test_a_segment_deleted_under_its_writer_loses_nothing(tmp_path: Path) -> None:
+    """The forwarder deletes a settled segment its (live) writer was still appending to: the
+    writer notices, starts a new one, and the record is read from there."""
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key)
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+    writer.append([(header(["a"]), b"x=1")])
+    (first,) = reader.poll()
+    reader.settle(first.location, "a", "delivered")
+    with mock.patch("ledger.gateway.outbox.IDLE_SECONDS", 0.0):
+        reader.apply_settled()
+    assert list(tmp_path.glob("seg-*")) == []
+    writer.append([(header(["a"]), b"x=2")])
+    (second,) = reader.poll()
+    assert second.body == b"x=2"
+    assert second.location[0] > first.location[0]
+    writer.close()
+    reader.close()
 
 
 def test_an_outbox_under_another_key_is_refused(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path, os.urandom(32))
-    outbox.append([(header(["a"]), b"x=1")])
-    outbox.close()
+    writer = OutboxWriter(tmp_path, os.urandom(32))
+    writer.append([(header(["a"]), b"x=1")])
+    writer.close()
+    reader = OutboxReader(tmp_path, os.urandom(32))
+    reader.open()
     with pytest.raises(OutboxError, match="key"):
-        Outbox(tmp_path, os.urandom(32)).recover()
+        reader.poll()
+    reader.close()
 
 
-def test_a_torn_tail_is_cut_and_never_forwarded(tmp_path: Path) -> None:
+def test_a_torn_tail_is_skipped_once_its_writer_moved_on_and_never_forwarded(
+    tmp_path: Path,
+) -> None:
     key = os.urandom(32)
-    outbox = Outbox(tmp_path, key)
-    (kept,) = outbox.append([(header(["a"]), b"x=1")])
-    outbox.append([(header(["a"]), b"x=2")])
-    outbox.close()
+    writer = OutboxWriter(tmp_path, key)
+    writer.append([(header(["a"]), b"x=1"), (header(["a"]), b"x=2")])
+    writer.close()
     (segment,) = tmp_path.glob("seg-*")
-    segment.write_bytes(segment.read_bytes()[:-5])
-    reopened = Outbox(tmp_path, key)
-    assert [f.location for f in reopened.recover()] == [kept]
-    reopened.close()
+    segment.write_bytes(segment.read_bytes()[:-5])  # killed mid-write
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+    assert [f.body for f in reader.poll()] == [b"x=1"]  # the rest may still be coming
+    restarted = OutboxWriter(tmp_path, key)
+    restarted.append([(header(["a"]), b"x=3")])
+    assert [f.body for f in reader.poll()] == [b"x=3"]  # the torn tail: skipped
+    restarted.close()
+    reader.close()
 
 
 async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_position(
@@ -108,16 +155,18 @@ async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_po
 ) -> None:
     relay, settings_for = outage
     settings: Settings = settings_for(
-        forward_plain_http_hosts="127.0.0.1", forward_retry_initial_seconds=0.02)
+        forward_plain_http_hosts="127.0.0.1", forward_retry_initial_seconds=0.02,
+        forward_poll_seconds=0.01)
     destination = Destination()
     await destination.start()
+    forwarders = Forwarders()
     try:
         client: Client = await make_client(settings)
         assert client.app is not None
         await routes_admin.add_route(client.app[STORE], settings, member_id=None,
                                      url=destination.url, actor="test")
-        forwarder = client.app[FORWARDER]
-        await forwarder.reload()
+        await client.app[HANDOFF].reload()
+        forwarder = await forwarders.start(client)
         await install_sample_portal(client)
         await relay.cut()
         status, answer = await post(client, sample("onimbotmessageadd-1"))
@@ -140,6 +189,7 @@ async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_po
         assert (row["position"], row["event_type"], row["outcome"]) == (
             stored, "ONIMBOTMESSAGEADD", "delivered")
     finally:
+        await forwarders.close()
         await destination.stop()
 
 
@@ -182,13 +232,31 @@ async def start_ledger(
                 await asyncio.sleep(0.05)
 
 
-async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behind(
-    database: Database, admin: Admin, tmp_path: Path,
-    started: list[asyncio.subprocess.Process],
-) -> None:
-    destination = Destination()
-    destination.status = 503  # the bot is down
-    await destination.start()
+async def forwarder_pid(port: int, *, other_than: int | None = None) -> int:
+    """The pid of `serve`'s forwarder process, from /readyz, once it runs (and is not
+    `other_than`)."""
+    async with asyncio.timeout(60), aiohttp.ClientSession() as session:
+        while True:  # poll the condition until the deadline; the service offers no signal
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                forwarder = (await response.json())["forwarder"]
+            if forwarder["state"] == "running" and forwarder["pid"] != other_than:
+                return int(forwarder["pid"])
+            await asyncio.sleep(0.05)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and " Z " in Path(f"/proc/{pid}/stat").read_text()
+
+
+async def routed_ledger(
+    database: Database, tmp_path: Path, started: list[asyncio.subprocess.Process],
+    destination: Destination,
+) -> tuple[asyncio.subprocess.Process, int, Path]:
+    """A real `ledger serve` with one route to `destination` (its forwarder running)."""
     pool = await create_pool(database.service_dsn, size=2)
     port = free_port()
     try:
@@ -201,6 +269,11 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
         await pool.close()
     log = tmp_path / "ledger.log"
     server = await start_ledger(database, port, tmp_path, log, started)
+    return server, port, log
+
+
+async def send_samples(port: int) -> list[int]:
+    """Every sample, install first; the positions acknowledged."""
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     others = [n for n in sample_names() if not n.startswith(("onappinstall", "onappuninstall"))]
     acknowledged: list[int] = []
@@ -210,9 +283,65 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
                                     headers={"Content-Type": FORM}) as response:
                 assert response.status == 200, name
                 acknowledged.append((await response.json())["position"])
+    return acknowledged
+
+
+def first_seen_order(destination: Destination) -> list[int]:
+    first_seen: list[int] = []
+    for received in destination.delivered:
+        if received.position not in first_seen:
+            assert received.position is not None
+            first_seen.append(received.position)
+    return first_seen
+
+
+async def test_kill_9_of_the_forwarder_process_loses_nothing_and_serve_starts_it_again(
+    database: Database, admin: Admin, tmp_path: Path,
+    started: list[asyncio.subprocess.Process],
+) -> None:
+    destination = Destination()
+    destination.status = 503  # the bot is down
+    await destination.start()
+    try:
+        server, port, _ = await routed_ledger(database, tmp_path, started, destination)
+        pid = await forwarder_pid(port)
+        acknowledged = await send_samples(port)
+        await destination.wait_until(lambda d: len(d.requests) >= 3)  # it is being tried
+        os.kill(pid, signal.SIGKILL)
+        again = await forwarder_pid(port, other_than=pid)  # serve started a new one
+        assert gone(pid)
+        async with aiohttp.ClientSession() as session, session.get(  # intake never stopped
+            f"http://127.0.0.1:{port}/readyz"
+        ) as response:
+            assert response.status == 200
+        destination.status = 200  # the bot is back
+        await destination.wait_until(
+            lambda d: {r.position for r in d.delivered} >= set(acknowledged))
+        assert first_seen_order(destination) == sorted(acknowledged)
+        server.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        await eventually(lambda: gone(again))  # stopped with serve
+    finally:
+        await destination.stop()
+    delivered = {r["position"] for r in await admin.fetch(
+        "SELECT position FROM audit.forwards WHERE outcome = 'delivered'")}
+    assert delivered == set(acknowledged)
+
+
+async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behind(
+    database: Database, admin: Admin, tmp_path: Path,
+    started: list[asyncio.subprocess.Process],
+) -> None:
+    destination = Destination()
+    destination.status = 503  # the bot is down
+    await destination.start()
+    server, port, log = await routed_ledger(database, tmp_path, started, destination)
+    child = await forwarder_pid(port)
+    acknowledged = await send_samples(port)
     await destination.wait_until(lambda d: len(d.requests) >= 3)  # it is being tried
-    server.send_signal(signal.SIGKILL)
+    server.send_signal(signal.SIGKILL)  # the intake (serve's own process)
     assert await server.wait() == -signal.SIGKILL
+    await eventually(lambda: gone(child))  # its forwarder does not outlive it
 
     outbox = tmp_path / "outbox"
     sealed = b"".join(p.read_bytes() for p in outbox.rglob("seg-*"))
@@ -223,12 +352,7 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
     restarted = await start_ledger(database, port, tmp_path, log, started)
     await destination.wait_until(
         lambda d: {r.position for r in d.delivered} >= set(acknowledged))
-    first_seen: list[int] = []
-    for received in destination.delivered:
-        if received.position not in first_seen:
-            assert received.position is not None
-            first_seen.append(received.position)
-    assert first_seen == sorted(acknowledged)  # in ledger order, at least once
+    assert first_seen_order(destination) == sorted(acknowledged)  # in order, at least once
     await eventually(lambda: not list(outbox.rglob("seg-*")))  # all settled: deleted
     restarted.send_signal(signal.SIGTERM)
     assert await restarted.wait() == 0
@@ -245,3 +369,17 @@ async def test_kill_9_with_forwards_pending_loses_none_and_leaves_no_token_behin
     assert b"position" in logged or b"route" in logged
     for place in (dump, logged):
         assert [s for s in secrets_of_samples() if s in place] == []
+
+
+def test_a_large_backlog_is_read_a_piece_at_a_time(tmp_path: Path) -> None:
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key, segment_bytes=1000)
+    for i in range(5):
+        writer.append([(header(["a"]), b"x" * 900 + str(i).encode())])  # a segment each
+    writer.close()
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+    pieces = [reader.poll(max_bytes=2000) for _ in range(4)]
+    assert [len(p) for p in pieces] == [2, 2, 1, 0]
+    assert [r.body[-1:] for p in pieces for r in p] == [b"0", b"1", b"2", b"3", b"4"]
+    reader.close()

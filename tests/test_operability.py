@@ -362,7 +362,8 @@ async def test_simulate_exits_non_zero_when_deliveries_were_refused(
 
 
 def _workers(parent: int) -> set[int]:
-    """The worker processes of a `ledger serve --workers N` (not its resource tracker)."""
+    """The worker processes of a `ledger serve --workers N` (not its resource tracker, nor its
+    forwarder process, which names itself)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -372,7 +373,9 @@ def _workers(parent: int) -> set[int]:
             except OSError:
                 continue
             match = re.search(r"^PPid:\s+(\d+)$", status, re.M)
-            if match is not None and int(match.group(1)) == parent and b"spawn_main" in command:
+            if (match is not None and int(match.group(1)) == parent
+                    and b"spawn_main" in command
+                    and not re.search(r"^Name:\s+ledger-forward", status, re.M)):
                 found.add(int(entry.name))
     return found
 
@@ -396,8 +399,11 @@ async def test_a_worker_killed_with_sigkill_is_replaced(database: Database, tmp_
     port = free_port()
     async with serving(env, "--workers", "2", port=port, cwd=tmp_path) as base:
         parent = _serve_pid(port)
-        workers = _workers(parent)
-        assert len(workers) == 2  # ready: both serve
+        async with asyncio.timeout(30):  # ready: both serve (the forwarder names itself soon)
+            while True:  # polled: /proc offers no signal
+                if len(workers := _workers(parent)) == 2:
+                    break
+                await asyncio.sleep(0.05)
         victim = min(workers)
         os.kill(victim, 9)
         async with asyncio.timeout(60):  # the condition: two live workers, the victim not one

@@ -2,6 +2,7 @@
 
 from ledger.cli import (  # noqa: F401 - registration
     forensics,
+    forwarding,
     integrity,
     proofs,
     report,

@@ -73,7 +73,7 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
         raise click.ClickException(
             f"LEDGER_LOG_LEVEL={settings.log_level!r}: use DEBUG, INFO, WARNING or ERROR"
         )
-    if command != "serve" and level > logging.DEBUG:
+    if command not in ("serve", "forward") and level > logging.DEBUG:
         level = max(level, logging.WARNING)
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     for name in _THIRD_PARTY:  # as a fresh process has them (commands may run in one process)

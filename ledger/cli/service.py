@@ -45,6 +45,9 @@ _MAX_RESTARTS, _RESTART_WINDOW_SECONDS = 5, 60.0  # more worker deaths than this
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) -> None:
     """Receive Bitrix24 events at POST /bitrix24/events and store them.
 
+    Gateway mode's forwarder runs beside the intake as one child process (`ledger forward`),
+    restarted if it dies.
+
     On the embedded database the schema is migrated first; on an external one the service
     refuses to start until `ledger migrate` has run.
     """
@@ -55,10 +58,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     ctx.meta[PORT_KEY] = address[1]
     _check_address(*address, reuse_port=workers > 1)  # before starting anything
     debug = bool(ctx.meta.get("ledger.debug"))
-    if workers == 1:
-        if not settings.run_projector:
-            _serve(settings, *address, reuse_port=False, debug=debug)
-            return
+    if workers == 1:  # gateway mode's forwarder is a sidecar always (it idles without routes)
         target = asyncio.run(targets.open_target(settings))  # the children's DSNs
         sidecars = _sidecars(settings, target)
         try:
@@ -96,6 +96,11 @@ def _sidecars(settings: Settings, target: targets.DatabaseTarget) -> list[Sideca
     if settings.run_projector:
         found.append(Sidecar("projector", ["project", "--follow"], env=env,
                              first_backoff=settings.task_restart_seconds))
+    # gateway mode: sending, retrying and recording forwards, off the intake's event loop; it
+    # refuses routes to the listen address serve was given (--host/--port)
+    found.append(Sidecar("forwarder", ["forward"], env={
+        **env, "LEDGER_HOST": settings.host, "LEDGER_PORT": str(settings.port)},
+        first_backoff=0.5))
     return found
 
 

@@ -30,6 +30,7 @@ from ledger.console.app import (
 )
 from ledger.console.reader import PageOf, Reader
 from ledger.errors import BadQuery, NotFound
+from ledger.gateway.handoff import HANDOFF
 from ledger.storage.audit_store import EventFilter
 
 PAGE = 50
@@ -113,8 +114,11 @@ async def overview(request: web.Request) -> web.Response:
     cursor = _member_cursor(request.query)
     chain = await r.chain()
     portals = await r.portals(cursor, PAGE)
+    handoff = request.config_dict.get(HANDOFF)
+    # gateway mode: each route's health as the forwarder process last published it
+    forwarding = [h.as_json() for h in handoff.health()] if handoff is not None else []
     return render(
-        request, "overview.html", chain=chain, portals=portals,
+        request, "overview.html", chain=chain, portals=portals, forwarding=forwarding,
         rejections_last_day=await r.rejections_last_day(),
         next_link=_link("/console/", cursor=portals.next_cursor) if portals.next_cursor else None,
         downloads=_downloads("portals"),

@@ -1,19 +1,24 @@
-"""The forwarder: each durable delivery, to every route it matches, in ledger order, at least once.
+"""The forwarder process: each durable delivery, to every route it matches, in ledger order,
+at least once — out of the intake's way.
 
-Per route and portal there is one lane, delivering its items one at a time in the order the
-ledger stored them (head-of-line: the next waits until the one before was delivered or given
+The intake only seals each durable delivery into its outbox (`ledger.gateway.handoff`). This
+process (`ledger forward`; `ledger serve` runs exactly one as a child) tails every worker's
+outbox, and per route and portal keeps one lane, delivering its items one at a time in the order
+the ledger stored them (head-of-line: the next waits until the one before was delivered or given
 up). Lanes are independent: a slow or failing destination holds up only its own lanes, never
-the intake (which only waits for the outbox write) nor other routes.
+the intake nor other routes.
 
-Life of a forward: accepted after the commit (or the spool fsync) → sealed into the outbox
-(written before the sender's answer, fsync'd within OUTBOX_SYNC_SECONDS) → queued in memory →
-attempted until a 2xx, with exponential backoff and jitter, until `forward_max_age_seconds`
-after it was accepted → settled (delivered, or given up with a reason) and deleted from the
-outbox. Every attempt and every giving-up is recorded in PostgreSQL
-(`ledger.forward_attempts`, without the body); records wait in memory (bounded) while
-PostgreSQL is away. After a crash the outbox is replayed: a forward whose outcome was not
-settled may be sent again — the destination dedups by `X-Ledger-Position` (or
-`X-Ledger-Spool-Id`).
+Life of a forward: sealed into the outbox by the intake after the commit (or the spool fsync),
+before the sender's answer → read here within `forward_poll_seconds` → attempted until a 2xx,
+with exponential backoff and jitter, until `forward_max_age_seconds` after it was accepted →
+settled (delivered, or given up with a reason) and deleted from the outbox. Every attempt and
+every giving-up is recorded in PostgreSQL (`ledger.forward_attempts`, without the body); records
+wait in memory (bounded) while PostgreSQL is away. After a crash (of either process) the outbox
+is read again from what `done.log` says is settled: a forward whose outcome was not settled may
+be sent again — the destination dedups by `X-Ledger-Position` (or `X-Ledger-Spool-Id`).
+
+Route health and this process's metrics are published to a status file
+(`ledger.gateway.status`) for the intake's `/readyz`, `/metrics` and read API.
 """
 
 from __future__ import annotations
@@ -31,21 +36,21 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
-import orjson
-from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from yarl import URL
 
 from ledger.errors import LedgerError, OutboxError, RouteRefused
-from ledger.gateway.outbox import Location, Outbox
+from ledger.gateway import status
+from ledger.gateway.outbox import KEY_NAME, Location, OutboxReader, Recovered, load_key
 from ledger.gateway.routes import (
     ROUTE_EVENT,
-    Accepted,
     Route,
     check_destination,
     fold_routes,
     plain_http_hosts,
 )
-from ledger.metrics import ForwardMetrics, Metrics
+from ledger.gateway.status import RouteHealth
+from ledger.metrics import ForwardMetrics
 from ledger.settings import Settings
 from ledger.storage.gateway_store import AttemptRecord, GatewayStore
 
@@ -55,12 +60,13 @@ DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
 _QUERY = re.compile(r"\?[^\s'\"]*")
 _ANSWER_READ = 64 * 1024  # of a destination's answer body; the rest is not read
-OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
+ROUTES_NAME = "forwarder-routes.json"
 
 
 @dataclass(slots=True, eq=False)
 class _Item:
-    location: Location | None  # None: the outbox could not be written (memory only)
+    outbox: OutboxReader
+    location: Location
     member_id: str
     event_type: str
     position: int | None
@@ -97,62 +103,40 @@ class _RouteState:
     last_attempt_at: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RouteHealth:
-    route: Route
-    state: str  # ok, failing, refused
-    backlog: int
-    oldest_pending_seconds: float
-    last_outcome: str | None
-    last_status: int | None
-    last_error: str | None
-    last_attempt_at: datetime | None
-    refused: str | None
-
-    def as_json(self) -> dict[str, Any]:
-        r = self.route
-        return {
-            "route_id": r.route_id, "member_id": r.member_id, "event_pattern": r.event_pattern,
-            "url": r.url, "allow_http": r.allow_http, "added_at": r.added_at.isoformat(),
-            "added_by": r.added_by, "position": r.position, "state": self.state,
-            "backlog": self.backlog,
-            "oldest_pending_seconds": round(self.oldest_pending_seconds, 3),
-            "last_outcome": self.last_outcome, "last_status": self.last_status,
-            "last_error": self.last_error,
-            "last_attempt_at": self.last_attempt_at.isoformat() if self.last_attempt_at else None,
-            "refused": self.refused,
-        }
-
-
 class LoopRunner(Protocol):
-    """What runs the forwarder's long-lived loops: `ledger.supervision.Supervisor` in serve."""
+    """What runs the forwarder's long-lived loops: `ledger.supervision.Supervisor`."""
 
     def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None: ...
 
     async def stop(self, name: str) -> None: ...
 
 
+def outbox_key(settings: Settings) -> bytes:
+    configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
+    return load_key(settings.keys_dir / KEY_NAME, configured)
+
+
 class Forwarder:
     def __init__(
-        self, settings: Settings, store: GatewayStore, outbox: Outbox | None, metrics: Metrics,
+        self, settings: Settings, store: GatewayStore, key: bytes,
         *, runner: LoopRunner | None = None,
     ) -> None:
-        """`runner` (the app's supervisor) runs the forwarder's long-lived loops, restarting one
-        that crashes and failing readiness meanwhile; without it they are plain tasks."""
+        """`runner` runs the forwarder's long-lived loops, restarting one that crashes;
+        without it they are plain tasks."""
         self._runner = runner
         self._settings = settings
         self._store = store
-        self._outbox = outbox
+        self._key = key
+        self._outboxes: dict[str, OutboxReader] = {}
         self._http_hosts = plain_http_hosts(settings.forward_plain_http_hosts)
         self._states: dict[str, _RouteState] = {}
         self._route_position = 0
-        self._routes_file = settings.outbox_path / "routes.json"
-        self._metrics = ForwardMetrics(metrics, self.backlog)
+        self._routes_file = settings.outbox_root / ROUTES_NAME
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics = ForwardMetrics(self.registry, self.backlog)
         self._records: list[AttemptRecord] = []
         self._records_wake = asyncio.Event()
         self._records_lock = asyncio.Lock()
-        self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[Location]]] = []
-        self._writer: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[str] = []  # started through the runner
         self._closing = False
@@ -161,8 +145,9 @@ class Forwarder:
     # ---- life -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the routes (from PostgreSQL, else the copy saved last time), replay the outbox,
-        then keep the routes current and the attempt records flowing in the background."""
+        """Load the routes (from PostgreSQL, else the copy saved last time), read what the
+        outboxes owe, then keep forwarding, reading, recording and publishing in the
+        background."""
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit_per_host=32),
             trust_env=False,  # no proxy from the environment: destinations are the operator's
@@ -175,17 +160,19 @@ class Forwarder:
         except LedgerError as exc:
             log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._routes_file)
             try:
-                self._load_saved_routes()
+                saved = status.load_routes(self._routes_file)
             except (OSError, ValueError, KeyError, TypeError) as bad:
                 log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
                           self._routes_file, bad)
-        if self._outbox is not None:
-            for found in await asyncio.to_thread(self._outbox.recover):
-                self._requeue(found.location, found.header, found.routes)
-        self._start_loop("gateway-routes-reload", self._reload_loop)
-        self._start_loop("gateway-attempts", self._record_loop)
-        if self._outbox is not None:
-            self._start_loop("gateway-outbox-sync", self._outbox_loop)
+            else:
+                if saved is not None:
+                    self._route_position = saved[0]
+                    self._apply_routes(saved[1])
+        await self.poll()
+        self._start_loop("forwarder-routes-reload", self._reload_loop)
+        self._start_loop("forwarder-attempts", self._record_loop)
+        self._start_loop("forwarder-outbox", self._outbox_loop)
+        self._start_loop("forwarder-status", self._status_loop)
 
     def _start_loop(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         if self._runner is None:
@@ -207,16 +194,14 @@ class Forwarder:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 while self._records and await self._flush_records():
                     pass
         if self._session is not None:
             await self._session.close()
-        if self._outbox is not None:
-            self._outbox.close()
+        for outbox in self._outboxes.values():
+            await asyncio.to_thread(outbox.close)
 
     def _spawn(self, coroutine: Any, name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coroutine, name=name)
@@ -237,15 +222,17 @@ class Forwarder:
         return [s.route for s in self._states.values()]
 
     async def reload(self) -> None:
-        """Fold route changes recorded since the last look (added by `ledger routes` while
-        this process serves, for one)."""
+        """Fold route changes recorded since the last look (`ledger routes` while serving)."""
         events = await self._store.route_events(ROUTE_EVENT, self._route_position)
         if not events:
             return
         self._route_position = events[-1][0]
         current = {rid: s.route for rid, s in self._states.items()}
         self._apply_routes(fold_routes(current, events))
-        self._save_routes()
+        try:
+            status.save_routes(self._routes_file, self._route_position, self.routes)
+        except OSError as exc:
+            log.warning("cannot save the routes to %s: %s", self._routes_file, exc)
 
     def _apply_routes(self, routes: dict[str, Route]) -> None:
         for route_id in set(self._states) - set(routes):
@@ -270,33 +257,6 @@ class Forwarder:
             return str(exc)
         return None
 
-    def _save_routes(self) -> None:
-        data = {"position": self._route_position, "routes": [
-            {"route_id": r.route_id, "member_id": r.member_id, "event_pattern": r.event_pattern,
-             "url": r.url, "allow_http": r.allow_http, "added_at": r.added_at.isoformat(),
-             "added_by": r.added_by, "position": r.position} for r in self.routes]}
-        try:
-            self._routes_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            temporary = self._routes_file.with_suffix(".tmp")
-            temporary.write_bytes(orjson.dumps(data))
-            temporary.replace(self._routes_file)
-        except OSError as exc:
-            log.warning("cannot save the routes to %s: %s", self._routes_file, exc)
-
-    def _load_saved_routes(self) -> None:
-        if not self._routes_file.exists():
-            return
-        data = orjson.loads(self._routes_file.read_bytes())
-        self._route_position = int(data["position"])
-        self._apply_routes({
-            r["route_id"]: Route(
-                route_id=r["route_id"], member_id=r["member_id"],
-                event_pattern=r["event_pattern"], url=r["url"], allow_http=r["allow_http"],
-                added_at=datetime.fromisoformat(r["added_at"]), added_by=r["added_by"],
-                position=r["position"],
-            ) for r in data["routes"]
-        })
-
     async def _reload_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(self._settings.routes_reload_seconds)  # a poll interval
@@ -305,81 +265,37 @@ class Forwarder:
             except LedgerError as exc:
                 log.debug("routes not reloaded: %s", exc)
 
-    # ---- intake side ------------------------------------------------------------------------
+    # ---- reading the outboxes ---------------------------------------------------------------
 
-    async def accept(self, accepted: Accepted) -> None:
-        try:
-            await self._accept(accepted)
-        except Exception:
-            # the delivery is durable and its sender must hear so; this is a bug to fix — and a
-            # forward lost to it is counted, so /metrics shows what the log says
-            log.exception("forwarding position %s of portal %s failed unexpectedly",
-                          accepted.position, accepted.member_id)
-            self._metrics.given_up.labels("*", "internal_error").inc()
-
-    async def _accept(self, accepted: Accepted) -> None:
-        """Called by the intake once a delivery is durable: seal it into the outbox for every
-        route it matches, then queue it. Returns once the outbox holds it (so a `kill -9` after
-        the sender's 2xx loses no forward; the fsync follows within OUTBOX_SYNC_SECONDS); never
-        waits for a destination, never raises."""
-        states = [s for s in self._states.values()
-                  if s.route.matches(accepted.member_id, accepted.event_type)]
-        if not states or self._closing:
+    async def poll(self) -> None:
+        """Queue what the intake appended to any worker's outbox since the last look."""
+        root = self._settings.outbox_root
+        directories = await asyncio.to_thread(
+            lambda: sorted(p for p in root.glob("worker-*") if p.is_dir()))
+        found: list[tuple[OutboxReader, Recovered]] = []
+        for directory in directories:
+            outbox = self._outboxes.get(directory.name)
+            if outbox is None:
+                outbox = OutboxReader(directory, self._key)
+                await asyncio.to_thread(outbox.open)
+                self._outboxes[directory.name] = outbox
+            found.extend((outbox, r) for r in await asyncio.to_thread(outbox.poll))
+        if not found:
             return
-        now = time.time()
-        header: dict[str, Any] = {
-            "routes": [s.route.route_id for s in states],
-            "member_id": accepted.member_id,
-            "event_type": accepted.event_type,
-            "position": accepted.position,
-            "event_hash": accepted.event_hash.hex() if accepted.event_hash else None,
-            "dedup_key": accepted.dedup_key.hex(),
-            "content_type": accepted.content_type,
-            "raw_query": accepted.raw_query,
-            "accepted_at": now,
-        }
-        location: Location | None = None
-        if self._outbox is not None:
-            try:
-                location = await self._write(header, accepted.body)
-            except (OSError, OutboxError) as exc:
-                # still forwarded from memory; only a crash before delivery would lose it
-                log.error("outbox write failed (%s): forwarding from memory only", exc)
-        for state in states:
-            self._enqueue(state, _item(location, header, accepted.body))
+        unknown = {r for _, f in found for r in f.routes if r not in self._states}
+        if unknown:  # added after this process last looked: look again before judging
+            with contextlib.suppress(LedgerError):
+                await self.reload()
+        # several workers: what one pass found goes out in ledger order (spooled ones last)
+        found.sort(key=lambda f: (f[1].header["position"] is None,
+                                  f[1].header["position"] or 0))
+        for outbox, record in found:
+            self._queue(outbox, record)
 
-    async def _write(self, header: dict[str, Any], body: bytes) -> Location:
-        """Concurrent deliveries share one write (in a thread: the loop never waits on disk)."""
-        future: asyncio.Future[Location] = asyncio.get_running_loop().create_future()
-        self._writes.append((header, body, future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all(), name="outbox-writer")
-        return await asyncio.shield(future)
-
-    async def _write_all(self) -> None:
-        assert self._outbox is not None
-        try:
-            while self._writes:
-                batch, self._writes = self._writes, []
-                try:
-                    locations = await asyncio.to_thread(
-                        self._outbox.append, [(h, b) for h, b, _ in batch]
-                    )
-                except (OSError, OutboxError) as exc:
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for (_, _, future), location in zip(batch, locations, strict=True):
-                    if not future.done():
-                        future.set_result(location)
-        finally:
-            self._writer = None
-
-    def _requeue(self, location: Location, header: dict[str, Any], routes: list[str]) -> None:
-        for route_id in routes:
+    def _queue(self, outbox: OutboxReader, record: Recovered) -> None:
+        for route_id in record.routes:
             state = self._states.get(route_id)
-            item = _item(location, header, None)
+            item = _item(outbox, record.location, record.header, record.body)
             if state is None:
                 self._give_up_item(None, route_id, item, "route_removed")
                 continue
@@ -391,7 +307,7 @@ class Forwarder:
             self._give_up_item(state, route_id, item, "backlog_full")
             return
         state.pending += 1
-        if item.body is not None and item.location is not None:
+        if item.body is not None:
             state.held[item] = None
             state.held_bytes += len(item.body)
             while state.held_bytes > self._settings.forward_memory_bytes and state.held:
@@ -437,9 +353,7 @@ class Forwarder:
         if age > self._settings.forward_max_age_seconds:
             return GIVEN_UP, "expired"
         if item.body is None:
-            assert self._outbox is not None
-            assert item.location is not None
-            _, item.body = await asyncio.to_thread(self._outbox.read, item.location)
+            item.body = await asyncio.to_thread(item.outbox.read, item.location)
         if await self._attempt(state, item):
             return DELIVERED, None
         ceiling = min(self._settings.forward_retry_max_seconds,
@@ -508,8 +422,8 @@ class Forwarder:
         item.body = None
         if outcome == GIVEN_UP:
             self._give_up_item(state, state.route.route_id, item, reason or "unknown")
-        elif self._outbox is not None and item.location is not None:
-            self._outbox.settle(item.location, state.route.route_id, outcome)
+        else:
+            item.outbox.settle(item.location, state.route.route_id, outcome)
 
     def _give_up_item(
         self, state: _RouteState | None, route_id: str, item: _Item, reason: str
@@ -521,8 +435,7 @@ class Forwarder:
         if state is not None:
             state.last_outcome, state.last_error = GIVEN_UP, reason
         self._record(route_id, item, GIVEN_UP, None, reason, None)
-        if self._outbox is not None and item.location is not None:
-            self._outbox.settle(item.location, route_id, GIVEN_UP)
+        item.outbox.settle(item.location, route_id, GIVEN_UP)
 
     # ---- the record of attempts -------------------------------------------------------------
 
@@ -575,22 +488,34 @@ class Forwarder:
         while self._records:
             if not await self._flush_records():
                 raise LedgerError("forward attempts could not be recorded")
-        if self._outbox is not None:
-            await asyncio.to_thread(self._outbox.apply_settled)
+        for outbox in self._outboxes.values():
+            await asyncio.to_thread(outbox.apply_settled)
 
     async def _outbox_loop(self) -> None:
-        """fsync what was written, write down what was settled and delete what is no longer
-        owed — in the background, off the event loop (see `ledger.gateway.outbox`)."""
-        assert self._outbox is not None
+        """Read what was appended, write down what was settled and delete what is no longer
+        owed — off the event loop (see `ledger.gateway.outbox`)."""
         while not self._closing:
-            await asyncio.sleep(OUTBOX_SYNC_SECONDS)  # the batching interval
+            await asyncio.sleep(self._settings.forward_poll_seconds)  # the polling interval
             try:
-                if self._outbox.unsynced:
-                    await asyncio.to_thread(self._outbox.sync)
-                if self._outbox.settling:
-                    await asyncio.to_thread(self._outbox.apply_settled)
+                await self.poll()
+                for outbox in self._outboxes.values():
+                    if outbox.settling:
+                        await asyncio.to_thread(outbox.apply_settled)
             except OSError as exc:  # a disk error: keep trying, loudly
-                log.error("outbox %s: %s", self._outbox.directory, exc)
+                log.error("outbox %s: %s", self._settings.outbox_root, exc)
+
+    async def _status_loop(self) -> None:
+        """Publish route health and this process's metrics for the intake (and say that this
+        process is alive)."""
+        while not self._closing:
+            try:
+                self.publish()
+            except OSError as exc:
+                log.error("cannot publish the forwarder's status: %s", exc)
+            await asyncio.sleep(self._settings.forward_status_seconds)  # the interval
+
+    def publish(self) -> None:
+        status.publish(self._settings, self.health(), generate_latest(self.registry))
 
     # ---- health -----------------------------------------------------------------------------
 
@@ -616,8 +541,11 @@ class Forwarder:
         ]
 
 
-def _item(location: Location | None, header: dict[str, Any], body: bytes | None) -> _Item:
+def _item(
+    outbox: OutboxReader, location: Location, header: dict[str, Any], body: bytes | None
+) -> _Item:
     return _Item(
+        outbox=outbox,
         location=location,
         member_id=header["member_id"],
         event_type=header["event_type"],
@@ -631,19 +559,4 @@ def _item(location: Location | None, header: dict[str, Any], body: bytes | None)
     )
 
 
-def outbox_for(settings: Settings) -> Outbox:
-    from ledger.gateway.outbox import KEY_NAME, load_key
-
-    configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
-    key = load_key(settings.keys_dir / KEY_NAME, configured)
-    return Outbox(settings.outbox_path, key)
-
-
-FORWARDER = web.AppKey("forwarder", Forwarder)
-
-
-def forwarder_of(app: web.Application) -> Forwarder | None:
-    return app.get(FORWARDER)
-
-
-__all__ = ["FORWARDER", "Accepted", "Forwarder", "RouteHealth", "forwarder_of", "outbox_for"]
+__all__ = ["Forwarder", "RouteHealth", "outbox_key"]

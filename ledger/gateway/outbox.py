@@ -4,16 +4,26 @@ A forwarded body still holds the portal's `application_token` and OAuth tokens (
 them), so it never goes to PostgreSQL or a log: only here, encrypted with AES-GCM (a random
 96-bit nonce per record, the frame header as associated data), and in memory.
 
+Two processes share it. The intake (`OutboxWriter`, one per worker process and directory)
+only appends; the forwarder process (`OutboxReader`, one for all directories) tails what was
+appended, forwards it, writes down what was settled and deletes what is no longer owed.
+
 Layout (one directory per worker process):
 - `seg-<n>.log`: frames `"LOB1"` ‖ uint32 length ‖ nonce ‖ AES-GCM(JSON header ‖ "\\n" ‖ body),
   written (to the kernel) before the delivery is answered, so a killed process loses none; they
   are fsync'd in the background every `sync_interval` (waiting for an fsync per batch would halve
   intake throughput: bench/RESULTS.md), so an OS crash or power loss may lose the forwards of
-  that last interval. A frame is known by (segment, offset).
-- `done.log`: one plaintext line `<segment> <offset> <route> <outcome>` per forward settled
-  (delivered or given up); not fsync'd — losing a line only means that forward is sent again
-  (at least once). A segment file is deleted once every forward in it is settled; `done.log`
-  is rewritten at start-up to what still matters.
+  that last interval. A frame is known by (segment, offset). Segment numbers never repeat
+  (nanoseconds at creation), and a writer never appends to a segment it did not create, so a
+  torn tail left by a killed writer stays a tail.
+- `done.log` (the forwarder's): one plaintext line `<segment> <offset> <route> <outcome>` per
+  forward settled (delivered or given up); not fsync'd — losing a line only means that forward
+  is sent again (at least once). Rewritten at the forwarder's start to what still matters.
+
+Deleting a segment while its writer may still append to it: both sides take `flock` on the
+segment file — the writer around each append, the reader around the check that nothing new was
+written and the `unlink`. A writer that finds its file unlinked (`st_nlink == 0`) starts a new
+segment before writing.
 
 Key: `LEDGER_OUTBOX_KEY` (base64 of 32 bytes) or `LEDGER_DATA_DIR/keys/outbox.key`, created
 0600 on first use. Without the key, the files are noise; with another key, start-up refuses.
@@ -23,10 +33,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import logging
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +55,7 @@ MAGIC = b"LOB1"
 _FRAME = struct.Struct(">4sI")
 _NONCE = 12
 KEY_NAME = "outbox.key"
+IDLE_SECONDS = 1.0  # see OutboxReader._delete_if_done
 
 Location = tuple[int, int]  # (segment, offset)
 
@@ -81,78 +94,165 @@ def load_key(path: Path, configured: str | None) -> bytes:
     return key
 
 
+class _Sealer:
+    def __init__(self, key: bytes, directory: Path) -> None:
+        self._aead = AESGCM(key)
+        self._directory = directory
+
+    def seal(self, header: dict[str, Any], body: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        sealed = self._aead.encrypt(nonce, orjson.dumps(header) + b"\n" + body, MAGIC)
+        return _FRAME.pack(MAGIC, _NONCE + len(sealed)) + nonce + sealed
+
+    def open(self, frame: bytes) -> tuple[dict[str, Any], bytes]:
+        nonce = frame[_FRAME.size : _FRAME.size + _NONCE]
+        try:
+            plain = self._aead.decrypt(nonce, frame[_FRAME.size + _NONCE :], MAGIC)
+        except InvalidTag as exc:
+            raise OutboxError(
+                f"an outbox record in {self._directory} does not decrypt: the outbox key is "
+                "not the one it was written with (restore LEDGER_OUTBOX_KEY or "
+                "keys/outbox.key)"
+            ) from exc
+        header, _, body = plain.partition(b"\n")
+        return orjson.loads(header), body
+
+
+def _segment_path(directory: Path, number: int) -> Path:
+    return directory / f"seg-{number:020d}.log"
+
+
+def _segment_numbers(directory: Path) -> list[int]:
+    numbers = []
+    for path in directory.glob("seg-*.log"):
+        with contextlib.suppress(ValueError):
+            numbers.append(int(path.stem[4:]))
+    return sorted(numbers)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # make a new file's name durable too
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+class OutboxWriter:
+    """The intake's side: append sealed records, fsync in the background. Blocking file I/O
+    (call it from a thread); safe to use from several threads."""
+
+    def __init__(self, directory: Path, key: bytes, *, segment_bytes: int = 8 * 1024**2) -> None:
+        self.directory = directory
+        self._sealer = _Sealer(key, directory)
+        self._segment_bytes = segment_bytes
+        self._lock = threading.Lock()
+        self._file: Any = None
+        self._size = 0
+        self._last = 0
+        self._unsynced = False
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._last = max(_segment_numbers(directory), default=0)
+
+    def append(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
+        """Write records (header, body) to the kernel (not fsync'd: see `sync`)."""
+        data = b"".join(self._sealer.seal(h, b) for h, b in records)
+        with self._lock:
+            if self._file is None or self._size > self._segment_bytes:
+                self._rotate()
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            try:
+                if os.fstat(self._file.fileno()).st_nlink == 0:  # the forwarder deleted it
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+                    self._rotate()
+                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+                self._file.write(data)
+                self._file.flush()
+            finally:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._size += len(data)
+            self._unsynced = True
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            if self._unsynced:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        self._last = max(time.time_ns(), self._last + 1)
+        self._file = open(_segment_path(self.directory, self._last), "ab")  # noqa: SIM115
+        self._size = 0
+        _fsync_directory(self.directory)
+
+    def sync(self) -> None:
+        """fsync what was written since the last call."""
+        with self._lock:
+            if self._unsynced and self._file is not None:
+                os.fsync(self._file.fileno())
+            self._unsynced = False
+
+    @property
+    def unsynced(self) -> bool:
+        return self._unsynced
+
+    def close(self) -> None:
+        self.sync()
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
 @dataclass(slots=True)
 class Recovered:
-    """A record found in the outbox at start-up, with the routes it still owes."""
+    """A record read from the outbox, with the routes it still owes."""
 
     location: Location
     header: dict[str, Any]
+    body: bytes
     routes: list[str]
 
 
 @dataclass(slots=True)
 class _Segment:
+    read: int = 0  # bytes read (complete frames, or a torn tail skipped)
     outstanding: int = 0
-    size: int = 0
     settled: set[tuple[int, str]] = field(default_factory=set)
 
 
-class Outbox:
-    """Blocking file I/O (call it from a thread); safe to use from several threads."""
+class OutboxReader:
+    """The forwarder's side of one directory: tail new records, settle, delete. Blocking file
+    I/O (call it from a thread); `settle` only notes, so the event loop may call it."""
 
-    def __init__(self, directory: Path, key: bytes, *, segment_bytes: int = 8 * 1024**2) -> None:
+    def __init__(self, directory: Path, key: bytes) -> None:
         self.directory = directory
-        self._aead = AESGCM(key)
-        self._segment_bytes = segment_bytes
+        self._sealer = _Sealer(key, directory)
         self._lock = threading.Lock()
         self._segments: dict[int, _Segment] = {}
-        self._active: int | None = None
-        self._active_file: Any = None
-        self._next = 0
         self._done_file: Any = None
         self._settled: list[tuple[Location, str, str]] = []
         self._settled_lock = threading.Lock()  # never held during I/O
-        self._unsynced = False
 
-    # ---- start-up ---------------------------------------------------------------------------
-
-    def recover(self) -> list[Recovered]:
-        """Open the outbox; what is still owed, oldest first. Torn tails are cut off."""
+    def open(self) -> None:
+        """Read `done.log` and rewrite it to what still matters (existing segments)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        settled = self._read_done()
-        found: list[Recovered] = []
-        numbers = sorted(int(p.stem[4:]) for p in self.directory.glob("seg-*.log"))
-        for number in numbers:
-            path = self._path(number)
-            segment = _Segment()
-            for offset, header in self._frames(path):
-                owed = [r for r in header["routes"] if (offset, r) not in settled.get(number, ())]
-                segment.outstanding += len(owed)
-                if owed:
-                    found.append(Recovered((number, offset), header, owed))
-            if segment.outstanding == 0:
-                path.unlink()
-                continue
-            segment.size = path.stat().st_size
-            segment.settled = settled.get(number, set())
-            self._segments[number] = segment
-        self._next = (numbers[-1] + 1) if numbers else 0
-        self._rewrite_done()
-        return found
-
-    def _read_done(self) -> dict[int, set[tuple[int, str]]]:
-        settled: dict[int, set[tuple[int, str]]] = {}
+        existing = set(_segment_numbers(self.directory))
         path = self.directory / "done.log"
-        if not path.exists():
-            return settled
-        for line in path.read_text("ascii", "replace").splitlines():
-            parts = line.split(" ")
-            if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
-                settled.setdefault(int(parts[0]), set()).add((int(parts[1]), parts[2]))
-        return settled
+        if path.exists():
+            for line in path.read_text("ascii", "replace").splitlines():
+                parts = line.split(" ")
+                if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+                    number = int(parts[0])
+                    if number in existing:
+                        self._segments.setdefault(number, _Segment()).settled.add(
+                            (int(parts[1]), parts[2]))
+        self._rewrite_done()
 
     def _rewrite_done(self) -> None:
+        """`done.log` cut to the segments that still exist (lines of deleted ones are dead)."""
         path = self.directory / "done.log"
+        if self._done_file is not None:
+            self._done_file.close()
         temporary = path.with_suffix(".tmp")
         with open(temporary, "w", encoding="ascii") as handle:
             for number, segment in sorted(self._segments.items()):
@@ -163,105 +263,58 @@ class Outbox:
         temporary.replace(path)
         self._done_file = open(path, "a", encoding="ascii")  # noqa: SIM115 - kept open
 
-    def _frames(self, path: Path) -> list[tuple[int, dict[str, Any]]]:
-        data = path.read_bytes()
-        frames: list[tuple[int, dict[str, Any]]] = []
-        offset = 0
-        while offset < len(data):
-            header = data[offset : offset + _FRAME.size]
-            if len(header) < _FRAME.size:
-                break
-            magic, length = _FRAME.unpack(header)
-            end = offset + _FRAME.size + length
-            if magic != MAGIC or end > len(data):
-                break
-            plain = self._open(data[offset:end])
-            frames.append((offset, orjson.loads(plain.split(b"\n", 1)[0])))
-            offset = end
-        if offset < len(data):
-            # never fsync'd to the end, so never acknowledged: the delivery got no 2xx
-            log.warning("outbox %s: cutting a torn tail of %d bytes", path, len(data) - offset)
-            with open(path, "r+b") as handle:
-                handle.truncate(offset)
-                os.fsync(handle.fileno())
-        return frames
-
-    # ---- records ----------------------------------------------------------------------------
-
-    def _seal(self, header: dict[str, Any], body: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
-        sealed = self._aead.encrypt(nonce, orjson.dumps(header) + b"\n" + body, MAGIC)
-        return _FRAME.pack(MAGIC, _NONCE + len(sealed)) + nonce + sealed
-
-    def _open(self, frame: bytes) -> bytes:
-        nonce = frame[_FRAME.size : _FRAME.size + _NONCE]
-        try:
-            return self._aead.decrypt(nonce, frame[_FRAME.size + _NONCE :], MAGIC)
-        except InvalidTag as exc:
-            raise OutboxError(
-                f"an outbox record in {self.directory} does not decrypt: the outbox key is not "
-                "the one it was written with (restore LEDGER_OUTBOX_KEY or keys/outbox.key)"
-            ) from exc
-
-    def append(self, records: list[tuple[dict[str, Any], bytes]]) -> list[Location]:
-        """Write records (header, body) to the kernel (not fsync'd: see `sync`); where each is."""
+    def poll(self, max_bytes: int = 16 * 1024**2) -> list[Recovered]:
+        """Records appended since the last call, oldest first, with what they still owe. Stops
+        after the segment that brings what it read past `max_bytes` (a backlog of hours after
+        an outage is read a piece per call, not into memory at once)."""
+        found: list[Recovered] = []
+        numbers = _segment_numbers(self.directory)
+        taken = 0
         with self._lock:
-            if self._active is None or self._segments[self._active].size > self._segment_bytes:
-                self._rotate()
-            assert self._active is not None
-            segment = self._segments[self._active]
-            locations: list[Location] = []
-            frames: list[bytes] = []
-            offset = segment.size
-            for header, body in records:
-                frame = self._seal(header, body)
-                locations.append((self._active, offset))
-                frames.append(frame)
-                offset += len(frame)
-                segment.outstanding += len(header["routes"])
-            self._active_file.write(b"".join(frames))
-            self._active_file.flush()
-            self._unsynced = True
-            segment.size = offset
-            return locations
+            for index, number in enumerate(numbers):
+                if taken >= max_bytes:
+                    break
+                segment = self._segments.setdefault(number, _Segment())
+                path = _segment_path(self.directory, number)
+                try:
+                    size = path.stat().st_size
+                    if size <= segment.read:
+                        continue
+                    taken += size - segment.read
+                    with open(path, "rb") as handle:
+                        handle.seek(segment.read)
+                        data = handle.read(size - segment.read)
+                except FileNotFoundError:
+                    continue
+                offset = 0
+                while offset + _FRAME.size <= len(data):
+                    magic, length = _FRAME.unpack_from(data, offset)
+                    end = offset + _FRAME.size + length
+                    if magic != MAGIC or end > len(data):
+                        break
+                    header, body = self._sealer.open(data[offset:end])
+                    at = segment.read + offset
+                    owed = [r for r in header["routes"] if (at, r) not in segment.settled]
+                    segment.outstanding += len(owed)
+                    if owed:
+                        found.append(Recovered((number, at), header, body, owed))
+                    offset = end
+                segment.read += offset
+                if offset < len(data) and index < len(numbers) - 1:
+                    # its writer moved on (or died): never completed, so never acknowledged
+                    log.warning("outbox %s: skipping a torn tail of %d bytes", path,
+                                len(data) - offset)
+                    segment.read += len(data) - offset
+        return found
 
-    def sync(self) -> None:
-        """fsync what was written since the last call."""
-        with self._lock:
-            if self._unsynced and self._active_file is not None:
-                os.fsync(self._active_file.fileno())
-            self._unsynced = False
-
-    @property
-    def unsynced(self) -> bool:
-        return self._unsynced
-
-    def _rotate(self) -> None:
-        if self._active_file is not None:
-            if self._unsynced:
-                os.fsync(self._active_file.fileno())
-            self._active_file.close()
-        number = self._next
-        self._next += 1
-        self._active = number
-        self._segments[number] = _Segment()
-        self._active_file = open(self._path(number), "ab")  # noqa: SIM115 - kept open
-        with contextlib.suppress(OSError):  # make the new file's name durable too
-            directory = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-
-    def read(self, location: Location) -> tuple[dict[str, Any], bytes]:
-        """A record's header and body (for a forward whose body was not kept in memory)."""
+    def read(self, location: Location) -> bytes:
+        """A record's body (for a forward whose body was not kept in memory)."""
         number, offset = location
-        with open(self._path(number), "rb") as handle:
+        with open(_segment_path(self.directory, number), "rb") as handle:
             handle.seek(offset)
             magic, length = _FRAME.unpack(handle.read(_FRAME.size))
             frame = _FRAME.pack(magic, length) + handle.read(length)
-        header, _, body = self._open(frame).partition(b"\n")
-        return orjson.loads(header), body
+        return self._sealer.open(frame)[1]
 
     def settle(self, location: Location, route_id: str, outcome: str) -> None:
         """One forward is over (delivered or given up). Only noted here — no I/O, so the event
@@ -271,14 +324,15 @@ class Outbox:
 
     @property
     def settling(self) -> bool:
-        return bool(self._settled)
+        """Whether `apply_settled` has anything to do: settled forwards to write down, or a
+        segment nothing is owed from any more."""
+        return bool(self._settled) or any(
+            s.outstanding == 0 for s in list(self._segments.values()))
 
     def apply_settled(self) -> None:
         """Record what was settled in `done.log`; delete segments nothing is owed from."""
         with self._settled_lock:
             settled, self._settled = self._settled, []
-        if not settled:
-            return
         with self._lock:
             for (number, offset), route_id, outcome in settled:
                 segment = self._segments.get(number)
@@ -287,30 +341,50 @@ class Outbox:
                 segment.settled.add((offset, route_id))
                 segment.outstanding -= 1
                 self._done_file.write(f"{number} {offset} {route_id} {outcome}\n")
-                if segment.outstanding > 0:
-                    continue
-                if number == self._active:
-                    self._active_file.close()
-                    self._active_file, self._active = None, None
-                    self._unsynced = False  # nothing in it is owed any more
-                del self._segments[number]
-                self._path(number).unlink(missing_ok=True)
             self._done_file.flush()
-            if not self._segments:
-                self._done_file.truncate(0)
+            deleted = False
+            newest = max(self._segments, default=None)
+            for number, segment in list(self._segments.items()):
+                if segment.outstanding == 0 and self._delete_if_done(
+                    number, segment, idle=IDLE_SECONDS if number == newest else 0.0
+                ):
+                    del self._segments[number]
+                    deleted = True
+            if deleted:
+                self._rewrite_done()
+
+    def _delete_if_done(self, number: int, segment: _Segment, *, idle: float) -> bool:
+        """Unlink a segment once everything in it was read and settled — under its lock, so
+        its writer cannot append meanwhile (see the module's docstring). The newest one only
+        once unwritten for `idle` seconds: deleting it makes its writer start a new file (and
+        fsync the directory), which under load would be often."""
+        path = _segment_path(self.directory, number)
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # being written: later
+            status = os.fstat(handle)
+            if status.st_size != segment.read:
+                return False  # more to read first
+            if idle and time.time() - status.st_mtime < idle:
+                return False
+            path.unlink()
+            return True
+        finally:
+            os.close(handle)
 
     @property
     def size(self) -> int:
-        return sum(s.size for s in self._segments.values())
+        return sum(s.read for s in self._segments.values())
 
     def close(self) -> None:
         self.apply_settled()
-        self.sync()
         with self._lock:
-            if self._active_file is not None:
-                self._active_file.close()
             if self._done_file is not None:
                 self._done_file.close()
-
-    def _path(self, number: int) -> Path:
-        return self.directory / f"seg-{number:08d}.log"
+                self._done_file = None

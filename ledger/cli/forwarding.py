@@ -1,0 +1,127 @@
+"""The forwarder process (gateway mode): `ledger forward`, which `ledger serve` runs as one of
+its sidecars (ledger.cli.sidecars: started with it, restarted with a backoff if it dies,
+stopped when serving stops). Sending, retrying and recording attempts never run on the event
+loop that answers Bitrix24 (ledger.gateway.forwarder says what the process does)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import signal
+
+import click
+
+from ledger.cli.app import main
+from ledger.cli.common import fail_cleanly, settings_of
+from ledger.gateway.forwarder import Forwarder, outbox_key
+from ledger.metrics import Metrics
+from ledger.settings import Settings
+from ledger.storage import target as targets
+from ledger.storage.gateway_store import GatewayStore
+from ledger.storage.store import create_pool
+from ledger.supervision import Supervisor
+
+log = logging.getLogger(__name__)
+_FIRST_BACKOFF, _MAX_BACKOFF, _STABLE_SECONDS = 0.5, 30.0, 60.0
+_PARENT_CHECK_SECONDS = 0.5
+
+
+@main.command()
+@click.option("--parent-pid", type=int, default=None, hidden=True,
+              help="Set by `ledger serve`: exit once that process is no longer our parent.")
+@click.pass_context
+@fail_cleanly
+def forward(ctx: click.Context, parent_pid: int | None) -> None:
+    """Forward what the intake sealed into the outbox to the routes' destinations.
+
+    `ledger serve` runs one of these itself; run it by hand only when serving without it. One
+    runs at a time per outbox (a second waits for the first to end).
+    """
+    settings = settings_of(ctx)
+    if parent_pid is not None:
+        _as_child(settings)
+    asyncio.run(run_forwarder(settings, parent=parent_pid))
+
+
+async def run_forwarder(settings: Settings, *, parent: int | None = None) -> None:
+    """Until SIGTERM/SIGINT — or, as `serve`'s child, until `parent` is gone (a `kill -9` of
+    the intake must not leave a forwarder behind)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    lock = await _exclusive(settings, stop)
+    if lock is None:
+        return
+    try:
+        target = await targets.open_target(settings)
+        try:
+            pool = await create_pool(target.service_dsn, size=2, connect=False,
+                                     connect_timeout=settings.connect_timeout_seconds)
+            supervisor = Supervisor(Metrics(), first_backoff=settings.task_restart_seconds)
+            forwarder = Forwarder(settings, GatewayStore(pool), outbox_key(settings),
+                                  runner=supervisor)
+            try:
+                await forwarder.start()
+                log.info("forwarding from %s", settings.outbox_root)
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), _PARENT_CHECK_SECONDS)
+                    if parent is not None and os.getppid() != parent:
+                        log.warning("ledger serve (pid %d) is gone; the forwarder stops", parent)
+                        break
+            finally:
+                await forwarder.close()
+                await supervisor.close()
+                await pool.close()
+        finally:
+            target.release()
+    finally:
+        os.close(lock)
+
+
+async def _exclusive(settings: Settings, stop: asyncio.Event) -> int | None:
+    """One forwarder per outbox: hold `forwarder.lock` (a killed one's lock goes with it)."""
+    root = settings.outbox_root
+    await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True, mode=0o700)
+    handle = os.open(root / "forwarder.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    said = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if not said:
+                log.warning("another forwarder holds %s; waiting for it to end",
+                            root / "forwarder.lock")
+                said = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), _PARENT_CHECK_SECONDS)
+        if stop.is_set():
+            os.close(handle)
+            return None
+
+
+def _as_child(settings: Settings) -> None:
+    """As `serve`'s sidecar: named, niced, SIGINT left to the parent (which stops us), and
+    metrics kept out of the workers' multiprocess files (`serve --workers` set
+    PROMETHEUS_MULTIPROC_DIR for them; ours go to the status file)."""
+    from prometheus_client import values
+
+    _name_process(b"ledger-forward")
+    with contextlib.suppress(OSError):
+        os.nice(settings.forwarder_nice)  # intake first when CPU is short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def _name_process(name: bytes) -> None:
+    """`ps -o comm`, `top` and /proc/PID/status show the forwarder as such, not as one more
+    `python` beside the workers (Linux; elsewhere nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME

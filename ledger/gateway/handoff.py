@@ -1,0 +1,221 @@
+"""The intake's whole part in gateway mode: seal each durable delivery into its outbox.
+
+Everything else — reading the outbox, sending, retrying, recording attempts, deleting what was
+settled — happens in the forwarder process (`ledger.gateway.forwarder`), so forwarding costs the
+intake's event loop one batched, encrypted append per commit and nothing per attempt. The
+guarantee is the one gateway mode always had: the record is written to the kernel before the
+sender hears 2xx (a `kill -9` of either process loses no forward), fsync'd within
+`OUTBOX_SYNC_SECONDS` (an OS crash may cost that interval).
+
+The route set is folded here too (to know which deliveries to seal, for which routes); route
+health comes from the status the forwarder process publishes (`ledger.gateway.status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from ledger.errors import LedgerError, OutboxError
+from ledger.gateway import status
+from ledger.gateway.outbox import OutboxWriter
+from ledger.gateway.routes import ROUTE_EVENT, Accepted, Route, fold_routes
+from ledger.gateway.status import RouteHealth
+from ledger.metrics import Metrics
+from ledger.settings import Settings
+from ledger.storage.gateway_store import AttemptRecord, GatewayStore
+
+log = logging.getLogger(__name__)
+
+OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
+ROUTES_NAME = "routes.json"
+
+
+class LoopRunner(Protocol):
+    """What runs the long-lived loops: `ledger.supervision.Supervisor` in serve."""
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None: ...
+
+    async def stop(self, name: str) -> None: ...
+
+
+class Handoff:
+    def __init__(
+        self, settings: Settings, store: GatewayStore, outbox: OutboxWriter, runner: LoopRunner,
+        metrics: Metrics,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._store = store
+        self._outbox = outbox
+        self._runner = runner
+        self._routes: dict[str, Route] = {}
+        self._route_position = 0
+        self._routes_file = settings.outbox_path / ROUTES_NAME
+        self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        try:
+            await self.reload()
+        except LedgerError as exc:
+            log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._routes_file)
+            try:
+                saved = status.load_routes(self._routes_file)
+            except (OSError, ValueError, KeyError, TypeError) as bad:
+                log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
+                          self._routes_file, bad)
+            else:
+                if saved is not None:
+                    self._route_position, self._routes = saved
+        self._runner.start("gateway-routes-reload", self._reload_loop)
+        self._runner.start("gateway-outbox-sync", self._sync_loop)
+
+    async def close(self) -> None:
+        self._closing = True
+        await self._runner.stop("gateway-routes-reload")
+        await self._runner.stop("gateway-outbox-sync")
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await asyncio.to_thread(self._outbox.close)
+
+    # ---- routes -----------------------------------------------------------------------------
+
+    @property
+    def routes(self) -> list[Route]:
+        return sorted(self._routes.values(), key=lambda r: r.position)
+
+    async def reload(self) -> None:
+        """Fold route changes recorded since the last look (`ledger routes` while serving)."""
+        events = await self._store.route_events(ROUTE_EVENT, self._route_position)
+        if not events:
+            return
+        self._route_position = events[-1][0]
+        self._routes = fold_routes(self._routes, events)
+        try:
+            status.save_routes(self._routes_file, self._route_position, self.routes)
+        except OSError as exc:
+            log.warning("cannot save the routes to %s: %s", self._routes_file, exc)
+
+    async def _reload_loop(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self._settings.routes_reload_seconds)  # a poll interval
+            try:
+                await self.reload()
+            except LedgerError as exc:
+                log.debug("routes not reloaded: %s", exc)
+
+    # ---- the handoff ------------------------------------------------------------------------
+
+    async def accept(self, accepted: Accepted) -> None:
+        """Called by the intake once a delivery is durable: seal it into the outbox for every
+        route it matches. Returns once the kernel holds it; never waits for a destination,
+        never raises."""
+        routes = [r.route_id for r in self._routes.values()
+                  if r.matches(accepted.member_id, accepted.event_type)]
+        if not routes or self._closing:
+            return
+        header: dict[str, Any] = {
+            "routes": routes,
+            "member_id": accepted.member_id,
+            "event_type": accepted.event_type,
+            "position": accepted.position,
+            "event_hash": accepted.event_hash.hex() if accepted.event_hash else None,
+            "dedup_key": accepted.dedup_key.hex(),
+            "content_type": accepted.content_type,
+            "raw_query": accepted.raw_query,
+            "accepted_at": time.time(),
+        }
+        try:
+            await self._write(header, accepted.body)
+        except Exception as exc:  # noqa: BLE001 - never raised into the intake
+            # the delivery is durable and its sender must hear so; its forward is lost: say so
+            # in the log and, for auditors, as given-up attempts
+            self._metrics.forward_handoff_failures.inc()
+            log.error("position %s of portal %s not forwarded: the outbox could not be "
+                      "written (%s)", accepted.position, accepted.member_id,
+                      exc if isinstance(exc, OSError | OutboxError) else repr(exc))
+            await self._record_lost(header, accepted)
+
+    async def _record_lost(self, header: dict[str, Any], accepted: Accepted) -> None:
+        now = datetime.now(UTC)
+        records = [AttemptRecord(
+            route_id=route_id, member_id=accepted.member_id, position=accepted.position,
+            dedup_key=accepted.dedup_key, attempt=0, outcome="given_up", status=None,
+            error="outbox_unwritable", latency_ms=None,
+            accepted_at=datetime.fromtimestamp(header["accepted_at"], UTC), attempted_at=now,
+        ) for route_id in header["routes"]]
+        try:
+            await self._store.record_attempts(records)
+        except LedgerError as exc:
+            log.error("the lost forward of position %s is not recorded either: %s",
+                      accepted.position, exc)
+
+    async def _write(self, header: dict[str, Any], body: bytes) -> None:
+        """Concurrent deliveries (one commit's) share one write, in a thread: the loop never
+        waits on disk."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes.append((header, body, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="outbox-writer")
+        await asyncio.shield(future)
+
+    async def _write_all(self) -> None:
+        try:
+            while self._writes:
+                batch, self._writes = self._writes, []
+                try:
+                    await asyncio.to_thread(self._outbox.append, [(h, b) for h, b, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting delivery
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._writer = None
+
+    async def _sync_loop(self) -> None:
+        """fsync what was written, in the background, off the event loop."""
+        while not self._closing:
+            await asyncio.sleep(OUTBOX_SYNC_SECONDS)  # the batching interval
+            if self._outbox.unsynced:
+                try:
+                    await asyncio.to_thread(self._outbox.sync)
+                except OSError as exc:  # a disk error: keep trying, loudly
+                    log.error("outbox %s: %s", self._outbox.directory, exc)
+
+    # ---- health, as the forwarder process publishes it --------------------------------------
+
+    def forwarder(self) -> status.Published | None:
+        """The forwarder process's last status; None when it is not running (or stale)."""
+        return status.read_status(self._settings)
+
+    def health(self) -> list[RouteHealth]:
+        published = self.forwarder()
+        return [status.health_of(r, None if published is None else
+                                 published.routes.get(r.route_id))
+                for r in self.routes]
+
+    def metrics_text(self) -> bytes:
+        """The forwarder process's metrics, plus whether it runs (for /metrics)."""
+        published = self.forwarder()
+        up = (b"# HELP ledger_forwarder_up 1 while the forwarder process publishes its status\n"
+              b"# TYPE ledger_forwarder_up gauge\n"
+              b"ledger_forwarder_up " + (b"1" if published else b"0") + b"\n")
+        return up + (published.metrics if published is not None else b"")
+
+
+HANDOFF = web.AppKey("gateway_handoff", Handoff)
+
+
+__all__ = ["HANDOFF", "OUTBOX_SYNC_SECONDS", "Handoff"]
