@@ -53,9 +53,14 @@ class Cluster:
             self._handle.server.stop()
 
 
-def wait_healthy(url: str, seconds: float = 30) -> None:
+def wait_healthy(url: str, seconds: float = 30,
+                 process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until `url` answers 200; fails at the deadline, or at once if `process` exits."""
     deadline = time.monotonic() + seconds
     while True:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the server for {url} exited with {process.returncode}; "
+                             "see its log in bench/out/")
         try:
             with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - localhost
                 if response.status == 200:

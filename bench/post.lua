@@ -1,9 +1,12 @@
 -- wrk script: POST bodies from a corpus file, each made unique by replacing __SEQ__,
--- and print one JSON line of results. Usage: wrk -s bench/post.lua URL -- BODIES_FILE
+-- and print one JSON line of results. Usage: wrk -s bench/post.lua URL -- BODIES_FILE [TAG]
+-- (TAG keeps one run's bodies distinct from another's against the same database: without it a
+-- measured run would repeat its warm-up's bodies, and the ledger would answer them as duplicates)
 local threads = {}
 local bodies = {}
 local count = 0
 local sequence = 0
+local tag = ""
 
 function setup(thread)
   table.insert(threads, thread)
@@ -11,6 +14,7 @@ function setup(thread)
 end
 
 function init(args)
+  tag = args[2] or ""
   for line in io.lines(args[1]) do
     count = count + 1
     bodies[count] = line
@@ -19,7 +23,7 @@ end
 
 function request()
   sequence = sequence + 1
-  local body = string.gsub(bodies[(sequence % count) + 1], "__SEQ__", tid .. "-" .. sequence)
+  local body = string.gsub(bodies[(sequence % count) + 1], "__SEQ__", tag .. tid .. "-" .. sequence)
   return wrk.format("POST", nil, {["Content-Type"] = "application/x-www-form-urlencoded"}, body)
 end
 

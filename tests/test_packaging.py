@@ -25,7 +25,8 @@ def test_the_wheel_carries_every_migration(tmp_path: Path) -> None:
     """A normal install migrates: alembic's script directory is package data."""
     source = tmp_path / "source"  # a copy: building in place would leave build/ behind
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "*.egg-info", "__pycache__", ".*_cache", ".ledger", "build", "dist"))
+        ".venv", ".git", "*.egg-info", "__pycache__", ".*_cache", ".ledger", "build", "dist",
+        "out"))  # bench/out: a benchmark's PostgreSQL (its socket cannot be copied)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path),
          str(source)],
