@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         default=0.05, gt=0, description="how often the forwarder process looks for new "
         "records in the outbox",
     )
+    forward_order_window_seconds: float = Field(
+        default=0.25, ge=0, description="with several workers' outboxes, what the forwarder "
+        "reads is held this long, then released in position order: a worker that committed "
+        "an earlier position but appended it up to this much later still goes first",
+    )
     forwarder_nice: int = Field(
         default=10, ge=0, le=19, description="niceness of serve's forwarder process: when CPU "
         "is short, intake goes first and forwarding catches up after (the outbox holds it)",

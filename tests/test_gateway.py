@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -510,3 +511,39 @@ async def test_a_forward_the_outbox_cannot_take_is_answered_counted_and_recorded
                                          "outbox_unwritable")]
     metrics = await (await client.get("/metrics")).text()
     assert "ledger_forward_handoff_failures_total 1.0" in metrics
+
+
+async def test_a_position_one_worker_appends_after_another_workers_later_one_goes_first(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """Worker 2 committed position 10 just before worker 1 committed 11, but 11 reached the
+    outbox (and was read) first: the portal still gets 10 before 11."""
+    from ledger.gateway.forwarder import outbox_key
+    from ledger.gateway.outbox import OutboxWriter
+
+    # wide enough for a loaded machine; the defect it closes does not depend on its width
+    settings = gateway_settings(forward_order_window_seconds=2.0)
+    key = outbox_key(settings)
+    # worker-0 is the served app's own outbox; two more stand for other workers
+    late, early = (OutboxWriter(settings.outbox_root / f"worker-{n}", key) for n in (1, 2))
+    _, forwarder, route_id = await routed_client(
+        make_client, forwarders, settings, destination.url)
+
+    def record(position: int) -> tuple[dict[str, Any], bytes]:
+        return ({"routes": [route_id], "member_id": MEMBER_ID,
+                 "event_type": "ONIMBOTMESSAGEADD", "position": position,
+                 "event_hash": f"{position:064x}", "dedup_key": f"{position:032x}",
+                 "content_type": FORM, "raw_query": "", "accepted_at": time.time()},
+                f"n={position}".encode())
+
+    try:
+        await asyncio.to_thread(late.append, [record(11)])
+        await forwarder.poll()  # 11 is read before 10 was appended
+        await asyncio.to_thread(early.append, [record(10)])
+        await destination.wait_until(lambda d: len(d.delivered) >= 2)
+        assert [r.position for r in destination.delivered] == [10, 11]
+        assert [r.body for r in destination.delivered] == [b"n=10", b"n=11"]
+    finally:
+        late.close()
+        early.close()

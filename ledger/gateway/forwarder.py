@@ -128,6 +128,8 @@ class Forwarder:
         self._store = store
         self._key = key
         self._outboxes: dict[str, OutboxReader] = {}
+        # read but not yet queued: (when read, monotonic), waiting out the order window
+        self._settling: list[tuple[float, OutboxReader, Recovered]] = []
         self._http_hosts = plain_http_hosts(settings.forward_plain_http_hosts)
         self._states: dict[str, _RouteState] = {}
         self._route_position = 0
@@ -268,7 +270,16 @@ class Forwarder:
     # ---- reading the outboxes ---------------------------------------------------------------
 
     async def poll(self) -> None:
-        """Queue what the intake appended to any worker's outbox since the last look."""
+        """Queue what the intake appended to any worker's outbox since the last look.
+
+        Each worker appends right after its own commit, so with several workers a later
+        position can be appended (and read) before an earlier one committed by another worker
+        an instant before. With more than one outbox, what is read waits
+        `forward_order_window_seconds` and is then released in position order, together with
+        every held record of a lower position; a worker stalled longer than the window between
+        its commit and its append can still be overtaken. Each poll reads before it releases,
+        so the window is exact whatever the polling interval; with one outbox, append order is
+        commit order and nothing waits."""
         root = self._settings.outbox_root
         directories = await asyncio.to_thread(
             lambda: sorted(p for p in root.glob("worker-*") if p.is_dir()))
@@ -280,17 +291,42 @@ class Forwarder:
                 await asyncio.to_thread(outbox.open)
                 self._outboxes[directory.name] = outbox
             found.extend((outbox, r) for r in await asyncio.to_thread(outbox.poll))
-        if not found:
+        now = time.monotonic()
+        self._settling.extend((now, outbox, record) for outbox, record in found)
+        released = self._release(now)
+        if not released:
             return
-        unknown = {r for _, f in found for r in f.routes if r not in self._states}
+        unknown = {r for _, f in released for r in f.routes if r not in self._states}
         if unknown:  # added after this process last looked: look again before judging
             with contextlib.suppress(LedgerError):
                 await self.reload()
-        # several workers: what one pass found goes out in ledger order (spooled ones last)
-        found.sort(key=lambda f: (f[1].header["position"] is None,
-                                  f[1].header["position"] or 0))
-        for outbox, record in found:
+        for outbox, record in released:
             self._queue(outbox, record)
+
+    def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
+        """The held records whose window has passed, and those of lower positions, in ledger
+        order (spooled ones, without a position, last)."""
+        if not self._settling:
+            return []
+        window = (self._settings.forward_order_window_seconds
+                  if len(self._outboxes) > 1 else 0.0)
+        due = [(read + window <= now) for read, _, _ in self._settling]
+        if not any(due):
+            return []
+        cutoff = max((r.header["position"] for (_, _, r), d in zip(self._settling, due, strict=True)
+                      if d and r.header["position"] is not None), default=None)
+        released: list[tuple[OutboxReader, Recovered]] = []
+        kept: list[tuple[float, OutboxReader, Recovered]] = []
+        for held, d in zip(self._settling, due, strict=True):
+            position = held[2].header["position"]
+            if d or (cutoff is not None and position is not None and position <= cutoff):
+                released.append((held[1], held[2]))
+            else:
+                kept.append(held)
+        self._settling = kept
+        released.sort(key=lambda f: (f[1].header["position"] is None,
+                                     f[1].header["position"] or 0))
+        return released
 
     def _queue(self, outbox: OutboxReader, record: Recovered) -> None:
         for route_id in record.routes:
