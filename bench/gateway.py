@@ -5,17 +5,18 @@
 Both configurations serve the same bodies from `wrk` on the same PostgreSQL; the route forwards
 every delivery to an aiohttp hello-world destination on 127.0.0.1 (answering 200 at once).
 Rounds alternate (without, with, without, with…) so that a noisy machine hurts both alike;
-the ratio of the medians is what to read. CPU is read from /proc: the intake (serve's own
-process) apart from the forwarder process. `--baseline-src` (a checkout of
-another revision, e.g. `git archive main | tar -x -C DIR`) adds a third configuration, one route
-served by that code, in the same rounds. Appends to bench/RESULTS.md.
+the ratio of the medians is what to read. CPU is read from /proc with the shared meter
+(`bench.proc`): serve's whole process tree (intake, forwarder child, projector…) and the
+PostgreSQL cluster, per event stored; the forwarder process is also shown apart. Each measured
+interval starts once the server and cluster have settled after the warm-up. `--baseline-src`
+(a checkout of another revision, e.g. `git archive main | tar -x -C DIR`) adds that code's
+configurations, in the same rounds. Appends to bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
 import sys
@@ -25,18 +26,13 @@ import orjson
 
 from bench.common import OUT, Cluster, record
 from bench.intake import corpus, provision, run_wrk, serve, stop
+from bench.proc import CpuMeter, postmaster_pid, tree_cpu_seconds
 from ledger.gateway import admin as routes_admin
 from ledger.settings import Settings, TrustPolicy
 from ledger.simulation import Traffic
 from ledger.storage.store import EventStore, create_pool
 
 DESTINATION_PORT = 9121
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def forwarder_backlog(data_dir: Path) -> float:
@@ -53,7 +49,7 @@ def forwarder_cpu_seconds(data_dir: Path) -> float:
     0 for a revision without one."""
     try:
         pid = int(orjson.loads((data_dir / "outbox" / "forwarder.json").read_bytes())["pid"])
-        return cpu_seconds(pid)
+        return tree_cpu_seconds(pid)
     except (OSError, ValueError, KeyError):
         return 0.0
 
@@ -93,6 +89,8 @@ def main() -> None:
         configurations += [("no route, baseline", 9125, source),
                            ("one route, baseline", 9124, source)]
     rates: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in configurations}
+    postmaster = asyncio.run(postmaster_pid(cluster.admin_dsn))
+    unsettled = 0
     try:
         for round_ in range(args.rounds):
             for name, port, source in configurations:
@@ -116,13 +114,17 @@ def main() -> None:
                 try:
                     url = f"http://127.0.0.1:{port}/bitrix24/events"
                     run_wrk(url, bodies, 2, args.connections)  # warm-up
-                    before = cpu_seconds(process.pid)
-                    before_children = forwarder_cpu_seconds(data_dir)
+                    meter = CpuMeter(process.pid, postmaster)
+                    unsettled += not meter.settle()
+                    before = meter.sample()
+                    before_forwarder = forwarder_cpu_seconds(data_dir)
                     result = run_wrk(url, bodies, args.seconds, args.connections)
-                    stored = result["requests"] - result["non_2xx"]
-                    result["cpu_ms"] = (cpu_seconds(process.pid) - before) * 1000 / stored
-                    result["child_cpu_ms"] = (
-                        forwarder_cpu_seconds(data_dir) - before_children) * 1000 / stored
+                    spent = meter.sample() - before
+                    stored = max(1.0, result["requests"] - result["non_2xx"])
+                    result["cpu_ms"] = spent.server * 1000 / stored
+                    result["forwarder_ms"] = (
+                        forwarder_cpu_seconds(data_dir) - before_forwarder) * 1000 / stored
+                    result["pg_ms"] = (spent.postgres or 0.0) * 1000 / stored
                     result["backlog"] = forwarder_backlog(data_dir)
                     rates[name].append(result)
                 finally:
@@ -137,34 +139,39 @@ def main() -> None:
         f"--rounds {args.rounds}`; wrk -t2, the intake benchmark's bodies; rounds alternate. "
         "The machine is shared with other jobs: read the ratio, not the absolute numbers.",
         "",
-        "| ledger | round | events/s | p50 ms | p99 ms | non-2xx | intake CPU ms/event "
-        "| + forwarder process | forwards pending at the end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ledger | round | events/s | p50 ms | p99 ms | non-2xx | server CPU ms/event "
+        "| of it forwarder | PostgreSQL CPU ms/event | forwards pending at the end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in rates.items():
         for i, r in enumerate(runs):
             lines.append(f"| {name} | {i + 1} | {r['rate']:.0f} | {r['p50_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {r['non_2xx']:.0f} | {r['cpu_ms']:.3f} | "
-                         f"{r['cpu_ms'] + r['child_cpu_ms']:.3f} | {r['backlog']:.0f} |")
+                         f"{r['forwarder_ms']:.3f} | {r['pg_ms']:.3f} | {r['backlog']:.0f} |")
     cpu = {n: statistics.median(r["cpu_ms"] for r in runs) for n, runs in rates.items()}
-    both = {n: statistics.median(r["cpu_ms"] + r["child_cpu_ms"] for r in runs)
+    both = {n: statistics.median(r["cpu_ms"] + r["pg_ms"] for r in runs)
             for n, runs in rates.items()}
     lines += [
         "",
         f"- one route / no route, throughput (medians): "
         f"**{median['one route'] / median['no route']:.2f}x** (target >= 0.85x)",
-        f"- intake process CPU per event, one route / no route (medians): "
-        f"**{cpu['one route'] / cpu['no route']:.2f}x**; with the forwarder process: "
-        f"**{both['one route'] / both['no route']:.2f}x** (the destination, on the same "
-        "cores here, is not counted)",
+        f"- server CPU per event (intake, forwarder and every other child), one route / no "
+        f"route (medians): **{cpu['one route'] / cpu['no route']:.2f}x**; with PostgreSQL's: "
+        f"**{both['one route'] / both['no route']:.2f}x** (the destination and wrk, on the "
+        "same cores here, are not counted)",
     ]
     if "one route, baseline" in median:
         lines.append(
             f"- baseline revision ({args.baseline_src.name}), one route / no route: throughput "
             f"**{median['one route, baseline'] / median['no route, baseline']:.2f}x**, "
-            f"intake CPU per event "
+            f"server CPU per event "
             f"**{cpu['one route, baseline'] / cpu['no route, baseline']:.2f}x**"
         )
+    if postmaster is None:
+        lines.append("- PostgreSQL CPU not measured: its postmaster is not visible from here")
+    if unsettled:
+        lines.append(f"- {unsettled} measured interval(s) began before the server and "
+                     "PostgreSQL had settled (15 s at most): their CPU includes that catch-up")
     record("Gateway mode: intake with one route", lines)
 
 
