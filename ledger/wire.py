@@ -64,8 +64,14 @@ class _PhpArray(dict[str, Any]):
             ):
                 self.next_index = min(number + 1, _PHP_LONG_MAX)
 
-    def append(self, value: Any) -> None:
-        self.put(str(self.next_index if self.next_index is not None else 0), value)
+    def append(self, value: Any) -> bool:
+        """Add at the next free index; False (nothing added) where PHP's append fails: the next
+        index is stuck at PHP_INT_MAX and that key is taken."""
+        key = str(self.next_index if self.next_index is not None else 0)
+        if key in self:
+            return False
+        self.put(key, value)
+        return True
 
 
 def _url_decode(raw: bytes) -> bytes:
@@ -164,8 +170,8 @@ def _parse_exact(body: bytes, max_fields: int, max_nesting: int, budget: int) ->
 #
 # A key's *plan* says where its value goes: (depth, brackets, prefix, parents, leaf, full)
 # - depth: how deep the key counts against `max_nesting` — the larger of its `[` count and the
-#   turns PHP's key parser takes; `_UNPLANNED` for a key with `[]` (the next free index is the
-#   exact decoder's business);
+#   turns PHP's key parser takes; `_UNPLANNED` for a key with `[]` or `[ ]` (the next free
+#   index is the exact decoder's business);
 # - brackets: the key's `[` count (the segment budget);
 # - prefix / full: the parent's and the value's path joined with NUL (no decoded key holds one),
 #   naming the containers of one body; `_DROPPED` as the prefix of a key PHP drops (no name).
@@ -313,7 +319,7 @@ def _parse_plan(key: str, brackets: int, max_nesting: int) -> _Plan | None:
                              (base + "_" + re.sub(r"[ .\[]", "_", rest[1:]),))
             break
         index = rest[1:close]
-        if not index:
+        if index in _APPEND_INDICES:
             append = True
         names.append(index)
         rest = rest[close + 1 :]
@@ -381,6 +387,10 @@ def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] 
     return _find_key_path(key, max_nesting)
 
 
+# PHP skips one isspace() byte after `[` before looking for `]`: `a[ ]` appends like `a[]`
+_APPEND_INDICES = frozenset({"", " ", "\t", "\n", "\r", "\v", "\f"})
+
+
 def _find_key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:
     key = key.lstrip(" ")
     bracket = key.find("[")
@@ -403,7 +413,8 @@ def _find_key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, .
                 # no closing bracket: PHP un-terminates the name and mangles the remainder
                 return base + "_" + re.sub(r"[ .\[]", "_", rest[1:]), ()
             break  # deeper unterminated index: PHP ignores the rest of the key
-        indices.append(rest[1:close] or None)
+        index = rest[1:close]
+        indices.append(None if index in _APPEND_INDICES else index)
         rest = rest[close + 1 :]
         if not rest.startswith("["):
             break  # anything after `]` that is not `[` is ignored, as PHP does
@@ -424,7 +435,8 @@ def _register(root: _PhpArray, key: str, value: str, max_nesting: int) -> None:
     for next_name in indices:
         if name is None:
             child = _PhpArray()
-            container.append(child)
+            if not container.append(child):
+                return  # PHP drops the whole field when an append on its path fails
         else:
             existing = container.get(name)
             if isinstance(existing, _PhpArray):
