@@ -23,7 +23,7 @@ from tests.test_intake import _pg_dump, forge
 FORM = "application/x-www-form-urlencoded"
 JSON = "application/json"
 # one distinct made-up token per shape, so a finding names the shape that leaked
-T = [f"5ec7e7{i:02d}a9b8c7d6e5f4a3b2c1d0e9f8a7" for i in range(40)]
+T = [f"5ec7e7{i:02d}a9b8c7d6e5f4a3b2c1d0e9f8a7" for i in range(50)]
 M = MEMBER_ID
 
 
@@ -63,6 +63,15 @@ def shapes() -> list[tuple[str, bytes, str, str]]:
         ("client secret in data", (f"event=X&data[client_secret]={T[22]}&data[sessid]={T[23]}"
                                    ).encode(), FORM, ""),
         ("nul in body", f"event=X&auth[access_token]={T[24]}&x=%00".encode(), FORM, ""),
+        # found by a break test (odd spellings against the fast form decoder)
+        ("append past the largest index in auth", (
+            f"event=X&auth[9223372036854775807]=1&auth[][access_token]={T[47]}&x=%FF").encode(),
+         FORM, ""),
+        ("late invalid utf8 after many keys", (
+            f"event=X&auth[application_token]={T[48]}&"
+            + "&".join(f"k{i}x[q]=v" for i in range(150)) + "&z=%FF").encode(), FORM, ""),
+        ("lower-case escapes in a mixed-case key", (
+            f"event=X&auth%5bAccess%5FToken%5d={T[49]}&x=%c3").encode(), FORM, ""),
         ("deep json", ('{"auth":{"access_token":"' + T[25] + '"},"d":' + "[" * 400
                        + "]" * 400 + "}").encode(), JSON, ""),
     ]
@@ -80,6 +89,11 @@ def accepted_shapes() -> list[tuple[str, bytes]]:
         ("camelCase secret names", sample("onimbotmessageupdate-1")
          + f"&data[PARAMS][accessToken]={T[38]}&data[PARAMS][ApplicationToken]={T[35]}"
            f"&data[PARAMS][Refresh-Token]={T[36]}".encode()),
+        ("odd spellings", sample("onimbotdelete-1")
+         + (f"&data[BOT][567][AUTH][+]={T[40]}&data[PARAMS][%EF%BD%81ccess_token]={T[41]}"
+            f"&data[PARAMS][acce%C5%BFs_token]={T[42]}&data[COMMAND][7][refresh_token2]={T[43]}"
+            f"&data[PARAMS][application_token][x]={T[44]}&data[PARAMS][sess%69d]={T[45]}"
+            f"&data[PARAMS][client%5Fsecret]=%5Cx41{T[46]}%5C&data[PARAMS][NOTE]=odd").encode()),
         ("secret inside a key", sample("onimbotmessagedelete-1")
          + f"&data[PARAMS][access_token {T[37]}]=1".encode()),
     ]
