@@ -106,12 +106,13 @@ _decoded_short_key = lru_cache(maxsize=_CACHE_ENTRIES)(_decode_key)
 
 
 def cached_key_bytes() -> int:
-    """An upper bound of the key bytes the caches hold (a test and the metrics read it)."""
-    entries = (
-        _decoded_short_key.cache_info().currsize + _short_key_path.cache_info().currsize
-        + len(_PLANS) + len(_SHAPES)
-    )
-    return entries * CACHED_KEY_BYTES
+    """An upper bound of the key text the caches hold (a test and the metrics read it): a
+    decoded key or key path entry holds a key and its decoding (each at most
+    `CACHED_KEY_BYTES`); a plan or shape entry its key and up to four copies of the key's
+    text (prefix, parents, leaf, full path), each at most `_PLANNED_KEY_BYTES`."""
+    decoded = _decoded_short_key.cache_info().currsize + _short_key_path.cache_info().currsize
+    planned = len(_PLANS) + len(_SHAPES)
+    return decoded * 2 * CACHED_KEY_BYTES + planned * 5 * _PLANNED_KEY_BYTES
 
 
 def _text(raw: bytes, what: str) -> str:

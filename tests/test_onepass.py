@@ -229,6 +229,34 @@ def test_keys_with_ids_are_planned_by_shape() -> None:
     assert len(wire._SHAPES) == shapes
 
 
+def _text(value: Any) -> int:
+    if isinstance(value, str | bytes):
+        return len(value)
+    return sum(map(_text, value)) if isinstance(value, tuple) else 0
+
+
+def test_the_cached_key_bytes_bound_holds_for_nested_keys() -> None:
+    """`wire.cached_key_bytes` is an upper bound of the key text in the plan caches (found by a
+    break test: it counted 256 bytes an entry, while a plan of a nested 128-byte key holds
+    ~400 characters — its raw key, its prefix, parents and full path)."""
+    for cache in (wire._PLANS, wire._SHAPES):
+        cache.young.clear()
+        cache.old.clear()
+    wire._decoded_short_key.cache_clear()
+    wire._short_key_path.cache_clear()
+    for i in range(3000):
+        key = (b"k%d" % i + b"[ab]" * 40)[: wire._PLANNED_KEY_BYTES]
+        wire.parse_php_form(key + b"=1", max_fields=100, max_nesting=64)
+    held = sum(
+        _text(key) + _text(plan)
+        for cache in (wire._PLANS, wire._SHAPES)
+        for generation in (cache.young, cache.old)
+        for key, plan in generation.items()
+    )
+    assert len(wire._PLANS) >= 3000  # the keys were planned: the sum above means something
+    assert held <= wire.cached_key_bytes()
+
+
 def test_the_key_caches_stay_bounded_whatever_keys_arrive() -> None:
     """40k distinct keys (ids, names, lengths): entries never pass two generations, and only
     short keys are admitted (so the bytes are bounded too)."""
