@@ -531,7 +531,7 @@ def parse_query(query: str, *, max_fields: int, max_nesting: int) -> Document:
     return parse_php_form(raw, max_fields=max_fields, max_nesting=max_nesting)
 
 
-_UNSAFE = re.compile("[\x00\ud800-\udfff]")
+_UNSAFE = re.compile(r"[\x00\ud800-\udfff]")  # escapes: mypyc refuses surrogate literals
 MAX_HEADER_TEXT = 256
 
 

@@ -8,10 +8,12 @@ is migrated once; each test gets a fresh `CREATE DATABASE … TEMPLATE` clone.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import os
 import shutil
 import tempfile
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,44 @@ TOKEN = "831c76b092f9f135d9b6b36c3a720757"
 FORM = "application/x-www-form-urlencoded"
 
 _counter = itertools.count()
+
+
+def compiled_modules() -> list[str]:
+    """The modules the optional compiled build compiles (pyproject.toml `[tool.ledger.mypyc]`)."""
+    with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as file:
+        return list(tomllib.load(file)["tool"]["ledger"]["mypyc"]["modules"])
+
+
+def compiled_now() -> list[str]:
+    """Those of them this interpreter imported as extension modules (mypyc's output)."""
+    return [name for name in compiled_modules()
+            if str(importlib.import_module(name).__file__).endswith(".so")]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Which build is under test is never a guess. By default (`./run test`) it is pure Python,
+    and stray compiled modules in the checkout stop the run; with LEDGER_EXPECT_COMPILED=1 (CI's
+    second run) every listed module must be compiled, so that run can never silently be pure."""
+    compiled, listed = compiled_now(), compiled_modules()
+    if os.environ.get("LEDGER_EXPECT_COMPILED", "0") == "1":
+        missing = sorted(set(listed) - set(compiled))
+        if missing:
+            raise pytest.UsageError(
+                f"LEDGER_EXPECT_COMPILED=1, but these run as Python: {', '.join(missing)}; "
+                "build them first: LEDGER_MYPYC=1 .venv/bin/python setup.py build_ext --inplace"
+            )
+    elif compiled:
+        raise pytest.UsageError(
+            f"compiled modules in the checkout ({', '.join(compiled)}) would be tested instead "
+            "of the Python: remove them (find ledger -name '*.so' -delete), or set "
+            "LEDGER_EXPECT_COMPILED=1"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    compiled = compiled_now()
+    return (f"ledger build: compiled (mypyc), {len(compiled)} modules" if compiled
+            else "ledger build: pure Python")
 
 
 @dataclass(frozen=True)

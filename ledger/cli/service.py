@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import click
@@ -246,6 +247,7 @@ def _serve(
         web.run_app(
             app,
             shutdown_timeout=settings.shutdown_timeout_seconds,
+            loop=_event_loop(settings.worker),
             host=host,
             port=port,
             reuse_port=reuse_port or None,
@@ -259,6 +261,25 @@ def _serve(
         click.echo(f"Error: worker {settings.worker}: {describe_failure(exc, port=port)}",
                    err=True)
         sys.exit(1)
+
+
+def _event_loop(worker: int) -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (`pip install 'ledger[fast]'`), asyncio's
+    otherwise; said once per process, with whether the pure modules run compiled (mypyc)."""
+    build = "compiled (mypyc)" if _compiled() else "pure Python"
+    try:
+        import uvloop
+    except ImportError:
+        log.info("worker %d: asyncio event loop, %s modules", worker, build)
+        return asyncio.new_event_loop()
+    log.info("worker %d: uvloop %s event loop, %s modules", worker, version("uvloop"), build)
+    return uvloop.new_event_loop()
+
+
+def _compiled() -> bool:
+    from ledger import drafts
+
+    return not str(drafts.__file__).endswith(".py")
 
 
 @main.command()
