@@ -28,9 +28,10 @@ def test_every_listed_module_exists_and_is_pure_or_compiled_as_the_run_expects()
 
 def test_without_uvloop_serve_runs_on_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
-    loop = _event_loop(0)
+    loop, which = _event_loop()
     try:
         assert type(loop).__module__.startswith("asyncio")
+        assert which.startswith("asyncio event loop, ")
     finally:
         loop.close()
 
@@ -60,7 +61,13 @@ async def test_serve_runs_on_uvloop_when_installed_and_stores_a_delivery(
             answer = await response.json()
         assert response.status == 200, answer
         assert answer["status"] == "stored"
-    said = [line for line in log.read_text().splitlines() if "event loop" in line]
+        # /readyz may have come from one worker while the other still started: wait for both
+        async with asyncio.timeout(60):
+            while True:
+                said = [line for line in log.read_text().splitlines() if "event loop" in line]
+                if len(said) >= int(workers):
+                    break
+                await asyncio.sleep(0.05)
     assert len(said) == int(workers), said  # once per serving process, not per request
     assert all(f"uvloop {version('uvloop')} event loop" in line for line in said), said
     connection = await asyncpg.connect(database.admin_dsn)

@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -232,6 +232,14 @@ def _serve(
     if reuse_port:  # a spawned worker: set up logging like the parent did
         configure_logging(settings, debug=debug, command="serve")
     app = create_app(settings)
+    loop, which = _event_loop()
+
+    async def say_which(_: web.Application) -> AsyncIterator[None]:
+        # last of the start-up contexts: said once the service starts, never before a failure
+        log.info("worker %d: %s", settings.worker, which)
+        yield
+
+    app.cleanup_ctx.append(say_which)
 
     async def start_sidecars(_: web.Application) -> None:
         for sidecar in sidecars:
@@ -247,7 +255,7 @@ def _serve(
         web.run_app(
             app,
             shutdown_timeout=settings.shutdown_timeout_seconds,
-            loop=_event_loop(settings.worker),
+            loop=loop,
             host=host,
             port=port,
             reuse_port=reuse_port or None,
@@ -263,17 +271,15 @@ def _serve(
         sys.exit(1)
 
 
-def _event_loop(worker: int) -> asyncio.AbstractEventLoop:
+def _event_loop() -> tuple[asyncio.AbstractEventLoop, str]:
     """uvloop's event loop when it is installed (`pip install 'ledger[fast]'`), asyncio's
-    otherwise; said once per process, with whether the pure modules run compiled (mypyc)."""
+    otherwise; and a line saying which, and whether the pure modules run compiled (mypyc)."""
     build = "compiled (mypyc)" if _compiled() else "pure Python"
     try:
         import uvloop
     except ImportError:
-        log.info("worker %d: asyncio event loop, %s modules", worker, build)
-        return asyncio.new_event_loop()
-    log.info("worker %d: uvloop %s event loop, %s modules", worker, version("uvloop"), build)
-    return uvloop.new_event_loop()
+        return asyncio.new_event_loop(), f"asyncio event loop, {build} modules"
+    return uvloop.new_event_loop(), f"uvloop {version('uvloop')} event loop, {build} modules"
 
 
 def _compiled() -> bool:
