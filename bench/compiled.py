@@ -7,7 +7,8 @@ Copies the checkout twice into a temporary directory and builds the compiled mod
 measures both copies in child processes on the same simulated corpus (`ledger.simulation`),
 alternating which copy goes first in every round. Each child times CPU (`time.process_time`)
 in-process: the whole draft of a delivery (decode, scrub, envelope, draft: `IntakeService.draft`)
-and `fold.apply` per stored event, the best of a few passes. The table shows the medians and the
+and `fold.apply` per stored event (from its stored fold record, as a rebuild folds), the best of
+a few passes. The table shows the medians and the
 ratios of the medians; on a shared machine the ratios are the result, not the microseconds.
 """
 
@@ -45,7 +46,7 @@ def measure(count: int, passes: int) -> dict[str, Any]:
     event cost in CPU, and which of the listed modules are compiled here."""
     import orjson
 
-    from ledger import wire
+    from ledger import foldrecord, wire
     from ledger.envelope import INSTALL, UNINSTALL, UPDATE
     from ledger.intake import Delivery, IntakeService
     from ledger.projections import fold
@@ -76,6 +77,7 @@ def measure(count: int, passes: int) -> dict[str, Any]:
             position=position, member_id=d.member_id, event_type=d.event_type, origin=d.origin,
             bot_ids=d.bot_ids, occurred_at=d.occurred_at, received_at=d.received_at,
             payload=orjson.loads(d.payload), hash=d.payload_sha256,
+            record=foldrecord.decode(d.fold_record) if d.fold_record is not None else None,
         )
         for position, d in enumerate(drafts, 1)
     ]
