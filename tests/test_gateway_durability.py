@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeAlias
 from unittest import mock
@@ -17,10 +18,12 @@ import asyncpg
 import pytest
 
 from ledger import wire
-from ledger.errors import OutboxError
+from ledger.errors import DatabaseUnavailable, OutboxError
 from ledger.gateway import admin as routes_admin
+from ledger.gateway import status
 from ledger.gateway.handoff import HANDOFF
 from ledger.gateway.outbox import KEY_NAME, OutboxReader, OutboxWriter, load_key
+from ledger.gateway.routes import Route
 from ledger.identity import SECRET_KEYS
 from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
@@ -383,3 +386,28 @@ def test_a_large_backlog_is_read_a_piece_at_a_time(tmp_path: Path) -> None:
     assert [len(p) for p in pieces] == [2, 2, 1, 0]
     assert [r.body[-1:] for p in pieces for r in p] == [b"0", b"1", b"2", b"3", b"4"]
     reader.close()
+
+
+async def test_with_postgresql_away_both_processes_start_from_the_saved_route_set(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The intake's handoff and the forwarder share one fallback: the routes they last saw."""
+    route = Route("r1", MEMBER_ID, "ONIMBOT*", "https://bot.example/hook", False,
+                  datetime(2026, 11, 26, tzinfo=UTC), "ops", 7)
+    path = tmp_path / "routes.json"
+    reloads: list[int] = []
+
+    async def works() -> None:
+        reloads.append(1)
+
+    async def away() -> None:
+        raise DatabaseUnavailable("PostgreSQL is unavailable (test)")
+
+    assert await status.reload_or_saved(works, path) is None
+    assert reloads == [1]
+    assert await status.reload_or_saved(away, path) is None  # nothing saved yet: no routes
+    status.save_routes(path, 9, [route])
+    assert await status.reload_or_saved(away, path) == (9, {"r1": route})
+    path.write_bytes(b'{"position": 9, "routes": [{"route_id": 1}]}')  # damaged: none, logged
+    assert await status.reload_or_saved(away, path) is None
+    assert any("no saved routes usable" in r.getMessage() for r in caplog.records)

@@ -157,19 +157,10 @@ class Forwarder:
             skip_auto_headers=("Content-Type",),  # only the one Bitrix24 sent
             auto_decompress=False,
         )
-        try:
-            await self.reload()
-        except LedgerError as exc:
-            log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._routes_file)
-            try:
-                saved = status.load_routes(self._routes_file)
-            except (OSError, ValueError, KeyError, TypeError) as bad:
-                log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
-                          self._routes_file, bad)
-            else:
-                if saved is not None:
-                    self._route_position = saved[0]
-                    self._apply_routes(saved[1])
+        saved = await status.reload_or_saved(self.reload, self._routes_file)
+        if saved is not None:
+            self._route_position = saved[0]
+            self._apply_routes(saved[1])
         await self.poll()
         self._start_loop("forwarder-routes-reload", self._reload_loop)
         self._start_loop("forwarder-attempts", self._record_loop)

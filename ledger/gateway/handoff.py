@@ -63,18 +63,9 @@ class Handoff:
         self._closing = False
 
     async def start(self) -> None:
-        try:
-            await self.reload()
-        except LedgerError as exc:
-            log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._routes_file)
-            try:
-                saved = status.load_routes(self._routes_file)
-            except (OSError, ValueError, KeyError, TypeError) as bad:
-                log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
-                          self._routes_file, bad)
-            else:
-                if saved is not None:
-                    self._route_position, self._routes = saved
+        saved = await status.reload_or_saved(self.reload, self._routes_file)
+        if saved is not None:
+            self._route_position, self._routes = saved
         self._runner.start("gateway-routes-reload", self._reload_loop)
         self._runner.start("gateway-outbox-sync", self._sync_loop)
 

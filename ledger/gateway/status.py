@@ -8,8 +8,10 @@ than `stale_after` means the forwarder process is not running.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +19,11 @@ from typing import Any
 
 import orjson
 
+from ledger.errors import LedgerError
 from ledger.gateway.routes import Route
 from ledger.settings import Settings
+
+log = logging.getLogger(__name__)
 
 STATUS_NAME = "forwarder.json"
 FORWARDER_DOWN = "forwarder_down"
@@ -81,6 +86,23 @@ def load_routes(path: Path) -> tuple[int, dict[str, Route]] | None:
         return None
     data = orjson.loads(path.read_bytes())
     return int(data["position"]), {r["route_id"]: route_of(r) for r in data["routes"]}
+
+
+async def reload_or_saved(
+    reload: Callable[[], Awaitable[None]], path: Path
+) -> tuple[int, dict[str, Route]] | None:
+    """Routes from PostgreSQL through `reload` (None then), else the set saved at `path` — so
+    the intake and the forwarder both start while PostgreSQL is away (None: none usable)."""
+    try:
+        await reload()
+    except LedgerError as exc:
+        log.error("routes not loaded from PostgreSQL (%s); using %s", exc, path)
+        try:
+            return load_routes(path)
+        except (OSError, ValueError, KeyError, TypeError) as bad:
+            log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
+                      path, bad)
+    return None
 
 
 def status_path(settings: Settings) -> Path:
