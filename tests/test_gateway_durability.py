@@ -395,19 +395,25 @@ async def test_with_postgresql_away_both_processes_start_from_the_saved_route_se
     route = Route("r1", MEMBER_ID, "ONIMBOT*", "https://bot.example/hook", False,
                   datetime(2026, 11, 26, tzinfo=UTC), "ops", 7)
     path = tmp_path / "routes.json"
-    reloads: list[int] = []
 
-    async def works() -> None:
-        reloads.append(1)
+    class Away:  # PostgreSQL refusing every query, as an outage does
+        async def route_events(self, *_: Any) -> list[Any]:
+            raise DatabaseUnavailable("PostgreSQL is unavailable (test)")
 
-    async def away() -> None:
-        raise DatabaseUnavailable("PostgreSQL is unavailable (test)")
+    heard: list[dict[str, Route]] = []
 
-    assert await status.reload_or_saved(works, path) is None
-    assert reloads == [1]
-    assert await status.reload_or_saved(away, path) is None  # nothing saved yet: no routes
+    def book() -> status.RouteBook:
+        return status.RouteBook(Away(), path, on_change=heard.append)  # type: ignore[arg-type]
+
+    first = book()
+    await first.start()  # nothing saved yet: no routes
+    assert (first.position, first.routes, heard) == (0, {}, [])
     status.save_routes(path, 9, [route])
-    assert await status.reload_or_saved(away, path) == (9, {"r1": route})
+    second = book()
+    await second.start()
+    assert (second.position, second.routes, heard) == (9, {"r1": route}, [{"r1": route}])
     path.write_bytes(b'{"position": 9, "routes": [{"route_id": 1}]}')  # damaged: none, logged
-    assert await status.reload_or_saved(away, path) is None
+    third = book()
+    await third.start()
+    assert (third.position, third.routes) == (0, {})
     assert any("no saved routes usable" in r.getMessage() for r in caplog.records)

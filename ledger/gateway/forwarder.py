@@ -43,10 +43,8 @@ from ledger.errors import LedgerError, OutboxError, RouteRefused
 from ledger.gateway import status
 from ledger.gateway.outbox import KEY_NAME, Location, OutboxReader, Recovered, load_key
 from ledger.gateway.routes import (
-    ROUTE_EVENT,
     Route,
     check_destination,
-    fold_routes,
     plain_http_hosts,
 )
 from ledger.gateway.status import RouteHealth
@@ -132,8 +130,8 @@ class Forwarder:
         self._settling: list[tuple[float, OutboxReader, Recovered]] = []
         self._http_hosts = plain_http_hosts(settings.forward_plain_http_hosts)
         self._states: dict[str, _RouteState] = {}
-        self._route_position = 0
-        self._routes_file = settings.outbox_root / ROUTES_NAME
+        self._book = status.RouteBook(store, settings.outbox_root / ROUTES_NAME,
+                                      on_change=self._apply_routes)
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics = ForwardMetrics(self.registry, self.backlog)
         self._records: list[AttemptRecord] = []
@@ -157,12 +155,10 @@ class Forwarder:
             skip_auto_headers=("Content-Type",),  # only the one Bitrix24 sent
             auto_decompress=False,
         )
-        saved = await status.reload_or_saved(self.reload, self._routes_file)
-        if saved is not None:
-            self._route_position = saved[0]
-            self._apply_routes(saved[1])
+        await self._book.start()
         await self.poll()
-        self._start_loop("forwarder-routes-reload", self._reload_loop)
+        self._start_loop("forwarder-routes-reload",
+                         lambda: self._book.follow(self._settings.routes_reload_seconds))
         self._start_loop("forwarder-attempts", self._record_loop)
         self._start_loop("forwarder-outbox", self._outbox_loop)
         self._start_loop("forwarder-status", self._status_loop)
@@ -216,16 +212,7 @@ class Forwarder:
 
     async def reload(self) -> None:
         """Fold route changes recorded since the last look (`ledger routes` while serving)."""
-        events = await self._store.route_events(ROUTE_EVENT, self._route_position)
-        if not events:
-            return
-        self._route_position = events[-1][0]
-        current = {rid: s.route for rid, s in self._states.items()}
-        self._apply_routes(fold_routes(current, events))
-        try:
-            status.save_routes(self._routes_file, self._route_position, self.routes)
-        except OSError as exc:
-            log.warning("cannot save the routes to %s: %s", self._routes_file, exc)
+        await self._book.reload()
 
     def _apply_routes(self, routes: dict[str, Route]) -> None:
         for route_id in set(self._states) - set(routes):
@@ -249,14 +236,6 @@ class Forwarder:
             log.error("route %s will not be forwarded to: %s", route.route_id, exc)
             return str(exc)
         return None
-
-    async def _reload_loop(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(self._settings.routes_reload_seconds)  # a poll interval
-            try:
-                await self.reload()
-            except LedgerError as exc:
-                log.debug("routes not reloaded: %s", exc)
 
     # ---- reading the outboxes ---------------------------------------------------------------
 

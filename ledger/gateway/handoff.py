@@ -25,7 +25,7 @@ from aiohttp import web
 from ledger.errors import LedgerError, OutboxError
 from ledger.gateway import status
 from ledger.gateway.outbox import OutboxWriter
-from ledger.gateway.routes import ROUTE_EVENT, Accepted, Route, fold_routes
+from ledger.gateway.routes import Accepted, Route
 from ledger.gateway.status import RouteHealth
 from ledger.metrics import Metrics
 from ledger.settings import Settings
@@ -55,18 +55,15 @@ class Handoff:
         self._store = store
         self._outbox = outbox
         self._runner = runner
-        self._routes: dict[str, Route] = {}
-        self._route_position = 0
-        self._routes_file = settings.outbox_path / ROUTES_NAME
+        self._book = status.RouteBook(store, settings.outbox_path / ROUTES_NAME)
         self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
 
     async def start(self) -> None:
-        saved = await status.reload_or_saved(self.reload, self._routes_file)
-        if saved is not None:
-            self._route_position, self._routes = saved
-        self._runner.start("gateway-routes-reload", self._reload_loop)
+        await self._book.start()
+        self._runner.start("gateway-routes-reload",
+                           lambda: self._book.follow(self._settings.routes_reload_seconds))
         self._runner.start("gateway-outbox-sync", self._sync_loop)
 
     async def close(self) -> None:
@@ -81,27 +78,11 @@ class Handoff:
 
     @property
     def routes(self) -> list[Route]:
-        return sorted(self._routes.values(), key=lambda r: r.position)
+        return self._book.ordered()
 
     async def reload(self) -> None:
         """Fold route changes recorded since the last look (`ledger routes` while serving)."""
-        events = await self._store.route_events(ROUTE_EVENT, self._route_position)
-        if not events:
-            return
-        self._route_position = events[-1][0]
-        self._routes = fold_routes(self._routes, events)
-        try:
-            status.save_routes(self._routes_file, self._route_position, self.routes)
-        except OSError as exc:
-            log.warning("cannot save the routes to %s: %s", self._routes_file, exc)
-
-    async def _reload_loop(self) -> None:
-        while not self._closing:
-            await asyncio.sleep(self._settings.routes_reload_seconds)  # a poll interval
-            try:
-                await self.reload()
-            except LedgerError as exc:
-                log.debug("routes not reloaded: %s", exc)
+        await self._book.reload()
 
     # ---- the handoff ------------------------------------------------------------------------
 
@@ -109,7 +90,7 @@ class Handoff:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
         route it matches. Returns once the kernel holds it; never waits for a destination,
         never raises."""
-        routes = [r.route_id for r in self._routes.values()
+        routes = [r.route_id for r in self._book.routes.values()
                   if r.matches(accepted.member_id, accepted.event_type)]
         if not routes or self._closing:
             return

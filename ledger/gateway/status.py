@@ -8,10 +8,11 @@ than `stale_after` means the forwarder process is not running.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any
 import orjson
 
 from ledger.errors import LedgerError
-from ledger.gateway.routes import Route
+from ledger.gateway.routes import ROUTE_EVENT, Route, fold_routes
 from ledger.settings import Settings
+from ledger.storage.gateway_store import GatewayStore
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +90,64 @@ def load_routes(path: Path) -> tuple[int, dict[str, Route]] | None:
     return int(data["position"]), {r["route_id"]: route_of(r) for r in data["routes"]}
 
 
-async def reload_or_saved(
-    reload: Callable[[], Awaitable[None]], path: Path
-) -> tuple[int, dict[str, Route]] | None:
-    """Routes from PostgreSQL through `reload` (None then), else the set saved at `path` — so
-    the intake and the forwarder both start while PostgreSQL is away (None: none usable)."""
-    try:
-        await reload()
-    except LedgerError as exc:
-        log.error("routes not loaded from PostgreSQL (%s); using %s", exc, path)
+class RouteBook:
+    """The route set folded from route events — what the intake's handoff and the forwarder
+    process each keep — saved at `path` after every change, so either process starts from the
+    set it last saw while PostgreSQL is away. `on_change` hears every new set."""
+
+    def __init__(
+        self, store: GatewayStore, path: Path,
+        on_change: Callable[[dict[str, Route]], None] | None = None,
+    ) -> None:
+        self._store, self._path, self._on_change = store, path, on_change
+        self.position = 0
+        self.routes: dict[str, Route] = {}
+
+    def ordered(self) -> list[Route]:
+        return sorted(self.routes.values(), key=lambda r: r.position)
+
+    async def start(self) -> None:
+        """Routes from PostgreSQL, else the set saved last time (none usable: none)."""
         try:
-            return load_routes(path)
-        except (OSError, ValueError, KeyError, TypeError) as bad:
-            log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
-                      path, bad)
-    return None
+            await self.reload()
+        except LedgerError as exc:
+            log.error("routes not loaded from PostgreSQL (%s); using %s", exc, self._path)
+            try:
+                saved = load_routes(self._path)
+            except (OSError, ValueError, KeyError, TypeError) as bad:
+                log.error("no saved routes usable in %s (%s): none until PostgreSQL answers",
+                          self._path, bad)
+                return
+            if saved is not None:
+                self.position, routes = saved
+                self._changed(routes)
+
+    async def reload(self) -> None:
+        """Fold route changes recorded since the last look (`ledger routes` while serving)."""
+        events = await self._store.route_events(ROUTE_EVENT, self.position)
+        if not events:
+            return
+        self.position = events[-1][0]
+        self._changed(fold_routes(self.routes, events))
+        try:
+            save_routes(self._path, self.position, self.ordered())
+        except OSError as exc:
+            log.warning("cannot save the routes to %s: %s", self._path, exc)
+
+    async def follow(self, interval: float) -> None:
+        """Reload every `interval` seconds until cancelled (a poll: route changes made by
+        `ledger routes` reach a running service this way)."""
+        while True:
+            await asyncio.sleep(interval)  # a poll interval
+            try:
+                await self.reload()
+            except LedgerError as exc:
+                log.debug("routes not reloaded: %s", exc)
+
+    def _changed(self, routes: dict[str, Route]) -> None:
+        self.routes = routes
+        if self._on_change is not None:
+            self._on_change(routes)
 
 
 def status_path(settings: Settings) -> Path:
