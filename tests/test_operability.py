@@ -423,3 +423,55 @@ async def test_a_worker_killed_with_sigkill_is_replaced(database: Database, tmp_
                 except aiohttp.ClientConnectionError:
                     pass
                 await asyncio.sleep(0.05)
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    """The embedded server's postmaster, if one runs on `pgdata` (its pid file, and alive)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
+
+
+async def test_embedded_server_stops_with_the_service_after_a_worker_was_killed(
+    tmp_path: Path,
+) -> None:
+    """Found by the lead: on the embedded database, each worker of `serve --workers 2` opened the
+    server itself and so was one of its registered users; one killed with -9 stayed registered,
+    and the server kept running after the service had exited."""
+    data_dir = tmp_path / "data"  # not "ledger": cwd is on sys.path of `python -m ledger`
+    env = {"LEDGER_DATA_DIR": str(data_dir), "LEDGER_LOG_LEVEL": "WARNING"}
+    port = free_port()
+    async with serving(env, "--workers", "2", port=port, cwd=tmp_path,
+                       stderr=tmp_path / "serve.log") as base:
+        parent = _serve_pid(port)
+        async with asyncio.timeout(60):
+            while True:  # polled: /proc offers no signal
+                if len(workers := _workers(parent)) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        assert _postmaster_pid(data_dir / "pgdata") is not None
+        victim = min(workers)
+        os.kill(victim, 9)
+        async with asyncio.timeout(60):
+            while True:
+                if victim not in (now := _workers(parent)) and len(now) == 2:
+                    break
+                await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+            while True:  # the replacement serves from the same embedded server
+                try:
+                    async with session.get(f"{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+    # `serving` has sent SIGTERM and seen the service exit: the server it started goes with it
+    async with asyncio.timeout(30):
+        while True:
+            if _postmaster_pid(data_dir / "pgdata") is None:
+                break
+            await asyncio.sleep(0.05)

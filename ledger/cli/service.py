@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 from prometheus_client import multiprocess as prometheus_multiprocess
+from pydantic import SecretStr
 
 from ledger import migrations
 from ledger.cli.app import PORT_KEY, configure_logging, describe_failure, main
@@ -79,7 +80,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         raise
     sidecars = _sidecars(settings, target)
     try:
-        _run_workers(settings, address, workers, metrics_dir, sidecars, debug=debug)
+        _run_workers(_attached(settings, target), address, workers, metrics_dir, sidecars,
+                     debug=debug)
     finally:
         _stop(sidecars)
         target.release()
@@ -210,6 +212,18 @@ def _fresh_metrics_dir(settings: Settings) -> Path:
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     return directory
+
+
+def _attached(settings: Settings, target: targets.DatabaseTarget) -> Settings:
+    """Workers reach the embedded server this process started by its DSNs, as the sidecars
+    do: a worker that opened it itself would be one of its registered users, and one killed
+    with -9 would stay registered, so the server outlived the service."""
+    if target.embedded is None:
+        return settings
+    return settings.model_copy(update={
+        "database_url": SecretStr(target.service_dsn),
+        "projector_database_url": SecretStr(target.projector_dsn),
+    })
 
 
 def _worker_settings(settings: Settings, index: int, metrics_dir: Path) -> Settings:
