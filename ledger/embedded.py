@@ -53,12 +53,40 @@ class _PgServer:
         # get_server returns this process's cached handle as it was first made: a later
         # `db stop` in the same process (tests) must still stop what `db url` kept running
         self._server.cleanup_mode = mode
+        _forget_dead_users(self._server)
         info = self._server.get_postmaster_info()
         self.socket_dir = Path(info.socket_dir)
         self.port = int(info.port or 5432)
 
     def stop(self) -> None:
         self._server.cleanup()
+
+
+def _forget_dead_users(server: Any) -> None:
+    """pgserver counts the processes using a server by pid and stops it when the last one lets
+    go; one killed with -9 never lets go, and the server then outlived every later run of the
+    service. Pids no longer alive are dropped (pgserver has no API for it: its own list, under
+    its own lock)."""
+    users, lock = getattr(server, "global_process_id_list", None), getattr(server, "_lock", None)
+    if users is None or lock is None:
+        return
+    with lock:
+        pids = users.get()
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            log.info("embedded PostgreSQL: forgetting users that died without letting go: %s",
+                     sorted(set(pids) - set(alive)))
+            users.put(alive)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 class _PathBinaries:

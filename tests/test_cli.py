@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,28 @@ def test_embedded_database_is_started_migrated_and_kept(tmp_path: Path) -> None:
         assert asyncio.run(count()) == 1  # the data survived the first command's exit
     finally:
         assert runner.invoke(main, ["db", "stop"], env=env).exit_code == 0
+
+
+def test_embedded_server_is_stopped_though_a_user_of_it_died_without_letting_go(
+    tmp_path: Path,
+) -> None:
+    """Found by the lead: pgserver stops the server when its last registered user lets go; a
+    process killed with -9 never did, and the server then outlived every later run."""
+    env = {"LEDGER_DATA_DIR": str(tmp_path / "data"), "LEDGER_LOG_LEVEL": "WARNING"}
+    pgdata = tmp_path / "data" / "pgdata"
+    runner = CliRunner()
+    try:
+        assert runner.invoke(main, ["db", "url"], env=env).exit_code == 0  # started, kept
+        users = pgdata / ".handle_pids.json"
+        dead = subprocess.Popen(["true"])  # a pid that is certainly gone
+        dead.wait()
+        users.write_text(json.dumps([*json.loads(users.read_text()), dead.pid]))
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    finally:
+        assert runner.invoke(main, ["db", "stop"], env=env).exit_code == 0
+    assert not (pgdata / "postmaster.pid").exists()
+    status = Path(f"/proc/{postmaster}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()  # gone (or a zombie)
 
 
 async def _deliver_samples(database: Database) -> None:
