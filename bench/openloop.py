@@ -41,6 +41,7 @@ class OpenLoopResult:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: int = 0  # due but never answered: a connection failed, or the drain deadline
     latencies: list[float] = field(default_factory=list)  # seconds, from the due time
+    dues: list[float] = field(default_factory=list)  # each latency's due time, s from start
     send_lags: list[float] = field(default_factory=list)  # seconds the generator was late
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0  # of this process while it ran
@@ -134,6 +135,7 @@ async def run(url: str, bodies: list[bytes], *, rate: float, seconds: float,
                 streams = None
                 continue
             result.latencies.append(time.perf_counter() - due)
+            result.dues.append(due - start)
             result.answered += 1
             result.statuses[status] += 1
         if streams is not None:

@@ -142,6 +142,48 @@ def _allowances(count: int) -> list[EventDraft]:
     ]
 
 
+async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_draft_once(
+    database: Database, admin: Connection
+) -> None:
+    """Two pools (as `serve --workers 2`) append the same drafts in small batches at once: each
+    waits for the other's head lock, and must plan on facts read after it — a head or dedup
+    keys read before would reuse a position or store a draft twice (both refused by
+    constraints: the append fails)."""
+    pools = [await create_pool(database.service_dsn, size=2) for _ in range(2)]
+    try:
+        stores = [EventStore(pool, policy=TrustPolicy.ALLOWLIST) for pool in pools]
+        batch = _allowances(48)
+
+        async def append_all(store: EventStore, starts: list[int]) -> dict[int, Any]:
+            outcomes: dict[int, Any] = {}
+            for i in starts:
+                for offset, outcome in enumerate(await store.append(batch[i : i + 3])):
+                    outcomes[i + offset] = outcome
+            return outcomes
+
+        starts = list(range(0, len(batch), 3))  # one from the front, one from the back: they
+        first, second = await asyncio.gather(  # meet, each storing some and finding others
+            append_all(stores[0], starts), append_all(stores[1], starts[::-1]))
+    finally:
+        for pool in pools:
+            await pool.close()
+    for i in range(len(batch)):
+        a, b = first[i], second[i]
+        assert {type(a), type(b)} == {Stored, Duplicate}  # stored by one, found by the other
+        assert a.position == b.position
+    assert 0 < sum(isinstance(o, Stored) for o in first.values()) < len(batch)
+    rows = await admin.fetch("SELECT position, prev_hash, hash FROM ledger.events "
+                             "ORDER BY position")
+    assert [r["position"] for r in rows] == list(range(1, len(batch) + 1))
+    previous = bytes(32)
+    for row in rows:
+        assert bytes(row["prev_hash"]) == previous
+        previous = bytes(row["hash"])
+    head = await admin.fetchrow("SELECT * FROM ledger.stream_heads WHERE stream = 'events'")
+    assert head is not None
+    assert (head["position"], bytes(head["hash"])) == (len(batch), previous)
+
+
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     appender: Appender, admin: Connection
 ) -> None:

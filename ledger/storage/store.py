@@ -1,20 +1,27 @@
 """Every SQL statement the service runs, and the append at the store's serialisation point.
 
 SQL and connection handling only; what a batch becomes is decided by `ledger.planner`. An append
-batch is one transaction:
-1. lock the `events` stream head (`SELECT … FOR UPDATE`): appends from every process serialise
-   here, so positions are gap-free and commit-ordered and the chain has one predecessor;
-2. load the facts: the trust of the batch's portals, the open allowances its installs could use,
-   and the dedup keys it already holds;
+batch is one transaction of four round trips (each a wake-up of PostgreSQL and of this process,
+which at a fixed moderate rate cost more than the work: bench/RESULTS.md, "Latency at 1000/s"):
+1. BEGIN and lock the `events` stream head (`SELECT … FOR UPDATE`), sent together: appends from
+   every process serialise here, so positions are gap-free and commit-ordered and the chain has
+   one predecessor;
+2. load the facts in one statement: the head itself, the trust of the batch's portals, the open
+   allowances its installs could use, and the dedup keys it already holds. It must be a statement
+   of its own, *after* the lock: under READ COMMITTED a statement's snapshot is taken when it
+   starts, so facts read by the statement that waited for the lock could predate the commit of
+   the append it waited for (a duplicate let through, a stale head);
 3. plan (`ledger.planner.plan`, pure): judge, de-duplicate, number and chain, in memory;
-4. write events, redeliveries and rejections with a handful of set-based statements — the trust
-   tables follow from the trust events by a trigger the service role cannot bypass;
-5. move the heads and COMMIT (synchronous_commit = on). Only then do callers hear back.
+   write the events and move the head in one statement (data-modifying CTEs), redeliveries and
+   rejections with a statement each when there are any — the trust tables follow from the trust
+   events by a trigger the service role cannot bypass;
+4. COMMIT (synchronous_commit = on). Only then do callers hear back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -59,6 +66,13 @@ Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass 
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
+# BEGIN and the head's row lock in one round trip: the simple query protocol takes several
+# statements when there are no parameters (the stream is one of two constants).
+_BEGIN_LOCKED = {
+    stream: "BEGIN ISOLATION LEVEL READ COMMITTED; "
+    f"SELECT 1 FROM ledger.stream_heads WHERE stream = '{stream}' FOR UPDATE"
+    for stream in ("events", "rejections")
+}
 _HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1"
 # Moving the head also wakes projectors everywhere (delivered at COMMIT; a hint, not delivery).
 _MOVE_HEAD = """
@@ -68,17 +82,22 @@ _MOVE_HEAD = """
     )
     SELECT pg_notify('ledger_' || stream, position::text) FROM moved
 """
-_TRUST_OF = """
-    SELECT member_id, domain, state, token_sha256 FROM ledger.portal_trust
-    WHERE member_id = ANY($1::text[])
-"""
-_OPEN_ALLOWANCES = """
-    SELECT position, member_id, domain FROM ledger.portal_allowances
-    WHERE consumed_position IS NULL AND (member_id = ANY($1::text[]) OR domain = ANY($2::text[]))
-"""
-_EXISTING = """
-    SELECT e.member_id, e.dedup_key, e.position
-    FROM unnest($1::text[], $2::bytea[]) AS k(member_id, dedup_key)
+# Everything a batch is planned on, in one statement run after the head is locked (see the
+# module docstring): 'h' the head, 't' trust of the batch's portals, 'a' open allowances its
+# installs could use (none asked for: no rows), 's' dedup keys already stored.
+_FACTS = """
+    SELECT 'h' AS kind, NULL::text AS member_id, NULL::text AS domain, NULL::text AS state,
+        hash AS digest, position
+    FROM ledger.stream_heads WHERE stream = 'events'
+    UNION ALL
+    SELECT 't', member_id, domain, state, token_sha256, NULL
+    FROM ledger.portal_trust WHERE member_id = ANY($1::text[])
+    UNION ALL
+    SELECT 'a', member_id, domain, NULL, NULL, position FROM ledger.portal_allowances
+    WHERE consumed_position IS NULL AND (member_id = ANY($4::text[]) OR domain = ANY($5::text[]))
+    UNION ALL
+    SELECT 's', e.member_id, NULL, NULL, e.dedup_key, e.position
+    FROM unnest($2::text[], $3::bytea[]) AS k(member_id, dedup_key)
     JOIN ledger.events e USING (member_id, dedup_key)
 """
 # The trust event a stored event was accepted under: the portal's last one before it, or, for an
@@ -98,16 +117,25 @@ _ACCEPTED_UNDER = """
         ORDER BY t.position DESC LIMIT 1
     ) t
 """
-_INSERT_EVENTS = """
-    INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids, occurred_at,
-        received_at, dedup_key, body_sha256, payload, payload_sha256, metadata, prev_hash, hash,
-        fold_record)
-    SELECT p, m, t, o, b::bigint[], oa, ra, dk, bs, pl::json, ps, md::json, ph, h, fr::json
-    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::bytea[], $10::text[],
-                $11::bytea[], $12::text[], $13::bytea[], $14::bytea[], $15::text[])
-        AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h, fr)
-    ORDER BY p
+# The events and the head they move to, in one statement (the CTE runs to completion whether
+# or not it is read); moving the head also wakes projectors everywhere (NOTIFY, delivered at
+# COMMIT; a hint, not delivery).
+_INSERT_EVENTS_MOVE_HEAD = """
+    WITH inserted AS (
+        INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids,
+            occurred_at, received_at, dedup_key, body_sha256, payload, payload_sha256, metadata,
+            prev_hash, hash, fold_record)
+        SELECT p, m, t, o, b::bigint[], oa, ra, dk, bs, pl::json, ps, md::json, ph, h, fr::json
+        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],
+                    $6::timestamptz[], $7::timestamptz[], $8::bytea[], $9::bytea[], $10::text[],
+                    $11::bytea[], $12::text[], $13::bytea[], $14::bytea[], $15::text[])
+            AS r(p, m, t, o, b, oa, ra, dk, bs, pl, ps, md, ph, h, fr)
+        ORDER BY p
+    ), moved AS (
+        UPDATE ledger.stream_heads SET position = $16, hash = $17 WHERE stream = 'events'
+        RETURNING stream, position
+    )
+    SELECT pg_notify('ledger_' || stream, position::text) FROM moved
 """
 # A drained draft that is "a duplicate" of the event it itself became (an append that timed out
 # but committed, then drained from the spool) is no redelivery: the same arrival is not recorded
@@ -158,6 +186,15 @@ async def _init_connection(connection: Connection) -> None:
     )
 
 
+async def _keep_session(connection: Connection) -> None:
+    """A connection's release: asyncpg itself rolls back an open transaction and drops listener
+    callbacks first; nothing more is needed. Its default reset would add a round trip to every
+    release (advisory unlock, CLOSE ALL, UNLISTEN *, RESET ALL) for session state this code never
+    leaves behind — settings only by SET LOCAL, no advisory locks, no LISTEN on a pooled
+    connection (`ledger.storage.notifications` opens its own), cursors only in transactions. A
+    session-level SET on a pooled connection would outlive its user: don't."""
+
+
 async def create_pool(
     dsn: str, *, size: int, connect: bool = True, connect_timeout: float = 5.0
 ) -> Pool:
@@ -173,6 +210,7 @@ async def create_pool(
             timeout=connect_timeout,  # an unreachable host must not hold a request for a minute
             command_timeout=60,  # bounds a statement stuck on a stalled server (or shutdown)
             init=_init_connection,
+            reset=_keep_session,
             server_settings={"synchronous_commit": "on", "application_name": "ledger"},
         )
     except (OSError, asyncpg.PostgresError) as exc:
@@ -231,6 +269,23 @@ async def translated_errors(action: str) -> AsyncIterator[None]:
         raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
 
 
+@asynccontextmanager
+async def _transaction(connection: Connection, begin: str) -> AsyncIterator[None]:
+    """A transaction opened by `begin` (BEGIN, perhaps with a lock in the same round trip):
+    COMMIT when the block ends, ROLLBACK when it raises. asyncpg's own transaction sends BEGIN
+    alone; should the ROLLBACK itself be cut short (a cancellation, a broken connection), the
+    pool rolls back when the connection is released."""
+    await connection.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if not connection.is_closed() and connection.is_in_transaction():
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await connection.execute("ROLLBACK")
+        raise
+    await connection.execute("COMMIT")
+
+
 class EventStore:
     """Appends and reads of the ledger; the pool is owned by whoever created it."""
 
@@ -253,34 +308,31 @@ class EventStore:
         """`append`, also answering the trust changes it committed (for the offline state)."""
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
+        event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
+        begin = _BEGIN_LOCKED["events"] if event_drafts else "BEGIN"
         async with (
             translated_errors("append"),
             self._pool.acquire() as connection,
-            connection.transaction(),
+            _transaction(connection, begin),
         ):
-            return await self._append(connection, drafts, prepared, draining)
+            return await self._append(connection, drafts, event_drafts, prepared, draining)
 
     async def _append(
         self,
         connection: Connection,
         drafts: Sequence[Draft],
+        event_drafts: list[EventDraft],
         prepared: dict[int, tuple[bytes, bytes]],
         draining: bool,
     ) -> tuple[list[Outcome], list[PlannedEffect]]:
-        event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
-        head: Head | None = None
-        facts = Facts()
-        if event_drafts:
-            row = await connection.fetchrow(_LOCK_HEAD, "events")
-            assert row is not None
-            head = Head(row["position"], bytes(row["hash"]))
-            facts = await self._load(connection, event_drafts)
-        if head is None:  # rejections only: nothing to judge, number or chain in `events`
+        """Inside the transaction; the events head is locked when there are event drafts."""
+        if not event_drafts:  # rejections only: nothing to judge, number or chain in `events`
             planned = Plan(outcomes=[None] * len(drafts))
             planned.rejections = [
                 (i, d) for i, d in enumerate(drafts) if isinstance(d, RejectionDraft)
             ]
         else:
+            head, facts = await self._load(connection, event_drafts)
             planned = plan(drafts, facts, head, policy=self._policy, draining=draining,
                            prepared=prepared)
         await self._write(connection, planned)
@@ -296,26 +348,33 @@ class EventStore:
         assert all(o is not None for o in outcomes)
         return [o for o in outcomes if o is not None], planned.effects
 
-    async def _load(self, connection: Connection, drafts: list[EventDraft]) -> Facts:
-        """The facts a batch is planned on: its portals' trust, the open allowances its
-        installs could use, and which of its dedup keys are stored already."""
+    async def _load(self, connection: Connection, drafts: list[EventDraft]) -> tuple[Head, Facts]:
+        """The head and the facts a batch is planned on — its portals' trust, the open
+        allowances its installs could use, and which of its dedup keys are stored already — in
+        one statement, which must start after the head is locked (module docstring)."""
         facts = Facts()
-        members = list({d.member_id for d in drafts})
-        for row in await connection.fetch(_TRUST_OF, members):
-            facts.trust.portals[row["member_id"]] = _trust_of(row)
+        head: Head | None = None
         installs = [d for d in drafts if d.event_type == INSTALL]
-        if installs:
-            domains = list({n for d in installs if (n := normalise_domain(d.domain))})
-            rows = await connection.fetch(
-                _OPEN_ALLOWANCES, [d.member_id for d in installs], domains
-            )
-            for row in rows:
-                facts.trust.allowances[row["position"]] = _allowance_of(row)
+        domains = list({n for d in installs if (n := normalise_domain(d.domain))})
         rows = await connection.fetch(
-            _EXISTING, [d.member_id for d in drafts], [d.dedup_key for d in drafts]
+            _FACTS, list({d.member_id for d in drafts}),
+            [d.member_id for d in drafts], [d.dedup_key for d in drafts],
+            [d.member_id for d in installs], domains,
         )
         for row in rows:
-            facts.seen[(row["member_id"], bytes(row["dedup_key"]))] = row["position"]
+            kind = row["kind"]
+            if kind == "s":
+                facts.seen[(row["member_id"], bytes(row["digest"]))] = row["position"]
+            elif kind == "t":
+                facts.trust.portals[row["member_id"]] = PortalTrust(
+                    row["member_id"], row["domain"], TrustState(row["state"]),
+                    bytes(row["digest"]) if row["digest"] is not None else None,
+                )
+            elif kind == "a":
+                facts.trust.allowances[row["position"]] = _allowance_of(row)
+            else:
+                head = Head(row["position"], bytes(row["digest"]))
+        assert head is not None
         # a redelivery today's trust would refuse may prove itself by the original's token
         doubtful = {
             (d.member_id, known)
@@ -334,17 +393,15 @@ class EventStore:
                 digest = token_accepted_under(effect_of(orjson.loads(row["payload"])))
                 if digest is not None:
                     facts.accepted[row["position"]] = digest
-        return facts
+        return head, facts
 
     async def _write(self, connection: Connection, planned: Plan) -> None:
         """Trust rows follow from the trust events by trigger (migration 0005), not from here."""
         if planned.events:
             assert planned.head is not None
             await connection.execute(
-                _INSERT_EVENTS, *map(list, zip(*planned.events, strict=True))
-            )
-            await connection.execute(
-                _MOVE_HEAD, "events", planned.head.position, planned.head.hash
+                _INSERT_EVENTS_MOVE_HEAD, *map(list, zip(*planned.events, strict=True)),
+                planned.head.position, planned.head.hash,
             )
         if planned.redeliveries:
             await connection.execute(

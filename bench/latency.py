@@ -1,0 +1,217 @@
+"""Where the latency at a fixed rate goes: `ledger serve` variants side by side, one run.
+
+    python -m bench.latency [--rate 1000] [--seconds 8] [--rounds 2]
+                            [--variants default,delay0,no-projector,...]
+
+Each variant is `ledger serve` (1 worker) with a few settings changed (VARIANTS), on a fresh
+database of one PostgreSQL, fed by the open-loop generator (bench/openloop.py) at a fixed rate.
+Variants are interleaved over rounds (the order reversed every other round) so that a machine
+shared with other work drifts against all of them alike. For each it reports:
+- p50/p99/p99.9 from each request's due time;
+- CPU µs per delivery from /proc, split by process: the intake, the projector and forwarder
+  sidecars, and the whole PostgreSQL cluster;
+- commits per second and drafts per commit (the service's own /metrics);
+- stalls: requests slower than `--slow-ms`, grouped into episodes by due time (a gap of more
+  than 5 ms ends one), how many episodes per second and how many requests each held — a
+  periodic cause shows as episodes about one period apart.
+Read ratios between variants of the same run, never absolute numbers, on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import openloop
+from bench.common import OUT, Cluster
+from bench.intake import corpus, free_port, provision, serve, stop
+from bench.proc import _all, _tree, postmaster_pid, tree_cpu_seconds
+from ledger.simulation import Traffic
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {},
+    "delay0": {"LEDGER_BATCH_MAX_DELAY_MS": "0"},
+    "no-projector": {"LEDGER_RUN_PROJECTOR": "false"},
+    "no-tree": {"LEDGER_RUN_TREE_FOLLOWER": "false"},
+    "quiet": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false",
+              "LEDGER_BATCH_MAX_DELAY_MS": "0"},
+}
+
+
+@dataclass
+class Run:
+    variant: str
+    result: openloop.OpenLoopResult
+    cpu: dict[str, float] = field(default_factory=dict)  # role -> CPU seconds
+    commits: float = 0.0
+    drafts: float = 0.0
+    append_seconds: float = 0.0
+
+
+def _roles(root: int) -> dict[str, float]:
+    """CPU seconds so far of `root`'s tree, by role (intake, projector, forwarder)."""
+    table = _all()
+    roles: dict[str, float] = {}
+    for pid in _tree(root, table):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        role = ("projector" if b"project" in argv else "forwarder" if b"forward" in argv
+                else "intake")
+        roles[role] = roles.get(role, 0.0) + table[pid][1]
+    return roles
+
+
+def _scrape(port: int) -> tuple[float, float, float]:
+    """(commits, drafts committed, seconds spent appending) so far, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+        text = response.read().decode()
+
+    def value(name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    return (value("ledger_append_batch_size_count"), value("ledger_append_batch_size_sum"),
+            value("ledger_append_seconds_sum"))
+
+
+def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: list[bytes],
+            tokens: dict[str, str], postmaster: int | None, tag: str) -> Run:
+    database = asyncio.run(cluster.fresh_database("bench_latency", migrate=True))
+    service = cluster.dsn(database, user="ledger_app")
+    asyncio.run(provision(service, tokens))
+    port = free_port()
+    data_dir = OUT / f"latency-data-{port}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    env = {"LEDGER_DATABASE_URL": service, "LEDGER_DATA_DIR": str(data_dir),
+           **VARIANTS[variant]}
+    argv = [sys.executable, "-P", "-m", "ledger", "serve", "--port", str(port)]
+    process = serve(argv, env, port, cwd=OUT, log_name=f"latency-{variant}")
+    url = f"http://127.0.0.1:{port}/bitrix24/events"
+    try:
+        openloop.run_sync(url, lines, rate=args.rate, seconds=1.0, tag=f"{tag}w")
+        settle_until = 0.0
+        while settle_until < 10:  # the projector catching up after the warm-up
+            before = tree_cpu_seconds(process.pid)
+            asyncio.run(asyncio.sleep(0.5))
+            settle_until += 0.5
+            if tree_cpu_seconds(process.pid) - before < 0.025:
+                break
+        cpu0, pg0, m0 = _roles(process.pid), _pg(postmaster), _scrape(port)
+        profiler = None
+        if args.profile:  # py-spy, collapsed stacks of the intake process (idle included)
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(process.pid), "--duration",
+                 str(int(args.seconds)), "--rate", "500", "--format", "raw", "--idle",
+                 "--output", str(OUT / f"profile-{variant}-{tag}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = openloop.run_sync(url, lines, rate=args.rate, seconds=args.seconds,
+                                   tag=f"{tag}m")
+        if profiler is not None:
+            profiler.wait(timeout=60)
+        cpu1, pg1, m1 = _roles(process.pid), _pg(postmaster), _scrape(port)
+    finally:
+        stop(process)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    run = Run(variant, result)
+    run.cpu = {role: cpu1.get(role, 0.0) - cpu0.get(role, 0.0) for role in cpu1}
+    if pg0 is not None and pg1 is not None:
+        run.cpu["postgres"] = pg1 - pg0
+    run.commits, run.drafts, run.append_seconds = (b - a for a, b in zip(m0, m1, strict=True))
+    return run
+
+
+def _pg(postmaster: int | None) -> float | None:
+    return None if postmaster is None else tree_cpu_seconds(postmaster)
+
+
+def stalls(result: openloop.OpenLoopResult, slow_ms: float) -> tuple[int, float, list[float]]:
+    """(episodes, mean requests per episode, episode start times) of requests slower than
+    `slow_ms`, grouped by due time."""
+    slow = sorted(d for d, lat in zip(result.dues, result.latencies, strict=True)
+                  if lat * 1000 > slow_ms)
+    episodes: list[list[float]] = []
+    for due in slow:
+        if episodes and due - episodes[-1][-1] <= 0.005:
+            episodes[-1].append(due)
+        else:
+            episodes.append([due])
+    sizes = [len(e) for e in episodes]
+    return len(episodes), (statistics.mean(sizes) if sizes else 0.0), [e[0] for e in episodes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=1000)
+    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--slow-ms", type=float, default=5.0)
+    parser.add_argument("--variants", default="default,delay0,no-projector,no-tree,quiet")
+    parser.add_argument("--show-episodes", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the intake while measured: bench/out/profile-*.txt")
+    args = parser.parse_args()
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster()
+    traffic = Traffic(seed=42, portals=20, churn=False)
+    tokens = {p.member_id: p.token for p in traffic.portals}
+    lines = openloop.load_bodies(corpus(traffic, 20_000))
+    runs: dict[str, list[Run]] = {n: [] for n in names}
+    try:
+        postmaster = asyncio.run(postmaster_pid(cluster.admin_dsn))
+        load_before = os.getloadavg()[0]
+        for round_ in range(args.rounds):
+            order = names if round_ % 2 == 0 else names[::-1]
+            for index, name in enumerate(order):
+                run = measure(name, args, cluster, lines, tokens, postmaster,
+                              f"l{round_}v{index}")
+                runs[name].append(run)
+                print(f"{name}: {run.result.summary()}", file=sys.stderr)
+        load_after = os.getloadavg()[0]
+    finally:
+        cluster.stop()
+    print(f"`python -m bench.latency {' '.join(sys.argv[1:])}`: {args.rate:.0f}/s for "
+          f"{args.seconds:g} s, {args.rounds} round(s), medians; load average "
+          f"{load_before:.1f}/{load_after:.1f} on {os.cpu_count()} cores\n")
+    print("| variant | p50 ms | p99 ms | p99.9 ms | intake µs | projector µs | forwarder µs | "
+          "PG µs | commits/s | drafts/commit | append ms | stall episodes/s | req/episode |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, rs in runs.items():
+        def med(values: list[float]) -> float:
+            return statistics.median(values)
+
+        def us(role: str, rs: list[Run] = rs) -> float:
+            return med([r.cpu.get(role, 0.0) * 1e6 / max(1, r.result.ok) for r in rs])
+
+        episodes = [stalls(r.result, args.slow_ms) for r in rs]
+        print(f"| {name} | {med([r.result.latency_ms(50) for r in rs]):.2f} | "
+              f"{med([r.result.latency_ms(99) for r in rs]):.2f} | "
+              f"{med([r.result.latency_ms(99.9) for r in rs]):.2f} | "
+              f"{us('intake'):.0f} | {us('projector'):.0f} | {us('forwarder'):.0f} | "
+              f"{us('postgres'):.0f} | "
+              f"{med([r.commits / r.result.wall_seconds for r in rs]):.0f} | "
+              f"{med([r.drafts / max(1, r.commits) for r in rs]):.2f} | "
+              f"{med([r.append_seconds * 1000 / max(1, r.commits) for r in rs]):.2f} | "
+              f"{med([n / r.result.wall_seconds for (n, _, _), r in zip(episodes, rs, strict=True)]):.1f} | "
+              f"{med([size for _, size, _ in episodes]):.1f} |")
+        if args.show_episodes:
+            for _, _, starts in episodes:
+                print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))
+
+
+if __name__ == "__main__":
+    main()
