@@ -1,7 +1,8 @@
 """Where the latency at a fixed rate goes: `ledger serve` variants side by side, one run.
 
-    python -m bench.latency [--rate 1000] [--seconds 8] [--rounds 2]
+    python -m bench.latency [--rate 1000] [--seconds 8] [--rounds 2] [--closed 5]
                             [--variants default,delay0,no-projector,...]
+                            [--baseline DIR --variants base:default,default]
 
 Each variant is `ledger serve` (1 worker) with a few settings changed (VARIANTS), on a fresh
 database of one PostgreSQL, fed by the open-loop generator (bench/openloop.py) at a fixed rate.
@@ -14,6 +15,10 @@ shared with other work drifts against all of them alike. For each it reports:
 - stalls: requests slower than `--slow-ms`, grouped into episodes by due time (a gap of more
   than 5 ms ends one), how many episodes per second and how many requests each held — a
   periodic cause shows as episodes about one period apart.
+With `--closed S`, each server also takes S seconds of wrk -c64 (closed loop, as bench.intake):
+deliveries/s and CPU µs per delivery at saturation. A variant written `base:NAME` runs the code
+in `--baseline DIR` (e.g. `git archive main | tar -x -C DIR`) with NAME's settings: before and
+after in one run.
 Read ratios between variants of the same run, never absolute numbers, on a shared machine.
 """
 
@@ -33,13 +38,14 @@ from pathlib import Path
 
 from bench import openloop
 from bench.common import OUT, Cluster
-from bench.intake import corpus, free_port, provision, serve, stop
+from bench.intake import corpus, free_port, provision, run_wrk, serve, stop
 from bench.proc import _all, _tree, postmaster_pid, tree_cpu_seconds
 from ledger.simulation import Traffic
 
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "delay0": {"LEDGER_BATCH_MAX_DELAY_MS": "0"},
+    "delay2": {"LEDGER_BATCH_MAX_DELAY_MS": "2"},
     "no-projector": {"LEDGER_RUN_PROJECTOR": "false"},
     "no-tree": {"LEDGER_RUN_TREE_FOLLOWER": "false"},
     "quiet": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false",
@@ -55,6 +61,8 @@ class Run:
     commits: float = 0.0
     drafts: float = 0.0
     append_seconds: float = 0.0
+    closed_rate: float = 0.0  # deliveries/s 2xx at 64 connections (--closed)
+    closed_us: float = 0.0  # server tree + PostgreSQL CPU µs per delivery there
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -74,7 +82,7 @@ def _roles(root: int) -> dict[str, float]:
 
 def _scrape(port: int) -> tuple[float, float, float]:
     """(commits, drafts committed, seconds spent appending) so far, from /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
 
     def value(name: str) -> float:
@@ -86,17 +94,20 @@ def _scrape(port: int) -> tuple[float, float, float]:
 
 
 def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: list[bytes],
-            tokens: dict[str, str], postmaster: int | None, tag: str) -> Run:
+            bodies: Path, tokens: dict[str, str], postmaster: int | None, tag: str) -> Run:
     database = asyncio.run(cluster.fresh_database("bench_latency", migrate=True))
     service = cluster.dsn(database, user="ledger_app")
     asyncio.run(provision(service, tokens))
     port = free_port()
     data_dir = OUT / f"latency-data-{port}"
     shutil.rmtree(data_dir, ignore_errors=True)
+    code, _, settings = variant.rpartition(":")
     env = {"LEDGER_DATABASE_URL": service, "LEDGER_DATA_DIR": str(data_dir),
-           **VARIANTS[variant]}
+           **VARIANTS[settings]}
+    if code:
+        env["PYTHONPATH"] = str(Path(args.baseline).resolve())
     argv = [sys.executable, "-P", "-m", "ledger", "serve", "--port", str(port)]
-    process = serve(argv, env, port, cwd=OUT, log_name=f"latency-{variant}")
+    process = serve(argv, env, port, cwd=OUT, log_name=f"latency-{variant.replace(':', '-')}")
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     try:
         openloop.run_sync(url, lines, rate=args.rate, seconds=1.0, tag=f"{tag}w")
@@ -119,6 +130,13 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
                                    tag=f"{tag}m")
         if profiler is not None:
             profiler.wait(timeout=60)
+        closed: dict[str, float] = {}
+        spent = 0.0
+        if args.closed:
+            run_wrk(url, bodies, 1, 64, tag=f"{tag}cw")
+            before = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0)
+            closed = run_wrk(url, bodies, int(args.closed), 64, tag=f"{tag}c")
+            spent = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0) - before
         cpu1, pg1, m1 = _roles(process.pid), _pg(postmaster), _scrape(port)
     finally:
         stop(process)
@@ -128,6 +146,9 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     if pg0 is not None and pg1 is not None:
         run.cpu["postgres"] = pg1 - pg0
     run.commits, run.drafts, run.append_seconds = (b - a for a, b in zip(m0, m1, strict=True))
+    if closed:
+        run.closed_rate = closed["rate"]
+        run.closed_us = spent * 1e6 / max(1.0, closed["ok"])
     return run
 
 
@@ -158,18 +179,24 @@ def main() -> None:
     parser.add_argument("--slow-ms", type=float, default=5.0)
     parser.add_argument("--variants", default="default,delay0,no-projector,no-tree,quiet")
     parser.add_argument("--show-episodes", action="store_true")
+    parser.add_argument("--closed", type=int, default=0,
+                        help="also this many seconds of wrk -c64 per server")
+    parser.add_argument("--baseline", help="a tree of other code for `base:` variants")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the intake while measured: bench/out/profile-*.txt")
     args = parser.parse_args()
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n.rpartition(":")[2] not in VARIANTS]
+    if any(":" in n for n in names) and not args.baseline:
+        raise SystemExit("base: variants need --baseline DIR")
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     cluster = Cluster()
     traffic = Traffic(seed=42, portals=20, churn=False)
     tokens = {p.member_id: p.token for p in traffic.portals}
-    lines = openloop.load_bodies(corpus(traffic, 20_000))
+    bodies = corpus(traffic, 20_000)
+    lines = openloop.load_bodies(bodies)
     runs: dict[str, list[Run]] = {n: [] for n in names}
     try:
         postmaster = asyncio.run(postmaster_pid(cluster.admin_dsn))
@@ -177,7 +204,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = names if round_ % 2 == 0 else names[::-1]
             for index, name in enumerate(order):
-                run = measure(name, args, cluster, lines, tokens, postmaster,
+                run = measure(name, args, cluster, lines, bodies, tokens, postmaster,
                               f"l{round_}v{index}")
                 runs[name].append(run)
                 print(f"{name}: {run.result.summary()}", file=sys.stderr)
@@ -188,8 +215,9 @@ def main() -> None:
           f"{args.seconds:g} s, {args.rounds} round(s), medians; load average "
           f"{load_before:.1f}/{load_after:.1f} on {os.cpu_count()} cores\n")
     print("| variant | p50 ms | p99 ms | p99.9 ms | intake µs | projector µs | forwarder µs | "
-          "PG µs | commits/s | drafts/commit | append ms | stall episodes/s | req/episode |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "PG µs | commits/s | drafts/commit | append ms | stall episodes/s | req/episode | "
+          "closed /s | closed µs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rs in runs.items():
         def med(values: list[float]) -> float:
             return statistics.median(values)
@@ -198,6 +226,7 @@ def main() -> None:
             return med([r.cpu.get(role, 0.0) * 1e6 / max(1, r.result.ok) for r in rs])
 
         episodes = [stalls(r.result, args.slow_ms) for r in rs]
+        per_second = [n / r.result.wall_seconds for (n, _, _), r in zip(episodes, rs, strict=True)]
         print(f"| {name} | {med([r.result.latency_ms(50) for r in rs]):.2f} | "
               f"{med([r.result.latency_ms(99) for r in rs]):.2f} | "
               f"{med([r.result.latency_ms(99.9) for r in rs]):.2f} | "
@@ -206,8 +235,9 @@ def main() -> None:
               f"{med([r.commits / r.result.wall_seconds for r in rs]):.0f} | "
               f"{med([r.drafts / max(1, r.commits) for r in rs]):.2f} | "
               f"{med([r.append_seconds * 1000 / max(1, r.commits) for r in rs]):.2f} | "
-              f"{med([n / r.result.wall_seconds for (n, _, _), r in zip(episodes, rs, strict=True)]):.1f} | "
-              f"{med([size for _, size, _ in episodes]):.1f} |")
+              f"{med(per_second):.1f} | "
+              f"{med([size for _, size, _ in episodes]):.1f} | "
+              f"{med([r.closed_rate for r in rs]):.0f} | {med([r.closed_us for r in rs]):.0f} |")
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))

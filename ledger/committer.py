@@ -1,8 +1,11 @@
 """Group commit: many concurrent deliveries, one durable transaction.
 
-Each caller awaits the commit of the batch its draft went into. A batch is flushed when it holds
-`max_events` drafts or `max_delay` seconds after its first draft arrived, whichever comes first;
-while one batch commits the next one fills, so under load the delay is rarely waited out.
+Each caller awaits the commit of the batch its draft went into. Natural group commit: one batch
+commits at a time, and the next one is whatever arrived meanwhile (at most `max_events`), taken
+as soon as the committer is free — a draft that finds the committer idle is committed at once.
+`max_delay` (0 by default) lets a batch wait that long for company, but only under load (drafts
+were already waiting when the last commit ended), as PostgreSQL's `commit_delay` applies only
+with `commit_siblings`: waiting for company nobody sends is pure latency (bench/RESULTS.md).
 If PostgreSQL refuses a batch for a data reason, its drafts are retried one by one, so one bad
 draft fails alone. If PostgreSQL is unavailable, the batch goes to the spool instead, and from
 then on every batch does, until this task has drained the spool back into PostgreSQL — one task
@@ -104,6 +107,8 @@ class GroupCommitter:
         self._inflight: list[_Pending] = []
         self._fault = fault or _no_fault
         self._drain_failures = 0
+        self._busy = False  # drafts were waiting when the last commit ended
+        self.lingered = 0  # batches that waited up to `max_delay` for company
         self.progressed = asyncio.Event()  # set after every committed batch; readers clear it
 
     def start(self) -> None:
@@ -160,7 +165,9 @@ class GroupCommitter:
                     return
                 self._arrived.clear()
                 continue
-            if len(self._queue) < self._max_events and self._max_delay > 0 and not self._closing:
+            if (self._busy and len(self._queue) < self._max_events and self._max_delay > 0
+                    and not self._closing):
+                self.lingered += 1
                 deadline = loop.time() + self._max_delay
                 while len(self._queue) < self._max_events and not self._closing:
                     self._arrived.clear()
@@ -182,6 +189,7 @@ class GroupCommitter:
             self._fault("commit")
             await self._commit(batch)
             self._inflight = []
+            self._busy = bool(self._queue)
 
     async def _open(self) -> bool:
         """Whether PostgreSQL may be written (the gate is tried at most every retry interval)."""

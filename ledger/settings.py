@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     )
     batch_max_events: int = Field(default=256, ge=1, description="group commit: flush at N")
     batch_max_delay_ms: float = Field(
-        default=2.0, ge=0, description="group commit: flush after this long"
+        default=0.0, ge=0, description="group commit: under load, a batch may wait this long "
+        "for more drafts (0: natural group commit — whatever arrived while the last batch "
+        "committed; a draft finding the committer idle is committed at once)",
     )
     pool_size: int = Field(default=8, ge=2)
     rejection_excerpt_bytes: int = Field(default=2048, ge=0)

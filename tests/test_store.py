@@ -25,6 +25,7 @@ from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from tests.conftest import Database
+from tests.gateway_helpers import eventually
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -198,6 +199,52 @@ async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     assert transactions is not None
     assert transactions <= 200 // 64 + 3  # far fewer transactions than events
     assert await admin.fetchval("SELECT count(*) FROM ledger.events") == 200
+
+
+async def test_a_lone_draft_is_committed_at_once_whatever_the_delay_allows(
+    appender: Appender,
+) -> None:
+    """Natural group commit: a draft that finds the committer idle waits for nobody (it would
+    wait a minute here if it did; the deadline is far shorter)."""
+    committer = GroupCommitter(appender, max_events=64, max_delay=60.0)
+    committer.start()
+    async with asyncio.timeout(10):
+        outcome = await committer.submit(_allowances(1)[0])
+    assert isinstance(outcome, Stored)
+    assert committer.lingered == 0
+    await committer.close()
+
+
+@pytest.mark.parametrize(("max_delay", "lingered"), [(0.0, 0), (0.05, 1)])
+async def test_drafts_that_arrive_during_a_commit_are_the_next_batch(
+    appender: Appender, admin: Connection, database: Database, max_delay: float, lingered: int
+) -> None:
+    """While one batch commits (held here on the head lock) the next fills, and is committed
+    as soon as the first is done; only under such load may it wait `max_delay` for more."""
+    metrics = Metrics()
+    committer = GroupCommitter(appender, max_events=64, max_delay=max_delay, metrics=metrics)
+    committer.start()
+    first, *later = _allowances(4)
+    watcher = await asyncpg.connect(database.admin_dsn)
+    try:
+        async with admin.transaction():
+            await admin.execute(
+                "SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' FOR UPDATE")
+            alone = asyncio.ensure_future(committer.submit(first))
+            await eventually(lambda: watcher.fetchval(
+                "SELECT count(*) = 1 FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"))
+            rest = [asyncio.ensure_future(committer.submit(d)) for d in later]
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(alone, *rest)
+    finally:
+        await watcher.close()
+        await committer.close()
+    assert [o.position for o in outcomes] == [1, 2, 3, 4]
+    sizes = (metrics.registry.get_sample_value("ledger_append_batch_size_count"),
+             metrics.registry.get_sample_value("ledger_append_batch_size_sum"))
+    assert sizes == (2, 4)  # the lone draft, then the three that arrived meanwhile
+    assert committer.lingered == lingered
 
 
 async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
