@@ -63,6 +63,8 @@ class Run:
     append_seconds: float = 0.0
     closed_rate: float = 0.0  # deliveries/s 2xx at 64 connections (--closed)
     closed_us: float = 0.0  # server tree + PostgreSQL CPU µs per delivery there
+    syscalls: dict[str, int] = field(default_factory=dict)  # intake / postgres, while measured
+    switches: dict[str, int] = field(default_factory=dict)
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -78,6 +80,25 @@ def _roles(root: int) -> dict[str, float]:
                 else "intake")
         roles[role] = roles.get(role, 0.0) + table[pid][1]
     return roles
+
+
+def _counts(root: int) -> tuple[int, int]:
+    """(read+write syscalls of the process tree `root`, voluntary context switches of its main
+    threads) so far: what a round trip or a wake-up costs, counted — robust where CPU time on a
+    busy machine is not."""
+    table = _all()
+    syscalls = switches = 0
+    for pid in _tree(root, table) if root in table else []:
+        try:
+            io = dict(line.split(": ") for line in
+                      Path(f"/proc/{pid}/io").read_text().splitlines())
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        syscalls += int(io["syscr"]) + int(io["syscw"])
+        switches += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status,
+                                  re.MULTILINE).group(1))  # type: ignore[union-attr]
+    return syscalls, switches
 
 
 def _scrape(port: int) -> tuple[float, float, float]:
@@ -119,6 +140,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
             if tree_cpu_seconds(process.pid) - before < 0.025:
                 break
         cpu0, pg0, m0 = _roles(process.pid), _pg(postmaster), _scrape(port)
+        n0 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
         profiler = None
         if args.profile:  # py-spy, collapsed stacks of the intake process (idle included)
             profiler = subprocess.Popen(
@@ -138,10 +160,13 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
             closed = run_wrk(url, bodies, int(args.closed), 64, tag=f"{tag}c")
             spent = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0) - before
         cpu1, pg1, m1 = _roles(process.pid), _pg(postmaster), _scrape(port)
+        n1 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
     run = Run(variant, result)
+    run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
+    run.switches = {k: n1[k][1] - n0[k][1] for k in n0}
     run.cpu = {role: cpu1.get(role, 0.0) - cpu0.get(role, 0.0) for role in cpu1}
     if pg0 is not None and pg1 is not None:
         run.cpu["postgres"] = pg1 - pg0
@@ -214,16 +239,21 @@ def main() -> None:
     print(f"`python -m bench.latency {' '.join(sys.argv[1:])}`: {args.rate:.0f}/s for "
           f"{args.seconds:g} s, {args.rounds} round(s), medians; load average "
           f"{load_before:.1f}/{load_after:.1f} on {os.cpu_count()} cores\n")
+    print("Per delivery: CPU µs by process, syscalls (read+write) and wake-ups (voluntary "
+          "context switches of main threads) of the server's processes and of PostgreSQL.\n")
     print("| variant | p50 ms | p99 ms | p99.9 ms | intake µs | projector µs | forwarder µs | "
           "PG µs | commits/s | drafts/commit | append ms | stall episodes/s | req/episode | "
-          "closed /s | closed µs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "closed /s | closed µs | syscalls (server/PG) | wake-ups (server/PG) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, rs in runs.items():
         def med(values: list[float]) -> float:
             return statistics.median(values)
 
         def us(role: str, rs: list[Run] = rs) -> float:
             return med([r.cpu.get(role, 0.0) * 1e6 / max(1, r.result.ok) for r in rs])
+
+        def per(kind: str, who: str, rs: list[Run] = rs) -> float:
+            return med([getattr(r, kind).get(who, 0) / max(1, r.result.ok) for r in rs])
 
         episodes = [stalls(r.result, args.slow_ms) for r in rs]
         per_second = [n / r.result.wall_seconds for (n, _, _), r in zip(episodes, rs, strict=True)]
@@ -237,7 +267,9 @@ def main() -> None:
               f"{med([r.append_seconds * 1000 / max(1, r.commits) for r in rs]):.2f} | "
               f"{med(per_second):.1f} | "
               f"{med([size for _, size, _ in episodes]):.1f} | "
-              f"{med([r.closed_rate for r in rs]):.0f} | {med([r.closed_us for r in rs]):.0f} |")
+              f"{med([r.closed_rate for r in rs]):.0f} | {med([r.closed_us for r in rs]):.0f} | "
+              f"{per('syscalls', 'intake'):.1f}/{per('syscalls', 'postgres'):.1f} | "
+              f"{per('switches', 'intake'):.1f}/{per('switches', 'postgres'):.1f} |")
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))

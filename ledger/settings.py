@@ -104,6 +104,11 @@ class Settings(BaseSettings):
         description="commits closer than this are folded in one catch-up (projections lag by "
         "up to this much more; each catch-up costs the same round trips however much it folds)",
     )
+    projector_nice: int = Field(
+        default=10, ge=0, le=19, description="niceness of serve's projector process: it folds "
+        "a second's events in one burst, which must not take the cores from the intake (the "
+        "projections catch up right after)",
+    )
     projector_snapshot_every: int = Field(
         default=100_000, ge=1, description="save the fold state every N events (for --as-of)"
     )

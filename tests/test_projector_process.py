@@ -101,6 +101,9 @@ async def test_serve_runs_one_projector_restarts_it_after_kill_9_and_leaves_no_c
             aiohttp.ClientSession() as session:
         parent = _serve_pid(port)
         (first,) = await _until(lambda: _projectors(parent))
+        # niced (LEDGER_PROJECTOR_NICE, 10): its bursts wait for the intake, not the reverse
+        niced = min(19, os.getpriority(os.PRIO_PROCESS, parent) + 10)
+        await _until(lambda: os.getpriority(os.PRIO_PROCESS, first) == niced)
         await _deliver(base, session, 1)
         await _projected(admin)  # woken by NOTIFY: the poll is 60 s away
 

@@ -36,6 +36,8 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
         loop.add_signal_handler(signal.SIGINT, stop.set)
     else:  # a child of `serve`: Ctrl-C reaches it through serve, which stops it in order
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with contextlib.suppress(OSError):
+            os.nice(settings.projector_nice)  # when CPU is short, the intake answers first
     target = await targets.open_target(settings)
     try:
         pool = await create_pool(target.projector_dsn, size=2, connect=False,
