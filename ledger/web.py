@@ -282,6 +282,11 @@ async def _projector_check(app: web.Application) -> tuple[str, dict[str, int] | 
     return check, {"checkpoint": progress["checkpoint"], "lag": lag}
 
 
+# The projector and the tree follower gather a second and a quarter of one after a wake-up:
+# NOTIFY more often than this per worker woke them (and their backends) for nothing.
+NOTIFY_EVERY_SECONDS = 0.05
+
+
 def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         target = await targets.open_target(settings)
@@ -289,9 +294,11 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             pool = await _open_pool(target, settings)
             try:
                 app[TARGET], app[POOL] = target, pool
-                app[STORE] = EventStore(pool, policy=settings.trust_policy)
+                app[STORE] = store = EventStore(pool, policy=settings.trust_policy,
+                                                notify_every=NOTIFY_EVERY_SECONDS)
                 app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
+                await store.announcer.flush()  # the last commits are announced, then closed
             finally:
                 await close_pool(pool)
         finally:

@@ -185,6 +185,27 @@ async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_dr
     assert (head["position"], bytes(head["hash"])) == (len(batch), previous)
 
 
+async def test_commits_in_quick_succession_share_a_notification_and_the_last_is_announced(
+    database: Database,
+) -> None:
+    """NOTIFY is a wake-up hint for listeners that gather anyway: at most one per slice, and
+    the slice's last commit is always announced (a listener never waits for its poll)."""
+    pool = await create_pool(database.service_dsn, size=2)
+    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.5)
+    heard: list[str] = []
+    listener = await asyncpg.connect(database.admin_dsn)
+    await listener.add_listener("ledger_events", lambda *args: heard.append(args[3]))
+    try:
+        for draft in _allowances(20):
+            await store.append([draft])
+        await eventually(lambda: heard and heard[-1] == "20", within=10)
+        await store.announcer.flush()
+    finally:
+        await listener.close()
+        await pool.close()
+    assert len(heard) <= 20 // 2  # far fewer than the 20 commits
+
+
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     appender: Appender, admin: Connection
 ) -> None:

@@ -118,8 +118,8 @@ _ACCEPTED_UNDER = """
     ) t
 """
 # The events and the head they move to, in one statement (the CTE runs to completion whether
-# or not it is read); moving the head also wakes projectors everywhere (NOTIFY, delivered at
-# COMMIT; a hint, not delivery).
+# or not it is read); moving the head also wakes projectors everywhere when $18 says so (NOTIFY,
+# delivered at COMMIT; a hint, not delivery — see `Announcer`).
 _INSERT_EVENTS_MOVE_HEAD = """
     WITH inserted AS (
         INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids,
@@ -135,7 +135,11 @@ _INSERT_EVENTS_MOVE_HEAD = """
         UPDATE ledger.stream_heads SET position = $16, hash = $17 WHERE stream = 'events'
         RETURNING stream, position
     )
-    SELECT pg_notify('ledger_' || stream, position::text) FROM moved
+    SELECT pg_notify('ledger_' || stream, position::text) FROM moved WHERE $18::bool
+"""
+_ANNOUNCE = """
+    SELECT pg_notify('ledger_events', position::text) FROM ledger.stream_heads
+    WHERE stream = 'events'
 """
 # A drained draft that is "a duplicate" of the event it itself became (an append that timed out
 # but committed, then drained from the spool) is no redelivery: the same arrival is not recorded
@@ -286,12 +290,72 @@ async def _transaction(connection: Connection, begin: str) -> AsyncIterator[None
     await connection.execute("COMMIT")
 
 
-class EventStore:
-    """Appends and reads of the ledger; the pool is owned by whoever created it."""
+class Announcer:
+    """NOTIFY `ledger_events` at most once per `every` seconds, the last commit always included.
 
-    def __init__(self, pool: Pool, *, policy: TrustPolicy) -> None:
+    Every listener (the projector, the Merkle tree follower) takes NOTIFY as a wake-up hint and
+    then gathers for a while (1 s, 0.25 s); a notification per commit — hundreds a second at a
+    moderate rate — woke each listening backend and its client for nothing (bench/RESULTS.md,
+    "Latency at 1000/s"). So a commit within `every` of the last notification sends none, and
+    one notification follows at the end of that slice, announcing the head then. `every` 0:
+    every commit notifies (tools and tests, which wait on it)."""
+
+    def __init__(self, pool: Pool, every: float) -> None:
+        self._pool, self._every = pool, every
+        self._last = -float("inf")
+        self._owed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def due(self) -> bool:
+        """Whether the commit about to be made should carry the notification itself."""
+        return self._every <= 0 or asyncio.get_running_loop().time() >= self._last + self._every
+
+    def committed(self, notified: bool) -> None:
+        """A commit that moved the events head: it notified, or one is owed at the slice end."""
+        loop = asyncio.get_running_loop()
+        if notified:
+            self._last, self._owed = loop.time(), False
+            return
+        self._owed = True
+        if self._timer is None:
+            self._timer = loop.call_at(self._last + self._every, self._send)
+
+    async def flush(self) -> None:
+        """Send what is owed now, and wait for it (before the pool closes)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._send()
+        if self._sending:
+            await asyncio.gather(*self._sending)
+
+    def _send(self) -> None:
+        self._timer = None
+        if not self._owed:
+            return
+        self._owed = False
+        self._last = asyncio.get_running_loop().time()
+        task = asyncio.get_running_loop().create_task(self._announce(), name="announce")
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _announce(self) -> None:
+        try:
+            async with translated_errors("notify"), self._pool.acquire() as connection:
+                await connection.execute(_ANNOUNCE)
+        except Exception as exc:  # noqa: BLE001 - a hint: listeners poll as well
+            log.debug("NOTIFY after a commit failed (%s); listeners poll", exc)
+
+
+class EventStore:
+    """Appends and reads of the ledger; the pool is owned by whoever created it.
+
+    `notify_every`: see `Announcer` (0, the default: every commit notifies)."""
+
+    def __init__(self, pool: Pool, *, policy: TrustPolicy, notify_every: float = 0.0) -> None:
         self._pool = pool
         self._policy = policy
+        self.announcer = Announcer(pool, notify_every)
 
     @property
     def pool(self) -> Pool:
@@ -310,12 +374,17 @@ class EventStore:
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
         begin = _BEGIN_LOCKED["events"] if event_drafts else "BEGIN"
+        notify = self.announcer.due()
         async with (
             translated_errors("append"),
             self._pool.acquire() as connection,
-            _transaction(connection, begin),
         ):
-            return await self._append(connection, drafts, event_drafts, prepared, draining)
+            async with _transaction(connection, begin):
+                outcomes, effects, moved = await self._append(
+                    connection, drafts, event_drafts, prepared, draining, notify)
+            if moved:
+                self.announcer.committed(notify)
+            return outcomes, effects
 
     async def _append(
         self,
@@ -324,8 +393,10 @@ class EventStore:
         event_drafts: list[EventDraft],
         prepared: dict[int, tuple[bytes, bytes]],
         draining: bool,
-    ) -> tuple[list[Outcome], list[PlannedEffect]]:
-        """Inside the transaction; the events head is locked when there are event drafts."""
+        notify: bool,
+    ) -> tuple[list[Outcome], list[PlannedEffect], bool]:
+        """Inside the transaction; the events head is locked when there are event drafts.
+        Also answers whether the events head moved."""
         if not event_drafts:  # rejections only: nothing to judge, number or chain in `events`
             planned = Plan(outcomes=[None] * len(drafts))
             planned.rejections = [
@@ -335,7 +406,7 @@ class EventStore:
             head, facts = await self._load(connection, event_drafts)
             planned = plan(drafts, facts, head, policy=self._policy, draining=draining,
                            prepared=prepared)
-        await self._write(connection, planned)
+        await self._write(connection, planned, notify)
         outcomes = planned.outcomes
         if planned.rejections:
             positions = await self._write_rejections(connection, planned.rejections)
@@ -346,7 +417,7 @@ class EventStore:
                 else:
                     outcomes[index] = RejectionLogged(position)
         assert all(o is not None for o in outcomes)
-        return [o for o in outcomes if o is not None], planned.effects
+        return [o for o in outcomes if o is not None], planned.effects, bool(planned.events)
 
     async def _load(self, connection: Connection, drafts: list[EventDraft]) -> tuple[Head, Facts]:
         """The head and the facts a batch is planned on — its portals' trust, the open
@@ -395,13 +466,13 @@ class EventStore:
                     facts.accepted[row["position"]] = digest
         return head, facts
 
-    async def _write(self, connection: Connection, planned: Plan) -> None:
+    async def _write(self, connection: Connection, planned: Plan, notify: bool) -> None:
         """Trust rows follow from the trust events by trigger (migration 0005), not from here."""
         if planned.events:
             assert planned.head is not None
             await connection.execute(
                 _INSERT_EVENTS_MOVE_HEAD, *map(list, zip(*planned.events, strict=True)),
-                planned.head.position, planned.head.hash,
+                planned.head.position, planned.head.hash, notify,
             )
         if planned.redeliveries:
             await connection.execute(
