@@ -1,0 +1,131 @@
+"""What one group-commit transaction costs, before and after: CPU of the appending process and
+of its PostgreSQL backend, per append, for small and large batches.
+
+    python -m bench.append --baseline DIR [--rounds 3] [--appends 400] [--batches 1,4,64]
+
+At a fixed moderate rate (1,000 deliveries/s) batches are small, so what a transaction costs
+whatever it holds — its round trips, each a wake-up of PostgreSQL and of the appender — is paid
+every few deliveries; at saturation it is spread over ~64. Each measurement is a process of its
+own appending realistic event drafts (bench/scale.py's) one batch after another through
+`EventStore.append` on a one-connection pool; `DIR` holds other code (e.g. `git archive main |
+tar -x -C DIR`) run the same way, interleaved with this tree's (the order alternating by round),
+so a busy machine drifts against both alike. Reported: medians of µs per append and their ratio.
+CPU time, not wall time: on a shared machine wall time mostly measures the neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_TREE = str(Path(__file__).resolve().parent.parent)  # this tree, for bench.scale
+
+
+def _cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
+    """One measurement, in this process (whichever ledger PYTHONPATH gives it)."""
+    from ledger.settings import Settings, TrustPolicy
+    from ledger.simulation import Traffic
+    from ledger.storage.store import EventStore, create_pool
+
+    sys.path.append(_TREE)  # after whichever ledger PYTHONPATH chose
+    from bench.scale import templates, vary
+
+    traffic = Traffic(seed=42, portals=20, churn=False)
+    settings = Settings(database_url=dsn)
+    base = templates(traffic, settings, 200)
+    pool = await create_pool(dsn, size=1)
+    try:
+        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+        backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
+        n = 0
+
+        async def run(count: int) -> None:
+            nonlocal n
+            for _ in range(count):
+                await store.append([vary(base[(n + i) % len(base)], n + i)
+                                    for i in range(batch)])
+                n += batch
+
+        await run(50)  # statements prepared, caches warm
+        cpu, pg, wall = time.process_time(), _cpu_of(backend), time.perf_counter()
+        await run(appends)
+        return {"client_us": (time.process_time() - cpu) * 1e6 / appends,
+                "pg_us": (_cpu_of(backend) - pg) * 1e6 / appends,
+                "wall_us": (time.perf_counter() - wall) * 1e6 / appends}
+    finally:
+        await pool.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="a tree of other code to compare with")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--appends", type=int, default=400)
+    parser.add_argument("--batches", default="1,4,64")
+    parser.add_argument("--worker", nargs=3, metavar=("DSN", "BATCH", "APPENDS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        dsn, batch, appends = args.worker
+        print(json.dumps(asyncio.run(_worker(dsn, int(batch), int(appends)))))
+        return
+    if not args.baseline:
+        raise SystemExit("--baseline DIR: the code to compare with")
+    from bench.common import Cluster
+    from bench.intake import provision
+    from ledger.simulation import Traffic
+
+    tokens = {p.member_id: p.token for p in Traffic(seed=42, portals=20, churn=False).portals}
+    batches = [int(b) for b in args.batches.split(",")]
+    codes = {"before": str(Path(args.baseline).resolve()), "after": None}
+    found: dict[tuple[str, int], list[dict[str, float]]] = {}
+    cluster = Cluster()
+    try:
+        for round_ in range(args.rounds):
+            order = list(codes) if round_ % 2 == 0 else list(codes)[::-1]
+            for batch in batches:
+                for code in order:
+                    database = asyncio.run(cluster.fresh_database("bench_append", migrate=True))
+                    dsn = cluster.dsn(database, user="ledger_app")
+                    asyncio.run(provision(dsn, tokens))
+                    env = dict(os.environ)
+                    if codes[code] is not None:
+                        env["PYTHONPATH"] = str(codes[code])
+                    output = subprocess.run(
+                        [sys.executable, "-P", __file__, "--worker", dsn, str(batch),
+                         str(args.appends)],
+                        env=env, capture_output=True, text=True, check=True, cwd="/",
+                    ).stdout
+                    found.setdefault((code, batch), []).append(json.loads(output))
+    finally:
+        cluster.stop()
+    print(f"`python -m bench.append {' '.join(sys.argv[1:])}`: µs per append (medians of "
+          f"{args.rounds} rounds, {args.appends} appends each); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print("| drafts per append | appender CPU before | after | ratio | PostgreSQL backend CPU "
+          "before | after | ratio | wall before | after | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in batches:
+        cells = [str(batch)]
+        for key in ("client_us", "pg_us", "wall_us"):
+            before = statistics.median(r[key] for r in found[("before", batch)])
+            after = statistics.median(r[key] for r in found[("after", batch)])
+            cells += [f"{before:.0f}", f"{after:.0f}", f"**{after / before:.2f}x**"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
