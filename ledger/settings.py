@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     projector_nice: int = Field(
         default=10, ge=0, le=19, description="niceness of serve's projector process: it folds "
         "a second's events in one burst, which must not take the cores from the intake (the "
-        "projections catch up right after)",
+        "projections catch up right after); its PostgreSQL backends too, when local and ours",
     )
     projector_snapshot_every: int = Field(
         default=100_000, ge=1, description="save the fold state every N events (for --as-of)"

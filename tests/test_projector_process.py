@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from ledger.settings import Settings
+from ledger.storage.store import on_this_machine
 from ledger.supervision import Supervisor
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample
 from tests.helpers import PROJECTOR, install_sample_portal, post
@@ -106,6 +107,12 @@ async def test_serve_runs_one_projector_restarts_it_after_kill_9_and_leaves_no_c
         await _until(lambda: os.getpriority(os.PRIO_PROCESS, first) == niced)
         await _deliver(base, session, 1)
         await _projected(admin)  # woken by NOTIFY: the poll is 60 s away
+        if on_this_machine(database.service_dsn):  # and so are its backends, ours to renice
+            backends = [r["pid"] for r in await admin.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE usename = 'ledger_projector' "
+                "AND application_name = 'ledger' AND datname = current_database()")]
+            assert backends
+            assert all(os.getpriority(os.PRIO_PROCESS, pid) >= 10 for pid in backends)
 
         os.kill(first, signal.SIGKILL)
         (second,) = await _until(lambda: _projectors(parent) - {first} or None)

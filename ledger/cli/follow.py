@@ -41,7 +41,8 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
     target = await targets.open_target(settings)
     try:
         pool = await create_pool(target.projector_dsn, size=2, connect=False,
-                                 connect_timeout=settings.connect_timeout_seconds)
+                                 connect_timeout=settings.connect_timeout_seconds,
+                                 backend_nice=settings.projector_nice if parent_pid else 0)
         try:
             projector = Projector(EventStore(pool, policy=settings.trust_policy),
                                   ProjectionStore(pool),

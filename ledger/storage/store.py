@@ -24,9 +24,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -199,13 +202,42 @@ async def _keep_session(connection: Connection) -> None:
     session-level SET on a pooled connection would outlive its user: don't."""
 
 
+def on_this_machine(dsn: str) -> bool:
+    """Whether `dsn` names a Unix socket: the backend is then a process of this machine."""
+    parts = urlsplit(dsn)
+    host = parse_qs(parts.query).get("host", [unquote(parts.netloc.rpartition("@")[2])])[0]
+    return host.startswith("/")
+
+
+def _renice_backend(connection: Connection, nice: int) -> None:
+    """Lower the CPU priority of the connection's backend process to `nice`, when it runs
+    here and may be: a background reader's backend (the projector's) then yields the cores
+    to the intake's as its own client process does. Anything else: left as it is."""
+    pid = connection.get_server_pid()
+    try:
+        if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
+            return
+        if os.getpriority(os.PRIO_PROCESS, pid) < nice:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError as exc:  # another user's server, or not Linux: it stays as it is
+        log.debug("backend %d keeps its priority: %s", pid, exc)
+
+
 async def create_pool(
-    dsn: str, *, size: int, connect: bool = True, connect_timeout: float = 5.0
+    dsn: str, *, size: int, connect: bool = True, connect_timeout: float = 5.0,
+    backend_nice: int = 0,
 ) -> Pool:
     """A pool whose every connection commits durably, whatever the server's default is.
 
     `connect=False` opens no connection now (PostgreSQL may be down); the first use does.
+    `backend_nice`: for a background process's pool — each connection's backend, when it is a
+    process of this machine (a Unix socket) we may renice, runs at that niceness.
     """
+    init = _init_connection
+    if backend_nice > 0 and on_this_machine(dsn):
+        async def init(connection: Connection) -> None:
+            await _init_connection(connection)
+            _renice_backend(connection, backend_nice)
     try:
         pool = await asyncpg.create_pool(
             dsn,
@@ -213,7 +245,7 @@ async def create_pool(
             max_size=size,
             timeout=connect_timeout,  # an unreachable host must not hold a request for a minute
             command_timeout=60,  # bounds a statement stuck on a stalled server (or shutdown)
-            init=_init_connection,
+            init=init,
             reset=_keep_session,
             server_settings={"synchronous_commit": "on", "application_name": "ledger"},
         )
