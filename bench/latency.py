@@ -48,6 +48,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "delay2": {"LEDGER_BATCH_MAX_DELAY_MS": "2"},
     "no-projector": {"LEDGER_RUN_PROJECTOR": "false"},
     "no-tree": {"LEDGER_RUN_TREE_FOLLOWER": "false"},
+    "projector-nice0": {"LEDGER_PROJECTOR_NICE": "0"},
     "no-listeners": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false"},
     "quiet": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false",
               "LEDGER_BATCH_MAX_DELAY_MS": "0"},

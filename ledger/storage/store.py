@@ -69,13 +69,12 @@ Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass 
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
-# BEGIN and the head's row lock in one round trip: the simple query protocol takes several
-# statements when there are no parameters (the stream is one of two constants).
-_BEGIN_LOCKED = {
-    stream: "BEGIN ISOLATION LEVEL READ COMMITTED; "
-    f"SELECT 1 FROM ledger.stream_heads WHERE stream = '{stream}' FOR UPDATE"
-    for stream in ("events", "rejections")
-}
+# BEGIN and the events head's row lock in one round trip: the simple query protocol takes
+# several statements when there are no parameters.
+_BEGIN_LOCKED = """
+    BEGIN ISOLATION LEVEL READ COMMITTED;
+    SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' FOR UPDATE
+"""
 _HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1"
 # Moving the head also wakes projectors everywhere (delivered at COMMIT; a hint, not delivery).
 _MOVE_HEAD = """
@@ -405,7 +404,7 @@ class EventStore:
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
-        begin = _BEGIN_LOCKED["events"] if event_drafts else "BEGIN"
+        begin = _BEGIN_LOCKED if event_drafts else "BEGIN"
         notify = self.announcer.due()
         async with (
             translated_errors("append"),
