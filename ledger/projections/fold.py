@@ -7,6 +7,7 @@ Every value comes from the events; nothing reads a clock.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -84,8 +85,15 @@ class State:
 
 def needs(event: StoredEvent) -> tuple[set[tuple[str, int]], set[str]]:
     """The bot keys and the portals (all of whose bots) the fold reads for this event."""
-    portals_whole = {event.member_id} if event.event_type == UNINSTALL else set()
-    return {(event.member_id, b) for b in event.bot_ids}, portals_whole
+    return needs_of(event.member_id, event.event_type, event.bot_ids)
+
+
+def needs_of(
+    member_id: str, event_type: str, bot_ids: Sequence[int]
+) -> tuple[set[tuple[str, int]], set[str]]:
+    """`needs` of an event's columns (the live projector asks before it makes the events)."""
+    portals_whole = {member_id} if event_type == UNINSTALL else set()
+    return {(member_id, b) for b in bot_ids}, portals_whole
 
 
 def apply(state: State, event: StoredEvent) -> None:

@@ -12,13 +12,13 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ledger.asof import AsOf, Occurred, Position, Received
 from ledger.errors import LedgerError
 from ledger.projections import fold, rows
 from ledger.projections.fold import State
-from ledger.storage.projection_store import ProjectionStore
+from ledger.storage.projection_store import EventRow, ProjectionStore
 from ledger.storage.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -62,23 +62,16 @@ class Projector:
         applied = 0
         while True:
             async with self._projections.batch(REGISTRY) as batch:
-                events = await batch.events(self.head, self._batch_size, rows.stored_event)
+                events = await batch.events(self.head, self._batch_size)
                 if not events:
                     self.checkpoint = batch.checkpoint
                     break
-                bot_keys: set[tuple[str, int]] = set()
-                whole: set[str] = set()
-                for event in events:
-                    keys, portals = fold.needs(event)
-                    bot_keys |= keys
-                    whole |= portals
-                state = rows.state_of(
-                    await batch.load(bot_keys, whole, {e.member_id for e in events}),
-                    batch.checkpoint,
-                )
-                for event in events:
-                    fold.apply(state, event)
-                await batch.save(rows.changed_rows(state), events[-1].position, events[-1].hash)
+                bot_keys, whole, portals = rows.needs(events)
+                state = rows.state_of(await batch.load(bot_keys, whole, portals),
+                                      batch.checkpoint)
+                await _fold(state, events, batch.payloads)
+                last = events[-1]
+                await batch.save(rows.changed_rows(state), last[0], last[7])
                 self.checkpoint = batch.checkpoint
             applied += len(events)
         if applied or self.lag == 0:
@@ -185,12 +178,12 @@ async def fold_to(
     assert isinstance(as_of, Occurred | Received)
     saved = await projections.snapshot_by_time(REGISTRY, as_of.at, occurred=occurred)
     state = fold.load_state(zlib.decompress(saved[1])) if saved else State()
-    async for batch in projections.stream_events_by_time(
-        as_of.at, rows.stored_event, occurred=occurred, after=state.position
-    ):
-        for event in batch:
-            fold.apply(state, event)
-        on_progress(len(batch))
+    async with projections.stream_events_by_time(
+        as_of.at, occurred=occurred, after=state.position
+    ) as stream:
+        async for batch in stream:
+            await _fold(state, batch, stream.payloads)
+            on_progress(len(batch))
     return state
 
 
@@ -200,11 +193,22 @@ async def fold_range(
 ) -> State:
     """Fold the events after `state.position` up to `position` into `state`, by their fold
     records (payloads parsed only where an event has no usable one)."""
-    apply = fold.apply
-    async for events in projections.stream_events(
-        position, rows.stored_event, after=state.position
-    ):
-        for event in events:
-            apply(state, event)
-        on_progress(len(events))
+    async with projections.stream_events(position, after=state.position) as stream:
+        async for batch in stream:
+            await _fold(state, batch, stream.payloads)
+            on_progress(len(batch))
     return state
+
+
+async def _fold(
+    state: State, batch: Sequence[EventRow],
+    payloads: Callable[[Sequence[int]], Awaitable[Mapping[int, str]]],
+) -> None:
+    """Fold store rows in order. Rows stored without a fold record come with their payload;
+    from the first row whose record is not usable (another version, not a record) on, those
+    that came without theirs get them, in one more read."""
+    folded = rows.fold_rows(state, batch)
+    if folded < len(batch):
+        rest = batch[folded:]
+        found = await payloads([row[0] for row in rest if row[9] is None])
+        rows.fold_with_payloads(state, rest, found)

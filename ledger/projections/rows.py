@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from ledger.foldrecord import FoldRecord, decode
+from ledger.projections import fold
 from ledger.projections.fold import Anomaly, Bot, Deletion, Lifecycle, Portal, State, StoredEvent
 
 Row = Mapping[str, Any]
@@ -35,25 +36,66 @@ def event(row: Row, record: FoldRecord | None = None) -> StoredEvent:
     )
 
 
-def stored_event(row: Row) -> StoredEvent | None:
-    """A store row as the fold reads it, by its fold record (`ledger.foldrecord`) — or by its
-    payload where it has no usable record (stored before migration 0011, of another version,
-    or not a record): None when that row came without its `payload` (pass this function to the
-    storage read, which then fetches the payload of just those rows).
+def stored_event(row: Sequence[Any], payload: str | None = None) -> StoredEvent | None:
+    """A store row as the fold reads it (`projection_store.EventRow`: the columns by index), by
+    its fold record (`ledger.foldrecord`) — or by its payload where it has no usable record
+    (stored before migration 0011, of another version, or not a record): the row's own
+    (index 9, read with rows that have no record) or `payload`; None when it has neither (the
+    caller fetches it and asks again).
     """
-    text = row["fold_record"]
+    text = row[8]
     record = decode(text) if text is not None else None
-    payload = None
+    parsed = None
     if record is None:
-        if (stored := row.get("payload")) is None:
+        stored = row[9] if payload is None else payload
+        if stored is None:
             return None
-        payload = orjson.loads(stored)
+        parsed = orjson.loads(stored)
     # tuple.__new__ skips the named tuple's generated __new__ (a Python frame per event)
     return tuple.__new__(StoredEvent, (
-        row["position"], row["member_id"], row["event_type"], row["origin"],
-        tuple(row["bot_ids"]), row["occurred_at"], row["received_at"], payload, row["hash"],
-        record,
+        row[0], row[1], row[2], row[3], tuple(row[4]), row[5], row[6], parsed, row[7], record,
     ))
+
+
+def fold_rows(state: State, batch: Sequence[Sequence[Any]]) -> int:
+    """Fold store rows into `state` in order, each as soon as it is made (a rebuild must not
+    hold a batch of made events: thousands of objects that live a moment are what wakes the
+    garbage collector), until one whose payload is needed; returns how many were folded."""
+    apply, make = fold.apply, stored_event
+    folded = 0
+    for row in batch:
+        event = make(row)
+        if event is None:
+            return folded
+        apply(state, event)
+        folded += 1
+    return folded
+
+
+def fold_with_payloads(
+    state: State, batch: Sequence[Sequence[Any]], payloads: Mapping[int, str]
+) -> None:
+    """Fold store rows into `state` in order, with the payloads (by position) of those that
+    need theirs."""
+    apply = fold.apply
+    for row in batch:
+        event = stored_event(row, payloads.get(row[0]))
+        assert event is not None, "a row with its payload is always made"
+        apply(state, event)
+
+
+def needs(batch: Sequence[Sequence[Any]]) -> tuple[set[tuple[str, int]], set[str], set[str]]:
+    """What folding these rows reads of the projections (`fold.needs`): bot keys, portals all
+    of whose bots, and the portals."""
+    bot_keys: set[tuple[str, int]] = set()
+    whole: set[str] = set()
+    portals: set[str] = set()
+    for row in batch:
+        keys, everything = fold.needs_of(row[1], row[2], row[4])
+        bot_keys |= keys
+        whole |= everything
+        portals.add(row[1])
+    return bot_keys, whole, portals
 
 
 def bot_row(b: Bot) -> dict[str, Any]:

@@ -11,27 +11,28 @@ commits in one transaction, with the checkpoint row locked so that two projector
 
 from __future__ import annotations
 
-import typing
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from ledger.storage.store import Connection, Pool, translated_errors
 
 Row = Mapping[str, Any]
 
-# what the fold reads of an event: its fold record (migration 0011), not its payload — which is
-# read only for the rows whose record the caller cannot use (see `Make`)
+# what the fold reads of an event, by index in this order: its fold record (migration 0011), not
+# its payload — which comes along (index 9) only for rows stored without a record; a row whose
+# record the caller cannot use (another version, not a record) gets it from `payloads`
 FOLD_COLUMNS = (
     "position", "member_id", "event_type", "origin", "bot_ids", "occurred_at", "received_at",
     "hash", "fold_record",
 )
 EVENT_COLUMNS = (*FOLD_COLUMNS, "payload")
-T = TypeVar("T")
-# the caller's value of a row (`FOLD_COLUMNS`), or None when it needs the row's payload too:
-# it is then called again with the row and its `payload`
-Make = Callable[[Row], T | None]
+_FOLD_SELECT = ", ".join(FOLD_COLUMNS) + ", CASE WHEN fold_record IS NULL THEN payload END"
+# a row to fold: `EVENT_COLUMNS` by index (asyncpg's records, passed on as the driver made them:
+# a rebuild reads millions, and a named lookup or a copy per row is most of its cost)
+EventRow = Sequence[Any]
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "bots": (
@@ -86,20 +87,20 @@ def _upsert(table: str) -> str:
 
 _UPSERTS = {table: _upsert(table) for table in TABLES}
 _EVENTS_AFTER = f"""
-    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
+    SELECT {_FOLD_SELECT} FROM ledger.events
     WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
 """
 _EVENTS_UP_TO = f"""
-    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events WHERE position > $2
+    SELECT {_FOLD_SELECT} FROM ledger.events WHERE position > $2
     AND position <= $1 ORDER BY position
 """
 # "as of" a time: every event at that time or before, in position order, after `$2`
 _EVENTS_RECEIVED_BY = f"""
-    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
+    SELECT {_FOLD_SELECT} FROM ledger.events
     WHERE received_at <= $1 AND position > $2 ORDER BY position
 """
 _EVENTS_OCCURRED_BY = f"""
-    SELECT {', '.join(FOLD_COLUMNS)} FROM ledger.events
+    SELECT {_FOLD_SELECT} FROM ledger.events
     WHERE coalesce(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
 """
 _PAYLOADS = "SELECT position, payload FROM ledger.events WHERE position = ANY($1::bigint[])"
@@ -117,21 +118,58 @@ def _plain(record: Any) -> dict[str, Any]:
     return row
 
 
-async def _made(connection: Connection, records: Sequence[Any], make: Make[T]) -> list[T]:
-    """`make` of each row, in order; rows it needs the payload of get it, fetched in one more
-    statement in the caller's transaction (a rebuild reads millions of rows: the others are
-    passed on as the driver made them, never copied)."""
-    made: list[T | None] = [make(record) for record in records]
-    wanted = {records[index]["position"]: index
-              for index, item in enumerate(made) if item is None}
-    if wanted:
-        for found in await connection.fetch(_PAYLOADS, list(wanted)):
-            index = wanted[found["position"]]
-            row = _plain(records[index])
-            row["payload"] = found["payload"]
-            item = made[index] = make(row)
-            assert item is not None, "a row with its payload is always made"
-    return typing.cast(list[T], made)
+async def _payloads(connection: Connection, positions: Sequence[int]) -> dict[int, Any]:
+    return {r[0]: r[1] for r in await connection.fetch(_PAYLOADS, list(positions))}
+
+
+class EventStream:
+    """Rows to fold (`EventRow`), in batches, in position order, from one transaction.
+
+    The next batch is asked for as soon as one is handed out, so that PostgreSQL reads it while
+    the caller folds this one; `payloads` waits for that read first (a connection runs one
+    statement at a time)."""
+
+    def __init__(self, connection: Connection, cursor: Any, size: int) -> None:
+        self._connection = connection
+        self._cursor = cursor
+        self._size = size
+        self._ahead: asyncio.Future[Any] | None = None
+        self._done = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Sequence[EventRow]:
+        if self._done:
+            raise StopAsyncIteration
+        if self._ahead is None:
+            self._ahead = asyncio.ensure_future(self._cursor.fetch(self._size))
+        rows: Sequence[EventRow] = await self._ahead
+        if len(rows) < self._size:
+            self._done, self._ahead = True, None
+            if not rows:
+                raise StopAsyncIteration
+            return rows
+        self._ahead = asyncio.ensure_future(self._cursor.fetch(self._size))
+        await asyncio.sleep(0)  # let it send the request before the caller folds for a while
+        return rows
+
+    async def payloads(self, positions: Sequence[int]) -> dict[int, Any]:
+        """The payloads (JSON text) of these events, in this stream's snapshot."""
+        await self.settle()
+        return await _payloads(self._connection, positions)
+
+    async def settle(self) -> None:
+        """Until no read is in flight (before the connection is used again or given back)."""
+        if self._ahead is not None and not self._ahead.done():
+            await asyncio.wait([self._ahead])
+
+    async def close(self) -> None:
+        """Settle, and drop a read nobody will take (its failure included)."""
+        await self.settle()
+        ahead, self._ahead, self._done = self._ahead, None, True
+        if ahead is not None and not ahead.cancelled():
+            ahead.exception()  # retrieved: the caller stopped early, the transaction ends anyway
 
 
 class ProjectionBatch:
@@ -142,10 +180,15 @@ class ProjectionBatch:
         self.name = name
         self.checkpoint = checkpoint
 
-    async def events(self, up_to: int, limit: int, make: Make[T]) -> list[T]:
-        """The events after the checkpoint up to `up_to` (at most `limit`), as `make` makes them."""
-        records = await self._connection.fetch(_EVENTS_AFTER, self.checkpoint, up_to, limit)
-        return await _made(self._connection, records, make)
+    async def events(self, up_to: int, limit: int) -> Sequence[EventRow]:
+        """The events after the checkpoint up to `up_to` (at most `limit`)."""
+        rows: Sequence[EventRow] = await self._connection.fetch(
+            _EVENTS_AFTER, self.checkpoint, up_to, limit)
+        return rows
+
+    async def payloads(self, positions: Sequence[int]) -> dict[int, Any]:
+        """The payloads (JSON text) of these events."""
+        return await _payloads(self._connection, positions)
 
     async def load(
         self, bot_keys: Iterable[tuple[str, int]], whole_portals: Iterable[str],
@@ -386,35 +429,39 @@ class ProjectionStore:
             )
         return int(value or 0)
 
+    @asynccontextmanager
     async def stream_events(
-        self, up_to: int, make: Make[T], batch: int = 2000, after: int = 0
-    ) -> AsyncIterator[list[T]]:
+        self, up_to: int, *, after: int = 0, batch: int = 2000
+    ) -> AsyncIterator[EventStream]:
         """Events after..up_to in order, through a cursor in one read-only snapshot."""
-        async with (
-            translated_errors("read events"),
-            self._pool.acquire() as connection,
-            connection.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            cursor = await connection.cursor(_EVENTS_UP_TO, up_to, after)
-            while rows := await cursor.fetch(batch):
-                yield await _made(connection, rows, make)
+        async with self._stream(_EVENTS_UP_TO, (up_to, after), batch) as stream:
+            yield stream
 
+    @asynccontextmanager
     async def stream_events_by_time(
-        self, moment: datetime, make: Make[T], *, occurred: bool, after: int = 0,
-        batch: int = 2000,
-    ) -> AsyncIterator[list[T]]:
+        self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000,
+    ) -> AsyncIterator[EventStream]:
         """Every event received (or, `occurred`, that happened) at `moment` or before, after
         position `after`, in position order — whatever order the times are in (spooled
         deliveries keep their received time but get later positions)."""
         query = _EVENTS_OCCURRED_BY if occurred else _EVENTS_RECEIVED_BY
+        async with self._stream(query, (moment, after), batch) as stream:
+            yield stream
+
+    @asynccontextmanager
+    async def _stream(
+        self, query: str, args: tuple[Any, ...], batch: int
+    ) -> AsyncIterator[EventStream]:
         async with (
             translated_errors("read events"),
             self._pool.acquire() as connection,
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
-            cursor = await connection.cursor(query, moment, after)
-            while rows := await cursor.fetch(batch):
-                yield await _made(connection, rows, make)
+            stream = EventStream(connection, await connection.cursor(query, *args), batch)
+            try:
+                yield stream
+            finally:
+                await stream.close()
 
     async def rows(self, table: str, **where: Any) -> list[Row]:
         """Rows of one projection table, in key order, filtered by equality on columns."""
