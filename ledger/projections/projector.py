@@ -212,3 +212,4 @@ async def _fold(
         rest = batch[folded:]
         found = await payloads([row[0] for row in rest if row[9] is None])
         rows.fold_with_payloads(state, rest, found)
+
