@@ -33,7 +33,7 @@ class Projector:
         events: EventStore,
         projections: ProjectionStore,
         *,
-        batch_size: int = 1000,
+        batch_size: int = 10_000,
         snapshot_every: int | None = None,
     ) -> None:
         """`snapshot_every`: save the fold state every N events, so that answers as of a
