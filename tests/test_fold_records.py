@@ -19,13 +19,15 @@ from ledger.errors import DeliveryRejected
 from ledger.foldrecord import FoldRecord, decode, encode, fold_record
 from ledger.intake import Delivery, IntakeService
 from ledger.models import ORIGIN_BITRIX24, TRUST_EVENT
+from ledger.projections import readers
 from ledger.settings import Settings
 from ledger.simulation import Traffic
+from ledger.storage.projection_store import TABLES
 from tests.conftest import ClientFactory, Database, sample, sample_names
 from tests.helpers import Client, install_sample_portal, post
 from tests.test_derived_state import KNOWN_TYPES, POISONS, cli, json_values, shaped
 from tests.test_planner import delivery, run, trusted
-from tests.test_projections import ingest, projector_of, view_contents
+from tests.test_projections import ingest, projections_of, projector_of, view_contents
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -213,3 +215,36 @@ async def test_a_record_of_another_version_is_not_used_and_not_a_difference(
         == "27"
     checked = await cli(database, "verify", "--projections", "--quiet")
     assert checked.exit_code == 0, checked.output
+
+
+async def test_rows_without_a_usable_record_in_the_middle_of_a_read_fold_in_order(
+    client: Client, admin: Admin
+) -> None:
+    """Rows are folded as they are read, so the rows that need their payload are the ones to
+    get wrong: here records of another version (their payloads are read in one more statement,
+    for them and the rows after them) and rows stored without one (their payloads come with
+    them) sit among usable records in one read. A rebuild, a catch-up from position 0 in one
+    batch, and `as_of` all give what incremental updating gave before."""
+    await ingest(client, Traffic(seed=5, portals=4), 400)
+    projector = projector_of(client)
+    await projector.catch_up()
+    expected = await view_contents(admin)
+    live = await readers.bots(projections_of(client), None)
+    head = projector.checkpoint
+    async with admin.transaction():
+        await admin.execute("SET LOCAL session_replication_role = replica")
+        await admin.execute("UPDATE ledger.events SET fold_record = '[99]' "
+                            "WHERE position % 7 = 3 AND position > $1", head // 3)
+        await admin.execute("UPDATE ledger.events SET fold_record = NULL "
+                            "WHERE position % 5 = 1 AND position > $1", head // 2)
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE fold_record::text = '[99]'") > 10
+
+    await projector.rebuild()
+    assert await view_contents(admin) == expected
+    assert await readers.bots(projections_of(client), projector, as_of=head) == live
+
+    await admin.execute("TRUNCATE " + ", ".join(f"projections.{t}" for t in TABLES))
+    await admin.execute("UPDATE projections.checkpoints SET position = 0")
+    assert await projector.catch_up() == head  # one batch (10,000 at most)
+    assert await view_contents(admin) == expected
