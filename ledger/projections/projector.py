@@ -58,12 +58,16 @@ class Projector:
         return self.lag > 0 and time.monotonic() - self.last_progress > after_seconds
 
     async def catch_up(self) -> int:
-        """Fold every event committed so far; returns how many were applied."""
-        self.head, _ = await self._events.head()
+        """Fold every event committed so far; returns how many were applied.
+
+        One transaction per `batch_size` events, each reading the stream's head as it locks
+        the checkpoint: a catch-up that folds fewer than that is done in one (the projector
+        process runs one per gather of commits; each round trip is CPU on both sides)."""
         applied = 0
         while True:
             async with self._projections.batch(REGISTRY) as batch:
-                events = await batch.events(self.head, self._batch_size)
+                self.head = batch.head
+                events = await batch.events(batch.head, self._batch_size)
                 if not events:
                     self.checkpoint = batch.checkpoint
                     break
@@ -75,6 +79,8 @@ class Projector:
                 await batch.save(rows.changed_rows(state), last[0], last[7])
                 self.checkpoint = batch.checkpoint
             applied += len(events)
+            if len(events) < self._batch_size:
+                break  # at the head read in that transaction
         if applied or self.lag == 0:
             self.last_progress = time.monotonic()
         if applied and self._snapshot_every:

@@ -107,6 +107,23 @@ _EVENTS_OCCURRED_BY = f"""
     SELECT {_FOLD_SELECT} FROM ledger.events
     WHERE coalesce(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
 """
+# the bots named, one index lookup each (a join or `IN` is planned as a scan of every bot of
+# the registry, each batch; LIMIT 1 — it is the key — keeps the planner from making it one),
+# and every bot of the portals named (a bot both name comes twice: the same row); the same
+# for the deletions
+_BOT_COLUMNS = ", ".join(f"b.{c}" for c in COLUMNS["bots"])
+_LOAD_BOTS = (
+    f"SELECT {_BOT_COLUMNS} FROM unnest($1::text[], $2::bigint[]) AS k(member_id, bot_id) "
+    "CROSS JOIN LATERAL (SELECT * FROM projections.bots b WHERE b.member_id = k.member_id "
+    f"AND b.bot_id = k.bot_id LIMIT 1) b UNION ALL SELECT {_BOT_COLUMNS} FROM projections.bots b "
+    "WHERE b.member_id = ANY($3::text[])"
+)
+_LOAD_DELETIONS = (
+    f"SELECT {', '.join(f'd.{c}' for c in COLUMNS['deletions'])} "
+    "FROM unnest($1::bigint[], $2::bigint[]) AS k(position, bot_id) "
+    "CROSS JOIN LATERAL (SELECT * FROM projections.deletions d WHERE d.position = k.position "
+    "AND d.bot_id = k.bot_id LIMIT 1) d"
+)
 _PAYLOADS = "SELECT position, payload FROM ledger.events WHERE position = ANY($1::bigint[])"
 
 
@@ -184,10 +201,11 @@ class EventStream:
 class ProjectionBatch:
     """One locked projector transaction."""
 
-    def __init__(self, connection: Connection, name: str, checkpoint: int) -> None:
+    def __init__(self, connection: Connection, name: str, checkpoint: int, head: int) -> None:
         self._connection = connection
         self.name = name
         self.checkpoint = checkpoint
+        self.head = head  # of the event stream, read as the checkpoint was locked
 
     async def events(self, up_to: int, limit: int) -> Sequence[EventRow]:
         """The events after the checkpoint up to `up_to` (at most `limit`)."""
@@ -207,15 +225,11 @@ class ProjectionBatch:
         `whole_portals`), the latest deletion row of each of them, and the portals."""
         keys = list(bot_keys)
         bots = [_plain(r) for r in await self._connection.fetch(
-            _select("bots", "WHERE (member_id, bot_id) IN "
-                    "(SELECT * FROM unnest($1::text[], $2::bigint[])) "
-                    "OR member_id = ANY($3::text[])"),
-            [k[0] for k in keys], [k[1] for k in keys], list(whole_portals),
+            _LOAD_BOTS, [k[0] for k in keys], [k[1] for k in keys], list(whole_portals),
         )]
         deleted = [b for b in bots if b["last_deletion_position"] is not None]
         deletions = [_plain(r) for r in await self._connection.fetch(
-            _select("deletions", "WHERE (position, bot_id) IN "
-                    "(SELECT * FROM unnest($1::bigint[], $2::bigint[]))"),
+            _LOAD_DELETIONS,
             [b["last_deletion_position"] for b in deleted], [b["bot_id"] for b in deleted],
         )] if deleted else []
         portal_rows = [_plain(r) for r in await self._connection.fetch(
@@ -362,11 +376,14 @@ class ProjectionStore:
             self._pool.acquire() as connection,
             connection.transaction(),
         ):
-            position = await connection.fetchval(
-                "SELECT position FROM projections.checkpoints WHERE projection = $1 FOR UPDATE",
+            row = await connection.fetchrow(
+                "SELECT c.position, h.position FROM projections.checkpoints c "
+                "CROSS JOIN ledger.stream_heads h WHERE c.projection = $1 AND h.stream = 'events' "
+                "FOR UPDATE OF c",
                 name,
             )
-            yield ProjectionBatch(connection, name, int(position))
+            assert row is not None
+            yield ProjectionBatch(connection, name, int(row[0]), int(row[1]))
 
     @asynccontextmanager
     async def snapshot(self, name: str) -> AsyncIterator[ProjectionSnapshot]:
