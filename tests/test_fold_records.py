@@ -248,3 +248,27 @@ async def test_rows_without_a_usable_record_in_the_middle_of_a_read_fold_in_orde
     await admin.execute("UPDATE projections.checkpoints SET position = 0")
     assert await projector.catch_up() == head  # one batch (10,000 at most)
     assert await view_contents(admin) == expected
+
+
+async def test_the_read_ahead_waits_for_payloads_and_for_a_reader_that_stops_early(
+    client: Client, admin: Admin
+) -> None:
+    """A stream asks for the next batch before it hands this one out; a payload read between
+    batches, and leaving the stream with a read still in flight, wait for that read (one
+    statement at a time per connection), and every row still comes once, in order."""
+    await ingest(client, Traffic(seed=5, portals=2), 130)
+    projections = projections_of(client)
+    head = await admin.fetchval("SELECT position FROM ledger.stream_heads WHERE stream = 'events'")
+    seen: list[int] = []
+    async with projections.stream_events(head, batch=20) as stream:
+        async for batch in stream:
+            positions = [row[0] for row in batch]
+            assert sorted(await stream.payloads(positions)) == positions
+            seen += positions
+    assert seen == list(range(1, head + 1))
+    for _ in range(3):  # more connections than the pool's: each must come back usable
+        async with projections.stream_events(head, batch=20) as stream:
+            async for batch in stream:
+                assert batch[0][0] == 1
+                break
+    assert (await projections.checkpoint("registry"))["position"] >= 0
