@@ -201,6 +201,14 @@ class OutboxError(LedgerError):
     code = "outbox_error"
 
 
+class DestinationAnswerInvalid(LedgerError):
+    """A route's destination answered a forward with something that is not HTTP/1.x the
+    forwarder accepts (recorded as that attempt's error; the forward is retried)."""
+
+    status = 502
+    code = "destination_answer_invalid"
+
+
 class TreeNotReady(LedgerError):
     """The Merkle tree cannot answer yet (not built that far, or no checkpoint covers the
     event); the message says what to run or wait for."""

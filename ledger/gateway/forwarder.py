@@ -35,9 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
-from yarl import URL
 
 from ledger.errors import LedgerError, OutboxError, RouteRefused
 from ledger.gateway import status
@@ -47,6 +45,7 @@ from ledger.gateway.routes import (
     check_destination,
     plain_http_hosts,
 )
+from ledger.gateway.sender import Sender, Target
 from ledger.gateway.status import RouteHealth
 from ledger.metrics import ForwardMetrics
 from ledger.settings import Settings
@@ -57,7 +56,6 @@ log = logging.getLogger(__name__)
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
 _QUERY = re.compile(r"\?[^\s'\"]*")
-_ANSWER_READ = 64 * 1024  # of a destination's answer body; the rest is not read
 ROUTES_NAME = "forwarder-routes.json"
 
 
@@ -87,6 +85,11 @@ class _Lane:
 class _RouteState:
     route: Route
     refused: str | None  # why this ledger will not forward there (settings changed since)
+    target: Target
+    # the route's metric children, looked up once (a `labels()` per attempt costs)
+    delivered: Any
+    failed: Any
+    delivery_seconds: Any
     lanes: dict[str, _Lane] = field(default_factory=dict)
     pending: int = 0
     # items whose body is in memory, oldest first (a dict: ordered, O(1) removal)
@@ -98,7 +101,7 @@ class _RouteState:
     last_outcome: str | None = None
     last_status: int | None = None
     last_error: str | None = None
-    last_attempt_at: datetime | None = None
+    last_attempt_at: float | None = None  # wall clock
 
 
 class LoopRunner(Protocol):
@@ -140,7 +143,7 @@ class Forwarder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[str] = []  # started through the runner
         self._closing = False
-        self._session: aiohttp.ClientSession | None = None
+        self._sender = Sender(settings.forward_timeout_seconds)
 
     # ---- life -------------------------------------------------------------------------------
 
@@ -148,13 +151,6 @@ class Forwarder:
         """Load the routes (from PostgreSQL, else the copy saved last time), read what the
         outboxes owe, then keep forwarding, reading, recording and publishing in the
         background."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=32),
-            trust_env=False,  # no proxy from the environment: destinations are the operator's
-            timeout=aiohttp.ClientTimeout(total=self._settings.forward_timeout_seconds),
-            skip_auto_headers=("Content-Type",),  # only the one Bitrix24 sent
-            auto_decompress=False,
-        )
         await self._book.start()
         await self.poll()
         self._start_loop("forwarder-routes-reload",
@@ -187,8 +183,7 @@ class Forwarder:
             async with asyncio.timeout(5):
                 while self._records and await self._flush_records():
                     pass
-        if self._session is not None:
-            await self._session.close()
+        await self._sender.close()
         for outbox in self._outboxes.values():
             await asyncio.to_thread(outbox.close)
 
@@ -222,9 +217,20 @@ class Forwarder:
             log.info("route %s removed; its pending forwards are given up", route_id)
         for route_id, route in routes.items():
             if route_id not in self._states:
-                self._states[route_id] = _RouteState(route, self._refusal(route))
+                self._states[route_id] = self._state(route)
                 log.info("route %s: %s %s -> %s", route_id, route.member_id,
                          route.event_pattern, route.url)
+
+    def _state(self, route: Route) -> _RouteState:
+        refused = self._refusal(route)
+        try:
+            target = Target.of(route.url)
+        except (ValueError, UnicodeError) as exc:
+            refused, target = refused or f"{route.url!r} is not a URL: {exc}", Target.of("/")
+        attempts, rid = self._metrics.attempts, route.route_id
+        return _RouteState(route, refused, target, attempts.labels(rid, DELIVERED),
+                           attempts.labels(rid, FAILED),
+                           self._metrics.delivery_seconds.labels(rid))
 
     def _refusal(self, route: Route) -> str | None:
         try:
@@ -371,47 +377,37 @@ class Forwarder:
         return None
 
     async def _attempt(self, state: _RouteState, item: _Item) -> bool:
-        assert self._session is not None
         assert item.body is not None
         route = state.route
         item.attempts += 1
-        headers = {"X-Ledger-Route": route.route_id, "X-Ledger-Attempt": str(item.attempts),
-                   "User-Agent": "ledger-gateway"}
+        headers = [("X-Ledger-Route", route.route_id), ("X-Ledger-Attempt", str(item.attempts)),
+                   ("User-Agent", "ledger-gateway")]
         if item.content_type is not None:
-            headers["Content-Type"] = item.content_type
+            headers.append(("Content-Type", item.content_type))
         if item.position is not None:
-            headers["X-Ledger-Position"] = str(item.position)
-            headers["X-Ledger-Event-Hash"] = item.event_hash or ""
+            headers.append(("X-Ledger-Position", str(item.position)))
+            headers.append(("X-Ledger-Event-Hash", item.event_hash or ""))
         else:
-            headers["X-Ledger-Spool-Id"] = item.dedup_key.hex()
-        url = URL(route.url + (f"?{item.raw_query}" if item.raw_query else ""), encoded=True)
-        status: int | None = None
-        error: str | None = None
+            headers.append(("X-Ledger-Spool-Id", item.dedup_key.hex()))
         began = time.perf_counter()
-        try:
-            async with self._session.post(
-                url, data=item.body, headers=headers, allow_redirects=False
-            ) as response:
-                status = response.status
-                # a short answer read to its end lets the connection be reused
-                await response.content.read(_ANSWER_READ)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            # a query string may carry secrets: never into a record or a log line
-            error = _QUERY.sub("?…", f"{type(exc).__name__}: {exc}")[:300]
+        answer = await self._sender.post(
+            state.target, f"?{item.raw_query}" if item.raw_query else "", headers, item.body)
         latency = time.perf_counter() - began
+        status, error = answer.status, answer.error
+        if error is not None:  # a query string may carry secrets: never into a record or log
+            error = _QUERY.sub("?…", error)[:300]
         delivered = status is not None and 200 <= status < 300
         if status is not None and not delivered:
             error = f"HTTP {status}"
         outcome = DELIVERED if delivered else FAILED
-        self._metrics.attempts.labels(route.route_id, outcome).inc()
+        (state.delivered if delivered else state.failed).inc()
         state.last_outcome, state.last_status, state.last_error = outcome, status, error
-        state.last_attempt_at = datetime.now(UTC)
         state.failing_since = None if delivered else (state.failing_since or time.time())
-        self._record(route.route_id, item, outcome, status, error, latency * 1000)
+        now = time.time()
+        state.last_attempt_at = now
+        self._record(route.route_id, item, outcome, status, error, latency * 1000, now)
         if delivered:
-            self._metrics.delivery_seconds.labels(route.route_id).observe(
-                max(0.0, time.time() - item.accepted_at)
-            )
+            state.delivery_seconds.observe(max(0.0, now - item.accepted_at))
         else:
             log.info("route %s position %s attempt %d failed: %s", route.route_id,
                      item.position, item.attempts, error)
@@ -447,7 +443,7 @@ class Forwarder:
 
     def _record(
         self, route_id: str, item: _Item, outcome: str, status: int | None, error: str | None,
-        latency_ms: float | None,
+        latency_ms: float | None, at: float | None = None,
     ) -> None:
         if len(self._records) >= _RECORDS_MAX:  # PostgreSQL away for long: counted, logged
             self._metrics.unrecorded.inc()
@@ -460,7 +456,7 @@ class Forwarder:
             dedup_key=item.dedup_key, attempt=item.attempts, outcome=outcome, status=status,
             error=error, latency_ms=latency_ms,
             accepted_at=datetime.fromtimestamp(item.accepted_at, UTC),
-            attempted_at=datetime.now(UTC),
+            attempted_at=datetime.fromtimestamp(at or time.time(), UTC),
         ))
         self._records_wake.set()
 
@@ -541,7 +537,9 @@ class Forwarder:
                 state="refused" if s.refused else "failing" if s.failing_since else "ok",
                 backlog=backlog[rid][0], oldest_pending_seconds=backlog[rid][1],
                 last_outcome=s.last_outcome, last_status=s.last_status,
-                last_error=s.last_error, last_attempt_at=s.last_attempt_at, refused=s.refused,
+                last_error=s.last_error, refused=s.refused,
+                last_attempt_at=(None if s.last_attempt_at is None
+                                 else datetime.fromtimestamp(s.last_attempt_at, UTC)),
             )
             for rid, s in self._states.items()
         ]
