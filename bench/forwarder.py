@@ -134,8 +134,9 @@ def main() -> None:
                 outbox_dir = OUT / f"forwarder-{round_}" / "outbox"
                 shutil.rmtree(outbox_dir.parent, ignore_errors=True)
                 path = [str(source)] if source is not None else []
-                code = (f"import sys; sys.path[:0] = {path!r}; "
-                        "from bench.forwarder import child; child(sys.argv[1:])")
+                # this file by its path: the baseline's tree may have no bench.forwarder
+                code = (f"import sys, runpy; sys.path[:0] = {path!r}; "
+                        f"runpy.run_path({__file__!r})['child'](sys.argv[1:])")
                 output = subprocess.run(
                     [python, "-c", code, cluster.dsn(database, user="ledger_app"),
                      str(outbox_dir), str(args.forwards), "1" if args.profile else "0"],
