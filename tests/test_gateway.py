@@ -547,3 +547,56 @@ async def test_a_position_one_worker_appends_after_another_workers_later_one_goe
     finally:
         late.close()
         early.close()
+
+
+async def test_an_empty_outbox_whose_worker_is_gone_costs_no_order_window(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """`worker-1`, left by an earlier run with two workers: empty and its writer gone, so a
+    one-worker forwarder does not wait the order window (a minute here) for it."""
+    from ledger.gateway.forwarder import outbox_key
+    from ledger.gateway.outbox import OutboxWriter, writer_gone
+
+    settings = gateway_settings(forward_order_window_seconds=60.0)
+    stale = OutboxWriter(settings.outbox_root / "worker-1", outbox_key(settings))
+    assert not writer_gone(stale.directory)  # open: it might still append
+    stale.close()
+    assert writer_gone(stale.directory)
+    client, _, _ = await routed_client(make_client, forwarders, settings, destination.url)
+    await install_sample_portal(client)
+    await destination.wait_until(lambda d: len(d.delivered) == 1, within=20)
+
+
+async def test_what_a_gone_worker_left_in_its_outbox_is_forwarded_in_order(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """A worker appended position 10 and ended; a live one appended 11 first: both are
+    forwarded, 10 before 11 (the gone worker's outbox is not skipped while it holds records)."""
+    from ledger.gateway.forwarder import outbox_key
+    from ledger.gateway.outbox import OutboxWriter
+
+    settings = gateway_settings(forward_order_window_seconds=1.0)
+    key = outbox_key(settings)
+    gone, live = (OutboxWriter(settings.outbox_root / f"worker-{n}", key) for n in (1, 2))
+    _, forwarder, route_id = await routed_client(
+        make_client, forwarders, settings, destination.url)
+
+    def record(position: int) -> tuple[dict[str, Any], bytes]:
+        return ({"routes": [route_id], "member_id": MEMBER_ID,
+                 "event_type": "ONIMBOTMESSAGEADD", "position": position,
+                 "event_hash": f"{position:064x}", "dedup_key": f"{position:032x}",
+                 "content_type": FORM, "raw_query": "", "accepted_at": time.time()},
+                f"n={position}".encode())
+
+    try:
+        await asyncio.to_thread(live.append, [record(11)])
+        await forwarder.poll()
+        await asyncio.to_thread(gone.append, [record(10)])
+        gone.close()
+        await destination.wait_until(lambda d: len(d.delivered) >= 2)
+        assert [r.position for r in destination.delivered] == [10, 11]
+    finally:
+        live.close()
+        gone.close()

@@ -16,6 +16,7 @@ from unittest import mock
 import aiohttp
 import asyncpg
 import pytest
+from prometheus_client import generate_latest
 
 from ledger import wire
 from ledger.errors import DatabaseUnavailable, OutboxError
@@ -417,3 +418,57 @@ async def test_with_postgresql_away_both_processes_start_from_the_saved_route_se
     await third.start()
     assert (third.position, third.routes) == (0, {})
     assert any("no saved routes usable" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_route_the_forwarder_does_not_know_yet_waits_for_the_routes_never_given_up(
+    make_client: ClientFactory, outage: Any, admin: Admin,
+) -> None:
+    """The intake learned of a route the forwarder has not (it was added just before
+    PostgreSQL went away from both): its forwards wait for the forwarder's next reload instead
+    of being given up as `route_removed`, then go out in order."""
+    relay, settings_for = outage
+    settings: Settings = settings_for(
+        forward_plain_http_hosts="127.0.0.1", forward_retry_initial_seconds=0.02,
+        forward_poll_seconds=0.01, routes_reload_seconds=3600.0)  # reloads only when told
+    destination = Destination()
+    await destination.start()
+    forwarders = Forwarders()
+    try:
+        client: Client = await make_client(settings)
+        assert client.app is not None
+        forwarder = await forwarders.start(client)  # no route yet
+        await install_sample_portal(client)
+        route_id, _ = await routes_admin.add_route(client.app[STORE], settings, member_id=None,
+                                                   url=destination.url, actor="test")
+        await client.app[HANDOFF].reload()  # the intake knows it; the forwarder does not
+        await relay.cut()
+        bodies = messages(3)
+        for body in bodies:
+            status, answer = await post(client, body)
+            assert (status, answer["status"]) == (202, "spooled")
+        await eventually(lambda: len(forwarder._unrouted.get(route_id, [])) == 3)
+        assert b"route_removed" not in generate_latest(forwarder.registry)
+        assert destination.requests == []
+
+        await relay.start()
+        await forwarder.reload()  # what the routes' follow loop does every few seconds
+        await destination.wait_until(lambda d: len(d.delivered) == 3)
+        assert [r.body for r in destination.delivered] == bodies
+        await drained(client)
+        await forwarder.records_flushed()
+        outcomes = [r["outcome"] for r in await admin.fetch(
+            "SELECT outcome FROM ledger.forward_attempts WHERE route_id = $1", route_id)]
+        assert outcomes == ["delivered"] * 3
+    finally:
+        await forwarders.close()
+        await destination.stop()
+
+
+def messages(count: int) -> list[bytes]:
+    """Distinct message deliveries of the sample portal."""
+    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
+    made = []
+    for i in range(count):
+        document["data"]["PARAMS"]["MESSAGE_ID"] = str(700000 + i)
+        made.append(wire.http_build_query(document))
+    return made

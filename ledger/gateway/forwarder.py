@@ -39,7 +39,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from ledger.errors import LedgerError, OutboxError, RouteRefused
 from ledger.gateway import status
-from ledger.gateway.outbox import KEY_NAME, Location, OutboxReader, Recovered, load_key
+from ledger.gateway.outbox import (
+    KEY_NAME,
+    Location,
+    OutboxReader,
+    Recovered,
+    load_key,
+    writer_gone,
+)
 from ledger.gateway.routes import (
     Route,
     check_destination,
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
+RECORD_BATCH_SECONDS = 0.1  # how long attempt records gather before they are written
 _QUERY = re.compile(r"\?[^\s'\"]*")
 ROUTES_NAME = "forwarder-routes.json"
 
@@ -131,10 +139,14 @@ class Forwarder:
         self._outboxes: dict[str, OutboxReader] = {}
         # read but not yet queued: (when read, monotonic), waiting out the order window
         self._settling: list[tuple[float, OutboxReader, Recovered]] = []
+        self._live_outboxes = 0  # outboxes that may still hold or get records (see `poll`)
         self._http_hosts = plain_http_hosts(settings.forward_plain_http_hosts)
         self._states: dict[str, _RouteState] = {}
         self._book = status.RouteBook(store, settings.outbox_root / ROUTES_NAME,
-                                      on_change=self._apply_routes)
+                                      on_change=self._apply_routes, on_reload=self._unpark)
+        # forwards to routes this process has not seen yet (added while PostgreSQL was away
+        # from it): they wait, in order, for the next reload, never given up for that
+        self._unrouted: dict[str, list[_Item]] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics = ForwardMetrics(self.registry, self.backlog)
         self._records: list[AttemptRecord] = []
@@ -255,10 +267,19 @@ class Forwarder:
         every held record of a lower position; a worker stalled longer than the window between
         its commit and its append can still be overtaken. Each poll reads before it releases,
         so the window is exact whatever the polling interval; with one outbox, append order is
-        commit order and nothing waits."""
+        commit order and nothing waits.
+
+        An outbox whose writer is gone (`writer_gone`, looked at before and after reading)
+        and that had nothing new to read and nothing waiting here — a `worker-N` left by an
+        earlier run with more workers — counts as none: it can hold nothing that a record read
+        now should wait for. (A worker that starts, commits, appends and dies between the two
+        looks could still be overtaken: the window's own caveat, in a narrower gap.)"""
         root = self._settings.outbox_root
         directories = await asyncio.to_thread(
             lambda: sorted(p for p in root.glob("worker-*") if p.is_dir()))
+        waiting = {outbox.directory.name for _, outbox, _ in self._settling}
+        candidates = [d for d in directories if d.name not in waiting]
+        gone = await asyncio.to_thread(lambda: {d for d in candidates if writer_gone(d)})
         found: list[tuple[OutboxReader, Recovered]] = []
         for directory in directories:
             outbox = self._outboxes.get(directory.name)
@@ -266,18 +287,31 @@ class Forwarder:
                 outbox = OutboxReader(directory, self._key)
                 await asyncio.to_thread(outbox.open)
                 self._outboxes[directory.name] = outbox
-            found.extend((outbox, r) for r in await asyncio.to_thread(outbox.poll))
+            records = await asyncio.to_thread(outbox.poll)
+            found.extend((outbox, r) for r in records)
+            if records or outbox.behind:
+                gone.discard(directory)
+        if gone:
+            gone = await asyncio.to_thread(lambda: {d for d in gone if writer_gone(d)})
+        self._live_outboxes = len(directories) - len(gone)
         now = time.monotonic()
         self._settling.extend((now, outbox, record) for outbox, record in found)
         released = self._release(now)
         if not released:
             return
-        unknown = {r for _, f in released for r in f.routes if r not in self._states}
+        unknown = {r for _, f in released for r in f.routes
+                   if r not in self._states and r not in self._unrouted}
+        current = False  # whether the route set was read from PostgreSQL after these records
         if unknown:  # added after this process last looked: look again before judging
-            with contextlib.suppress(LedgerError):
+            try:
                 await self.reload()
+                current = True
+            except LedgerError as exc:
+                log.warning("forwards to route(s) %s wait: this process does not know them "
+                            "yet and cannot read the routes (%s)", ", ".join(sorted(unknown)),
+                            exc)
         for outbox, record in released:
-            self._queue(outbox, record)
+            self._queue(outbox, record, current=current)
 
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
         """The held records whose window has passed, and those of lower positions, in ledger
@@ -285,7 +319,7 @@ class Forwarder:
         if not self._settling:
             return []
         window = (self._settings.forward_order_window_seconds
-                  if len(self._outboxes) > 1 else 0.0)
+                  if self._live_outboxes > 1 else 0.0)
         due = [(read + window <= now) for read, _, _ in self._settling]
         if not any(due):
             return []
@@ -304,14 +338,41 @@ class Forwarder:
                                      f[1].header["position"] or 0))
         return released
 
-    def _queue(self, outbox: OutboxReader, record: Recovered) -> None:
+    def _queue(self, outbox: OutboxReader, record: Recovered, *, current: bool) -> None:
+        """Hand a record to each route's lane. A route this process does not know was removed
+        if the set was just read from PostgreSQL (`current`: the intake sealed the record
+        while the route existed, so the set read since holds its addition); otherwise the
+        forward waits for the next reload (`_unpark`)."""
         for route_id in record.routes:
             state = self._states.get(route_id)
             item = _item(outbox, record.location, record.header, record.body)
-            if state is None:
+            if route_id in self._unrouted or (state is None and not current):
+                self._park(route_id, item)
+            elif state is None:
                 self._give_up_item(None, route_id, item, "route_removed")
-                continue
-            self._enqueue(state, item)
+            else:
+                self._enqueue(state, item)
+
+    def _park(self, route_id: str, item: _Item) -> None:
+        waiting = self._unrouted.setdefault(route_id, [])
+        if len(waiting) >= self._settings.forward_max_pending:
+            self._give_up_item(None, route_id, item, "backlog_full")
+            return
+        item.body = None  # read back from the outbox when its turn comes: memory stays small
+        waiting.append(item)
+
+    def _unpark(self) -> None:
+        """After a reload from PostgreSQL: the waiting forwards go to their routes' lanes in
+        the order they were read — or, for a route the current set does not hold (removed
+        since), are given up."""
+        unrouted, self._unrouted = self._unrouted, {}
+        for route_id, items in unrouted.items():
+            state = self._states.get(route_id)
+            for item in items:
+                if state is None:
+                    self._give_up_item(None, route_id, item, "route_removed")
+                else:
+                    self._enqueue(state, item)
 
     def _enqueue(self, state: _RouteState, item: _Item) -> None:
         route_id = state.route.route_id
@@ -475,8 +536,12 @@ class Forwarder:
             return True
 
     async def _record_loop(self) -> None:
+        """Write attempt records in batches: one INSERT per `RECORD_BATCH_SECONDS` at most
+        (an INSERT as soon as any record waited cost PostgreSQL and this process about as much
+        as the forward itself under load)."""
         while not self._closing:
             await self._records_wake.wait()
+            await asyncio.sleep(RECORD_BATCH_SECONDS)  # the batching interval
             self._records_wake.clear()
             while self._records and not self._closing:
                 if not await self._flush_records():

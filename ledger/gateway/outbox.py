@@ -16,6 +16,9 @@ Layout (one directory per worker process):
   that last interval. A frame is known by (segment, offset). Segment numbers never repeat
   (nanoseconds at creation), and a writer never appends to a segment it did not create, so a
   torn tail left by a killed writer stays a tail.
+- `writer.lock`: each writer holds a shared `flock` on it for as long as it is open (taken
+  before its first commit is appended), so the forwarder can tell a directory whose writer is
+  gone (`writer_gone`: an earlier run with more workers) from a live one.
 - `done.log` (the forwarder's): one plaintext line `<segment> <offset> <route> <outcome>` per
   forward settled (delivered or given up); not fsync'd — losing a line only means that forward
   is sent again (at least once). Rewritten at the forwarder's start to what still matters.
@@ -56,6 +59,7 @@ _FRAME = struct.Struct(">4sI")
 _NONCE = 12
 KEY_NAME = "outbox.key"
 IDLE_SECONDS = 1.0  # see OutboxReader._delete_if_done
+WRITER_LOCK = "writer.lock"
 
 Location = tuple[int, int]  # (segment, offset)
 
@@ -130,6 +134,22 @@ def _segment_numbers(directory: Path) -> list[int]:
     return sorted(numbers)
 
 
+def writer_gone(directory: Path) -> bool:
+    """Whether no `OutboxWriter` (in any process) has `directory` open: then nothing more can
+    be appended there until one opens it again. Blocking I/O (call it from a thread)."""
+    try:
+        handle = os.open(directory / WRITER_LOCK, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(handle)  # releases what was taken
+    return True
+
+
 def _fsync_directory(directory: Path) -> None:
     with contextlib.suppress(OSError):  # make a new file's name durable too
         handle = os.open(directory, os.O_RDONLY)
@@ -153,6 +173,10 @@ class OutboxWriter:
         self._last = 0
         self._unsynced = False
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # held while open: the forwarder's `writer_gone` (it waits out a probe's instant)
+        self._alive: int | None = os.open(directory / WRITER_LOCK, os.O_RDONLY | os.O_CREAT,
+                                          0o600)
+        fcntl.flock(self._alive, fcntl.LOCK_SH)
         self._last = max(_segment_numbers(directory), default=0)
 
     def append(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
@@ -201,6 +225,9 @@ class OutboxWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            if self._alive is not None:
+                os.close(self._alive)  # and with it the lock: this writer is gone
+                self._alive = None
 
 
 @dataclass(slots=True)
@@ -232,6 +259,7 @@ class OutboxReader:
         self._done_file: Any = None
         self._settled: list[tuple[Location, str, str]] = []
         self._settled_lock = threading.Lock()  # never held during I/O
+        self.behind = False  # the last poll stopped at its `max_bytes`: more to read
 
     def open(self) -> None:
         """Read `done.log` and rewrite it to what still matters (existing segments)."""
@@ -271,8 +299,10 @@ class OutboxReader:
         numbers = _segment_numbers(self.directory)
         taken = 0
         with self._lock:
+            self.behind = False
             for index, number in enumerate(numbers):
                 if taken >= max_bytes:
+                    self.behind = True
                     break
                 segment = self._segments.setdefault(number, _Segment())
                 path = _segment_path(self.directory, number)

@@ -93,13 +93,16 @@ def load_routes(path: Path) -> tuple[int, dict[str, Route]] | None:
 class RouteBook:
     """The route set folded from route events — what the intake's handoff and the forwarder
     process each keep — saved at `path` after every change, so either process starts from the
-    set it last saw while PostgreSQL is away. `on_change` hears every new set."""
+    set it last saw while PostgreSQL is away. `on_change` hears every new set, `on_reload` every
+    reload from PostgreSQL that succeeded (the set is then current, changed or not)."""
 
     def __init__(
         self, store: GatewayStore, path: Path,
         on_change: Callable[[dict[str, Route]], None] | None = None,
+        on_reload: Callable[[], None] | None = None,
     ) -> None:
         self._store, self._path, self._on_change = store, path, on_change
+        self._on_reload = on_reload
         self.position = 0
         self.routes: dict[str, Route] = {}
 
@@ -125,14 +128,15 @@ class RouteBook:
     async def reload(self) -> None:
         """Fold route changes recorded since the last look (`ledger routes` while serving)."""
         events = await self._store.route_events(ROUTE_EVENT, self.position)
-        if not events:
-            return
-        self.position = events[-1][0]
-        self._changed(fold_routes(self.routes, events))
-        try:
-            save_routes(self._path, self.position, self.ordered())
-        except OSError as exc:
-            log.warning("cannot save the routes to %s: %s", self._path, exc)
+        if events:
+            self.position = events[-1][0]
+            self._changed(fold_routes(self.routes, events))
+            try:
+                save_routes(self._path, self.position, self.ordered())
+            except OSError as exc:
+                log.warning("cannot save the routes to %s: %s", self._path, exc)
+        if self._on_reload is not None:
+            self._on_reload()
 
     async def follow(self, interval: float) -> None:
         """Reload every `interval` seconds until cancelled (a poll: route changes made by
