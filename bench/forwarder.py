@@ -1,6 +1,7 @@
 """The forwarder process's CPU per forward, in-process: this revision against another one.
 
-    python -m bench.forwarder [--forwards 5000] [--rounds 3] [--baseline-src DIR] [--profile]
+    python -m bench.forwarder [--forwards 5000] [--rounds 3] [--rate N] [--baseline-src DIR]
+                              [--profile]
 
 Each run is a child process that seals `--forwards` simulated deliveries (the intake
 benchmark's bodies, 20 portals, so 20 lanes) into an outbox for one route, then starts the
@@ -8,8 +9,10 @@ forwarder as `ledger forward` would (its event loop too) and counts this process
 (`time.process_time`) until every forward is delivered and its attempt recorded in PostgreSQL.
 The destination is an aiohttp hello world in a process of its own (not counted), as in
 `bench.gateway`. Runs of this revision and of `--baseline-src` (a checkout of another revision:
-`git archive main | tar -x -C DIR`) alternate; read the ratio of the medians. `--profile`
-prints a cProfile of one run of this revision instead.
+`git archive main | tar -x -C DIR`) alternate; read the ratio of the medians. `--rate N`
+appends N forwards a second while the forwarder runs (as a serving intake does: each poll
+finds a few, lanes go idle between) instead of all before; the appending thread's CPU is not
+counted. `--profile` prints a cProfile of one run of this revision instead.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,7 @@ DESTINATION_PORT = 9191
 
 
 async def _child(
-    dsn: str, outbox_dir: Path, forwards: int, profiler: cProfile.Profile | None
+    dsn: str, outbox_dir: Path, forwards: int, rate: float, profiler: cProfile.Profile | None
 ) -> dict[str, float]:
     from ledger import wire
     from ledger.gateway import admin as routes_admin
@@ -64,18 +68,25 @@ async def _child(
                 "content_type": "application/x-www-form-urlencoded",
                 "raw_query": delivery.query, "accepted_at": time.time(),
             }, wire.http_build_query(delivery.document)))
-        writer.append(records)
+        appending_cpu = [0.0]
+        appending = threading.Thread(target=_append,
+                                     args=(writer, records, rate, appending_cpu))
+        if not rate:
+            _append(writer, records, 0.0, appending_cpu)
         forwarder = Forwarder(settings, GatewayStore(pool), key)
         if profiler is not None:
             profiler.enable()
         began, began_cpu = time.perf_counter(), time.process_time()
         await forwarder.start()
+        if rate:
+            appending.start()
         deadline = time.monotonic() + 600
-        while sum(p for p, _ in forwarder.backlog().values()) or forwarder._records:
+        while appending.is_alive() or _pending(forwarder) or forwarder._records:
             if time.monotonic() > deadline:
                 raise SystemExit("forwards not settled within 600 s")
-            await asyncio.sleep(0.005)  # a poll: the forwarder offers no signal for this
+            await asyncio.sleep(0.05)  # a poll: the forwarder offers no signal for this
         cpu, wall = time.process_time() - began_cpu, time.perf_counter() - began
+        cpu -= appending_cpu[0] if rate else 0.0  # the intake's part, not the forwarder's
         if profiler is not None:
             profiler.disable()
         await forwarder.records_flushed()
@@ -91,6 +102,27 @@ async def _child(
         await pool.close()
 
 
+def _pending(forwarder: Any) -> int:
+    return sum(pending for pending, _ in forwarder.backlog().values())
+
+
+def _append(
+    writer: Any, records: list[tuple[dict[str, Any], bytes]], rate: float, spent: list[float]
+) -> None:
+    """As the intake would: all at once, or `rate` records a second in 10 ms steps (adding
+    this thread's CPU time to `spent`)."""
+    if not rate:
+        writer.append(records)
+        return
+    step = max(1, round(rate / 100))
+    began = time.monotonic()
+    for index in range(0, len(records), step):
+        time.sleep(max(0.0, began + index / rate - time.monotonic()))  # the pace
+        began_cpu = time.thread_time()
+        writer.append(records[index : index + step])
+        spent[0] += time.thread_time() - began_cpu
+
+
 def _loop_factory() -> Any:
     """The event loop `ledger forward` runs on in the revision under test."""
     from ledger.cli import forwarding
@@ -99,11 +131,12 @@ def _loop_factory() -> Any:
 
 
 def child(arguments: list[str]) -> None:
-    dsn, outbox_dir, forwards, profile = (arguments[0], Path(arguments[1]), int(arguments[2]),
-                                          arguments[3] == "1")
+    dsn, outbox_dir, forwards, profile, rate = (
+        arguments[0], Path(arguments[1]), int(arguments[2]), arguments[3] == "1",
+        float(arguments[4]))
     profiler = cProfile.Profile() if profile else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        result = runner.run(_child(dsn, outbox_dir, forwards, profiler))
+        result = runner.run(_child(dsn, outbox_dir, forwards, rate, profiler))
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
     print(orjson.dumps(result).decode())
@@ -115,6 +148,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-src", type=Path, default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="append this many forwards a second while forwarding (as a "
+                        "serving intake does), instead of all before")
     args = parser.parse_args()
     from bench.common import OUT, Cluster, record
     from bench.intake import serve, stop
@@ -139,7 +175,8 @@ def main() -> None:
                         f"runpy.run_path({__file__!r})['child'](sys.argv[1:])")
                 output = subprocess.run(
                     [python, "-c", code, cluster.dsn(database, user="ledger_app"),
-                     str(outbox_dir), str(args.forwards), "1" if args.profile else "0"],
+                     str(outbox_dir), str(args.forwards), "1" if args.profile else "0",
+                     str(args.rate)],
                     check=True, capture_output=True, text=True,
                     cwd=Path(__file__).parent.parent,
                 ).stdout
@@ -153,9 +190,9 @@ def main() -> None:
         return
     cpu = {n: statistics.median(r["cpu_us"] for r in runs) for n, runs in results.items()}
     lines = [
-        f"`python -m bench.forwarder --forwards {args.forwards} --rounds {args.rounds}`: the "
-        "forwarder's own CPU per forward (process_time, in-process; destination and "
-        "PostgreSQL not counted), revisions alternating.",
+        f"`python -m bench.forwarder --forwards {args.forwards} --rounds {args.rounds} "
+        f"--rate {args.rate:g}`: the forwarder's own CPU per forward (process_time, "
+        "in-process; destination and PostgreSQL not counted), revisions alternating.",
         "",
         "| forwarder | round | CPU µs/forward | wall µs/forward | failed attempts |",
         "|---|---:|---:|---:|---:|",

@@ -110,7 +110,9 @@ def main() -> None:
                                f"{str(source)!r}); runpy.run_module('ledger', "
                                "run_name='__main__')"]
                     env |= {"PYTHONDONTWRITEBYTECODE": "1"}
-                process = serve([*command, "serve", "--port", str(port)], env, port)
+                # the baseline's own children too: serve starts its sidecars (the forwarder)
+                # with `python -m ledger`, which imports from the current directory first
+                process = serve([*command, "serve", "--port", str(port)], env, port, cwd=source)
                 try:
                     url = f"http://127.0.0.1:{port}/bitrix24/events"
                     run_wrk(url, bodies, 2, args.connections)  # warm-up
