@@ -34,6 +34,7 @@ from ledger.storage.gateway_store import AttemptRecord, GatewayStore
 log = logging.getLogger(__name__)
 
 OUTBOX_SYNC_SECONDS = 0.05  # outbox fsync interval: what an OS crash may cost
+_MATCHED_MAX = 4096  # (portal, event type) pairs whose matching routes are remembered
 ROUTES_NAME = "routes.json"
 
 
@@ -57,6 +58,9 @@ class Handoff:
         self._runner = runner
         self._book = status.RouteBook(store, settings.outbox_path / ROUTES_NAME)
         self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[None]]] = []
+        # (member, event type) → the routes it matches, for the route set it was made from
+        self._matched: dict[tuple[str, str], list[str]] = {}
+        self._matched_for: dict[str, Route] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -90,8 +94,7 @@ class Handoff:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
         route it matches. Returns once the kernel holds it; never waits for a destination,
         never raises."""
-        routes = [r.route_id for r in self._book.routes.values()
-                  if r.matches(accepted.member_id, accepted.event_type)]
+        routes = self._routes_for(accepted.member_id, accepted.event_type)
         if not routes or self._closing:
             return
         header: dict[str, Any] = {
@@ -116,6 +119,19 @@ class Handoff:
                       exc if isinstance(exc, OSError | OutboxError) else repr(exc))
             await self._record_lost(header, accepted)
 
+    def _routes_for(self, member_id: str, event_type: str) -> list[str]:
+        """The routes a delivery matches; remembered per (portal, event type) while the route
+        set stays the same (a pattern match per route per delivery showed in the intake's
+        CPU), at most `_MATCHED_MAX` pairs."""
+        if self._matched_for is not self._book.routes or len(self._matched) > _MATCHED_MAX:
+            self._matched, self._matched_for = {}, self._book.routes
+        key = (member_id, event_type)
+        routes = self._matched.get(key)
+        if routes is None:
+            routes = self._matched[key] = [r.route_id for r in self._book.routes.values()
+                                           if r.matches(member_id, event_type)]
+        return routes
+
     async def _record_lost(self, header: dict[str, Any], accepted: Accepted) -> None:
         now = datetime.now(UTC)
         records = [AttemptRecord(
@@ -137,7 +153,7 @@ class Handoff:
         self._writes.append((header, body, future))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_all(), name="outbox-writer")
-        await asyncio.shield(future)
+        await future  # a cancelled handler cancels only its own future; the batch is written
 
     async def _write_all(self) -> None:
         try:

@@ -103,8 +103,9 @@ class _Sealer:
         self._aead = AESGCM(key)
         self._directory = directory
 
-    def seal(self, header: dict[str, Any], body: bytes) -> bytes:
-        nonce = os.urandom(_NONCE)
+    def seal(self, header: dict[str, Any], body: bytes, nonce: bytes | None = None) -> bytes:
+        """One frame; `nonce`: 12 random bytes (drawn here when not given)."""
+        nonce = nonce or os.urandom(_NONCE)
         sealed = self._aead.encrypt(nonce, orjson.dumps(header) + b"\n" + body, MAGIC)
         return _FRAME.pack(MAGIC, _NONCE + len(sealed)) + nonce + sealed
 
@@ -181,7 +182,9 @@ class OutboxWriter:
 
     def append(self, records: list[tuple[dict[str, Any], bytes]]) -> None:
         """Write records (header, body) to the kernel (not fsync'd: see `sync`)."""
-        data = b"".join(self._sealer.seal(h, b) for h, b in records)
+        nonces = os.urandom(_NONCE * len(records))  # one system call for the batch
+        data = b"".join(self._sealer.seal(h, b, nonces[i * _NONCE : (i + 1) * _NONCE])
+                        for i, (h, b) in enumerate(records))
         with self._lock:
             if self._file is None or self._size > self._segment_bytes:
                 self._rotate()
