@@ -286,3 +286,36 @@ def test_targets() -> None:
     assert Target.of("http://[::1]:8080") == Target(False, "::1", 8080, "[::1]:8080", "/")
     assert Target.of("https://bücher.example/ä b").path == "/%C3%A4%20b"
     assert Target.of("https://bücher.example/").host == "xn--bcher-kva.example"
+
+
+async def test_an_answer_whose_body_never_ends_still_counts_by_its_status(
+    raw: Callable[[Handler], Awaitable[Raw]],
+) -> None:
+    """The head said 202 and then the body stalled: delivered (the destination answered), the
+    connection closed rather than reused."""
+    async def stalls(
+        server: Raw, r: asyncio.StreamReader, w: asyncio.StreamWriter, _: int
+    ) -> None:
+        while await server.read_request(r):
+            w.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: 10\r\n\r\nabc")
+            await w.drain()
+
+    server = await raw(stalls)
+    sender = Sender(timeout=0.3)
+    assert await sender.post(server.target(), "", HEADERS, b"x") == Answer(202, None)
+    assert await sender.post(server.target(), "", HEADERS, b"y") == Answer(202, None)
+    assert server.connections == 2
+    await sender.close()
+
+
+async def test_bytes_beyond_an_answer_end_the_connection(
+    raw: Callable[[Handler], Awaitable[Raw]],
+) -> None:
+    """A destination that sends a second, unasked answer behind the first cannot have it
+    taken for the next forward's."""
+    server = await keep_alive_server(raw, OK + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    sender = Sender(timeout=5)
+    assert await sender.post(server.target(), "", HEADERS, b"x") == Answer(200, None)
+    assert await sender.post(server.target(), "", HEADERS, b"y") == Answer(200, None)
+    assert server.connections == 2
+    await sender.close()

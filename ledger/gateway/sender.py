@@ -174,10 +174,13 @@ class Sender:
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool()
+        seen: list[int] = []  # the status, as soon as the answer's head is in
         try:
             async with asyncio.timeout(self._timeout), pool.slots:
-                return Answer(await self._exchange(target, pool, request), None)
+                return Answer(await self._exchange(target, pool, request, seen), None)
         except TimeoutError:
+            if seen:  # answered; only its body was too slow (the connection is closed)
+                return Answer(seen[-1], None)
             return Answer(None, f"TimeoutError: no answer within {self._timeout:g} s")
         except (OSError, AnswerError, ssl.SSLError, UnicodeError, ValueError) as exc:
             return Answer(None, f"{type(exc).__name__}: {exc}")
@@ -185,12 +188,14 @@ class Sender:
             log.exception("forward to %s:%d failed unexpectedly", target.host, target.port)
             return Answer(None, f"{type(exc).__name__}: {exc}")
 
-    async def _exchange(self, target: Target, pool: _Pool, request: bytes) -> int:
+    async def _exchange(
+        self, target: Target, pool: _Pool, request: bytes, seen: list[int]
+    ) -> int:
         reused = self._idle(pool)
         connection = reused or await self._connect(target)
         try:
             try:
-                return await self._round_trip(connection, pool, request)
+                return await self._round_trip(connection, pool, request, seen)
             except (ConnectionError, AnswerError) as exc:
                 # a kept-alive connection closed by the destination as the request crossed it:
                 # nothing of an answer arrived, so send it again on a new one (at least once)
@@ -199,7 +204,7 @@ class Sender:
                     raise
             connection.close()
             connection = await self._connect(target)
-            return await self._round_trip(connection, pool, request)
+            return await self._round_trip(connection, pool, request, seen)
         except BaseException:
             connection.close()
             raise
@@ -225,13 +230,16 @@ class Sender:
         )
         return connection
 
-    async def _round_trip(self, connection: _Connection, pool: _Pool, request: bytes) -> int:
+    async def _round_trip(
+        self, connection: _Connection, pool: _Pool, request: bytes, seen: list[int]
+    ) -> int:
         assert connection.transport is not None
         connection.busy = True
         connection.transport.write(request)
-        status, reusable = await _answer(connection)
+        status, reusable = await _answer(connection, seen)
         connection.busy = False
-        if reusable and not connection.ended:
+        # bytes beyond the answer are nothing we asked for: the connection is not trusted on
+        if reusable and not connection.ended and not connection.buffer:
             connection.idle_since = time.monotonic()
             pool.idle.append(connection)
         else:
@@ -253,7 +261,7 @@ def _tls_context() -> ssl.SSLContext:
     return context
 
 
-async def _answer(connection: _Connection) -> tuple[int, bool]:
+async def _answer(connection: _Connection, seen: list[int]) -> tuple[int, bool]:
     """Read one answer: (status, whether the connection may carry another request). 1xx
     interim answers are skipped; the status counts once its head is complete, even if the body
     then cannot be read (the connection is then not reused)."""
@@ -271,6 +279,7 @@ async def _answer(connection: _Connection) -> tuple[int, bool]:
             raise AnswerError("the destination switched protocols unasked")
         if status >= 200:
             break
+    seen.append(status)
     length, chunked, keep_alive = _framing(lines[1:], http11=matched[1] == b"1")
     if status in (204, 304):
         return status, keep_alive
