@@ -6,8 +6,8 @@
 Each run is a child process that seals `--forwards` simulated deliveries (the intake
 benchmark's bodies, 20 portals, so 20 lanes) into an outbox for one route, then starts the
 forwarder as `ledger forward` would (its event loop too) and counts this process's CPU time
-(`time.process_time`) until every forward is delivered and its attempt recorded in PostgreSQL.
-The destination is an aiohttp hello world in a process of its own (not counted), as in
+(`time.process_time`), and PostgreSQL's (/proc), until every forward is delivered and its
+attempt recorded. The destination is an aiohttp hello world in a process of its own (not counted), as in
 `bench.gateway`. Runs of this revision and of `--baseline-src` (a checkout of another revision:
 `git archive main | tar -x -C DIR`) alternate; read the ratio of the medians. `--rate N`
 appends N forwards a second while the forwarder runs (as a serving intake does: each poll
@@ -37,8 +37,10 @@ DESTINATION_PORT = 9191
 
 
 async def _child(
-    dsn: str, outbox_dir: Path, forwards: int, rate: float, profiler: cProfile.Profile | None
+    dsn: str, outbox_dir: Path, forwards: int, rate: float, profiler: cProfile.Profile | None,
+    postmaster: int,
 ) -> dict[str, float]:
+    from bench.proc import tree_cpu_seconds
     from ledger import wire
     from ledger.gateway import admin as routes_admin
     from ledger.gateway.forwarder import Forwarder, outbox_key
@@ -77,6 +79,7 @@ async def _child(
         if profiler is not None:
             profiler.enable()
         began, began_cpu = time.perf_counter(), time.process_time()
+        began_pg = tree_cpu_seconds(postmaster) if postmaster else 0.0
         await forwarder.start()
         if rate:
             appending.start()
@@ -86,6 +89,7 @@ async def _child(
                 raise SystemExit("forwards not settled within 600 s")
             await asyncio.sleep(0.05)  # a poll: the forwarder offers no signal for this
         cpu, wall = time.process_time() - began_cpu, time.perf_counter() - began
+        pg = (tree_cpu_seconds(postmaster) - began_pg) if postmaster else 0.0
         cpu -= appending_cpu[0] if rate else 0.0  # the intake's part, not the forwarder's
         if profiler is not None:
             profiler.disable()
@@ -97,6 +101,7 @@ async def _child(
         if outcomes.get("delivered") != forwards:
             raise SystemExit(f"{outcomes} of {forwards} forwards")
         return {"cpu_us": cpu * 1e6 / forwards, "wall_us": wall * 1e6 / forwards,
+                "pg_us": pg * 1e6 / forwards,
                 "failed": outcomes.get("failed", 0)}
     finally:
         await pool.close()
@@ -131,12 +136,12 @@ def _loop_factory() -> Any:
 
 
 def child(arguments: list[str]) -> None:
-    dsn, outbox_dir, forwards, profile, rate = (
+    dsn, outbox_dir, forwards, profile, rate, postmaster = (
         arguments[0], Path(arguments[1]), int(arguments[2]), arguments[3] == "1",
-        float(arguments[4]))
+        float(arguments[4]), int(arguments[5]))
     profiler = cProfile.Profile() if profile else None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        result = runner.run(_child(dsn, outbox_dir, forwards, rate, profiler))
+        result = runner.run(_child(dsn, outbox_dir, forwards, rate, profiler, postmaster))
     if profiler is not None:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
     print(orjson.dumps(result).decode())
@@ -154,8 +159,10 @@ def main() -> None:
     args = parser.parse_args()
     from bench.common import OUT, Cluster, record
     from bench.intake import serve, stop
+    from bench.proc import postmaster_pid
 
     cluster = Cluster()
+    postmaster = asyncio.run(postmaster_pid(cluster.admin_dsn))
     python = sys.executable
     destination = serve([python, "-m", "bench.servers", "hello", "--port",
                          str(DESTINATION_PORT)], {}, DESTINATION_PORT)
@@ -176,7 +183,7 @@ def main() -> None:
                 output = subprocess.run(
                     [python, "-c", code, cluster.dsn(database, user="ledger_app"),
                      str(outbox_dir), str(args.forwards), "1" if args.profile else "0",
-                     str(args.rate)],
+                     str(args.rate), str(postmaster or 0)],
                     check=True, capture_output=True, text=True,
                     cwd=Path(__file__).parent.parent,
                 ).stdout
@@ -192,13 +199,16 @@ def main() -> None:
     lines = [
         f"`python -m bench.forwarder --forwards {args.forwards} --rounds {args.rounds} "
         f"--rate {args.rate:g}`: the forwarder's own CPU per forward (process_time, "
-        "in-process; destination and PostgreSQL not counted), revisions alternating.",
+        "in-process; the destination not counted) and PostgreSQL's (its processes, /proc), "
+        "revisions alternating.",
         "",
-        "| forwarder | round | CPU µs/forward | wall µs/forward | failed attempts |",
-        "|---|---:|---:|---:|---:|",
+        "| forwarder | round | CPU µs/forward | PostgreSQL CPU µs/forward | wall µs/forward "
+        "| failed attempts |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
-        lines += [f"| {name} | {i + 1} | {r['cpu_us']:.1f} | {r['wall_us']:.1f} | "
+        lines += [f"| {name} | {i + 1} | {r['cpu_us']:.1f} | {r['pg_us']:.1f} | "
+                  f"{r['wall_us']:.1f} | "
                   f"{r['failed']:.0f} |" for i, r in enumerate(runs)]
     if "baseline" in cpu:
         lines += ["", f"- this revision / baseline, CPU per forward (medians): "
