@@ -7,12 +7,12 @@ Each run is a child process that seals `--forwards` simulated deliveries (the in
 benchmark's bodies, 20 portals, so 20 lanes) into an outbox for one route, then starts the
 forwarder as `ledger forward` would (its event loop too) and counts this process's CPU time
 (`time.process_time`), and PostgreSQL's (/proc), until every forward is delivered and its
-attempt recorded. The destination is an aiohttp hello world in a process of its own (not counted), as in
-`bench.gateway`. Runs of this revision and of `--baseline-src` (a checkout of another revision:
-`git archive main | tar -x -C DIR`) alternate; read the ratio of the medians. `--rate N`
-appends N forwards a second while the forwarder runs (as a serving intake does: each poll
-finds a few, lanes go idle between) instead of all before; the appending thread's CPU is not
-counted. `--profile` prints a cProfile of one run of this revision instead.
+attempt recorded. The destination is an aiohttp hello world in a process of its own (not
+counted), as in `bench.gateway`. Runs of this revision and of `--baseline-src` (a checkout of
+another revision: `git archive main | tar -x -C DIR`) alternate; read the ratio of the medians.
+`--rate N` appends N forwards a second while the forwarder runs (as a serving intake does: each
+poll finds a few, lanes go idle between) instead of all before; the appending thread's CPU is
+not counted. `--profile` prints a cProfile of one run of this revision instead.
 """
 
 from __future__ import annotations
