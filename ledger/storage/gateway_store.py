@@ -17,13 +17,8 @@ _ROUTE_EVENTS = """
     SELECT position, received_at, payload FROM ledger.events
     WHERE event_type = $1 AND origin = 'operator' AND position > $2 ORDER BY position
 """
-_INSERT_ATTEMPTS = """
-    INSERT INTO ledger.forward_attempts (route_id, member_id, position, dedup_key, attempt,
-        outcome, status, error, latency_ms, accepted_at, attempted_at)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::int[],
-        $6::text[], $7::smallint[], $8::text[], $9::real[], $10::timestamptz[],
-        $11::timestamptz[])
-"""
+_ATTEMPT_COLUMNS = ("route_id", "member_id", "position", "dedup_key", "attempt", "outcome",
+                    "status", "error", "latency_ms", "accepted_at", "attempted_at")
 _ATTEMPTS = """
     SELECT id, route_id, portal_member_id, position, event_type, event_hash, spool_id, attempt,
            outcome, status, error, latency_ms, accepted_at, attempted_at
@@ -66,12 +61,15 @@ class GatewayStore:
         return [(r["position"], r["received_at"], orjson.loads(r["payload"])) for r in rows]
 
     async def record_attempts(self, records: list[AttemptRecord]) -> None:
-        columns = list(zip(*(
-            (r.route_id, r.member_id, r.position, r.dedup_key, r.attempt, r.outcome, r.status,
-             r.error, r.latency_ms, r.accepted_at, r.attempted_at) for r in records
-        ), strict=True))
+        """One batch, by binary COPY (cheaper than an INSERT of unnested arrays on both sides
+        for the forwarder's batches: bench.forwarder)."""
+        rows = [(r.route_id, r.member_id, r.position, r.dedup_key, r.attempt, r.outcome,
+                 r.status, r.error, r.latency_ms, r.accepted_at, r.attempted_at)
+                for r in records]
         async with translated_errors("record forward attempts"), self._pool.acquire() as conn:
-            await conn.execute(_INSERT_ATTEMPTS, *map(list, columns))
+            await conn.copy_records_to_table(
+                "forward_attempts", schema_name="ledger", columns=_ATTEMPT_COLUMNS,
+                records=rows)
 
     async def attempts(
         self, *, route_id: str | None = None, position: int | None = None,
