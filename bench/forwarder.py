@@ -180,13 +180,16 @@ def main() -> None:
                 # this file by its path: the baseline's tree may have no bench.forwarder
                 code = (f"import sys, runpy; sys.path[:0] = {path!r}; "
                         f"runpy.run_path({__file__!r})['child'](sys.argv[1:])")
-                output = subprocess.run(
+                done = subprocess.run(
                     [python, "-c", code, cluster.dsn(database, user="ledger_app"),
                      str(outbox_dir), str(args.forwards), "1" if args.profile else "0",
                      str(args.rate), str(postmaster or 0)],
-                    check=True, capture_output=True, text=True,
+                    check=False, capture_output=True, text=True,
                     cwd=Path(__file__).parent.parent,
-                ).stdout
+                )
+                if done.returncode:
+                    raise SystemExit(f"{name}, round {round_ + 1}: {done.stderr[-2000:]}")
+                output = done.stdout
                 if args.profile:
                     print(output)
                 results[name].append(orjson.loads(output.strip().splitlines()[-1]))
