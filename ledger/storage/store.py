@@ -309,12 +309,18 @@ async def _transaction(connection: Connection, begin: str) -> AsyncIterator[None
     """A transaction opened by `begin` (BEGIN, perhaps with a lock in the same round trip):
     COMMIT when the block ends, ROLLBACK when it raises. asyncpg's own transaction sends BEGIN
     alone; should the ROLLBACK itself be cut short (a cancellation, a broken connection), the
-    pool rolls back when the connection is released."""
-    await connection.execute(begin)
+    pool rolls back when the connection is released.
+
+    The BEGIN is inside the `try`: a cancellation while it waits for the lock (shutdown, the
+    append timeout) leaves the backend in a transaction that this ROLLBACK ends — and the
+    driver may not know that yet (its cancel is still in flight), so the ROLLBACK is sent
+    whatever `is_in_transaction` says; released in one, the pool would roll it back itself
+    and report a leaked transaction to the loop's exception handler (an ERROR each time)."""
     try:
+        await connection.execute(begin)
         yield
     except BaseException:
-        if not connection.is_closed() and connection.is_in_transaction():
+        if not connection.is_closed():
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await connection.execute("ROLLBACK")
         raise
