@@ -5,7 +5,6 @@ commits nothing, and the store appends gap-free afterwards."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -37,7 +36,7 @@ BLOCKERS = {
 
 
 @pytest.fixture
-async def slow_commit(admin: Connection) -> AsyncIterator[None]:
+async def slow_commit(admin: Connection) -> None:
     """A deferred constraint trigger on events: COMMIT waits while the admin holds lock 4242."""
     await admin.execute("""
         CREATE FUNCTION public.wait_at_commit() RETURNS trigger LANGUAGE plpgsql
@@ -46,7 +45,6 @@ async def slow_commit(admin: Connection) -> AsyncIterator[None]:
         CREATE CONSTRAINT TRIGGER wait_at_commit AFTER INSERT ON ledger.events
         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.wait_at_commit();
     """)
-    yield
 
 
 def _draft(member_id: str) -> Any:
@@ -55,9 +53,10 @@ def _draft(member_id: str) -> Any:
 
 
 async def _waiting_backend(admin: Connection) -> int | None:
-    return await admin.fetchval(
+    pid: int | None = await admin.fetchval(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'ledger' "
         "AND wait_event_type = 'Lock'")
+    return pid
 
 
 @pytest.mark.parametrize("how", ["cancel", "terminate"])
@@ -108,7 +107,8 @@ async def test_an_append_cut_short_at_any_step_leaves_the_pool_clean(
             finally:
                 await other.close()
             again = (await store.append([_draft("again")]))[0]
-        assert isinstance(stored, Stored) and isinstance(again, Stored)
+        assert isinstance(stored, Stored)
+        assert isinstance(again, Stored)
         assert (stored.position, again.position) == (2, 3)  # the cut-short one committed nothing
         rows = await admin.fetch("SELECT member_id FROM ledger.events ORDER BY position")
         assert [r["member_id"] for r in rows] == ["first", "other", "again"]

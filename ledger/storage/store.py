@@ -37,7 +37,7 @@ import orjson
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
 
-from ledger.envelope import INSTALL
+from ledger.envelope import INSTALL, UNINSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
 from ledger.hashing import chain_hash, rejection_entry, sha256
 from ledger.models import (
@@ -483,14 +483,19 @@ class EventStore:
             else:
                 head = Head(row["position"], bytes(row["digest"]))
         assert head is not None
-        # a redelivery today's trust would refuse may prove itself by the original's token
+        # a redelivery today's trust would refuse may prove itself by the original's token —
+        # so may one batched after a change of its portal's trust (an uninstall, an operator's
+        # re-provisioning): the planner judges it by the trust that change leaves
+        changing = {d.member_id for d in drafts
+                    if d.origin != ORIGIN_BITRIX24 or d.event_type in (INSTALL, UNINSTALL)}
         doubtful = {
             (d.member_id, known)
             for d in drafts
             if d.origin == ORIGIN_BITRIX24
             and (known := facts.seen.get((d.member_id, d.dedup_key))) is not None
-            and not token_matches(d.presented_sha256 or b"",
-                                  facts.trust.portals.get(d.member_id))
+            and (d.member_id in changing
+                 or not token_matches(d.presented_sha256 or b"",
+                                      facts.trust.portals.get(d.member_id)))
         }
         if doubtful:
             keys = sorted(doubtful)
