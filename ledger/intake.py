@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from ledger import drafts, wire
+from ledger import drafts, onepass, wire
 from ledger.committer import GroupCommitter
 from ledger.confirmation import Confirmer
 from ledger.envelope import INSTALL, read_envelope
@@ -42,7 +42,7 @@ from ledger.models import (
     Spooled,
     Stored,
 )
-from ledger.redaction import scrub
+from ledger.redaction import Scrubbed, scrub
 from ledger.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,8 @@ class IntakeService:
     def draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:
         """The draft of one delivery, without appending it (benchmarks build stores with it);
         raises `DeliveryRejected` as `receive` would."""
-        return draft_of(self._settings, delivery, decode(self._settings, delivery), received_at,
-                        None)
+        document, body = decoded(self._settings, delivery)
+        return draft_of(self._settings, delivery, document, received_at, None, body)
 
     def _prepare(
         self, delivery: Delivery, received_at: datetime, excerpt_bytes: int | None
@@ -287,8 +287,8 @@ def prepare(
     test holds it to the frozen reference of today's path (`tests/reference/intake.py`)."""
     document: dict[str, Any] | None = None
     try:
-        document = decode(settings, delivery)
-        draft = draft_of(settings, delivery, document, received_at, excerpt_bytes)
+        document, body = decoded(settings, delivery)
+        draft = draft_of(settings, delivery, document, received_at, excerpt_bytes, body)
         return _Prepared(draft, access_token=_install_access_token(draft, document))
     except DeliveryRejected as rejected:
         if excerpt_bytes is None:
@@ -301,14 +301,26 @@ def prepare(
 
 
 def decode(settings: Settings, delivery: Delivery) -> dict[str, Any]:
+    return decoded(settings, delivery)[0]
+
+
+def decoded(settings: Settings, delivery: Delivery) -> tuple[dict[str, Any], Scrubbed | None]:
+    """The decoded body and, for most forms, already its scrubbed views (`ledger.onepass`;
+    None: `draft_of` scrubs)."""
     if len(delivery.body) > settings.max_body_bytes:
         raise DeliveryRejected(
             413, "body_too_large", f"body exceeds {settings.max_body_bytes} bytes"
         )
-    return wire.decode_body(
+    if wire.media_type(delivery.content_type) == wire.FORM:
+        return onepass.decode_form(
+            delivery.body, max_fields=settings.max_form_fields,
+            max_nesting=settings.max_nesting,
+        )
+    document = wire.decode_body(
         delivery.body, delivery.content_type,
         max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
     )
+    return document, None
 
 
 def draft_of(
@@ -317,11 +329,15 @@ def draft_of(
     document: dict[str, Any],
     received_at: datetime,
     excerpt_bytes: int | None,
+    body: Scrubbed | None = None,
 ) -> EventDraft:
+    """The draft of a decoded delivery; `body` is the document's scrubbed views if the decoder
+    made them already (`scrub(document, DELIVERY_SPECIFIC)`)."""
     query = wire.parse_query(
         delivery.raw_query, max_fields=settings.max_form_fields, max_nesting=settings.max_nesting,
     )
-    body = scrub(document, DELIVERY_SPECIFIC)
+    if body is None:
+        body = scrub(document, DELIVERY_SPECIFIC)
     in_query = scrub(query)
     if body.has_nul or in_query.has_nul:
         # PostgreSQL text cannot hold U+0000: refused rather than mangled

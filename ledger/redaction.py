@@ -43,6 +43,11 @@ def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
 
 
+def fingerprint_of(value: Any) -> str:
+    """The fingerprint of a removed value: a text's own, a container's of its canonical JSON."""
+    return _value_fingerprint(value)
+
+
 def _value_fingerprint(value: Any) -> str:
     if isinstance(value, str):
         return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:FINGERPRINT_HEX]
@@ -80,15 +85,42 @@ def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scru
     this runs for every delivery on the intake's hot path; it builds a path only for what it
     removes (the keys above are on a stack), and reads key facts from the cache directly.
     """
-    removed: list[Redaction] = []
-    path: list[str] = []
-    redacted, stripped, nul = _scrub_dict(document, path, False, strip, removed, {})
-    return Scrubbed(redacted, tuple(removed), stripped, nul)
+    redacted, stripped, nul, removed = walk(document, strip)
+    return Scrubbed(redacted, fingerprinted(removed), stripped, nul)
+
+
+Removed = tuple[tuple[str, ...], Any]  # a removed value (as found) and its path
+
+
+def walk(
+    document: dict[str, Any], strip: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], dict[str, Any], bool, list[Removed]]:
+    """`scrub`'s walk: both views, the U+0000 fact, and every removed value with its path, in
+    document order (the one-pass decoder replays it per key sequence, `ledger.onepass`)."""
+    removed: list[Removed] = []
+    redacted, stripped, nul = _scrub_dict(document, [], False, strip, removed)
+    return redacted, stripped, nul, removed
+
+
+def fingerprinted(removed: list[Removed]) -> tuple[Redaction, ...]:
+    """The redaction records of removed values (a token recurs in a delivery — bot entry, its
+    AUTH copy, `auth` — so each text is hashed once)."""
+    texts: dict[str, str] = {}
+    records: list[Redaction] = []
+    for path, value in removed:
+        if isinstance(value, str):
+            known = texts.get(value)
+            if known is None:
+                known = texts[value] = _value_fingerprint(value)
+        else:
+            known = _value_fingerprint(value)
+        records.append(Redaction(path, known))
+    return tuple(records)
 
 
 def _scrub_dict(
     node: dict[str, Any], path: list[str], in_auth: bool, strip: frozenset[str],
-    removed: list[Redaction], removed_texts: dict[str, str],
+    removed: list[Removed],
 ) -> tuple[dict[str, Any], dict[str, Any], bool]:
     kept: dict[str, Any] = {}
     stripped: dict[str, Any] = {}
@@ -113,13 +145,7 @@ def _scrub_dict(
             or (in_auth and not (facts.public and is_text))
             or (facts.auth and not isinstance(value, dict))
         ):
-            if is_text:  # a token recurs in a delivery (bot entry, its AUTH copy, `auth`)
-                known = removed_texts.get(value)
-                if known is None:
-                    known = removed_texts[value] = _value_fingerprint(value)
-            else:
-                known = _value_fingerprint(value)
-            removed.append(Redaction((*path, facts.shown), known))
+            removed.append(((*path, facts.shown), value))
             continue
         if is_text:  # most values: no call, no path to build
             if "\0" in value:
@@ -130,9 +156,9 @@ def _scrub_dict(
             continue
         path.append(key)
         kept_value, stripped_value, inner_nul = (
-            _scrub_dict(value, path, facts.auth, strip, removed, removed_texts)
+            _scrub_dict(value, path, facts.auth, strip, removed)
             if isinstance(value, dict)
-            else _scrub_value(value, path, facts.auth, strip, removed, removed_texts)
+            else _scrub_value(value, path, facts.auth, strip, removed)
         )
         path.pop()
         nul = nul or inner_nul
@@ -143,11 +169,10 @@ def _scrub_dict(
 
 
 def _scrub_value(
-    node: Any, path: list[str], in_auth: bool, strip: frozenset[str], removed: list[Redaction],
-    removed_texts: dict[str, str],
+    node: Any, path: list[str], in_auth: bool, strip: frozenset[str], removed: list[Removed],
 ) -> tuple[Any, Any, bool]:
     if isinstance(node, dict):
-        return _scrub_dict(node, path, in_auth, strip, removed, removed_texts)
+        return _scrub_dict(node, path, in_auth, strip, removed)
     if isinstance(node, list):
         kept: list[Any] = []
         stripped: list[Any] = []
@@ -155,7 +180,7 @@ def _scrub_value(
         for i, item in enumerate(node):
             path.append(str(i))
             kept_item, stripped_item, inner_nul = _scrub_value(
-                item, path, False, strip, removed, removed_texts)
+                item, path, False, strip, removed)
             path.pop()
             nul = nul or inner_nul
             kept.append(kept_item)

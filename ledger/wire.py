@@ -241,6 +241,22 @@ def _planned(
     return plans, values
 
 
+def planned_form(
+    body: bytes, *, max_fields: int, max_nesting: int
+) -> tuple[list[tuple[int, int, str, tuple[str, ...], str, str]], list[str]] | None:
+    """The fast path's plans and values of a form (None: only the exact decoder can say); with
+    `built_form`, what `parse_php_form` does on its fast path (the one-pass decoder's templates
+    are made from them)."""
+    return _planned(body, max_fields, max_nesting, max_fields)
+
+
+def built_form(
+    plans: list[tuple[int, int, str, tuple[str, ...], str, str]], values: list[str]
+) -> Document | None:
+    """The document `planned_form`'s plans make of `values` (None: the exact decoder decides)."""
+    return _built(plans, values)
+
+
 def _built(plans: list[_Plan], values: list[str]) -> Document | None:
     """The document, in plain dicts, found by their path (None: a value replaces an array)."""
     root: Document = {}
@@ -355,7 +371,14 @@ def _filled(template: _Plan, numbers: list[str]) -> _Plan:
 
 def _decode_values(raw: list[bytes]) -> list[str] | None:
     """PHP `urldecode` and UTF-8 of every value in a few C calls (None: let the exact decoder
-    find and report the problem). The values are joined by a byte none of them can decode to."""
+    find and report the problem)."""
+    decoded = decode_joined(raw)
+    return None if decoded is None else decoded[0].split(decoded[1])
+
+
+def decode_joined(raw: list[bytes]) -> tuple[str, str] | None:
+    """`_decode_values` before the split: the decoded values joined by a separator none of
+    them holds, and that separator (the one-pass decoder looks for U+0000 in the whole text)."""
     joined = b"&".join(raw)
     sep = "&"
     if b"%26" in joined:  # an escaped `&` would split a value: join by a byte nobody sent
@@ -375,7 +398,7 @@ def _decode_values(raw: list[bytes]) -> list[str] | None:
         text = joined.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text.split(sep)
+    return text, sep
 
 
 def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:

@@ -1,0 +1,216 @@
+"""One pass over a form body: the document, its scrubbed views and its redactions, by template.
+
+Pure code. Bitrix24 sends a few dozen kinds of body, each with the same keys in the same order
+(the bot ids inside keys make a few hundred key sequences per installation). Everything that
+depends only on the keys — where each value goes (PHP's `parse_str`, `ledger.wire`), which values
+`redaction.scrub` removes and under which path, what the identity view strips, which containers
+the views can share — is worked out once per key sequence by running the ordinary decoder and
+scrub over placeholder values, and kept as a *template*: one C-level dict construction per
+container. A body whose key sequence has a template costs a split, one decoding call over all its
+values and a dict per container; everything else (a sequence seen for the first time, U+0000 in
+a value, whatever the fast decoder hands to the exact one) takes the ordinary path, whose result
+the template only replays (the differential test, `tests/test_onepass.py`, holds both to the
+frozen reference).
+
+The templates live as long as the process and are fed by senders, so they are bounded: a sequence
+gets one only when it is seen a second time (a sender inventing keys pays the ordinary path, not a
+template per body), only short sequences get one (`MAX_TEMPLATE_KEY_BYTES`), and the cache holds
+at most two generations of `_GENERATION` templates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
+
+from ledger import redaction, wire
+from ledger.caches import KeyCache
+from ledger.identity import DELIVERY_SPECIFIC
+from ledger.redaction import Redaction, Scrubbed
+
+Document = dict[str, Any]
+
+MAX_TEMPLATE_FIELDS = 256
+MAX_TEMPLATE_KEY_BYTES = 8192  # the raw keys of one sequence (Bitrix24's: ~2 KiB)
+_GENERATION = 512
+
+_KEY = itemgetter(0)
+_VALUE = itemgetter(2)
+# a container: its keys, what picks its values from the slots, and how many there are
+_Step = tuple[tuple[str, ...], Callable[[list[Any]], Any], int]
+
+
+def _nothing(slots: list[Any]) -> Any:
+    return ()
+
+
+class _Template:
+    """What a key sequence makes of its values.
+
+    `steps` build the containers bottom-up: each appends one dict to the slots (the values
+    first, then every container built so far), made of its keys and the slots it names.
+    `document`, `redacted` and `stripped` are the slots of the three roots; `removed` the
+    redactions, as a path and the slot of the removed value.
+    """
+
+    __slots__ = ("brackets", "depth", "document", "redacted", "removed", "steps", "stripped")
+
+    def __init__(
+        self,
+        steps: list[_Step],
+        roots: tuple[int, int, int],
+        removed: list[tuple[tuple[str, ...], int]],
+        depth: int,
+        brackets: int,
+    ) -> None:
+        self.steps = steps
+        self.document, self.redacted, self.stripped = roots
+        self.removed = removed
+        self.depth = depth
+        self.brackets = brackets
+
+    def run(self, slots: list[Any]) -> tuple[Document, Scrubbed]:
+        append = slots.append
+        for keys, getter, width in self.steps:
+            if width > 1:
+                append(dict(zip(keys, getter(slots))))
+            elif width == 1:
+                append({keys[0]: getter(slots)})
+            else:
+                append({})
+        texts: dict[str, str] = {}
+        records: list[Redaction] = []
+        for path, slot in self.removed:
+            value = slots[slot]
+            if type(value) is str:
+                known = texts.get(value)
+                if known is None:
+                    known = texts[value] = redaction.fingerprint(value)
+            else:
+                known = redaction.fingerprint_of(value)
+            records.append(Redaction(path, known))
+        return slots[self.document], Scrubbed(
+            slots[self.redacted], tuple(records), slots[self.stripped], False
+        )
+
+
+# a key sequence no template can replay (`depth` above every budget: the ordinary path decides)
+_NONE = _Template([], (0, 0, 0), [], 1 << 62, 0)
+_TEMPLATES = KeyCache(_GENERATION)  # key sequence (tuple of raw keys) -> _Template
+_SEEN = KeyCache(4 * _GENERATION)  # hash of a key sequence seen once -> True
+
+
+def decode_form(
+    body: bytes, *, max_fields: int, max_nesting: int
+) -> tuple[Document, Scrubbed | None]:
+    """`wire.parse_php_form` of a form body, and — when a template made it — the body's
+    `redaction.scrub(document, DELIVERY_SPECIFIC)` too (None: the caller scrubs).
+
+    Raises exactly what `wire.parse_php_form` raises (it decides every body without a template).
+    """
+    pairs = body.split(b"&")
+    if b"" in pairs:
+        pairs = [pair for pair in pairs if pair]  # php_strtok_r skips empty tokens
+    if 0 < len(pairs) <= min(max_fields, MAX_TEMPLATE_FIELDS):
+        parts = [pair.partition(b"=") for pair in pairs]
+        keys = tuple(map(_KEY, parts))
+        template: _Template | None = _TEMPLATES.young.get(keys) or _TEMPLATES.old.get(keys)
+        if template is None:
+            made = _made(body, keys, max_fields, max_nesting)
+            if made is not None:
+                return made
+        elif template.depth <= max_nesting and template.brackets <= max_fields:
+            decoded = wire.decode_joined(list(map(_VALUE, parts)))
+            if decoded is not None and "\0" not in decoded[0]:
+                return template.run(decoded[0].split(decoded[1]))
+    document = wire.parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting)
+    return document, None
+
+
+def _made(
+    body: bytes, keys: tuple[bytes, ...], max_fields: int, max_nesting: int
+) -> tuple[Document, Scrubbed | None] | None:
+    """A key sequence without a template: the second time it is seen, make one (and use it);
+    None means the ordinary path decides."""
+    seen = hash(keys)
+    if _SEEN.get(seen) is None:
+        _SEEN.put(seen, True)
+        return None
+    if sum(map(len, keys)) > MAX_TEMPLATE_KEY_BYTES:
+        return None
+    planned = wire.planned_form(body, max_fields=max_fields, max_nesting=max_nesting)
+    if planned is None:
+        return None
+    plans, values = planned
+    if any("\0" in value for value in values):
+        return None
+    template = _template(plans)
+    _TEMPLATES.put(keys, template or _NONE)  # decided by the keys alone: not tried again
+    return None if template is None else template.run(values)
+
+
+def _template(
+    plans: list[tuple[int, int, str, tuple[str, ...], str, str]],
+) -> _Template | None:
+    """The template of a key sequence, made by decoding and scrubbing placeholders (distinct
+    texts without U+0000) and noting where each placeholder went (None: no template — the
+    ordinary path then decides every body of this sequence)."""
+    placeholders = [f"\x01{i}" for i in range(len(plans))]
+    document = wire.built_form(plans, placeholders)
+    if document is None or not document:
+        return None
+    redacted, stripped, nul, removed = redaction.walk(document, DELIVERY_SPECIFIC)
+    if nul:
+        return None
+    maker = _Maker({text: i for i, text in enumerate(placeholders)})
+    roots = (maker.slot(document), maker.slot(redacted), maker.slot(stripped))
+    if -1 in roots:
+        return None
+    removals: list[tuple[tuple[str, ...], int]] = []
+    for path, value in removed:
+        slot = maker.slot_of_object.get(id(value), -1) if isinstance(value, dict) else (
+            maker.values.get(value, -1) if isinstance(value, str) else -1)
+        if slot == -1:
+            return None
+        removals.append((path, slot))
+    depth = max(plan[0] for plan in plans)
+    brackets = sum(plan[1] for plan in plans)
+    return _Template(maker.steps, roots, removals, depth, brackets)
+
+
+class _Maker:
+    """Turns decoded placeholder trees into template steps; containers with the same keys and
+    the same slots (a view's unchanged container and the document's) are built once and shared
+    by the views (nothing downstream changes a decoded document in place)."""
+
+    def __init__(self, values: dict[str, int]) -> None:
+        self.values = values
+        self.steps: list[_Step] = []
+        self.slot_of_shape: dict[tuple[tuple[str, int], ...], int] = {}
+        self.slot_of_object: dict[int, int] = {}
+
+    def slot(self, node: Any) -> int:
+        """The slot of a placeholder or container (-1: something no form decodes to)."""
+        if isinstance(node, str):
+            return self.values.get(node, -1)
+        if not isinstance(node, dict):
+            return -1
+        keys = tuple(node)
+        sources = tuple(self.slot(child) for child in node.values())
+        if -1 in sources:
+            return -1
+        shape = tuple(zip(keys, sources, strict=True))
+        slot = self.slot_of_shape.get(shape)
+        if slot is None:
+            slot = len(self.values) + len(self.steps)
+            getter: Callable[[list[Any]], Any] = itemgetter(*sources) if sources else _nothing
+            self.steps.append((keys, getter, len(sources)))
+            self.slot_of_shape[shape] = slot
+        self.slot_of_object.setdefault(id(node), slot)
+        return slot
+
+
+def cached_templates() -> int:
+    """How many templates are held (at most `2 * _GENERATION`; a test reads it)."""
+    return len(_TEMPLATES)
