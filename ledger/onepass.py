@@ -35,6 +35,8 @@ MAX_TEMPLATE_FIELDS = 256
 MAX_TEMPLATE_KEY_BYTES = 8192  # the raw keys of one sequence (Bitrix24's: ~2 KiB)
 _GENERATION = 512
 
+_NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"&=")
+_ALTERNATING = b"=&" * MAX_TEMPLATE_FIELDS
 _KEY = itemgetter(0)
 _VALUE = itemgetter(2)
 # a container: its keys, what picks its values from the slots, and how many there are
@@ -109,23 +111,35 @@ def decode_form(
 
     Raises exactly what `wire.parse_php_form` raises (it decides every body without a template).
     """
-    pairs = body.split(b"&")
-    if b"" in pairs:
-        pairs = [pair for pair in pairs if pair]  # php_strtok_r skips empty tokens
-    if 0 < len(pairs) <= min(max_fields, MAX_TEMPLATE_FIELDS):
+    # `=` and `&` strictly alternating (every field `key=value`, no empty field: Bitrix24's
+    # bodies) lets one split cut keys and values apart; anything else is cut field by field
+    separators = body.translate(None, _NOT_SEPARATORS)
+    fields = (len(separators) + 1) >> 1
+    if separators == _ALTERNATING[: 2 * fields - 1] and 0 < fields <= MAX_TEMPLATE_FIELDS:
+        cut = body.replace(b"=", b"&").split(b"&")
+        keys = tuple(cut[::2])
+        raw_values = cut[1::2]
+    else:
+        pairs = body.split(b"&")
+        if b"" in pairs:
+            pairs = [pair for pair in pairs if pair]  # php_strtok_r skips empty tokens
+        fields = len(pairs)
+        if not 0 < fields <= MAX_TEMPLATE_FIELDS:
+            return wire.parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting), None
         parts = [pair.partition(b"=") for pair in pairs]
         keys = tuple(map(_KEY, parts))
+        raw_values = list(map(_VALUE, parts))
+    if fields <= max_fields:
         template: _Template | None = _TEMPLATES.young.get(keys) or _TEMPLATES.old.get(keys)
         if template is None:
             made = _made(body, keys, max_fields, max_nesting)
             if made is not None:
                 return made
         elif template.depth <= max_nesting and template.brackets <= max_fields:
-            decoded = wire.decode_joined(list(map(_VALUE, parts)))
+            decoded = wire.decode_joined(raw_values)
             if decoded is not None and "\0" not in decoded[0]:
                 return template.run(decoded[0].split(decoded[1]))
-    document = wire.parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting)
-    return document, None
+    return wire.parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting), None
 
 
 def _made(
