@@ -51,6 +51,7 @@ def delivery_draft(
     occurrence = identity.occurrence(
         body.stripped, query.redacted, event_type=envelope.event_type,
         user_id=envelope.user_id, token_sha256=envelope.token_digest,
+        stripped_is_canonical=body.canonical,
     )
     return EventDraft(
         event_type=envelope.event_type,
@@ -66,7 +67,8 @@ def delivery_draft(
         body_sha256=sha256(raw_body),
         metadata={
             "query": query.redacted,
-            "redactions": [r.as_json() for r in body.redactions]
+            "redactions": [{"path": list(r.path), "fingerprint": r.fingerprint}
+                           for r in body.redactions]
             + [r.under("query").as_json() for r in query.redactions],
             "peer": safe_text(peer),
             "content_type": safe_text(content_type),

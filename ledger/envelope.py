@@ -25,9 +25,11 @@ INSTALL = "ONAPPINSTALL"
 UPDATE = "ONAPPUPDATE"
 UNINSTALL = "ONAPPUNINSTALL"
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Envelope:
-    """The parts of a delivery the ledger acts on; the whole document is kept separately."""
+    """The parts of a delivery the ledger acts on; the whole document is kept separately.
+
+    Never changed once read (not frozen: one is built per delivery, and frozen costs more)."""
 
     event_type: str
     member_id: str
@@ -96,8 +98,10 @@ def _parse_ts(value: Any) -> datetime | None:
 
 
 def _as_bot_id(value: Any) -> int | None:
-    if type(value) is str:
-        return int(value) if _is_number(value) else None
+    if type(value) is str:  # nearly always (forms carry text): `_is_number` inline
+        return int(value) if len(value) <= 18 and value.isascii() and value.isdigit() else None
+    if value is None:
+        return None
     text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
     return int(text) if _is_number(text) else None
 

@@ -177,18 +177,22 @@ def occurrence(
     event_type: str,
     user_id: str | None,
     token_sha256: bytes,
+    stripped_is_canonical: bool = False,
 ) -> dict[str, Any]:
     """What identifies one occurrence, from a document stripped of `DELIVERY_SPECIFIC` keys.
 
     The event, its data, its `ts` and the query string (in canonical form); for the application
     lifecycle also who triggered it and the application token's digest — a reinstall by another
     user (with a new token) in the same second is a new occurrence, a redelivery is not.
+    `stripped_is_canonical`: `stripped` holds only text in non-empty objects (no copy needed).
     """
+    data = stripped.get("data")
+    ts = stripped.get("ts")
     identity: dict[str, Any] = {
         "v": DEDUP_VERSION,
         "event": event_type,
-        "data": canonical(stripped.get("data")),
-        "ts": canonical(stripped.get("ts")),
+        "data": data if stripped_is_canonical else canonical(data),
+        "ts": ts if stripped_is_canonical else canonical(ts),
         "query": canonical(query),
     }
     if event_type in LIFECYCLE:

@@ -311,7 +311,8 @@ def decoded(settings: Settings, delivery: Delivery) -> tuple[dict[str, Any], Scr
         raise DeliveryRejected(
             413, "body_too_large", f"body exceeds {settings.max_body_bytes} bytes"
         )
-    if wire.media_type(delivery.content_type) == wire.FORM:
+    content_type = delivery.content_type
+    if content_type == wire.FORM or wire.media_type(content_type) == wire.FORM:
         return onepass.decode_form(
             delivery.body, max_fields=settings.max_form_fields,
             max_nesting=settings.max_nesting,
@@ -338,7 +339,7 @@ def draft_of(
     )
     if body is None:
         body = scrub(document, DELIVERY_SPECIFIC)
-    in_query = scrub(query)
+    in_query = scrub(query) if query else Scrubbed({}, (), {}, False)  # most have none
     if body.has_nul or in_query.has_nul:
         # PostgreSQL text cannot hold U+0000: refused rather than mangled
         raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")

@@ -56,7 +56,8 @@ class _Template:
     redactions, as a path and the slot of the removed value.
     """
 
-    __slots__ = ("brackets", "depth", "document", "redacted", "removed", "steps", "stripped")
+    __slots__ = ("brackets", "canonical", "depth", "document", "redacted", "removed", "steps",
+                 "stripped")
 
     def __init__(
         self,
@@ -65,7 +66,9 @@ class _Template:
         removed: list[tuple[tuple[str, ...], int]],
         depth: int,
         brackets: int,
+        canonical: bool,
     ) -> None:
+        self.canonical = canonical
         self.steps = steps
         self.document, self.redacted, self.stripped = roots
         self.removed = removed
@@ -93,12 +96,12 @@ class _Template:
                 known = redaction.fingerprint_of(value)
             records.append(Redaction(path, known))
         return slots[self.document], Scrubbed(
-            slots[self.redacted], tuple(records), slots[self.stripped], False
+            slots[self.redacted], tuple(records), slots[self.stripped], False, self.canonical
         )
 
 
 # a key sequence no template can replay (`depth` above every budget: the ordinary path decides)
-_NONE = _Template([], (0, 0, 0), [], 1 << 62, 0)
+_NONE = _Template([], (0, 0, 0), [], 1 << 62, 0, False)
 _TEMPLATES = KeyCache(_GENERATION)  # key sequence (tuple of raw keys) -> _Template
 _SEEN = KeyCache(4 * _GENERATION)  # hash of a key sequence seen once -> True
 
@@ -190,7 +193,13 @@ def _template(
         removals.append((path, slot))
     depth = max(plan[0] for plan in plans)
     brackets = sum(plan[1] for plan in plans)
-    return _Template(maker.steps, roots, removals, depth, brackets)
+    return _Template(maker.steps, roots, removals, depth, brackets, _is_canonical(stripped))
+
+
+def _is_canonical(node: Any) -> bool:
+    """Only text in non-empty objects below the top: `identity.canonical` would copy it as it is."""
+    return all(isinstance(child, str) or (isinstance(child, dict) and child and _is_canonical(child))
+               for child in node.values())
 
 
 class _Maker:

@@ -76,6 +76,9 @@ class Scrubbed:
     redactions: tuple[Redaction, ...]
     stripped: dict[str, Any]  # also without `strip` keys (for identities that ignore them)
     has_nul: bool  # U+0000 anywhere, keys included
+    # `stripped` holds only text in non-empty objects: it is its own canonical form
+    # (`identity.canonical`), as the one-pass decoder knows of a form's views
+    canonical: bool = False
 
 
 def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scrubbed:

@@ -186,7 +186,6 @@ _DEPTH = itemgetter(0)
 _BRACKETS = itemgetter(1)
 _DROPPED = "\0"  # no container is named so: names are never empty here, so no id starts so
 _DIGITS = re.compile(r"[0-9]+")
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _SLOT = "\0"  # stands for a digit run in a shape; decoded keys are cut at their first NUL
 _CACHE_GENERATION = 8192  # entries per generation; two generations per cache
 _PLANNED_KEY_BYTES = 128  # Bitrix24's longest keys are ~60 bytes; a plan holds ~4x its key
@@ -389,11 +388,12 @@ def decode_joined(raw: list[bytes]) -> tuple[str, str] | None:
     if b"+" in joined:
         joined = joined.replace(b"+", b" ")
     if b"%" in joined:
-        if _BAD_ESCAPE.search(joined):
-            return None  # PHP keeps a malformed escape as it is: the exact decoder does too
         if b"\\" in joined:
             joined = joined.replace(b"\\", b"\\\\")
-        joined = codecs.escape_decode(joined.replace(b"%", b"\\x"))[0]
+        try:
+            joined = codecs.escape_decode(joined.replace(b"%", b"\\x"))[0]
+        except ValueError:  # `%` without two hex digits, which PHP keeps as it is: so does
+            return None  # the exact decoder (only backslashes and `\x` can be escapes here)
     try:
         text = joined.decode("utf-8")
     except UnicodeDecodeError:
