@@ -21,13 +21,14 @@ at most two generations of `_GENERATION` templates.
 from __future__ import annotations
 
 from collections.abc import Callable
+from hashlib import sha256
 from operator import itemgetter
 from typing import Any
 
 from ledger import redaction, wire
 from ledger.caches import KeyCache
 from ledger.identity import DELIVERY_SPECIFIC
-from ledger.redaction import Redaction, Scrubbed
+from ledger.redaction import FINGERPRINT_HEX, Redaction, Scrubbed
 
 Document = dict[str, Any]
 
@@ -39,12 +40,9 @@ _NOT_SEPARATORS = bytes(b for b in range(256) if b not in b"&=")
 _ALTERNATING = b"=&" * MAX_TEMPLATE_FIELDS
 _KEY = itemgetter(0)
 _VALUE = itemgetter(2)
-# a container: its keys, what picks its values from the slots, and how many there are
-_Step = tuple[tuple[str, ...], Callable[[list[Any]], Any], int]
-
-
-def _nothing(slots: list[Any]) -> Any:
-    return ()
+# a container: its keys, and what picks its values from the slots (at least as many: `zip`
+# stops at the last key — `itemgetter` of one index would not make a tuple, so it gets two)
+_Step = tuple[tuple[str, ...], Callable[[list[Any]], tuple[Any, ...]]]
 
 
 class _Template:
@@ -77,21 +75,16 @@ class _Template:
 
     def run(self, slots: list[Any]) -> tuple[Document, Scrubbed]:
         append = slots.append
-        for keys, getter, width in self.steps:
-            if width > 1:
-                append(dict(zip(keys, getter(slots))))
-            elif width == 1:
-                append({keys[0]: getter(slots)})
-            else:
-                append({})
+        for keys, getter in self.steps:
+            append(dict(zip(keys, getter(slots))))
         texts: dict[str, str] = {}
         records: list[Redaction] = []
         for path, slot in self.removed:
             value = slots[slot]
-            if type(value) is str:
+            if type(value) is str:  # decoded from UTF-8: no surrogates, plain `encode`
                 known = texts.get(value)
                 if known is None:
-                    known = texts[value] = redaction.fingerprint(value)
+                    known = texts[value] = sha256(value.encode()).hexdigest()[:FINGERPRINT_HEX]
             else:
                 known = redaction.fingerprint_of(value)
             records.append(Redaction(path, known))
@@ -227,8 +220,8 @@ class _Maker:
         slot = self.slot_of_shape.get(shape)
         if slot is None:
             slot = len(self.values) + len(self.steps)
-            getter: Callable[[list[Any]], Any] = itemgetter(*sources) if sources else _nothing
-            self.steps.append((keys, getter, len(sources)))
+            picked = sources if len(sources) > 1 else (*sources, 0, 0)[:2]
+            self.steps.append((keys, itemgetter(*picked)))
             self.slot_of_shape[shape] = slot
         self.slot_of_object.setdefault(id(node), slot)
         return slot

@@ -54,9 +54,11 @@ def _value_fingerprint(value: Any) -> str:
     return fingerprint(canonical_json(value).decode())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Redaction:
-    """One removed secret: where it was (path of keys from the top) and its fingerprint."""
+    """One removed secret: where it was (path of keys from the top) and its fingerprint.
+
+    Never changed once made (not frozen: a delivery makes several, and frozen costs more)."""
 
     path: tuple[str, ...]
     fingerprint: str
