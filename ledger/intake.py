@@ -51,7 +51,7 @@ INLINE_BODY_BYTES = 16 * 1024  # Bitrix24's bodies are a few KiB: decoded on the
 DECODE_THREADS = 1  # one: more threads would only take more GIL turns from the loop
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per delivery, never changed (frozen costs more to build)
 class Receipt:
     """What the sender is told once its delivery is durable."""
 
@@ -61,7 +61,7 @@ class Receipt:
     spooled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per delivery, never changed (frozen costs more to build)
 class Delivery:
     """A request as the intake sees it; every text field already made safe (`wire.safe_text`)."""
 
@@ -71,7 +71,7 @@ class Delivery:
     peer: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per delivery, never changed (frozen costs more to build)
 class _Prepared:
     """The outcome of the pure part: a draft, or the refusal and what the log may keep of it."""
 
