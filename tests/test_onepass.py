@@ -140,6 +140,7 @@ def test_a_generated_corpus_drafts_exactly_as_the_reference() -> None:
             break
         try:
             check(case)
+            _compile_templates()  # the other values meet the template compiled
             check(_other_values(case, n))
         except AssertionError:
             raise AssertionError(f"case {n} of seed {SEED} differs: {case!r}") from None
@@ -153,13 +154,21 @@ def test_a_generated_corpus_drafts_exactly_as_the_reference() -> None:
         assert outcomes.get(reached, 0) > 0, (reached, outcomes)
 
 
+def _compile_templates() -> None:
+    """Every template as it is after `onepass.COMPILE_AFTER` runs: compiled to a function."""
+    for generation in (onepass._TEMPLATES.young, onepass._TEMPLATES.old):
+        for template in generation.values():
+            if template.build is None and template.steps:
+                template.compile()
+
+
 def _other_values(case: Case, seed: int) -> Case:
     """The case with its fields' values shuffled among them: a form with the same key sequence
     (so it meets the template its case made) and other values — a value's escapes, bytes and
     U+0000 must not leak into what the template decided."""
     pairs = case.body.split(b"&")
     values = [pair.partition(b"=")[2] for pair in pairs]
-    random.Random(seed).shuffle(values)
+    random.Random(seed).shuffle(values)  # noqa: S311 - a test corpus, not secrets
     body = b"&".join(
         key + sep + value
         for (key, sep, _), value in zip((p.partition(b"=") for p in pairs), values, strict=True)
@@ -187,6 +196,21 @@ def test_templates_replay_the_ordinary_path_with_other_values() -> None:
         if odd != b"%FF":  # (that one is refused: not UTF-8)
             assert onepass.decode_form(same_keys, max_fields=10_000, max_nesting=32)[1] is None
         check(Case(same_keys, FORM, ""))
+
+
+def test_a_template_is_compiled_after_its_runs_and_drafts_the_same() -> None:
+    """After `COMPILE_AFTER` runs a template builds its containers with one generated function:
+    the same documents, views and drafts; a key that is Python syntax is only a constant."""
+    traffic = Corpus(7)._traffic
+    delivery = traffic.next()
+    document = dict(delivery.document)
+    document["x'] + __import__('os').getcwd() + ['"] = "1"
+    body = wire.http_build_query(document)
+    for _ in range(onepass.COMPILE_AFTER + 2):
+        check(Case(body, FORM, delivery.query))
+    cut = body.replace(b"=", b"&").split(b"&")
+    template = onepass._TEMPLATES.young[tuple(cut[::2])]
+    assert template.build is not None
 
 
 def test_the_template_cache_stays_bounded_whatever_keys_arrive() -> None:
