@@ -1,12 +1,14 @@
 """CPU per draft: the decoding path before the fast path (frozen in `tests/reference/`)
-against the one the intake takes now (`ledger.wire`'s fast path, the flat `redaction.scrub`).
+against the one the intake takes now (`ledger.onepass` templates over `ledger.wire`'s fast path
+and `redaction.scrub`; a body without a template is decoded, then scrubbed).
 
 `python -m bench.draft [--bodies 5000] [--rounds 5]`: builds the drafts of simulated deliveries
 (mean ~2 KB, ~40 form fields) with both paths, interleaved round by round in one process, and
 prints CPU µs per draft (process time, so other processes on the machine count little) for
 decode (body and query), redact (both scrubs), draft (envelope, hashes, identity) and total, and
-the ratio new/old. The first round of each path starts with cold key caches; the table is the
-median of the warm rounds.
+the ratio new/old. The first round of each path starts with cold key caches (and no templates:
+a key sequence gets one when seen again, compiled after 64 runs); the table is the median of the
+warm rounds.
 """
 
 from __future__ import annotations
