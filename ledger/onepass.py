@@ -6,16 +6,17 @@ depends only on the keys — where each value goes (PHP's `parse_str`, `ledger.w
 `redaction.scrub` removes and under which path, what the identity view strips, which containers
 the views can share — is worked out once per key sequence by running the ordinary decoder and
 scrub over placeholder values, and kept as a *template*: one C-level dict construction per
-container. A body whose key sequence has a template costs a split, one decoding call over all its
-values and a dict per container; everything else (a sequence seen for the first time, U+0000 in
+container (after `COMPILE_AFTER` runs, one generated function with a dict display per container).
+A body whose key sequence has a template costs a split, one decoding call over all its values
+and a dict per container; everything else (a sequence seen for the first time, U+0000 in
 a value, whatever the fast decoder hands to the exact one) takes the ordinary path, whose result
 the template only replays (the differential test, `tests/test_onepass.py`, holds both to the
 frozen reference).
 
 The templates live as long as the process and are fed by senders, so they are bounded: a sequence
 gets one only when it is seen a second time (a sender inventing keys pays the ordinary path, not a
-template per body), only short sequences get one (`MAX_TEMPLATE_KEY_BYTES`), and the cache holds
-at most two generations of `_GENERATION` templates.
+template per body), only short sequences get one (`MAX_TEMPLATE_FIELDS`,
+`MAX_TEMPLATE_KEY_BYTES`), and the cache holds at most two generations of `_GENERATION`.
 """
 
 from __future__ import annotations
