@@ -6,6 +6,7 @@ entries, and callers admit only short keys (so in bytes too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -16,8 +17,12 @@ class KeyCache:
     two generations. Safe to share between the loop and the decoding thread (dict operations
     are atomic; a lost update only costs a miss)."""
 
-    def __init__(self, generation: int) -> None:
+    def __init__(self, generation: int, weigh: Callable[[Any], int] | None = None) -> None:
+        """`generation`: entries per generation — or, with `weigh`, the sum of the entries'
+        weights (a cache of values that differ much in size is then bounded in size)."""
         self.generation = generation
+        self.weigh = weigh
+        self.weight = 0  # of the young generation
         self.young: dict[Any, Any] = {}
         self.old: dict[Any, Any] = {}
 
@@ -30,10 +35,13 @@ class KeyCache:
         return value
 
     def put(self, key: Any, value: Any) -> None:
-        if len(self.young) >= self.generation:
+        weight = 1 if self.weigh is None else self.weigh(value)
+        if self.weight + weight > self.generation and self.young:
             self.old = self.young
             self.young = {}
+            self.weight = 0
         self.young[key] = value
+        self.weight += weight
 
     def __len__(self) -> int:
         return len(self.young) + len(self.old)

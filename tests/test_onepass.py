@@ -215,15 +215,19 @@ def test_a_template_is_compiled_after_its_runs_and_drafts_the_same() -> None:
 
 def test_the_template_cache_stays_bounded_whatever_keys_arrive() -> None:
     """A sender inventing a key sequence per body: no template (each sequence is seen once);
-    sent twice each, the templates never pass two generations."""
+    sent twice each, the templates never weigh more than two generations."""
     before = onepass.cached_templates()
     for i in range(3000):
         onepass.decode_form(b"event=X&k%d=1" % i, max_fields=10, max_nesting=4)
     assert onepass.cached_templates() == before
-    for i in range(3 * onepass._GENERATION):
+    wide = b"&".join(b"w%d" % i + b"=1" for i in range(onepass.MAX_TEMPLATE_FIELDS - 1))
+    sequences = 3 * onepass._GENERATION // onepass.MAX_TEMPLATE_FIELDS
+    for i in range(sequences):
         for _ in range(2):
-            onepass.decode_form(b"event=X&j%d=1" % i, max_fields=10, max_nesting=4)
-    assert onepass.cached_templates() <= 2 * onepass._GENERATION
+            onepass.decode_form(b"j%d=1&" % i + wide, max_fields=1000, max_nesting=4)
+    held, weight = onepass.cached_templates()
+    assert 0 < held < sequences  # templates were made, and the oldest dropped
+    assert weight <= 2 * onepass._GENERATION
     big = b"&".join(b"k%d" % i + b"x" * 100 + b"=1" for i in range(100))
     for _ in range(3):
         assert onepass.decode_form(big, max_fields=1000, max_nesting=4)[1] is None
