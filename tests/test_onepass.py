@@ -3,7 +3,7 @@ reference (`tests/reference/`) on a generated corpus (`tests/corpus.py`), plus t
 key caches.
 
 Every case runs three times (a form's key sequence gets its `ledger.onepass` template when seen
-again) and once more with its values shuffled, against the template compiled. Every case is
+again), then with its values shuffled against the template compiled. Every case is
 compared on everything the intake hands on: the decoded document (with key order),
 both scrubbed views and their redaction records, the draft (every `EventDraft` field; payload,
 hashes, dedup key), the refusal of a trust-refused draft, and on a refusal the exception (class,
