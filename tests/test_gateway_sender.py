@@ -319,3 +319,35 @@ async def test_bytes_beyond_an_answer_end_the_connection(
     assert await sender.post(server.target(), "", HEADERS, b"y") == Answer(200, None)
     assert server.connections == 2
     await sender.close()
+
+
+async def test_a_chunk_size_int_would_take_but_http_does_not_ends_the_connection(
+    raw: Callable[[Handler], Awaitable[Raw]],
+) -> None:
+    """`0x2` (or `-0`, `1_0`) is no chunk size (RFC 9112 7.1: hex digits only), though Python's
+    `int(…, 16)` reads it: the status counts, the connection is not trusted for another."""
+    server = await keep_alive_server(raw, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                          b"0x2\r\nok\r\n0\r\n\r\n")
+    sender = Sender(timeout=5)
+    assert await sender.post(server.target(), "", HEADERS, b"x") == Answer(200, None)
+    assert await sender.post(server.target(), "", HEADERS, b"y") == Answer(200, None)
+    assert server.connections == 2
+    await sender.close()
+
+
+async def test_what_a_delivery_carried_never_raises_out_of_post(
+    raw: Callable[[Handler], Awaitable[Raw]],
+) -> None:
+    """A query string byte that was not UTF-8 (a surrogate escape) goes as that byte,
+    percent-encoded; a lone surrogate fails the attempt (an error, nothing sent) instead of
+    raising into the forwarder's lane."""
+    server = await keep_alive_server(raw, OK)
+    sender = Sender(timeout=5)
+    assert await sender.post(server.target(), "?a=\udcff", HEADERS, b"x") == Answer(200, None)
+    assert server.requests[0][0].startswith(b"POST /bot/handler?a=%FF HTTP/1.1\r\n")
+    for suffix, headers in [("?a=\ud800", HEADERS), ("", [("Content-Type", "a\ud800")])]:
+        answer = await sender.post(server.target(), suffix, headers, b"y")
+        assert answer.status is None
+        assert (answer.error or "").startswith("UnicodeEncodeError")
+    assert len(server.requests) == 1
+    await sender.close()

@@ -41,6 +41,7 @@ IDLE_SECONDS = 10.0  # a kept-alive connection unused longer is closed, not reus
 _PAUSE_AT = HEAD_MAX + BODY_MAX  # buffered bytes at which reading from the socket pauses
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?")
 _FIELD_VALUE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f]*")  # no CR, LF, NUL, other controls
+_HEX = b"0123456789abcdefABCDEF"
 _PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F))  # left as they are in a target
 
 
@@ -75,10 +76,26 @@ class Target:
 
 
 def _printable(text: str) -> str:
-    """`text` with spaces, control characters and non-ASCII percent-encoded (UTF-8): what
-    cannot go on a request line as it is; everything else stays as it was sent."""
+    """`text` with spaces, control characters and non-ASCII percent-encoded (UTF-8; a byte
+    that was not UTF-8, kept as a surrogate escape, as that byte): what cannot go on a request
+    line as it is; everything else stays as it was sent."""
     return text if text.isascii() and text.isprintable() and " " not in text else quote(
-        text, safe=_PRINTABLE)
+        text, safe=_PRINTABLE, errors="surrogateescape")
+
+
+def _request(
+    target: Target, suffix: str, headers: list[tuple[str, str]], body: bytes
+) -> bytes:
+    """The request's bytes; the framing (request line, Host, Content-Length) is always ours.
+    ValueError or UnicodeError (never a partial request) for what HTTP cannot carry."""
+    lines = [f"POST {target.path}{_printable(suffix)} HTTP/1.1\r\nHost: {target.authority}"
+             f"\r\nContent-Length: {len(body)}\r\n"]
+    for name, value in headers:
+        if not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(f"header {name} has a character HTTP forbids")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape") + body
 
 
 class _Connection(asyncio.Protocol):
@@ -162,14 +179,10 @@ class Sender:
     ) -> Answer:
         """POST `body` to `target`'s path + `suffix` (a query string with its `?`, or "")
         with further `headers`: the answer's status, or the error that left none."""
-        lines = [f"POST {target.path}{_printable(suffix)} HTTP/1.1\r\nHost: {target.authority}"
-                 f"\r\nContent-Length: {len(body)}\r\n"]
-        for name, value in headers:
-            if not _FIELD_VALUE.fullmatch(value):
-                return Answer(None, f"ValueError: header {name} has a character HTTP forbids")
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        request = "".join(lines).encode("utf-8", "surrogateescape") + body
+        try:
+            request = _request(target, suffix, headers, body)
+        except (ValueError, UnicodeError) as exc:  # what a delivery carried cannot be sent
+            return Answer(None, f"{type(exc).__name__}: {exc}")
         key = (target.tls, target.host, target.port)
         pool = self._pools.get(key)
         if pool is None:
@@ -354,7 +367,7 @@ async def _chunks(connection: _Connection) -> bool:
             size = int(size_text, 16)
         except ValueError:
             raise AnswerError("the destination's answer has a malformed chunk") from None
-        if size < 0 or not size_text.isalnum():
+        if not size_text or size_text.strip(_HEX):  # int() also takes "0x1f", "-1", "1_0"
             raise AnswerError("the destination's answer has a malformed chunk")
         total += size
         if total > BODY_MAX:
