@@ -151,6 +151,7 @@ class Forwarder:
         self._metrics = ForwardMetrics(self.registry, self.backlog)
         self._records: list[AttemptRecord] = []
         self._records_wake = asyncio.Event()
+        self._routed = asyncio.Event()  # a route exists: the outbox is read at its interval
         self._records_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[str] = []  # started through the runner
@@ -232,6 +233,10 @@ class Forwarder:
                 self._states[route_id] = self._state(route)
                 log.info("route %s: %s %s -> %s", route_id, route.member_id,
                          route.event_pattern, route.url)
+        if self._states:
+            self._routed.set()
+        else:
+            self._routed.clear()
 
     def _state(self, route: Route) -> _RouteState:
         refused = self._refusal(route)
@@ -562,7 +567,12 @@ class Forwarder:
         """Read what was appended, write down what was settled and delete what is no longer
         owed — off the event loop (see `ledger.gateway.outbox`)."""
         while not self._closing:
-            await asyncio.sleep(self._settings.forward_poll_seconds)  # the polling interval
+            if self._idle():  # nothing to forward to: look once per reload, or at a new route
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._routed.wait(),
+                                           self._settings.routes_reload_seconds)
+            else:
+                await asyncio.sleep(self._settings.forward_poll_seconds)  # the interval
             try:
                 await self.poll()
                 for outbox in self._outboxes.values():
@@ -570,6 +580,14 @@ class Forwarder:
                         await asyncio.to_thread(outbox.apply_settled)
             except OSError as exc:  # a disk error: keep trying, loudly
                 log.error("outbox %s: %s", self._settings.outbox_root, exc)
+
+    def _idle(self) -> bool:
+        """No route, and nothing read, waiting for a route or being settled: polling the
+        outboxes 20 times a second then cost ~1.7 % of a core for nothing. A record the intake
+        appends is for a route it knows, which this process learns by its next reload (the
+        intake's first forward to a new route waits at most that long, as it would anyway)."""
+        return not (self._states or self._settling or self._unrouted
+                    or any(o.settling for o in self._outboxes.values()))
 
     async def _status_loop(self) -> None:
         """Publish route health and this process's metrics for the intake (and say that this
