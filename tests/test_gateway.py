@@ -607,10 +607,11 @@ async def test_with_no_route_the_forwarder_idles_and_a_new_route_wakes_it(
     gateway_settings: Callable[..., Settings], destination: Destination,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No route: the outboxes are read once per reload interval, not at the polling interval
+    """No route: the outboxes are read once per status interval, not at the polling interval
     (20 times a second by default: ~1.7 % of a core for nothing). The reload that brings a
     route starts the polling at once: the first forward waits no longer than that reload."""
-    settings = gateway_settings(routes_reload_seconds=30)
+    settings = gateway_settings(routes_reload_seconds=30, forward_poll_seconds=0.002,
+                                forward_status_seconds=0.2)
     client = await make_client(settings)
     assert client.app is not None
     await install_sample_portal(client)
@@ -628,8 +629,8 @@ async def test_with_no_route_the_forwarder_idles_and_a_new_route_wakes_it(
 
     monkeypatch.setattr(forwarder, "poll", counted_poll)
     monkeypatch.setattr(forwarder, "publish", counted_publish)
-    await eventually(lambda: published[0] >= 10)  # 10 status intervals: 50 polling intervals
-    assert polls[0] <= 1
+    await eventually(lambda: published[0] >= 5)  # 5 status intervals: 500 polling intervals
+    assert polls[0] <= 2 * published[0] + 2
 
     await routes_admin.add_route(client.app[STORE], settings, member_id=None,
                                  url=destination.url, actor="test")

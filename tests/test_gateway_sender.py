@@ -351,3 +351,32 @@ async def test_what_a_delivery_carried_never_raises_out_of_post(
         assert (answer.error or "").startswith("UnicodeEncodeError")
     assert len(server.requests) == 1
     await sender.close()
+
+
+async def test_connections_idle_too_long_are_closed_even_if_never_used_again(
+    raw: Callable[[Handler], Awaitable[Raw]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A destination no longer posted to (its route removed) would otherwise keep its
+    kept-alive connection open for as long as the forwarder runs."""
+    ended = asyncio.Event()
+
+    async def keeps_alive(
+        server: Raw, r: asyncio.StreamReader, w: asyncio.StreamWriter, _: int
+    ) -> None:
+        await answering(OK)(server, r, w, _)
+        ended.set()  # read_request saw the end: the sender closed the connection
+
+    server = await raw(keeps_alive)
+    sender = Sender(timeout=5)
+    assert await sender.post(server.target(), "", HEADERS, b"x") == Answer(200, None)
+    sender.sweep()  # not idle long enough yet: kept
+    assert await sender.post(server.target(), "", HEADERS, b"y") == Answer(200, None)
+    assert server.connections == 1
+    assert not ended.is_set()
+    monkeypatch.setattr("ledger.gateway.sender.IDLE_SECONDS", 0.0)
+    sender.sweep()
+    async with asyncio.timeout(5):
+        await ended.wait()
+    assert await sender.post(server.target(), "", HEADERS, b"z") == Answer(200, None)
+    assert server.connections == 2
+    await sender.close()

@@ -567,10 +567,11 @@ class Forwarder:
         """Read what was appended, write down what was settled and delete what is no longer
         owed — off the event loop (see `ledger.gateway.outbox`)."""
         while not self._closing:
-            if self._idle():  # nothing to forward to: look once per reload, or at a new route
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._routed.wait(),
-                                           self._settings.routes_reload_seconds)
+            if self._idle():  # nothing to forward to: look as often as the status is
+                with contextlib.suppress(TimeoutError):  # published, or at once at a new route
+                    await asyncio.wait_for(self._routed.wait(), min(
+                        self._settings.forward_status_seconds,
+                        self._settings.routes_reload_seconds))
             else:
                 await asyncio.sleep(self._settings.forward_poll_seconds)  # the interval
             try:
@@ -584,8 +585,9 @@ class Forwarder:
     def _idle(self) -> bool:
         """No route, and nothing read, waiting for a route or being settled: polling the
         outboxes 20 times a second then cost ~1.7 % of a core for nothing. A record the intake
-        appends is for a route it knows, which this process learns by its next reload (the
-        intake's first forward to a new route waits at most that long, as it would anyway)."""
+        appends is for a route it knows, which this process learns by its next reload or by
+        reading that record (the first forward to a new route waits at most the shorter of
+        the reload and status intervals longer than before)."""
         return not (self._states or self._settling or self._unrouted
                     or any(o.settling for o in self._outboxes.values()))
 
@@ -593,6 +595,7 @@ class Forwarder:
         """Publish route health and this process's metrics for the intake (and say that this
         process is alive)."""
         while not self._closing:
+            self._sender.sweep()  # kept-alive connections idle too long, gone destinations
             try:
                 self.publish()
             except OSError as exc:

@@ -163,6 +163,7 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     idle: list[_Connection] = field(default_factory=list)
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONNECTIONS_MAX))
+    users: int = 0  # posts under way (a pool in use is not forgotten)
 
 
 class Sender:
@@ -188,6 +189,7 @@ class Sender:
         if pool is None:
             pool = self._pools[key] = _Pool()
         seen: list[int] = []  # the status, as soon as the answer's head is in
+        pool.users += 1
         try:
             async with asyncio.timeout(self._timeout), pool.slots:
                 return Answer(await self._exchange(target, pool, request, seen), None)
@@ -200,6 +202,8 @@ class Sender:
         except Exception as exc:  # a defect here must fail the attempt, not end the lane
             log.exception("forward to %s:%d failed unexpectedly", target.host, target.port)
             return Answer(None, f"{type(exc).__name__}: {exc}")
+        finally:
+            pool.users -= 1
 
     async def _exchange(
         self, target: Target, pool: _Pool, request: bytes, seen: list[int]
@@ -258,6 +262,23 @@ class Sender:
         else:
             connection.close()
         return status
+
+    def sweep(self) -> None:
+        """Close kept-alive connections unused for `IDLE_SECONDS`, and forget destinations with
+        none left: otherwise one no longer posted to (its route removed or changed) keeps its
+        sockets open for as long as the process runs. Call it now and then (the forwarder's
+        status loop)."""
+        now = time.monotonic()
+        for key, pool in list(self._pools.items()):
+            keep: list[_Connection] = []
+            for connection in pool.idle:
+                if not connection.ended and now - connection.idle_since < IDLE_SECONDS:
+                    keep.append(connection)
+                else:
+                    connection.close()
+            pool.idle[:] = keep
+            if not keep and not pool.users:
+                del self._pools[key]
 
     async def close(self) -> None:
         for pool in self._pools.values():
