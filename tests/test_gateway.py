@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeAlias
 from unittest import mock
@@ -26,6 +27,7 @@ from ledger.gateway.handoff import HANDOFF
 from ledger.gateway.routes import check_destination
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
+from ledger.storage.gateway_store import AttemptRecord
 from ledger.web import STORE
 from tests.conftest import FIXTURES, FORM, MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import Destination, Forwarders, eventually
@@ -638,3 +640,26 @@ async def test_with_no_route_the_forwarder_idles_and_a_new_route_wakes_it(
     await post(client, messages(1)[0])
     await forwarder.reload()  # its reload (every 30 s here) learns the route ...
     await destination.wait_until(lambda d: len(d.delivered) == 1, within=10)  # reading too
+
+
+async def test_an_attempt_record_postgresql_refuses_holds_back_no_other_record(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """Found by a break test: one record PostgreSQL refuses (a NUL in its text) made every flush
+    retry the same batch forever, and later records piled up until they were dropped."""
+    _, forwarder, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(), destination.url)
+    now = datetime.now(UTC)
+
+    def record(error: str) -> AttemptRecord:
+        return AttemptRecord(route_id=route_id, member_id=MEMBER_ID, position=None,
+                             dedup_key=b"k" * 32, attempt=1, outcome="failed", status=None,
+                             error=error, latency_ms=None, accepted_at=now, attempted_at=now)
+
+    forwarder._records.extend(  # what forwards append, one of them bad
+        [record("before"), record("a\x00b"), record("after")])
+    await forwarder.records_flushed()
+    errors = await admin.fetch(
+        "SELECT error FROM ledger.forward_attempts WHERE route_id = $1 ORDER BY id", route_id)
+    assert [r["error"] for r in errors] == ["before", "after"]

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ledger.errors import LedgerError, OutboxError, RouteRefused
+from ledger.errors import DatabaseUnavailable, LedgerError, OutboxError, RouteRefused
 from ledger.gateway import status
 from ledger.gateway.outbox import (
     KEY_NAME,
@@ -534,11 +534,35 @@ class Forwarder:
                 return True
             try:
                 await self._store.record_attempts(batch)
-            except LedgerError as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("%d forward attempt records wait: %s", len(self._records), exc)
                 return False
+            except Exception as exc:  # noqa: BLE001 - refused data: find the record alone
+                return await self._record_singly(len(batch), exc)
             del self._records[: len(batch)]
             return True
+
+    async def _record_singly(self, count: int, refused: Exception) -> bool:
+        """PostgreSQL refused a batch's data, not its availability: write the first `count`
+        records one by one and leave out only one refused alone (logged at ERROR, counted as
+        unrecorded) — retrying the same batch forever held every later record back until they
+        were dropped. Called with the records lock held."""
+        log.error("a batch of %d forward attempt records was refused (%s); writing them one "
+                  "by one", count, refused)
+        for _ in range(count):
+            record = self._records[0]
+            try:
+                await self._store.record_attempts([record])
+            except DatabaseUnavailable as exc:
+                log.warning("%d forward attempt records wait: %s", len(self._records), exc)
+                return False
+            except Exception as exc:  # noqa: BLE001 - this one record can never be written
+                self._metrics.unrecorded.inc()
+                log.error("forward attempt left unrecorded (PostgreSQL refuses it: %s): route "
+                          "%s position %s attempt %d %s", exc, record.route_id, record.position,
+                          record.attempt, record.outcome)
+            del self._records[0]
+        return True
 
     async def _record_loop(self) -> None:
         """Write attempt records in batches: one INSERT per `RECORD_BATCH_SECONDS` at most

@@ -65,6 +65,8 @@ from ledger.trust import (
 
 log = logging.getLogger(__name__)
 
+# the driver's own "invalid query input" (an InterfaceError; asyncpg.DataError is the server's)
+_ClientDataError = asyncpg.exceptions._base.DataError
 Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass it around
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
@@ -297,6 +299,8 @@ async def translated_errors(action: str) -> AsyncIterator[None]:
         _cancelled_meanwhile(exc)
         if _unavailable(exc):
             raise DatabaseUnavailable(f"{action}: PostgreSQL is unavailable ({exc})") from exc
+        raise AppendFailed(f"{action}: {exc.__class__.__name__}: {exc}") from exc
+    except _ClientDataError as exc:  # a value the driver cannot encode: the data, not the server
         raise AppendFailed(f"{action}: {exc.__class__.__name__}: {exc}") from exc
     except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError) as exc:
         # InternalClientError: the protocol state of a connection that broke mid-operation
