@@ -120,6 +120,13 @@ async def test_serve_runs_one_projector_restarts_it_after_kill_9_and_leaves_no_c
         head = await _projected(admin)
         assert head >= 3
         assert _projectors(parent) == {second}  # one, never two
+        # it grows the Merkle tree too (serve's own processes leave it to it: _serving)
+        async with asyncio.timeout(30):
+            while True:
+                if await admin.fetchval(
+                        "SELECT size FROM ledger.tree_logs WHERE log_id = 'events'") == head:
+                    break
+                await asyncio.sleep(0.05)
     assert not _alive(second), "serve's exit left its projector running"
 
 
@@ -285,3 +292,20 @@ async def test_sigterm_under_load_stops_two_workers_and_the_projector_promptly(
     rows = await admin.fetchval(
         "SELECT count(*) FROM ledger.events WHERE position = ANY($1::bigint[])", stored)
     assert rows == len(stored) == len(set(stored))
+
+
+def test_serve_leaves_the_merkle_tree_to_the_projector_process() -> None:
+    """A serving process's gathered tree catch-up held the intake's event loop: most of its p99
+    at a fixed 1000/s (bench.latency, variant no-tree). With the projector process running, it
+    grows the tree; without one, the serving process still does."""
+    from ledger.cli.service import _serving, _sidecars
+    from ledger.storage.target import DatabaseTarget
+
+    target = DatabaseTarget(service_dsn="postgresql://x@/db", admin_dsn="postgresql://x@/db",
+                            embedded=None)
+    both = Settings(database_url="postgresql://x@/db")
+    (projector, _) = _sidecars(both, target)
+    assert "--tree" in projector._argv
+    assert _serving(both).run_tree_follower is False
+    alone = Settings(database_url="postgresql://x@/db", run_projector=False)
+    assert _serving(alone).run_tree_follower is True

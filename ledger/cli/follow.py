@@ -15,20 +15,27 @@ import os
 import signal
 
 from ledger.projections.projector import Projector
+from ledger.proving import TreeFollower
 from ledger.settings import Settings
 from ledger.storage import target as targets
 from ledger.storage.notifications import listen_forever
 from ledger.storage.projection_store import ProjectionStore
 from ledger.storage.store import EventStore, close_pool, create_pool
+from ledger.storage.tree_store import TreeStore
 from ledger.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 _PARENT_CHECK_SECONDS = 1.0
 
 
-async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
+async def follow(settings: Settings, *, parent_pid: int | None = None, tree: bool = False) -> None:
     """Keep the projections current until SIGTERM/SIGINT, or until `parent_pid` is no longer
-    this process's parent (the serving process died without stopping us)."""
+    this process's parent (the serving process died without stopping us).
+
+    `tree`: grow the Merkle tree here too, through a pool of the service role (which owns the
+    tree). In a serving process its gathered catch-up — a quarter second's leaves hashed and
+    written at once — held the intake's event loop often enough to be most of its p99 at a
+    fixed 1000/s (bench/RESULTS.md, "Latency at 1000/s")."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -53,7 +60,16 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
             supervisor.start("projector", lambda: projector.run(
                 poll_seconds=settings.projector_poll_seconds,
                 gather_seconds=settings.projector_gather_ms / 1000))
-            log.info("projector following the store (pid %d)", os.getpid())
+            trees = None
+            if tree:
+                trees = await create_pool(target.service_dsn, size=1, connect=False,
+                                          connect_timeout=settings.connect_timeout_seconds)
+                follower = TreeFollower(TreeStore(trees), batch=settings.tree_batch)
+                supervisor.start("tree-follower", lambda: follower.run(
+                    target.service_dsn, poll_seconds=settings.tree_poll_seconds,
+                    gather_seconds=settings.tree_gather_ms / 1000))
+            log.info("projector following the store%s (pid %d)",
+                     " and growing the Merkle tree" if tree else "", os.getpid())
             try:
                 while not stop.is_set():
                     if parent_pid is not None and os.getppid() != parent_pid:
@@ -65,6 +81,8 @@ async def follow(settings: Settings, *, parent_pid: int | None = None) -> None:
                             await stop.wait()
             finally:
                 await supervisor.close()
+                if trees is not None:
+                    await close_pool(trees)
             log.info("projector stopped at position %d", projector.checkpoint)
         finally:
             await close_pool(pool)

@@ -88,9 +88,12 @@ def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_j
               help="Keep them current until SIGTERM (`ledger serve` runs this as a child).")
 @click.option("--parent-pid", type=int, default=None, hidden=True,
               help="Stop when this process is no longer the parent (set by `ledger serve`).")
+@click.option("--tree", is_flag=True,
+              help="With --follow: keep the Merkle tree up to date too (`ledger serve` passes "
+              "it, so that its serving processes do not).")
 @click.pass_context
 @fail_cleanly
-def project(ctx: click.Context, mode: str | None, parent_pid: int | None) -> None:
+def project(ctx: click.Context, mode: str | None, parent_pid: int | None, tree: bool) -> None:
     """Bring the projections up to date, once or continuously."""
     if mode is None:
         raise click.UsageError("say --once or --follow")
@@ -98,7 +101,7 @@ def project(ctx: click.Context, mode: str | None, parent_pid: int | None) -> Non
         settings = settings_of(ctx)
         # the service's log level, not a one-shot command's
         configure_logging(settings, debug=bool(ctx.meta.get("ledger.debug")), command="serve")
-        asyncio.run(follow(settings, parent_pid=parent_pid))
+        asyncio.run(follow(settings, parent_pid=parent_pid, tree=tree))
         return
 
     async def work(projections: ProjectionStore, projector: Projector) -> int:

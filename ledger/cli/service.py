@@ -64,7 +64,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         target = asyncio.run(targets.open_target(settings))  # the children's DSNs
         sidecars = _sidecars(settings, target)
         try:
-            _serve(settings, *address, reuse_port=False, debug=debug, sidecars=sidecars)
+            _serve(_serving(settings), *address, reuse_port=False, debug=debug,
+                   sidecars=sidecars)
         finally:
             _stop(sidecars)
             target.release()
@@ -80,8 +81,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
         raise
     sidecars = _sidecars(settings, target)
     try:
-        _run_workers(_attached(settings, target), address, workers, metrics_dir, sidecars,
-                     debug=debug)
+        _run_workers(_serving(_attached(settings, target)), address, workers, metrics_dir,
+                     sidecars, debug=debug)
     finally:
         _stop(sidecars)
         target.release()
@@ -97,14 +98,27 @@ def _sidecars(settings: Settings, target: targets.DatabaseTarget) -> list[Sideca
                "LEDGER_PROJECTOR_DATABASE_URL": target.projector_dsn}
     found: list[Sidecar] = []
     if settings.run_projector:
-        found.append(Sidecar("projector", ["project", "--follow"], env=env,
-                             first_backoff=settings.task_restart_seconds))
+        found.append(Sidecar("projector", ["project", "--follow", *_tree_flag(settings)],
+                             env=env, first_backoff=settings.task_restart_seconds))
     # gateway mode: sending, retrying and recording forwards, off the intake's event loop; it
     # refuses routes to the listen address serve was given (--host/--port)
     found.append(Sidecar("forwarder", ["forward"], env={
         **env, "LEDGER_HOST": settings.host, "LEDGER_PORT": str(settings.port)},
         first_backoff=0.5))
     return found
+
+
+def _tree_flag(settings: Settings) -> list[str]:
+    """The projector process grows the Merkle tree too, when both run (see `_serving`)."""
+    return ["--tree"] if settings.run_projector and settings.run_tree_follower else []
+
+
+def _serving(settings: Settings) -> Settings:
+    """The serving processes' settings: the Merkle tree follower is left to the projector
+    process when that runs, off the event loop that answers Bitrix24."""
+    if _tree_flag(settings):
+        return settings.model_copy(update={"run_tree_follower": False})
+    return settings
 
 
 def _stop(sidecars: list[Sidecar]) -> None:
