@@ -392,6 +392,27 @@ def _serve_pid(port: int) -> int:
     raise AssertionError("no ledger serve process found")
 
 
+async def _replaced(base: str, parent: int, victim: int) -> None:
+    """Until two live workers serve again, the killed `victim` not one of them, and the service
+    answers ready (a connection may still meet the dead worker's socket for a moment: that
+    counts as not yet)."""
+    async with asyncio.timeout(60):
+        while True:  # polled: /proc offers no signal
+            now = _workers(parent)
+            if victim not in now and len(now) == 2:
+                break
+            await asyncio.sleep(0.05)
+    async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+        while True:
+            try:
+                async with session.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+
+
 async def test_a_worker_killed_with_sigkill_is_replaced(database: Database, tmp_path: Path) -> None:
     """Found by a break test: a worker killed with -9 stayed dead (its spool undrained, its
     connections refused) while the parent went on as if nothing happened."""
@@ -406,23 +427,7 @@ async def test_a_worker_killed_with_sigkill_is_replaced(database: Database, tmp_
                 await asyncio.sleep(0.05)
         victim = min(workers)
         os.kill(victim, 9)
-        async with asyncio.timeout(60):  # the condition: two live workers, the victim not one
-            while True:
-                now = _workers(parent)
-                if victim not in now and len(now) == 2:
-                    break
-                await asyncio.sleep(0.05)
-        # then the service answers ready again (a connection may still meet the dead worker's
-        # socket for a moment: that counts as not yet)
-        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-            while True:
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+        await _replaced(base, parent, victim)
 
 
 def _postmaster_pid(pgdata: Path) -> int | None:
@@ -455,20 +460,7 @@ async def test_embedded_server_stops_with_the_service_after_a_worker_was_killed(
         assert _postmaster_pid(data_dir / "pgdata") is not None
         victim = min(workers)
         os.kill(victim, 9)
-        async with asyncio.timeout(60):
-            while True:
-                if victim not in (now := _workers(parent)) and len(now) == 2:
-                    break
-                await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-            while True:  # the replacement serves from the same embedded server
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
+        await _replaced(base, parent, victim)  # serving from the same embedded server
     # `serving` has sent SIGTERM and seen the service exit: the server it started goes with it
     async with asyncio.timeout(30):
         while True:
