@@ -54,16 +54,19 @@ async def follow(settings: Settings, *, parent_pid: int | None = None, tree: boo
             projector = Projector(EventStore(pool, policy=settings.trust_policy),
                                   ProjectionStore(pool),
                                   snapshot_every=settings.projector_snapshot_every)
+            trees = None
+            if tree:  # opens no connection now: nothing here can fail once tasks have started
+                trees = await create_pool(
+                    target.service_dsn, size=1, connect=False,
+                    connect_timeout=settings.connect_timeout_seconds,
+                    backend_nice=settings.projector_nice if parent_pid else 0)
             supervisor = Supervisor(first_backoff=settings.task_restart_seconds)
             supervisor.start("listener", lambda: listen_forever(
                 target.projector_dsn, "ledger_events", projector.wake))
             supervisor.start("projector", lambda: projector.run(
                 poll_seconds=settings.projector_poll_seconds,
                 gather_seconds=settings.projector_gather_ms / 1000))
-            trees = None
-            if tree:
-                trees = await create_pool(target.service_dsn, size=1, connect=False,
-                                          connect_timeout=settings.connect_timeout_seconds)
+            if trees is not None:
                 follower = TreeFollower(TreeStore(trees), batch=settings.tree_batch)
                 supervisor.start("tree-follower", lambda: follower.run(
                     target.service_dsn, poll_seconds=settings.tree_poll_seconds,
