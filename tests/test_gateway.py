@@ -93,6 +93,15 @@ async def routed_client(
     return client, forwarder, route_id
 
 
+def outbox_record(route_id: str, position: int) -> tuple[dict[str, Any], bytes]:
+    """What a worker's handoff appends for a message at `position` (body `n=<position>`)."""
+    return ({"routes": [route_id], "member_id": MEMBER_ID,
+             "event_type": "ONIMBOTMESSAGEADD", "position": position,
+             "event_hash": f"{position:064x}", "dedup_key": f"{position:032x}",
+             "content_type": FORM, "raw_query": "", "accepted_at": time.time()},
+            f"n={position}".encode())
+
+
 async def readiness(client: Client) -> tuple[int, dict[str, Any]]:
     response = await client.get("/readyz")
     return response.status, await response.json()
@@ -532,17 +541,10 @@ async def test_a_position_one_worker_appends_after_another_workers_later_one_goe
     _, forwarder, route_id = await routed_client(
         make_client, forwarders, settings, destination.url)
 
-    def record(position: int) -> tuple[dict[str, Any], bytes]:
-        return ({"routes": [route_id], "member_id": MEMBER_ID,
-                 "event_type": "ONIMBOTMESSAGEADD", "position": position,
-                 "event_hash": f"{position:064x}", "dedup_key": f"{position:032x}",
-                 "content_type": FORM, "raw_query": "", "accepted_at": time.time()},
-                f"n={position}".encode())
-
     try:
-        await asyncio.to_thread(late.append, [record(11)])
+        await asyncio.to_thread(late.append, [outbox_record(route_id, 11)])
         await forwarder.poll()  # 11 is read before 10 was appended
-        await asyncio.to_thread(early.append, [record(10)])
+        await asyncio.to_thread(early.append, [outbox_record(route_id, 10)])
         await destination.wait_until(lambda d: len(d.delivered) >= 2)
         assert [r.position for r in destination.delivered] == [10, 11]
         assert [r.body for r in destination.delivered] == [b"n=10", b"n=11"]
@@ -585,17 +587,10 @@ async def test_what_a_gone_worker_left_in_its_outbox_is_forwarded_in_order(
     _, forwarder, route_id = await routed_client(
         make_client, forwarders, settings, destination.url)
 
-    def record(position: int) -> tuple[dict[str, Any], bytes]:
-        return ({"routes": [route_id], "member_id": MEMBER_ID,
-                 "event_type": "ONIMBOTMESSAGEADD", "position": position,
-                 "event_hash": f"{position:064x}", "dedup_key": f"{position:032x}",
-                 "content_type": FORM, "raw_query": "", "accepted_at": time.time()},
-                f"n={position}".encode())
-
     try:
-        await asyncio.to_thread(live.append, [record(11)])
+        await asyncio.to_thread(live.append, [outbox_record(route_id, 11)])
         await forwarder.poll()
-        await asyncio.to_thread(gone.append, [record(10)])
+        await asyncio.to_thread(gone.append, [outbox_record(route_id, 10)])
         gone.close()
         await destination.wait_until(lambda d: len(d.delivered) >= 2)
         assert [r.position for r in destination.delivered] == [10, 11]
