@@ -168,3 +168,15 @@ class Disk:
         if self.truncate_fails:
             raise OSError(errno.EIO, "Input/output error")
         os.ftruncate(fd, length)
+
+
+def distinct_messages(count: int, *, first: int = 700000) -> list[bytes]:
+    """`count` message deliveries of the sample portal, told apart by MESSAGE_ID from `first`."""
+    from ledger import wire
+
+    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
+    made = []
+    for message_id in range(first, first + count):
+        document["data"]["PARAMS"]["MESSAGE_ID"] = str(message_id)
+        made.append(wire.http_build_query(document))
+    return made

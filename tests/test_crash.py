@@ -16,12 +16,12 @@ import aiohttp
 import asyncpg
 import pytest
 
-from ledger import wire
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from tests.conftest import FORM, MEMBER_ID, Database, sample
+from tests.helpers import distinct_messages
 from tests.servers import stop
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -65,13 +65,7 @@ async def reaper() -> AsyncIterator[list[asyncio.subprocess.Process]]:
         await stop(process)
 
 
-def bodies(count: int) -> list[bytes]:
-    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
-    made = []
-    for i in range(count):
-        document["data"]["PARAMS"]["MESSAGE_ID"] = str(700000 + i)
-        made.append(wire.http_build_query(document))
-    return made
+bodies = distinct_messages
 
 
 async def test_kill_9_under_load_loses_no_acknowledged_delivery(

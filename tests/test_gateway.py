@@ -18,7 +18,6 @@ import orjson
 import pytest
 from yarl import URL
 
-from ledger import wire
 from ledger.audit import new_token
 from ledger.errors import NoSuchRoute, RouteRefused
 from ledger.gateway import admin as routes_admin
@@ -31,7 +30,13 @@ from ledger.storage.gateway_store import AttemptRecord
 from ledger.web import STORE
 from tests.conftest import FIXTURES, FORM, MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import Destination, Forwarders, eventually
-from tests.helpers import Client, allow_sample_portal, install_sample_portal, post
+from tests.helpers import (
+    Client,
+    allow_sample_portal,
+    distinct_messages,
+    install_sample_portal,
+    post,
+)
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 QUERY = "CLIENT_ID=wh%2Ftest+1&x%5B%5D=%C3%A9"  # raw, as a webhook-registered bot gets it
@@ -119,12 +124,7 @@ async def post_raw(
 
 
 def messages(count: int, start: int = 0) -> list[bytes]:
-    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
-    made = []
-    for i in range(start, start + count):
-        document["data"]["PARAMS"]["MESSAGE_ID"] = str(900000 + i)
-        made.append(wire.http_build_query(document))
-    return made
+    return distinct_messages(count, first=900000 + start)
 
 
 def sample_deliveries(kind: str) -> list[tuple[str, bytes, str, str]]:

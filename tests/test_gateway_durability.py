@@ -33,7 +33,7 @@ from ledger.trust import TrustChange
 from ledger.web import STORE
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
 from tests.gateway_helpers import Destination, Forwarders, eventually
-from tests.helpers import Client, drained, install_sample_portal, post
+from tests.helpers import Client, distinct_messages, drained, install_sample_portal, post
 from tests.test_crash import free_port
 from tests.test_intake import _pg_dump
 
@@ -464,11 +464,4 @@ async def test_a_route_the_forwarder_does_not_know_yet_waits_for_the_routes_neve
         await destination.stop()
 
 
-def messages(count: int) -> list[bytes]:
-    """Distinct message deliveries of the sample portal."""
-    document = wire.parse_php_form(sample("onimbotmessageadd-1"), max_fields=999, max_nesting=9)
-    made = []
-    for i in range(count):
-        document["data"]["PARAMS"]["MESSAGE_ID"] = str(700000 + i)
-        made.append(wire.http_build_query(document))
-    return made
+messages = distinct_messages  # distinct message deliveries of the sample portal
