@@ -179,6 +179,10 @@ class Settings(BaseSettings):
     run_tree_follower: bool = Field(
         default=True, description="keep the Merkle tree up to date inside `ledger serve`"
     )
+    tree_in_projector_process: bool = Field(
+        default=False, description="set by `ledger serve` for its serving processes: the "
+        "projector process grows the Merkle tree, and readiness judges it from the database",
+    )
     tree_batch: int = Field(
         default=5000, ge=1, description="leaves the tree follower adds per transaction"
     )

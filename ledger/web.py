@@ -235,6 +235,8 @@ async def readyz(request: web.Request) -> web.Response:
     checks["projector"], projection = await _projector_check(request.app)
     if request.app[SETTINGS].run_tree_follower:
         checks["tree"] = "down: see tasks" if "tree-follower" in down else "ok"
+    elif request.app[SETTINGS].tree_in_projector_process:
+        checks["tree"] = await _tree_check(request.app)
     spool = request.app[SPOOL]
     unwritable = await asyncio.to_thread(spool.health)
     checks["spool"] = (
@@ -286,6 +288,22 @@ async def _projector_check(app: web.Application) -> tuple[str, dict[str, int] | 
     check = (f"stalled: {lag} events behind, none folded for over {stall:g}s (is the "
              "projector process running? see the log)") if stalled else "ok"
     return check, {"checkpoint": progress["checkpoint"], "lag": lag}
+
+
+async def _tree_check(app: web.Application) -> str:
+    """Whether the Merkle tree, grown in the projector's process, keeps up with the chain:
+    judged from the database like the projector (`_projector_check`), with its stall limit."""
+    try:
+        progress = await app[TREES].progress()
+    except LedgerError as exc:
+        return f"unknown: {exc}"
+    lag = max(0, progress["head"] - progress["size"])
+    stall = app[SETTINGS].projector_stall_seconds
+    waiting = progress["waiting_seconds"] or 0.0
+    if lag > 0 and progress["idle_seconds"] > stall and waiting > stall:
+        return (f"stalled: {lag} events not in the Merkle tree, none added for over {stall:g}s "
+                "(is the projector process running? see the log)")
+    return "ok"
 
 
 # The projector and the tree follower gather a second and a quarter of one after a wake-up:

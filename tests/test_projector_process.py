@@ -17,8 +17,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from ledger.api import TREES
 from ledger.settings import Settings
 from ledger.storage.store import on_this_machine
+from ledger.storage.tree_store import EVENTS_LOG
 from ledger.supervision import Supervisor
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample
 from tests.helpers import PROJECTOR, install_sample_portal, post
@@ -309,3 +311,28 @@ def test_serve_leaves_the_merkle_tree_to_the_projector_process() -> None:
     assert _serving(both).run_tree_follower is False
     alone = Settings(database_url="postgresql://x@/db", run_projector=False)
     assert _serving(alone).run_tree_follower is True
+
+
+async def test_readiness_reports_a_merkle_tree_the_projector_process_does_not_grow(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings]
+) -> None:
+    """A serving process of `ledger serve` leaves the tree to the projector process: with none
+    growing it, events wait outside the tree and /readyz names the stall; growing it makes it
+    ready again."""
+    client = await make_client(settings_factory(
+        run_projector=False, run_tree_follower=False, tree_in_projector_process=True,
+        projector_stall_seconds=0.3))
+    await install_sample_portal(client)
+    assert (await post(client, sample("onimbotjoinchat-1")))[0] == 200
+    async with asyncio.timeout(15):
+        while True:
+            response = await client.get("/readyz")
+            body: dict[str, Any] = await response.json()
+            if response.status == 503:
+                break
+            await asyncio.sleep(0.05)
+    assert body["checks"]["tree"].startswith("stalled: "), body
+    assert client.app is not None
+    await client.app[TREES].catch_up(EVENTS_LOG)
+    response = await client.get("/readyz")
+    assert response.status == 200, await response.json()

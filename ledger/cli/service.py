@@ -117,7 +117,8 @@ def _serving(settings: Settings) -> Settings:
     """The serving processes' settings: the Merkle tree follower is left to the projector
     process when that runs, off the event loop that answers Bitrix24."""
     if _tree_flag(settings):
-        return settings.model_copy(update={"run_tree_follower": False})
+        return settings.model_copy(
+            update={"run_tree_follower": False, "tree_in_projector_process": True})
     return settings
 
 

@@ -152,6 +152,24 @@ class TreeStore:
             if added < limit:
                 return size
 
+    async def progress(self, log_id: str = EVENTS_LOG) -> dict[str, Any]:
+        """How far the tree is behind the event chain, from the database alone (its follower
+        may run in another process): `size`, `head`, `idle_seconds` since the tree last grew,
+        `waiting_seconds` since the oldest event not yet in it was received (None: none)."""
+        async with translated_errors(f"read tree {log_id}"), self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                "SELECT t.size, h.position AS head, "
+                "extract(epoch FROM now() - t.updated_at)::float8 AS idle_seconds, "
+                "extract(epoch FROM now() - e.received_at)::float8 AS waiting_seconds "
+                "FROM ledger.tree_logs t CROSS JOIN ledger.stream_heads h "
+                "LEFT JOIN ledger.events e ON e.position = t.size + 1 "
+                "WHERE t.log_id = $1 AND h.stream = 'events'",
+                log_id,
+            )
+        if row is None:
+            raise TreeNotReady(f"no Merkle log {log_id!r}: run `ledger migrate`")
+        return dict(row)
+
     async def head(self, log_id: str = EVENTS_LOG) -> TreeHead:
         async with translated_errors(f"read tree {log_id}"), self._pool.acquire() as connection:
             log = await connection.fetchrow(_LOG, log_id)
