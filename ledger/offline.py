@@ -15,13 +15,21 @@ The state a worker judges by offline is
 `spool()` plans a batch offline (`ledger.planner.plan` with no head) on that state, writes the
 spool records and then the batch's trust effects to the journal — all under the journal's lock,
 so every worker's offline decisions follow one order. A portal with journal entries not yet
-settled is *provisional*: what trust would refuse for it is spooled unjudged and judged on drain.
-Each spooled draft records the journal's length (`offline_seen`); on drain it waits until every
-other worker's entry for its portal before that point has drained (`drainable`), so a delivery
-that depends on another worker's spooled uninstall or reinstall is judged after it, in
-PostgreSQL. After a drain the worker settles its own entries with the position their trust event
-got — or as refused, and a refused entry no longer counts anywhere: provisional state never
-outlives its refusal. The snapshot only ever holds what PostgreSQL held.
+settled is *provisional*.
+
+What the offline judge refuses is refused at once, as online: a sender is never told 202 for what
+the drain would refuse on the same trust. Each spooled draft records the journal's length
+(`offline_seen`); on drain it waits until every other worker's entry for its portal before that
+point has drained (`drainable`), so a delivery that depends on another worker's spooled uninstall
+or reinstall is drained after it. Lifecycle deliveries are judged again on drain by PostgreSQL's
+trust, in journal order; an acceptance on provisional trust is stored as judged when every entry
+it depended on reached PostgreSQL (`held`) — else (an entry was refused: the offline state was
+stale, e.g. a restart during an outage with an old snapshot) it is judged again and PostgreSQL's
+trust wins, with an ERROR line. (A worker that is online meanwhile judges by PostgreSQL's trust
+and may commit ahead of another worker's spooled lifecycle events: see docs/operations.md.)
+After a drain the worker settles its own entries with the position their trust event got — or
+as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
+refusal. The snapshot only ever holds what PostgreSQL held.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ class _Journal:
     settled: dict[int, int | None]  # seq -> position of its trust event (None: refused)
     settled_at: float
     next_seq: int
+    floor: int = 0  # entries below this sequence number were compacted away
 
 
 class OfflineTrust:
@@ -208,6 +217,42 @@ class OfflineTrust:
             ):
                 return count
         return len(drafts)
+
+    def held(self, drafts: Sequence[Draft]) -> frozenset[int]:
+        """Which of these spooled drafts, accepted offline on provisional trust, the drain
+        stores as accepted: those whose portal's earlier journal entries all reached PostgreSQL.
+
+        Their acceptance was judged on exactly those entries, in order; judging them again by
+        PostgreSQL's trust *now* would judge them by whatever other workers drained after them
+        (a later uninstall or reinstall) — acknowledged, then refused. A draft is judged again
+        when an entry it depended on was refused (a stale offline state: then PostgreSQL's trust
+        wins), when the entries were compacted away, and when it changes trust itself (its own
+        entry: a lifecycle event is always judged by PostgreSQL, in journal order)."""
+        candidates = [
+            (index, draft) for index, draft in enumerate(drafts)
+            if isinstance(draft, EventDraft) and draft.offline_seen is not None
+            and not draft.offline_accepted
+        ]
+        if not candidates:
+            return frozenset()
+        with self._locked(fcntl.LOCK_SH) as handle:
+            journal = _read(handle)
+        causes = {(e.member_id, e.cause) for e in journal.entries}
+        refused = {(e.member_id, e.seq) for e in journal.entries
+                   if e.seq in journal.settled and journal.settled[e.seq] is None}
+        held: set[int] = set()
+        for index, draft in candidates:
+            assert isinstance(draft, EventDraft)
+            assert draft.offline_seen is not None
+            if draft.offline_seen <= journal.floor:
+                continue
+            if (draft.member_id, draft.dedup_key.hex()) in causes:
+                continue
+            if any(member == draft.member_id and seq < draft.offline_seen
+                   for member, seq in refused):
+                continue
+            held.add(index)
+        return frozenset(held)
 
     def settle(
         self, drafts: Sequence[Draft], outcomes: Sequence[Outcome],
@@ -363,6 +408,7 @@ def _read(handle: IO[bytes]) -> _Journal:
             continue  # a line torn by a crash: its writer never acknowledged what it spooled
         if "next_seq" in record:
             journal.next_seq = max(journal.next_seq, int(record["next_seq"]))
+            journal.floor = max(journal.floor, int(record["next_seq"]))
         elif "settled" in record:
             journal.settled[int(record["settled"])] = record["position"]
             journal.settled_at = max(journal.settled_at, float(record["at"]))
@@ -411,7 +457,15 @@ class Appender:
         self._offline = offline
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
-        outcomes, effects = await self._store.append_planned(drafts, draining=draining)
+        held = await asyncio.to_thread(self._offline.held, drafts) if draining else frozenset()
+        outcomes, effects = await self._store.append_planned(drafts, draining=draining,
+                                                             held=held)
+        if draining:
+            for draft, outcome in zip(drafts, outcomes, strict=True):
+                if isinstance(draft, EventDraft) and isinstance(outcome, Refusal):
+                    log.error("a %s for portal %s answered 202 during an outage was refused on "
+                              "drain (%s): the offline trust state was stale; its rejection "
+                              "record holds it", draft.event_type, draft.member_id, outcome.code)
         try:
             await self._offline.note_committed(effects)
             if draining:
@@ -435,4 +489,3 @@ class Appender:
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
         return self._offline.drainable(drafts)
-

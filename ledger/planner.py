@@ -19,7 +19,6 @@ import orjson
 
 from ledger import foldrecord
 from ledger.drafts import effect_of_draft, follow_up, refusal
-from ledger.envelope import INSTALL
 from ledger.hashing import canonical_json, chain_hash, event_entry
 from ledger.models import (
     ORIGIN_BITRIX24,
@@ -128,12 +127,17 @@ def plan(
     draining: bool = False,
     provisional: frozenset[str] = frozenset(),
     prepared: dict[int, tuple[bytes, bytes]] | None = None,
+    held: frozenset[int] = frozenset(),
 ) -> Plan:
     """Decide a batch, in order. `facts` is moved along (the caller passes a copy to keep one).
 
-    - `head=None` plans offline: verdicts and trust effects only, accepted drafts are `Spooled`;
-      a refusal of a portal in `provisional` (its trust moved by spooled lifecycle events not yet
-      in PostgreSQL) is not final: the draft is spooled unjudged and judged on drain.
+    - `head=None` plans offline: verdicts and trust effects only, accepted drafts are `Spooled`.
+      A refusal is final, as online: a sender is never told 202 for what the drain would refuse
+      on the same trust. An acceptance on settled trust that changes none is final too
+      (`accepted_offline`); one for a portal in `provisional` (its trust moved by spooled
+      lifecycle events not yet in PostgreSQL) or one that changes trust is judged again on
+      drain, where PostgreSQL's trust — by then the journal's, in its order — has the last word
+      (it differs only when the offline state was stale: see ledger.offline).
     - `draining`: the drafts come from the spool. Every refusal gets a rejection record (the
       sender heard 202 long ago; the record is all that is left), an install that would need the
       portal's confirmation is refused (its access token was never kept), and a draft already
@@ -142,9 +146,14 @@ def plan(
       if it presents the token that occurrence was accepted with (`Facts.accepted`): Bitrix24
       redelivers after an uninstall or a re-provisioning too. Without that token it is refused.
     - `prepared`: entries computed earlier, by `id()` of their draft.
+    - `held` (draining): indices of drafts accepted offline on provisional trust whose portal's
+      earlier journal entries all reached PostgreSQL (`ledger.offline.OfflineTrust.held`): they
+      are stored as judged then, changing no trust — unless a draft of the same portal was
+      refused earlier in this batch (an entry they depended on may be that one).
     """
     result = Plan(outcomes=[None] * len(drafts), head=head)
     provisional_now = set(provisional)
+    refused_here: set[str] = set()  # draining: portals with a refusal in this batch
     prepared = prepared or {}
 
     def add_event(draft: EventDraft) -> int:
@@ -169,6 +178,7 @@ def plan(
 
     def refuse(index: int, draft: EventDraft, verdict: Refused) -> None:
         result.outcomes[index] = Refusal(verdict.status, verdict.code, verdict.message, 0)
+        refused_here.add(draft.member_id)
         source = draft
         if draining and draft.refusal_excerpt_bytes is None:
             source = dataclasses.replace(draft, refusal_excerpt_bytes=0)  # hash and size, at least
@@ -210,6 +220,9 @@ def plan(
                 isinstance(verdict, Accepted) and verdict.change is not None
             ):
                 verdict = Accepted()  # judged when it arrived (see EventDraft.offline_accepted)
+            elif (draining and index in held and draft.member_id not in refused_here
+                    and not isinstance(verdict, Accepted)):
+                verdict = Accepted()  # judged when it arrived, on entries that all held
             if not isinstance(verdict, Accepted):
                 original = proven_redelivery(draft)
                 if original is not None:
@@ -226,9 +239,6 @@ def plan(
                     result.outcomes[index] = ConfirmationNeeded(verdict.domain)
                     continue
             if isinstance(verdict, Refused):
-                if head is None and draft.member_id in provisional_now:
-                    result.outcomes[index] = _unjudged(draft, facts.trust)
-                    continue
                 refuse(index, draft, verdict)
                 continue
             assert isinstance(verdict, Accepted)
@@ -285,15 +295,3 @@ def _effect(verdict: Accepted, draft: EventDraft) -> TrustEffect:
         draft.presented_sha256 if verdict.change is TrustChange.ESTABLISHED else None,
         verdict.allowance_position,
     )
-
-
-def _unjudged(draft: EventDraft, trust: TrustFacts) -> Outcome:
-    """Offline, for a portal whose trust waits on spooled lifecycle events: spool it and judge
-    it on drain — unless it is an install a domain allowance may admit, which must be confirmed
-    now, while its access token is in hand."""
-    if draft.event_type == INSTALL and draft.confirmed_domain is None:
-        domain = normalise_domain(draft.domain)
-        allowance = trust.allowance_for(domain=domain) if domain else None
-        if allowance is not None and allowance.domain is not None:
-            return ConfirmationNeeded(allowance.domain)
-    return Spooled()

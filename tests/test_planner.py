@@ -209,19 +209,21 @@ def test_a_redelivered_install_needs_no_allowance_with_its_own_token() -> None:
     assert made.effects == []
 
 
-def test_offline_the_planner_judges_only_and_spools_unjudged_what_waits_on_lifecycle() -> None:
+def test_offline_the_planner_judges_only_and_its_refusals_are_final() -> None:
+    """A sender is never told 202 for what the drain would refuse on the same trust: a refusal
+    offline is answered at once, also for a portal whose trust waits on spooled lifecycle
+    events (found by a stress test: 202-spooled deliveries refused on drain)."""
     facts = Facts(trust=trusted("T"))
     made = plan([delivery("ONAPPUNINSTALL", "T"), delivery("ONAPPINSTALL", "N", ts=2),
-                 delivery("ONIMBOTDELETE", "N", ts=3)], facts, None,
-                policy=TrustPolicy.ALLOWLIST)
-    # the uninstall ends T; the reinstall has no allowance, but the portal's trust waits on a
-    # spooled lifecycle event: judged on drain, not refused on stale trust
-    assert made.outcomes == [Spooled(), Spooled(), Spooled()]
+                 delivery("ONIMBOTDELETE", "N", ts=3), delivery("ONIMBOTJOINCHAT", "T", ts=4)],
+                facts, None, policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes[0] == Spooled()
+    # no allowance for the reinstall; the old token no longer counts after the uninstall
+    assert [(o.status, o.code) for o in made.outcomes[1:] if isinstance(o, Refusal)] == [
+        (403, "portal_not_allowed"), (403, "portal_uninstalled"), (403, "portal_uninstalled")]
     assert [e.effect.change for e in made.effects] == [TrustChange.ENDED]
+    assert [index for index, _ in made.rejections] == [1, 2, 3]  # logged, spooled with them
     assert made.events == []
-    settled = plan([delivery("ONIMBOTDELETE", "X", ts=4)], Facts(trust=trusted("T")), None,
-                   policy=TrustPolicy.ALLOWLIST)
-    assert isinstance(settled.outcomes[0], Refusal)  # nothing pending: refused at once
 
 
 def test_tofu_trusts_the_first_sender() -> None:
@@ -301,3 +303,19 @@ def test_on_drain_a_delivery_accepted_offline_is_stored_though_trust_ended_meanw
     made = run([marked, unmarked], ended, draining=True)
     assert isinstance(made.outcomes[0], Stored)
     assert isinstance(made.outcomes[1], Refusal)
+
+
+def test_on_drain_a_held_acceptance_is_stored_unless_its_portal_was_refused_before_it() -> None:
+    """`held`: accepted offline on provisional trust whose journal entries all reached
+    PostgreSQL. Stored as judged then, changing no trust; but after a refusal of the same portal
+    earlier in the batch (perhaps the entry it depended on) it is judged again."""
+    ended = TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}, {})
+    join = delivery("ONIMBOTJOINCHAT", "t1", offline_seen=3)
+    made = run([join], ended.copy(), draining=True, held=frozenset({0}))
+    assert isinstance(made.outcomes[0], Stored)
+    assert made.effects == []
+    forged = delivery("ONAPPINSTALL", "f", offline_seen=2)  # no allowance: refused
+    made = run([forged, join], ended.copy(), draining=True, held=frozenset({1}))
+    assert [type(o) for o in made.outcomes] == [Refusal, Refusal]
+    made = run([join], ended.copy(), draining=True)  # not held: judged again
+    assert isinstance(made.outcomes[0], Refusal)

@@ -116,9 +116,17 @@ async def test_the_same_sequence_across_two_workers_sharing_the_data_dir(
     assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
 
 
-async def test_deliveries_waiting_on_a_spooled_uninstall_are_judged_on_drain_and_logged(
+async def refused(client: Client, body: bytes, status: int, code: str) -> None:
+    answer = await post(client, body)
+    assert (answer[0], answer[1].get("error")) == (status, code), answer
+
+
+async def test_deliveries_the_offline_state_refuses_are_refused_at_once_and_logged(
     make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
+    """Found by a stress test: deliveries for a portal whose trust waited on a spooled
+    lifecycle event were answered 202 and refused on drain — acknowledged, then not stored.
+    Offline refusals are final, as online ones; the rejection log gets them on drain."""
     relay, settings_for = outage
     client: Client = await make_client(settings_for())
     await install_sample_portal(client)
@@ -126,12 +134,10 @@ async def test_deliveries_waiting_on_a_spooled_uninstall_are_judged_on_drain_and
 
     await relay.cut()
     await spooled(client, sample("onappuninstall-1"))
-    # no allowance is left: this install would be refused, but only once the uninstall is in
-    await spooled(client, reinstall(FORGED_TOKEN))
-    await spooled(client, bot_events(FORGED_TOKEN)[0])
-    status, answer = await post(client, forge("onappupdate-1", application_token="0" * 32,
-                                              member_id="unknown"))
-    assert (status, answer["error"]) == (403, "unknown_portal")  # nothing pending: refused now
+    await refused(client, reinstall(FORGED_TOKEN), 403, "portal_not_allowed")  # no allowance
+    await refused(client, bot_events(TOKEN)[0], 403, "portal_uninstalled")
+    await refused(client, forge("onappupdate-1", application_token="0" * 32,
+                                member_id="unknown"), 403, "unknown_portal")
 
     await relay.start()
     await drained(client)
@@ -249,14 +255,15 @@ async def test_a_forged_install_at_another_worker_is_judged_after_the_genuine_on
     await relay.cut()
     await spooled(first, sample("onappinstall-1"))  # the genuine install, at worker 0
     # at worker 1, in the same outage: an install with another token, and its delivery —
-    # they wait for worker 0's install and are judged after it, on drain
-    await spooled(second, reinstall(FORGED_TOKEN))
-    await spooled(second, bot_events(FORGED_TOKEN)[0])
+    # judged after worker 0's install (the shared journal), refused at once
+    await refused(second, reinstall(FORGED_TOKEN), 403, "token_replacement_refused")
+    await refused(second, bot_events(FORGED_TOKEN)[0], 401, "invalid_application_token")
+    await spooled(second, bot_events(TOKEN)[0])  # the genuine token counts there already
 
     await relay.start()
     await drained(second)
     await drained(first)
-    assert await stored_types(admin) == ["ONAPPINSTALL"]
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT"]
     reasons = [r["reason"] for r in await admin.fetch(
         "SELECT reason FROM ledger.rejections ORDER BY position")]
     assert reasons == ["token_replacement_refused", "invalid_application_token"]
@@ -312,3 +319,36 @@ async def test_a_trust_change_another_worker_just_committed_counts_offline_at_on
     await drained(first)
     assert (await stored_types(admin))[-2:] == ["ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+
+
+async def test_a_delivery_accepted_on_another_workers_spooled_reinstall_is_stored_after_all(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Found by a stress test: worker 0 accepted (202) a delivery with the token of worker 1's
+    spooled reinstall; worker 1 then spooled an uninstall too, and drained everything first. On
+    worker 0's drain the delivery was judged by trust that had ended *after* it — refused: lost.
+    An acceptance whose journal entries all reached PostgreSQL is stored as judged."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    await allow_sample_portal(first)  # for the reinstall
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(second, sample("onappuninstall-1"))
+    await spooled(second, reinstall())
+    await spooled(first, bot_events(NEW_TOKEN)[0])  # on worker 1's provisional reinstall
+    await spooled(second, forge("onappuninstall-1", application_token=NEW_TOKEN,
+                                ts="1796526500"))
+    await first.close()  # worker 0 stops; its spool waits on disk
+
+    await relay.start()
+    await drained(second)  # the whole lifecycle goes in first: trust has ended
+    assert await trusted_digest(admin) is None
+    first = await make_client(settings_for(worker=0))
+    await drained(first)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL",
+                                         "ONAPPUNINSTALL", "ONIMBOTJOINCHAT"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await trusted_digest(admin) is None  # and it changed no trust

@@ -408,9 +408,11 @@ class EventStore:
         return outcomes
 
     async def append_planned(
-        self, drafts: Sequence[Draft], *, draining: bool = False
+        self, drafts: Sequence[Draft], *, draining: bool = False,
+        held: frozenset[int] = frozenset(),
     ) -> tuple[list[Outcome], list[PlannedEffect]]:
-        """`append`, also answering the trust changes it committed (for the offline state)."""
+        """`append`, also answering the trust changes it committed (for the offline state);
+        `held`: see `ledger.planner.plan`."""
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
@@ -422,7 +424,7 @@ class EventStore:
         ):
             async with _transaction(connection, begin):
                 outcomes, effects, moved = await self._append(
-                    connection, drafts, event_drafts, prepared, draining, notify)
+                    connection, drafts, event_drafts, prepared, draining, notify, held)
             if moved:
                 self.announcer.committed(notify)
             return outcomes, effects
@@ -435,6 +437,7 @@ class EventStore:
         prepared: dict[int, tuple[bytes, bytes]],
         draining: bool,
         notify: bool,
+        held: frozenset[int],
     ) -> tuple[list[Outcome], list[PlannedEffect], bool]:
         """Inside the transaction; the events head is locked when there are event drafts.
         Also answers whether the events head moved."""
@@ -446,7 +449,7 @@ class EventStore:
         else:
             head, facts = await self._load(connection, event_drafts)
             planned = plan(drafts, facts, head, policy=self._policy, draining=draining,
-                           prepared=prepared)
+                           prepared=prepared, held=held)
         await self._write(connection, planned, notify)
         outcomes = planned.outcomes
         if planned.rejections:
