@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,15 +21,9 @@ from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from tests.conftest import FORM, MEMBER_ID, Database, sample
 from tests.helpers import distinct_messages
-from tests.servers import stop
+from tests.servers import free_port, stop
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def start_server(
