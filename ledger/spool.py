@@ -22,6 +22,7 @@ Every file here is created 0600 and the directory is 0700: records hold payloads
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -43,8 +44,11 @@ from ledger.models import Draft, EventDraft, RejectionDraft
 log = logging.getLogger(__name__)
 
 MAGIC = b"LSP1"
-FORMAT = 2  # of a record's body; 1 had no "v" field and is read the same way
-_READABLE = {1, 2}
+# of a record's body; 1 had no "v" field and is read the same way. Before 3, the offline judge
+# spooled some deliveries it refused ("unjudged", judged on drain); since 3 every spooled event
+# was accepted offline, and the drain may store one as judged then (`ledger.offline`'s `held`)
+FORMAT = 3
+_READABLE = {1, 2, 3}
 _HEADER = struct.Struct(">4sII")
 _KINDS: dict[str, type[EventDraft] | type[RejectionDraft]] = {
     "event": EventDraft, "rejection": RejectionDraft,
@@ -67,7 +71,13 @@ def decode(body: bytes) -> Draft:
         raise CodecError(f"not a spool record: {exc}") from exc
     if version not in _READABLE or kind not in _KINDS:
         raise CodecError(f"spool record of format {version!r}, kind {kind!r}: not readable here")
-    return codec.from_json(_KINDS[kind], fields)
+    draft = codec.from_json(_KINDS[kind], fields)
+    if (version < 3 and isinstance(draft, EventDraft) and draft.offline_seen is not None
+            and not draft.offline_accepted):
+        # perhaps refused offline and spooled unjudged: judged by PostgreSQL on drain, as when
+        # it was written — never stored as judged offline
+        draft = dataclasses.replace(draft, offline_seen=None)
+    return draft
 
 
 @dataclass(frozen=True)

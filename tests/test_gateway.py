@@ -461,7 +461,7 @@ async def test_an_unreachable_destination_is_recorded_without_the_query_string(
     make_client: ClientFactory, forwarders: Forwarders,
     gateway_settings: Callable[..., Settings], admin: Admin,
 ) -> None:
-    from tests.test_crash import free_port
+    from tests.servers import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/bot"  # nobody listens there
     client, forwarder, _ = await routed_client(

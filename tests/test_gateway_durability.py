@@ -34,7 +34,7 @@ from ledger.web import STORE
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
 from tests.gateway_helpers import Destination, Forwarders, eventually
 from tests.helpers import Client, distinct_messages, drained, install_sample_portal, post
-from tests.test_crash import free_port
+from tests.servers import free_port
 from tests.test_intake import _pg_dump
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"

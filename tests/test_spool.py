@@ -299,7 +299,21 @@ def test_records_written_before_the_upgrade_are_read_back_unchanged(tmp_path: Pa
     new = some_drafts(1)
     spool.append(new)
     assert spool.read(100).drafts == [*old, *new]
-    assert orjson.loads(encode(new[0]))["v"] == 2
+    assert orjson.loads(encode(new[0]))["v"] == 3
+
+
+def test_a_format_2_record_not_accepted_offline_is_never_stored_as_judged_offline() -> None:
+    """Before format 3 the offline judge spooled deliveries it refused (judged on drain): such a
+    record must not count as an offline acceptance (`OfflineTrust.held` looks at offline_seen)."""
+    first = some_drafts(1)[0]
+    assert isinstance(first, EventDraft)
+    draft = dataclasses.replace(first, offline_seen=7)
+    old = orjson.loads(encode(draft)) | {"v": 2}
+    assert decode(orjson.dumps(old)) == dataclasses.replace(draft, offline_seen=None)
+    accepted = dataclasses.replace(draft, offline_accepted=True)
+    old = orjson.loads(encode(accepted)) | {"v": 2}
+    assert decode(orjson.dumps(old)) == accepted  # accepted on settled trust: as it was
+    assert decode(encode(draft)) == draft  # format 3: as written
 
 
 def test_an_intact_record_of_an_unknown_format_is_set_aside_not_guessed_at(
