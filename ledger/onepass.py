@@ -23,6 +23,7 @@ weight (fields and containers: a measure of a template's memory).
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from hashlib import sha256
 from operator import itemgetter
@@ -53,23 +54,47 @@ _VALUE = itemgetter(2)
 _Step = tuple[tuple[str, ...], Callable[[list[Any]], tuple[Any, ...]]]
 
 
+class _Code:
+    """How the templates of one *shape* build their containers: the steps' structure with the
+    keys that hold a digit (bot and message ids: `data[BOT][567]`) left out. Every key sequence
+    of a shape (Bitrix24's few hundred sequences are a dozen shapes) counts its runs here and,
+    after `COMPILE_AFTER` of them, shares one compiled function, to which each template passes
+    its own keys with digits."""
+
+    __slots__ = ("build", "runs", "shape", "values")
+
+    def __init__(self, values: int, shape: tuple[tuple[tuple[str | None, ...], tuple[int, ...]],
+                                                 ...]) -> None:
+        self.values = values
+        self.shape = shape  # per step: its keys (None: a key of the template's `names`), sources
+        self.runs = 0
+        self.build: Callable[[list[Any], tuple[str, ...]], tuple[Any, ...]] | None = None
+
+    def compile(self) -> None:
+        """From now on, build the containers with one function (`_compiled`)."""
+        self.build = _compiled(self.shape, self.values)
+
+
 class _Template:
     """What a key sequence makes of its values.
 
     `steps` build the containers bottom-up: each appends one dict to the slots (the values
     first, then every container built so far), made of its keys and the slots it names.
     `document`, `redacted` and `stripped` are the slots of the three roots; `removed` the
-    redactions, as a path and the slot of the removed value.
+    redactions, as a path and the slot of the removed value. `code` is its shape's (shared
+    with the sequences that differ only in the digits of their keys), `names` the keys the
+    compiled function takes from the template.
     """
 
-    __slots__ = ("brackets", "build", "canonical", "depth", "document", "redacted", "removed",
-                 "runs", "sources", "steps", "stripped", "values")
+    __slots__ = ("brackets", "canonical", "code", "depth", "document", "names", "redacted",
+                 "removed", "steps", "stripped", "values")
 
     def __init__(
         self,
         values: int,
         steps: list[_Step],
-        sources: list[tuple[int, ...]],
+        code: _Code,
+        names: tuple[str, ...],
         roots: tuple[int, int, int],
         removed: list[tuple[tuple[str, ...], int]],
         depth: int,
@@ -78,30 +103,26 @@ class _Template:
     ) -> None:
         self.canonical = canonical
         self.steps = steps
-        self.sources = sources
+        self.code = code
+        self.names = names
         self.document, self.redacted, self.stripped = roots
         self.removed = removed
         self.depth = depth
         self.brackets = brackets
         self.values = values  # the slots before the containers: one per field
-        self.runs = 0
-        self.build: Callable[[list[Any]], tuple[Any, ...]] | None = None
-
-    def compile(self) -> None:
-        """From now on, build the containers with one function (`_compiled`)."""
-        self.build = _compiled(self.steps, self.sources, self.values)
 
     def run(self, slots: list[Any]) -> tuple[Document, Scrubbed]:
-        build = self.build
+        code = self.code
+        build = code.build
         if build is not None:
-            slots.extend(build(slots))
+            slots.extend(build(slots, self.names))
         else:
             append = slots.append
             for keys, getter in self.steps:
                 append(dict(zip(keys, getter(slots), strict=False)))  # (see `_Step`)
-            self.runs += 1
-            if self.runs == COMPILE_AFTER:
-                self.compile()
+            code.runs += 1
+            if code.runs == COMPILE_AFTER:
+                code.compile()
         texts: dict[str, str] = {}
         records: list[Redaction] = []
         for path, slot in self.removed:
@@ -118,40 +139,60 @@ class _Template:
         )
 
 
+_Shape = tuple[tuple[tuple[str | None, ...], tuple[int, ...]], ...]
+
+
 def _compiled(
-    steps: list[_Step], sources: list[tuple[int, ...]], values: int
-) -> Callable[[list[Any]], tuple[Any, ...]]:
-    """The steps as one Python function of the values (one dict display per container, the
-    keys as constants: about twice as fast as the steps), returning every container in step
-    order. Made from syntax trees, not source text: a sender's key is only ever a constant."""
+    shape: _Shape, values: int
+) -> Callable[[list[Any], tuple[str, ...]], tuple[Any, ...]]:
+    """The steps as one Python function of the values and the template's keys with digits
+    (one dict display per container, the other keys as constants: about twice as fast as the
+    steps), returning every container in step order. Made from syntax trees, not source text:
+    a sender's key is only ever a constant or an item of the keys passed in."""
     def slot(index: int) -> ast.expr:
         if index < values:
             return ast.Subscript(ast.Name("v", ast.Load()), ast.Constant(index), ast.Load())
         return ast.Name(f"s{index}", ast.Load())
 
-    function = ast.parse("def build(v):\n    pass\n")
+    named = iter(range(1 << 30))
+
+    def key(name: str | None) -> ast.expr:
+        if name is not None:
+            return ast.Constant(name)
+        return ast.Subscript(ast.Name("k", ast.Load()), ast.Constant(next(named)), ast.Load())
+
+    function = ast.parse("def build(v, k):\n    pass\n")
     definition = cast(ast.FunctionDef, function.body[0])
     definition.body = [
         ast.Assign([ast.Name(f"s{values + i}", ast.Store())],
-                   ast.Dict([ast.Constant(key) for key in keys],
-                            [slot(source) for source in picked[: len(keys)]]))
-        for i, ((keys, _), picked) in enumerate(zip(steps, sources, strict=True))
+                   ast.Dict([key(name) for name in keys],
+                            [slot(source) for source in sources]))
+        for i, (keys, sources) in enumerate(shape)
     ]
     definition.body.append(ast.Return(ast.Tuple(
-        [ast.Name(f"s{values + i}", ast.Load()) for i in range(len(steps))], ast.Load())))
+        [ast.Name(f"s{values + i}", ast.Load()) for i in range(len(shape))], ast.Load())))
     namespace: dict[str, Any] = {}
     code = compile(ast.fix_missing_locations(function), "<onepass template>", "exec")
     exec(code, namespace)  # noqa: S102 - syntax trees of our own; a sender's keys are constants
-    return cast(Callable[[list[Any]], tuple[Any, ...]], namespace["build"])
+    return cast(Callable[[list[Any], tuple[str, ...]], tuple[Any, ...]], namespace["build"])
 
 
 # a key sequence no template can replay (`depth` above every budget: the ordinary path decides)
-_NONE = _Template(0, [], [], (0, 0, 0), [], 1 << 62, 0, False)
+_NONE = _Template(0, [], _Code(0, ()), (), (0, 0, 0), [], 1 << 62, 0, False)
+
+
 def _weight(template: _Template) -> int:
     return 1 + template.values + len(template.steps)
 
 
+def _code_weight(code: _Code) -> int:
+    return 1 + code.values + len(code.shape)
+
+
 _TEMPLATES = KeyCache(_GENERATION, _weight)  # key sequence (tuple of raw keys) -> _Template
+# shape -> _Code: as many shapes as templates at most, each weighing what its template does
+_CODES = KeyCache(_GENERATION, _code_weight)
+_DIGIT = re.compile(r"[0-9]")
 _SEEN = KeyCache(2048)  # hash of a key sequence seen once -> True
 
 
@@ -243,8 +284,18 @@ def _template(
         removals.append((path, slot))
     depth = max(plan[0] for plan in plans)
     brackets = sum(plan[1] for plan in plans)
-    return _Template(len(plans), maker.steps, maker.sources, roots, removals, depth, brackets,
-                     _is_canonical(stripped))
+    names: list[str] = []
+    shaped: list[tuple[tuple[str | None, ...], tuple[int, ...]]] = []
+    for (keys, _), sources in zip(maker.steps, maker.sources, strict=True):
+        names += [key for key in keys if _DIGIT.search(key)]
+        shaped.append((tuple(None if _DIGIT.search(key) else key for key in keys), sources))
+    shape = (len(plans), tuple(shaped))
+    code: _Code | None = _CODES.get(shape)
+    if code is None:
+        code = _Code(len(plans), shape[1])
+        _CODES.put(shape, code)
+    return _Template(len(plans), maker.steps, code, tuple(names), roots, removals, depth,
+                     brackets, _is_canonical(stripped))
 
 
 def _is_canonical(node: Any) -> bool:

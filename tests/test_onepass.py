@@ -160,8 +160,8 @@ def _compile_templates() -> None:
     """Every template as it is after `onepass.COMPILE_AFTER` runs: compiled to a function."""
     for generation in (onepass._TEMPLATES.young, onepass._TEMPLATES.old):
         for template in generation.values():
-            if template.build is None and template.steps:
-                template.compile()
+            if template.code.build is None and template.steps:
+                template.code.compile()
 
 
 def _other_values(case: Case, seed: int) -> Case:
@@ -212,7 +212,7 @@ def test_a_template_is_compiled_after_its_runs_and_drafts_the_same() -> None:
         check(Case(body, FORM, delivery.query))
     cut = body.replace(b"=", b"&").split(b"&")
     template = onepass._TEMPLATES.young[tuple(cut[::2])]
-    assert template.build is not None
+    assert template.code.build is not None
 
 
 def test_the_template_cache_stays_bounded_whatever_keys_arrive() -> None:
