@@ -119,22 +119,32 @@ def bot_ids(data: Any) -> tuple[int, ...]:
     """
     if not isinstance(data, dict):
         return ()
-    found: list[int | None] = [_as_bot_id(data.get("BOT_ID"))]
+    found: list[int] = []  # runs for every delivery: no id-less lookups are called
+    value = data.get("BOT_ID")
+    if value is not None and (number := _as_bot_id(value)) is not None:
+        found.append(number)
     bots = data.get("BOT")
     if isinstance(bots, dict):
         for key, entry in bots.items():
-            found.append(_as_bot_id(key))
-            if isinstance(entry, dict):
-                found.append(_as_bot_id(entry.get("BOT_ID")))
+            if (number := _as_bot_id(key)) is not None:
+                found.append(number)
+            if isinstance(entry, dict) and (value := entry.get("BOT_ID")) is not None \
+                    and (number := _as_bot_id(value)) is not None:
+                found.append(number)
     commands = data.get("COMMAND")
     if isinstance(commands, dict):
         for entry in commands.values():
-            if isinstance(entry, dict):
-                found.append(_as_bot_id(entry.get("BOT_ID")))
+            if isinstance(entry, dict) and (value := entry.get("BOT_ID")) is not None \
+                    and (number := _as_bot_id(value)) is not None:
+                found.append(number)
     params = data.get("PARAMS")
-    if isinstance(params, dict):
-        found.append(_as_bot_id(params.get("BOT_ID")))
+    if isinstance(params, dict) and (value := params.get("BOT_ID")) is not None \
+            and (number := _as_bot_id(value)) is not None:
+        found.append(number)
     bot = data.get("bot")
-    if isinstance(bot, dict):
-        found.append(_as_bot_id(bot.get("id")))
-    return tuple(dict.fromkeys(b for b in found if b is not None))
+    if isinstance(bot, dict) and (value := bot.get("id")) is not None \
+            and (number := _as_bot_id(value)) is not None:
+        found.append(number)
+    if len(found) == 2 and found[0] == found[1]:  # a bot's key and its BOT_ID: most deliveries
+        return (found[0],)
+    return tuple(dict.fromkeys(found))

@@ -74,6 +74,34 @@ def test_any_payloads_record_round_trips(event_type: str, origin: str, payload: 
     assert decode(encode(record)) == record
 
 
+@given(st.sampled_from(KNOWN_TYPES) | st.text(max_size=8),
+       st.sampled_from(["bitrix24", "operator", "ledger"]), shaped | json_values)
+@settings(max_examples=500, deadline=None, database=None)
+def test_the_intakes_shortcut_writes_what_the_reader_writes(event_type: str, origin: str,
+                                                           payload: Any) -> None:
+    """`stored` reads an ordinary payload in one go (`foldrecord._ordinary`): the same text as
+    the reader's record, whatever the payload."""
+    assert foldrecord.stored(event_type, origin, payload) == encode(
+        fold_record(event_type, origin, payload))
+
+
+def test_the_shortcut_takes_simulated_deliveries_and_leaves_odd_ones_to_the_reader() -> None:
+    """Without this the test above could pass with the shortcut never (or always) taken."""
+    traffic = Traffic(seed=12, portals=4)
+    payloads = [wire.parse_php_form(wire.http_build_query(traffic.next().document),
+                                    max_fields=1000, max_nesting=32) for _ in range(300)]
+    for payload in payloads:
+        event = payload["event"]
+        assert foldrecord._ordinary(event, ORIGIN_BITRIX24, payload) == encode(
+            fold_record(event, ORIGIN_BITRIX24, payload))
+    for odd in ({"data": {"BOT": {"x": {}}}}, {"auth": {"domain": 7}}, {"data": []},
+                {"data": {"BOT_ID": "\xb2"}}, {"auth": {"user_id": 5}}, POISONS):
+        assert foldrecord._ordinary("ONIMBOTJOINCHAT", ORIGIN_BITRIX24, odd) is None
+        assert fold_record("ONIMBOTJOINCHAT", ORIGIN_BITRIX24, odd).notes or odd == {
+            "auth": {"user_id": 5}}
+    assert foldrecord._ordinary(TRUST_EVENT, "operator", {"change": "allowed"}) is None
+
+
 def test_the_poisons_are_noted_in_the_record_as_the_fold_notes_them() -> None:
     record = fold_record("ONIMBOTDELETE", ORIGIN_BITRIX24, POISONS)
     assert (record.actor, record.domain) == (None, None)
