@@ -94,8 +94,10 @@ def test_the_shortcut_takes_simulated_deliveries_and_leaves_odd_ones_to_the_read
         event = payload["event"]
         assert foldrecord._ordinary(event, ORIGIN_BITRIX24, payload) == encode(
             fold_record(event, ORIGIN_BITRIX24, payload))
-    for odd in ({"data": {"BOT": {"x": {}}}}, {"auth": {"domain": 7}}, {"data": []},
-                {"data": {"BOT_ID": "\xb2"}}, {"auth": {"user_id": 5}}, POISONS):
+    odds: list[dict[str, Any]] = [
+        {"data": {"BOT": {"x": {}}}}, {"auth": {"domain": 7}}, {"data": []},
+        {"data": {"BOT_ID": "\xb2"}}, {"auth": {"user_id": 5}}, POISONS]
+    for odd in odds:
         assert foldrecord._ordinary("ONIMBOTJOINCHAT", ORIGIN_BITRIX24, odd) is None
         assert fold_record("ONIMBOTJOINCHAT", ORIGIN_BITRIX24, odd).notes or odd == {
             "auth": {"user_id": 5}}
