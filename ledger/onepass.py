@@ -230,9 +230,9 @@ def decode_form(
             if made is not None:
                 return made
         elif template.depth <= max_nesting and template.brackets <= max_fields:
-            decoded = wire.decode_joined(raw_values)
-            if decoded is not None and "\0" not in decoded[0]:
-                return template.run(decoded[0].split(decoded[1]))
+            values = wire.decoded_values(raw_values)  # (None: U+0000 in a value, or odd)
+            if values is not None:
+                return template.run(values)
     return wire.parse_php_form(body, max_fields=max_fields, max_nesting=max_nesting), None
 
 

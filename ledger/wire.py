@@ -234,7 +234,7 @@ def _planned(
         return plans, []
     if max(map(_DEPTH, plans)) > max_nesting or sum(map(_BRACKETS, plans)) > budget:
         return None
-    values = _decode_values([part[2] for part in parts])
+    values = decoded_values([part[2] for part in parts])
     if values is None:
         return None
     return plans, values
@@ -368,23 +368,15 @@ def _filled(template: _Plan, numbers: list[str]) -> _Plan:
     return _made(depth, brackets, names)
 
 
-def _decode_values(raw: list[bytes]) -> list[str] | None:
-    """PHP `urldecode` and UTF-8 of every value in a few C calls (None: let the exact decoder
-    find and report the problem)."""
-    decoded = decode_joined(raw)
-    return None if decoded is None else decoded[0].split(decoded[1])
-
-
-def decode_joined(raw: list[bytes]) -> tuple[str, str] | None:
-    """`_decode_values` before the split: the decoded values joined by a separator none of
-    them holds, and that separator (the one-pass decoder looks for U+0000 in the whole text)."""
-    joined = b"&".join(raw)
-    sep = "&"
-    if b"%26" in joined:  # an escaped `&` would split a value: join by a byte nobody sent
-        if b"\x1f" in joined or b"%1F" in joined or b"%1f" in joined:
-            return None
-        joined = b"\x1f".join(raw)
-        sep = "\x1f"
+def decoded_values(raw: list[bytes]) -> list[str] | None:
+    """`urldecode` and UTF-8 of every value at once: joined by U+0000, decoded, split again.
+    None when the exact decoder must decide: a `%` without two hex digits (PHP keeps it as it
+    is), text that is not UTF-8 — or U+0000 in a value (raw or `%00`: the split then gives
+    more values than went in), which no delivery may carry anyway (the one-pass decoder's
+    templates rely on this: a value they place never holds one)."""
+    if not raw:
+        return []
+    joined = b"\0".join(raw)
     if b"+" in joined:
         joined = joined.replace(b"+", b" ")
     if b"%" in joined:
@@ -395,10 +387,10 @@ def decode_joined(raw: list[bytes]) -> tuple[str, str] | None:
         except ValueError:  # `%` without two hex digits, which PHP keeps as it is: so does
             return None  # the exact decoder (only backslashes and `\x` can be escapes here)
     try:
-        text = joined.decode("utf-8")
+        values = joined.decode("utf-8").split("\0")
     except UnicodeDecodeError:
         return None
-    return text, sep
+    return values if len(values) == len(raw) else None
 
 
 def _key_path(key: str, max_nesting: int) -> tuple[str, tuple[str | None, ...]] | None:
