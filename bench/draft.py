@@ -58,6 +58,7 @@ def _path(w: ModuleType, r: ModuleType, e: ModuleType, d: ModuleType,
     delivery_draft: Callable[..., Any] = d.delivery_draft
     strip = i.DELIVERY_SPECIFIC
     received_at = datetime.now(UTC)
+    no_query = redaction.Scrubbed({}, (), {}, False)
 
     def run(bodies: list[tuple[bytes, str]]) -> Stages:
         clock = time.process_time
@@ -70,9 +71,12 @@ def _path(w: ModuleType, r: ModuleType, e: ModuleType, d: ModuleType,
             t1 = clock()
             if scrubbed is None:
                 scrubbed = scrub(document, strip)
-            in_query = scrub(parsed)
+            # as `intake.draft_of` does: most deliveries have no query (the old path scrubbed it)
+            in_query = scrub(parsed) if parsed or not fused else no_query
             t2 = clock()
-            delivery_draft(scrubbed, read_envelope(document), query=in_query, raw_body=body,
+            envelope = read_envelope(document, scrubbed.token_sha256) if fused \
+                else read_envelope(document)
+            delivery_draft(scrubbed, envelope, query=in_query, raw_body=body,
                            received_at=received_at, peer="10.0.0.1", content_type=wire.FORM,
                            rejection_excerpt_bytes=None)
             t3 = clock()

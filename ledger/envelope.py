@@ -40,8 +40,11 @@ class Envelope:
     bot_ids: tuple[int, ...]
 
 
-def read_envelope(document: dict[str, Any]) -> Envelope:
-    """Validate the envelope and extract what verification and indexing need."""
+def read_envelope(document: dict[str, Any], token_sha256: bytes | None = None) -> Envelope:
+    """Validate the envelope and extract what verification and indexing need.
+
+    `token_sha256`: the SHA-256 of this document's `auth.application_token` if the caller has
+    it (`Scrubbed.token_sha256`, from the same decoding), else it is computed here."""
     event = document.get("event")
     if not isinstance(event, str) or not event.strip():
         raise DeliveryRejected(400, "missing_event", "the delivery has no `event` field")
@@ -75,7 +78,8 @@ def read_envelope(document: dict[str, Any]) -> Envelope:
         member_id=member_id,
         domain=domain.lower() if isinstance(domain, str) and domain else None,
         user_id=_scalar(user_id),
-        token_digest=hashlib.sha256(token.encode()).digest(),
+        token_digest=hashlib.sha256(token.encode()).digest() if token_sha256 is None
+        else token_sha256,
         occurred_at=_parse_ts(document.get("ts")),
         bot_ids=bot_ids(document.get("data")),
     )

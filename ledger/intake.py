@@ -343,7 +343,7 @@ def draft_of(
     if body.has_nul or in_query.has_nul:
         # PostgreSQL text cannot hold U+0000: refused rather than mangled
         raise DeliveryRejected(400, "nul_character", "the delivery contains U+0000")
-    envelope = read_envelope(document)
+    envelope = read_envelope(document, body.token_sha256)
     return drafts.delivery_draft(
         body,
         envelope,

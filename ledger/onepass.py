@@ -87,7 +87,7 @@ class _Template:
     """
 
     __slots__ = ("brackets", "canonical", "code", "depth", "document", "names", "redacted",
-                 "removed", "steps", "stripped", "values")
+                 "removed", "steps", "stripped", "token", "values")
 
     def __init__(
         self,
@@ -97,11 +97,13 @@ class _Template:
         names: tuple[str, ...],
         roots: tuple[int, int, int],
         removed: list[tuple[tuple[str, ...], int]],
+        token: int,
         depth: int,
         brackets: int,
         canonical: bool,
     ) -> None:
         self.canonical = canonical
+        self.token = token  # the slot of `auth.application_token` (-1: none, or not text)
         self.steps = steps
         self.code = code
         self.names = names
@@ -124,6 +126,11 @@ class _Template:
             if code.runs == COMPILE_AFTER:
                 code.compile()
         texts: dict[str, str] = {}
+        token_sha256: bytes | None = None
+        if self.token >= 0:  # hashed for its fingerprint and for the envelope at once
+            token = slots[self.token]
+            token_sha256 = sha256(token.encode()).digest()
+            texts[token] = token_sha256.hex()[:FINGERPRINT_HEX]
         records: list[Redaction] = []
         for path, slot in self.removed:
             value = slots[slot]
@@ -135,7 +142,8 @@ class _Template:
                 known = redaction.fingerprint_of(value)
             records.append(Redaction(path, known))
         return slots[self.document], Scrubbed(
-            slots[self.redacted], tuple(records), slots[self.stripped], False, self.canonical
+            slots[self.redacted], tuple(records), slots[self.stripped], False, self.canonical,
+            token_sha256,
         )
 
 
@@ -178,7 +186,7 @@ def _compiled(
 
 
 # a key sequence no template can replay (`depth` above every budget: the ordinary path decides)
-_NONE = _Template(0, [], _Code(0, ()), (), (0, 0, 0), [], 1 << 62, 0, False)
+_NONE = _Template(0, [], _Code(0, ()), (), (0, 0, 0), [], -1, 1 << 62, 0, False)
 
 
 def _weight(template: _Template) -> int:
@@ -294,7 +302,10 @@ def _template(
     if code is None:
         code = _Code(len(plans), shape[1])
         _CODES.put(shape, code)
-    return _Template(len(plans), maker.steps, code, tuple(names), roots, removals, depth,
+    auth = document.get("auth")
+    token = auth.get("application_token") if isinstance(auth, dict) else None
+    return _Template(len(plans), maker.steps, code, tuple(names), roots, removals,
+                     maker.values.get(token, -1) if isinstance(token, str) else -1, depth,
                      brackets, _is_canonical(stripped))
 
 

@@ -81,6 +81,9 @@ class Scrubbed:
     # `stripped` holds only text in non-empty objects: it is its own canonical form
     # (`identity.canonical`), as the one-pass decoder knows of a form's views
     canonical: bool = False
+    # SHA-256 of the document's `auth.application_token`, where the one-pass decoder hashed it
+    # for its fingerprint already: `envelope.read_envelope` takes it instead of hashing again
+    token_sha256: bytes | None = None
 
 
 def scrub(document: dict[str, Any], strip: frozenset[str] = frozenset()) -> Scrubbed:

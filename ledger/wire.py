@@ -565,6 +565,8 @@ def safe_text(value: str | None, limit: int = MAX_HEADER_TEXT) -> str | None:
         return None
     if len(value) > limit:
         value = value[:limit] + "…"
+    elif value.isascii() and "\0" not in value:  # a peer, Bitrix24's content type: as it is
+        return value
     return _UNSAFE.sub(_escaped, value)
 
 
