@@ -48,6 +48,9 @@ def delivery_draft(
     `rejection_excerpt_bytes` None means: if trust refuses it, do not log it (rate limit).
     """
     payload = document_json(body.redacted)
+    redactions = [{"path": list(r.path), "fingerprint": r.fingerprint} for r in body.redactions]
+    if query.redactions:
+        redactions += [r.under("query").as_json() for r in query.redactions]
     occurrence = identity.occurrence(
         body.stripped, query.redacted, event_type=envelope.event_type,
         user_id=envelope.user_id, token_sha256=envelope.token_digest,
@@ -67,9 +70,7 @@ def delivery_draft(
         body_sha256=sha256(raw_body),
         metadata={
             "query": query.redacted,
-            "redactions": [{"path": list(r.path), "fingerprint": r.fingerprint}
-                           for r in body.redactions]
-            + [r.under("query").as_json() for r in query.redactions],
+            "redactions": redactions,
             "peer": safe_text(peer),
             "content_type": safe_text(content_type),
         },

@@ -77,7 +77,7 @@ def read_envelope(document: dict[str, Any], token_sha256: bytes | None = None) -
         event_type=event_type,
         member_id=member_id,
         domain=domain.lower() if isinstance(domain, str) and domain else None,
-        user_id=_scalar(user_id),
+        user_id=(user_id or None) if type(user_id) is str else _scalar(user_id),
         token_digest=hashlib.sha256(token.encode()).digest() if token_sha256 is None
         else token_sha256,
         occurred_at=_parse_ts(document.get("ts")),
