@@ -157,26 +157,30 @@ def _compiled(
     (one dict display per container, the other keys as constants: about twice as fast as the
     steps), returning every container in step order. Made from syntax trees, not source text:
     a sender's key is only ever a constant or an item of the keys passed in."""
-    def slot(index: int) -> ast.expr:
-        if index < values:
-            return ast.Subscript(ast.Name("v", ast.Load()), ast.Constant(index), ast.Load())
-        return ast.Name(f"s{index}", ast.Load())
+    def name(text: str, context: ast.expr_context) -> ast.Name:
+        return ast.Name(text, context)
 
     named = iter(range(1 << 30))
 
-    def key(name: str | None) -> ast.expr:
-        if name is not None:
-            return ast.Constant(name)
-        return ast.Subscript(ast.Name("k", ast.Load()), ast.Constant(next(named)), ast.Load())
+    def key(text: str | None) -> ast.expr:
+        return ast.Constant(text) if text is not None else name(f"k{next(named)}", ast.Load())
 
     function = ast.parse("def build(v, k):\n    pass\n")
     definition = cast(ast.FunctionDef, function.body[0])
     definition.body = [
         ast.Assign([ast.Name(f"s{values + i}", ast.Store())],
-                   ast.Dict([key(name) for name in keys],
-                            [slot(source) for source in sources]))
+                   ast.Dict([key(text) for text in keys],
+                            [name(f"s{source}", ast.Load()) for source in sources]))
         for i, (keys, sources) in enumerate(shape)
     ]
+    # the values and the keys with digits as locals, each tuple unpacked in one step
+    digits = sum(text is None for keys, _ in shape for text in keys)
+    for prefix, count, source in (("s", values, "v"), ("k", digits, "k")):
+        if count:
+            definition.body.insert(0, ast.Assign(
+                [ast.Tuple([name(f"{prefix}{i}", ast.Store()) for i in range(count)],
+                           ast.Store())],
+                name(source, ast.Load())))
     definition.body.append(ast.Return(ast.Tuple(
         [ast.Name(f"s{values + i}", ast.Load()) for i in range(len(shape))], ast.Load())))
     namespace: dict[str, Any] = {}
