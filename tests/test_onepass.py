@@ -207,12 +207,71 @@ def test_a_template_is_compiled_after_its_runs_and_drafts_the_same() -> None:
     delivery = traffic.next()
     document = dict(delivery.document)
     document["x'] + __import__('os').getcwd() + ['"] = "1"
+    document["x1'] + __import__('os').getcwd() + ['"] = "2"  # a key with a digit: passed in
     body = wire.http_build_query(document)
     for _ in range(onepass.COMPILE_AFTER + 2):
         check(Case(body, FORM, delivery.query))
     cut = body.replace(b"=", b"&").split(b"&")
     template = onepass._TEMPLATES.young[tuple(cut[::2])]
     assert template.code.build is not None
+    assert "x1']_+___import__('os')_getcwd()_+__'" in template.names  # (as PHP names it)
+
+
+def _letters(number: int) -> bytes:
+    """A key part without digits, one per number (so each makes its own shape)."""
+    text = b""
+    while True:
+        number, rest = divmod(number, 26)
+        text += bytes([97 + rest])
+        if not number:
+            return text
+
+
+def test_sequences_that_differ_in_ids_share_one_compiled_function() -> None:
+    """Key sequences that differ only in the digits of their keys (bot ids) have one shape:
+    their runs count together, they share one compile, and each builds its own keys."""
+    bodies = [b"event=X&auth%%5Bmember_id%%5D=m&data%%5BBOT%%5D%%5B%d%%5D%%5BBOT_ID%%5D=%d"
+              b"&data%%5BBOT%%5D%%5B%d%%5D%%5BCODE%%5D=c" % (bot, bot, bot) for bot in range(
+                  9_000_001, 9_000_001 + onepass.COMPILE_AFTER)]
+    for body in bodies * 2:  # the second sighting makes (and runs) each one's template
+        check(Case(body, FORM, ""))
+    templates = [onepass._TEMPLATES.get(tuple(body.replace(b"=", b"&").split(b"&")[::2]))
+                 for body in bodies]
+    codes = {id(template.code) for template in templates}
+    assert len(codes) == 1
+    assert templates[0].code.build is not None  # compiled after COMPILE_AFTER runs in all
+    assert len({template.names for template in templates}) == len(bodies)
+    for body in bodies[:3]:  # each from the compiled function, with its own ids
+        check(Case(body, FORM, ""))
+        document, scrubbed = onepass.decode_form(body, max_fields=100, max_nesting=8)
+        assert scrubbed is not None
+        assert document == reference_wire.parse_php_form(body, max_fields=100, max_nesting=8)
+
+
+def test_a_sender_inventing_shapes_compiles_nothing_and_the_shapes_stay_bounded() -> None:
+    """Every new shape sent twice gets a template and a shape entry (bounded in weight like
+    the templates) but no compile: a compile needs `COMPILE_AFTER` runs of one shape."""
+    compiled = []
+    real = onepass._compiled
+
+    def counting(*args: Any) -> Any:
+        compiled.append(1)
+        return real(*args)
+
+    onepass._compiled = counting  # type: ignore[assignment]
+    try:
+        wide = b"&".join(b"w" + _letters(i) + b"=1" for i in range(100))
+        for i in range(3 * onepass._GENERATION // 100):
+            body = b"q" + _letters(i) + b"=1&" + wide
+            for _ in range(2):
+                onepass.decode_form(body, max_fields=1000, max_nesting=4)
+    finally:
+        onepass._compiled = real  # type: ignore[assignment]
+    assert not compiled
+    weight = sum(onepass._code_weight(code) for generation in (
+        onepass._CODES.young, onepass._CODES.old) for code in generation.values())
+    assert len(onepass._CODES) > onepass._GENERATION // 102  # shapes were kept, old ones dropped
+    assert weight <= 2 * onepass._GENERATION
 
 
 def test_the_template_cache_stays_bounded_whatever_keys_arrive() -> None:
