@@ -6,9 +6,12 @@ depends only on the keys — where each value goes (PHP's `parse_str`, `ledger.w
 `redaction.scrub` removes and under which path, what the identity view strips, which containers
 the views can share — is worked out once per key sequence by running the ordinary decoder and
 scrub over placeholder values, and kept as a *template*: one C-level dict construction per
-container (after `COMPILE_AFTER` runs, one generated function with a dict display per container).
-A body whose key sequence has a template costs a split, one decoding call over all its values
-and a dict per container; everything else (a sequence seen for the first time, U+0000 in
+container, or one generated function with a dict display per container. The function is the
+*shape*'s (`_Code`: the steps with the keys that hold a digit taken out and passed in), compiled
+after `COMPILE_AFTER` runs of all the sequences of that shape — the few hundred sequences bot
+ids make are a dozen shapes, so nearly every body meets a compiled one. A body whose key
+sequence has a template costs a split, one decoding call over all its values and a dict per
+container; its application token is hashed once, for its fingerprint and the envelope; everything else (a sequence seen for the first time, U+0000 in
 a value, whatever the fast decoder hands to the exact one) takes the ordinary path, whose result
 the template only replays (the differential test, `tests/test_onepass.py`, holds both to the
 frozen reference).
@@ -17,7 +20,9 @@ The templates live as long as the process and are fed by senders, so they are bo
 gets one only when it is seen a second time (a sender inventing keys pays the ordinary path, not a
 template per body), only short sequences get one (`MAX_TEMPLATE_FIELDS`,
 `MAX_TEMPLATE_KEY_BYTES`), and the cache holds at most two generations of `_GENERATION` in
-weight (fields and containers: a measure of a template's memory).
+weight (fields and containers: a measure of a template's memory); the shapes likewise (one per
+template at most). A compile needs `COMPILE_AFTER` runs of one shape: at most one per 64
+bodies, whatever keys a sender invents.
 """
 
 from __future__ import annotations
