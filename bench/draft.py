@@ -7,9 +7,9 @@ and `redaction.scrub`; a body without a template is decoded, then scrubbed).
 prints CPU µs per draft (process time, so other processes on the machine count little) for
 decode (body and query), redact (both scrubs), draft (envelope, hashes, identity) and total, and
 the ratio new/old; then the total again, timed a whole round at a time ("whole": without the
-four clock calls a draft that the stages need). The first round of each path starts with cold key caches (and no templates:
-a key sequence gets one when seen again, compiled after 64 runs); the table is the median of the
-warm rounds.
+four clock calls a draft that the stages need). The first round of each path starts with cold
+key caches (and no templates: a key sequence gets one when seen again, its shape's function is
+compiled after 64 runs); the table is the median of the warm rounds.
 """
 
 from __future__ import annotations

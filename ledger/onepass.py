@@ -11,10 +11,10 @@ container, or one generated function with a dict display per container. The func
 after `COMPILE_AFTER` runs of all the sequences of that shape — the few hundred sequences bot
 ids make are a dozen shapes, so nearly every body meets a compiled one. A body whose key
 sequence has a template costs a split, one decoding call over all its values and a dict per
-container; its application token is hashed once, for its fingerprint and the envelope; everything else (a sequence seen for the first time, U+0000 in
-a value, whatever the fast decoder hands to the exact one) takes the ordinary path, whose result
-the template only replays (the differential test, `tests/test_onepass.py`, holds both to the
-frozen reference).
+container (its application token hashed once, for its fingerprint and the envelope); everything
+else (a sequence seen for the first time, U+0000 in a value, whatever the fast decoder hands to
+the exact one) takes the ordinary path, whose result the template only replays (the
+differential test, `tests/test_onepass.py`, holds both to the frozen reference).
 
 The templates live as long as the process and are fed by senders, so they are bounded: a sequence
 gets one only when it is seen a second time (a sender inventing keys pays the ordinary path, not a
