@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -35,6 +37,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import openloop
 from bench.common import OUT, Cluster
@@ -52,6 +55,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no-listeners": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false"},
     "quiet": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false",
               "LEDGER_BATCH_MAX_DELAY_MS": "0"},
+    # with --trace, asyncio's loop is used (only it can time each callback); this keeps uvloop
+    "uvloop": {"BENCH_TRACE_LOOP": "uvloop"},
 }
 
 
@@ -67,6 +72,7 @@ class Run:
     closed_us: float = 0.0  # server tree + PostgreSQL CPU µs per delivery there
     syscalls: dict[str, int] = field(default_factory=dict)  # intake / postgres, while measured
     switches: dict[str, int] = field(default_factory=dict)
+    trace: list[list[Any]] = field(default_factory=list)  # bench/trace.py's events (--trace)
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -130,6 +136,10 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     if code:
         env["PYTHONPATH"] = str(Path(args.baseline).resolve())
     argv = [sys.executable, "-P", "-m", "ledger", "serve", "--port", str(port)]
+    trace_file = OUT / f"trace-{variant.replace(':', '-')}-{tag}.jsonl"
+    if args.trace:
+        trace_file.unlink(missing_ok=True)
+        argv[2:4] = [str(Path(__file__).with_name("trace.py")), str(trace_file)]
     process = serve(argv, env, port, cwd=OUT, log_name=f"latency-{variant.replace(':', '-')}")
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     try:
@@ -167,6 +177,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
     run = Run(variant, result)
+    if args.trace:
+        run.trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
     run.switches = {k: n1[k][1] - n0[k][1] for k in n0}
     run.cpu = {role: cpu1.get(role, 0.0) - cpu0.get(role, 0.0) for role in cpu1}
@@ -198,6 +210,98 @@ def stalls(result: openloop.OpenLoopResult, slow_ms: float) -> tuple[int, float,
     return len(episodes), (statistics.mean(sizes) if sizes else 0.0), [e[0] for e in episodes]
 
 
+def _label(event: list[Any]) -> str:
+    """A trace event's category: what kind of thing it was, and which."""
+    kind = event[0]
+    if kind == "gc":
+        return f"gc gen{event[4]}"
+    if kind == "cb":
+        wall, cpu = event[2] - event[1], event[3]
+        if wall - cpu > 0.0005:
+            return "descheduled (callback wall - CPU > 0.5 ms)"
+        return "callback > 1 ms: " + str(event[4]).split(" > ")[0].rsplit(".", 1)[-1][:40]
+    if kind == "sql":
+        return f"statement > 1.5 ms: {event[3][:24]}"
+    return f"{kind} > 3 ms"
+
+
+def _notable(event: list[Any]) -> bool:
+    wall = event[2] - event[1]
+    kind = event[0]
+    return bool(kind == "gc" or (kind == "cb" and (wall > 0.001 or wall - event[3] > 0.0005))
+            or (kind == "sql" and wall > 0.0015) or (kind == "commit" and wall > 0.003))
+
+
+def attribution(result: openloop.OpenLoopResult, trace: list[list[Any]],
+                slow_ms: float) -> list[str]:
+    """For each kind of notable thing in the server's timeline (GC, slow callbacks, time
+    descheduled, long statements and commits): the share of slow requests it overlapped,
+    against the share of equally long windows placed at random (the control) — a cause shows
+    as a lift well above 1 — and the first episodes, each with what overlapped it."""
+    if not trace:
+        return ["(no trace)"]
+    start = result.started
+    windows = [(start + d, start + d + lat) for d, lat in
+               zip(result.dues, result.latencies, strict=True) if lat * 1000 > slow_ms]
+    notable = sorted((e for e in trace if _notable(e)), key=lambda e: e[1])
+    begins = [e[1] for e in notable]
+    longest = max((e[2] - e[1] for e in notable), default=0.0)
+
+    def overlapping(lo: float, hi: float) -> list[list[Any]]:
+        import bisect
+        first = bisect.bisect_left(begins, lo - longest)
+        return [e for e in notable[first:bisect.bisect_right(begins, hi)] if e[2] > lo]
+
+    rng = random.Random(1)
+    span = (start, start + max(result.dues, default=0.0))
+    hits: dict[str, int] = {}
+    control: dict[str, int] = {}
+    for lo, hi in windows:
+        for label in {_label(e) for e in overlapping(lo, hi)}:
+            hits[label] = hits.get(label, 0) + 1
+        shift = rng.uniform(*span) - lo
+        for label in {_label(e) for e in overlapping(lo + shift, hi + shift)}:
+            control[label] = control.get(label, 0) + 1
+    n = max(1, len(windows))
+    lines = [f"{len(windows)} slow requests; a cause shows as a lift well above 1.\n",
+             "| overlapped | slow requests | control | lift | count in run | median ms |",
+             "|---|---:|---:|---:|---:|---:|"]
+    counts: dict[str, list[float]] = {}
+    for e in notable:
+        counts.setdefault(_label(e), []).append((e[2] - e[1]) * 1000)
+    for label in sorted(counts, key=lambda k: -hits.get(k, 0)):
+        h, c = hits.get(label, 0), control.get(label, 0)
+        lines.append(f"| {label} | {h / n:.0%} | {c / n:.0%} | "
+                     f"{(h / c) if c else float('inf'):.1f} | {len(counts[label])} | "
+                     f"{statistics.median(counts[label]):.2f} |")
+    sql: dict[str, list[float]] = {}
+    for e in trace:
+        if e[0] in ("sql", "commit", "req"):
+            sql.setdefault(e[0] if e[0] != "sql" else e[3][:24], []).append(e[2] - e[1])
+    lines += ["", "| all of a kind (ms) | count | p50 | p99 |", "|---|---:|---:|---:|"]
+    for label, walls in sorted(sql.items(), key=lambda kv: -len(kv[1]))[:10]:
+        walls.sort()
+        lines.append(f"| {label} | {len(walls)} | {walls[len(walls) // 2] * 1000:.2f} | "
+                     f"{walls[int(len(walls) * 0.99)] * 1000:.2f} |")
+    episodes: list[list[tuple[float, float]]] = []
+    for lo, hi in sorted(windows):
+        if episodes and lo - episodes[-1][-1][0] <= 0.005:
+            episodes[-1].append((lo, hi))
+        else:
+            episodes.append([(lo, hi)])
+    lines += ["", "First episodes (due time s: requests, worst ms; what overlapped, ms):"]
+    for episode in episodes[:25]:
+        lo, hi = episode[0][0], max(h for _, h in episode)
+        seen = "; ".join(
+            f"{e[0]}{e[4] if e[0] == 'gc' else ''} {(e[2] - e[1]) * 1000:.1f}"
+            + (f" (cpu {e[3] * 1000:.1f}) {str(e[4])[:70]}" if e[0] == "cb" else "")
+            + (f" {e[3]}" if e[0] in ("sql", "commit") else "")
+            for e in overlapping(lo, hi)[:6])
+        lines.append(f"- {lo - start:.3f}: {len(episode)}, "
+                     f"{max(h - low for low, h in episode) * 1000:.1f}; {seen}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=1000)
@@ -209,6 +313,9 @@ def main() -> None:
     parser.add_argument("--closed", type=int, default=0,
                         help="also this many seconds of wrk -c64 per server")
     parser.add_argument("--baseline", help="a tree of other code for `base:` variants")
+    parser.add_argument("--trace", action="store_true",
+                        help="run the servers under bench/trace.py and attribute the slow "
+                        "requests to what overlapped them (GC, slow callbacks, commits, SQL)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the intake while measured: bench/out/profile-*.txt")
     args = parser.parse_args()
@@ -275,6 +382,12 @@ def main() -> None:
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))
+    if args.trace:
+        for name, rs in runs.items():
+            for r in rs:
+                print(f"\n### {name}: what overlapped the requests slower than "
+                      f"{args.slow_ms:g} ms\n")
+                print("\n".join(attribution(r.result, r.trace, args.slow_ms)))
 
 
 if __name__ == "__main__":

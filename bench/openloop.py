@@ -46,6 +46,7 @@ class OpenLoopResult:
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0  # of this process while it ran
     nice: int = 0  # the generator's scheduling priority
+    started: float = 0.0  # time.perf_counter() of due time 0 (CLOCK_MONOTONIC: machine-wide)
 
     @property
     def ok(self) -> int:
@@ -145,7 +146,7 @@ async def run(url: str, bodies: list[bytes], *, rate: float, seconds: float,
     gc.disable()  # a full collection mid-run would show up as the server's latency
     cpu = time.process_time()
     try:
-        start = time.perf_counter() + 0.05
+        start = result.started = time.perf_counter() + 0.05
         lanes = [asyncio.create_task(lane(i, start)) for i in range(connections)]
         done, pending = await asyncio.wait(lanes, timeout=seconds + drain_seconds + 0.05)
         for task in pending:

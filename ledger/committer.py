@@ -137,6 +137,12 @@ class GroupCommitter:
             "the delivery was not acknowledged"
         ))
 
+    def waiting(self) -> bool:
+        """Whether the next batch is already waiting and will be appended (not spooled): the
+        store then locks the head for it while the current batch commits
+        (`EventStore.lock_ahead_when`)."""
+        return bool(self._queue) and (self._spool is None or not self._spool.has_pending())
+
     async def submit(self, draft: Draft) -> Outcome:
         if self._closing:
             raise CommitterClosed("the ledger is shutting down; the delivery was not taken")

@@ -322,6 +322,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                                                 notify_every=NOTIFY_EVERY_SECONDS)
                 app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
+                await store.let_go_ahead()
                 await store.announcer.flush()  # the last commits are announced, then closed
             finally:
                 await close_pool(pool)
@@ -398,6 +399,7 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         append_timeout=settings.append_timeout_seconds,
         fault=app[SEAMS].fault,
     )
+    app[STORE].lock_ahead_when(committer.waiting)  # one round trip less a busy batch
     app[SUPERVISOR].start("committer", committer.run, on_crash=committer.fail_pending)
     app[COMMITTER] = committer
     supervisor = app[SUPERVISOR]

@@ -143,8 +143,9 @@ def _allowances(count: int) -> list[EventDraft]:
     ]
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["plain", "locking-ahead"])
 async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_draft_once(
-    database: Database, admin: Connection
+    database: Database, admin: Connection, ahead: bool
 ) -> None:
     """Two pools (as `serve --workers 2`) append the same drafts in small batches at once: each
     waits for the other's head lock, and must plan on facts read after it — a head or dedup
@@ -154,6 +155,8 @@ async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_dr
     try:
         stores = [EventStore(pool, policy=TrustPolicy.ALLOWLIST) for pool in pools]
         batch = _allowances(48)
+        for store in stores if ahead else []:  # each locks the head ahead for its next batch
+            store.lock_ahead_when(lambda: True)
 
         async def append_all(store: EventStore, starts: list[int]) -> dict[int, Any]:
             outcomes: dict[int, Any] = {}
@@ -165,6 +168,8 @@ async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_dr
         starts = list(range(0, len(batch), 3))  # one from the front, one from the back: they
         first, second = await asyncio.gather(  # meet, each storing some and finding others
             append_all(stores[0], starts), append_all(stores[1], starts[::-1]))
+        for store in stores:
+            await store.let_go_ahead()
     finally:
         for pool in pools:
             await pool.close()
@@ -183,6 +188,89 @@ async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_dr
     head = await admin.fetchrow("SELECT * FROM ledger.stream_heads WHERE stream = 'events'")
     assert head is not None
     assert (head["position"], bytes(head["hash"])) == (len(batch), previous)
+
+
+async def _head_locked_elsewhere(admin: Connection) -> bool:
+    """Whether another transaction holds the events head's lock now."""
+    try:
+        async with admin.transaction():
+            await admin.execute("SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' "
+                                "FOR UPDATE NOWAIT")
+    except asyncpg.LockNotAvailableError:
+        return True
+    return False
+
+
+async def _head_free(admin: Connection) -> bool:
+    return not await _head_locked_elsewhere(admin)
+
+
+async def _chained(admin: Connection) -> list[int]:
+    """The events' positions, after checking that each row links to the one before it."""
+    rows = await admin.fetch("SELECT position, prev_hash, hash FROM ledger.events "
+                             "ORDER BY position")
+    previous = bytes(32)
+    for row in rows:
+        assert bytes(row["prev_hash"]) == previous
+        previous = bytes(row["hash"])
+    return [r["position"] for r in rows]
+
+
+async def test_while_drafts_wait_the_head_is_locked_for_the_next_batch_as_one_commits(
+    store: EventStore, admin: Connection
+) -> None:
+    """Group commit's serial path loses a round trip: the next batch's transaction and head
+    lock are taken while the current batch commits (granted as that COMMIT ends), and the next
+    append starts with them — stored in order, chained, and the lock let go after."""
+    waiting = [True]
+    store.lock_ahead_when(lambda: waiting[0])
+    first, second = _allowances(2)
+    await store.append([first])
+    await eventually(lambda: _head_locked_elsewhere(admin), within=10)  # ours, taken ahead
+    waiting[0] = False
+    (outcome,) = await store.append([second])
+    assert isinstance(outcome, Stored)
+    assert outcome.position == 2
+    assert not await _head_locked_elsewhere(admin)
+    assert await _chained(admin) == [1, 2]
+
+
+async def test_a_head_lock_taken_ahead_that_no_append_claims_is_let_go(
+    store: EventStore, admin: Connection
+) -> None:
+    """A committer that turns to its spool, or stops, must not keep the head from other
+    workers: unclaimed, the lock taken ahead is released within LOCK_AHEAD_HOLD_SECONDS, and
+    `let_go_ahead` (shutdown) releases it at once."""
+    store.lock_ahead_when(lambda: True)
+    a, b, c = _allowances(3)
+    await store.append([a])
+    await eventually(lambda: _head_locked_elsewhere(admin), within=10)
+    await eventually(lambda: _head_free(admin), within=10)  # let go by itself
+    await store.append([b])  # the ordinary path, then another lock ahead…
+    await eventually(lambda: _head_locked_elsewhere(admin), within=10)
+    await store.let_go_ahead()  # …released at once
+    assert not await _head_locked_elsewhere(admin)
+    (outcome,) = await store.append([c])
+    assert isinstance(outcome, Stored)
+    assert outcome.position == 3
+    await store.let_go_ahead()
+    assert await _chained(admin) == [1, 2, 3]
+
+
+async def test_a_busy_committer_with_locks_taken_ahead_stores_every_draft_in_order(
+    store: EventStore, appender: Appender, admin: Connection
+) -> None:
+    metrics = Metrics()
+    committer = GroupCommitter(appender, max_events=8, max_delay=0, metrics=metrics)
+    store.lock_ahead_when(committer.waiting)
+    committer.start()
+    batch = _allowances(120)
+    outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
+    await committer.close()
+    await store.let_go_ahead()
+    assert [o.position for o in outcomes if isinstance(o, Stored)] == list(range(1, 121))
+    assert await _chained(admin) == list(range(1, 121))
+    assert not await _head_locked_elsewhere(admin)
 
 
 async def test_commits_in_quick_succession_share_a_notification_and_the_last_is_announced(

@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 _ClientDataError = asyncpg.exceptions._base.DataError
 Pool = asyncpg.Pool  # asyncpg's pool type, named once for the layers that pass it around
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+Pooled: TypeAlias = "PoolConnectionProxy[Any]"  # a connection acquired from the pool
 
 _LOCK_HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1 FOR UPDATE"
 # BEGIN and the events head's row lock in one round trip: the simple query protocol takes
@@ -309,7 +310,9 @@ async def translated_errors(action: str) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _transaction(connection: Connection, begin: str) -> AsyncIterator[None]:
+async def _transaction(
+    connection: Connection, begin: str | None, before_commit: Callable[[], None] | None = None,
+) -> AsyncIterator[None]:
     """A transaction opened by `begin` (BEGIN, perhaps with a lock in the same round trip):
     COMMIT when the block ends, ROLLBACK when it raises. asyncpg's own transaction sends BEGIN
     alone; should the ROLLBACK itself be cut short (a cancellation, a broken connection), the
@@ -319,16 +322,125 @@ async def _transaction(connection: Connection, begin: str) -> AsyncIterator[None
     append timeout) leaves the backend in a transaction that this ROLLBACK ends — and the
     driver may not know that yet (its cancel is still in flight), so the ROLLBACK is sent
     whatever `is_in_transaction` says; released in one, the pool would roll it back itself
-    and report a leaked transaction to the loop's exception handler (an ERROR each time)."""
+    and report a leaked transaction to the loop's exception handler (an ERROR each time).
+    `begin` None: the transaction is open already (a `_HeadLockAhead`'s). `before_commit` is
+    called just before COMMIT is sent."""
     try:
-        await connection.execute(begin)
+        if begin is not None:
+            await connection.execute(begin)
         yield
     except BaseException:
-        if not connection.is_closed():
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await connection.execute("ROLLBACK")
+        await _rollback(connection)
         raise
+    if before_commit is not None:
+        before_commit()
     await connection.execute("COMMIT")
+
+
+async def _rollback(connection: Connection) -> None:
+    if not connection.is_closed():
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            await connection.execute("ROLLBACK")
+
+
+class _HeadLockAhead:
+    """The events head locked for the *next* batch while this one commits.
+
+    Sent as the current batch's COMMIT is, the BEGIN and the lock wait inside PostgreSQL and
+    are granted the moment that COMMIT ends: the next batch starts with the lock held, one
+    round trip (a wake-up of this process and of a backend) less on the serial path of group
+    commit. Only the lock is taken early — the batch is still whatever waits once it is
+    granted, and the facts are read after it, as always (module docstring). A lock nobody
+    claims within `hold_seconds` of being granted is let go (ROLLBACK), so a committer that
+    turned to its spool, or stopped, never keeps other workers from the head."""
+
+    def __init__(self, pool: Pool, hold_seconds: float, keep: set[asyncio.Task[None]]) -> None:
+        """`keep` holds the tasks that let go of a lock abandoned by a cancelled claimant."""
+        self._pool, self._hold, self._keep = pool, hold_seconds, keep
+        self._claimed = False
+        self._connection: Pooled | None = None
+        self._expired: asyncio.Future[None] | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="head-lock-ahead")
+
+    async def _run(self) -> None:
+        connection: Pooled = await self._pool.acquire()
+        try:
+            try:
+                await connection.execute(_BEGIN_LOCKED)
+            except BaseException:
+                await _rollback(connection)
+                raise
+            if self._claimed:  # claimed while waiting: the claimant takes it from here
+                self._connection = connection
+                return
+            self._connection = connection
+            loop = asyncio.get_running_loop()
+            self._expired = expired = loop.create_future()
+            handle = loop.call_later(self._hold, _resolve, expired)
+            try:
+                await expired  # resolved by the timer, or by `claim`
+            finally:
+                handle.cancel()
+            if self._claimed:
+                return
+            self._connection = None
+            await _rollback(connection)
+        except BaseException:
+            self._connection = None
+            await _rollback(connection)
+            await self._pool.release(connection)
+            raise
+        await self._pool.release(connection)
+
+    async def claim(self) -> Pooled | None:
+        """The connection, in a transaction holding the head lock — the caller then owns
+        it (COMMIT or ROLLBACK, and release to the pool); None when the lock could not be
+        taken or was let go."""
+        if self._claimed:
+            return None
+        self._claimed = True
+        if self._expired is not None:
+            _resolve(self._expired)
+        try:
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            # the claimant is cancelled (shutdown): what the task still hands over is let go
+            self.task.add_done_callback(lambda _: self._let_go())
+            raise
+        except Exception as exc:  # noqa: BLE001 - the ordinary path meets it again and says so
+            log.debug("the head lock taken ahead failed (%s)", exc)
+            return None
+        return self._connection
+
+    async def abandon(self) -> None:
+        """Nobody will append with it (shutdown): let the lock and the connection go."""
+        if not self._claimed:
+            connection = await self.claim()
+            if connection is not None:
+                await _rollback(connection)
+                await self._pool.release(connection)
+        elif not self.task.done():
+            self.task.cancel()
+
+    def _let_go(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not self.task.cancelled():
+            async def let_go(connection: Pooled = connection) -> None:
+                await _rollback(connection)
+                await self._pool.release(connection)
+
+            self._keep.add(task := asyncio.get_running_loop().create_task(let_go()))
+            task.add_done_callback(self._keep.discard)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# How long a head lock taken ahead (`_HeadLockAhead`) waits, once granted, for the append it
+# was taken for — normally the next turn or two of the event loop — before it is let go.
+LOCK_AHEAD_HOLD_SECONDS = 0.1
 
 
 class Announcer:
@@ -397,6 +509,27 @@ class EventStore:
         self._pool = pool
         self._policy = policy
         self.announcer = Announcer(pool, notify_every)
+        self._waiting: Callable[[], bool] | None = None
+        self._ahead: _HeadLockAhead | None = None
+        self._letting_go: set[asyncio.Task[None]] = set()
+
+    def lock_ahead_when(self, waiting: Callable[[], bool]) -> None:
+        """From now on, as a batch commits while `waiting()` (more drafts wait for the next
+        one: the group committer's queue), the events head is locked for the next batch at
+        once (`_HeadLockAhead`); the next `append` starts with it."""
+        self._waiting = waiting
+
+    async def let_go_ahead(self) -> None:
+        """Release a head lock taken ahead that no append will use (before the pool closes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await ahead.abandon()
+        if self._letting_go:
+            await asyncio.gather(*self._letting_go)
+
+    def _lock_next(self) -> None:
+        if self._ahead is None and self._waiting is not None and self._waiting():
+            self._ahead = _HeadLockAhead(self._pool, LOCK_AHEAD_HOLD_SECONDS, self._letting_go)
 
     @property
     def pool(self) -> Pool:
@@ -418,16 +551,36 @@ class EventStore:
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
         begin = _BEGIN_LOCKED if event_drafts else "BEGIN"
         notify = self.announcer.due()
-        async with (
-            translated_errors("append"),
-            self._pool.acquire() as connection,
-        ):
-            async with _transaction(connection, begin):
-                outcomes, effects, moved = await self._append(
-                    connection, drafts, event_drafts, prepared, draining, notify, held)
-            if moved:
-                self.announcer.committed(notify)
-            return outcomes, effects
+        ahead, self._ahead = self._ahead, None
+        locked = await ahead.claim() if ahead is not None else None
+        if locked is None:
+            async with translated_errors("append"), self._pool.acquire() as connection:
+                return await self._append_in(
+                    connection, begin, drafts, event_drafts, prepared, draining, notify, held)
+        try:  # the head was locked ahead for this batch: the transaction is open
+            async with translated_errors("append"):
+                return await self._append_in(
+                    locked, None, drafts, event_drafts, prepared, draining, notify, held)
+        finally:
+            await self._pool.release(locked)
+
+    async def _append_in(
+        self,
+        connection: Connection,
+        begin: str | None,
+        drafts: Sequence[Draft],
+        event_drafts: list[EventDraft],
+        prepared: dict[int, tuple[bytes, bytes]],
+        draining: bool,
+        notify: bool,
+        held: frozenset[int],
+    ) -> tuple[list[Outcome], list[PlannedEffect]]:
+        async with _transaction(connection, begin, self._lock_next):
+            outcomes, effects, moved = await self._append(
+                connection, drafts, event_drafts, prepared, draining, notify, held)
+        if moved:
+            self.announcer.committed(notify)
+        return outcomes, effects
 
     async def _append(
         self,
