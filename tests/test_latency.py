@@ -1,0 +1,31 @@
+"""What the service does for its latency at a moderate rate (bench/RESULTS.md, "Latency at
+1000/s"): observable settings of the running process, not timings."""
+
+from __future__ import annotations
+
+import gc
+
+from ledger.settings import Settings
+from ledger.web import GC_FULL_EVERY
+from tests.conftest import ClientFactory
+
+
+async def test_while_serving_full_collections_are_rarer_and_start_up_is_frozen(
+    make_client: ClientFactory, settings: Settings
+) -> None:
+    """A full collection rescans every object the service keeps (decoding templates, caches)
+    and stalls the event loop for tens of milliseconds: while the app runs they come ten times
+    less often, and what start-up allocated is out of the collector's sight; both undone when
+    it stops."""
+    before = gc.get_threshold()
+    client = await make_client(settings)
+    try:
+        assert gc.get_threshold() == (before[0], before[1], GC_FULL_EVERY)
+        assert before[2] < GC_FULL_EVERY
+        assert gc.get_freeze_count() > 0
+        response = await client.get("/healthz")
+        assert response.status == 200
+    finally:
+        await client.close()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
