@@ -294,6 +294,36 @@ async def test_commits_in_quick_succession_share_a_notification_and_the_last_is_
     assert len(heard) <= 20 // 2  # far fewer than the 20 commits
 
 
+async def test_while_commits_keep_coming_each_slices_notification_rides_on_a_commit(
+    database: Database,
+) -> None:
+    """The notification a slice owes is left to the next commit while one is on its way (a
+    statement and a WAL flush of its own saved); listeners still hear one per slice, and the
+    last commit is announced."""
+    pool = await create_pool(database.service_dsn, size=4)
+    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.1)
+    waiting = [True]
+    store.lock_ahead_when(lambda: waiting[0])
+    heard: list[str] = []
+    listener = await asyncpg.connect(database.admin_dsn)
+    await listener.add_listener("ledger_events", lambda *args: heard.append(args[3]))
+    drafts_ = iter(_allowances(5000))
+    try:
+        async with asyncio.timeout(60):
+            while len(heard) < 4:  # several slices' worth of commits, back to back
+                await store.append([next(drafts_)])
+        waiting[0] = False
+        (last,) = await store.append([next(drafts_)])
+        assert isinstance(last, Stored)
+        await eventually(lambda: heard and heard[-1] == str(last.position), within=10)
+        await store.let_go_ahead()
+        await store.announcer.flush()
+    finally:
+        await listener.close()
+        await pool.close()
+    assert store.announcer.alone <= 1  # at most the last commit's, when nothing followed it
+
+
 async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     appender: Appender, admin: Connection
 ) -> None:

@@ -451,14 +451,21 @@ class Announcer:
     moderate rate — woke each listening backend and its client for nothing (bench/RESULTS.md,
     "Latency at 1000/s"). So a commit within `every` of the last notification sends none, and
     one notification follows at the end of that slice, announcing the head then. `every` 0:
-    every commit notifies (tools and tests, which wait on it)."""
+    every commit notifies (tools and tests, which wait on it).
 
-    def __init__(self, pool: Pool, every: float) -> None:
-        self._pool, self._every = pool, every
+    That notification is a statement and a transaction of its own (a WAL flush, a wake-up of
+    a backend and of this loop, and PostgreSQL's notify lock against the appends' COMMITs) —
+    so while `busy()` says another commit is on its way (an append in flight, drafts waiting),
+    the slice's end leaves it to that commit, which carries it as any due commit does; only
+    if none has carried it `every` later is it sent alone (`alone` counts those)."""
+
+    def __init__(self, pool: Pool, every: float, busy: Callable[[], bool] | None = None) -> None:
+        self._pool, self._every, self._busy = pool, every, busy
         self._last = -float("inf")
         self._owed = False
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self.alone = 0  # notifications sent by a statement of their own
 
     def due(self) -> bool:
         """Whether the commit about to be made should carry the notification itself."""
@@ -469,10 +476,13 @@ class Announcer:
         loop = asyncio.get_running_loop()
         if notified:
             self._last, self._owed = loop.time(), False
+            if self._timer is not None:  # nothing is owed until a later commit owes it
+                self._timer.cancel()
+                self._timer = None
             return
         self._owed = True
         if self._timer is None:
-            self._timer = loop.call_at(self._last + self._every, self._send)
+            self._timer = loop.call_at(self._last + self._every, self._slice_end)
 
     async def flush(self) -> None:
         """Send what is owed now, and wait for it (before the pool closes)."""
@@ -482,11 +492,20 @@ class Announcer:
         if self._sending:
             await asyncio.gather(*self._sending)
 
+    def _slice_end(self) -> None:
+        """The slice is over: a commit on its way carries what is owed, else it is sent."""
+        if self._owed and self._busy is not None and self._busy():
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + self._every, self._send)
+            return
+        self._send()
+
     def _send(self) -> None:
         self._timer = None
         if not self._owed:
             return
         self._owed = False
+        self.alone += 1
         self._last = asyncio.get_running_loop().time()
         task = asyncio.get_running_loop().create_task(self._announce(), name="announce")
         self._sending.add(task)
@@ -508,7 +527,8 @@ class EventStore:
     def __init__(self, pool: Pool, *, policy: TrustPolicy, notify_every: float = 0.0) -> None:
         self._pool = pool
         self._policy = policy
-        self.announcer = Announcer(pool, notify_every)
+        self.announcer = Announcer(pool, notify_every, busy=self._busy)
+        self._appending = 0  # appends in flight
         self._waiting: Callable[[], bool] | None = None
         self._ahead: _HeadLockAhead | None = None
         self._letting_go: set[asyncio.Task[None]] = set()
@@ -526,6 +546,10 @@ class EventStore:
             await ahead.abandon()
         if self._letting_go:
             await asyncio.gather(*self._letting_go)
+
+    def _busy(self) -> bool:
+        """Whether another commit is on its way: an append in flight, or drafts waiting."""
+        return self._appending > 0 or (self._waiting is not None and self._waiting())
 
     def _lock_next(self) -> None:
         if self._ahead is None and self._waiting is not None and self._waiting():
@@ -550,6 +574,20 @@ class EventStore:
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
         begin = _BEGIN_LOCKED if event_drafts else "BEGIN"
+        self._appending += 1
+        try:
+            return await self._append_planned(drafts, draining, prepared, event_drafts, begin)
+        finally:
+            self._appending -= 1
+
+    async def _append_planned(
+        self,
+        drafts: Sequence[Draft],
+        draining: bool,
+        prepared: dict[int, tuple[bytes, bytes]],
+        event_drafts: list[EventDraft],
+        begin: str,
+    ) -> tuple[list[Outcome], list[PlannedEffect]]:
         notify = self.announcer.due()
         ahead, self._ahead = self._ahead, None
         locked = await ahead.claim() if ahead is not None else None
