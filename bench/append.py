@@ -2,6 +2,10 @@
 of its PostgreSQL backend, per append, for small and large batches.
 
     python -m bench.append --baseline DIR [--rounds 3] [--appends 400] [--batches 1,4,64]
+    python -m bench.append --baseline DIR --clients 2,64 --appends 2000
+
+With `--clients`, the drafts go through the group committer from that many concurrent senders
+(each sends its next when the last is stored) instead of `EventStore.append` batches.
 
 At a fixed moderate rate (1,000 deliveries/s) batches are small, so what a transaction costs
 whatever it holds — its round trips, each a wake-up of PostgreSQL and of the appender — is paid
@@ -32,6 +36,69 @@ _TREE = str(Path(__file__).resolve().parent.parent)  # this tree, for bench.scal
 def _cpu_of(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+async def _clients(dsn: str, clients: int, drafts: int) -> dict[str, float]:
+    """`clients` senders at once, each submitting its next draft when the last is stored,
+    through the group committer as `ledger serve` wires it (offline trust, append timeout, and
+    the head locked ahead where the code has it): per draft, this process's CPU, its backends'
+    CPU, commits, and wall time. Two clients make the small batches of a fixed moderate rate,
+    64 the large ones of saturation."""
+    import tempfile
+
+    from ledger.committer import GroupCommitter
+    from ledger.metrics import Metrics
+    from ledger.offline import Appender, OfflineTrust
+    from ledger.settings import Settings, TrustPolicy
+    from ledger.simulation import Traffic
+    from ledger.storage.store import EventStore, create_pool
+
+    sys.path.append(_TREE)
+    from bench.scale import templates, vary
+
+    traffic = Traffic(seed=42, portals=20, churn=False)
+    base = templates(traffic, Settings(database_url=dsn), 200)
+    pool = await create_pool(dsn, size=4)
+    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.05)
+    offline = OfflineTrust(Path(tempfile.mkdtemp()) / "trust", worker=0,
+                           policy=TrustPolicy.ALLOWLIST)
+    await offline.start(store)
+    metrics = Metrics()
+    committer = GroupCommitter(Appender(store, offline), max_events=256, max_delay=0,
+                               metrics=metrics, append_timeout=10.0)
+    if hasattr(store, "lock_ahead_when"):
+        store.lock_ahead_when(committer.waiting)
+    committer.start()
+    n = 0
+
+    async def client(count: int) -> None:
+        nonlocal n
+        for _ in range(count):
+            n += 1
+            await committer.submit(vary(base[n % len(base)], n))
+
+    def commits() -> float:
+        return metrics.registry.get_sample_value("ledger_append_batch_size_count") or 0.0
+
+    try:
+        await asyncio.gather(*(client(100 // clients + 1) for _ in range(clients)))  # warm
+        backends = [int(r[0]) for r in await pool.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND usename = current_user")]
+        cpu, wall, done = time.process_time(), time.perf_counter(), commits()
+        pg = sum(_cpu_of(b) for b in backends)
+        await asyncio.gather(*(client(drafts // clients) for _ in range(clients)))
+        count = drafts // clients * clients
+        return {"client_us": (time.process_time() - cpu) * 1e6 / count,
+                "pg_us": (sum(_cpu_of(b) for b in backends) - pg) * 1e6 / count,
+                "wall_us": (time.perf_counter() - wall) * 1e6 / count,
+                "commits": (commits() - done) / count}
+    finally:
+        await committer.close()
+        if hasattr(store, "let_go_ahead"):
+            await store.let_go_ahead()
+        await store.announcer.flush()
+        await pool.close()
 
 
 async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
@@ -75,12 +142,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--appends", type=int, default=400)
     parser.add_argument("--batches", default="1,4,64")
+    parser.add_argument("--clients", default="",
+                        help="instead of batches: this many concurrent senders through the "
+                        "group committer, e.g. 2,64 (µs and commits per draft)")
     parser.add_argument("--worker", nargs=3, metavar=("DSN", "BATCH", "APPENDS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         dsn, batch, appends = args.worker
-        print(json.dumps(asyncio.run(_worker(dsn, int(batch), int(appends)))))
+        if batch.startswith("c"):
+            print(json.dumps(asyncio.run(_clients(dsn, int(batch[1:]), int(appends)))))
+        else:
+            print(json.dumps(asyncio.run(_worker(dsn, int(batch), int(appends)))))
         return
     if not args.baseline:
         raise SystemExit("--baseline DIR: the code to compare with")
@@ -89,9 +162,11 @@ def main() -> None:
     from ledger.simulation import Traffic
 
     tokens = {p.member_id: p.token for p in Traffic(seed=42, portals=20, churn=False).portals}
-    batches = [int(b) for b in args.batches.split(",")]
+    batches: list[int | str] = (
+        [f"c{c}" for c in args.clients.split(",")] if args.clients
+        else [int(b) for b in args.batches.split(",")])
     codes = {"before": str(Path(args.baseline).resolve()), "after": None}
-    found: dict[tuple[str, int], list[dict[str, float]]] = {}
+    found: dict[tuple[str, int | str], list[dict[str, float]]] = {}
     cluster = Cluster()
     try:
         for round_ in range(args.rounds):
@@ -115,15 +190,20 @@ def main() -> None:
     print(f"`python -m bench.append {' '.join(sys.argv[1:])}`: µs per append (medians of "
           f"{args.rounds} rounds, {args.appends} appends each); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-    print("| drafts per append | appender CPU before | after | ratio | PostgreSQL backend CPU "
-          "before | after | ratio | wall before | after | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    keys = ["client_us", "pg_us", "wall_us"] + (["commits"] if args.clients else [])
+    print(f"| {'concurrent senders' if args.clients else 'drafts per append'} | appender CPU "
+          "before | after | ratio | PostgreSQL backend CPU before | after | ratio | wall before "
+          "| after | ratio |" + (" commits per draft before | after | ratio |"
+                                 if args.clients else ""))
+    print("|---:" + "|---:|---:|---:" * len(keys) + "|")
     for batch in batches:
-        cells = [str(batch)]
-        for key in ("client_us", "pg_us", "wall_us"):
+        cells = [str(batch).lstrip("c")]
+        for key in keys:
             before = statistics.median(r[key] for r in found[("before", batch)])
             after = statistics.median(r[key] for r in found[("after", batch)])
-            cells += [f"{before:.0f}", f"{after:.0f}", f"**{after / before:.2f}x**"]
+            digits = 2 if key == "commits" else 0
+            cells += [f"{before:.{digits}f}", f"{after:.{digits}f}",
+                      f"**{after / before:.2f}x**"]
         print("| " + " | ".join(cells) + " |")
 
 

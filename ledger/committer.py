@@ -255,8 +255,9 @@ class GroupCommitter:
         task = asyncio.ensure_future(self._appender.append(drafts, draining=draining))
         if self._append_timeout is None:
             return await task
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), self._append_timeout)
+        try:  # asyncio.timeout, not wait_for: no extra future, callback and loop turn a batch
+            async with asyncio.timeout(self._append_timeout):
+                return await asyncio.shield(task)
         except TimeoutError:
             task.add_done_callback(_outcome_ignored)
             raise
