@@ -2,10 +2,11 @@
 of its PostgreSQL backend, per append, for small and large batches.
 
     python -m bench.append --baseline DIR [--rounds 3] [--appends 400] [--batches 1,4,64]
-    python -m bench.append --baseline DIR --clients 2,64 --appends 2000
+    python -m bench.append --baseline DIR --clients @1000,64 --appends 2000
 
 With `--clients`, the drafts go through the group committer from that many concurrent senders
-(each sends its next when the last is stored) instead of `EventStore.append` batches.
+(each sends its next when the last is stored), or, written `@RATE`, at that fixed rate (open
+loop), instead of `EventStore.append` batches.
 
 At a fixed moderate rate (1,000 deliveries/s) batches are small, so what a transaction costs
 whatever it holds — its round trips, each a wake-up of PostgreSQL and of the appender — is paid
@@ -38,12 +39,14 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-async def _clients(dsn: str, clients: int, drafts: int) -> dict[str, float]:
+async def _clients(dsn: str, clients: int, drafts: int, rate: float = 0.0) -> dict[str, float]:
     """`clients` senders at once, each submitting its next draft when the last is stored,
     through the group committer as `ledger serve` wires it (offline trust, append timeout, and
     the head locked ahead where the code has it): per draft, this process's CPU, its backends'
-    CPU, commits, and wall time. Two clients make the small batches of a fixed moderate rate,
-    64 the large ones of saturation."""
+    CPU, commits, and wall time (64 clients: the large batches of saturation). With `rate`,
+    open loop instead: one draft due every 1/rate s, each submitted when due whatever is still
+    waiting (the small batches of a fixed moderate rate, drafts arriving while one commits),
+    with p50/p99 of the time from due to stored."""
     import tempfile
 
     from ledger.committer import GroupCommitter
@@ -80,19 +83,50 @@ async def _clients(dsn: str, clients: int, drafts: int) -> dict[str, float]:
     def commits() -> float:
         return metrics.registry.get_sample_value("ledger_append_batch_size_count") or 0.0
 
+    latencies: list[float] = []
+
+    async def timed(due: float) -> None:
+        nonlocal n
+        n += 1
+        await committer.submit(vary(base[n % len(base)], n))
+        latencies.append(time.perf_counter() - due)
+
+    async def open_loop(count: int) -> None:
+        start, sent = time.perf_counter(), set()
+        for k in range(count):
+            due = start + k / rate
+            if (delay := due - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
+            sent.add(task := asyncio.create_task(timed(due)))
+            task.add_done_callback(sent.discard)
+        while sent:
+            await asyncio.gather(*sent)
+
+    async def load(count: int) -> None:
+        if rate:
+            await open_loop(count)
+        else:
+            await asyncio.gather(*(client(count // clients) for _ in range(clients)))
+
     try:
-        await asyncio.gather(*(client(100 // clients + 1) for _ in range(clients)))  # warm
+        await load(200)  # warm
+        latencies.clear()
         backends = [int(r[0]) for r in await pool.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND usename = current_user")]
         cpu, wall, done = time.process_time(), time.perf_counter(), commits()
         pg = sum(_cpu_of(b) for b in backends)
-        await asyncio.gather(*(client(drafts // clients) for _ in range(clients)))
-        count = drafts // clients * clients
-        return {"client_us": (time.process_time() - cpu) * 1e6 / count,
-                "pg_us": (sum(_cpu_of(b) for b in backends) - pg) * 1e6 / count,
-                "wall_us": (time.perf_counter() - wall) * 1e6 / count,
-                "commits": (commits() - done) / count}
+        await load(drafts)
+        count = drafts if rate else drafts // clients * clients
+        found = {"client_us": (time.process_time() - cpu) * 1e6 / count,
+                 "pg_us": (sum(_cpu_of(b) for b in backends) - pg) * 1e6 / count,
+                 "wall_us": (time.perf_counter() - wall) * 1e6 / count,
+                 "commits": (commits() - done) / count}
+        if latencies:
+            latencies.sort()
+            found["p50_ms"] = latencies[len(latencies) // 2] * 1000
+            found["p99_ms"] = latencies[int(len(latencies) * 0.99)] * 1000
+        return found
     finally:
         await committer.close()
         if hasattr(store, "let_go_ahead"):
@@ -152,6 +186,8 @@ def main() -> None:
         dsn, batch, appends = args.worker
         if batch.startswith("c"):
             print(json.dumps(asyncio.run(_clients(dsn, int(batch[1:]), int(appends)))))
+        elif batch.startswith("r"):
+            print(json.dumps(asyncio.run(_clients(dsn, 0, int(appends), float(batch[1:])))))
         else:
             print(json.dumps(asyncio.run(_worker(dsn, int(batch), int(appends)))))
         return
@@ -163,8 +199,8 @@ def main() -> None:
 
     tokens = {p.member_id: p.token for p in Traffic(seed=42, portals=20, churn=False).portals}
     batches: list[int | str] = (
-        [f"c{c}" for c in args.clients.split(",")] if args.clients
-        else [int(b) for b in args.batches.split(",")])
+        [f"r{c[1:]}" if c.startswith("@") else f"c{c}" for c in args.clients.split(",")]
+        if args.clients else [int(b) for b in args.batches.split(",")])
     codes = {"before": str(Path(args.baseline).resolve()), "after": None}
     found: dict[tuple[str, int | str], list[dict[str, float]]] = {}
     cluster = Cluster()
@@ -191,17 +227,24 @@ def main() -> None:
           f"{args.rounds} rounds, {args.appends} appends each); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     keys = ["client_us", "pg_us", "wall_us"] + (["commits"] if args.clients else [])
+    if any(str(b).startswith("r") for b in batches):
+        keys += ["p50_ms", "p99_ms"]
     print(f"| {'concurrent senders' if args.clients else 'drafts per append'} | appender CPU "
           "before | after | ratio | PostgreSQL backend CPU before | after | ratio | wall before "
           "| after | ratio |" + (" commits per draft before | after | ratio |"
-                                 if args.clients else ""))
+                                 if args.clients else "")
+          + (" p50 ms before | after | ratio | p99 ms before | after | ratio |"
+             if "p50_ms" in keys else ""))
     print("|---:" + "|---:|---:|---:" * len(keys) + "|")
     for batch in batches:
-        cells = [str(batch).lstrip("c")]
+        cells = [str(batch).replace("c", "").replace("r", "@")]
         for key in keys:
+            if key.endswith("_ms") and not str(batch).startswith("r"):
+                cells += ["", "", ""]
+                continue
             before = statistics.median(r[key] for r in found[("before", batch)])
             after = statistics.median(r[key] for r in found[("after", batch)])
-            digits = 2 if key == "commits" else 0
+            digits = 2 if key in ("commits", "p50_ms", "p99_ms") else 0
             cells += [f"{before:.{digits}f}", f"{after:.{digits}f}",
                       f"**{after / before:.2f}x**"]
         print("| " + " | ".join(cells) + " |")
