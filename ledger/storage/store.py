@@ -5,7 +5,8 @@ batch is one transaction of four round trips (each a wake-up of PostgreSQL and o
 which at a fixed moderate rate cost more than the work: bench/RESULTS.md, "Latency at 1000/s"):
 1. BEGIN and lock the `events` stream head (`SELECT … FOR UPDATE`), sent together: appends from
    every process serialise here, so positions are gap-free and commit-ordered and the chain has
-   one predecessor;
+   one predecessor. While more drafts wait, this is sent for the next batch as the current one
+   sends its COMMIT (`_HeadLockAhead`): off the serial path of group commit;
 2. load the facts in one statement: the head itself, the trust of the batch's portals, the open
    allowances its installs could use, and the dedup keys it already holds. It must be a statement
    of its own, *after* the lock: under READ COMMITTED a statement's snapshot is taken when it
