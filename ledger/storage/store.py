@@ -575,33 +575,24 @@ class EventStore:
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
         begin = _BEGIN_LOCKED if event_drafts else "BEGIN"
+        notify = self.announcer.due()
         self._appending += 1
         try:
-            return await self._append_planned(drafts, draining, prepared, event_drafts, begin)
+            ahead, self._ahead = self._ahead, None
+            locked = await ahead.claim() if ahead is not None else None
+            if locked is None:
+                async with translated_errors("append"), self._pool.acquire() as connection:
+                    return await self._append_in(
+                        connection, begin, drafts, event_drafts, prepared, draining, notify,
+                        held)
+            try:  # the head was locked ahead for this batch: the transaction is open
+                async with translated_errors("append"):
+                    return await self._append_in(
+                        locked, None, drafts, event_drafts, prepared, draining, notify, held)
+            finally:
+                await self._pool.release(locked)
         finally:
             self._appending -= 1
-
-    async def _append_planned(
-        self,
-        drafts: Sequence[Draft],
-        draining: bool,
-        prepared: dict[int, tuple[bytes, bytes]],
-        event_drafts: list[EventDraft],
-        begin: str,
-    ) -> tuple[list[Outcome], list[PlannedEffect]]:
-        notify = self.announcer.due()
-        ahead, self._ahead = self._ahead, None
-        locked = await ahead.claim() if ahead is not None else None
-        if locked is None:
-            async with translated_errors("append"), self._pool.acquire() as connection:
-                return await self._append_in(
-                    connection, begin, drafts, event_drafts, prepared, draining, notify, held)
-        try:  # the head was locked ahead for this batch: the transaction is open
-            async with translated_errors("append"):
-                return await self._append_in(
-                    locked, None, drafts, event_drafts, prepared, draining, notify, held)
-        finally:
-            await self._pool.release(locked)
 
     async def _append_in(
         self,
