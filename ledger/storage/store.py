@@ -371,10 +371,9 @@ class _HeadLockAhead:
             except BaseException:
                 await _rollback(connection)
                 raise
-            if self._claimed:  # claimed while waiting: the claimant takes it from here
-                self._connection = connection
-                return
             self._connection = connection
+            if self._claimed:  # claimed while it waited: the claimant takes it from here
+                return
             loop = asyncio.get_running_loop()
             self._expired = expired = loop.create_future()
             handle = loop.call_later(self._hold, _resolve, expired)
