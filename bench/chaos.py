@@ -25,6 +25,7 @@ import asyncpg
 from bench.common import OUT, Cluster, record
 from bench.intake import provision
 from ledger import wire
+from ledger.embedded import EmbeddedHandle
 from ledger.envelope import INSTALL, UNINSTALL, UPDATE
 from ledger.simulation import Traffic
 
@@ -32,12 +33,11 @@ PORT = 9301
 URL = f"http://127.0.0.1:{PORT}"
 
 
-def postgres(cluster: Cluster, action: str) -> None:
+def postgres(handle: EmbeddedHandle | None, action: str) -> None:
     """Stop or start the embedded server the way its owner would (pg_ctl as its user)."""
     from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
 
-    handle = cluster._handle
-    assert handle is not None, "chaos needs the embedded PostgreSQL"
+    assert handle is not None, "needs the embedded PostgreSQL"
     server: Any = handle.server._server  # type: ignore[attr-defined]
     if action == "stop":
         pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
@@ -115,10 +115,10 @@ async def run(seconds: float, concurrency: int) -> None:
             server = await start_ledger(dsn)
             if n == 1:
                 await asyncio.sleep(step / 2)
-                await asyncio.to_thread(postgres, cluster, "stop")
+                await asyncio.to_thread(postgres, cluster._handle, "stop")
                 events.append(f"PostgreSQL stopped at {time.monotonic() - began:.1f}s")
                 await asyncio.sleep(step)
-                await asyncio.to_thread(postgres, cluster, "start")
+                await asyncio.to_thread(postgres, cluster._handle, "start")
                 events.append(f"PostgreSQL started at {time.monotonic() - began:.1f}s")
         await asyncio.sleep(step)
         stop.set()

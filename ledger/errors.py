@@ -39,6 +39,15 @@ class DatabaseUnavailable(LedgerError):
     code = "store_unavailable"
 
 
+class LifecycleNotDrained(DatabaseUnavailable):
+    """Online, a portal in this batch still waits on another worker's spooled lifecycle events:
+    judged now by PostgreSQL's trust, it would be judged ahead of them. The batch is spooled
+    (and drains after them) instead; nothing for an operator to do unless a worker stays down
+    with its spool (see `/readyz`)."""
+
+    code = "lifecycle_not_drained"
+
+
 class DatabaseMissing(ConfigurationError):
     """The configured database does not exist on the server (the message says how to create it)."""
 

@@ -48,7 +48,7 @@ from typing import IO, Any
 
 import orjson
 
-from ledger.errors import LedgerError
+from ledger.errors import LedgerError, LifecycleNotDrained
 from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
 from ledger.planner import Facts, PlannedEffect, plan
 from ledger.settings import TrustPolicy
@@ -100,6 +100,9 @@ class OfflineTrust:
         self.base_position = 0
         self._own: list[tuple[int, TrustEffect]] = []
         self.refreshed = asyncio.Event()  # set whenever a refresh read new trust events
+        # portals with other workers' unsettled journal entries, as of the journal's stat
+        self._elsewhere: frozenset[str] = frozenset()
+        self._elsewhere_key: tuple[int, int, int] | None = None
 
     # ---- the base, from PostgreSQL -----------------------------------------------------
 
@@ -217,6 +220,27 @@ class OfflineTrust:
             ):
                 return count
         return len(drafts)
+
+    async def unsettled_elsewhere(self) -> frozenset[str]:
+        """Portals with journal entries of *other* workers not yet in PostgreSQL. Online judging
+        asks before every append, so it is cached by the journal's stat (a few µs): the file is
+        read only after it changed, i.e. around outages."""
+        try:
+            stat = os.stat(self._journal_path)
+        except FileNotFoundError:
+            return frozenset()
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key != self._elsewhere_key:
+            # read after the stat: a change in between is read now and seen again next time
+            self._elsewhere = await asyncio.to_thread(self._read_elsewhere)
+            self._elsewhere_key = key
+        return self._elsewhere
+
+    def _read_elsewhere(self) -> frozenset[str]:
+        with self._locked(fcntl.LOCK_SH) as handle:
+            journal = _read(handle)
+        return frozenset(e.member_id for e in journal.entries
+                         if e.worker != self._worker and e.seq not in journal.settled)
 
     def held(self, drafts: Sequence[Draft]) -> frozenset[int]:
         """Which of these spooled drafts, accepted offline on provisional trust, the drain
@@ -452,12 +476,20 @@ class Appender:
     """The store as the group committer uses it: appends (keeping the offline state current),
     offline spooling, and the drain's order across workers."""
 
-    def __init__(self, store: EventStore, offline: OfflineTrust) -> None:
+    def __init__(self, store: EventStore, offline: OfflineTrust, *,
+                 order_wait_seconds: float = 2.0) -> None:
+        """`order_wait_seconds`: how long an online append waits for another worker to drain
+        the spooled lifecycle events of a portal in its batch before it spools the batch."""
         self._store = store
         self._offline = offline
+        self._order_wait = order_wait_seconds
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
-        held = await asyncio.to_thread(self._offline.held, drafts) if draining else frozenset()
+        if draining:
+            held = await asyncio.to_thread(self._offline.held, drafts)
+        else:
+            held = frozenset()
+            await self._after_other_workers(drafts)
         outcomes, effects = await self._store.append_planned(drafts, draining=draining,
                                                              held=held)
         if draining:
@@ -474,6 +506,31 @@ class Appender:
             log.exception("committed, but the offline trust state was not updated (the next "
                           "refresh catches up)")
         return outcomes
+
+    async def _after_other_workers(self, drafts: Sequence[Draft]) -> None:
+        """Online, a portal whose trust waits on another worker's spooled lifecycle events is
+        judged after them: PostgreSQL's trust does not have them yet, so judging now would
+        judge ahead of them — a genuine reinstall after a spooled uninstall refused, and every
+        delivery the other worker accepted on its spooled lifecycle refused on its drain (found
+        by bench.churn). Waits (a little: the other worker drains as soon as it reaches
+        PostgreSQL) for those entries to settle; past `order_wait_seconds` (that worker is down,
+        or still cut off) raises LifecycleNotDrained: the committer spools the batch, judged on
+        the journal and drained after those entries (`drainable`)."""
+        elsewhere = await self._offline.unsettled_elsewhere()
+        if not elsewhere:
+            return
+        portals = {d.member_id for d in drafts if isinstance(d, EventDraft)}
+        if not portals & elsewhere:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._order_wait
+        while portals & elsewhere:
+            if loop.time() >= deadline:
+                raise LifecycleNotDrained(
+                    f"portal(s) {', '.join(sorted(portals & elsewhere))} wait on another "
+                    "worker's spooled lifecycle events; spooling behind them")
+            await asyncio.sleep(0.02)  # the other worker's drain is in another process
+            elsewhere = await self._offline.unsettled_elsewhere()
 
     def set_aside(self, drafts: Sequence[Draft]) -> None:
         """Spooled drafts the committer quarantines: their trust effects never land, so their

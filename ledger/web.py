@@ -389,7 +389,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     await offline.start(app[STORE])
     app[OFFLINE] = offline
     committer = GroupCommitter(
-        Appender(app[STORE], offline),
+        Appender(app[STORE], offline, order_wait_seconds=min(
+            2 * settings.spool_retry_seconds, settings.append_timeout_seconds / 2)),
         max_events=settings.batch_max_events,
         max_delay=settings.batch_max_delay_ms / 1000,
         metrics=app[METRICS],

@@ -352,3 +352,36 @@ async def test_a_delivery_accepted_on_another_workers_spooled_reinstall_is_store
                                          "ONAPPUNINSTALL", "ONIMBOTJOINCHAT"]
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
     assert await trusted_digest(admin) is None  # and it changed no trust
+
+
+async def test_an_online_worker_judges_a_portal_after_another_workers_spooled_lifecycle_event(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path, admin: Admin
+) -> None:
+    """The residual of the offline judgement (found by bench.churn: 207 deliveries answered 202
+    and refused on drain in one run): worker 0 spooled an uninstall; PostgreSQL is back for
+    worker 1, which receives the genuine reinstall before worker 0 drained. Judged by
+    PostgreSQL's trust at once it was refused (token_replacement_refused) and every delivery
+    accepted on the spooled lifecycle after it cascaded. Worker 1 now waits for worker 0's
+    entries for that portal (or, past its deadline, spools behind them)."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_factory(
+        worker=1, spool_dir=tmp_path / "spool", spool_retry_seconds=0.1))  # never cut
+    await install_sample_portal(second)
+    await allow_sample_portal(second)  # for the reinstall
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(first, sample("onappuninstall-1"))  # worker 0 is offline
+    await first.close()  # and stops before it drained: its spool waits on disk
+    await relay.start()
+
+    answer = asyncio.ensure_future(post(second, reinstall()))
+    first = await make_client(settings_for(worker=0))  # back: drains the uninstall
+    status, body = await answer
+    assert status in (200, 202), body  # stored after the uninstall, or spooled behind it
+    await drained(first)
+    await drained(second)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
