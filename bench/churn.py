@@ -18,7 +18,7 @@ spools and judges offline). After the spools drained (and again after SIGTERM):
     refused-on-drain    ERROR lines "answered 202 during an outage was refused on drain"
 
 Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. The serve log of a
-run that failed is kept in bench/out/. Bounded: --seconds caps the sending, the drain wait is
+run is kept in bench/out/churn-serve-N.log. Bounded: --seconds caps the sending, the drain wait is
 90 s; nothing but 127.0.0.1 and the temporary socket is contacted.
 """
 
@@ -307,10 +307,10 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         if server.returncode is None:
             server.kill()
             await server.wait()
+        OUT.mkdir(parents=True, exist_ok=True)
+        kept = OUT / f"churn-serve-{number}.log"
+        shutil.copy(log_path, kept)
         if not ok:
-            OUT.mkdir(parents=True, exist_ok=True)
-            kept = OUT / f"churn-serve-{number}.log"
-            shutil.copy(log_path, kept)
             print(f"  serve log kept in {kept}")
         handle.server.stop()
         shutil.rmtree(root, ignore_errors=True)

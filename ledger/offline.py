@@ -25,8 +25,9 @@ or reinstall is drained after it. Lifecycle deliveries are judged again on drain
 trust, in journal order; an acceptance on provisional trust is stored as judged when every entry
 it depended on reached PostgreSQL (`held`) — else (an entry was refused: the offline state was
 stale, e.g. a restart during an outage with an old snapshot) it is judged again and PostgreSQL's
-trust wins, with an ERROR line. (A worker that is online meanwhile judges by PostgreSQL's trust
-and may commit ahead of another worker's spooled lifecycle events: see docs/operations.md.)
+trust wins, with an ERROR line. A worker that is online meanwhile judges a portal with another
+worker's undrained entries only after them (`Appender._after_other_workers`: it waits, then
+spools behind them), never ahead of them by PostgreSQL's trust.
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
 refusal. The snapshot only ever holds what PostgreSQL held.
@@ -52,6 +53,7 @@ from ledger.errors import LedgerError, LifecycleNotDrained
 from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
 from ledger.planner import Facts, PlannedEffect, plan
 from ledger.settings import TrustPolicy
+from ledger.spool import any_pending
 from ledger.storage.store import EventStore
 from ledger.trust import (
     Allowance,
@@ -351,7 +353,8 @@ class OfflineTrust:
 
     def _compact(self) -> None:
         """Empty the journal once everything in it is in PostgreSQL (and old enough for every
-        worker to have refreshed past it); sequence numbers continue where they were."""
+        worker to have refreshed past it) and every worker's spool drained; sequence numbers
+        continue where they were."""
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
             if not journal.entries or len(journal.settled) < len(journal.entries):
@@ -359,6 +362,11 @@ class OfflineTrust:
             if any(p is not None and p > self.base_position for p in journal.settled.values()):
                 return
             if time.time() - journal.settled_at < _COMPACT_AFTER_SECONDS:
+                return
+            if any_pending(self._directory.parent):
+                # a spooled draft accepted on provisional trust (a dead worker's, say) finds
+                # the entries it depended on only here: compacted away, it would be judged
+                # again by today's trust on drain (found by a test: acknowledged, then refused)
                 return
             handle.truncate(0)
             _append(handle, [{"next_seq": journal.next_seq}])

@@ -331,6 +331,23 @@ class Spool:
         return offset
 
 
+def any_pending(root: Path) -> bool:
+    """Whether any worker's spool under `root` (`worker-*`) holds records not yet drained —
+    read-only, from the file sizes and drained markers, also for workers that are down."""
+    for directory in root.glob("worker-*"):
+        try:
+            size = (directory / "spool.log").stat().st_size
+        except FileNotFoundError:
+            continue
+        try:
+            drained = int((directory / "drained").read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            drained = 0
+        if size > drained:
+            return True
+    return False
+
+
 def _private_directory(directory: Path) -> None:
     """The spool directory (and any parent it creates) readable by this user only."""
     missing = [p for p in (directory, *directory.parents) if not p.exists()]

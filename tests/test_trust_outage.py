@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
+from ledger import offline as offline_module
 from ledger.hashing import sha256
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
@@ -385,3 +386,38 @@ async def test_an_online_worker_judges_a_portal_after_another_workers_spooled_li
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
     assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+
+
+async def test_the_journal_is_not_compacted_while_a_dead_workers_spool_depends_on_it(
+    make_client: ClientFactory, outage: Any, admin: Admin, monkeypatch: Any
+) -> None:
+    """Worker 0 accepted (202) a delivery on worker 1's spooled reinstall and died with it in
+    its spool. Worker 1 drained, trust ended online after, and the journal — every entry in
+    PostgreSQL — was compacted (after 60 s; at once here). On worker 0's restart the delivery
+    no longer found the entries it depended on and was judged again by today's trust: refused,
+    acknowledged and lost. The journal is compacted only once every worker's spool drained."""
+    monkeypatch.setattr(offline_module, "_COMPACT_AFTER_SECONDS", 0.0)
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    await allow_sample_portal(first)  # for the reinstall
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    await spooled(second, sample("onappuninstall-1"))
+    await spooled(second, reinstall())
+    await spooled(first, bot_events(NEW_TOKEN)[0])  # on worker 1's provisional reinstall
+    await first.close()  # worker 0 dies; its spool waits on disk
+
+    await relay.start()
+    await drained(second)
+    status, _ = await post(second, forge("onappuninstall-1", application_token=NEW_TOKEN,
+                                         ts="1796526500"))
+    assert status == 200  # trust ends, online
+    await known_everywhere(second)  # a refresh: compacts the journal when it may
+    first = await make_client(settings_for(worker=0))
+    await drained(first)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL",
+                                         "ONAPPUNINSTALL", "ONIMBOTJOINCHAT"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
