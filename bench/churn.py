@@ -15,6 +15,8 @@ spools and judges offline). After the spools drained (and again after SIGTERM):
     positions-disagree  one body answered with different positions — MUST be 0
     refused-but-stored  answered 4xx though that body's original is stored: an inaccurate
                         answer (e.g. offline, no dedup facts), not a loss
+    never-stored        distinct bodies of the corpus no copy of which was stored (all three
+                        refused, e.g. on an overtaken lifecycle: a genuine delivery lost)
     refused-on-drain    ERROR lines "answered 202 during an outage was refused on drain"
 
 Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. The serve log of a
@@ -74,12 +76,14 @@ class Counts:
     acked_missing: int = 0
     disagree: int = 0
     refused_stored: int = 0
+    never_stored: int = 0
     events: int = 0
     examples: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"acked-but-missing {self.acked_missing}, positions-disagree {self.disagree}, "
-                f"refused-but-stored {self.refused_stored} ({self.events} events)")
+                f"refused-but-stored {self.refused_stored}, never-stored {self.never_stored} "
+                f"({self.events} events)")
 
 
 def corpus(count: int, portals: int, seed: int) -> tuple[list[tuple[str, bytes]], list[str]]:
@@ -229,6 +233,7 @@ async def check(admin: str, answers: list[Answer]) -> Counts:
                 positions[answer.sha].add(answer.body["position"])
         elif answer.sha in stored:
             counts.refused_stored += 1
+    counts.never_stored = len({a.sha for a in answers} - stored.keys())
     counts.disagree = sum(1 for sha, p in positions.items()
                           if len(p) > 1 or (sha in stored and p != {stored[sha]}))
     return counts
