@@ -19,9 +19,10 @@ spools and judges offline). After the spools drained (and again after SIGTERM):
                         refused, e.g. on an overtaken lifecycle: a genuine delivery lost)
     refused-on-drain    ERROR lines "answered 202 during an outage was refused on drain"
 
-Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. The serve log of a
-run is kept in bench/out/churn-serve-N.log. Bounded: --seconds caps the sending, the drain wait is
-90 s; nothing but 127.0.0.1 and the temporary socket is contacted.
+Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. Each run's serve
+log is kept as bench/out/churn-serve-<time>-<run>.log (an outage logs asyncpg's pool tracebacks).
+Bounded: --seconds caps the sending, the drain wait is 90 s; nothing but 127.0.0.1 and the
+temporary socket is contacted.
 """
 
 from __future__ import annotations
@@ -293,8 +294,9 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         await asyncio.gather(*side)
         drained = await wait_drained(root / "data")
         before = await check(admin, answers)
-        server.send_signal(signal.SIGTERM)
-        exit_code = await asyncio.wait_for(server.wait(), 120)
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.wait_for(server.wait(), 120)  # non-zero: see its log
         after = await check(admin, answers)
         text = log_path.read_text(errors="replace")
         statuses = Counter(a.status for a in answers)
@@ -313,7 +315,7 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
             server.kill()
             await server.wait()
         OUT.mkdir(parents=True, exist_ok=True)
-        kept = OUT / f"churn-serve-{number}.log"
+        kept = OUT / f"churn-serve-{time.strftime('%H%M%S')}-{number}.log"
         shutil.copy(log_path, kept)
         if not ok:
             print(f"  serve log kept in {kept}")
