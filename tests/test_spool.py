@@ -17,7 +17,7 @@ import pytest
 from ledger import drafts
 from ledger.errors import SpoolFull, SpoolUnwritable
 from ledger.models import EventDraft, RejectionDraft
-from ledger.spool import Spool, decode, encode
+from ledger.spool import Spool, any_pending, decode, encode
 from ledger.trust import TrustChange
 from tests.conftest import ClientFactory, sample
 from tests.helpers import Client, Disk, drained, install_sample_portal, post
@@ -57,6 +57,22 @@ def test_records_are_durable_and_drained_in_order(tmp_path: Path) -> None:
     assert reopened.read(100).drafts == written[2:]
     reopened.mark_drained(reopened.read(100))
     assert not Spool(tmp_path, max_bytes=1 << 20).has_pending()
+
+
+def test_any_pending_sees_every_workers_spool_also_a_stopped_ones(tmp_path: Path) -> None:
+    """What the offline trust journal's compaction asks (a dead worker's spool may hold drafts
+    that depend on its entries): read from the files alone, partly drained counts as pending."""
+    assert not any_pending(tmp_path)
+    Spool(tmp_path / "worker-0", max_bytes=1 << 20)  # empty
+    spool = Spool(tmp_path / "worker-1", max_bytes=1 << 20)
+    spool.append(some_drafts(3))
+    del spool  # stopped: only its files are left
+    assert any_pending(tmp_path)
+    reopened = Spool(tmp_path / "worker-1", max_bytes=1 << 20)
+    reopened.mark_drained(reopened.read(2))
+    assert any_pending(tmp_path)
+    reopened.mark_drained(reopened.read(100))
+    assert not any_pending(tmp_path)
 
 
 def test_a_torn_tail_is_set_aside_and_reported_never_stored(tmp_path: Path) -> None:
