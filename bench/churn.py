@@ -1,7 +1,8 @@
 """Offline judgement under churn: "nothing acknowledged is ever lost", checked end to end.
 
     python -m bench.churn [--count 1500] [--seconds S] [--workers 2] [--kill 0.15]
-                          [--outage 0] [--runs 1] [--portals 4] [--seed 9]
+                          [--outage 0 [--outage-at 5]] [--kill9] [--runs 1] [--portals 4]
+                          [--seed 9]
 
 Per run, on an embedded PostgreSQL in a temporary directory: the simulated portals' installs
 are allowed, `ledger serve --workers N` starts (127.0.0.1, a free port), and three senders post
@@ -9,7 +10,9 @@ the *same* simulated corpus (installs, uninstalls, reinstalls: token churn) at o
 order with 16 in flight, while a killer `pg_terminate_backend()`s a random ledger backend every
 `--kill` seconds (0: none) and an operator runs `ledger portals allow` ten times. `--outage S`
 also stops PostgreSQL for S seconds in the middle of the sending (a full outage: every worker
-spools and judges offline). After the spools drained (and again after SIGTERM):
+spools and judges offline); `--kill9` kills one worker with SIGKILL a second after that
+(serve starts a replacement, which drains the dead one's spool). After the spools drained (and
+again after SIGTERM):
 
     acked-but-missing   answered 200/202, body never stored — MUST be 0
     positions-disagree  one body answered with different positions — MUST be 0
@@ -190,6 +193,33 @@ async def outage(handle: embedded.EmbeddedHandle, after: float, seconds: float,
     await asyncio.to_thread(postgres, handle, "start")
 
 
+def worker_pids(serve: int) -> list[int]:
+    """`ledger serve`'s worker processes (spawned by multiprocessing), from /proc."""
+    try:
+        children = Path(f"/proc/{serve}/task/{serve}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(int(child))
+    return found
+
+
+async def kill_worker(serve: int, after: float, notes: list[str]) -> None:
+    """kill -9 one worker `after` seconds in (`serve` starts a replacement)."""
+    await asyncio.sleep(after)
+    pids = worker_pids(serve)
+    if pids:
+        victim = random.choice(pids)
+        os.kill(victim, signal.SIGKILL)
+        notes.append(f"worker pid {victim} killed -9 at {after:.1f}s")
+
+
 def spools_drained(data: Path) -> bool:
     """Every worker's spool is drained (read-only: sizes against the drained markers)."""
     for directory in (data / "spool").glob("worker-*"):
@@ -287,6 +317,8 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
             side.append(asyncio.create_task(killer(admin, args.kill, stop, kills)))
         if args.outage > 0:
             side.append(asyncio.create_task(outage(handle, args.outage_at, args.outage, notes)))
+        if args.kill9:
+            side.append(asyncio.create_task(kill_worker(server.pid, args.outage_at + 1, notes)))
         await asyncio.gather(*(send(f"{base}/bitrix24/events", deliveries, k, answers, until)
                                for k in range(SENDERS)))
         sent_seconds = time.monotonic() - began
@@ -334,6 +366,8 @@ def main() -> None:
     parser.add_argument("--outage", type=float, default=0,
                         help="stop PostgreSQL this many seconds mid-run (0: none)")
     parser.add_argument("--outage-at", type=float, default=5, help="seconds into the sending")
+    parser.add_argument("--kill9", action="store_true",
+                        help="kill -9 one worker a second after --outage-at (mid-outage)")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--portals", type=int, default=4)
     parser.add_argument("--seed", type=int, default=9)
