@@ -165,7 +165,10 @@ async def killer(admin: str, every: float, stop: asyncio.Event, kills: Counter[s
                 row = chooser.choice(rows)
                 await connection.execute("SELECT pg_terminate_backend($1)", row["pid"])
                 kills[row["q"] or "?"] += 1
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError, TimeoutError):  # a fault mid-kill: reconnect
+            if connection is not None:
+                connection.terminate()
             connection = None
     if connection is not None:
         await connection.close()
