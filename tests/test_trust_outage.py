@@ -322,13 +322,11 @@ async def test_a_trust_change_another_worker_just_committed_counts_offline_at_on
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
 
 
-async def test_a_delivery_accepted_on_another_workers_spooled_reinstall_is_stored_after_all(
-    make_client: ClientFactory, outage: Any, admin: Admin
-) -> None:
-    """Found by a stress test: worker 0 accepted (202) a delivery with the token of worker 1's
-    spooled reinstall; worker 1 then spooled an uninstall too, and drained everything first. On
-    worker 0's drain the delivery was judged by trust that had ended *after* it — refused: lost.
-    An acceptance whose journal entries all reached PostgreSQL is stored as judged."""
+async def accepted_on_anothers_spooled_reinstall(
+    make_client: ClientFactory, outage: Any
+) -> Client:
+    """In an outage (left cut): worker 1 spools an uninstall and a reinstall, worker 0 accepts
+    (202) a delivery with the new token on them and stops with it in its spool. Worker 1."""
     relay, settings_for = outage
     first: Client = await make_client(settings_for(worker=0))
     second: Client = await make_client(settings_for(worker=1))
@@ -340,9 +338,21 @@ async def test_a_delivery_accepted_on_another_workers_spooled_reinstall_is_store
     await spooled(second, sample("onappuninstall-1"))
     await spooled(second, reinstall())
     await spooled(first, bot_events(NEW_TOKEN)[0])  # on worker 1's provisional reinstall
+    await first.close()  # worker 0 stops; its spool waits on disk
+    return second
+
+
+async def test_a_delivery_accepted_on_another_workers_spooled_reinstall_is_stored_after_all(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Found by a stress test: worker 0 accepted (202) a delivery with the token of worker 1's
+    spooled reinstall; worker 1 then spooled an uninstall too, and drained everything first. On
+    worker 0's drain the delivery was judged by trust that had ended *after* it — refused: lost.
+    An acceptance whose journal entries all reached PostgreSQL is stored as judged."""
+    relay, settings_for = outage
+    second = await accepted_on_anothers_spooled_reinstall(make_client, outage)
     await spooled(second, forge("onappuninstall-1", application_token=NEW_TOKEN,
                                 ts="1796526500"))
-    await first.close()  # worker 0 stops; its spool waits on disk
 
     await relay.start()
     await drained(second)  # the whole lifecycle goes in first: trust has ended
@@ -398,17 +408,7 @@ async def test_the_journal_is_not_compacted_while_a_dead_workers_spool_depends_o
     acknowledged and lost. The journal is compacted only once every worker's spool drained."""
     monkeypatch.setattr(offline_module, "_COMPACT_AFTER_SECONDS", 0.0)
     relay, settings_for = outage
-    first: Client = await make_client(settings_for(worker=0))
-    second: Client = await make_client(settings_for(worker=1))
-    await install_sample_portal(first)
-    await allow_sample_portal(first)  # for the reinstall
-    await known_everywhere(first, second)
-
-    await relay.cut()
-    await spooled(second, sample("onappuninstall-1"))
-    await spooled(second, reinstall())
-    await spooled(first, bot_events(NEW_TOKEN)[0])  # on worker 1's provisional reinstall
-    await first.close()  # worker 0 dies; its spool waits on disk
+    second = await accepted_on_anothers_spooled_reinstall(make_client, outage)
 
     await relay.start()
     await drained(second)
