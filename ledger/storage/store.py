@@ -338,8 +338,18 @@ async def _transaction(
     await connection.execute("COMMIT")
 
 
+def _alive(connection: Connection) -> bool:
+    """Whether the connection is still open. A pooled one whose backend went away (terminated,
+    a restart) is detached from its proxy by asyncpg and its slot handed back to the pool: the
+    proxy then raises InterfaceError on every call, `is_closed` included."""
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 async def _rollback(connection: Connection) -> None:
-    if not connection.is_closed():
+    if _alive(connection):
         with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
             await connection.execute("ROLLBACK")
 
@@ -405,12 +415,26 @@ class _HeadLockAhead:
             await asyncio.shield(self.task)
         except asyncio.CancelledError:
             # the claimant is cancelled (shutdown): what the task still hands over is let go
-            self.task.add_done_callback(lambda _: self._let_go())
+            self.task.add_done_callback(self._abandoned)
             raise
         except Exception as exc:  # noqa: BLE001 - the ordinary path meets it again and says so
             log.debug("the head lock taken ahead failed (%s)", exc)
             return None
-        return self._connection
+        connection = self._connection
+        if connection is not None and not _alive(connection):
+            # its backend went away while it held the lock (terminated, a restart): the
+            # transaction died with it; the ordinary path takes a live connection instead
+            self._connection = None
+            await self._pool.release(connection)
+            return None
+        return connection
+
+    def _abandoned(self, task: asyncio.Task[None]) -> None:
+        """The claimant was cancelled: a failure of the task is nobody's to report (retrieved
+        here, not logged as "never retrieved"), a lock it got is let go."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("the head lock taken ahead for a cancelled append failed (%s)", exc)
+        self._let_go()
 
     async def abandon(self) -> None:
         """Nobody will append with it (shutdown): let the lock and the connection go."""

@@ -1,0 +1,193 @@
+"""The head lock taken ahead (`ledger.storage.store._HeadLockAhead`) under faults: its backend
+terminated while it waits for the grant, while it holds the lock unclaimed, its claimant
+cancelled — the next append still stores, and nothing is left behind (no transaction idle
+in PostgreSQL, no task exception nobody retrieved)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import pytest
+
+from ledger import drafts
+from ledger.models import EventDraft, Stored
+from ledger.settings import TrustPolicy
+from ledger.storage import store as store_module
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+from tests.conftest import Database
+from tests.gateway_helpers import eventually
+
+Connection: TypeAlias = "asyncpg.Connection[Any]"
+
+_OURS = ("datname = current_database() AND application_name = 'ledger' "
+         "AND pid <> pg_backend_pid()")
+
+
+def _allowances(count: int) -> list[EventDraft]:
+    now = datetime.now(UTC)
+    return [
+        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
+                               actor="test", received_at=now)
+        for i in range(count)
+    ]
+
+
+async def _pids(admin: Connection, condition: str) -> list[int]:
+    return [r["pid"] for r in await admin.fetch(
+        f"SELECT pid FROM pg_stat_activity WHERE {_OURS} AND {condition}")]
+
+
+async def _holding_idle(admin: Connection) -> list[int]:
+    """Our backends idle in a transaction (a lock taken ahead, held unclaimed)."""
+    return await _pids(admin, "state = 'idle in transaction'")
+
+
+async def _waiting_for_lock(admin: Connection) -> list[int]:
+    return await _pids(admin, "wait_event_type = 'Lock'")
+
+
+async def _gone(admin: Connection, pid: int) -> bool:
+    return not await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+
+
+@pytest.fixture
+async def store(database: Database, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A store whose locks taken ahead are held until claimed (within the test's deadlines),
+    not let go after 0.1 s: each fault is set up deterministically on a loaded machine."""
+    monkeypatch.setattr(store_module, "LOCK_AHEAD_HOLD_SECONDS", 30.0)
+    pool = await create_pool(database.service_dsn, size=4)
+    yield EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+    await pool.close()
+
+
+@pytest.fixture
+async def unretrieved() -> Any:
+    """Exceptions the loop's handler reports (a task's exception nobody retrieved, a leaked
+    transaction the pool rolled back): each is an ERROR in the service's log."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    yield reported
+    loop.set_exception_handler(None)
+
+
+async def _lock_ahead_waiting_behind(store: EventStore, admin: Connection,
+                                     blocker: Connection) -> int:
+    """A lock taken ahead that waits for its grant behind `blocker`'s transaction: its pid."""
+    waiting = [True]
+    store.lock_ahead_when(lambda: waiting[0])
+    a, b = _allowances(2)
+    await store.append([a])  # lock ahead H1, granted and held
+    await eventually(lambda: _holding_idle(admin), within=10)
+    await blocker.execute("BEGIN")
+    blocked = asyncio.create_task(blocker.execute(
+        "SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' FOR UPDATE"))
+    await eventually(lambda: _blocker_waits(admin, blocker), within=10)
+    await store.append([b])  # claims H1; as it commits, H2 queues behind the blocker
+    await blocked
+    (pid,) = await eventually_one(lambda: _waiting_for_lock(admin))
+    return pid
+
+
+async def _blocker_waits(admin: Connection, blocker: Connection) -> bool:
+    return bool(await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+        blocker.get_server_pid()))
+
+
+async def eventually_one(probe: Any, within: float = 10) -> list[int]:
+    found: list[int] = []
+
+    async def one() -> bool:
+        found[:] = await probe()
+        return len(found) == 1
+    try:
+        await eventually(one, within=within)
+    except AssertionError:
+        raise AssertionError(f"not exactly one backend: {found}") from None
+    return found
+
+
+async def test_a_lock_ahead_whose_backend_is_terminated_while_held_leaves_the_next_append_whole(
+    store: EventStore, admin: Connection, unretrieved: list[dict[str, Any]],
+) -> None:
+    """Terminated while it holds the lock unclaimed (an operator's pg_terminate_backend, a
+    failover): the next append must not fail with it — it takes the ordinary path."""
+    store.lock_ahead_when(lambda: True)
+    a, b = _allowances(2)
+    await store.append([a])
+    (pid,) = await eventually_one(lambda: _holding_idle(admin))
+    assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    await eventually(lambda: _gone(admin, pid), within=10)
+    (outcome,) = await store.append([b])
+    assert isinstance(outcome, Stored)
+    assert outcome.position == 2
+    await store.let_go_ahead()
+    await eventually(lambda: _no_idle(admin), within=10)
+    gc.collect()
+    assert unretrieved == []
+
+
+async def _no_idle(admin: Connection) -> bool:
+    return await _holding_idle(admin) == []
+
+
+async def test_a_lock_ahead_terminated_while_it_waits_for_the_grant_leaves_the_next_append_whole(
+    store: EventStore, database: Database, admin: Connection,
+    unretrieved: list[dict[str, Any]],
+) -> None:
+    blocker = await asyncpg.connect(database.admin_dsn)
+    try:
+        pid = await _lock_ahead_waiting_behind(store, admin, blocker)
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await eventually(lambda: _gone(admin, pid), within=10)
+        await blocker.execute("ROLLBACK")
+        (c,) = _allowances(3)[2:]
+        (outcome,) = await store.append([c])
+        assert isinstance(outcome, Stored)
+        assert outcome.position == 3
+        await store.let_go_ahead()
+    finally:
+        await blocker.close()
+    await eventually(lambda: _no_idle(admin), within=10)
+    gc.collect()
+    assert unretrieved == []
+
+
+@pytest.mark.parametrize("terminated", [False, True], ids=["granted-later", "terminated"])
+async def test_a_claimant_cancelled_while_the_lock_ahead_waits_leaves_nothing_behind(
+    store: EventStore, database: Database, admin: Connection,
+    unretrieved: list[dict[str, Any]], terminated: bool,
+) -> None:
+    """Shutdown (or a timeout) cancels the append that claimed a lock still waiting for its
+    grant: once granted it is let go, or its failure is consumed — never an idle transaction
+    holding the head, nor an exception nobody retrieved."""
+    blocker = await asyncpg.connect(database.admin_dsn)
+    try:
+        pid = await _lock_ahead_waiting_behind(store, admin, blocker)
+        (c, d) = _allowances(4)[2:]
+        claimant = asyncio.create_task(store.append([c]))
+        await eventually(lambda: store._appending == 1, within=10)
+        claimant.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await claimant
+        if terminated:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+            await eventually(lambda: _gone(admin, pid), within=10)
+        await blocker.execute("ROLLBACK")
+        await store.let_go_ahead()
+        await eventually(lambda: _no_idle(admin), within=10)
+        (outcome,) = await store.append([d])
+        assert isinstance(outcome, Stored)
+        assert outcome.position == 3
+        await store.let_go_ahead()
+    finally:
+        await blocker.close()
+    await eventually(lambda: _no_idle(admin), within=10)
+    gc.collect()
+    assert unretrieved == []
