@@ -6,7 +6,9 @@ in PostgreSQL, no task exception nobody retrieved)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
+import multiprocessing
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -192,3 +194,54 @@ async def test_a_claimant_cancelled_while_the_lock_ahead_waits_leaves_nothing_be
     await eventually(lambda: _no_idle(admin), within=10)
     gc.collect()
     assert unretrieved == []
+
+
+def _allowances_at(i: int) -> EventDraft:
+    return drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None,
+                                  token=None, actor="test", received_at=datetime.now(UTC))
+
+
+def _saturate(dsn: str, worker: int, total: int, ahead: bool) -> int:
+    """One worker process appending single-draft batches back to back until the ledger holds
+    `total` events: how many it committed."""
+    async def run() -> int:
+        pool = await create_pool(dsn, size=3)
+        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+        if ahead:
+            store.lock_ahead_when(lambda: True)
+        mine, i = 0, 0
+        try:
+            async with asyncio.timeout(120):
+                while True:
+                    i += 1
+                    (outcome,) = await store.append([_allowances_at(worker * 10**6 + i)])
+                    assert isinstance(outcome, Stored)
+                    mine += 1
+                    if outcome.position >= total:
+                        break
+            await store.let_go_ahead()
+        finally:
+            await pool.close()
+        return mine
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("ahead", [False, True], ids=["plain", "locking-ahead"])
+@pytest.mark.parametrize("workers", [2, 3])
+async def test_worker_processes_that_all_lock_ahead_share_the_head_fairly(
+    database: Database, workers: int, ahead: bool,
+) -> None:
+    """Saturated worker processes (as `serve --workers N`, each with drafts always waiting)
+    each lock the head ahead as they commit: PostgreSQL's row lock is not a queue for a
+    newcomer (a lock sent as a commit ends can be granted before a waiter that commit wakes),
+    so one worker could keep the head — none may be starved (`plain`: the share without)."""
+
+    total = 200 * workers
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as executor:
+        loop = asyncio.get_running_loop()
+        counts = await asyncio.gather(*(
+            loop.run_in_executor(executor, _saturate, database.service_dsn, w, total, ahead)
+            for w in range(workers)))
+    print(f"{'ahead' if ahead else 'plain'}: commits per worker process: {counts}")
+    assert min(counts) >= sum(counts) / workers / 3, counts
