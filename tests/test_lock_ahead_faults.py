@@ -10,13 +10,16 @@ import concurrent.futures
 import gc
 import multiprocessing
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
 
 from ledger import drafts
+from ledger.committer import GroupCommitter
 from ledger.models import EventDraft, Stored
+from ledger.offline import Appender, OfflineTrust
 from ledger.settings import TrustPolicy
 from ledger.storage import store as store_module
 from ledger.storage.store import EventStore, create_pool
@@ -245,3 +248,43 @@ async def test_worker_processes_that_all_lock_ahead_share_the_head_fairly(
             for w in range(workers)))
     print(f"{'ahead' if ahead else 'plain'}: commits per worker process: {counts}")
     assert min(counts) >= sum(counts) / workers / 3, counts
+
+
+async def test_the_smallest_pool_with_a_lock_ahead_serves_a_saturated_committer_and_readers(
+    database: Database, admin: Connection, tmp_path: Path,
+) -> None:
+    """LEDGER_DB_POOL_SIZE's minimum (2): at each commit the committer holds one connection
+    and the lock taken ahead another, while announcements of their own and readers want one
+    too — everyone is served in turn (no deadlock), every draft stored in order, and nothing
+    is left idle in a transaction."""
+    pool = await create_pool(database.service_dsn, size=2)  # Settings.pool_size's minimum
+    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.01)
+    appender = Appender(store, OfflineTrust(tmp_path / "trust", worker=0,
+                                            policy=TrustPolicy.ALLOWLIST))
+    committer = GroupCommitter(appender, max_events=4, max_delay=0, append_timeout=30)
+    store.lock_ahead_when(committer.waiting)
+    committer.start()
+    reads = 0
+
+    async def read() -> None:
+        nonlocal reads
+        while not committer_done.is_set():
+            await store.head()
+            reads += 1
+
+    committer_done = asyncio.Event()
+    try:
+        async with asyncio.timeout(60):
+            reader = asyncio.create_task(read())
+            outcomes = await asyncio.gather(
+                *(committer.submit(_allowances_at(i)) for i in range(200)))
+            committer_done.set()
+            await reader
+            await committer.close()
+            await store.let_go_ahead()
+            await store.announcer.flush()
+    finally:
+        await pool.close()
+    assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
+    assert reads > 0
+    assert await _no_idle(admin)
