@@ -411,8 +411,10 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     async with aiohttp.ClientSession() as session:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
                                   timeout=settings.confirm_timeout_seconds)
+        handoff = app[HANDOFF]
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
-                                             confirmer=confirmer, forward=app[HANDOFF].accept)
+                                             confirmer=confirmer, forward=handoff.accept,
+                                             forwards=handoff.forwards)
         supervisor.start("intake-summary",
                          lambda: intake.summarize_forever(settings.log_summary_seconds))
         yield
@@ -560,6 +562,13 @@ async def _parser_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 # gen1 collections per full (gen2) collection; Python's default is 10.
 GC_FULL_EVERY = 100
+# Young objects the cycle collector lets accumulate before it looks (Python's default: 700).
+# What a delivery allocates is freed by reference counting as its request ends; at 700 the
+# collector ran every ~23 deliveries over the objects of every request in flight, ~7 % of the
+# intake's CPU at saturation (bench/RESULTS.md, "Server CPU per delivery outside the draft").
+# Garbage in cycles still triggers it, after 10,000 objects instead of 700: a refusal's cycle
+# is cut as it is answered (`_release`), or a flood of large refused bodies would wait for it.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -568,14 +577,15 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     in full ten times less often than Python would: what the service keeps — the decoding
     templates and key caches, tens of thousands of tracked objects — made each full collection
     a 13-35 ms stall of the event loop, every ~2 s at 1000 deliveries/s (bench/RESULTS.md,
-    "Latency at 1000/s, third session"); gen0 and gen1 collections, and the garbage they find,
-    are unchanged, and a full one still comes (and frees cycles) every ~100 gen1 ones."""
+    "Latency at 1000/s, third session"); a full one still comes (and frees cycles) every ~100
+    gen1 ones. The young generation grows to `GC_YOUNG_THRESHOLD` before it is looked at."""
     gc.collect()
     gc.freeze()
     thresholds = gc.get_threshold()
-    gc.set_threshold(thresholds[0], thresholds[1], GC_FULL_EVERY)
+    ours = (max(GC_YOUNG_THRESHOLD, thresholds[0]), thresholds[1], GC_FULL_EVERY)
+    gc.set_threshold(*ours)
     yield
-    if gc.get_threshold()[2] == GC_FULL_EVERY:  # (apps stopped out of order, as in tests)
+    if gc.get_threshold() == ours:  # (apps stopped out of order, as in tests)
         gc.set_threshold(*thresholds)
     gc.unfreeze()
 

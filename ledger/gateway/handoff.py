@@ -119,6 +119,11 @@ class Handoff:
                       exc if isinstance(exc, OSError | OutboxError) else repr(exc))
             await self._record_lost(header, accepted)
 
+    def forwards(self, member_id: str, event_type: str) -> bool:
+        """Whether `accept` would seal such a delivery (a route matches; not closing): the
+        intake asks before it builds the `Accepted` of a delivery no route takes."""
+        return not self._closing and bool(self._routes_for(member_id, event_type))
+
     def _routes_for(self, member_id: str, event_type: str) -> list[str]:
         """The routes a delivery matches; remembered per (portal, event type) while the route
         set stays the same (a pattern match per route per delivery showed in the intake's
