@@ -434,6 +434,26 @@ async def test_a_duplicate_is_not_forwarded_again(
 
 
 
+async def test_a_delivery_no_route_matches_is_stored_and_never_handed_to_the_outbox(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """The intake asks the handoff first (`Handoff.forwards`): a delivery no route takes is
+    not sealed; one a route takes is sealed and forwarded."""
+    client, _, _ = await routed_client(make_client, forwarders, gateway_settings(),
+                                       destination.url, event_pattern="ONIMBOTDELETE")
+    assert client.app is not None
+    handoff = client.app[HANDOFF]
+    await install_sample_portal(client)
+    with mock.patch.object(handoff, "_write", wraps=handoff._write) as sealed:
+        _, message = await post(client, messages(1)[0])
+        _, deleted = await post_raw(client, sample("onimbotdelete-1"), FORM, "")
+    assert (message["status"], deleted["status"]) == ("stored", "stored")
+    assert [c.args[0]["position"] for c in sealed.call_args_list] == [deleted["position"]]
+    await destination.wait_until(lambda d: len(d.delivered) == 1)
+    assert [r.position for r in destination.delivered] == [deleted["position"]]
+
+
 def test_routes_from_the_command_line(database: Database) -> None:
     from tests.test_cli import run
 
