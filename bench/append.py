@@ -14,8 +14,10 @@ every few deliveries; at saturation it is spread over ~64. Each measurement is a
 own appending realistic event drafts (bench/scale.py's) one batch after another through
 `EventStore.append` on a one-connection pool; `DIR` holds other code (e.g. `git archive main |
 tar -x -C DIR`) run the same way, interleaved with this tree's (the order alternating by round),
-so a busy machine drifts against both alike. Reported: medians of µs per append and their ratio.
-CPU time, not wall time: on a shared machine wall time mostly measures the neighbours.
+so a busy machine drifts against both alike. Reported: medians of µs per append and their ratio,
+and the driver's share per row: the CPU of the statement that writes the events (asyncpg
+encoding the row arrays, sending them, taking the answer). CPU time, not wall time: on a shared
+machine wall time mostly measures the neighbours.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _TREE = str(Path(__file__).resolve().parent.parent)  # this tree, for bench.scale
@@ -152,6 +155,19 @@ async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
         store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
         backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
         n = 0
+        # the driver's share: CPU of the statement that writes the rows (encoding the
+        # parameters, sending them, taking the answer), per row; nothing else runs meanwhile
+        write_cpu = [0.0]
+        original_write = getattr(store, "_write", None)
+        if original_write is not None:
+            async def timed_write(*args: Any, **kwargs: Any) -> Any:
+                began = time.process_time()
+                try:
+                    return await original_write(*args, **kwargs)
+                finally:
+                    write_cpu[0] += time.process_time() - began
+
+            setattr(store, "_write", timed_write)  # noqa: B010 - an instance's, for this measure
 
         async def run(count: int) -> None:
             nonlocal n
@@ -161,11 +177,13 @@ async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
                 n += batch
 
         await run(50)  # statements prepared, caches warm
+        write_cpu[0] = 0.0
         cpu, pg, wall = time.process_time(), _cpu_of(backend), time.perf_counter()
         await run(appends)
         return {"client_us": (time.process_time() - cpu) * 1e6 / appends,
                 "pg_us": (_cpu_of(backend) - pg) * 1e6 / appends,
-                "wall_us": (time.perf_counter() - wall) * 1e6 / appends}
+                "wall_us": (time.perf_counter() - wall) * 1e6 / appends,
+                "write_us_per_row": write_cpu[0] * 1e6 / (appends * batch)}
     finally:
         await pool.close()
 
@@ -226,13 +244,15 @@ def main() -> None:
     print(f"`python -m bench.append {' '.join(sys.argv[1:])}`: µs per append (medians of "
           f"{args.rounds} rounds, {args.appends} appends each); load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-    keys = ["client_us", "pg_us", "wall_us"] + (["commits"] if args.clients else [])
+    keys = ["client_us", "pg_us", "wall_us"] + (["commits"] if args.clients else
+                                                ["write_us_per_row"])
     if any(str(b).startswith("r") for b in batches):
         keys += ["p50_ms", "p99_ms"]
     print(f"| {'concurrent senders' if args.clients else 'drafts per append'} | appender CPU "
           "before | after | ratio | PostgreSQL backend CPU before | after | ratio | wall before "
           "| after | ratio |" + (" commits per draft before | after | ratio |"
-                                 if args.clients else "")
+                                 if args.clients else " the write statement's client CPU per "
+                                 "row before | after | ratio |")
           + (" p50 ms before | after | ratio | p99 ms before | after | ratio |"
              if "p50_ms" in keys else ""))
     print("|---:" + "|---:|---:|---:" * len(keys) + "|")
@@ -244,9 +264,10 @@ def main() -> None:
                 continue
             before = statistics.median(r[key] for r in found[("before", batch)])
             after = statistics.median(r[key] for r in found[("after", batch)])
-            digits = 2 if key in ("commits", "p50_ms", "p99_ms") else 0
+            digits = (2 if key in ("commits", "p50_ms", "p99_ms")
+                      else 1 if key == "write_us_per_row" else 0)
             cells += [f"{before:.{digits}f}", f"{after:.{digits}f}",
-                      f"**{after / before:.2f}x**"]
+                      f"**{after / before:.2f}x**" if before else "-"]
         print("| " + " | ".join(cells) + " |")
 
 

@@ -116,6 +116,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # each decoding failure as an "Unhandled exception": read no more of it, and close
             request.content.feed_eof()
             response.force_close()
+        _release(exc)
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -128,6 +129,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except Exception:
         log.exception("%s %s failed unexpectedly", request.method, request.path)
         return error_response(500, "internal_error", "the ledger failed unexpectedly; see its log")
+
+
+def _release(exc: BaseException) -> None:
+    """Let a refused request's frames go now. Its traceback holds the frames it passed through,
+    with their locals (the body, the fields decoded so far), and one of them holds the
+    exception: a cycle, freed only by the cycle collector — which waits for
+    `GC_YOUNG_THRESHOLD` new objects, many refused bodies' worth. Once answered, nothing reads
+    the exception's traceback or chain again."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
 
 
 async def _read_body(request: web.Request, limit: int) -> tuple[bytes, bool]:
