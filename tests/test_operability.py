@@ -4,7 +4,6 @@ checked at the door, refusals visible to auditors, and metrics that add up acros
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import re
 import socket
@@ -21,17 +20,7 @@ from click.testing import CliRunner, Result
 
 from ledger.cli import main
 from ledger.settings import Settings
-from ledger.web import GC_YOUNG_THRESHOLD
-from tests.conftest import (
-    DOMAIN,
-    FORM,
-    MEMBER_ID,
-    TOKEN,
-    ClientFactory,
-    Cluster,
-    Database,
-    sample,
-)
+from tests.conftest import DOMAIN, FORM, MEMBER_ID, TOKEN, Cluster, Database, sample
 from tests.helpers import Client, install_sample_portal, post
 from tests.servers import free_port, serving
 from tests.test_api import bearer, get
@@ -478,16 +467,3 @@ async def test_embedded_server_stops_with_the_service_after_a_worker_was_killed(
             if _postmaster_pid(data_dir / "pgdata") is None:
                 break
             await asyncio.sleep(0.05)
-
-
-async def test_the_cycle_collector_waits_for_more_young_objects_while_serving_only(
-    make_client: ClientFactory, settings: Settings
-) -> None:
-    """At Python's 700 it ran every ~23 deliveries over every request in flight (~7 % of the
-    intake's CPU); the process's own setting comes back when the service stops."""
-    before = gc.get_threshold()
-    client = await make_client(settings)
-    assert gc.get_threshold() == (max(GC_YOUNG_THRESHOLD, before[0]), *before[1:])
-    assert gc.get_threshold()[0] > 700
-    await client.close()
-    assert gc.get_threshold() == before
