@@ -6,11 +6,14 @@ import asyncio
 import errno
 import os
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from ledger import drafts
+from ledger.models import EventDraft
 from ledger.operations import change_trust
 from ledger.projections.projector import Projector
 from ledger.simulation import SimDelivery
@@ -180,3 +183,14 @@ def distinct_messages(count: int, *, first: int = 700000) -> list[bytes]:
         document["data"]["PARAMS"]["MESSAGE_ID"] = str(message_id)
         made.append(wire.http_build_query(document))
     return made
+
+
+def allowance_drafts(count: int, first: int = 0) -> list[EventDraft]:
+    """Operator allowances for made-up portals m<first>, m<first+1>, …: drafts that need no
+    trust to be stored, for tests of the append path itself."""
+    now = datetime.now(UTC)
+    return [
+        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
+                               actor="test", received_at=now)
+        for i in range(first, first + count)
+    ]

@@ -18,28 +18,19 @@ import pytest
 
 from ledger import drafts
 from ledger.committer import GroupCommitter
-from ledger.models import EventDraft, Stored
+from ledger.models import Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.settings import TrustPolicy
 from ledger.storage import store as store_module
 from ledger.storage.store import EventStore, create_pool
-from ledger.trust import TrustChange
 from tests.conftest import Database
 from tests.gateway_helpers import eventually
+from tests.helpers import allowance_drafts
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 
 _OURS = ("datname = current_database() AND application_name = 'ledger' "
          "AND pid <> pg_backend_pid()")
-
-
-def _allowances(count: int) -> list[EventDraft]:
-    now = datetime.now(UTC)
-    return [
-        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
-                               actor="test", received_at=now)
-        for i in range(count)
-    ]
 
 
 async def _pids(admin: Connection, condition: str) -> list[int]:
@@ -125,7 +116,7 @@ async def test_a_lock_ahead_whose_backend_is_terminated_while_held_leaves_the_ne
     """Terminated while it holds the lock unclaimed (an operator's pg_terminate_backend, a
     failover): the next append must not fail with it — it takes the ordinary path."""
     store.lock_ahead_when(lambda: True)
-    a, b = _allowances(2)
+    a, b = allowance_drafts(2)
     await store.append([a])
     (pid,) = await eventually_one(lambda: _holding_idle(admin))
     assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
@@ -153,7 +144,7 @@ async def test_a_lock_ahead_terminated_while_it_waits_for_the_grant_leaves_the_n
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         await eventually(lambda: _gone(admin, pid), within=10)
         await blocker.execute("ROLLBACK")
-        (c,) = _allowances(1)
+        (c,) = allowance_drafts(1)
         (outcome,) = await store.append([c])
         assert isinstance(outcome, Stored)
         assert outcome.position == 1
@@ -176,7 +167,7 @@ async def test_a_claimant_cancelled_while_the_lock_ahead_waits_leaves_nothing_be
     blocker = await asyncpg.connect(database.admin_dsn)
     try:
         pid = await _lock_ahead_waiting_behind(store, admin, blocker)
-        (c, d) = _allowances(2)
+        (c, d) = allowance_drafts(2)
         claimant = asyncio.create_task(store.append([c]))
         await eventually(lambda: store._appending == 1, within=10)
         claimant.cancel()
@@ -199,11 +190,6 @@ async def test_a_claimant_cancelled_while_the_lock_ahead_waits_leaves_nothing_be
     assert unretrieved == []
 
 
-def _allowances_at(i: int) -> EventDraft:
-    return drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None,
-                                  token=None, actor="test", received_at=datetime.now(UTC))
-
-
 def _saturate(dsn: str, worker: int, total: int, ahead: bool) -> int:
     """One worker process appending single-draft batches back to back until the ledger holds
     `total` events: how many it committed."""
@@ -217,7 +203,7 @@ def _saturate(dsn: str, worker: int, total: int, ahead: bool) -> int:
             async with asyncio.timeout(120):
                 while True:
                     i += 1
-                    (outcome,) = await store.append([_allowances_at(worker * 10**6 + i)])
+                    (outcome,) = await store.append(allowance_drafts(1, worker * 10**6 + i))
                     assert isinstance(outcome, Stored)
                     mine += 1
                     if outcome.position >= total:
@@ -277,7 +263,7 @@ async def test_the_smallest_pool_with_a_lock_ahead_serves_a_saturated_committer_
         async with asyncio.timeout(60):
             reader = asyncio.create_task(read())
             outcomes = await asyncio.gather(
-                *(committer.submit(_allowances_at(i)) for i in range(200)))
+                *(committer.submit(allowance_drafts(1, i)[0]) for i in range(200)))
             committer_done.set()
             await reader
             await committer.close()

@@ -18,7 +18,7 @@ from ledger.committer import GroupCommitter
 from ledger.errors import AppendFailed
 from ledger.hashing import sha256
 from ledger.metrics import Metrics
-from ledger.models import Duplicate, EventDraft, Stored
+from ledger.models import Duplicate, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.operations import change_trust
 from ledger.settings import TrustPolicy
@@ -26,6 +26,7 @@ from ledger.storage.store import EventStore, create_pool
 from ledger.trust import TrustChange
 from tests.conftest import Database
 from tests.gateway_helpers import eventually
+from tests.helpers import allowance_drafts
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -134,15 +135,6 @@ async def test_the_chain_is_exactly_what_the_spec_defines(
     assert (head["position"], bytes(head["hash"])) == (3, previous)
 
 
-def _allowances(count: int) -> list[EventDraft]:
-    now = datetime.now(UTC)
-    return [
-        drafts.operator_action(TrustChange.ALLOWED, member_id=f"m{i}", domain=None, token=None,
-                               actor="test", received_at=now)
-        for i in range(count)
-    ]
-
-
 @pytest.mark.parametrize("ahead", [False, True], ids=["plain", "locking-ahead"])
 async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_draft_once(
     database: Database, admin: Connection, ahead: bool
@@ -154,7 +146,7 @@ async def test_two_appenders_at_once_stay_gap_free_and_chained_and_store_each_dr
     pools = [await create_pool(database.service_dsn, size=2) for _ in range(2)]
     try:
         stores = [EventStore(pool, policy=TrustPolicy.ALLOWLIST) for pool in pools]
-        batch = _allowances(48)
+        batch = allowance_drafts(48)
         for store in stores if ahead else []:  # each locks the head ahead for its next batch
             store.lock_ahead_when(lambda: True)
 
@@ -224,7 +216,7 @@ async def test_while_drafts_wait_the_head_is_locked_for_the_next_batch_as_one_co
     append starts with them — stored in order, chained, and the lock let go after."""
     waiting = [True]
     store.lock_ahead_when(lambda: waiting[0])
-    first, second = _allowances(2)
+    first, second = allowance_drafts(2)
     await store.append([first])
     await eventually(lambda: _head_locked_elsewhere(admin), within=10)  # ours, taken ahead
     waiting[0] = False
@@ -242,7 +234,7 @@ async def test_a_head_lock_taken_ahead_that_no_append_claims_is_let_go(
     workers: unclaimed, the lock taken ahead is released within LOCK_AHEAD_HOLD_SECONDS, and
     `let_go_ahead` (shutdown) releases it at once."""
     store.lock_ahead_when(lambda: True)
-    a, b, c = _allowances(3)
+    a, b, c = allowance_drafts(3)
     await store.append([a])
     await eventually(lambda: _head_locked_elsewhere(admin), within=10)
     await eventually(lambda: _head_free(admin), within=10)  # let go by itself
@@ -264,7 +256,7 @@ async def test_a_busy_committer_with_locks_taken_ahead_stores_every_draft_in_ord
     committer = GroupCommitter(appender, max_events=8, max_delay=0, metrics=metrics)
     store.lock_ahead_when(committer.waiting)
     committer.start()
-    batch = _allowances(120)
+    batch = allowance_drafts(120)
     outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
     await committer.close()
     await store.let_go_ahead()
@@ -284,7 +276,7 @@ async def test_commits_in_quick_succession_share_a_notification_and_the_last_is_
     listener = await asyncpg.connect(database.admin_dsn)
     await listener.add_listener("ledger_events", lambda *args: heard.append(args[3]))
     try:
-        for draft in _allowances(20):
+        for draft in allowance_drafts(20):
             await store.append([draft])
         await eventually(lambda: heard and heard[-1] == "20", within=10)
         await store.announcer.flush()
@@ -307,7 +299,7 @@ async def test_while_commits_keep_coming_each_slices_notification_rides_on_a_com
     heard: list[str] = []
     listener = await asyncpg.connect(database.admin_dsn)
     await listener.add_listener("ledger_events", lambda *args: heard.append(args[3]))
-    drafts_ = iter(_allowances(5000))
+    drafts_ = iter(allowance_drafts(5000))
     try:
         async with asyncio.timeout(60):
             while len(heard) < 4:  # several slices' worth of commits, back to back
@@ -330,7 +322,7 @@ async def test_group_commit_gathers_concurrent_drafts_into_few_transactions(
     metrics = Metrics()
     committer = GroupCommitter(appender, max_events=64, max_delay=0.005, metrics=metrics)
     committer.start()
-    batch = _allowances(200)
+    batch = allowance_drafts(200)
     outcomes = await asyncio.gather(*(committer.submit(d) for d in batch))
     await committer.close()
     assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
@@ -348,7 +340,7 @@ async def test_a_lone_draft_is_committed_at_once_whatever_the_delay_allows(
     committer = GroupCommitter(appender, max_events=64, max_delay=60.0)
     committer.start()
     async with asyncio.timeout(10):
-        outcome = await committer.submit(_allowances(1)[0])
+        outcome = await committer.submit(allowance_drafts(1)[0])
     assert isinstance(outcome, Stored)
     assert committer.lingered == 0
     await committer.close()
@@ -363,7 +355,7 @@ async def test_drafts_that_arrive_during_a_commit_are_the_next_batch(
     metrics = Metrics()
     committer = GroupCommitter(appender, max_events=64, max_delay=max_delay, metrics=metrics)
     committer.start()
-    first, *later = _allowances(4)
+    first, *later = allowance_drafts(4)
     watcher = await asyncpg.connect(database.admin_dsn)
     try:
         async with admin.transaction():
@@ -391,7 +383,7 @@ async def test_one_bad_draft_fails_alone_and_its_neighbours_are_stored(
 ) -> None:
     committer = GroupCommitter(appender, max_events=64, max_delay=0.05)
     committer.start()
-    good = _allowances(5)
+    good = allowance_drafts(5)
     bad = dataclasses.replace(good[0], payload=b"{not json", dedup_key=sha256(b"bad"))
     results = await asyncio.gather(
         *(committer.submit(d) for d in [*good[:2], bad, *good[2:]]), return_exceptions=True
@@ -411,7 +403,7 @@ async def test_a_closed_committer_takes_no_more_drafts(appender: Appender) -> No
     committer.start()
     await committer.close()
     with pytest.raises(CommitterClosed):
-        await committer.submit(_allowances(1)[0])
+        await committer.submit(allowance_drafts(1)[0])
 
 
 async def test_draining_what_already_committed_records_no_redelivery_but_a_real_one_does(
