@@ -18,7 +18,7 @@ import pytest
 
 from ledger import drafts
 from ledger.committer import GroupCommitter
-from ledger.models import Stored
+from ledger.models import EventDraft, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.settings import TrustPolicy
 from ledger.storage import store as store_module
@@ -155,12 +155,22 @@ async def test_a_lock_ahead_terminated_while_it_waits_for_the_grant_leaves_the_n
         await eventually(lambda: _gone(admin, pid), within=10)
         await blocker.execute("ROLLBACK")
         (c,) = allowance_drafts(1)
-        (outcome,) = await store.append([c])
-        assert isinstance(outcome, Stored)
-        assert outcome.position == 1
-        await store.let_go_ahead()
+        await _stored_first(store, c)
     finally:
         await blocker.close()
+    await _nothing_left_behind(admin, unretrieved)
+
+
+async def _stored_first(store: EventStore, draft: EventDraft) -> None:
+    """The next append is whole: stored, at position 1; then the store lets go what it holds."""
+    (outcome,) = await store.append([draft])
+    assert isinstance(outcome, Stored)
+    assert outcome.position == 1
+    await store.let_go_ahead()
+
+
+async def _nothing_left_behind(admin: Connection, unretrieved: list[dict[str, Any]]) -> None:
+    """No transaction left idle, no exception nobody retrieved."""
     await eventually(lambda: _no_idle(admin), within=10)
     gc.collect()
     assert unretrieved == []
@@ -189,15 +199,10 @@ async def test_a_claimant_cancelled_while_the_lock_ahead_waits_leaves_nothing_be
         await blocker.execute("ROLLBACK")
         await store.let_go_ahead()
         await eventually(lambda: _no_idle(admin), within=10)
-        (outcome,) = await store.append([d])
-        assert isinstance(outcome, Stored)
-        assert outcome.position == 1
-        await store.let_go_ahead()
+        await _stored_first(store, d)
     finally:
         await blocker.close()
-    await eventually(lambda: _no_idle(admin), within=10)
-    gc.collect()
-    assert unretrieved == []
+    await _nothing_left_behind(admin, unretrieved)
 
 
 def _saturate(dsn: str, worker: int, total: int, ahead: bool) -> int:
