@@ -13,8 +13,9 @@ maximum otherwise, live workers only).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -79,6 +80,12 @@ class Metrics:
         self.append_seconds = Histogram(
             "ledger_append_seconds", "Duration of one append transaction",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r,
+        )
+        self.append_ways = Counter(
+            "ledger_append_batches", "Committed append batches by the way they took: "
+            "one_statement (portals' trust known to the intake), retried (the one statement "
+            "found the trust moved or a key stored, then the long way), long", ["way"],
+            registry=r,
         )
         self.spooled = Counter(
             "ledger_deliveries_spooled", "Deliveries spooled while PostgreSQL was away",
@@ -178,10 +185,25 @@ class Metrics:
             return generate_latest(self.registry)
         self.sample()
         registry = CollectorRegistry()
-        collector = MultiProcessCollector(registry, path=str(self._dir))  # type: ignore[no-untyped-call]
+        collector = _SharedFiles(registry, path=str(self._dir))  # type: ignore[no-untyped-call]
         registry.register(_PortalSilence(lambda: _last_seen_of(collector)))
         registry.register(_ProcessLocal(self.registry, collector))
         return generate_latest(registry)
+
+
+class _SharedFiles(MultiProcessCollector):
+    """prometheus_client's collector, minus files that are still empty: a process creating its
+    file leaves it at 0 bytes for a moment (for good, if it is killed then), and reading one
+    fails the whole scrape with a `struct.error` (prometheus/client_python#1199; seen here as
+    a 500 from /metrics while `serve --workers 2` started its children)."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for file in Path(self._path).glob("*.db"):
+            with contextlib.suppress(FileNotFoundError):  # a dead process's, just removed
+                if file.stat().st_size > 0:
+                    files.append(str(file))
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
 
 
 class _ProcessLocal(Collector):
