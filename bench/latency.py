@@ -48,6 +48,7 @@ from ledger.simulation import Traffic
 VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "delay0": {"LEDGER_BATCH_MAX_DELAY_MS": "0"},
+    "long": {"LEDGER_APPEND_ONE_ROUND_TRIP": "false"},
     "delay2": {"LEDGER_BATCH_MAX_DELAY_MS": "2"},
     "no-projector": {"LEDGER_RUN_PROJECTOR": "false"},
     "no-tree": {"LEDGER_RUN_TREE_FOLLOWER": "false"},

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         "for more drafts (0: natural group commit — whatever arrived while the last batch "
         "committed; a draft finding the committer idle is committed at once)",
     )
+    append_one_round_trip: bool = Field(
+        default=True, description="append a batch of ordinary deliveries for portals whose "
+        "trust the intake knows in one statement (`ledger.append_events`), checked under the "
+        "head lock; false: every batch the long way (lock, facts, write, COMMIT)",
+    )
     pool_size: int = Field(default=8, ge=2)
     rejection_excerpt_bytes: int = Field(default=2048, ge=0)
     rejections_per_second: float = Field(

@@ -329,8 +329,9 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
             pool = await _open_pool(target, settings)
             try:
                 app[TARGET], app[POOL] = target, pool
-                app[STORE] = store = EventStore(pool, policy=settings.trust_policy,
-                                                notify_every=NOTIFY_EVERY_SECONDS)
+                app[STORE] = store = EventStore(
+                    pool, policy=settings.trust_policy, notify_every=NOTIFY_EVERY_SECONDS,
+                    one_round_trip=settings.append_one_round_trip)
                 app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
                 await store.let_go_ahead()
@@ -412,6 +413,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         fault=app[SEAMS].fault,
     )
     app[STORE].lock_ahead_when(committer.waiting)  # one round trip less a busy batch
+    ways = app[METRICS].append_ways
+    app[STORE].count_ways(lambda way: ways.labels(way).inc())
     app[SUPERVISOR].start("committer", committer.run, on_crash=committer.fail_pending)
     app[COMMITTER] = committer
     supervisor = app[SUPERVISOR]
