@@ -530,6 +530,8 @@ class Appender:
         portals = {d.member_id for d in drafts if isinstance(d, EventDraft)}
         if not portals & elsewhere:
             return
+        # a head lock this worker took ahead would hold up that worker's drain while we wait
+        await self._store.let_go_ahead()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._order_wait
         while portals & elsewhere:

@@ -289,3 +289,33 @@ async def test_the_smallest_pool_with_a_lock_ahead_serves_a_saturated_committer_
     assert sorted(o.position for o in outcomes if isinstance(o, Stored)) == list(range(1, 201))
     assert reads > 0
     assert await _no_idle(admin)
+
+
+async def test_a_worker_waiting_on_another_workers_lifecycle_lets_its_lock_taken_ahead_go(
+    store: EventStore, admin: Connection, tmp_path: Path
+) -> None:
+    """Online, a batch for a portal whose trust waits on another worker's spooled lifecycle
+    events waits for that worker's drain — which needs the events head. A head lock this worker
+    took ahead is let go before it waits, or the two would wait on each other until the wait
+    ran out (the batch spooled, the other worker's drain held up)."""
+    offline = OfflineTrust(tmp_path / "trust", worker=0, policy=TrustPolicy.ALLOWLIST)
+    appender = Appender(store, offline, order_wait_seconds=3.0)
+    first, second = allowance_drafts(2)
+    store.lock_ahead_when(lambda: True)
+    await store.append([first])
+    await eventually(lambda: _holding_idle(admin), within=10)  # ours, taken ahead
+
+    async def unsettled_elsewhere() -> set[str]:
+        """The other worker drains (its entries settle) once it can take the head."""
+        try:
+            async with admin.transaction():
+                await admin.execute("SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' "
+                                    "FOR UPDATE NOWAIT")
+        except asyncpg.LockNotAvailableError:
+            return {second.member_id}
+        return set()
+
+    offline.unsettled_elsewhere = unsettled_elsewhere  # type: ignore[method-assign]
+    store.lock_ahead_when(lambda: False)
+    (outcome,) = await appender.append([second])
+    assert isinstance(outcome, Stored), outcome

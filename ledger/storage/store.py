@@ -624,7 +624,8 @@ class EventStore:
         self._waiting = waiting
 
     async def let_go_ahead(self) -> None:
-        """Release a head lock taken ahead that no append will use (before the pool closes)."""
+        """Release a head lock taken ahead that no append will use now: before the pool
+        closes, or before this worker waits on another (whose drain needs the head)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             await ahead.abandon()
