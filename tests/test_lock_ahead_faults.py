@@ -305,15 +305,15 @@ async def test_a_worker_waiting_on_another_workers_lifecycle_lets_its_lock_taken
     await store.append([first])
     await eventually(lambda: _holding_idle(admin), within=10)  # ours, taken ahead
 
-    async def unsettled_elsewhere() -> set[str]:
+    async def unsettled_elsewhere() -> frozenset[str]:
         """The other worker drains (its entries settle) once it can take the head."""
         try:
             async with admin.transaction():
                 await admin.execute("SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' "
                                     "FOR UPDATE NOWAIT")
         except asyncpg.LockNotAvailableError:
-            return {second.member_id}
-        return set()
+            return frozenset({second.member_id})
+        return frozenset()
 
     offline.unsettled_elsewhere = unsettled_elsewhere  # type: ignore[method-assign]
     store.lock_ahead_when(lambda: False)
