@@ -100,6 +100,8 @@ class SocketProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._open: list[list[bool]] = []  # per connection relayed now: [severed]
+        self._upstreams: set[asyncio.StreamWriter] = set()
 
     def stall(self) -> None:
         """PostgreSQL answers nothing (connections stay open): 'too slow' rather than 'down'."""
@@ -107,6 +109,15 @@ class SocketProxy:
 
     def resume(self) -> None:
         self._flowing.set()
+
+    def sever(self) -> None:
+        """Every open connection's PostgreSQL side goes (its backend ends, its transaction rolls
+        back), but its client learns that only when it next sends something: a connection that
+        died unnoticed, as after a backend was terminated. New connections are relayed."""
+        for state in self._open:
+            state[0] = True
+        for upstream in list(self._upstreams):
+            upstream.transport.abort()
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._relay, path=self.path)
@@ -122,20 +133,31 @@ class SocketProxy:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_unix_connection(self._target)
         self._writers |= {writer, upstream_writer}
+        self._upstreams.add(upstream_writer)
+        severed = [False]
+        self._open.append(severed)
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
                 while data := await source.read(65536):
                     await self._flowing.wait()
+                    if severed[0]:  # the client sent something: now it learns
+                        writer.transport.abort()
+                        return
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, OSError):
                 pass
             finally:
-                sink.transport.abort()
+                if not (severed[0] and sink is writer):  # severed: the client learns later
+                    sink.transport.abort()
                 self._writers.discard(sink)
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        try:
+            await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        finally:
+            self._open.remove(severed)
+            self._upstreams.discard(upstream_writer)
 
 
 class Disk:

@@ -344,12 +344,22 @@ async def _transaction(
         if begin is not None:
             await connection.execute(begin)
         yield
-    except BaseException:
+    except BaseException as exc:
         await _rollback(connection)
+        # the connection broke (a terminated backend, a restart, a protocol state the driver
+        # cannot go on from): whatever ran on it, no COMMIT was sent — nothing was committed
+        if (isinstance(exc, asyncpg.InternalClientError)
+                or (_unavailable(exc) and not isinstance(exc, TimeoutError))):
+            raise _LostBeforeCommit from exc
         raise
     if before_commit is not None:
         before_commit()
     await connection.execute("COMMIT")
+
+
+class _LostBeforeCommit(Exception):
+    """The transaction's connection died before its COMMIT was sent: nothing of it was
+    committed, so the batch may be appended again, once, on another connection."""
 
 
 def _alive(connection: Connection) -> bool:
@@ -683,19 +693,34 @@ class EventStore:
                     return fast
                 way = "retried" if tried else way
             locked = await ahead.claim() if ahead is not None else None
-            if locked is None:
-                async with translated_errors("append"), self._pool.acquire() as connection:
-                    done = await self._append_in(
-                        connection, begin, drafts, event_drafts, prepared, draining, notify,
-                        held, lock_next)
-            else:
-                try:  # the head was locked ahead for this batch: the transaction is open
-                    async with translated_errors("append"):
+            try:
+                if locked is None:
+                    async with translated_errors("append"), self._pool.acquire() as connection:
                         done = await self._append_in(
-                            locked, None, drafts, event_drafts, prepared, draining, notify,
+                            connection, begin, drafts, event_drafts, prepared, draining, notify,
                             held, lock_next)
-                finally:
-                    await self._pool.release(locked)
+                else:
+                    try:  # the head was locked ahead for this batch: the transaction is open
+                        async with translated_errors("append"):
+                            done = await self._append_in(
+                                locked, None, drafts, event_drafts, prepared, draining,
+                                notify, held, lock_next)
+                    finally:
+                        await self._pool.release(locked)
+            except _LostBeforeCommit as lost:
+                # a connection the pool or a lock ahead handed over dead (a backend terminated
+                # or restarted before the driver noticed): the batch goes again on a fresh one;
+                # a second loss is PostgreSQL being away (the committer spools)
+                log.info("an append's connection was lost before its COMMIT (%s); appending "
+                         "the batch again on another", lost.__cause__)
+                try:
+                    async with translated_errors("append"), self._pool.acquire() as connection:
+                        done = await self._append_in(
+                            connection, begin, drafts, event_drafts, prepared, draining, notify,
+                            held, lock_next)
+                except _LostBeforeCommit as again:
+                    raise DatabaseUnavailable(
+                        f"append: PostgreSQL is unavailable ({again.__cause__})") from again
             self._counted(way)
             return done
         finally:
