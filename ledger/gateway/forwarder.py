@@ -52,7 +52,7 @@ from ledger.gateway.routes import (
     check_destination,
     plain_http_hosts,
 )
-from ledger.gateway.sender import Sender, Target
+from ledger.gateway.sender import Answer, Sender, Target, request_head
 from ledger.gateway.status import RouteHealth
 from ledger.metrics import ForwardMetrics
 from ledger.settings import Settings
@@ -81,6 +81,11 @@ class _Item:
     accepted_at: float  # wall clock: the age limit survives a restart
     body: bytes | None
     attempts: int = 0
+    # the request's head without the attempt's number, made at the first attempt (or why
+    # it cannot be sent), and the acceptance time as the attempt records carry it
+    head: bytes | None = None
+    unsendable: str | None = None
+    accepted: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -446,18 +451,15 @@ class Forwarder:
         assert item.body is not None
         route = state.route
         item.attempts += 1
-        headers = [("X-Ledger-Route", route.route_id), ("X-Ledger-Attempt", str(item.attempts)),
-                   ("User-Agent", "ledger-gateway")]
-        if item.content_type is not None:
-            headers.append(("Content-Type", item.content_type))
-        if item.position is not None:
-            headers.append(("X-Ledger-Position", str(item.position)))
-            headers.append(("X-Ledger-Event-Hash", item.event_hash or ""))
-        else:
-            headers.append(("X-Ledger-Spool-Id", item.dedup_key.hex()))
+        head = item.head
+        if head is None and item.unsendable is None:
+            head = item.head = self._head(state, item)
         began = time.perf_counter()
-        answer = await self._sender.post(
-            state.target, f"?{item.raw_query}" if item.raw_query else "", headers, item.body)
+        if head is None:  # what the delivery carried cannot go into a request
+            answer = Answer(None, item.unsendable)
+        else:
+            answer = await self._sender.send(state.target, b"%sX-Ledger-Attempt: %d\r\n\r\n%s"
+                                             % (head, item.attempts, item.body))
         latency = time.perf_counter() - began
         status, error = answer.status, answer.error
         if error is not None:  # a query string may carry secrets: never into a record or log
@@ -478,6 +480,26 @@ class Forwarder:
             log.info("route %s position %s attempt %d failed: %s", route.route_id,
                      item.position, item.attempts, error)
         return delivered
+
+    def _head(self, state: _RouteState, item: _Item) -> bytes | None:
+        """The forward's request head, the same for each of its attempts but for
+        `X-Ledger-Attempt` (added per attempt); None (and why, in `item.unsendable`) when
+        the delivery's content type or query cannot be sent."""
+        assert item.body is not None
+        headers = [("X-Ledger-Route", state.route.route_id), ("User-Agent", "ledger-gateway")]
+        if item.content_type is not None:
+            headers.append(("Content-Type", item.content_type))
+        if item.position is not None:
+            headers.append(("X-Ledger-Position", str(item.position)))
+            headers.append(("X-Ledger-Event-Hash", item.event_hash or ""))
+        else:
+            headers.append(("X-Ledger-Spool-Id", item.dedup_key.hex()))
+        try:
+            return request_head(state.target, f"?{item.raw_query}" if item.raw_query else "",
+                                headers, len(item.body))
+        except (ValueError, UnicodeError) as exc:
+            item.unsendable = f"{type(exc).__name__}: {exc}"
+            return None
 
     def _finish(
         self, state: _RouteState, lane: _Lane, item: _Item, outcome: str, reason: str | None
@@ -517,12 +539,12 @@ class Forwarder:
                         "%s attempt %d %s %s", route_id, item.position, item.attempts, outcome,
                         error or status)
             return
+        accepted = item.accepted
+        if accepted is None:
+            accepted = item.accepted = datetime.fromtimestamp(item.accepted_at, UTC)
         self._records.append(AttemptRecord(
-            route_id=route_id, member_id=item.member_id, position=item.position,
-            dedup_key=item.dedup_key, attempt=item.attempts, outcome=outcome, status=status,
-            error=error, latency_ms=latency_ms,
-            accepted_at=datetime.fromtimestamp(item.accepted_at, UTC),
-            attempted_at=datetime.fromtimestamp(at or time.time(), UTC),
+            route_id, item.member_id, item.position, item.dedup_key, item.attempts, outcome,
+            status, error, latency_ms, accepted, datetime.fromtimestamp(at or time.time(), UTC),
         ))
         self._records_wake.set()
 

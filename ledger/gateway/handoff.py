@@ -57,7 +57,7 @@ class Handoff:
         self._outbox = outbox
         self._runner = runner
         self._book = status.RouteBook(store, settings.outbox_path / ROUTES_NAME)
-        self._writes: list[tuple[dict[str, Any], bytes, asyncio.Future[None]]] = []
+        self._writes: list[tuple[dict[str, Any], Accepted, asyncio.Future[None]]] = []
         # (member, event type) → the routes it matches, for the route set it was made from
         self._matched: dict[tuple[str, str], list[str]] = {}
         self._matched_for: dict[str, Route] | None = None
@@ -90,13 +90,15 @@ class Handoff:
 
     # ---- the handoff ------------------------------------------------------------------------
 
-    async def accept(self, accepted: Accepted) -> None:
+    def accept(self, accepted: Accepted) -> Awaitable[None]:
         """Called by the intake once a delivery is durable: seal it into the outbox for every
-        route it matches. Returns once the kernel holds it; never waits for a destination,
-        never raises."""
+        route it matches. What it returns is done once the kernel holds it; it never waits
+        for a destination and never raises (an outbox that cannot be written is logged,
+        counted and recorded as given-up forwards before it is done). A plain method
+        returning the write's future: no coroutine of its own per delivery."""
         routes = self._routes_for(accepted.member_id, accepted.event_type)
         if not routes or self._closing:
-            return
+            return _nothing()
         header: dict[str, Any] = {
             "routes": routes,
             "member_id": accepted.member_id,
@@ -108,16 +110,17 @@ class Handoff:
             "raw_query": accepted.raw_query,
             "accepted_at": time.time(),
         }
-        try:
-            await self._write(header, accepted.body)
-        except Exception as exc:  # noqa: BLE001 - never raised into the intake
-            # the delivery is durable and its sender must hear so; its forward is lost: say so
-            # in the log and, for auditors, as given-up attempts
-            self._metrics.forward_handoff_failures.inc()
-            log.error("position %s of portal %s not forwarded: the outbox could not be "
-                      "written (%s)", accepted.position, accepted.member_id,
-                      exc if isinstance(exc, OSError | OutboxError) else repr(exc))
-            await self._record_lost(header, accepted)
+        return self._write(header, accepted)
+
+    def _write(self, header: dict[str, Any], accepted: Accepted) -> asyncio.Future[None]:
+        """Concurrent deliveries (one commit's) share one write, in a thread: the loop never
+        waits on disk. A cancelled handler cancels only its own future; the batch is
+        written."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes.append((header, accepted, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all(), name="outbox-writer")
+        return future
 
     def forwards(self, member_id: str, event_type: str) -> bool:
         """Whether `accept` would seal such a delivery (a route matches; not closing): the
@@ -137,45 +140,50 @@ class Handoff:
                                            if r.matches(member_id, event_type)]
         return routes
 
-    async def _record_lost(self, header: dict[str, Any], accepted: Accepted) -> None:
+    async def _record_lost(self, lost: list[tuple[dict[str, Any], Accepted]]) -> None:
         now = datetime.now(UTC)
         records = [AttemptRecord(
             route_id=route_id, member_id=accepted.member_id, position=accepted.position,
             dedup_key=accepted.dedup_key, attempt=0, outcome="given_up", status=None,
             error="outbox_unwritable", latency_ms=None,
             accepted_at=datetime.fromtimestamp(header["accepted_at"], UTC), attempted_at=now,
-        ) for route_id in header["routes"]]
+        ) for header, accepted in lost for route_id in header["routes"]]
         try:
             await self._store.record_attempts(records)
         except LedgerError as exc:
-            log.error("the lost forward of position %s is not recorded either: %s",
-                      accepted.position, exc)
-
-    async def _write(self, header: dict[str, Any], body: bytes) -> None:
-        """Concurrent deliveries (one commit's) share one write, in a thread: the loop never
-        waits on disk."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writes.append((header, body, future))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_all(), name="outbox-writer")
-        await future  # a cancelled handler cancels only its own future; the batch is written
+            log.error("the lost forwards of position(s) %s are not recorded either: %s",
+                      ", ".join(str(a.position) for _, a in lost), exc)
 
     async def _write_all(self) -> None:
         try:
             while self._writes:
                 batch, self._writes = self._writes, []
                 try:
-                    await asyncio.to_thread(self._outbox.append, [(h, b) for h, b, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - handed to every waiting delivery
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
+                    await asyncio.to_thread(self._outbox.append,
+                                            [(h, a.body) for h, a, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - never raised into the intake
+                    try:
+                        await self._lost(batch, exc)
+                    except Exception:  # the senders must still hear: log it and answer
+                        log.exception("recording lost forwards failed")
                 for _, _, future in batch:
                     if not future.done():
                         future.set_result(None)
         finally:
             self._writer = None
+
+    async def _lost(
+        self, batch: list[tuple[dict[str, Any], Accepted, asyncio.Future[None]]],
+        exc: Exception,
+    ) -> None:
+        """The batch is durable and its senders must hear so; its forwards are lost: say so
+        in the log and, for auditors, as given-up attempts (before the senders hear)."""
+        for _, accepted, _ in batch:
+            self._metrics.forward_handoff_failures.inc()
+            log.error("position %s of portal %s not forwarded: the outbox could not be "
+                      "written (%s)", accepted.position, accepted.member_id,
+                      exc if isinstance(exc, OSError | OutboxError) else repr(exc))
+        await self._record_lost([(header, accepted) for header, accepted, _ in batch])
 
     async def _sync_loop(self) -> None:
         """fsync what was written, in the background, off the event loop."""
@@ -206,6 +214,10 @@ class Handoff:
               b"# TYPE ledger_forwarder_up gauge\n"
               b"ledger_forwarder_up " + (b"1" if published else b"0") + b"\n")
         return up + (published.metrics if published is not None else b"")
+
+
+async def _nothing() -> None:
+    """What `Handoff.accept` returns for a delivery it does not seal."""
 
 
 HANDOFF = web.AppKey("gateway_handoff", Handoff)

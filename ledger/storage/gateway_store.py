@@ -5,9 +5,8 @@ Attempts never carry a body (nor anything from it but the portal and the event's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -17,8 +16,6 @@ _ROUTE_EVENTS = """
     SELECT position, received_at, payload FROM ledger.events
     WHERE event_type = $1 AND origin = 'operator' AND position > $2 ORDER BY position
 """
-_ATTEMPT_COLUMNS = ("route_id", "member_id", "position", "dedup_key", "attempt", "outcome",
-                    "status", "error", "latency_ms", "accepted_at", "attempted_at")
 _ATTEMPTS = """
     SELECT id, route_id, portal_member_id, position, event_type, event_hash, spool_id, attempt,
            outcome, status, error, latency_ms, accepted_at, attempted_at
@@ -30,9 +27,10 @@ _ATTEMPTS = """
 """
 
 
-@dataclass(frozen=True, slots=True)
-class AttemptRecord:
-    """One attempt (or the giving up) to forward one event to one route."""
+class AttemptRecord(NamedTuple):
+    """One attempt (or the giving up) to forward one event to one route: a row of
+    `ledger.forward_attempts`, fields named and ordered as its columns (a tuple: one is made
+    per forward, and COPY writes it as it is)."""
 
     route_id: str
     member_id: str
@@ -45,6 +43,9 @@ class AttemptRecord:
     latency_ms: float | None
     accepted_at: datetime
     attempted_at: datetime
+
+
+_ATTEMPT_COLUMNS = AttemptRecord._fields  # the table's columns, as a record holds them
 
 
 class GatewayStore:
@@ -63,13 +64,10 @@ class GatewayStore:
     async def record_attempts(self, records: list[AttemptRecord]) -> None:
         """One batch, by binary COPY (cheaper than an INSERT of unnested arrays on both sides
         for the forwarder's batches: bench.forwarder)."""
-        rows = [(r.route_id, r.member_id, r.position, r.dedup_key, r.attempt, r.outcome,
-                 r.status, r.error, r.latency_ms, r.accepted_at, r.attempted_at)
-                for r in records]
         async with translated_errors("record forward attempts"), self._pool.acquire() as conn:
             await conn.copy_records_to_table(
                 "forward_attempts", schema_name="ledger", columns=_ATTEMPT_COLUMNS,
-                records=rows)
+                records=records)
 
     async def attempts(
         self, *, route_id: str | None = None, position: int | None = None,
