@@ -171,8 +171,9 @@ class Settings(BaseSettings):
         "an earlier position but appended it up to this much later still goes first",
     )
     forwarder_nice: int = Field(
-        default=10, ge=0, le=19, description="niceness of serve's forwarder process: when CPU "
-        "is short, intake goes first and forwarding catches up after (the outbox holds it)",
+        default=10, ge=0, le=19, description="niceness of serve's forwarder process (and of "
+        "its PostgreSQL backends, when local): when CPU is short, intake goes first and "
+        "forwarding catches up after (the outbox holds it)",
     )
     forward_status_seconds: float = Field(
         default=1.0, gt=0, description="how often the forwarder process publishes its "

@@ -71,8 +71,12 @@ async def run_forwarder(settings: Settings, *, parent: int | None = None) -> Non
     try:
         target = await targets.open_target(settings)
         try:
-            pool = await create_pool(target.service_dsn, size=2, connect=False,
-                                     connect_timeout=settings.connect_timeout_seconds)
+            # as serve's child, its backend (writing the attempt records) is niced like this
+            # process: PostgreSQL's CPU goes to the intake's appends first, as ours does
+            pool = await create_pool(
+                target.service_dsn, size=2, connect=False,
+                connect_timeout=settings.connect_timeout_seconds,
+                backend_nice=settings.forwarder_nice if parent is not None else 0)
             supervisor = Supervisor(Metrics(), first_backoff=settings.task_restart_seconds)
             forwarder = Forwarder(settings, GatewayStore(pool), outbox_key(settings),
                                   runner=supervisor)
