@@ -534,7 +534,7 @@ async def test_a_forward_the_outbox_cannot_take_is_answered_counted_and_recorded
     def full(records: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    with mock.patch.object(outbox, "append", full):
+    with mock.patch.object(outbox, "write_now", full), mock.patch.object(outbox, "write", full):
         status, answer = await post_raw(client, sample("onappinstall-1"), FORM, "")
     assert (status, answer["status"]) == (200, "stored")  # durable: the sender hears so
     rows = await admin.fetch("SELECT route_id, position, outcome, error FROM audit.forwards")

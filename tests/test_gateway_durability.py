@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import sys
@@ -120,6 +121,41 @@ def test_a_segment_deleted_under_its_writer_loses_nothing(tmp_path: Path) -> Non
     (second,) = reader.poll()
     assert second.body == b"x=2"
     assert second.location[0] > first.location[0]
+    writer.close()
+    reader.close()
+
+
+def test_the_event_loop_writes_only_what_cannot_make_it_wait(tmp_path: Path) -> None:
+    """`write_now` (the intake's loop) writes a batch only into an open segment nobody
+    holds; otherwise it writes nothing and says so, and `write` (a thread) does: before the
+    first segment, while the forwarder holds the segment's lock (to delete it), after the
+    segment was deleted, while an fsync is under way."""
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key)
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+
+    def frames(body: bytes) -> bytes:
+        return writer.seal([(header(["a"]), body)])
+
+    assert not writer.write_now(frames(b"x=0"))  # no segment yet: it is made by `write`
+    writer.write(frames(b"x=1"))
+    assert writer.write_now(frames(b"x=2"))
+    (segment,) = tmp_path.glob("seg-*")
+    held = os.open(segment, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the reader does around deleting it
+        assert not writer.write_now(frames(b"x=3"))
+    finally:
+        os.close(held)
+    with writer._lock:  # as `sync` does around its fsync
+        assert not writer.write_now(frames(b"x=4"))
+    assert [f.body for f in reader.poll()] == [b"x=1", b"x=2"]  # nothing refused was written
+    segment.unlink()  # as the reader deletes a settled segment
+    assert not writer.write_now(frames(b"x=5"))
+    writer.write(frames(b"x=6"))  # a new segment
+    assert writer.write_now(frames(b"x=7"))
+    assert [f.body for f in reader.poll()] == [b"x=6", b"x=7"]
     writer.close()
     reader.close()
 

@@ -113,8 +113,10 @@ class Handoff:
         return self._write(header, accepted)
 
     def _write(self, header: dict[str, Any], accepted: Accepted) -> asyncio.Future[None]:
-        """Concurrent deliveries (one commit's) share one write, in a thread: the loop never
-        waits on disk. A cancelled handler cancels only its own future; the batch is
+        """Concurrent deliveries (one commit's) share one write: by the event loop itself
+        when nothing can make it wait (`OutboxWriter.write_now`: the write goes to the page
+        cache), else from a thread (a new segment, an fsync under way, the forwarder holding
+        the segment's lock). A cancelled handler cancels only its own future; the batch is
         written."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._writes.append((header, accepted, future))
@@ -159,8 +161,9 @@ class Handoff:
             while self._writes:
                 batch, self._writes = self._writes, []
                 try:
-                    await asyncio.to_thread(self._outbox.append,
-                                            [(h, a.body) for h, a, _ in batch])
+                    data = self._outbox.seal([(h, a.body) for h, a, _ in batch])
+                    if not self._outbox.write_now(data):  # it would wait: from a thread
+                        await asyncio.to_thread(self._outbox.write, data)
                 except Exception as exc:  # noqa: BLE001 - never raised into the intake
                     try:
                         await self._lost(batch, exc)
