@@ -636,9 +636,9 @@ async def test_with_no_route_the_forwarder_idles_and_a_new_route_wakes_it(
     polls, published = [0], [0]
     poll, publish = forwarder.poll, forwarder.publish
 
-    async def counted_poll() -> None:
+    async def counted_poll(**options: Any) -> None:
         polls[0] += 1
-        await poll()
+        await poll(**options)
 
     def counted_publish() -> None:
         published[0] += 1

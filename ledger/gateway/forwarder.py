@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -267,8 +268,9 @@ class Forwarder:
 
     # ---- reading the outboxes ---------------------------------------------------------------
 
-    async def poll(self) -> None:
-        """Queue what the intake appended to any worker's outbox since the last look.
+    async def poll(self, *, apply_settled: bool = False) -> None:
+        """Queue what the intake appended to any worker's outbox since the last look (and,
+        with `apply_settled`, write down what was settled: `OutboxReader.apply_settled`).
 
         Each worker appends right after its own commit, so with several workers a later
         position can be appended (and read) before an earlier one committed by another worker
@@ -284,25 +286,13 @@ class Forwarder:
         earlier run with more workers — counts as none: it can hold nothing that a record read
         now should wait for. (A worker that starts, commits, appends and dies between the two
         looks could still be overtaken: the window's own caveat, in a narrower gap.)"""
-        root = self._settings.outbox_root
-        directories = await asyncio.to_thread(
-            lambda: sorted(p for p in root.glob("worker-*") if p.is_dir()))
         waiting = {outbox.directory.name for _, outbox, _ in self._settling}
-        candidates = [d for d in directories if d.name not in waiting]
-        gone = await asyncio.to_thread(lambda: {d for d in candidates if writer_gone(d)})
-        found: list[tuple[OutboxReader, Recovered]] = []
-        for directory in directories:
-            outbox = self._outboxes.get(directory.name)
-            if outbox is None:
-                outbox = OutboxReader(directory, self._key)
-                await asyncio.to_thread(outbox.open)
-                self._outboxes[directory.name] = outbox
-            records = await asyncio.to_thread(outbox.poll)
-            found.extend((outbox, r) for r in records)
-            if records or outbox.behind:
-                gone.discard(directory)
-        if gone:
-            gone = await asyncio.to_thread(lambda: {d for d in gone if writer_gone(d)})
+        opened: dict[str, OutboxReader] = {}
+        try:  # the file work in one thread's turn: each turn costs ~50 µs of CPU
+            directories, gone, found = await asyncio.to_thread(
+                self._read, waiting, opened, apply_settled)
+        finally:
+            self._outboxes.update(opened)
         self._live_outboxes = len(directories) - len(gone)
         now = time.monotonic()
         self._settling.extend((now, outbox, record) for outbox, record in found)
@@ -322,6 +312,33 @@ class Forwarder:
                             exc)
         for outbox, record in released:
             self._queue(outbox, record, current=current)
+
+    def _read(
+        self, waiting: set[str], opened: dict[str, OutboxReader], apply_settled: bool
+    ) -> tuple[list[Path], set[Path], list[tuple[OutboxReader, Recovered]]]:
+        """`poll`'s blocking part (in a thread): the outbox directories, those whose writer is
+        gone, the records read; outboxes seen for the first time are opened into `opened`."""
+        root = self._settings.outbox_root
+        directories = sorted(p for p in root.glob("worker-*") if p.is_dir())
+        gone = {d for d in directories if d.name not in waiting and writer_gone(d)}
+        found: list[tuple[OutboxReader, Recovered]] = []
+        for directory in directories:
+            outbox = self._outboxes.get(directory.name)
+            if outbox is None:
+                outbox = OutboxReader(directory, self._key)
+                outbox.open()
+                opened[directory.name] = outbox
+            records = outbox.poll()
+            found.extend((outbox, r) for r in records)
+            if records or outbox.behind:
+                gone.discard(directory)
+        if gone:
+            gone = {d for d in gone if writer_gone(d)}
+        if apply_settled:
+            for outbox in [*self._outboxes.values(), *opened.values()]:
+                if outbox.settling:
+                    outbox.apply_settled()
+        return directories, gone, found
 
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
         """The held records whose window has passed, and those of lower positions, in ledger
@@ -621,10 +638,7 @@ class Forwarder:
             else:
                 await asyncio.sleep(self._settings.forward_poll_seconds)  # the interval
             try:
-                await self.poll()
-                for outbox in self._outboxes.values():
-                    if outbox.settling:
-                        await asyncio.to_thread(outbox.apply_settled)
+                await self.poll(apply_settled=True)
             except OSError as exc:  # a disk error: keep trying, loudly
                 log.error("outbox %s: %s", self._settings.outbox_root, exc)
 
