@@ -357,6 +357,9 @@ async def test_kill_9_of_the_forwarder_process_loses_nothing_and_serve_starts_it
         pid = await forwarder_pid(port)
         acknowledged = await send_samples(port)
         await destination.wait_until(lambda d: len(d.requests) >= 3)  # it is being tried
+        # niced and batch-scheduled (LEDGER_FORWARDER_NICE): intake first when CPU is short
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= 10
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
         if on_this_machine(database.service_dsn):  # its backend, writing the attempt records,
             await eventually(lambda: niced_backend(admin))  # is niced like it (the intake's not)
         os.kill(pid, signal.SIGKILL)
