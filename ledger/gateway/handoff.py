@@ -2,7 +2,8 @@
 
 Everything else — reading the outbox, sending, retrying, recording attempts, deleting what was
 settled — happens in the forwarder process (`ledger.gateway.forwarder`), so forwarding costs the
-intake's event loop one batched, encrypted append per commit and nothing per attempt. The
+intake's event loop one batched, encrypted append per commit (written by the loop itself when
+nothing can make it wait: `OutboxWriter.write_now`) and nothing per attempt. The
 guarantee is the one gateway mode always had: the record is written to the kernel before the
 sender hears 2xx (a `kill -9` of either process loses no forward), fsync'd within
 `OUTBOX_SYNC_SECONDS` (an OS crash may cost that interval).
