@@ -54,6 +54,19 @@ def forwarder_cpu_seconds(data_dir: Path) -> float:
         return 0.0
 
 
+def preemptions(pid: int) -> float:
+    """How often the intake's event loop (serve's main thread, one worker) was preempted so
+    far: the forwarder and the destination compete with it for the cores."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return float(line.split()[1])
+    return 0.0
+
+
 async def add_route(dsn: str, port: int) -> None:
     pool = await create_pool(dsn, size=2)
     try:
@@ -120,6 +133,7 @@ def main() -> None:
                     unsettled += not meter.settle()
                     before = meter.sample()
                     before_forwarder = forwarder_cpu_seconds(data_dir)
+                    before_preempted = preemptions(process.pid)
                     result = run_wrk(url, bodies, args.seconds, args.connections)
                     spent = meter.sample() - before
                     stored = max(1.0, result["requests"] - result["non_2xx"])
@@ -127,6 +141,8 @@ def main() -> None:
                     result["forwarder_ms"] = (
                         forwarder_cpu_seconds(data_dir) - before_forwarder) * 1000 / stored
                     result["pg_ms"] = (spent.postgres or 0.0) * 1000 / stored
+                    result["preempted"] = (
+                        preemptions(process.pid) - before_preempted) * 1000 / stored
                     result["backlog"] = forwarder_backlog(data_dir)
                     rates[name].append(result)
                 finally:
@@ -142,14 +158,16 @@ def main() -> None:
         "The machine is shared with other jobs: read the ratio, not the absolute numbers.",
         "",
         "| ledger | round | events/s | p50 ms | p99 ms | non-2xx | server CPU ms/event "
-        "| of it forwarder | PostgreSQL CPU ms/event | forwards pending at the end |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| of it forwarder | PostgreSQL CPU ms/event | forwards pending at the end "
+        "| intake preempted per 1k events |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, runs in rates.items():
         for i, r in enumerate(runs):
             lines.append(f"| {name} | {i + 1} | {r['rate']:.0f} | {r['p50_ms']:.2f} | "
                          f"{r['p99_ms']:.2f} | {r['non_2xx']:.0f} | {r['cpu_ms']:.3f} | "
-                         f"{r['forwarder_ms']:.3f} | {r['pg_ms']:.3f} | {r['backlog']:.0f} |")
+                         f"{r['forwarder_ms']:.3f} | {r['pg_ms']:.3f} | {r['backlog']:.0f} | "
+                         f"{r['preempted']:.0f} |")
     cpu = {n: statistics.median(r["cpu_ms"] for r in runs) for n, runs in rates.items()}
     both = {n: statistics.median(r["cpu_ms"] + r["pg_ms"] for r in runs)
             for n, runs in rates.items()}
