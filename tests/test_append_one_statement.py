@@ -15,6 +15,7 @@ import pytest
 from ledger import drafts, intake, integrity
 from ledger.models import Duplicate, Refusal, Stored
 from ledger.operations import change_trust
+from ledger.planner import Head
 from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import EventStore, Pool, _KnownTrust, create_pool
 from ledger.trust import PortalTrust, TrustChange, TrustState
@@ -158,11 +159,11 @@ async def test_two_processes_appending_at_once_share_one_gap_free_chain(
 def test_the_trust_an_intake_keeps_is_bounded_and_forgets_the_oldest_first() -> None:
     known = _KnownTrust(2)
     trust = {m: PortalTrust(m, None, TrustState.TRUSTED, bytes(32)) for m in "abc"}
-    known.learn({"a": trust["a"], "b": trust["b"]}, 5)
-    known.learn({"a": trust["a"]}, 7)  # learned again: now the newest
-    known.learn({"c": trust["c"]}, 9)
+    known.learn({"a": trust["a"], "b": trust["b"]}, Head(5, b"5" * 32))
+    known.learn({"a": trust["a"]}, Head(7, b"7" * 32))  # learned again: now the newest
+    known.learn({"c": trust["c"]}, Head(9, b"9" * 32))
     assert set(known.portals) == {"a", "c"}
     found = known.facts(["a", "c"])
     assert found is not None
-    assert found[1] == 7  # true at the older of the two positions
+    assert found[1] == Head(7, b"7" * 32)  # true at the older of the two heads
     assert known.facts(["b"]) is None

@@ -21,9 +21,11 @@ which at a fixed moderate rate cost more than the work: bench/RESULTS.md, "Laten
 A batch of ordinary deliveries for portals whose trust this process knows takes one round trip
 instead (`EventStore._append_fast`): planned on that trust (`_KnownTrust`: what the facts of earlier
 appends said, and the position they were true at), it is sent to `ledger.append_events`
-(migration 0012) outside a transaction block; the function takes the lock, checks that none of
-the batch's portals changed trust since and none of its dedup keys is stored, chains the events
-after the head it finds and commits. When a check fails it writes nothing, and the batch goes
+(migrations 0012, 0013) outside a transaction block; the function takes the lock, checks that the
+event at that position still has the hash this process saw there (the same history: not a
+replica that lost commits, nor a restored backup), that none of the batch's portals changed trust
+since and none of its dedup keys is stored, chains the events after the head it finds and
+commits. When a check fails it writes nothing, and the batch goes
 the long way above — so every verdict is still the one PostgreSQL's trust gives.
 """
 
@@ -152,10 +154,11 @@ _INSERT_EVENTS_MOVE_HEAD = """
     )
     SELECT pg_notify('ledger_' || stream, position::text) FROM moved WHERE $18::bool
 """
-# The one-round-trip append (module docstring; migration 0012): no row when a check failed.
+# The one-round-trip append (module docstring; migrations 0012, 0013): no row when a check
+# failed.
 _APPEND_EVENTS = """
     SELECT start_position, start_hash, end_hash FROM ledger.append_events(
-        $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+        $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
 """
 _ANNOUNCE = """
     SELECT pg_notify('ledger_events', position::text) FROM ledger.stream_heads
@@ -573,18 +576,19 @@ KNOWN_PORTALS = 10_000  # portals whose trust an intake keeps for the one-round-
 
 class _KnownTrust:
     """Portals' trust as this process last read it under the head lock (or moved it by its own
-    commits), each with the events position it was true at; and the head it last saw. Only what
-    the long way's facts said is kept — never a judgement of its own — and `ledger.append_events`
-    checks it again under the lock, so a stale entry costs a round trip, never a wrong verdict.
-    Bounded: the oldest portals are forgotten first (a sender cannot add portals: only trust
-    events can, and those go the long way)."""
+    commits), each with the events head it was true at (position and hash: trust is a fold of
+    *that* chain); and the head it last saw. Only what the long way's facts said is kept — never
+    a judgement of its own — and `ledger.append_events` checks it again under the lock, so a
+    stale entry costs a round trip, never a wrong verdict. Bounded: the oldest portals are
+    forgotten first (a sender cannot add portals: only trust events can, and those go the long
+    way)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.portals: dict[str, tuple[PortalTrust, int]] = {}
+        self.portals: dict[str, tuple[PortalTrust, Head]] = {}
         self.head: Head | None = None
 
-    def learn(self, portals: dict[str, PortalTrust], at: int) -> None:
+    def learn(self, portals: dict[str, PortalTrust], at: Head) -> None:
         known = self.portals
         for member_id, trust in portals.items():
             known.pop(member_id, None)
@@ -596,18 +600,19 @@ class _KnownTrust:
         for member_id in members:
             self.portals.pop(member_id, None)
 
-    def facts(self, members: Sequence[str]) -> tuple[TrustFacts, int] | None:
-        """Trust of a batch's portals and the position it is all true at (the oldest), or None
-        when one of them is not known."""
+    def facts(self, members: Sequence[str]) -> tuple[TrustFacts, Head] | None:
+        """Trust of a batch's portals and the head it is all true at (the oldest), or None when
+        one of them is not known."""
         trust = TrustFacts()
-        at = -1
+        at: Head | None = None
         for member_id in members:
             entry = self.portals.get(member_id)
             if entry is None:
                 return None
             trust.portals[member_id] = entry[0]
-            at = entry[1] if at < 0 else min(at, entry[1])
-        return trust, at
+            if at is None or entry[1].position < at.position:
+                at = entry[1]
+        return (trust, at) if at is not None else None
 
 
 class EventStore:
@@ -682,7 +687,7 @@ class EventStore:
             # ordinary deliveries go the one-statement way; the head is locked ahead only for
             # a batch like those that never do (the next batch is most likely like this one)
             ordinary = (self._known.limit > 0 and not draining and not held
-                        and len(event_drafts) == len(drafts)
+                        and 0 < len(event_drafts) == len(drafts)
                         and all(d.origin == ORIGIN_BITRIX24 and d.event_type not in _LIFECYCLE
                                 for d in event_drafts))
             lock_next = None if ordinary else self._lock_next
@@ -742,7 +747,7 @@ class EventStore:
             outcomes, effects, moved, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
         if learned is not None:
-            self._known.learn(learned[0].trust.portals, learned[1].position)
+            self._known.learn(learned[0].trust.portals, learned[1])
             self._known.head = learned[1]
         if moved:
             self.announcer.committed(notify)
@@ -770,14 +775,15 @@ class EventStore:
         rows = planned.events
         async with translated_errors("append"), self._pool.acquire() as connection:
             found = await connection.fetchrow(
-                _APPEND_EVENTS, known_at, members,
+                _APPEND_EVENTS, known_at.position, known_at.hash, members,
                 [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
                 [r[4] for r in rows], [r[5] for r in rows], [r[6] for r in rows],
                 [r[7] for r in rows], [r[8] for r in rows], [r[9] for r in rows],
                 [r[10] for r in rows], [r[11] for r in rows],
                 [prepared[id(d)][1] for d in drafts], [r[14] for r in rows], notify,
             )
-        if found is None:  # a portal's trust moved, or a key is stored: the long way decides
+        if found is None:  # another history, a portal's trust moved, or a key is stored: the
+            # long way decides
             self._known.forget(members)
             return None, True
         start = Head(found["start_position"], bytes(found["start_hash"]))
