@@ -17,14 +17,24 @@ import pytest
 
 from ledger import intake, integrity, wire
 from ledger.errors import DatabaseUnavailable, LedgerError
+from ledger.hashing import sha256
 from ledger.models import Duplicate, Refusal, Stored
 from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
 from ledger.simulation import Traffic
 from ledger.storage.store import _APPEND_EVENTS, EventStore, create_pool
 from ledger.storage.target import ensure_database
-from ledger.trust import TrustChange
-from tests.conftest import FORM, MEMBER_ID, Cluster, Database, _create_database, _drop_database
+from ledger.trust import TRUST_EVENT, TrustChange, TrustFacts, TrustState, apply, effect_of
+from tests.conftest import (
+    DOMAIN,
+    FORM,
+    MEMBER_ID,
+    TOKEN,
+    Cluster,
+    Database,
+    _create_database,
+    _drop_database,
+)
 from tests.gateway_helpers import eventually
 from tests.test_append_one_statement import _chain_verified, _delivery, _installed, _Process
 from tests.test_store_interrupted import BLOCKERS, _waiting_backend, slow_commit
@@ -302,3 +312,57 @@ async def test_only_the_service_may_call_the_function_and_it_lends_it_no_right(
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await admin.fetch(_APPEND_EVENTS, 0, bytes(32), [], [], [], [], [], [], [],
                                   [], [], [], [], [], [], [], False)
+
+
+async def test_a_worker_racing_trust_changes_stores_only_under_the_trust_of_its_position(
+    database: Database, settings: Settings
+) -> None:
+    """One worker appends messages under the portal's token while another process changes
+    that portal's trust again and again — re-provisioned with another token and back, ended
+    and re-provisioned. Every message stored was stored where, by the trust events before its
+    position, the portal trusted the token it presented: no batch of the one-statement way
+    slipped past a trust change committed ahead of it."""
+    pools = [await create_pool(database.service_dsn, size=2) for _ in range(2)]
+    worker, operator = (_Process(pool) for pool in pools)
+    try:
+        await _installed(worker, settings)
+        sent: dict[bytes, str] = {}
+
+        async def messages() -> None:
+            for batch in range(40):
+                drafts = [_delivery(settings, "onimbotmessageadd-1", f"race-{batch}-{i}")
+                          for i in range(3)]
+                sent.update((d.dedup_key, d.member_id) for d in drafts)
+                await worker.store.append(drafts)
+
+        async def changes() -> None:
+            for turn in range(12):
+                if turn % 3 == 2:
+                    await change_trust(operator.store, TrustChange.ENDED, member_id=MEMBER_ID,
+                                       actor="test")
+                token = "e" * 32 if turn % 2 == 0 else TOKEN
+                await change_trust(operator.store, TrustChange.PROVISIONED, member_id=MEMBER_ID,
+                                   domain=DOMAIN, token=token, actor="test")
+
+        await asyncio.gather(messages(), changes())
+        rows = await pools[0].fetch(
+            "SELECT position, event_type, origin, dedup_key, payload FROM ledger.events "
+            "ORDER BY position")
+        trust = TrustFacts()
+        checked = 0
+        for row in rows:
+            if row["event_type"] == TRUST_EVENT and row["origin"] != "bitrix24":
+                effect = effect_of(orjson.loads(row["payload"]))
+                assert effect is not None
+                apply(trust, effect, row["position"])
+            elif bytes(row["dedup_key"]) in sent:
+                portal = trust.portals[MEMBER_ID]
+                assert portal.state is TrustState.TRUSTED, row["position"]
+                assert portal.token_sha256 == sha256(TOKEN.encode()), row["position"]
+                checked += 1
+        assert checked > 0
+        assert worker.ways["one_statement"] > 0, worker.ways
+        assert await _chain_verified(worker) == rows[-1]["position"]
+    finally:
+        for pool in pools:
+            await pool.close()
