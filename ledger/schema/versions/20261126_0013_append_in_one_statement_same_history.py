@@ -1,4 +1,5 @@
-"""The one-statement append also checks that the database holds the history the trust came from.
+"""The one-statement append: the history the trust came from is checked; the unique index checks
+the dedup keys.
 
 `ledger.append_events` (migration 0012) trusted what the service remembered of a portal's trust
 because no trust change was recorded after the position the service learned it at. That holds
@@ -10,8 +11,19 @@ delivery under a token PostgreSQL no longer trusts was stored where the long way
 
 So the service now also sends the chain hash it saw at that position, and the function writes
 nothing unless the event there has that hash (one primary-key lookup, under the head lock with
-the other checks): the same position in the same chain, hence the same trust up to it. The
-0012 function is dropped — the service refuses a schema it does not match, so nothing calls it.
+the other checks): the same position in the same chain, hence the same trust up to it.
+
+And the dedup keys are no longer looked up by a query of their own. The function's statements
+are planned once per session and, after five calls, by a generic plan — which, made while
+`ledger.events` was young (a new installation, a benchmark's fresh database), joined the keys
+to a sequential scan of the whole table, and kept doing so as it grew until autovacuum's next
+analyze: every statement, under the head lock, read every event. The insert itself meets any
+stored key in the unique index `events_once_per_occurrence`, whatever the statistics say; a
+violation of it rolls the insert back (a block of its own) and the function returns no row, as
+for the other checks. The cheaper happy path too: one lookup per key, the one the insert makes.
+
+The 0012 function is dropped — the service refuses a schema it does not match, so nothing calls
+it.
 
 Revision ID: 0013
 Revises: 0012
@@ -52,6 +64,7 @@ def upgrade() -> None:
         h bytea;
         prevs bytea[] := '{{}}';
         hashes bytea[] := '{{}}';
+        violated text;
     BEGIN
         SELECT s.position, s.hash INTO start_position, start_hash
         FROM ledger.stream_heads s WHERE s.stream = 'events' FOR UPDATE;
@@ -59,8 +72,7 @@ def upgrade() -> None:
                        WHERE e.position = trust_known_at AND e.hash = trust_known_hash)
            OR EXISTS (SELECT 1 FROM ledger.portal_trust p
                       WHERE p.member_id = ANY(portals) AND p.changed_position > trust_known_at)
-           OR EXISTS (SELECT 1 FROM unnest(m, dk) AS k(member_id, dedup_key)
-                      JOIN ledger.events e USING (member_id, dedup_key)) THEN
+        THEN
             RETURN;
         END IF;
         h := start_hash;
@@ -69,14 +81,22 @@ def upgrade() -> None:
             h := sha256(h || int8send(start_position + i) || en[i] || ps[i]);
             hashes[i] := h;
         END LOOP;
-        INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids,
-            occurred_at, received_at, dedup_key, body_sha256, payload, payload_sha256, metadata,
-            prev_hash, hash, fold_record)
-        SELECT start_position + r.i, r.m, r.t, r.o, r.b::bigint[], r.oa, r.ra, r.dk, r.bs,
-            r.pl::json, r.ps, r.md::json, prevs[r.i], hashes[r.i], r.fr::json
-        FROM unnest(m, t, o, b, oa, ra, dk, bs, pl, ps, md, fr) WITH ORDINALITY
-            AS r(m, t, o, b, oa, ra, dk, bs, pl, ps, md, fr, i)
-        ORDER BY r.i;
+        BEGIN  -- a dedup key already stored: the unique index says so, and nothing is written
+            INSERT INTO ledger.events (position, member_id, event_type, origin, bot_ids,
+                occurred_at, received_at, dedup_key, body_sha256, payload, payload_sha256,
+                metadata, prev_hash, hash, fold_record)
+            SELECT start_position + r.i, r.m, r.t, r.o, r.b::bigint[], r.oa, r.ra, r.dk, r.bs,
+                r.pl::json, r.ps, r.md::json, prevs[r.i], hashes[r.i], r.fr::json
+            FROM unnest(m, t, o, b, oa, ra, dk, bs, pl, ps, md, fr) WITH ORDINALITY
+                AS r(m, t, o, b, oa, ra, dk, bs, pl, ps, md, fr, i)
+            ORDER BY r.i;
+        EXCEPTION WHEN unique_violation THEN
+            GET STACKED DIAGNOSTICS violated = CONSTRAINT_NAME;
+            IF violated = 'events_once_per_occurrence' THEN
+                RETURN;
+            END IF;
+            RAISE;
+        END;
         UPDATE ledger.stream_heads SET position = start_position + n, hash = h
         WHERE stream = 'events';
         IF announce THEN
