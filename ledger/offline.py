@@ -15,7 +15,13 @@ The state a worker judges by offline is
 `spool()` plans a batch offline (`ledger.planner.plan` with no head) on that state, writes the
 spool records and then the batch's trust effects to the journal — all under the journal's lock,
 so every worker's offline decisions follow one order. A portal with journal entries not yet
-settled is *provisional*.
+settled is *provisional*. The planner also gets the dedup facts this worker has of its own
+recent commits (`ledger.recent`, in memory, bounded): a redelivery of one of them is answered as
+the duplicate it is (200, its position), as online, and moves no trust — not refused because
+its portal's trust moved since, and not (an install's copy after an uninstall) accepted as a new
+establishment taking the allowance of the genuine reinstall. It is still spooled, so the drain
+records the redelivery as online would; what other workers stored, or this one before a restart
+or beyond the cache's bounds, is judged as before.
 
 What the offline judge refuses is refused at once, as online: a sender is never told 202 for what
 the drain would refuse on the same trust. Each spooled draft records the journal's length
@@ -50,8 +56,18 @@ from typing import IO, Any
 import orjson
 
 from ledger.errors import LedgerError, LifecycleNotDrained
-from ledger.models import Draft, EventDraft, Outcome, Refusal, RejectionDraft, Spooled, Stored
-from ledger.planner import Facts, PlannedEffect, plan
+from ledger.models import (
+    Draft,
+    Duplicate,
+    EventDraft,
+    Outcome,
+    Refusal,
+    RejectionDraft,
+    Spooled,
+    Stored,
+)
+from ledger.planner import Committed, Facts, PlannedEffect, plan
+from ledger.recent import RecentCommits
 from ledger.settings import TrustPolicy
 from ledger.spool import any_pending
 from ledger.storage.store import EventStore
@@ -91,13 +107,18 @@ class _Journal:
 class OfflineTrust:
     """One worker's view of trust for outages. Its file methods block: call them in a thread."""
 
-    def __init__(self, directory: Path, *, worker: int, policy: TrustPolicy) -> None:
+    def __init__(self, directory: Path, *, worker: int, policy: TrustPolicy,
+                 recent: RecentCommits | None = None) -> None:
+        """`recent`: this worker's own recent commits, for judging redeliveries offline (none:
+        every delivery is judged as new offline)."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._directory = directory
         self._journal_path = directory / "journal.log"
         self._snapshot_path = directory / "snapshot.json"
         self._worker = worker
         self._policy = policy
+        self.recent = recent if recent is not None else RecentCommits(max_entries=0,
+                                                                       max_bytes=0)
         self.base = TrustFacts()
         self.base_position = 0
         self._own: list[tuple[int, TrustEffect]] = []
@@ -145,6 +166,11 @@ class OfflineTrust:
         self._save_snapshot()
         self._compact()
 
+    def remember(self, committed: Sequence[Committed]) -> None:
+        """The Bitrix24 deliveries this worker just stored (appended or drained): a redelivery
+        of one during a later outage is a duplicate, as online (`ledger.recent`)."""
+        self.recent.remember(committed)
+
     async def note_committed(self, effects: Sequence[PlannedEffect]) -> None:
         """This worker's own committed trust changes count offline at once (and in the saved
         snapshot: a restart during a later outage knows them), before a refresh."""
@@ -177,7 +203,9 @@ class OfflineTrust:
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
             facts, provisional = self._view(journal)
-            planned = plan(drafts, Facts(trust=facts), None, policy=self._policy,
+            known = self.recent.fill(Facts(trust=facts), [
+                (d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)])
+            planned = plan(drafts, known, None, policy=self._policy,
                            provisional=frozenset(provisional))
             rejections = dict(planned.rejections)
             records: list[Draft] = []
@@ -193,6 +221,10 @@ class OfflineTrust:
                 if isinstance(outcome, Spooled):
                     records.append(replace(draft, offline_seen=journal.next_seq,
                                            offline_accepted=index in planned.accepted_offline))
+                elif isinstance(outcome, Duplicate):
+                    # stored already: the drain finds it so before judging it, and records the
+                    # redelivery (`ledger.redeliveries`) as an online duplicate is recorded
+                    records.append(draft)
                 outcomes.append(outcome)
             write(records)
             lines = []
@@ -498,8 +530,9 @@ class Appender:
         else:
             held = frozenset()
             await self._after_other_workers(drafts)
-        outcomes, effects = await self._store.append_planned(drafts, draining=draining,
-                                                             held=held)
+        outcomes, effects, committed = await self._store.append_planned(
+            drafts, draining=draining, held=held)
+        self._offline.remember(committed)
         if draining:
             for draft, outcome in zip(drafts, outcomes, strict=True):
                 if isinstance(draft, EventDraft) and isinstance(outcome, Refusal):

@@ -41,11 +41,16 @@ from ledger.trust import (
     TrustChange,
     TrustEffect,
     TrustFacts,
+    TrustState,
     apply,
     judge,
     normalise_domain,
     proves_redelivery,
 )
+
+# a Bitrix24 delivery stored: member_id, dedup key, position, the token digest it was accepted
+# under (the store's `_ACCEPTED_UNDER` rule; None: no token proves a redelivery of it)
+Committed = tuple[str, bytes, int, bytes | None]
 
 
 @dataclass(slots=True)
@@ -85,6 +90,9 @@ class Plan:
     head: Head | None = None
     # offline: drafts accepted on settled trust that change no trust (`offline_accepted`)
     accepted_offline: set[int] = field(default_factory=set)
+    # online: each Bitrix24 delivery stored, as (member_id, dedup_key, position, the token
+    # digest it was accepted under by the online rule) — what `ledger.recent` remembers
+    committed: list[Committed] = field(default_factory=list)
 
 
 def entry_of(draft: EventDraft) -> tuple[bytes, bytes]:
@@ -137,7 +145,10 @@ def plan(
       (`accepted_offline`); one for a portal in `provisional` (its trust moved by spooled
       lifecycle events not yet in PostgreSQL) or one that changes trust is judged again on
       drain, where PostgreSQL's trust — by then the journal's, in its order — has the last word
-      (it differs only when the offline state was stale: see ledger.offline).
+      (it differs only when the offline state was stale: see ledger.offline). `facts.seen` and
+      `facts.accepted` offline are what this worker itself committed recently
+      (`ledger.recent`): a delivery found there is the duplicate it is online — accepted by
+      today's (offline) trust, or proven by the original's token — and changes no trust.
     - `draining`: the drafts come from the spool. Every refusal gets a rejection record (the
       sender heard 202 long ago; the record is all that is left), an install that would need the
       portal's confirmation is refused (its access token was never kept), and a draft already
@@ -173,6 +184,14 @@ def plan(
         facts.seen[(draft.member_id, draft.dedup_key)] = position
         if draft.origin == ORIGIN_BITRIX24 and draft.presented_sha256 is not None:
             facts.accepted[position] = draft.presented_sha256
+            trust = facts.trust.portals.get(draft.member_id)
+            result.committed.append((
+                draft.member_id, draft.dedup_key, position,
+                # the store's `_ACCEPTED_UNDER`: the portal's token as its last trust event
+                # before this one left it (an install's own establishment: see below)
+                trust.token_sha256 if trust is not None and trust.state is TrustState.TRUSTED
+                else None,
+            ))
         current.position, current.hash = position, digest
         return position
 
@@ -196,7 +215,7 @@ def plan(
     def proven_redelivery(draft: EventDraft) -> int | None:
         """The stored original of a delivery today's trust does not accept, if the delivery
         holds the token the original was accepted with."""
-        if head is None or draining:
+        if draining:
             return None
         known = facts.seen.get((draft.member_id, draft.dedup_key))
         if known is None or not proves_redelivery(draft.presented_sha256,
@@ -248,6 +267,10 @@ def plan(
             effect = effect_of_draft(draft)
 
         if head is None:
+            known = facts.seen.get((draft.member_id, draft.dedup_key))
+            if known is not None:  # stored already (by this worker): online, a duplicate too
+                duplicate(index, draft, known)
+                continue
             result.outcomes[index] = Spooled()
             if (draft.origin == ORIGIN_BITRIX24 and effect is None
                     and draft.member_id not in provisional_now):
@@ -273,6 +296,11 @@ def plan(
             assert isinstance(verdict, Accepted)
             assert verdict.change is not None
             result.outcomes[index] = Stored(position, result.head.hash, verdict.change)
+            if effect.change is TrustChange.ESTABLISHED and result.committed and (
+                result.committed[-1][2] == position
+            ):  # accepted under the establishment it causes, right after it
+                member_id, dedup_key, _, _ = result.committed[-1]
+                result.committed[-1] = (member_id, dedup_key, position, effect.token_sha256)
             trust_draft = follow_up(
                 verdict.change, draft, position, allowance_position=verdict.allowance_position
             )

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
         default=None, description="outage spool (default: LEDGER_DATA_DIR/spool)"
     )
     spool_max_bytes: int = Field(default=1024**3, ge=1024)
+    offline_cache_entries: int = Field(
+        default=65_536, ge=0,
+        description="per worker: dedup keys of its recent commits kept for judging "
+        "redeliveries during an outage (0: none; in memory only, ledger.recent)",
+    )
+    offline_cache_bytes: int = Field(
+        default=32 * 1024**2, ge=0, description="per worker: the same cache's memory bound",
+    )
     append_timeout_seconds: float = Field(
         default=5.0, gt=0, description="a slower append is treated as an outage (spooled)"
     )

@@ -39,6 +39,7 @@ from ledger.intake import Delivery, IntakeService
 from ledger.metrics import CONTENT_TYPE, SAMPLE_SECONDS, Metrics
 from ledger.offline import Appender, OfflineTrust
 from ledger.proving import TreeFollower
+from ledger.recent import RecentCommits
 from ledger.redaction import scrub_text
 from ledger.settings import Settings
 from ledger.spool import FileOps, Spool
@@ -397,7 +398,9 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SPOOL] = spool
     app[METRICS].watch_spool(lambda: spool.records, spool.age_seconds)
     offline = OfflineTrust(settings.trust_dir, worker=settings.worker,
-                           policy=settings.trust_policy)
+                           policy=settings.trust_policy,
+                           recent=RecentCommits(max_entries=settings.offline_cache_entries,
+                                                max_bytes=settings.offline_cache_bytes))
     await offline.start(app[STORE])
     app[OFFLINE] = offline
     committer = GroupCommitter(

@@ -226,6 +226,52 @@ def test_offline_the_planner_judges_only_and_its_refusals_are_final() -> None:
     assert made.events == []
 
 
+def test_offline_a_remembered_copy_is_a_duplicate_and_moves_no_trust() -> None:
+    """Offline with this worker's own recent commits (`ledger.recent`) as the dedup facts: an
+    install's copy after its uninstall is the duplicate it is online — it establishes nothing
+    and leaves the allowance to the genuine reinstall, which follows in the same batch."""
+    install = delivery("ONAPPINSTALL", "T")
+    trust = allowed(position=4)
+    trust.portals[MEMBER] = PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)
+    facts = Facts(trust=trust, seen={(MEMBER, install.dedup_key): 3},
+                  accepted={3: sha256(b"T")})
+    made = plan([install, delivery("ONAPPINSTALL", "N", ts=2),
+                 delivery("ONIMBOTJOINCHAT", "N", ts=3)], facts, None,
+                policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes == [Duplicate(3), Spooled(), Spooled()]
+    assert [(e.effect.change, e.effect.token_sha256, e.cause) for e in made.effects] == [
+        (TrustChange.ESTABLISHED, sha256(b"N"), 1)]
+
+
+def test_offline_a_remembered_copy_refused_by_todays_trust_needs_the_originals_token() -> None:
+    original = delivery("ONIMBOTDELETE", "T")
+    facts = Facts(trust=trusted("N"), seen={(MEMBER, original.dedup_key): 7},
+                  accepted={7: sha256(b"T")})
+    made = plan([original, delivery("ONIMBOTDELETE", "X"), delivery("ONIMBOTDELETE", "T", ts=2)],
+                facts, None, policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes[0] == Duplicate(7)
+    assert [(o.status, o.code) for o in made.outcomes[1:] if isinstance(o, Refusal)] == [
+        (401, "invalid_application_token"), (401, "invalid_application_token")]
+    assert made.effects == []
+    assert made.accepted_offline == set()
+
+
+def test_the_plan_names_the_token_each_stored_delivery_was_accepted_under() -> None:
+    """`Plan.committed`, what the offline cache remembers: by the store's `_ACCEPTED_UNDER` rule
+    — an install under the establishment it causes, others under the portal's token then, and
+    none when the portal had ended (a drained acceptance judged when it arrived)."""
+    trust = allowed(position=4)
+    made = run([delivery("ONAPPINSTALL", "T"), delivery("ONIMBOTJOINCHAT", "T", ts=2),
+                delivery("ONAPPUNINSTALL", "T", ts=3)], trust)
+    assert [(c[2], c[3]) for c in made.committed] == [
+        (11, sha256(b"T")), (13, sha256(b"T")), (14, sha256(b"T"))]
+    ended = TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}, {})
+    late = delivery("ONIMBOTJOINCHAT", "T", ts=5, offline_accepted=True, offline_seen=1)
+    drained = run([late], ended, draining=True)
+    assert isinstance(drained.outcomes[0], Stored)
+    assert [(c[2], c[3]) for c in drained.committed] == [(11, None)]
+
+
 def test_tofu_trusts_the_first_sender() -> None:
     made = plan([delivery("ONAPPINSTALL", "anything")], Facts(), Head(0, GENESIS),
                 policy=TrustPolicy.TOFU)

@@ -62,7 +62,7 @@ from ledger.models import (
     RejectionLogged,
     Stored,
 )
-from ledger.planner import Facts, Head, Plan, PlannedEffect, entry_of, plan
+from ledger.planner import Committed, Facts, Head, Plan, PlannedEffect, entry_of, plan
 from ledger.settings import TrustPolicy
 from ledger.trust import (
     Allowance,
@@ -117,16 +117,19 @@ _FACTS = """
     FROM unnest($2::text[], $3::bytea[]) AS k(member_id, dedup_key)
     JOIN ledger.events e USING (member_id, dedup_key)
 """
-# The trust event a stored event was accepted under: the portal's last one before it, or, for an
-# install, the establishment it caused (the follow-up right after it). Trust events are few
-# (partial index events_trust_changes); asked only for redeliveries today's trust refuses.
+# The trust event a stored event was accepted under: the portal's last one before it that set
+# its token or ended it, or, for an install, the establishment it caused (the follow-up right
+# after it). An operator's allowance naming the portal changes neither its state nor its token,
+# so it is passed over (the planner's `Plan.committed` reads the same from the portal's state).
+# Trust events are few (partial index events_trust_changes); asked only for redeliveries
+# today's trust refuses.
 _ACCEPTED_UNDER = """
     SELECT k.position, t.payload
     FROM unnest($1::text[], $2::bigint[]) AS k(member_id, position)
     CROSS JOIN LATERAL (
         SELECT t.payload FROM ledger.events t
         WHERE t.event_type = 'LEDGER.TRUST_CHANGED' AND t.origin <> 'bitrix24'
-          AND t.member_id = k.member_id
+          AND t.member_id = k.member_id AND t.payload->>'change' <> 'allowed'
           AND (t.position < k.position
                OR (t.position = k.position + 1
                    AND t.payload->>'change' = 'established'
@@ -666,15 +669,15 @@ class EventStore:
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
         """Append a batch in one durable transaction; one outcome per draft, in order."""
-        outcomes, _ = await self.append_planned(drafts, draining=draining)
+        outcomes, _, _ = await self.append_planned(drafts, draining=draining)
         return outcomes
 
     async def append_planned(
         self, drafts: Sequence[Draft], *, draining: bool = False,
         held: frozenset[int] = frozenset(),
-    ) -> tuple[list[Outcome], list[PlannedEffect]]:
-        """`append`, also answering the trust changes it committed (for the offline state);
-        `held`: see `ledger.planner.plan`."""
+    ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
+        """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
+        (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`."""
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
@@ -742,20 +745,20 @@ class EventStore:
         notify: bool,
         held: frozenset[int],
         lock_next: Callable[[], None] | None,
-    ) -> tuple[list[Outcome], list[PlannedEffect]]:
+    ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         async with _transaction(connection, begin, lock_next):
-            outcomes, effects, moved, learned = await self._append(
+            outcomes, effects, committed, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
         if learned is not None:
             self._known.learn(learned[0].trust.portals, learned[1])
             self._known.head = learned[1]
-        if moved:
+        if committed is not None:
             self.announcer.committed(notify)
-        return outcomes, effects
+        return outcomes, effects, committed or []
 
     async def _append_fast(
         self, drafts: list[EventDraft], prepared: dict[int, tuple[bytes, bytes]], notify: bool,
-    ) -> tuple[tuple[list[Outcome], list[PlannedEffect]] | None, bool]:
+    ) -> tuple[tuple[list[Outcome], list[PlannedEffect], list[Committed]] | None, bool]:
         """The one-round-trip append (module docstring), and whether its statement was sent.
         None when the batch must go the long way: its portals' trust is not known here, it is
         anything but ordinary deliveries the known trust accepts, or `ledger.append_events`
@@ -798,7 +801,7 @@ class EventStore:
                 "report the chain broken there; report this as a bug with both hashes")
         self._known.head = planned.head
         self.announcer.committed(notify)
-        return ([o for o in planned.outcomes if o is not None], []), True
+        return ([o for o in planned.outcomes if o is not None], [], planned.committed), True
 
     async def _append(
         self,
@@ -809,9 +812,11 @@ class EventStore:
         draining: bool,
         notify: bool,
         held: frozenset[int],
-    ) -> tuple[list[Outcome], list[PlannedEffect], bool, tuple[Facts, Head] | None]:
+    ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed] | None,
+               tuple[Facts, Head] | None]:
         """Inside the transaction; the events head is locked when there are event drafts.
-        Also answers whether the events head moved, and the trust facts the plan left with the
+        Also answers the Bitrix24 deliveries stored (None: the events head did not move),
+        and the trust facts the plan left with the
         head they are true at (`_KnownTrust`: once committed)."""
         if not event_drafts:  # rejections only: nothing to judge, number or chain in `events`
             planned = Plan(outcomes=[None] * len(drafts))
@@ -835,8 +840,8 @@ class EventStore:
                 else:
                     outcomes[index] = RejectionLogged(position)
         assert all(o is not None for o in outcomes)
-        return ([o for o in outcomes if o is not None], planned.effects, bool(planned.events),
-                learned)
+        return ([o for o in outcomes if o is not None], planned.effects,
+                planned.committed if planned.events else None, learned)
 
     async def _load(self, connection: Connection, drafts: list[EventDraft]) -> tuple[Head, Facts]:
         """The head and the facts a batch is planned on — its portals' trust, the open

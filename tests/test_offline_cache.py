@@ -1,0 +1,239 @@
+"""Redeliveries during an outage: answered from what this worker recently stored, as online.
+
+PostgreSQL is cut with the socket relay of the outage tests. Without dedup facts the offline
+judge took a copy of a stored event for a new delivery: refused once its portal's trust moved
+(bench.churn's `refused-but-stored`), and an install's copy after the uninstall became a new
+establishment that took the allowance of the genuine reinstall — which was then refused, with
+every delivery carrying its token (`never-stored`). Each scenario asserts the answer the online
+path gives, after the relay is back, too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from ledger.hashing import sha256
+from ledger.recent import RecentCommits
+from tests.conftest import TOKEN, ClientFactory, sample
+from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
+from tests.test_intake import forge
+from tests.test_trust_outage import (
+    FORGED_TOKEN,
+    NEW_TOKEN,
+    known_everywhere,
+    refused,
+    reinstall,
+    spooled,
+    stored_types,
+    trusted_digest,
+)
+
+Admin: TypeAlias = "asyncpg.Connection[Any]"
+
+
+async def duplicate_of(client: Client, body: bytes) -> int:
+    """Posts `body`, which must be answered as the duplicate of a stored event: its position."""
+    status, answer = await post(client, body)
+    assert (status, answer.get("duplicate")) == (200, True), answer
+    position: int = answer["position"]
+    return position
+
+
+async def stored(client: Client, body: bytes) -> int:
+    status, answer = await post(client, body)
+    assert (status, answer.get("duplicate")) == (200, False), answer
+    position: int = answer["position"]
+    return position
+
+
+async def reinstalled_online(client: Client) -> None:
+    """Uninstalled and installed again with NEW_TOKEN, online; every app has read it."""
+    assert (await post(client, sample("onappuninstall-1")))[0] == 200
+    await allow_sample_portal(client)
+    await stored(client, reinstall())
+    await known_everywhere(client)
+
+
+async def redeliveries(admin: Admin) -> list[int]:
+    return [r["position"] for r in await admin.fetch(
+        "SELECT position FROM ledger.redeliveries ORDER BY position")]
+
+
+async def test_a_redelivery_of_an_event_stored_before_the_outage_is_a_duplicate(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Its portal reinstalled with a new token since: refused 401 before the cache (online it
+    is the duplicate proven by the token its original was accepted with)."""
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    join = sample("onimbotjoinchat-1")
+    original = await stored(client, join)
+    await reinstalled_online(client)
+
+    await relay.cut()
+    assert await duplicate_of(client, join) == original
+    # a copy with the current token: accepted by today's trust, and stored already
+    assert await duplicate_of(client, forge("onimbotjoinchat-1",
+                                            application_token=NEW_TOKEN)) == original
+    await relay.start()
+    await drained(client)
+    assert await redeliveries(admin) == [original, original]  # recorded on drain, as online
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+    assert await duplicate_of(client, join) == original  # the online answer is the same
+
+
+async def test_an_installs_copy_after_its_uninstall_takes_no_allowance_from_the_reinstall(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """The sender reordered: a copy of the first install arrives after the uninstall. Before
+    the cache it was accepted offline as an establishment of the old token, consuming the
+    allowance meant for the reinstall; the genuine reinstall was then refused 403
+    (token_replacement_refused) and its deliveries 401 — never stored."""
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    install = sample("onappinstall-1")
+    first = await duplicate_of(client, install)  # stored: its position
+    assert (await post(client, sample("onappuninstall-1")))[0] == 200
+    await allow_sample_portal(client)  # for the reinstall to come
+    await known_everywhere(client)
+
+    await relay.cut()
+    assert await duplicate_of(client, install) == first  # no trust moved, no allowance taken
+    await spooled(client, reinstall())
+    join = forge("onimbotjoinchat-1", application_token=NEW_TOKEN)
+    await spooled(client, join)
+    # the old token is not trusted again by the copy: the reinstall's token is
+    await refused(client, forge("onimbotmessageadd-1", application_token=TOKEN), 401,
+                  "invalid_application_token")
+
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == [
+        "ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections")] == ["invalid_application_token"]
+    assert await redeliveries(admin) == [first, first]  # the online one, then the outage's
+    assert (await post(client, join))[1]["duplicate"] is True
+
+
+async def test_forged_and_stale_tokens_are_still_refused_offline(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    join = sample("onimbotjoinchat-1")
+    await stored(client, join)
+    await reinstalled_online(client)
+
+    await relay.cut()
+    # a copy of a stored event with a token that never was the portal's: not a duplicate
+    await refused(client, forge("onimbotjoinchat-1", application_token=FORGED_TOKEN), 401,
+                  "invalid_application_token")
+    # the old token on a delivery this worker never stored proves nothing
+    await refused(client, sample("onimbotmessageadd-1"), 401, "invalid_application_token")
+    # a forged install while the portal is trusted
+    await refused(client, reinstall(FORGED_TOKEN), 403, "token_replacement_refused")
+    await relay.start()
+    await drained(client)
+    reasons = [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")]
+    assert reasons == ["invalid_application_token", "invalid_application_token",
+                       "token_replacement_refused"]
+    assert await redeliveries(admin) == []
+    # and online the same three are refused the same way
+    await refused(client, forge("onimbotjoinchat-1", application_token=FORGED_TOKEN), 401,
+                  "invalid_application_token")
+    await refused(client, sample("onimbotmessageadd-1"), 401, "invalid_application_token")
+    await refused(client, reinstall(FORGED_TOKEN), 403, "token_replacement_refused")
+
+
+async def test_a_redelivery_of_an_event_stored_after_an_allowance_is_proven_by_its_token(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """An operator's allowance naming a trusted portal changes neither its state nor its
+    token: an event stored after it was accepted under the portal's token, online and offline
+    (online once ignored the allowance only by accident of ordering: it took the allowance as
+    the last trust event and refused the redelivery)."""
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    await allow_sample_portal(client)  # while trusted: for a reinstall later
+    join = sample("onimbotjoinchat-1")
+    original = await stored(client, join)
+    assert (await post(client, sample("onappuninstall-1")))[0] == 200
+    await stored(client, reinstall())  # takes the allowance
+    await known_everywhere(client)
+    assert await duplicate_of(client, join) == original  # online
+
+    await relay.cut()
+    assert await duplicate_of(client, join) == original  # offline, the same
+    await relay.start()
+    await drained(client)
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+
+
+async def test_what_a_worker_cannot_know_is_judged_as_before(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """The cache is this worker's and in memory: another worker's commits, and this worker's
+    from before a restart, are unknown offline — such a copy is judged as new (here refused,
+    its portal reinstalled since), as before the cache."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    join = sample("onimbotjoinchat-1")
+    original = await stored(first, join)
+    await reinstalled_online(first)
+    await known_everywhere(second)
+    await first.close()
+    restarted: Client = await make_client(settings_for(worker=0))
+
+    await relay.cut()
+    await refused(second, join, 401, "invalid_application_token")
+    await refused(restarted, join, 401, "invalid_application_token")
+    await relay.start()
+    await drained(second)
+    await drained(restarted)
+    assert await duplicate_of(second, join) == original  # online it is known again
+
+
+# ---- the cache and the planner, without PostgreSQL -------------------------------------------
+
+
+def test_the_cache_is_bounded_by_entries_and_by_bytes_oldest_first() -> None:
+    by_entries = RecentCommits(max_entries=3, max_bytes=1 << 30)
+    keys = [(f"m{i}", os.urandom(32)) for i in range(5)]
+    by_entries.remember((m, k, i + 1, None) for i, (m, k) in enumerate(keys))
+    seen, _ = by_entries.facts(keys)
+    assert seen == {keys[2]: 3, keys[3]: 4, keys[4]: 5}
+
+    by_bytes = RecentCommits(max_entries=1 << 30, max_bytes=1000)
+    by_bytes.remember((m, k, i + 1, b"d" * 32) for i, (m, k) in enumerate(keys))
+    assert 0 < len(by_bytes) < 5
+    assert by_bytes.size_bytes <= 1000
+    seen, accepted = by_bytes.facts(keys)
+    assert set(seen) == set(keys[5 - len(by_bytes):])
+    assert set(accepted) == set(seen.values())
+
+    off = RecentCommits(max_entries=0, max_bytes=0)
+    off.remember((m, k, 1, None) for m, k in keys)
+    assert len(off) == 0
+    assert off.size_bytes == 0
+
+
+def test_remembering_one_key_twice_counts_it_once() -> None:
+    cache = RecentCommits(max_entries=10, max_bytes=1 << 20)
+    key = ("m", b"k" * 32)
+    cache.remember([(*key, 7, None)])
+    weight = cache.size_bytes
+    cache.remember([(*key, 9, b"x" * 32)])  # cannot happen (one occurrence, one position)
+    assert cache.facts([key]) == ({key: 7}, {})
+    assert cache.size_bytes == weight
