@@ -34,9 +34,9 @@ from ledger.planner import Committed, Facts
 _ENTRY_OVERHEAD = 352
 
 class RecentCommits:
-    """Dedup keys this worker committed, oldest evicted first. Used by the committer's one
-    task (remembered on the loop, read by the offline judge in a thread while the task awaits
-    it: never both at once)."""
+    """Dedup keys this worker committed, oldest evicted first. Remembered on the event loop,
+    read by the offline judge in a thread (at once only after an append outlived its timeout):
+    the judge only looks keys up, and a dict lookup or insert is atomic under the GIL."""
 
     def __init__(self, *, max_entries: int, max_bytes: int) -> None:
         self._max_entries = max_entries
