@@ -22,6 +22,9 @@ again after SIGTERM):
                         refused, e.g. on an overtaken lifecycle: a genuine delivery lost)
     refused-on-drain    ERROR lines "answered 202 during an outage was refused on drain"
 
+and which event types the refused-but-stored answers (with their status) and the never-stored
+bodies were.
+
 Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. Each run's serve
 log is kept as bench/out/churn-serve-<time>-<run>.log (an outage logs asyncpg's pool tracebacks).
 Bounded: --seconds caps the sending, the drain wait is 90 s; nothing but 127.0.0.1 and the
@@ -83,11 +86,18 @@ class Counts:
     never_stored: int = 0
     events: int = 0
     examples: list[str] = field(default_factory=list)
+    refused_by: Counter[str] = field(default_factory=Counter)  # "EVENT status"
+    never_by: Counter[str] = field(default_factory=Counter)
 
     def line(self) -> str:
         return (f"acked-but-missing {self.acked_missing}, positions-disagree {self.disagree}, "
                 f"refused-but-stored {self.refused_stored}, never-stored {self.never_stored} "
                 f"({self.events} events)")
+
+    def kinds(self) -> str:
+        def top(counter: Counter[str]) -> str:
+            return ", ".join(f"{k} {n}" for k, n in counter.most_common(6)) or "none"
+        return f"refused-but-stored: {top(self.refused_by)}; never-stored: {top(self.never_by)}"
 
 
 def corpus(count: int, portals: int, seed: int) -> tuple[list[tuple[str, bytes]], list[str]]:
@@ -101,6 +111,11 @@ def corpus(count: int, portals: int, seed: int) -> tuple[list[tuple[str, bytes]]
         if delivery.document["event"] == INSTALL:
             installs.append(delivery.portal.member_id)
     return deliveries, installs
+
+
+def event_of(body: bytes) -> str:
+    document = wire.parse_php_form(body, max_fields=10_000, max_nesting=32)
+    return str(document.get("event", "?"))
 
 
 def free_port() -> int:
@@ -247,7 +262,8 @@ async def wait_drained(data: Path) -> bool:
     return True
 
 
-async def check(admin: str, answers: list[Answer]) -> Counts:
+async def check(admin: str, answers: list[Answer], deliveries: list[tuple[str, bytes]],
+                ) -> Counts:
     connection = await asyncpg.connect(admin)
     try:
         stored = {bytes(r["body_sha256"]).hex(): r["position"] for r in await connection.fetch(
@@ -267,7 +283,10 @@ async def check(admin: str, answers: list[Answer]) -> Counts:
                 positions[answer.sha].add(answer.body["position"])
         elif answer.sha in stored:
             counts.refused_stored += 1
-    counts.never_stored = len({a.sha for a in answers} - stored.keys())
+            counts.refused_by[f"{event_of(deliveries[answer.index][1])} {answer.status}"] += 1
+    never = {a.sha: a.index for a in answers if a.sha not in stored}
+    counts.never_stored = len(never)
+    counts.never_by.update(event_of(deliveries[i][1]) for i in never.values())
     counts.disagree = sum(1 for sha, p in positions.items()
                           if len(p) > 1 or (sha in stored and p != {stored[sha]}))
     return counts
@@ -328,11 +347,11 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         stop.set()
         await asyncio.gather(*side)
         drained = await wait_drained(root / "data")
-        before = await check(admin, answers)
+        before = await check(admin, answers, deliveries)
         if server.returncode is None:
             server.send_signal(signal.SIGTERM)
         exit_code = await asyncio.wait_for(server.wait(), 120)  # non-zero: see its log
-        after = await check(admin, answers)
+        after = await check(admin, answers, deliveries)
         text = log_path.read_text(errors="replace")
         statuses = Counter(a.status for a in answers)
         print(f"run {number}: {len(answers)} answers in {sent_seconds:.0f} s "
@@ -342,6 +361,7 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         print(f"  after SIGTERM (exit {exit_code}): {after.line()}; refused-on-drain "
               f"{text.count(REFUSED_ON_DRAIN)}; Tracebacks {text.count('Traceback')}; "
               f"operator errors {len(cli_errors)}")
+        print(f"  {after.kinds()}")
         for example in after.examples:
             print(f"    missing: {example}")
         ok = after.acked_missing == 0 and after.disagree == 0 and before.disagree == 0
