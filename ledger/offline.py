@@ -93,6 +93,9 @@ class _Entry:
     member_id: str
     cause: str  # dedup key (hex) of the spooled delivery that made the change
     effect: TrustEffect
+    # a committed change a Bitrix24 delivery caused (`_share`): that delivery, as stored — its
+    # dedup key, position and the token digest it was accepted under (`Plan.committed`)
+    stored: Committed | None = None
 
 
 @dataclass(slots=True)
@@ -171,26 +174,36 @@ class OfflineTrust:
         of one during a later outage is a duplicate, as online (`ledger.recent`)."""
         self.recent.remember(committed)
 
-    async def note_committed(self, effects: Sequence[PlannedEffect]) -> None:
+    async def note_committed(self, effects: Sequence[PlannedEffect],
+                             causes: Sequence[Committed | None] = ()) -> None:
         """This worker's own committed trust changes count offline at once (and in the saved
-        snapshot: a restart during a later outage knows them), before a refresh."""
+        snapshot: a restart during a later outage knows them), before a refresh. `causes`:
+        for each effect, the Bitrix24 delivery that caused it as stored (shared too)."""
         if not effects:
             return
-        committed = [(e.position, e.effect) for e in effects if e.position is not None]
-        self._own.extend(committed)
+        causes = list(causes) or [None] * len(effects)
+        committed = [(e.position, e.effect, cause)
+                     for e, cause in zip(effects, causes, strict=True) if e.position is not None]
+        self._own.extend((position, effect) for position, effect, _ in committed)
         await asyncio.to_thread(self._share, committed)
         await asyncio.to_thread(self._save_snapshot)
 
-    def _share(self, committed: Sequence[tuple[int, TrustEffect]]) -> None:
+    def _share(self, committed: Sequence[tuple[int, TrustEffect, Committed | None]]) -> None:
         """Tell the other workers at once, through the journal (as entries already settled at
         their positions): an outage right after this commit is judged on it by every worker,
-        not only once their next refresh has read it from PostgreSQL."""
+        not only once their next refresh has read it from PostgreSQL. With the lifecycle
+        delivery that caused it, as stored: a copy of that install or uninstall reaching
+        another worker offline is the duplicate it is (`_remembered`), not a new one."""
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
             lines: list[dict[str, Any]] = []
-            for seq, (position, effect) in enumerate(committed, start=journal.next_seq):
-                lines.append({"seq": seq, "worker": self._worker, "member_id": effect.member_id,
-                              "cause": "", "effect": effect.as_json()})
+            for seq, (position, effect, cause) in enumerate(committed, start=journal.next_seq):
+                line = {"seq": seq, "worker": self._worker, "member_id": effect.member_id,
+                        "cause": "", "effect": effect.as_json()}
+                if cause is not None and cause[0] == effect.member_id:
+                    line["stored"] = [cause[1].hex(), cause[2],
+                                      cause[3].hex() if cause[3] is not None else None]
+                lines.append(line)
                 lines.append({"settled": seq, "position": position, "at": time.time()})
             _append(handle, lines)
 
@@ -203,7 +216,7 @@ class OfflineTrust:
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
             facts, provisional = self._view(journal)
-            known = self.recent.fill(Facts(trust=facts), [
+            known = _remembered(self.recent, journal, Facts(trust=facts), [
                 (d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)])
             planned = plan(drafts, known, None, policy=self._policy,
                            provisional=frozenset(provisional))
@@ -462,6 +475,35 @@ class OfflineTrust:
         temporary.replace(self._snapshot_path)
 
 
+def _remembered(recent: RecentCommits, journal: _Journal, facts: Facts,
+                wanted: Sequence[tuple[str, bytes]]) -> Facts:
+    """`facts` with the dedup facts known offline for these keys: this worker's own recent
+    commits, and the lifecycle deliveries any worker committed while the journal holds them."""
+    recent.fill(facts, wanted)
+    if len(facts.seen) == len(wanted):
+        return facts
+    shared = {(e.member_id, e.stored[1]): e.stored for e in journal.entries
+              if e.stored is not None}
+    for key in wanted:
+        found = shared.get(key)
+        if found is not None and key not in facts.seen:
+            facts.seen[key] = found[2]
+            if found[3] is not None:
+                facts.accepted[found[2]] = found[3]
+    return facts
+
+
+def _stored_of(record: dict[str, Any], member_id: str) -> Committed | None:
+    """The `stored` field of a journal line (a torn or foreign one: none)."""
+    value = record.get("stored")
+    try:
+        key, position, digest = value  # type: ignore[misc]  # checked by the except
+        return (member_id, bytes.fromhex(key), int(position),
+                bytes.fromhex(digest) if digest is not None else None)
+    except (TypeError, ValueError):
+        return None
+
+
 def _read(handle: IO[bytes]) -> _Journal:
     handle.seek(0)
     journal = _Journal([], {}, 0.0, 0)
@@ -481,7 +523,8 @@ def _read(handle: IO[bytes]) -> _Journal:
             if effect is None:
                 continue
             journal.entries.append(_Entry(int(record["seq"]), int(record["worker"]),
-                                          record["member_id"], record["cause"], effect))
+                                          record["member_id"], record["cause"], effect,
+                                          _stored_of(record, record["member_id"])))
             journal.next_seq = max(journal.next_seq, int(record["seq"]) + 1)
     return journal
 
@@ -533,6 +576,7 @@ class Appender:
         outcomes, effects, committed = await self._store.append_planned(
             drafts, draining=draining, held=held)
         self._offline.remember(committed)
+        stored = {c[2]: c for c in committed}
         if draining:
             for draft, outcome in zip(drafts, outcomes, strict=True):
                 if isinstance(draft, EventDraft) and isinstance(outcome, Refusal):
@@ -540,7 +584,8 @@ class Appender:
                               "drain (%s): the offline trust state was stale; its rejection "
                               "record holds it", draft.event_type, draft.member_id, outcome.code)
         try:
-            await self._offline.note_committed(effects)
+            await self._offline.note_committed(effects, [
+                stored.get(getattr(outcomes[e.cause], "position", -1)) for e in effects])
             if draining:
                 await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)
         except Exception:  # committed already: the senders must hear so

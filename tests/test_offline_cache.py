@@ -179,12 +179,42 @@ async def test_a_redelivery_of_an_event_stored_after_an_allowance_is_proven_by_i
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
 
 
+async def test_lifecycle_deliveries_another_worker_committed_are_duplicates_offline_too(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """Installs and uninstalls are the copies that move trust, so the worker that commits one
+    shares it, as stored, through the journal it already writes for the trust change: worker
+    1 never stored the install, yet its copy after the uninstall is a duplicate there too."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(first)
+    install = sample("onappinstall-1")
+    installed = await duplicate_of(first, install)
+    uninstalled = await stored(first, sample("onappuninstall-1"))
+    await allow_sample_portal(first)
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    assert await duplicate_of(second, install) == installed
+    assert await duplicate_of(second, sample("onappuninstall-1")) == uninstalled
+    await spooled(second, reinstall())
+    # the old installation's uninstall, after the reinstall: proven by the token it had
+    assert await duplicate_of(second, sample("onappuninstall-1")) == uninstalled
+    await relay.start()
+    await drained(second)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
+
+
 async def test_what_a_worker_cannot_know_is_judged_as_before(
     make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
-    """The cache is this worker's and in memory: another worker's commits, and this worker's
-    from before a restart, are unknown offline — such a copy is judged as new (here refused,
-    its portal reinstalled since), as before the cache."""
+    """The cache is this worker's and in memory: another worker's commits (but for the
+    lifecycle ones the journal shares), and this worker's from before a restart, are unknown
+    offline — such a copy is judged as new (here refused, its portal reinstalled since), as
+    before the cache."""
     relay, settings_for = outage
     first: Client = await make_client(settings_for(worker=0))
     second: Client = await make_client(settings_for(worker=1))
