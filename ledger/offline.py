@@ -20,8 +20,11 @@ recent commits (`ledger.recent`, in memory, bounded): a redelivery of one of the
 the duplicate it is (200, its position), as online, and moves no trust — not refused because
 its portal's trust moved since, and not (an install's copy after an uninstall) accepted as a new
 establishment taking the allowance of the genuine reinstall. It is still spooled, so the drain
-records the redelivery as online would; what other workers stored, or this one before a restart
-or beyond the cache's bounds, is judged as before.
+records the redelivery as online would. Installs and uninstalls are shared: the worker that
+commits one writes it, as stored, beside its trust change into the journal (`_share`), so a copy
+reaching another worker offline is a duplicate there too while the journal holds it. Whatever
+else other workers stored, or this one before a restart or beyond the cache's bounds, is judged
+as before: as a new delivery.
 
 What the offline judge refuses is refused at once, as online: a sender is never told 202 for what
 the drain would refuse on the same trust. Each spooled draft records the journal's length
