@@ -17,6 +17,7 @@ import asyncpg
 
 from ledger.hashing import sha256
 from ledger.recent import RecentCommits
+from ledger.web import OFFLINE
 from tests.conftest import TOKEN, ClientFactory, sample
 from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
 from tests.test_intake import forge
@@ -233,6 +234,34 @@ async def test_what_a_worker_cannot_know_is_judged_as_before(
     await drained(second)
     await drained(restarted)
     assert await duplicate_of(second, join) == original  # online it is known again
+
+
+async def test_only_committed_deliveries_enter_the_cache_and_its_bound_comes_from_settings(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """A sender cannot grow it: refused deliveries never enter; LEDGER_OFFLINE_CACHE_ENTRIES
+    bounds it (here 2: the oldest commit is forgotten, and its copy judged as new offline)."""
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for(offline_cache_entries=2))
+    assert client.app is not None
+    recent = client.app[OFFLINE].recent
+    await install_sample_portal(client)
+    join = sample("onimbotjoinchat-1")
+    await stored(client, join)
+    assert len(recent) == 2
+    for n in range(20):  # forged deliveries, each a new occurrence
+        await refused(client, forge("onimbotmessageadd-1", application_token=f"{n:032d}"),
+                      401, "invalid_application_token")
+    assert len(recent) == 2
+    message = await stored(client, sample("onimbotmessageadd-1"))
+    assert len(recent) == 2  # the install forgotten, oldest first
+    await reinstalled_online(client)
+
+    await relay.cut()
+    assert await duplicate_of(client, reinstall()) > message  # remembered: the newest
+    await refused(client, join, 401, "invalid_application_token")  # forgotten: judged as new
+    await relay.start()
+    await drained(client)
 
 
 # ---- the cache and the planner, without PostgreSQL -------------------------------------------
