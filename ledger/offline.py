@@ -20,7 +20,9 @@ recent commits (`ledger.recent`, in memory, bounded): a redelivery of one of the
 the duplicate it is (200, its position), as online, and moves no trust — not refused because
 its portal's trust moved since, and not (an install's copy after an uninstall) accepted as a new
 establishment taking the allowance of the genuine reinstall. It is still spooled, so the drain
-records the redelivery as online would. Installs and uninstalls are shared: the worker that
+records the redelivery as online would. So is the copy of a delivery this worker spooled as
+accepted and has not drained (`Facts.spooled`, `Plan.copies`): answered 202 as its original
+was, spooled as judged like it, changing no trust; the drain stores the original first. Installs and uninstalls are shared: the worker that
 commits one writes it, as stored, beside its trust change into the journal (`_share`), so a copy
 reaching another worker offline is a duplicate there too while the journal holds it. Whatever
 else other workers stored, or this one before a restart or beyond the cache's bounds, is judged
@@ -125,6 +127,11 @@ class OfflineTrust:
         self._policy = policy
         self.recent = recent if recent is not None else RecentCommits(max_entries=0,
                                                                        max_bytes=0)
+        # what this worker spooled as accepted and has not drained: the token digest it
+        # presented and whether its acceptance was final (`offline_accepted`); bounded as the
+        # cache is, in memory (after a restart its copies are judged as new deliveries)
+        self._pending: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
+        self._pending_limit = self.recent.capacity
         self.base = TrustFacts()
         self.base_position = 0
         self._own: list[tuple[int, TrustEffect]] = []
@@ -219,13 +226,16 @@ class OfflineTrust:
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
             facts, provisional = self._view(journal)
-            known = _remembered(self.recent, journal, Facts(trust=facts), [
-                (d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)])
+            wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
+            known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
+            known.spooled = {k: self._pending[k][0] for k in wanted if k in self._pending}
             planned = plan(drafts, known, None, policy=self._policy,
                            provisional=frozenset(provisional))
             rejections = dict(planned.rejections)
             records: list[Draft] = []
             outcomes: list[Outcome] = []
+            final = {k: v[1] for k, v in self._pending.items() if k in known.spooled}
+            spooled: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
             for index, draft in enumerate(drafts):
                 outcome = planned.outcomes[index]
                 if index in rejections:
@@ -234,9 +244,18 @@ class OfflineTrust:
                     outcomes.append(Spooled())
                     continue
                 assert outcome is not None
-                if isinstance(outcome, Spooled):
+                key = (draft.member_id, draft.dedup_key)
+                if index in planned.copies:
+                    # judged as its original was: the drain stores that first, and then finds
+                    # this one stored; if the original is refused there, this one goes its way
                     records.append(replace(draft, offline_seen=journal.next_seq,
-                                           offline_accepted=index in planned.accepted_offline))
+                                           offline_accepted=final.get(key, False)))
+                elif isinstance(outcome, Spooled):
+                    accepted = index in planned.accepted_offline
+                    records.append(replace(draft, offline_seen=journal.next_seq,
+                                           offline_accepted=accepted))
+                    final[key] = accepted
+                    spooled[key] = (draft.presented_sha256, accepted)
                 elif isinstance(outcome, Duplicate):
                     # stored already: the drain finds it so before judging it, and records the
                     # redelivery (`ledger.redeliveries`) as an online duplicate is recorded
@@ -250,7 +269,17 @@ class OfflineTrust:
                 lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
                               "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
             _append(handle, lines)
+        for key, value in spooled.items():
+            if len(self._pending) < self._pending_limit:
+                self._pending[key] = value
         return outcomes
+
+    def drained(self, drafts: Sequence[Draft]) -> None:
+        """These spooled drafts left the spool (stored — `recent` has them — refused, or set
+        aside): a later copy is no longer the copy of a spooled delivery."""
+        for draft in drafts:
+            if isinstance(draft, EventDraft):
+                self._pending.pop((draft.member_id, draft.dedup_key), None)
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
         """How many of these spooled drafts may drain now: a draft waits while another worker's
@@ -579,6 +608,8 @@ class Appender:
         outcomes, effects, committed = await self._store.append_planned(
             drafts, draining=draining, held=held)
         self._offline.remember(committed)
+        if draining:
+            self._offline.drained(drafts)
         stored = {c[2]: c for c in committed}
         if draining:
             for draft, outcome in zip(drafts, outcomes, strict=True):
@@ -628,6 +659,7 @@ class Appender:
         journal entries are settled as refused (provisional state never outlives them)."""
         refused: list[Outcome] = [Refusal(500, "quarantined", "set aside from the spool", 0)
                                   for _ in drafts]
+        self._offline.drained(drafts)
         self._offline.settle(drafts, refused, [])
 
     def spool_offline(

@@ -69,6 +69,9 @@ class Facts:
     trust: TrustFacts = field(default_factory=TrustFacts)
     seen: dict[tuple[str, bytes], int] = field(default_factory=dict)
     accepted: dict[int, bytes] = field(default_factory=dict)
+    # offline: deliveries this worker spooled as accepted and has not drained yet, with the
+    # token digest each presented — the original of a copy, stored once the spool drains
+    spooled: dict[tuple[str, bytes], bytes | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,9 @@ class Plan:
     head: Head | None = None
     # offline: drafts accepted on settled trust that change no trust (`offline_accepted`)
     accepted_offline: set[int] = field(default_factory=set)
+    # offline: copies of a delivery in `Facts.spooled` (Spooled, changing no trust): the drain
+    # stores the original first, and then finds each copy stored
+    copies: set[int] = field(default_factory=set)
     # online: each Bitrix24 delivery stored, as (member_id, dedup_key, position, the token
     # digest it was accepted under by the online rule) — what `ledger.recent` remembers
     committed: list[Committed] = field(default_factory=list)
@@ -148,7 +154,9 @@ def plan(
       (it differs only when the offline state was stale: see ledger.offline). `facts.seen` and
       `facts.accepted` offline are what this worker itself committed recently
       (`ledger.recent`): a delivery found there is the duplicate it is online — accepted by
-      today's (offline) trust, or proven by the original's token — and changes no trust.
+      today's (offline) trust, or proven by the original's token — and changes no trust. One
+      found in `facts.spooled` (accepted and spooled, not drained yet) is, on the same terms,
+      a copy (`Plan.copies`): spooled, changing no trust — the drain stores the original first.
     - `draining`: the drafts come from the spool. Every refusal gets a rejection record (the
       sender heard 202 long ago; the record is all that is left), an install that would need the
       portal's confirmation is refused (its access token was never kept), and a draft already
@@ -247,6 +255,12 @@ def plan(
                 if original is not None:
                     duplicate(index, draft, original)
                     continue
+                if head is None and proves_redelivery(
+                    draft.presented_sha256, facts.spooled.get((draft.member_id, draft.dedup_key))
+                ):  # the copy of a delivery spooled as accepted, with its token
+                    result.outcomes[index] = Spooled()
+                    result.copies.add(index)
+                    continue
             if isinstance(verdict, NeedsConfirmation):
                 if draining:
                     verdict = Refused(
@@ -272,6 +286,11 @@ def plan(
                 duplicate(index, draft, known)
                 continue
             result.outcomes[index] = Spooled()
+            if (draft.member_id, draft.dedup_key) in facts.spooled:
+                result.copies.add(index)  # its original drains first: it moves no trust
+                continue
+            if draft.origin == ORIGIN_BITRIX24:  # a copy later in this batch is a copy
+                facts.spooled[(draft.member_id, draft.dedup_key)] = draft.presented_sha256
             if (draft.origin == ORIGIN_BITRIX24 and effect is None
                     and draft.member_id not in provisional_now):
                 result.accepted_offline.add(index)

@@ -55,6 +55,12 @@ class RecentCommits:
         self._young_bytes = 0
         self._old_bytes = 0
 
+    @property
+    def capacity(self) -> int:
+        """Entries of a usual size (a 32-character member_id) it can hold: its bound."""
+        return min(2 * self._generation_entries,
+                   2 * self._generation_bytes // (_ENTRY_OVERHEAD + 64))
+
     def __len__(self) -> int:
         return len(self._young) + len(self._old)
 

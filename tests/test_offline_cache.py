@@ -209,6 +209,42 @@ async def test_lifecycle_deliveries_another_worker_committed_are_duplicates_offl
     assert await admin.fetchval("SELECT count(*) FROM ledger.rejections") == 0
 
 
+async def test_a_copy_of_a_delivery_spooled_in_the_same_outage_is_answered_as_its_original(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """The senders' copies usually arrive while the original is still in the spool, not yet
+    stored: a copy after its portal's spooled uninstall was refused 403 (or 401 after a
+    spooled reinstall), and the original then stored on drain (bench.churn). It is spooled
+    like the original, changes no trust, and is a redelivery of it on drain."""
+    relay, settings_for = outage
+    client: Client = await make_client(settings_for())
+    await install_sample_portal(client)
+    await allow_sample_portal(client)
+    await known_everywhere(client)
+
+    await relay.cut()
+    join, uninstall = sample("onimbotjoinchat-1"), sample("onappuninstall-1")
+    await spooled(client, join)
+    await spooled(client, uninstall)
+    await spooled(client, join)  # after the spooled uninstall: its copy, not a new delivery
+    await spooled(client, uninstall)  # a copy: no second ending
+    await spooled(client, reinstall())
+    await spooled(client, uninstall)  # the old token, after the reinstall: still its copy
+    await refused(client, forge("onimbotjoinchat-1", application_token=FORGED_TOKEN), 401,
+                  "invalid_application_token")  # a copy needs the original's token
+    await refused(client, sample("onimbotmessageadd-1"), 401,
+                  "invalid_application_token")  # the old token proves no new delivery
+    await relay.start()
+    await drained(client)
+    assert await stored_types(admin) == [
+        "ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert len(await redeliveries(admin)) == 3
+    assert [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")] == [
+        "invalid_application_token", "invalid_application_token"]
+
+
 async def test_what_a_worker_cannot_know_is_judged_as_before(
     make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:

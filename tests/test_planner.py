@@ -256,6 +256,26 @@ def test_offline_a_remembered_copy_refused_by_todays_trust_needs_the_originals_t
     assert made.accepted_offline == set()
 
 
+def test_offline_a_copy_of_a_spooled_delivery_is_spooled_as_a_copy_and_moves_no_trust() -> None:
+    """`Facts.spooled` (accepted and spooled, not drained): its copy with its token is spooled
+    as a copy, whatever today's trust says; one with another token is judged as new. A copy
+    later in the same batch is a copy too."""
+    uninstall = delivery("ONAPPUNINSTALL", "T")
+    ended = TrustFacts({MEMBER: PortalTrust(MEMBER, DOMAIN, TrustState.ENDED, None)}, {})
+    facts = Facts(trust=ended, spooled={(MEMBER, uninstall.dedup_key): sha256(b"T")})
+    made = plan([uninstall, delivery("ONAPPUNINSTALL", "X")], facts, None,
+                policy=TrustPolicy.ALLOWLIST)
+    assert made.outcomes[0] == Spooled()
+    assert made.copies == {0}
+    assert isinstance(made.outcomes[1], Refusal)
+    assert made.effects == []
+    twice = plan([uninstall, uninstall], Facts(trust=trusted("T")), None,
+                 policy=TrustPolicy.ALLOWLIST)
+    assert twice.outcomes == [Spooled(), Spooled()]
+    assert twice.copies == {1}
+    assert len(twice.effects) == 1
+
+
 def test_the_plan_names_the_token_each_stored_delivery_was_accepted_under() -> None:
     """`Plan.committed`, what the offline cache remembers: by the store's `_ACCEPTED_UNDER` rule
     — an install under the establishment it causes, others under the portal's token then, and
