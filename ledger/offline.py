@@ -22,11 +22,12 @@ its portal's trust moved since, and not (an install's copy after an uninstall) a
 establishment taking the allowance of the genuine reinstall. It is still spooled, so the drain
 records the redelivery as online would. So is the copy of a delivery this worker spooled as
 accepted and has not drained (`Facts.spooled`, `Plan.copies`): answered 202 as its original
-was, spooled as judged like it, changing no trust; the drain stores the original first. Installs and uninstalls are shared: the worker that
-commits one writes it, as stored, beside its trust change into the journal (`_share`), so a copy
-reaching another worker offline is a duplicate there too while the journal holds it. Whatever
-else other workers stored, or this one before a restart or beyond the cache's bounds, is judged
-as before: as a new delivery.
+was, spooled as judged like it, changing no trust; the drain stores the original first.
+Installs and uninstalls are shared: the worker that commits one writes it, as stored, beside its
+trust change into the journal (`_share`), so a copy reaching another worker offline is a
+duplicate there too while the journal holds it. Whatever else other workers stored or spooled,
+or this one before a restart or beyond the cache's bounds, is judged as before: as a new
+delivery.
 
 What the offline judge refuses is refused at once, as online: a sender is never told 202 for what
 the drain would refuse on the same trust. Each spooled draft records the journal's length
