@@ -230,12 +230,13 @@ class OfflineTrust:
             wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
             known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
             known.spooled = {k: self._pending[k][0] for k in wanted if k in self._pending}
+            # the originals' flags, taken before `plan` adds this batch's own to `spooled`
+            final = {k: self._pending[k][1] for k in known.spooled}
             planned = plan(drafts, known, None, policy=self._policy,
                            provisional=frozenset(provisional))
             rejections = dict(planned.rejections)
             records: list[Draft] = []
             outcomes: list[Outcome] = []
-            final = {k: v[1] for k, v in self._pending.items() if k in known.spooled}
             spooled: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
             for index, draft in enumerate(drafts):
                 outcome = planned.outcomes[index]
