@@ -88,3 +88,20 @@ def test_base64_fixture_bodies_are_intact() -> None:
     case = next(c for c in json.loads((FIXTURES / "php" / "parse_str.json").read_text())[
         "cases"] if c["name"] == "sample onimbotdelete-1")
     assert base64.b64decode(case["body_b64"]) == sample("onimbotdelete-1")
+
+
+def test_a_key_naming_two_secrets_is_recorded_by_the_same_name_in_every_process() -> None:
+    """The name a removal is recorded by goes into the stored metadata: it must not depend on
+    the process's string hash seed (it did — the secret names were tried in a set's order, so
+    two workers stored different metadata for one delivery, and the differential test of the
+    draft flaked under some seeds)."""
+    import subprocess
+    import sys
+
+    probe = ("from ledger.identity import normal_key, secret_name_in; print([secret_name_in("
+             "normal_key(k)) for k in ('APPLICATION_TOKENACCESS.TOKEN', "
+             "'%%client_secretAccess-Token', 'refresh_tokensessid')])")
+    seen = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True, env={"PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (0, 1, 12, 25)}
+    assert seen == {"['access_token', 'access_token', 'refresh_token']\n"}, seen

@@ -94,7 +94,7 @@ def is_secret_key(key: str) -> bool:
 
 
 # the secret names without their separators: `accessToken`, `ACCESS-TOKEN`, `access.token`
-_COMPACT_SECRETS = {name.replace("_", ""): name for name in SECRET_KEYS}
+_COMPACT_SECRETS = {name.replace("_", ""): name for name in sorted(SECRET_KEYS)}
 
 
 def is_secret_normal(normal: str) -> bool:
