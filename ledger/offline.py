@@ -375,7 +375,10 @@ class OfflineTrust:
                 drained[key] = None
             elif isinstance(outcome, Stored):
                 drained[key] = caused.get(index, outcome.position)
-            else:  # a duplicate: stored by an earlier drain
+            elif key not in drained:  # a duplicate: stored by an earlier drain
+                # (a copy behind its original in this batch leaves the original's settlement:
+                # its trust event's position, not the event's — settled there, the entry was
+                # applied again after this worker's later commits, bench.churn's lost 202s)
                 drained[key] = getattr(outcome, "position", None)
         if not drained:
             return
@@ -396,26 +399,31 @@ class OfflineTrust:
             return self._view(_read(handle))
 
     def _view(self, journal: _Journal) -> tuple[TrustFacts, set[str]]:
+        """The base, then every change committed since (this worker's own and the journal's
+        settled entries) in PostgreSQL's order — by position, not by who learned of it when
+        (own first, another worker's earlier commit undid a later own one) — then the
+        entries not yet in PostgreSQL, in journal order."""
         facts = self.base.copy()
-        own_positions: set[int] = set()
-        for position, effect in self._own:
-            if position > self.base_position:
-                apply(facts, effect, position)
-                own_positions.add(position)
+        committed: dict[int, tuple[TrustEffect, bool]] = {
+            position: (effect, True) for position, effect in self._own
+            if position > self.base_position
+        }
         provisional: set[str] = set()
+        pending: list[TrustEffect] = []
         for entry in journal.entries:
-            if entry.seq in journal.settled:
-                settled = journal.settled[entry.seq]
-                if settled is None or settled <= self.base_position or settled in own_positions:
-                    continue  # refused, or already in the base or among our own
-            else:
+            if entry.seq not in journal.settled:
                 provisional.add(entry.member_id)
-            effect = entry.effect
-            if effect.allowance_position is not None and (
-                effect.allowance_position not in facts.allowances
-            ):
-                effect = replace(effect, allowance_position=None)
-            apply(facts, effect, journal.settled.get(entry.seq) or 0)
+                pending.append(entry.effect)
+                continue
+            settled = journal.settled[entry.seq]
+            if settled is None or settled <= self.base_position or settled in committed:
+                continue  # refused, or already in the base or among our own
+            committed[settled] = (entry.effect, False)
+        for position in sorted(committed):
+            effect, own = committed[position]
+            apply(facts, effect if own else _usable(effect, facts), position)
+        for effect in pending:
+            apply(facts, _usable(effect, facts), 0)
         return facts, provisional
 
     # ---- files -------------------------------------------------------------------------
@@ -507,6 +515,15 @@ class OfflineTrust:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(self._snapshot_path)
+
+
+def _usable(effect: TrustEffect, facts: TrustFacts) -> TrustEffect:
+    """A journal entry's effect without an allowance the state no longer holds."""
+    if effect.allowance_position is not None and (
+        effect.allowance_position not in facts.allowances
+    ):
+        return replace(effect, allowance_position=None)
+    return effect
 
 
 def _remembered(recent: RecentCommits, journal: _Journal, facts: Facts,

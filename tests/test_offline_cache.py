@@ -11,14 +11,19 @@ path gives, after the relay is back, too.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
 
 from ledger.hashing import sha256
+from ledger.offline import OfflineTrust
+from ledger.planner import PlannedEffect
 from ledger.recent import RecentCommits
+from ledger.settings import TrustPolicy
+from ledger.trust import TrustChange, TrustEffect, TrustState
 from ledger.web import OFFLINE
-from tests.conftest import TOKEN, ClientFactory, sample
+from tests.conftest import DOMAIN, TOKEN, ClientFactory, sample
 from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
 from tests.test_intake import forge
 from tests.test_trust_outage import (
@@ -322,3 +327,64 @@ def test_the_cache_is_bounded_by_entries_and_by_bytes_oldest_first() -> None:
     off.remember((m, k, 1, None) for m, k in keys)
     assert len(off) == 0
     assert off.size_bytes == 0
+
+
+async def test_a_copy_drained_with_its_original_leaves_the_offline_state_where_postgresql_is(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """A copy spooled behind its original drains in the same batch, as the duplicate of what
+    the batch just stored. Its answer once settled the original's journal entry at the copy's
+    event position instead of the original's trust event, and the offline state then applied
+    that old entry after this worker's own later commits: an uninstall over the reinstall
+    PostgreSQL trusts. In the next outage a forged install was accepted (202) and refused on
+    drain — acknowledged, then lost (bench.churn) — and the genuine token was refused."""
+    relay, settings_for = outage
+    # no periodic refresh: the state is the one the drain left (a refresh is what hid it)
+    client: Client = await make_client(settings_for(trust_refresh_seconds=3600))
+    await install_sample_portal(client)
+    await allow_sample_portal(client)
+    await known_everywhere(client)
+
+    await relay.cut()
+    uninstall = sample("onappuninstall-1")
+    await spooled(client, uninstall)
+    await spooled(client, reinstall())
+    await spooled(client, uninstall)  # its copy, behind the reinstall
+    await relay.start()
+    await drained(client)
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    await allow_sample_portal(client)  # an allowance a forged install could take offline
+
+    await relay.cut()
+    # the state offline is PostgreSQL's: the reinstall's token is trusted, no other install
+    await spooled(client, forge("onimbotjoinchat-1", application_token=NEW_TOKEN))
+    await refused(client, reinstall(FORGED_TOKEN), 403, "token_replacement_refused")
+    await relay.start()
+    await drained(client)
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert await stored_types(admin) == [
+        "ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections ORDER BY position")] == [
+        "token_replacement_refused"]
+
+
+async def test_the_offline_state_applies_committed_changes_in_positions_order(
+    tmp_path: Path,
+) -> None:
+    """Each worker counts its own commits at once and learns the other's through the journal;
+    the state took its own first, so another worker's earlier establishment undid this
+    worker's later uninstall (offline: a reinstall accepted that PostgreSQL refuses on drain)
+    until a refresh. PostgreSQL applied them by position: so does the offline state."""
+    first = OfflineTrust(tmp_path, worker=0, policy=TrustPolicy.ALLOWLIST)
+    second = OfflineTrust(tmp_path, worker=1, policy=TrustPolicy.ALLOWLIST)
+    member = "m" * 32
+    token = sha256(TOKEN.encode())
+    await second.note_committed(
+        [PlannedEffect(30, TrustEffect(TrustChange.ESTABLISHED, member, DOMAIN, token), 0)])
+    await first.note_committed(
+        [PlannedEffect(40, TrustEffect(TrustChange.ENDED, member, DOMAIN), 0)])
+    for worker in (first, second):
+        facts, provisional = worker.view()
+        assert facts.portals[member].state is TrustState.ENDED
+        assert provisional == set()
