@@ -12,6 +12,9 @@ The state a worker judges by offline is
                 PostgreSQL, in the order they were spooled: `<trust_dir>/journal.log`, one JSON
                 line each, appended under an exclusive `flock` and fsync'd.
 
+What is committed (own, and the journal's settled entries: other workers' shared commits and
+drained spooled entries) applies in PostgreSQL's order, by position; then what is not yet.
+
 `spool()` plans a batch offline (`ledger.planner.plan` with no head) on that state, writes the
 spool records and then the batch's trust effects to the journal — all under the journal's lock,
 so every worker's offline decisions follow one order. A portal with journal entries not yet
