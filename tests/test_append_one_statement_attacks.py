@@ -37,7 +37,7 @@ from tests.conftest import (
 )
 from tests.gateway_helpers import eventually
 from tests.test_append_one_statement import _chain_verified, _delivery, _installed, _Process
-from tests.test_store_interrupted import BLOCKERS, _waiting_backend, slow_commit
+from tests.test_store_interrupted import BLOCKERS, _waiting_backend, cut_short, slow_commit
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 _ = slow_commit  # a fixture of that module, used here by name
@@ -121,23 +121,7 @@ async def test_a_statement_cut_short_at_any_step_stores_nothing_and_drains_once(
             await blocker.execute(statement)
         cut = [_delivery(settings, "onimbotmessageadd-1", f"cut-{i}") for i in range(3)]
         task = asyncio.create_task(worker.store.append(cut))
-        pid: list[int] = []
-
-        async def waiting() -> bool:
-            found = await _waiting_backend(admin)
-            if found is not None:
-                pid.append(found)
-            return found is not None
-
-        await eventually(waiting, within=10)
-        if how == "cancel":
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        else:
-            await admin.execute("SELECT pg_terminate_backend($1)", pid[0])
-            with pytest.raises(DatabaseUnavailable):
-                await task
+        await cut_short(task, admin, how)
         await blocker.execute("ROLLBACK")
         await eventually(lambda: admin.fetchval(
             "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name = 'ledger' "

@@ -59,6 +59,28 @@ async def _waiting_backend(admin: Connection) -> int | None:
     return pid
 
 
+async def cut_short(task: asyncio.Task[Any], admin: Connection, how: str) -> None:
+    """Once `task`'s append waits for a lock, cancel it or terminate its backend, and check it
+    ends as the caller hears it: cancelled, or DatabaseUnavailable."""
+    pid: list[int] = []
+
+    async def waiting() -> bool:
+        found = await _waiting_backend(admin)
+        if found is not None:
+            pid.append(found)
+        return found is not None
+
+    await eventually(waiting, within=10)
+    if how == "cancel":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid[0])
+        with pytest.raises(DatabaseUnavailable):
+            await task
+
+
 @pytest.mark.parametrize("how", ["cancel", "terminate"])
 @pytest.mark.parametrize("step", list(BLOCKERS))
 async def test_an_append_cut_short_at_any_step_leaves_the_pool_clean(
@@ -77,23 +99,7 @@ async def test_an_append_cut_short_at_any_step_leaves_the_pool_clean(
         for statement in BLOCKERS[step]:
             await blocker.execute(statement)
         task = asyncio.create_task(store.append([_draft("cut-short")]))
-        pid: list[int] = []
-
-        async def waiting() -> bool:
-            found = await _waiting_backend(admin)
-            if found is not None:
-                pid.append(found)
-            return found is not None
-
-        await eventually(waiting, within=10)
-        if how == "cancel":
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-        else:
-            await admin.execute("SELECT pg_terminate_backend($1)", pid[0])
-            with pytest.raises(DatabaseUnavailable):
-                await task
+        await cut_short(task, admin, how)
         await blocker.execute("ROLLBACK")
         # nothing the pool holds is in a transaction or holds a lock
         await eventually(lambda: admin.fetchval(
