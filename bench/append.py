@@ -65,7 +65,11 @@ async def _clients(dsn: str, clients: int, drafts: int, rate: float = 0.0) -> di
     traffic = Traffic(seed=42, portals=20, churn=False)
     base = templates(traffic, Settings(database_url=dsn), 200)
     pool = await create_pool(dsn, size=4)
-    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.05)
+    import inspect  # the baseline's store may not keep a connection: as `serve` wires each
+
+    keep = ({"keep_connection": True}
+            if "keep_connection" in inspect.signature(EventStore).parameters else {})
+    store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, notify_every=0.05, **keep)
     offline = OfflineTrust(Path(tempfile.mkdtemp()) / "trust", worker=0,
                            policy=TrustPolicy.ALLOWLIST)
     await offline.start(store)
@@ -134,6 +138,8 @@ async def _clients(dsn: str, clients: int, drafts: int, rate: float = 0.0) -> di
         await committer.close()
         if hasattr(store, "let_go_ahead"):
             await store.let_go_ahead()
+        if hasattr(store, "release_kept"):
+            await store.release_kept()
         await store.announcer.flush()
         await pool.close()
 
@@ -152,7 +158,11 @@ async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
     base = templates(traffic, settings, 200)
     pool = await create_pool(dsn, size=1)
     try:
-        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+        import inspect  # as `serve` wires the store of each tree
+
+        keep = ({"keep_connection": True}
+                if "keep_connection" in inspect.signature(EventStore).parameters else {})
+        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST, **keep)
         backend = int(await pool.fetchval("SELECT pg_backend_pid()"))
         n = 0
         # the driver's share: CPU of the statement that writes the rows (encoding the
@@ -180,10 +190,13 @@ async def _worker(dsn: str, batch: int, appends: int) -> dict[str, float]:
         write_cpu[0] = 0.0
         cpu, pg, wall = time.process_time(), _cpu_of(backend), time.perf_counter()
         await run(appends)
-        return {"client_us": (time.process_time() - cpu) * 1e6 / appends,
-                "pg_us": (_cpu_of(backend) - pg) * 1e6 / appends,
-                "wall_us": (time.perf_counter() - wall) * 1e6 / appends,
-                "write_us_per_row": write_cpu[0] * 1e6 / (appends * batch)}
+        found = {"client_us": (time.process_time() - cpu) * 1e6 / appends,
+                 "pg_us": (_cpu_of(backend) - pg) * 1e6 / appends,
+                 "wall_us": (time.perf_counter() - wall) * 1e6 / appends,
+                 "write_us_per_row": write_cpu[0] * 1e6 / (appends * batch)}
+        if hasattr(store, "release_kept"):
+            await store.release_kept()
+        return found
     finally:
         await pool.close()
 

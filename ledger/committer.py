@@ -149,7 +149,10 @@ class GroupCommitter:
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._queue.append((draft, future))
         self._arrived.set()
-        return await asyncio.shield(future)
+        # no `asyncio.shield` (a future and two callbacks a delivery): a sender cancelled while
+        # it waits cancels only its own future, which nothing here answers once it is done —
+        # the draft is committed with its batch all the same
+        return await future
 
     async def run(self) -> None:
         """Commit batches (and drain the spool) until `finish`ed and everything is answered."""

@@ -332,10 +332,11 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
                 app[TARGET], app[POOL] = target, pool
                 app[STORE] = store = EventStore(
                     pool, policy=settings.trust_policy, notify_every=NOTIFY_EVERY_SECONDS,
-                    one_round_trip=settings.append_one_round_trip)
+                    one_round_trip=settings.append_one_round_trip, keep_connection=True)
                 app[CONSOLE_STORE] = ConsoleStore(pool)
                 yield
                 await store.let_go_ahead()
+                await store.release_kept()
                 await store.announcer.flush()  # the last commits are announced, then closed
             finally:
                 await close_pool(pool)
@@ -417,7 +418,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[STORE].lock_ahead_when(committer.waiting)  # one round trip less a busy batch
     ways = app[METRICS].append_ways
-    app[STORE].count_ways(lambda way: ways.labels(way).inc())
+    counters = {way: ways.labels(way) for way in ("one_statement", "retried", "long")}
+    app[STORE].count_ways(lambda way: counters[way].inc())  # no labels() lookup a commit
     app[SUPERVISOR].start("committer", committer.run, on_crash=committer.fail_pending)
     app[COMMITTER] = committer
     supervisor = app[SUPERVISOR]

@@ -573,6 +573,52 @@ class Announcer:
             log.debug("NOTIFY after a commit failed (%s); listeners poll", exc)
 
 
+class _AppendConnection:
+    """The appends' connection, kept from one append to the next (either way).
+
+    At a fixed moderate rate (1,000 deliveries/s) nearly every delivery is a commit of its own,
+    and asyncpg's pool charges each one an acquire and a release — a proxy, a future, a
+    release task behind `asyncio.shield`, an inactivity timer armed and cancelled: ~50 µs of
+    the intake's CPU per commit, twice a `SELECT 1` round trip (bench/RESULTS.md, "Latency at
+    1000/s, fifth session"). Each append is a transaction that ends before the append returns,
+    so between appends the connection holds no transaction, lock or session state: keeping it
+    is keeping an idle pooled connection. One that failed or was cut short under a statement,
+    or whose backend went away meanwhile, goes back to the pool, which replaces it; two
+    appends at once (the committer's and a tool's) take a second one, and only one is kept.
+    `keep` False: every append acquires and releases (tools and tests, which close their
+    pools without `release`)."""
+
+    def __init__(self, pool: Pool, *, keep: bool) -> None:
+        self._pool = pool
+        self._connection: Pooled | None = None
+        self._keep = keep
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[Pooled]:
+        connection, self._connection = self._connection, None
+        if connection is not None and not _alive(connection):
+            await self._pool.release(connection)
+            connection = None
+        if connection is None:
+            connection = await self._pool.acquire()
+        try:
+            yield connection
+        except BaseException:
+            await self._pool.release(connection)
+            raise
+        if self._connection is None and self._keep:
+            self._connection = connection
+        else:
+            await self._pool.release(connection)
+
+    async def release(self) -> None:
+        """Stop keeping the connection (before the pool closes)."""
+        self._keep = False
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await self._pool.release(connection)
+
+
 _LIFECYCLE = frozenset({INSTALL, UNINSTALL})  # deliveries that may change a portal's trust
 KNOWN_PORTALS = 10_000  # portals whose trust an intake keeps for the one-round-trip append
 
@@ -624,8 +670,12 @@ class EventStore:
     `notify_every`: see `Announcer` (0, the default: every commit notifies)."""
 
     def __init__(self, pool: Pool, *, policy: TrustPolicy, notify_every: float = 0.0,
-                 one_round_trip: bool = True) -> None:
+                 one_round_trip: bool = True, keep_connection: bool = False) -> None:
+        """`keep_connection`: appends keep their pooled connection from one to the next
+        (`_AppendConnection`); whoever passes it calls `release_kept` before the pool closes
+        (asyncpg's `close` waits for every connection)."""
         self._pool = pool
+        self._appending_on = _AppendConnection(pool, keep=keep_connection)
         self._policy = policy
         self._known = _KnownTrust(KNOWN_PORTALS if one_round_trip else 0)
         self._counted: Callable[[str], None] = lambda way: None
@@ -649,6 +699,11 @@ class EventStore:
             await ahead.abandon()
         if self._letting_go:
             await asyncio.gather(*self._letting_go)
+
+    async def release_kept(self) -> None:
+        """Hand the connection the one-statement append keeps back to the pool (before it
+        closes); from then on each append takes one from the pool and gives it back."""
+        await self._appending_on.release()
 
     def count_ways(self, counted: Callable[[str], None]) -> None:
         """Call `counted` with the way each committed batch took: "one_statement" (the fast
@@ -703,7 +758,7 @@ class EventStore:
             locked = await ahead.claim() if ahead is not None else None
             try:
                 if locked is None:
-                    async with translated_errors("append"), self._pool.acquire() as connection:
+                    async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
                             held, lock_next)
@@ -722,7 +777,7 @@ class EventStore:
                 log.info("an append's connection was lost before its COMMIT (%s); appending "
                          "the batch again on another", lost.__cause__)
                 try:
-                    async with translated_errors("append"), self._pool.acquire() as connection:
+                    async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
                             held, lock_next)
@@ -776,7 +831,7 @@ class EventStore:
                 or not all(isinstance(o, Stored) for o in planned.outcomes)):
             return None, False
         rows = planned.events
-        async with translated_errors("append"), self._pool.acquire() as connection:
+        async with translated_errors("append"), self._appending_on.use() as connection:
             found = await connection.fetchrow(
                 _APPEND_EVENTS, known_at.position, known_at.hash, members,
                 [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
