@@ -701,8 +701,8 @@ class EventStore:
             await asyncio.gather(*self._letting_go)
 
     async def release_kept(self) -> None:
-        """Hand the connection the one-statement append keeps back to the pool (before it
-        closes); from then on each append takes one from the pool and gives it back."""
+        """Hand the connection the appends keep back to the pool (before it closes); from
+        then on each append takes one from the pool and gives it back."""
         await self._appending_on.release()
 
     def count_ways(self, counted: Callable[[str], None]) -> None:
