@@ -33,6 +33,11 @@ def timestamp_text(moment: datetime | None) -> str | None:
     """RFC 3339 in UTC with exactly six fractional digits — what PostgreSQL's µs can round-trip."""
     if moment is None:
         return None
+    if moment.tzinfo is UTC:  # every timestamp the intake makes (two per event hashed): the
+        # fields formatted at once, 0.7 µs against 1.7 for converting, copying and isoformat
+        return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 - an f-string: 1.4 µs
+            moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second,
+            moment.microsecond)
     # isoformat is implemented in C and, with timespec, always writes six digits
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 

@@ -244,7 +244,7 @@ class Claim:
 
     event_type: str
     member_id: str
-    domain: str | None  # normalised
+    domain: str | None  # normalised; an install's only (no other is judged by domain)
     presented_sha256: bytes
     confirmed_domain: str | None = None  # the portal at this domain confirmed the install
     confirmation_refused: str | None = None  # why the confirmation failed, when it did

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger import drafts
 from ledger.hashing import GENESIS_HASH as GENESIS
-from ledger.hashing import chain_hash, sha256
+from ledger.hashing import chain_hash, sha256, timestamp_text
 from ledger.models import (
     ConfirmationNeeded,
     Duplicate,
@@ -385,3 +387,16 @@ def test_on_drain_a_held_acceptance_is_stored_unless_its_portal_was_refused_befo
     assert [type(o) for o in made.outcomes] == [Refusal, Refusal]
     made = run([join], ended.copy(), draining=True)  # not held: judged again
     assert isinstance(made.outcomes[0], Refusal)
+
+
+@given(st.datetimes(timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)),
+                                                timezone(timedelta(hours=-11))])))
+def test_timestamp_text_formats_utc_fields_as_the_converting_path_does(moment: datetime) -> None:
+    """The chained timestamp text: a UTC moment's fields formatted directly (the intake's) are
+    byte for byte what converting and `isoformat` make of it (every other zone's path)."""
+    expected = moment.astimezone(UTC).replace(tzinfo=None).isoformat(
+        timespec="microseconds") + "Z"
+    assert timestamp_text(moment) == expected
+    assert timestamp_text(moment.astimezone(UTC)) == expected
+    assert timestamp_text(moment.astimezone(UTC).replace(microsecond=0)) == (
+        expected[:-8] + ".000000Z")
