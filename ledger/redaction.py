@@ -70,7 +70,7 @@ class Redaction:
         return {"path": list(self.path), "fingerprint": self.fingerprint}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # two per delivery (body and query), never changed: frozen costs more
 class Scrubbed:
     """One pass over a document: what may be stored, what was removed, and two facts about it."""
 

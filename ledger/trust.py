@@ -221,6 +221,10 @@ class Accepted:
     allowance_position: int | None = None  # consumed by this install
 
 
+# the verdict on nearly every delivery, made once (a frozen dataclass costs ~0.9 µs to build)
+ACCEPTED = Accepted()
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     status: int
@@ -238,7 +242,7 @@ class NeedsConfirmation:
 Verdict = Accepted | Refused | NeedsConfirmation
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per delivery, never changed (frozen costs ~0.7 µs more to build)
 class Claim:
     """What a Bitrix24 delivery claims, as the judge needs it."""
 
@@ -288,7 +292,7 @@ def judge(claim: Claim, facts: TrustFacts, *, policy: TrustPolicy) -> Verdict:
         return Refused(401, "invalid_application_token", "application_token does not match")
     if claim.event_type == UNINSTALL:
         return Accepted(TrustChange.ENDED)
-    return Accepted()
+    return ACCEPTED
 
 
 def _judge_install(
@@ -296,7 +300,7 @@ def _judge_install(
 ) -> Verdict:
     if trust is not None and trust.state is TrustState.TRUSTED:
         if token_matches(claim.presented_sha256, trust):
-            return Accepted()  # the same installation announcing itself again
+            return ACCEPTED  # the same installation announcing itself again
         return Refused(
             403,
             "token_replacement_refused",
