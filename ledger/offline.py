@@ -46,6 +46,10 @@ spools behind them), never ahead of them by PostgreSQL's trust.
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
 refusal. The snapshot only ever holds what PostgreSQL held.
+All of it is of one history: a refresh first checks the database still has the events head last
+read and the one this worker's last commit ended at; after a failover to a replica that lost
+commits, or a restore, it forgets the dedup facts and own changes, reloads the base, and marks the
+journal so that no worker applies what was settled before (`_rewind`).
 """
 
 from __future__ import annotations
@@ -114,6 +118,10 @@ class _Journal:
     settled_at: float
     next_seq: int
     floor: int = 0  # entries below this sequence number were compacted away
+    # entries below this sequence number were committed, if at all, in a history PostgreSQL
+    # went back from (a worker found it: `OfflineTrust.refresh`): their settlements and shared
+    # dedup facts are not the database's — only what a refresh reads from it counts
+    rewound: int = 0
 
 
 class OfflineTrust:
@@ -143,6 +151,10 @@ class OfflineTrust:
         # portals with other workers' unsettled journal entries, as of the journal's stat
         self._elsewhere: frozenset[str] = frozenset()
         self._elsewhere_key: tuple[int, int, int] | None = None
+        # the events head (position, chain hash) read after the base last was, and the head
+        # the store last saw that a refresh found in PostgreSQL: what this state was learned in
+        self._history: tuple[int, bytes] | None = None
+        self._verified: tuple[int, bytes] | None = None
 
     # ---- the base, from PostgreSQL -----------------------------------------------------
 
@@ -150,6 +162,7 @@ class OfflineTrust:
         """Load the base from PostgreSQL; when it is unreachable, from the saved snapshot."""
         try:
             self.base, self.base_position = await store.load_trust()
+            self._history = await store.head()
         except LedgerError as exc:
             loaded = self._load_snapshot()
             if loaded is None:
@@ -164,8 +177,13 @@ class OfflineTrust:
 
     async def refresh(self, store: EventStore) -> None:
         """Fold the trust events committed anywhere since the base; raises LedgerError when
-        PostgreSQL is away (the state then stays as it is)."""
+        PostgreSQL is away (the state then stays as it is). First checks that the database
+        still holds the history this state was learned in (`_same_history`)."""
+        if not await self._same_history(store):
+            await self._rewind(store)
+            return
         events = await store.trust_events_since(self.base_position)
+        self._history = await store.head()  # after the read: it covers what was read
         if not events:
             await asyncio.to_thread(self._compact)
             return
@@ -182,6 +200,41 @@ class OfflineTrust:
     def _persist(self) -> None:
         self._save_snapshot()
         self._compact()
+
+    async def _same_history(self, store: EventStore) -> bool:
+        """Whether PostgreSQL still has the events head last read here and the head this
+        worker's store last saw (its own commits lie at or before it): a failover to a replica
+        that lost the last commits, or a restore, has another event there or none. The chain
+        hash commits to every event before it, so one look each suffices."""
+        last = store.last_head
+        for head in (self._history, last if last != self._verified else None):
+            if head is not None and not await store.holds(*head):
+                self._verified = last
+                return False
+        self._verified = last
+        return True
+
+    async def _rewind(self, store: EventStore) -> None:
+        """PostgreSQL went back in history under this worker: what it knew of the lost part
+        must not answer anyone offline — a 200 duplicate for a delivery the database no longer
+        holds, a 202 under a token only the lost history trusted (stored as judged on drain).
+        Forgets its recent commits and own changes, reloads the base, and marks the journal so
+        every worker stops applying the entries settled before (`_Journal.rewound`)."""
+        log.warning("PostgreSQL does not hold the history this worker last saw (a failover to "
+                    "a replica that lost the last commits, or a restore): offline dedup facts "
+                    "forgotten, trust reloaded from the database")
+        self.recent.forget_all()
+        self._own = []
+        self.base, self.base_position = await store.load_trust()
+        self._history = await store.head()
+        await asyncio.to_thread(self._mark_rewound)
+        self.refreshed.set()
+
+    def _mark_rewound(self) -> None:
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            _append(handle, [{"rewound": journal.next_seq, "at": time.time()}])
+        self._save_snapshot(replace_newer=True)
 
     def remember(self, committed: Sequence[Committed]) -> None:
         """The Bitrix24 deliveries this worker just stored (appended or drained): a redelivery
@@ -419,8 +472,9 @@ class OfflineTrust:
                 pending.append(entry.effect)
                 continue
             settled = journal.settled[entry.seq]
-            if settled is None or settled <= self.base_position or settled in committed:
-                continue  # refused, or already in the base or among our own
+            if (settled is None or settled <= self.base_position or settled in committed
+                    or entry.seq < journal.rewound):
+                continue  # refused, already in the base or among our own, or maybe lost
             committed[settled] = (entry.effect, False)
         for position in sorted(committed):
             effect, own = committed[position]
@@ -449,7 +503,8 @@ class OfflineTrust:
             journal = _read(handle)
             if not journal.entries or len(journal.settled) < len(journal.entries):
                 return
-            if any(p is not None and p > self.base_position for p in journal.settled.values()):
+            if any(p is not None and p > self.base_position and seq >= journal.rewound
+                   for seq, p in journal.settled.items()):
                 return
             if time.time() - journal.settled_at < _COMPACT_AFTER_SECONDS:
                 return
@@ -482,20 +537,26 @@ class OfflineTrust:
             effect = effect_of(payload)
             if effect is not None:
                 apply(facts, effect, own_position)
+        history = saved.get("history")
+        if history is not None:  # the first refresh checks the database still has it
+            self._history = (int(history[0]), bytes.fromhex(history[1]))
         # the base's position: a refresh re-reads from there, re-applying the own changes too
         return facts, int(saved["position"])
 
-    def _save_snapshot(self) -> None:
-        """Atomically, and never over a newer one another worker saved."""
+    def _save_snapshot(self, *, replace_newer: bool = False) -> None:
+        """Atomically, and never over a newer one another worker saved (`replace_newer`: a
+        newer one is of a history the database went back from)."""
         known = max([self.base_position, *(p for p, _ in self._own)])
         try:
             saved_known = int(orjson.loads(self._snapshot_path.read_bytes())["known"])
         except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             saved_known = -1
-        if saved_known > known:
+        if saved_known > known and not replace_newer:
             return
         data = {
             "position": self.base_position,
+            "history": ([self._history[0], self._history[1].hex()]
+                        if self._history is not None else None),
             "known": known,
             "own": [(p, e.as_json()) for p, e in self._own if p > self.base_position],
             "portals": {
@@ -537,7 +598,7 @@ def _remembered(recent: RecentCommits, journal: _Journal, facts: Facts,
     if len(facts.seen) == len(wanted):
         return facts
     shared = {(e.member_id, e.stored[1]): e.stored for e in journal.entries
-              if e.stored is not None}
+              if e.stored is not None and e.seq >= journal.rewound}
     for key in wanted:
         found = shared.get(key)
         if found is not None and key not in facts.seen:
@@ -566,7 +627,9 @@ def _read(handle: IO[bytes]) -> _Journal:
             record = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # a line torn by a crash: its writer never acknowledged what it spooled
-        if "next_seq" in record:
+        if "rewound" in record:
+            journal.rewound = max(journal.rewound, int(record["rewound"]))
+        elif "next_seq" in record:
             journal.next_seq = max(journal.next_seq, int(record["next_seq"]))
             journal.floor = max(journal.floor, int(record["next_seq"]))
         elif "settled" in record:

@@ -13,8 +13,10 @@ online rule (`ledger.planner.Plan.committed`, the store's `_ACCEPTED_UNDER`). Th
 planner consults it as the online planner consults `Facts.seen`/`Facts.accepted`, so a
 redelivery is a duplicate offline exactly when it would be one online — the cache can only
 turn a would-be judgement into the duplicate answer the store itself would give; it never
-accepts anything new. Facts about stored events never go stale (events are append-only and a
-position's predecessors are fixed), so nothing is ever invalidated; the oldest are evicted.
+accepts anything new. Facts about stored events never go stale in one history (events are
+append-only and a position's predecessors are fixed), so the oldest are evicted and nothing is
+invalidated — unless PostgreSQL itself went back in history under the worker (a failover to a
+replica that lost the last commits, a restore): then all is forgotten (`forget_all`).
 
 Bounded by entries and by bytes (`LEDGER_OFFLINE_CACHE_ENTRIES`, `LEDGER_OFFLINE_CACHE_BYTES`);
 only deliveries that passed trust and were committed enter it, so a sender cannot grow it past
@@ -67,6 +69,12 @@ class RecentCommits:
     @property
     def size_bytes(self) -> int:
         return self._young_bytes + self._old_bytes
+
+    def forget_all(self) -> None:
+        """PostgreSQL went back in history (a failover, a restore): what this worker stored may
+        be gone, or another event may be at its position (`OfflineTrust.refresh`)."""
+        self._young, self._old = {}, {}
+        self._young_bytes = self._old_bytes = 0
 
     def remember(self, committed: Iterable[Committed]) -> None:
         if self._generation_entries == 0:

@@ -91,6 +91,7 @@ _BEGIN_LOCKED = """
     SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' FOR UPDATE
 """
 _HEAD = "SELECT position, hash FROM ledger.stream_heads WHERE stream = $1"
+_EVENT_HASH = "SELECT hash FROM ledger.events WHERE position = $1"
 # Moving the head also wakes projectors everywhere (delivered at COMMIT; a hint, not delivery).
 _MOVE_HEAD = """
     WITH moved AS (
@@ -1051,6 +1052,23 @@ class EventStore:
             if a["member_id"] not in known_members and a["domain"] not in known_domains
         )
         return rows
+
+    @property
+    def last_head(self) -> tuple[int, bytes] | None:
+        """The events head this process last saw under the head lock (after its own commit,
+        or found there): whatever it stored lies at or before it, in the chain it ends."""
+        head = self._known.head
+        return (head.position, head.hash) if head is not None else None
+
+    async def holds(self, position: int, digest: bytes) -> bool:
+        """Whether the event at `position` has this chain hash: the history ending there is
+        still the database's (position 0: the empty chain, always)."""
+        if position == 0:
+            return True
+        async with translated_errors("read an event's hash"), \
+                self._pool.acquire() as connection:
+            found = await connection.fetchval(_EVENT_HASH, position)
+        return found is not None and bytes(found) == digest
 
     async def head(self, stream: str = "events") -> tuple[int, bytes]:
         """The stream's last position and hash (0 and the genesis hash when empty)."""
