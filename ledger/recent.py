@@ -84,7 +84,11 @@ class RecentCommits:
         young, used = self._young, self._young_bytes
         entries, limit = self._generation_entries, self._generation_bytes
         for member_id, dedup_key, position, digest in committed:
-            weight = _ENTRY_OVERHEAD + len(member_id) + len(dedup_key)
+            # a str stores 1, 2 or 4 bytes a character (and a longer header) once one is not
+            # ASCII: a sender's member_id of four-byte characters, counted by length, took 1.5x
+            # the bound (isascii reads a flag: O(1))
+            weight = _ENTRY_OVERHEAD + len(dedup_key) + (
+                len(member_id) if member_id.isascii() else 4 * len(member_id) + 24)
             if weight > limit:
                 continue
             if len(young) >= entries or used + weight > limit:

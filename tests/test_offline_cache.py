@@ -11,10 +11,12 @@ path gives, after the relay is back, too.
 from __future__ import annotations
 
 import os
+import tracemalloc
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
+import pytest
 
 from ledger.hashing import sha256
 from ledger.offline import OfflineTrust
@@ -327,6 +329,29 @@ def test_the_cache_is_bounded_by_entries_and_by_bytes_oldest_first() -> None:
     off.remember((m, k, 1, None) for m, k in keys)
     assert len(off) == 0
     assert off.size_bytes == 0
+
+
+@pytest.mark.parametrize("member", ["%032x", "\U0001f600" * 119 + "%09x"],
+                         ids=["hex", "four-byte-characters"])
+def test_the_byte_bound_holds_in_memory_whatever_characters_the_member_ids_have(
+    member: str,
+) -> None:
+    """A portal's member_id is the sender's (any 128 characters pass the envelope; under `tofu`
+    any install makes a portal whose deliveries are committed): counted by characters, ids of
+    four-byte characters took 1.5 times the byte bound, measured."""
+    bound = 2 << 20
+    tracemalloc.start()
+    try:
+        cache = RecentCommits(max_entries=1 << 30, max_bytes=bound)
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            cache.remember([(member % i, os.urandom(32), i + 1, os.urandom(32))])
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) > 1000
+    assert cache.size_bytes <= bound
+    assert used <= bound, (used, cache.size_bytes)
 
 
 async def test_a_copy_drained_with_its_original_leaves_the_offline_state_where_postgresql_is(
