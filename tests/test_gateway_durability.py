@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -121,6 +122,43 @@ def test_a_segment_deleted_under_its_writer_loses_nothing(tmp_path: Path) -> Non
     (second,) = reader.poll()
     assert second.body == b"x=2"
     assert second.location[0] > first.location[0]
+    writer.close()
+    reader.close()
+
+
+@pytest.mark.parametrize("way", ["write_now", "write"])
+@pytest.mark.parametrize("body_bytes", [2_000, 20_000], ids=["in-a-buffer", "past-a-buffer"])
+def test_a_write_that_fails_part_way_leaves_the_outbox_readable_and_forwards_nothing_of_it(
+    tmp_path: Path, way: str, body_bytes: int
+) -> None:
+    """The disk refuses a batch part-way (here EFBIG, from a file size limit; ENOSPC and EIO
+    alike). The handoff records its forwards as lost; later batches go on. Before: a batch past
+    the segment file's buffer left a torn frame between complete ones, and every later poll
+    raised OutboxError (the writer's forwards stopped for good); a smaller one stayed in the
+    buffer and was written, and forwarded, with the next batch."""
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key)
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+
+    def sealed(number: int) -> bytes:
+        return writer.seal([({**header(["a"]), "n": number}, b"x" * body_bytes)])
+
+    writer.write(sealed(1))
+    (segment,) = tmp_path.glob("seg-*")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # CPython ignores SIGXFSZ: past the limit a write is cut short, then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size + 100, hard))
+    try:
+        with pytest.raises(OSError):
+            getattr(writer, way)(sealed(2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    if not writer.write_now(sealed(3)):
+        writer.write(sealed(3))
+    assert [r.header["n"] for r in reader.poll()] == [1, 3]
+    writer.write(sealed(4))
+    assert [r.header["n"] for r in reader.poll()] == [4]
     writer.close()
     reader.close()
 

@@ -197,17 +197,11 @@ class OutboxWriter:
             if self._file is None or self._size > self._segment_bytes:
                 self._rotate()
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-            try:
-                if os.fstat(self._file.fileno()).st_nlink == 0:  # the forwarder deleted it
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-                    self._rotate()
-                    fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-                self._file.write(data)
-                self._file.flush()
-            finally:
+            if os.fstat(self._file.fileno()).st_nlink == 0:  # the forwarder deleted it
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._size += len(data)
-            self._unsynced = True
+                self._rotate()
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
+            self._put(self._file, data)
 
     def write_now(self, data: bytes) -> bool:
         """`write`, but only if nothing can make it wait: no other call here under way (an
@@ -228,18 +222,44 @@ class OutboxWriter:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False
-            try:
-                if os.fstat(descriptor).st_nlink == 0:  # deleted: a new segment, by `write`
-                    return False
-                file.write(data)
-                file.flush()
-            finally:
+            if os.fstat(descriptor).st_nlink == 0:  # deleted: a new segment, by `write`
                 fcntl.flock(descriptor, fcntl.LOCK_UN)
-            self._size += len(data)
-            self._unsynced = True
+                return False
+            self._put(file, data)
             return True
         finally:
             self._lock.release()
+
+    def _put(self, file: Any, data: bytes) -> None:
+        """Append `data` to the segment whose flock the caller took, and let the lock go.
+        Whole or not at all: a write that fails part-way (ENOSPC, EIO, EFBIG) is cut back off
+        and the segment is closed, so the next write starts a new one. The segment file is
+        unbuffered: a buffered writer kept what it could not write and wrote it with the next
+        batch — a batch reported lost (given up) was forwarded after all — and a batch larger
+        than its buffer left a torn frame *between* complete ones, which every later poll took
+        for a record under another key (OutboxError): that writer's forwards stopped for good.
+        A reader that saw complete frames of the failed batch before the cut sent them; they
+        stay recorded as given up (a rare double account, never a loss)."""
+        descriptor = file.fileno()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[file.write(view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, self._size)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            # a reader may have read past the cut: nothing more is appended here
+            with contextlib.suppress(OSError):
+                if self._unsynced:
+                    os.fsync(descriptor)
+            file.close()
+            self._file = None
+            self._unsynced = False
+            raise
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        self._size += len(data)
+        self._unsynced = True
 
     def _rotate(self) -> None:
         if self._file is not None:
@@ -247,7 +267,9 @@ class OutboxWriter:
                 os.fsync(self._file.fileno())
             self._file.close()
         self._last = max(time.time_ns(), self._last + 1)
-        self._file = open(_segment_path(self.directory, self._last), "ab")  # noqa: SIM115
+        # unbuffered: see `_put`
+        self._file = open(_segment_path(self.directory, self._last), "ab",  # noqa: SIM115
+                          buffering=0)
         self._size = 0
         _fsync_directory(self.directory)
 
