@@ -150,7 +150,7 @@ def test_a_write_that_fails_part_way_leaves_the_outbox_readable_and_forwards_not
     # CPython ignores SIGXFSZ: past the limit a write is cut short, then fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size + 100, hard))
     try:
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="File too large"):
             getattr(writer, way)(sealed(2))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
