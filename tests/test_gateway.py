@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -22,7 +23,8 @@ from ledger.audit import new_token
 from ledger.errors import NoSuchRoute, RouteRefused
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.forwarder import Forwarder
-from ledger.gateway.handoff import HANDOFF
+from ledger.gateway.handoff import HANDOFF, LOOP_WRITE_MAX_BYTES
+from ledger.gateway.outbox import OutboxWriter
 from ledger.gateway.routes import check_destination
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
@@ -452,6 +454,37 @@ async def test_a_delivery_no_route_matches_is_stored_and_never_handed_to_the_out
     assert [c.args[0]["position"] for c in sealed.call_args_list] == [deleted["position"]]
     await destination.wait_until(lambda d: len(d.delivered) == 1)
     assert [r.position for r in destination.delivered] == [deleted["position"]]
+
+
+async def test_a_commit_of_large_bodies_is_sealed_and_written_off_the_event_loop(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """The sender sizes the bodies (up to LEDGER_MAX_BODY_BYTES, 256 to a commit): sealed and
+    written by the event loop, 64 bodies of 1 MiB held every delivery up for 350 ms. A commit
+    of usual bodies is still written by the loop; both are forwarded."""
+    client, _, _ = await routed_client(make_client, forwarders, gateway_settings(),
+                                       destination.url)
+    assert client.app is not None
+    await install_sample_portal(client)
+    outbox: OutboxWriter = client.app[HANDOFF]._outbox
+    loop_thread = threading.get_ident()
+    sealed: list[tuple[bool, int]] = []
+    seal = outbox.seal
+
+    def spied(records: list[tuple[dict[str, Any], bytes]]) -> bytes:
+        sealed.append((threading.get_ident() == loop_thread, sum(len(b) for _, b in records)))
+        data: bytes = seal(records)
+        return data
+
+    small = messages(1, start=40)[0]
+    large = small.replace(b"Hello", b"Hello" + b"y" * (LOOP_WRITE_MAX_BYTES + 1))
+    with mock.patch.object(outbox, "seal", spied):
+        assert (await post(client, small))[0] == 200
+        assert (await post(client, large))[0] == 200
+    assert [on_loop for on_loop, _ in sealed] == [True, False], sealed
+    assert sealed[1][1] > LOOP_WRITE_MAX_BYTES
+    await destination.wait_until(lambda d: len(d.delivered) == 3)  # the install too
 
 
 def test_routes_from_the_command_line(database: Database) -> None:
