@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -244,7 +245,10 @@ class OutboxWriter:
         view = memoryview(data)
         try:
             while view:
-                view = view[file.write(view):]
+                written = file.write(view)
+                if not written:  # never for a regular file; were it so, not a busy loop
+                    raise OSError(errno.EIO, "the outbox segment took no bytes")
+                view = view[written:]
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(descriptor, self._size)
