@@ -36,7 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
@@ -731,9 +731,15 @@ class EventStore:
     async def append_planned(
         self, drafts: Sequence[Draft], *, draining: bool = False,
         held: frozenset[int] = frozenset(),
+        under_lock: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
-        (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`."""
+        (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`.
+        `under_lock`: awaited once the events head is locked, before the batch is judged
+        (again if the batch is appended again on another connection); what it raises rolls
+        the transaction back and propagates. Only a batch that goes the long way with events
+        locks the head: the caller passes it for batches that never go the one-statement
+        way (`ledger.offline.Appender`: lifecycle deliveries take their turn in the journal)."""
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
         event_drafts = [d for d in drafts if isinstance(d, EventDraft)]
@@ -762,13 +768,13 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next)
+                            held, lock_next, under_lock)
                 else:
                     try:  # the head was locked ahead for this batch: the transaction is open
                         async with translated_errors("append"):
                             done = await self._append_in(
                                 locked, None, drafts, event_drafts, prepared, draining,
-                                notify, held, lock_next)
+                                notify, held, lock_next, under_lock)
                     finally:
                         await self._pool.release(locked)
             except _LostBeforeCommit as lost:
@@ -781,7 +787,7 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next)
+                            held, lock_next, under_lock)
                 except _LostBeforeCommit as again:
                     raise DatabaseUnavailable(
                         f"append: PostgreSQL is unavailable ({again.__cause__})") from again
@@ -801,8 +807,11 @@ class EventStore:
         notify: bool,
         held: frozenset[int],
         lock_next: Callable[[], None] | None,
+        under_lock: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         async with _transaction(connection, begin, lock_next):
+            if under_lock is not None and event_drafts:
+                await under_lock()
             outcomes, effects, committed, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
         if learned is not None:
