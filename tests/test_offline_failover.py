@@ -12,6 +12,8 @@ answer is the one the database the worker now reaches gives online.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,11 +56,35 @@ class _Worker:
         return self.offline.spool(drafts, spooled.extend), spooled
 
 
-async def _replica_of(cluster: Cluster, database: Database) -> str:
-    """A copy of the database as it is now (no connection to it may be open)."""
+@asynccontextmanager
+async def _replica(cluster: Cluster, database: Database, settings: Settings, *,
+                   moves_on: int = 0, ended: bool = False) -> AsyncIterator[str]:
+    """The sample portal installed, then a copy of the database as it is then (dropped after):
+    its own history goes on with `moves_on` messages past that position and, when `ended`, the
+    portal's trust ended there."""
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        await _installed(_Process(pool), settings)
+    finally:
+        await pool.close()
     replica = f"{database.name}_replica"
     await ensure_database(cluster.admin_dsn, replica, template=database.name)
-    return replica
+    try:
+        replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
+        try:
+            other = _Process(replica_pool)
+            for i in range(moves_on):
+                (stored,) = await other.store.append(
+                    [_delivery(settings, "onimbotmessageadd-1", f"replica-{i}")])
+                assert isinstance(stored, Stored), stored
+            if ended:
+                await change_trust(other.store, TrustChange.ENDED, member_id=MEMBER_ID,
+                                   actor="test")
+        finally:
+            await replica_pool.close()
+        yield replica
+    finally:
+        await _drop_database(cluster, replica)
 
 
 async def _failover(pool: Pool, cluster: Cluster, replica: str) -> None:
@@ -73,19 +99,7 @@ async def test_a_copy_of_a_delivery_the_database_lost_is_not_answered_as_a_dupli
     portal's trust was ended. Online a copy of the message is refused (403: nothing stored, the
     portal uninstalled); offline it was answered 200 duplicate from the worker's memory, at a
     position the database holds another event at — and spooled, refused on drain."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = await _replica_of(cluster, database)
-    try:
-        replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
-        try:
-            await change_trust(_Process(replica_pool).store, TrustChange.ENDED,
-                               member_id=MEMBER_ID, actor="test")
-        finally:
-            await replica_pool.close()
+    async with _replica(cluster, database, settings, ended=True) as replica:
         pool = await create_pool(database.service_dsn, size=2)
         try:
             worker = _Worker(pool, tmp_path / "trust")
@@ -106,8 +120,6 @@ async def test_a_copy_of_a_delivery_the_database_lost_is_not_answered_as_a_dupli
             assert (offline.status, offline.code) == (online.status, online.code)
         finally:
             await pool.close()
-    finally:
-        await _drop_database(cluster, replica)
 
 
 async def test_a_token_only_the_lost_history_trusted_is_not_accepted_offline(
@@ -117,22 +129,8 @@ async def test_a_token_only_the_lost_history_trusted_is_not_accepted_offline(
     deliveries past its position). The worker's trust base still held the lost token: offline a
     delivery under it was accepted on settled trust (202) and the drain stores such a delivery
     as judged — under a token the database never trusted; the genuine token was refused."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = await _replica_of(cluster, database)
-    try:
-        replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
-        try:  # the replica moves on without the re-provisioning: its head passes its position
-            other = _Process(replica_pool)
-            for i in range(4):
-                (stored,) = await other.store.append(
-                    [_delivery(settings, "onimbotmessageadd-1", f"replica-{i}")])
-                assert isinstance(stored, Stored), stored
-        finally:
-            await replica_pool.close()
+    # the replica moves on without the re-provisioning: its head passes its position
+    async with _replica(cluster, database, settings, moves_on=4) as replica:
         pool = await create_pool(database.service_dsn, size=2)
         try:
             worker = _Worker(pool, tmp_path / "trust")
@@ -158,8 +156,6 @@ async def test_a_token_only_the_lost_history_trusted_is_not_accepted_offline(
                            and d.presented_sha256 == lost.presented_sha256 for d in spooled)
         finally:
             await pool.close()
-    finally:
-        await _drop_database(cluster, replica)
 
 
 async def test_other_workers_ignore_shared_commits_of_a_history_the_database_lost(
@@ -170,22 +166,7 @@ async def test_other_workers_ignore_shared_commits_of_a_history_the_database_los
     finds the database went back, worker 0 — which never committed anything lost, and whose
     own facts still hold — no longer applies that entry: offline it accepts the token the
     database trusts and refuses the lost one, as online."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = await _replica_of(cluster, database)
-    try:
-        replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
-        try:
-            other = _Process(replica_pool)
-            for i in range(6):
-                (stored,) = await other.store.append(
-                    [_delivery(settings, "onimbotmessageadd-1", f"replica-{i}")])
-                assert isinstance(stored, Stored), stored
-        finally:
-            await replica_pool.close()
+    async with _replica(cluster, database, settings, moves_on=6) as replica:
         pools = [await create_pool(database.service_dsn, size=2) for _ in range(2)]
         try:
             workers = [_Worker(p, tmp_path / "trust", n) for n, p in enumerate(pools)]
@@ -225,8 +206,6 @@ async def test_other_workers_ignore_shared_commits_of_a_history_the_database_los
         finally:
             for pool in pools:
                 await pool.close()
-    finally:
-        await _drop_database(cluster, replica)
 
 
 async def test_a_worker_restarted_on_a_snapshot_checks_the_history_it_was_saved_in(
@@ -235,22 +214,7 @@ async def test_a_worker_restarted_on_a_snapshot_checks_the_history_it_was_saved_
     """A worker restarted while PostgreSQL was away judges by the saved snapshot; the database
     it then reaches lost the re-provisioning the snapshot holds. Its first refresh finds that
     out (the snapshot records the head it was read at): the lost token is refused offline."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = await _replica_of(cluster, database)
-    try:
-        replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
-        try:
-            other = _Process(replica_pool)
-            for i in range(4):
-                (stored,) = await other.store.append(
-                    [_delivery(settings, "onimbotmessageadd-1", f"replica-{i}")])
-                assert isinstance(stored, Stored), stored
-        finally:
-            await replica_pool.close()
+    async with _replica(cluster, database, settings, moves_on=4) as replica:
         pool = await create_pool(database.service_dsn, size=2)
         try:
             before = _Worker(pool, tmp_path / "trust")
@@ -274,5 +238,3 @@ async def test_a_worker_restarted_on_a_snapshot_checks_the_history_it_was_saved_
             assert (offline.status, offline.code) == (online.status, online.code)
         finally:
             await pool.close()
-    finally:
-        await _drop_database(cluster, replica)
