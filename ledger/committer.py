@@ -64,6 +64,11 @@ class Appender(Protocol):
         """These spooled drafts will never be stored: undo what they promised (blocking)."""
         ...
 
+    def give_up(self) -> None:
+        """The append waited for was given up on (its batch is spooled next): it must hold
+        nothing the spool needs (`ledger.offline.JournalTurn`)."""
+        ...
+
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
 Fault = Callable[[str], None]
@@ -263,6 +268,7 @@ class GroupCommitter:
                 return await asyncio.shield(task)
         except TimeoutError:
             task.add_done_callback(_outcome_ignored)
+            self._appender.give_up()
             raise
 
     async def _fall_back(self, batch: list[_Pending], exc: Exception) -> None:

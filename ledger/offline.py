@@ -67,7 +67,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 
@@ -102,6 +102,7 @@ log = logging.getLogger(__name__)
 
 # the deliveries whose commit moves a portal's trust (`JournalTurn`)
 _LIFECYCLE = frozenset({INSTALL, UNINSTALL})
+_T = TypeVar("_T")
 _COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet to refresh
 
 
@@ -260,8 +261,10 @@ class OfflineTrust:
         committed = [(e.position, e.effect, cause)
                      for e, cause in zip(effects, causes, strict=True) if e.position is not None]
         self._own.extend((position, effect) for position, effect, _ in committed)
-        held = turn.handle if turn is not None else None
-        await asyncio.to_thread(self._share, committed, held)
+        if turn is not None and turn.handle is not None:
+            await turn.in_thread(lambda handle: self._share(committed, handle))
+        else:  # no turn, or given up on (`JournalTurn.give_up`): the lock is taken here
+            await asyncio.to_thread(self._share, committed)
         await asyncio.to_thread(self._save_snapshot)
 
     def turn(self, portals: frozenset[str]) -> JournalTurn:
@@ -718,29 +721,70 @@ class JournalTurn:
     both, the two orders are one: a worker judging offline waits for the share (milliseconds;
     lifecycle deliveries are rare), and a lifecycle entry spooled after the early check is
     seen under the lock (LifecycleNotDrained: the batch is spooled behind it).
-    No deadlock: the journal is taken only after the head lock, and nothing holding the
-    journal ever waits for PostgreSQL (every other use of it is a short synchronous block)."""
+    No deadlock: the journal is taken only after the head lock, and nothing else holding the
+    journal ever waits for PostgreSQL (every other use of it is a short synchronous block).
+    The turn's holder does wait for PostgreSQL (its statements, its COMMIT): when the
+    committer stops waiting for it (the append timeout) it spools the batch under the
+    journal's lock, so the turn is given up then (`give_up`) — else a stalled PostgreSQL held
+    the worker's spool, and every other worker's offline judgement, for as long as the
+    statement's own timeout (found by breakturn: no answer for 60 s)."""
 
     def __init__(self, trust: OfflineTrust, portals: frozenset[str]) -> None:
         self._trust = trust
         self._portals = portals
         self.handle: IO[bytes] | None = None
+        self.given_up = False
+        self._busy = False  # a thread uses `handle`: `give_up` leaves closing it to that use
 
     async def take(self) -> None:
-        """Under the events head lock (`EventStore.append_planned`'s `under_lock`)."""
+        """Under the events head lock (`EventStore.append_planned`'s `under_lock`). Given up
+        on, raises TimeoutError: the transaction rolls back, the spooled copy is drained."""
+        self._check()
         if self.handle is None:
             opening = asyncio.ensure_future(asyncio.to_thread(self._trust._open_exclusive))
             try:
-                self.handle = await asyncio.shield(opening)
+                handle = await asyncio.shield(opening)
             except asyncio.CancelledError:
                 # the thread still gets the lock: it must not be kept by nobody
                 opening.add_done_callback(_close_when_opened)
                 raise
-        waited_on = await asyncio.to_thread(self._trust._waited_on, self.handle, self._portals)
+            if self.given_up:  # while it waited for the journal
+                handle.close()
+            self._check()
+            self.handle = handle
+        waited_on = await self.in_thread(
+            lambda handle: self._trust._waited_on(handle, self._portals))
+        self._check()
         if waited_on:
             raise LifecycleNotDrained(
                 f"portal(s) {', '.join(sorted(waited_on))} wait on another worker's spooled "
                 "lifecycle events; spooling behind them")
+
+    async def in_thread(self, call: Callable[[IO[bytes]], _T]) -> _T:
+        """`call(handle)` in a thread, the turn held."""
+        assert self.handle is not None
+        handle = self.handle
+        self._busy = True
+        try:
+            return await asyncio.to_thread(call, handle)
+        finally:
+            self._busy = False
+            if self.given_up:
+                self.release()
+
+    def give_up(self) -> None:
+        """The committer stopped waiting for this append and spools its batch, under the
+        journal's lock: let go of it now (or as soon as the thread using it is done). Should
+        the append still commit, it shares what it committed taking the lock as any use does;
+        its spooled copy's journal entries stand for it meanwhile, and its drain settles them."""
+        self.given_up = True
+        if not self._busy:
+            self.release()
+
+    def _check(self) -> None:
+        if self.given_up:
+            raise TimeoutError("the committer gave up waiting for this append (its batch is "
+                               "spooled): it judges nothing more")
 
     def release(self) -> None:
         handle, self.handle = self.handle, None
@@ -764,6 +808,7 @@ class Appender:
         self._store = store
         self._offline = offline
         self._order_wait = order_wait_seconds
+        self._turns: set[JournalTurn] = set()  # held by appends not yet ended
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
         if draining:
@@ -774,11 +819,19 @@ class Appender:
         lifecycle = frozenset(d.member_id for d in drafts if isinstance(d, EventDraft)
                               and d.event_type in _LIFECYCLE)
         turn = self._offline.turn(lifecycle) if lifecycle and not draining else None
+        if turn is not None:
+            self._turns.add(turn)
         try:
             return await self._append(drafts, draining, held, turn)
         finally:
             if turn is not None:
+                self._turns.discard(turn)
                 turn.release()
+
+    def give_up(self) -> None:
+        """The committer stopped waiting for the append (`JournalTurn.give_up`)."""
+        for turn in self._turns:
+            turn.give_up()
 
     async def _append(self, drafts: Sequence[Draft], draining: bool, held: frozenset[int],
                       turn: JournalTurn | None) -> list[Outcome]:

@@ -141,3 +141,29 @@ async def test_a_lifecycle_entry_spooled_after_the_early_check_is_seen_under_the
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
     # the reinstall's token is the portal's now
     await stored(online, forge("onimbotjoinchat-1", application_token=NEW_TOKEN))
+
+
+async def test_an_append_given_up_on_lets_go_of_the_journal_for_its_spool(
+    make_client: ClientFactory, settings_factory: Any, tmp_path: Path, admin: Admin,
+) -> None:
+    """PostgreSQL stalls (here: a lock the append's first statement waits on) while an
+    uninstall's append holds the journal's turn. The committer gives up after the append
+    timeout and spools the batch — under the journal's lock, which its own stalled append
+    held: the worker answered nothing until the statement timed out (command_timeout, 60 s),
+    and every other worker's offline judgement waited as long. Given up on, the turn is let
+    go; the stalled append, should it go on, judges nothing more under it."""
+    settings = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool",
+                                append_timeout_seconds=0.5)
+    online: Client = await make_client(settings)
+    await install_sample_portal(online)
+    stall = admin.transaction()
+    await stall.start()
+    try:
+        await admin.execute("LOCK TABLE ledger.portal_trust IN ACCESS EXCLUSIVE MODE")
+        status, answer = await asyncio.wait_for(post(online, sample("onappuninstall-1")), 15)
+        assert (status, answer.get("status")) == (202, "spooled"), answer
+        await eventually(lambda: not journal_held_elsewhere(settings))
+    finally:
+        await stall.rollback()
+    await drained(online)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
