@@ -173,13 +173,14 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
             profiler.wait(timeout=60)
         closed: dict[str, float] = {}
         spent = 0.0
+        # the fixed rate's counters end here: the closed loop below must not count in them
+        cpu1, pg1, m1 = _roles(process.pid), _pg(postmaster), _scrape(port)
+        n1 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
         if args.closed:
             run_wrk(url, bodies, 1, 64, tag=f"{tag}cw")
             before = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0)
             closed = run_wrk(url, bodies, int(args.closed), 64, tag=f"{tag}c")
             spent = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0) - before
-        cpu1, pg1, m1 = _roles(process.pid), _pg(postmaster), _scrape(port)
-        n1 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
