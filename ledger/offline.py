@@ -151,9 +151,13 @@ class OfflineTrust:
         # cache is, in memory (after a restart its copies are judged as new deliveries)
         self._pending: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
         self._pending_limit = self.recent.capacity
-        self.base = TrustFacts()
-        self.base_position = 0
-        self._own: list[tuple[int, TrustEffect]] = []
+        # the base, the position it was read at, and this worker's own committed changes past
+        # it: one value, replaced whole, because offline judging and snapshot saving read it
+        # in threads while the loop refreshes it (a base read before a refresh with the
+        # position read after it skipped the journal's changes in between: a portal judged
+        # without a committed uninstall or reinstall)
+        self._state: tuple[TrustFacts, int, tuple[tuple[int, TrustEffect], ...]] = (
+            TrustFacts(), 0, ())
         self.refreshed = asyncio.Event()  # set whenever a refresh read new trust events
         # portals with other workers' unsettled journal entries, as of the journal's stat
         self._elsewhere: frozenset[str] = frozenset()
@@ -165,10 +169,22 @@ class OfflineTrust:
 
     # ---- the base, from PostgreSQL -----------------------------------------------------
 
+    @property
+    def base(self) -> TrustFacts:
+        return self._state[0]
+
+    @property
+    def base_position(self) -> int:
+        return self._state[1]
+
+    def _rebase(self, base: TrustFacts, position: int, *, keep_own: bool = True) -> None:
+        own = tuple(o for o in self._state[2] if o[0] > position) if keep_own else ()
+        self._state = (base, position, own)
+
     async def start(self, store: EventStore) -> None:
         """Load the base from PostgreSQL; when it is unreachable, from the saved snapshot."""
         try:
-            self.base, self.base_position = await store.load_trust()
+            self._rebase(*await store.load_trust())
             self._history = await store.head()
         except LedgerError as exc:
             loaded = self._load_snapshot()
@@ -176,7 +192,7 @@ class OfflineTrust:
                 log.error("no trust known while PostgreSQL is unreachable (%s): only installs "
                           "can be judged until it is back", exc)
                 return
-            self.base, self.base_position = loaded
+            self._rebase(*loaded)
             log.warning("PostgreSQL unreachable: judging deliveries by the trust saved in %s "
                         "(position %d)", self._snapshot_path, self.base_position)
             return
@@ -189,18 +205,18 @@ class OfflineTrust:
         if not await self._same_history(store):
             await self._rewind(store)
             return
-        events = await store.trust_events_since(self.base_position)
+        read, read_position, _ = self._state
+        events = await store.trust_events_since(read_position)
         self._history = await store.head()  # after the read: it covers what was read
         if not events:
             await asyncio.to_thread(self._compact)
             return
-        base = self.base.copy()
+        base = read.copy()
         for position, payload in events:
             effect = effect_of(payload)
             if effect is not None:
                 apply(base, effect, position)
-        self.base, self.base_position = base, events[-1][0]
-        self._own = [(p, e) for p, e in self._own if p > self.base_position]
+        self._rebase(base, events[-1][0])
         await asyncio.to_thread(self._persist)
         self.refreshed.set()
 
@@ -231,8 +247,7 @@ class OfflineTrust:
                     "a replica that lost the last commits, or a restore): offline dedup facts "
                     "forgotten, trust reloaded from the database")
         self.recent.forget_all()
-        self._own = []
-        self.base, self.base_position = await store.load_trust()
+        self._rebase(*await store.load_trust(), keep_own=False)
         self._history = await store.head()
         await asyncio.to_thread(self._mark_rewound)
         self.refreshed.set()
@@ -260,7 +275,9 @@ class OfflineTrust:
         causes = list(causes) or [None] * len(effects)
         committed = [(e.position, e.effect, cause)
                      for e, cause in zip(effects, causes, strict=True) if e.position is not None]
-        self._own.extend((position, effect) for position, effect, _ in committed)
+        base, position, own = self._state
+        self._state = (base, position,
+                       own + tuple((p, effect) for p, effect, _ in committed if p > position))
         if turn is not None and turn.handle is not None:
             await turn.in_thread(lambda handle: self._share(committed, handle))
         else:  # no turn, or given up on (`JournalTurn.give_up`): the lock is taken here
@@ -495,10 +512,11 @@ class OfflineTrust:
         settled entries) in PostgreSQL's order — by position, not by who learned of it when
         (own first, another worker's earlier commit undid a later own one) — then the
         entries not yet in PostgreSQL, in journal order."""
-        facts = self.base.copy()
+        base, base_position, own_changes = self._state  # once: a refresh may replace it
+        facts = base.copy()
         committed: dict[int, tuple[TrustEffect, bool]] = {
-            position: (effect, True) for position, effect in self._own
-            if position > self.base_position
+            position: (effect, True) for position, effect in own_changes
+            if position > base_position
         }
         provisional: set[str] = set()
         pending: list[TrustEffect] = []
@@ -508,7 +526,7 @@ class OfflineTrust:
                 pending.append(entry.effect)
                 continue
             settled = journal.settled[entry.seq]
-            if (settled is None or settled <= self.base_position or settled in committed
+            if (settled is None or settled <= base_position or settled in committed
                     or entry.seq < journal.rewound):
                 continue  # refused, already in the base or among our own, or maybe lost
             committed[settled] = (entry.effect, False)
@@ -582,7 +600,8 @@ class OfflineTrust:
     def _save_snapshot(self, *, replace_newer: bool = False) -> None:
         """Atomically, and never over a newer one another worker saved (`replace_newer`: a
         newer one is of a history the database went back from)."""
-        known = max([self.base_position, *(p for p, _ in self._own)])
+        base, base_position, own = self._state  # once: a refresh may replace it meanwhile
+        known = max([base_position, *(p for p, _ in own)])
         try:
             saved_known = int(orjson.loads(self._snapshot_path.read_bytes())["known"])
         except (FileNotFoundError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -590,19 +609,19 @@ class OfflineTrust:
         if saved_known > known and not replace_newer:
             return
         data = {
-            "position": self.base_position,
+            "position": base_position,
             "history": ([self._history[0], self._history[1].hex()]
                         if self._history is not None else None),
             "known": known,
-            "own": [(p, e.as_json()) for p, e in self._own if p > self.base_position],
+            "own": [(p, e.as_json()) for p, e in own if p > base_position],
             "portals": {
                 m: {"domain": t.domain, "state": t.state.value,
                     "token_sha256": t.token_sha256.hex() if t.token_sha256 else None}
-                for m, t in self.base.portals.items()
+                for m, t in base.portals.items()
             },
             "allowances": [
                 {"position": a.position, "member_id": a.member_id, "domain": a.domain}
-                for a in self.base.allowances.values()
+                for a in base.allowances.values()
             ],
         }
         # one name per thread: a refresh and a commit may save at the same time

@@ -23,7 +23,7 @@ from ledger.offline import OfflineTrust
 from ledger.planner import PlannedEffect
 from ledger.recent import RecentCommits
 from ledger.settings import TrustPolicy
-from ledger.trust import TrustChange, TrustEffect, TrustState
+from ledger.trust import TrustChange, TrustEffect, TrustFacts, TrustState, apply
 from ledger.web import OFFLINE
 from tests.conftest import DOMAIN, TOKEN, ClientFactory, sample
 from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
@@ -413,3 +413,41 @@ async def test_the_offline_state_applies_committed_changes_in_positions_order(
         facts, provisional = worker.view()
         assert facts.portals[member].state is TrustState.ENDED
         assert provisional == set()
+
+
+async def test_a_refresh_landing_while_a_view_is_made_leaves_it_one_consistent_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline judging makes its view in a thread while the loop's refresh replaces the base.
+    The view read the base before the refresh and the base's position after it, so it skipped
+    the journal's committed changes in between as "in the base" — which it had not: another
+    worker's shared uninstall was missed, and a delivery under the ended token accepted 202
+    (refused on drain). Here the refresh lands between the two reads, deterministically."""
+    worker = OfflineTrust(tmp_path, worker=0, policy=TrustPolicy.ALLOWLIST)
+    other = OfflineTrust(tmp_path, worker=1, policy=TrustPolicy.ALLOWLIST)
+    member = "m" * 32
+    token = sha256(TOKEN.encode())
+    established = TrustEffect(TrustChange.ESTABLISHED, member, DOMAIN, token)
+    ended = TrustEffect(TrustChange.ENDED, member, DOMAIN)
+    before = TrustFacts()
+    apply(before, established, 5)
+    worker._rebase(before, 5)
+    await other.note_committed([PlannedEffect(10, ended, 0)])  # shared through the journal
+    after = before.copy()
+    apply(after, ended, 10)
+
+    copy = TrustFacts.copy
+    refreshed = False
+
+    def refresh_lands_meanwhile(facts: TrustFacts) -> TrustFacts:
+        nonlocal refreshed
+        made = copy(facts)
+        if not refreshed:  # the base is read: the refresh replaces it now
+            refreshed = True
+            worker._rebase(after, 10)
+        return made
+
+    monkeypatch.setattr(TrustFacts, "copy", refresh_lands_meanwhile)
+    facts, _ = worker.view()
+    assert refreshed
+    assert facts.portals[member].state is TrustState.ENDED
