@@ -289,8 +289,7 @@ class OfflineTrust:
         return JournalTurn(self, portals)
 
     def _open_exclusive(self) -> IO[bytes]:
-        descriptor = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        handle = os.fdopen(descriptor, "r+b")
+        handle = self._open_journal()
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         except BaseException:
@@ -539,10 +538,13 @@ class OfflineTrust:
 
     # ---- files -------------------------------------------------------------------------
 
+    def _open_journal(self) -> IO[bytes]:
+        descriptor = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(descriptor, "r+b")
+
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[IO[bytes]]:
-        descriptor = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(descriptor, "r+b") as handle:
+        with self._open_journal() as handle:
             fcntl.flock(handle.fileno(), mode)
             try:
                 yield handle
