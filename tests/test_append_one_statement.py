@@ -18,8 +18,9 @@ from ledger.operations import change_trust
 from ledger.planner import Head
 from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import EventStore, Pool, _KnownTrust, create_pool
+from ledger.storage.target import ensure_database
 from ledger.trust import PortalTrust, TrustChange, TrustState
-from tests.conftest import FORM, MEMBER_ID, Database, sample
+from tests.conftest import FORM, MEMBER_ID, Cluster, Database, sample
 
 
 def _delivery(settings: Settings, name: str, text: str | None = None) -> Any:
@@ -55,6 +56,20 @@ async def _installed(process: _Process, settings: Settings) -> None:
     await change_trust(process.store, TrustChange.ALLOWED, member_id=MEMBER_ID, actor="test")
     (installed,) = await process.store.append([_delivery(settings, "onappinstall-1")])
     assert isinstance(installed, Stored), installed
+
+
+async def _installed_then_copied(cluster: Cluster, database: Database,
+                                 settings: Settings) -> str:
+    """The sample portal installed, then a copy of the database as it is then (a replica that
+    will lose what comes after): its name. The caller drops it."""
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        await _installed(_Process(pool), settings)
+    finally:
+        await pool.close()
+    replica = f"{database.name}_replica"
+    await ensure_database(cluster.admin_dsn, replica, template=database.name)
+    return replica
 
 
 async def _chain_verified(process: _Process) -> int:

@@ -23,7 +23,6 @@ from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
 from ledger.simulation import Traffic
 from ledger.storage.store import _APPEND_EVENTS, EventStore, create_pool
-from ledger.storage.target import ensure_database
 from ledger.trust import TRUST_EVENT, TrustChange, TrustFacts, TrustState, apply, effect_of
 from tests.conftest import (
     DOMAIN,
@@ -36,7 +35,13 @@ from tests.conftest import (
     _drop_database,
 )
 from tests.gateway_helpers import eventually
-from tests.test_append_one_statement import _chain_verified, _delivery, _installed, _Process
+from tests.test_append_one_statement import (
+    _chain_verified,
+    _delivery,
+    _installed,
+    _installed_then_copied,
+    _Process,
+)
 from tests.test_store_interrupted import BLOCKERS, _waiting_backend, cut_short, slow_commit
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
@@ -51,13 +56,7 @@ async def test_a_database_that_went_back_in_history_is_not_trusted_from_memory(
     database's any more. There an operator ended the portal's trust at the position the worker
     learned it at, and the head has since moved past what the worker saw. A delivery under the
     old token is refused, as the long way refuses it — not stored on the worker's memory."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = f"{database.name}_replica"
-    await ensure_database(cluster.admin_dsn, replica, template=database.name)
+    replica = await _installed_then_copied(cluster, database, settings)
     try:
         pool = await create_pool(database.service_dsn, size=2)
         worker = _Process(pool)

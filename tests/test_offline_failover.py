@@ -27,10 +27,13 @@ from ledger.operations import change_trust
 from ledger.recent import RecentCommits
 from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import Pool, create_pool
-from ledger.storage.target import ensure_database
 from ledger.trust import TrustChange
 from tests.conftest import FORM, MEMBER_ID, TOKEN, Cluster, Database, _drop_database
-from tests.test_append_one_statement import _delivery, _installed, _Process
+from tests.test_append_one_statement import (
+    _delivery,
+    _installed_then_copied,
+    _Process,
+)
 from tests.test_intake import forge
 from tests.test_trust_outage import NEW_TOKEN
 
@@ -62,13 +65,7 @@ async def _replica(cluster: Cluster, database: Database, settings: Settings, *,
     """The sample portal installed, then a copy of the database as it is then (dropped after):
     its own history goes on with `moves_on` messages past that position and, when `ended`, the
     portal's trust ended there."""
-    pool = await create_pool(database.service_dsn, size=2)
-    try:
-        await _installed(_Process(pool), settings)
-    finally:
-        await pool.close()
-    replica = f"{database.name}_replica"
-    await ensure_database(cluster.admin_dsn, replica, template=database.name)
+    replica = await _installed_then_copied(cluster, database, settings)
     try:
         replica_pool = await create_pool(cluster.dsn(replica, user="ledger_app"), size=2)
         try:

@@ -53,14 +53,10 @@ def journal_held_elsewhere(settings: Settings) -> bool:
 
 @pytest.fixture
 def two_workers(outage: Any, settings_factory: Any, tmp_path: Path) -> Any:
+    """Worker 0 reaches PostgreSQL directly, worker 1 through the relay; one spool directory."""
     relay, settings_for = outage
-
-    def direct() -> Settings:
-        made: Settings = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool",
-                                          worker=0)
-        return made
-
-    return relay, direct(), settings_for(worker=1)
+    direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0)
+    return relay, direct, settings_for(worker=1)
 
 
 async def test_a_worker_offline_waits_for_an_uninstall_committed_online_to_be_shared(
