@@ -16,6 +16,7 @@ import orjson
 from pydantic import BaseModel
 
 from ledger.audit import AuditService
+from ledger.display import spreadsheet_cell
 from ledger.storage.audit_store import EventFilter
 
 # audit.events' column names, in human order: what, when, who, then positions and hashes
@@ -57,14 +58,15 @@ class _Writer:
 
 def _cell(value: Any) -> Any:
     """A CSV cell a person can read: a list as its items joined by spaces (empty when there
-    are none, never `[]`), a mapping as JSON, a time as ISO 8601 UTC with a `Z`."""
+    are none, never `[]`), a mapping as JSON, a time as ISO 8601 UTC with a `Z`; text that a
+    spreadsheet would run as a formula starts with `'` (`ledger.display.spreadsheet_cell`)."""
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
     if isinstance(value, dict):
         return orjson.dumps(value).decode()
     if isinstance(value, datetime):
         return utc(value)
-    return value
+    return spreadsheet_cell(value)
 
 
 def utc(moment: datetime) -> str:

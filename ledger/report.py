@@ -32,6 +32,7 @@ from ledger import __version__, asof, integrity
 from ledger.console import params, present, tables
 from ledger.console.app import templates
 from ledger.console.reader import Reader
+from ledger.display import spreadsheet_cell
 from ledger.errors import ConfigurationError
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.store import EventStore
@@ -58,14 +59,14 @@ class Scope:
 
 def _csv(rows: list[Any]) -> str:
     """CSV with "\n" line ends: HTML turns "\r\n" into "\n", so a copy from a browser
-    would otherwise never match its hash."""
+    would otherwise never match its hash. Cells as the exports write them: no formulas."""
     out = io.StringIO(newline="")
     if rows:
         writer = csv.DictWriter(out, fieldnames=list(type(rows[0]).model_fields),
                                 lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if v is None else v
+            writer.writerow({k: "" if v is None else spreadsheet_cell(v)
                              for k, v in row.model_dump(mode="json").items()})
     return out.getvalue()
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
+from ledger import display
 from ledger.cli.common import one_line
 from ledger.settings import Settings
 from ledger.storage import target as targets
@@ -75,7 +76,7 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
         )
     if command not in ("serve", "forward") and level > logging.DEBUG:
         level = max(level, logging.WARNING)
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, handlers=[_stderr_handler(logging.NOTSET)], force=True)
     for name in _THIRD_PARTY:  # as a fresh process has them (commands may run in one process)
         logger = logging.getLogger(name)
         for handler in logger.handlers:
@@ -100,13 +101,23 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class LineFormatter(logging.Formatter):
+    """One record, one line: a message's control characters (a refused delivery's claimed
+    portal may hold line breaks and escape sequences) are written as visible escapes, so
+    nobody can forge a log line or drive the terminal of whoever reads the log. A
+    traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return display.terminal(super().formatMessage(record))
+
+
 class _ChatterLog(logging.FileHandler):
     """The embedded server's chatter file: opened when first written, and never a reason for
     anything to fail (a server stopped after its data dir is gone still stops)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, delay=True, encoding="utf-8")
-        self.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.setFormatter(LineFormatter(LOG_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -119,7 +130,7 @@ class _ChatterLog(logging.FileHandler):
 def _stderr_handler(level: int) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LineFormatter(LOG_FORMAT))
     return handler
 
 

