@@ -47,6 +47,15 @@ MAX_TOKEN = 512
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# on every read-API answer and every error answer (`ledger.web`): JSON that no browser may
+# sniff into a page, run anything from, frame, or keep in a cache (the console's pages send
+# their own, stricter set)
+PLAIN_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
 
 INT64_MAX = asof.INT64_MAX  # positions, bot ids: PostgreSQL bigint
 MAX_TEXT = 256  # member ids, event types, actors: far longer than any real one
@@ -385,7 +394,15 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         plausible = 0 < len(token) <= MAX_TOKEN and token.isascii() and token.isprintable()
         if scheme.lower() != "bearer" or not plausible or not await _live(request, token):
             raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
-    return await handler(request)
+    response = await handler(request)
+    plain_headers(response)
+    return response
+
+
+def plain_headers(response: web.StreamResponse) -> None:
+    """`PLAIN_HEADERS`, where the answer does not say otherwise."""
+    for name, value in PLAIN_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 async def _live(request: web.Request, token: str) -> bool:

