@@ -6,12 +6,15 @@ script in a browser."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import html
 import io
 import logging
 import re
+import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -244,3 +247,55 @@ async def test_every_read_answer_and_every_error_forbids_sniffing_framing_and_ca
     assert "default-src 'none'" in response.headers.get("Content-Security-Policy", "")
     assert "frame-ancestors 'none'" in response.headers.get("Content-Security-Policy", "")
     assert response.headers.get("Cache-Control") == "no-store"
+
+
+async def test_a_download_to_a_client_that_reads_nothing_is_ended(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by this break test: the handler waited for ever on a client that took nothing,
+    holding the spooled download (its first 4 MiB in memory). The table is stubbed with a
+    large one so that the socket buffers fill."""
+    from ledger import exports
+    from ledger.console import views
+    from tests.test_console import make_token
+
+    size = 32 * 1024 * 1024
+
+    async def big_table(*args: Any) -> tuple[str, exports.Manifest]:
+        out, line = args[3], "x" * 1023 + "\n"
+        for _ in range(size // 1024):
+            out.write(line)
+        return "portals.csv", exports.Manifest("portals", "csv", {}, 0, None, None, 0, "", "")
+
+    monkeypatch.setattr(views, "write_table", big_table)
+    monkeypatch.setattr(views, "DOWNLOAD_STALL_SECONDS", 0.5, raising=False)
+    ended = asyncio.Event()
+
+    class Watch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "took nothing" in record.getMessage():
+                ended.set()
+
+    watch = Watch()
+    logging.getLogger("ledger.console.views").addHandler(watch)
+    token = await make_token(client)
+    assert client.server.host is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((client.server.host, client.server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /console/download/portals.csv HTTP/1.1\r\nHost: x\r\n"
+                     b"Cookie: ledger_console=" + token.encode() + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(20):
+            await ended.wait()
+            received = 0  # what was buffered, then the end (the server aborted)
+            with contextlib.suppress(ConnectionResetError):
+                while more := await reader.read(1 << 20):
+                    received += len(more)
+        assert received < size
+    finally:
+        logging.getLogger("ledger.console.views").removeHandler(watch)
+        writer.close()

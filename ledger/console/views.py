@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import tempfile
 from collections.abc import Callable
@@ -33,12 +35,18 @@ from ledger.errors import BadQuery, NotFound
 from ledger.gateway.handoff import HANDOFF
 from ledger.storage.audit_store import EventFilter
 
+log = logging.getLogger(__name__)
+
 PAGE = 50
 HISTORY_PAGE = 20
 EVENT_PAGES = ("25", "50", "100", "200")
 DOWNLOAD_CAP = 100_000  # rows of a rejections or portals download
 TABLES = ("portals", "bots", "deletions", "events", "rejections")
 FORMATS = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+DOWNLOAD_CHUNK = 256 * 1024
+# a download whose client takes no chunk for this long is ended: a client that connects and
+# reads nothing would otherwise keep its spooled file (up to 4 MiB of memory) for ever
+DOWNLOAD_STALL_SECONDS = 60.0
 _MEMBER = re.compile(r"^[A-Za-z0-9._:\-]{1,200}\Z")
 
 
@@ -341,8 +349,16 @@ async def download(request: web.Request) -> web.StreamResponse:
             "Content-Disposition": f'attachment; filename="{name}"',
         })
         await response.prepare(request)
-        while chunk := spool.read(256 * 1024):
-            await response.write(chunk.encode())
+        while chunk := spool.read(DOWNLOAD_CHUNK):
+            try:
+                async with asyncio.timeout(DOWNLOAD_STALL_SECONDS):
+                    await response.write(chunk.encode())
+            except TimeoutError:
+                log.warning("download %s ended: its client took nothing for %.0f s", name,
+                            DOWNLOAD_STALL_SECONDS)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
         await response.write_eof()
     return response
 
