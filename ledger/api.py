@@ -389,10 +389,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         token = token.strip()
-        # ours are short ASCII; any other bytes (undecodable ones arrive as surrogates) are no
-        # token, and are never hashed or looked up
-        plausible = 0 < len(token) <= MAX_TOKEN and token.isascii() and token.isprintable()
-        if scheme.lower() != "bearer" or not plausible or not await _live(request, token):
+        if scheme.lower() != "bearer" or not plausible_token(token) \
+                or not await _live(request, token):
             raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
     response = await handler(request)
     plain_headers(response)
@@ -403,6 +401,12 @@ def plain_headers(response: web.StreamResponse) -> None:
     """`PLAIN_HEADERS`, where the answer does not say otherwise."""
     for name, value in PLAIN_HEADERS.items():
         response.headers.setdefault(name, value)
+
+
+def plausible_token(token: str, limit: int = MAX_TOKEN) -> bool:
+    """Ours are short printable ASCII; any other text (undecodable bytes arrive as
+    surrogates, which cannot even be hashed) is no token, and is never hashed or looked up."""
+    return 0 < len(token) <= limit and token.isascii() and token.isprintable()
 
 
 async def _live(request: web.Request, token: str) -> bool:

@@ -299,3 +299,24 @@ async def test_a_download_to_a_client_that_reads_nothing_is_ended(
     finally:
         logging.getLogger("ledger.console.views").removeHandler(watch)
         writer.close()
+
+
+@pytest.mark.parametrize("cookie", [b"\xff\xfeabc", b"\xed\xa0\x80", b"caf\xc3\xa9" * 4])
+async def test_a_console_cookie_that_is_no_token_is_a_sign_in_redirect_not_a_500(
+    client: Client, cookie: bytes
+) -> None:
+    """Found by this break test: a cookie with bytes that are not UTF-8 reached the token's
+    SHA-256 as surrogates, and anyone without a session got a 500 (a traceback logged per
+    request); the read API already refused such tokens without a lookup."""
+    assert client.server.host is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(b"GET /console/bots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Cookie: ledger_console=" + cookie + b"\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 303 "), answer[:200]
+    assert b"Location: /console/sign-in?next=/console/bots" in answer

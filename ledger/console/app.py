@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from ledger.api import AUDIT
+from ledger.api import AUDIT, plausible_token
 from ledger.api import token_is_live as api_token_is_live
 from ledger.audit import AuditService
 from ledger.console import present
@@ -154,7 +154,7 @@ async def _authenticated(request: web.Request, handler: Handler) -> web.StreamRe
     if request.path in PUBLIC:
         return await handler(request)
     token = request.cookies.get(COOKIE, "")
-    if token and len(token) <= 128 and await token_is_live(request, token):
+    if plausible_token(token, 128) and await token_is_live(request, token):
         request[SESSION_TOKEN] = token
         request[CSRF] = csrf_token(token)
         return await handler(request)
