@@ -16,7 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import orjson
 from aiohttp import web
@@ -168,13 +168,21 @@ async def _authenticated(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def read_form(request: web.Request) -> dict[str, str]:
-    """A small urlencoded form, bounded before it is read."""
+    """A small urlencoded form, bounded before it is read, decoded strictly: a browser sends
+    it as percent-encoded UTF-8 in ASCII, and anything else (raw bytes that are not UTF-8, a
+    charset Python does not know — which aiohttp's own parser raised on) is a 400."""
     if request.content_length is None or request.content_length > MAX_FORM_BYTES:
         raise BadQuery(f"a console form is at most {MAX_FORM_BYTES} bytes")
     if request.content_type != "application/x-www-form-urlencoded":
         raise BadQuery("send the form as application/x-www-form-urlencoded")
-    form = await request.post()
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    body = await request.content.read(MAX_FORM_BYTES + 1)
+    try:
+        fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="strict",
+                           max_num_fields=20)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadQuery("the form is not percent-encoded UTF-8 (send it from the console)") \
+            from exc
+    return dict(fields)
 
 
 async def stylesheet(request: web.Request) -> web.Response:
