@@ -351,3 +351,25 @@ async def test_a_console_form_that_is_not_utf8_is_a_400_not_a_500(
         writer.close()
     status = answer.split(b"\r\n")[0]
     assert status.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 401 ", b"HTTP/1.1 403 ")), answer[:300]
+
+
+@pytest.mark.parametrize("text", [ESCAPE, "a\nb\r\tc", "\x00\x7f\x85\u2066x\u2069", "plain é ü 名"])
+def test_display_escapes_only_what_acts_and_json_keeps_the_value(text: str) -> None:
+    from ledger import display
+
+    shown = display.terminal(text)
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", shown)
+    assert shown == text or "\\" in shown
+    line = display.json_line(orjson.dumps({"v": text}).decode())
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", line)
+    assert orjson.loads(line) == {"v": text}
+
+
+@pytest.mark.parametrize(("value", "cell"), [
+    ("=1+1", "'=1+1"), ("+1", "'+1"), ("-1", "'-1"), ("@x", "'@x"), ("\tx", "'\tx"),
+    ("\rx", "'\rx"), ("a=1", "a=1"), ("", ""), (5, 5), (None, None),
+])
+def test_a_spreadsheet_cell_never_starts_a_formula(value: Any, cell: Any) -> None:
+    from ledger import display
+
+    assert display.spreadsheet_cell(value) == cell
