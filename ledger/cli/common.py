@@ -54,7 +54,9 @@ def fail_cleanly(func: Callable[P, T]) -> Callable[P, T]:
 
 
 def one_line(text: str) -> str:
-    return " ".join(text.split())
+    """An error as one line; the stored text it may quote (a portal's member_id) cannot act on
+    the terminal."""
+    return display.terminal(" ".join(text.split()))
 
 
 def settings_of(ctx: click.Context) -> Settings:
