@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel
 
 from ledger.audit import AuditService
-from ledger.display import spreadsheet_cell
+from ledger.display import json_line, spreadsheet_cell
 from ledger.storage.audit_store import EventFilter
 
 # audit.events' column names, in human order: what, when, who, then positions and hashes
@@ -50,8 +50,10 @@ class _Writer:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._csv is None:
-            self._out.write(orjson.dumps(record, default=str,
-                                         option=orjson.OPT_UTC_Z).decode() + "\n")
+            # the same JSON value; C1 controls and bidirectional overrides as escapes, for
+            # whoever pages through it in a terminal (`ledger export … --output -`)
+            self._out.write(json_line(orjson.dumps(record, default=str,
+                                                   option=orjson.OPT_UTC_Z).decode()) + "\n")
             return
         self._csv.writerow({k: _cell(record.get(k)) for k in self._fields})
 

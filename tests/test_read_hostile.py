@@ -124,6 +124,28 @@ def test_cli_output_carries_no_terminal_control_character(
                    if isinstance(v, str))
 
 
+@pytest.mark.parametrize("kind", ["events", "bots", "deletions"])
+def test_jsonl_exports_keep_every_value_with_nothing_a_terminal_acts_on(
+    hostile: Database, kind: str
+) -> None:
+    result = run(hostile, "export", kind, "--format", "jsonl", "--output", "-")
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.stdout.splitlines() if x.startswith("{")]
+    assert lines
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", "\n".join(lines))
+    assert any(USER + ESCAPE in _strings(orjson.loads(line)) for line in lines)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
 def _report(hostile: Database, tmp_path: Path) -> str:
     output = tmp_path / "r.html"
     made = run(hostile, "report", "--output", str(output))
