@@ -33,6 +33,8 @@ def terminal(text: str) -> str:
     """One line of text a terminal shows as written: every control character (line breaks,
     tabs and escape sequences included) and every bidirectional control as a visible
     `\\xNN`/`\\uNNNN` escape."""
+    if text.isprintable():  # every character escaped here is unprintable: the usual case, fast
+        return text
     return _CONTROL.sub(_escaped, text)
 
 
@@ -43,6 +45,8 @@ def _json_escape(match: re.Match[str]) -> str:
 def json_line(text: str) -> str:
     """JSON text (as orjson writes it) with the characters JSON leaves raw but a terminal acts
     on (DEL, C1 controls, bidirectional controls) written as `\\uNNNN`: the same JSON value."""
+    if text.isascii() and "\x7f" not in text:  # orjson escapes C0; the rest is not ASCII
+        return text
     return _CONTROL.sub(_json_escape, text)
 
 
