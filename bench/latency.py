@@ -1,6 +1,7 @@
 """Where the latency at a fixed rate goes: `ledger serve` variants side by side, one run.
 
     python -m bench.latency [--rate 1000] [--seconds 8] [--rounds 2] [--closed 5]
+                            [--burst 12 [--sample]]
                             [--variants default,delay0,no-projector,...]
                             [--baseline DIR --variants base:default,default]
 
@@ -19,6 +20,12 @@ With `--closed S`, each server also takes S seconds of wrk -c64 (closed loop, as
 deliveries/s and CPU µs per delivery at saturation. A variant written `base:NAME` runs the code
 in `--baseline DIR` (e.g. `git archive main | tar -x -C DIR`) with NAME's settings: before and
 after in one run.
+With `--burst S`, each server first takes S seconds of wrk -c64 (tens of thousands of events at
+saturation, as bench.intake's closed loop before its open-loop phase), then is let settle as
+bench.intake lets it (server and cluster idle, at most 15 s), then measured at the fixed rate:
+the after-burst condition. `--sample` books the CPU of every process of the server and of the
+cluster to its kind while measured, and lays the slow requests against the kinds that were busy
+(bench/sampler.py).
 Read ratios between variants of the same run, never absolute numbers, on a shared machine.
 """
 
@@ -42,7 +49,8 @@ from typing import Any
 from bench import openloop
 from bench.common import OUT, Cluster
 from bench.intake import corpus, free_port, provision, run_wrk, serve, stop
-from bench.proc import _all, _tree, postmaster_pid, tree_cpu_seconds
+from bench.proc import CpuMeter, _all, _tree, postmaster_pid, tree_cpu_seconds
+from bench.sampler import Sampled, Sampler, lay_against
 from ledger.simulation import Traffic
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -56,6 +64,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     "no-listeners": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false"},
     "quiet": {"LEDGER_RUN_PROJECTOR": "false", "LEDGER_RUN_TREE_FOLLOWER": "false",
               "LEDGER_BATCH_MAX_DELAY_MS": "0"},
+    # the after-burst condition (as --burst 12) for this variant only: against `default`
+    "after-burst": {"BENCH_BURST": "12"},
     # with --trace, asyncio's loop is used (only it can time each callback); this keeps uvloop
     "uvloop": {"BENCH_TRACE_LOOP": "uvloop"},
 }
@@ -74,6 +84,9 @@ class Run:
     syscalls: dict[str, int] = field(default_factory=dict)  # intake / postgres, while measured
     switches: dict[str, int] = field(default_factory=dict)
     trace: list[list[Any]] = field(default_factory=list)  # bench/trace.py's events (--trace)
+    burst: int = 0  # deliveries stored at saturation before the fixed rate (--burst)
+    settled: bool = True  # the server and cluster went idle after the burst
+    sampled: Sampled | None = None  # --sample
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -140,6 +153,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     shutil.rmtree(data_dir, ignore_errors=True)
     env = {"LEDGER_DATABASE_URL": service, "LEDGER_DATA_DIR": str(data_dir),
            **VARIANTS[settings]}
+    burst_seconds = int(env.pop("BENCH_BURST", args.burst))
     if code:
         env["PYTHONPATH"] = str(Path(args.baseline).resolve())
     argv = [sys.executable, "-P", "-m", "ledger", "serve", "--port", str(port)]
@@ -151,6 +165,10 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     try:
         openloop.run_sync(url, lines, rate=args.rate, seconds=1.0, tag=f"{tag}w")
+        burst, settled = 0, True
+        if burst_seconds:  # the after-burst condition: as bench.intake's open loop meets it
+            burst = int(run_wrk(url, bodies, burst_seconds, 64, tag=f"{tag}b")["ok"])
+            settled = CpuMeter(process.pid, postmaster).settle()
         settle_until = 0.0
         while settle_until < 10:  # the projector catching up after the warm-up
             before = tree_cpu_seconds(process.pid)
@@ -167,8 +185,11 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
                  str(int(args.seconds)), "--rate", "500", "--format", "raw", "--idle",
                  "--output", str(OUT / f"profile-{variant}-{tag}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sampler = (Sampler(process.pid, postmaster, cluster.dsn(database)).start()
+                   if args.sample else None)
         result = openloop.run_sync(url, lines, rate=args.rate, seconds=args.seconds,
                                    tag=f"{tag}m")
+        sampled = sampler.stop() if sampler is not None else None
         if profiler is not None:
             profiler.wait(timeout=60)
         closed: dict[str, float] = {}
@@ -184,7 +205,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
-    run = Run(variant, result)
+    run = Run(variant, result, burst=burst, settled=settled, sampled=sampled)
     if args.trace:
         run.trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
@@ -324,6 +345,11 @@ def main() -> None:
     parser.add_argument("--trace", action="store_true",
                         help="run the servers under bench/trace.py and attribute the slow "
                         "requests to what overlapped them (GC, slow callbacks, commits, SQL)")
+    parser.add_argument("--burst", type=int, default=0, metavar="S",
+                        help="first S seconds of wrk -c64 (the after-burst condition)")
+    parser.add_argument("--sample", action="store_true",
+                        help="CPU by process kind and PostgreSQL's maintenance while measured, "
+                        "laid against the slow requests (bench/sampler.py)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the intake while measured: bench/out/profile-*.txt")
     args = parser.parse_args()
@@ -349,7 +375,10 @@ def main() -> None:
                 run = measure(name, args, cluster, lines, bodies, tokens, postmaster,
                               f"l{round_}v{index}")
                 runs[name].append(run)
-                print(f"{name}: {run.result.summary()}", file=sys.stderr)
+                print(f"{name}: {run.result.summary()}"
+                      + (f" (after a burst of {run.burst}"
+                         f"{'' if run.settled else ', not settled'})" if run.burst else ""),
+                      file=sys.stderr)
         load_after = os.getloadavg()[0]
     finally:
         cluster.stop()
@@ -390,6 +419,18 @@ def main() -> None:
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))
+    if any(r.burst for rs in runs.values() for r in rs):
+        print("\nBurst before the fixed rate (deliveries stored at saturation; settled): "
+              + "; ".join(f"{name} " + ", ".join(f"{r.burst}{'' if r.settled else ' unsettled'}"
+                                                 for r in rs) for name, rs in runs.items()))
+    if args.sample:
+        for name, rs in runs.items():
+            for index, r in enumerate(rs):
+                if r.sampled is None:
+                    continue
+                print(f"\n### {name}, round {index + 1}: what was busy while measured\n")
+                print("\n".join(lay_against(r.sampled, r.result.started, r.result.dues,
+                                             r.result.latencies, args.slow_ms)))
     if args.trace:
         for name, rs in runs.items():
             for r in rs:
