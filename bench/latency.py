@@ -83,6 +83,7 @@ class Run:
     closed_us: float = 0.0  # server tree + PostgreSQL CPU µs per delivery there
     syscalls: dict[str, int] = field(default_factory=dict)  # intake / postgres, while measured
     switches: dict[str, int] = field(default_factory=dict)
+    preempted: int = 0  # involuntary context switches of the intake (serve's own process)
     trace: list[list[Any]] = field(default_factory=list)  # bench/trace.py's events (--trace)
     burst: int = 0  # deliveries stored at saturation before the fixed rate (--burst)
     settled: bool = True  # the server and cluster went idle after the burst
@@ -104,12 +105,13 @@ def _roles(root: int) -> dict[str, float]:
     return roles
 
 
-def _counts(root: int) -> tuple[int, int]:
+def _counts(root: int) -> tuple[int, int, int]:
     """(read+write syscalls of the process tree `root`, voluntary context switches of its main
-    threads) so far: what a round trip or a wake-up costs, counted — robust where CPU time on a
-    busy machine is not."""
+    threads, involuntary ones of `root` itself) so far: what a round trip or a wake-up costs,
+    and how often the intake was preempted, counted — robust where CPU time on a busy machine
+    is not."""
     table = _all()
-    syscalls = switches = 0
+    syscalls = switches = preempted = 0
     for pid in _tree(root, table) if root in table else []:
         try:
             io = dict(line.split(": ") for line in
@@ -120,7 +122,10 @@ def _counts(root: int) -> tuple[int, int]:
         syscalls += int(io["syscr"]) + int(io["syscw"])
         switches += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status,
                                   re.MULTILINE).group(1))  # type: ignore[union-attr]
-    return syscalls, switches
+        if pid == root:
+            preempted += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", status,
+                                       re.MULTILINE).group(1))  # type: ignore[union-attr]
+    return syscalls, switches, preempted
 
 
 def _scrape(port: int) -> tuple[float, float, float]:
@@ -210,6 +215,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         run.trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
     run.switches = {k: n1[k][1] - n0[k][1] for k in n0}
+    run.preempted = n1["intake"][2] - n0["intake"][2]
     run.cpu = {role: cpu1.get(role, 0.0) - cpu0.get(role, 0.0) for role in cpu1}
     if pg0 is not None and pg1 is not None:
         run.cpu["postgres"] = pg1 - pg0
@@ -389,8 +395,10 @@ def main() -> None:
           "context switches of main threads) of the server's processes and of PostgreSQL.\n")
     print("| variant | p50 ms | p99 ms | p99.9 ms | intake µs | projector µs | forwarder µs | "
           "PG µs | commits/s | drafts/commit | append ms | stall episodes/s | req/episode | "
-          "closed /s | closed µs | syscalls (server/PG) | wake-ups (server/PG) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "closed /s | closed µs | syscalls (server/PG) | wake-ups (server/PG) | intake preempted "
+          "/1k |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+          "---:|")
     for name, rs in runs.items():
         def med(values: list[float]) -> float:
             return statistics.median(values)
@@ -415,7 +423,8 @@ def main() -> None:
               f"{med([size for _, size, _ in episodes]):.1f} | "
               f"{med([r.closed_rate for r in rs]):.0f} | {med([r.closed_us for r in rs]):.0f} | "
               f"{per('syscalls', 'intake'):.1f}/{per('syscalls', 'postgres'):.1f} | "
-              f"{per('switches', 'intake'):.1f}/{per('switches', 'postgres'):.1f} |")
+              f"{per('switches', 'intake'):.1f}/{per('switches', 'postgres'):.1f} | "
+              f"{med([r.preempted * 1000 / max(1, r.result.ok) for r in rs]):.0f} |")
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))

@@ -35,10 +35,41 @@ _CALLBACK_MS = 0.2
 
 def _gc_callback(phase: str, info: dict[str, int], _open: list[tuple[float, float]] = []) -> None:  # noqa: B006
     if phase == "start":
+        if _CENSUS and info["generation"] < 2:
+            _census(info["generation"])
         _open[:] = [(_pc(), _cpu())]
     elif _open:
         start, cpu = _open.pop()
         _events.append(("gc", start, _pc(), _cpu() - cpu, info["generation"], info["collected"]))
+
+
+_CENSUS = os.environ.get("BENCH_TRACE_GC_CENSUS") == "1"
+
+
+def _census(generation: int) -> None:
+    """What a young collection is about to look at (BENCH_TRACE_GC_CENSUS=1): how many objects
+    the generations it collects hold, and the largest containers among them — a collection's
+    cost is the references it follows, and one large young container is most of them."""
+    began = _pc()
+    objects = [o for g in range(generation + 1) for o in gc.get_objects(generation=g)]
+    sized = []
+    for o in objects:
+        try:
+            sized.append((len(o), type(o).__qualname__, _owner(o)))
+        except TypeError:
+            continue
+    sized.sort(key=lambda s: -s[0])
+    _events.append(("census", began, _pc(), generation, len(objects), sized[:5]))
+
+
+def _owner(o: Any) -> str:
+    """A hint of whose a container is: the type of a value or key in it."""
+    if isinstance(o, dict) and o:
+        key, value = next(iter(o.items()))
+        return f"{type(key).__qualname__}->{type(value).__qualname__} {str(key)[:40]}"
+    if isinstance(o, (list, tuple, set, frozenset)) and o:
+        return type(next(iter(o))).__qualname__
+    return ""
 
 
 def _where(handle: asyncio.Handle) -> str:

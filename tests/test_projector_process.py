@@ -107,6 +107,8 @@ async def test_serve_runs_one_projector_restarts_it_after_kill_9_and_leaves_no_c
         # niced (LEDGER_PROJECTOR_NICE, 10): its bursts wait for the intake, not the reverse
         niced = min(19, os.getpriority(os.PRIO_PROCESS, parent) + 10)
         await _until(lambda: os.getpriority(os.PRIO_PROCESS, first) == niced)
+        # and batch-scheduled: woken by every NOTIFY, it never preempts the intake on waking
+        await _until(lambda: os.sched_getscheduler(first) == os.SCHED_BATCH)
         await _deliver(base, session, 1)
         await _projected(admin)  # woken by NOTIFY: the poll is 60 s away
         if on_this_machine(database.service_dsn):  # and so are its backends, ours to renice
@@ -115,6 +117,7 @@ async def test_serve_runs_one_projector_restarts_it_after_kill_9_and_leaves_no_c
                 "AND application_name = 'ledger' AND datname = current_database()")]
             assert backends
             assert all(os.getpriority(os.PRIO_PROCESS, pid) >= 10 for pid in backends)
+            assert all(os.sched_getscheduler(pid) == os.SCHED_BATCH for pid in backends)
 
         os.kill(first, signal.SIGKILL)
         (second,) = await _until(lambda: _projectors(parent) - {first} or None)

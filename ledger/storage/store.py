@@ -243,7 +243,11 @@ def _renice_backend(connection: Connection, nice: int) -> None:
             return
         if os.getpriority(os.PRIO_PROCESS, pid) < nice:
             os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except OSError as exc:  # another user's server, or not Linux: it stays as it is
+        # no wake-up preemption either: each statement wakes the backend beside the intake's
+        # (SCHED_BATCH: Linux; elsewhere nothing)
+        if nice and os.sched_getscheduler(pid) == os.SCHED_OTHER:
+            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError) as exc:  # another user's server, not Linux: as it is
         log.debug("backend %d keeps its priority: %s", pid, exc)
 
 
