@@ -211,7 +211,7 @@ def lay_against(sampled: Sampled, started: float, dues: list[float],
             lo, hi = first.get(what, (at, at))
             first[what] = (min(lo, at), max(hi, at))
         lines += ["", "PostgreSQL maintenance seen (s from the interval's start):"]
-        lines += [f"- {what}: {lo - started:.1f}–{hi - started:.1f}"
+        lines += [f"- {what}: {lo - started:.1f} to {hi - started:.1f}"
                   for what, (lo, hi) in sorted(first.items(), key=lambda kv: kv[1])]
     before, after = sampled.stats_before, sampled.stats_after
     lines += ["", "ledger.events and checkpoints, before → after: " + ", ".join(
