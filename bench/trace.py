@@ -35,8 +35,6 @@ _CALLBACK_MS = 0.2
 
 def _gc_callback(phase: str, info: dict[str, int], _open: list[tuple[float, float]] = []) -> None:  # noqa: B006
     if phase == "start":
-        if _CENSUS and info["generation"] < 2:
-            _census(info["generation"])
         _open[:] = [(_pc(), _cpu())]
     elif _open:
         start, cpu = _open.pop()
@@ -46,12 +44,21 @@ def _gc_callback(phase: str, info: dict[str, int], _open: list[tuple[float, floa
 _CENSUS = os.environ.get("BENCH_TRACE_GC_CENSUS") == "1"
 
 
+def _censuses() -> None:
+    """Twice a second, from a thread (not from the collector's callback: get_objects there
+    crashed the interpreter), `_census` of generations 0 and 1."""
+    while True:
+        time.sleep(0.5)
+        for generation in (0, 1):
+            _census(generation)
+
+
 def _census(generation: int) -> None:
-    """What a young collection is about to look at (BENCH_TRACE_GC_CENSUS=1): how many objects
-    the generations it collects hold, and the largest containers among them — a collection's
-    cost is the references it follows, and one large young container is most of them."""
+    """What a young collection looks at (BENCH_TRACE_GC_CENSUS=1): how many objects the
+    generation holds, and the largest containers among them — a collection's cost is the
+    references it follows, and one large young container is most of them."""
     began = _pc()
-    objects = [o for g in range(generation + 1) for o in gc.get_objects(generation=g)]
+    objects = gc.get_objects(generation=generation)
     sized = []
     for o in objects:
         try:
@@ -156,6 +163,9 @@ def main() -> None:
         sys.modules["uvloop"] = None  # type: ignore[assignment]  # import fails: asyncio's loop
         _patch_loop()
     gc.callbacks.append(_gc_callback)
+    if _CENSUS:
+        import threading
+        threading.Thread(target=_censuses, daemon=True).start()
     _patch_asyncpg()
     _patch_ledger()
     from ledger.cli import main as ledger
