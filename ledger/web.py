@@ -583,15 +583,22 @@ async def _parser_log_ctx(app: web.Application) -> AsyncIterator[None]:
     server_log.removeFilter(refusals)
 
 
-# gen1 collections per full (gen2) collection; Python's default is 10.
-GC_FULL_EVERY = 100
+# gen1 collections per full (gen2) collection; Python's default is 10. With the young threshold
+# below, a full collection comes after as many allocations (2,000 x 10 x 500) as with 10,000 x
+# 10 x 100 before: a tenth as often as Python's defaults would.
+GC_FULL_EVERY = 500
 # Young objects the cycle collector lets accumulate before it looks (Python's default: 700).
 # What a delivery allocates is freed by reference counting as its request ends; at 700 the
 # collector ran every ~23 deliveries over the objects of every request in flight, ~7 % of the
 # intake's CPU at saturation (bench/RESULTS.md, "Server CPU per delivery outside the draft").
-# Garbage in cycles still triggers it, after 10,000 objects instead of 700: a refusal's cycle
-# is cut as it is answered (`_release`), or a flood of large refused bodies would wait for it.
-GC_YOUNG_THRESHOLD = 10_000
+# Not 10,000 either: what the service keeps (caches, templates, recent commits) is young until
+# looked at, and at a fixed 1000/s, with caches cold between deliveries, a young collection of
+# 10,000 took 2-5 ms and the gen1 one over ten of them 13-20 ms — each an event-loop stall the
+# requests queued behind; at 2,000, 0.8 and 1.5-3 ms, for +3 µs of CPU per delivery at
+# saturation (bench/RESULTS.md, "sixth session"). Garbage in cycles still triggers it: a
+# refusal's cycle is cut as it is answered (`_release`), or a flood of large refused bodies
+# would wait for it.
+GC_YOUNG_THRESHOLD = 2_000
 
 
 async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -600,8 +607,9 @@ async def _gc_ctx(app: web.Application) -> AsyncIterator[None]:
     in full ten times less often than Python would: what the service keeps — the decoding
     templates and key caches, tens of thousands of tracked objects — made each full collection
     a 13-35 ms stall of the event loop, every ~2 s at 1000 deliveries/s (bench/RESULTS.md,
-    "Latency at 1000/s, third session"); a full one still comes (and frees cycles) every ~100
-    gen1 ones. The young generation grows to `GC_YOUNG_THRESHOLD` before it is looked at."""
+    "Latency at 1000/s, third session"); a full one still comes (and frees cycles) every
+    `GC_FULL_EVERY` gen1 ones. The young generation grows to `GC_YOUNG_THRESHOLD` before it is
+    looked at: larger saves CPU under load, smaller keeps each young collection's stall short."""
     gc.collect()
     gc.freeze()
     thresholds = gc.get_threshold()
