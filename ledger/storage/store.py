@@ -234,9 +234,10 @@ def on_this_machine(dsn: str) -> bool:
 
 
 def _renice_backend(connection: Connection, nice: int) -> None:
-    """Lower the CPU priority of the connection's backend process to `nice`, when it runs
-    here and may be: a background reader's backend (the projector's) then yields the cores
-    to the intake's as its own client process does. Anything else: left as it is."""
+    """Lower the CPU priority of the connection's backend process to `nice`, and schedule it
+    as batch work (no wake-up preemption), when it runs here and may be: a background
+    reader's backend (the projector's) then yields the cores to the intake's as its own client
+    process does. Anything else: left as it is."""
     pid = connection.get_server_pid()
     try:
         if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
