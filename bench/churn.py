@@ -76,6 +76,8 @@ class Answer:
     sha: str
     status: int  # -1: never answered
     body: dict[str, Any]
+    sent: float = 0.0  # monotonic seconds: when the request went out and its answer came
+    answered: float = 0.0
 
 
 @dataclass(slots=True)
@@ -88,6 +90,7 @@ class Counts:
     examples: list[str] = field(default_factory=list)
     refused_by: Counter[str] = field(default_factory=Counter)  # "EVENT status"
     never_by: Counter[str] = field(default_factory=Counter)
+    stored: set[str] = field(default_factory=set)  # body digests stored
 
     def line(self) -> str:
         return (f"acked-but-missing {self.acked_missing}, positions-disagree {self.disagree}, "
@@ -148,6 +151,7 @@ async def send(url: str, deliveries: list[tuple[str, bytes]], sender: int, answe
                 sha = hashlib.sha256(body).hexdigest()
                 target = url + (f"?{query}" if query else "")
                 for _ in range(5):
+                    sent = time.monotonic()
                     try:
                         async with session.post(target, data=body,
                                                 headers={"Content-Type": wire.FORM}) as response:
@@ -156,7 +160,8 @@ async def send(url: str, deliveries: list[tuple[str, bytes]], sender: int, answe
                             except ValueError:
                                 document = {}
                             answers.append(Answer(sender, index, sha, response.status,
-                                                  document if isinstance(document, dict) else {}))
+                                                  document if isinstance(document, dict) else {},
+                                                  sent, time.monotonic()))
                             return
                     except aiohttp.ClientError:
                         await asyncio.sleep(0.1)
@@ -271,7 +276,7 @@ async def check(admin: str, answers: list[Answer], deliveries: list[tuple[str, b
         events = await connection.fetchval("SELECT count(*) FROM ledger.events")
     finally:
         await connection.close()
-    counts = Counts(events=events)
+    counts = Counts(events=events, stored=set(stored))
     positions: dict[str, set[int]] = defaultdict(set)
     for answer in answers:
         if answer.status in (200, 202):
@@ -290,6 +295,47 @@ async def check(admin: str, answers: list[Answer], deliveries: list[tuple[str, b
     counts.disagree = sum(1 for sha, p in positions.items()
                           if len(p) > 1 or (sha in stored and p != {stored[sha]}))
     return counts
+
+
+def lifecycle_of(body: bytes) -> tuple[str, str]:
+    document = wire.parse_php_form(body, max_fields=10_000, max_nesting=32)
+    auth = document.get("auth")
+    member_id = auth.get("member_id", "?") if isinstance(auth, dict) else "?"
+    return str(document.get("event", "?")), str(member_id)
+
+
+def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored: set[str],
+             began: float) -> tuple[Counter[str], list[str]]:
+    """Each never-stored install, against the uninstall before it in the corpus (same portal):
+    'overtook' when every copy of it was sent before any copy of that uninstall was answered
+    2xx (the senders reordered: refusing it is right), else 'misjudged' (a copy sent after
+    the uninstall was acknowledged was refused: the service judged it without the uninstall)."""
+    by_index: dict[int, list[Answer]] = defaultdict(list)
+    for answer in answers:
+        by_index[answer.index].append(answer)
+    kinds: Counter[str] = Counter()
+    lines: list[str] = []
+    for index, copies in sorted(by_index.items()):
+        event, member_id = lifecycle_of(deliveries[index][1])
+        if event != INSTALL or copies[0].sha in stored:
+            continue
+        before = next((j for j in range(index - 1, -1, -1)
+                       if lifecycle_of(deliveries[j][1]) == ("ONAPPUNINSTALL", member_id)), None)
+        uninstall = by_index.get(before, []) if before is not None else []
+        acked = [a.answered for a in uninstall if a.status in (200, 202)]
+        first_ack = min(acked) if acked else None
+        late = [a for a in copies if first_ack is not None and a.sent > first_ack]
+        kind = "misjudged" if late else "overtook" if first_ack is not None else "no-uninstall"
+        kinds[kind] += 1
+
+        def show(a: Answer) -> str:
+            return (f"s{a.sender} sent {a.sent - began:.3f} answered {a.answered - began:.3f} "
+                    f"{a.status} {a.body.get('error') or a.body.get('status')}")
+        lines.append(f"    never-stored install #{index} ({member_id[:8]}): {kind}; "
+                     f"uninstall #{before}")
+        lines.extend(f"      uninstall {show(a)}" for a in uninstall)
+        lines.extend(f"      install   {show(a)}" for a in copies)
+    return kinds, lines
 
 
 async def one_run(number: int, args: argparse.Namespace) -> bool:
@@ -362,6 +408,10 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
               f"{text.count(REFUSED_ON_DRAIN)}; Tracebacks {text.count('Traceback')}; "
               f"operator errors {len(cli_errors)}")
         print(f"  {after.kinds()}")
+        kinds, lines = timeline(answers, deliveries, after.stored, began)
+        if kinds:
+            print(f"  never-stored installs: {dict(kinds)}")
+            print("\n".join(lines[:40]))
         for example in after.examples:
             print(f"    missing: {example}")
         ok = after.acked_missing == 0 and after.disagree == 0 and before.disagree == 0

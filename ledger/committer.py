@@ -52,8 +52,9 @@ class Appender(Protocol):
 
     def spool_offline(
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
-    ) -> list[Outcome]:
-        """Judge offline, `write` what is to be spooled, answer each draft (blocking)."""
+    ) -> list[Outcome | LedgerError]:
+        """Judge offline, `write` what is to be spooled, answer each draft (blocking): an
+        outcome, or the error a draft not taken is answered with."""
         ...
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
@@ -330,7 +331,11 @@ class GroupCommitter:
             self._settle(batch, failure)
             return
         for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(result, LedgerError):
+                future.set_exception(result)
+            else:
                 future.set_result(result)
 
     async def _drain(self) -> None:

@@ -48,6 +48,17 @@ class LifecycleNotDrained(DatabaseUnavailable):
     code = "lifecycle_not_drained"
 
 
+class LifecycleInDoubt(DatabaseUnavailable):
+    """Offline, this portal's lifecycle is in doubt: a worker gave up on an online append of
+    its install or uninstall (PostgreSQL stalled, or its connection was lost mid-commit), and
+    that commit may land or may not. Judged without it, a delivery answered 202 could be
+    refused on drain; so it is answered 503 until that worker's drain settles the doubt (as soon
+    as PostgreSQL is reachable again). Nothing for an operator to do unless it lasts: then the
+    worker's spool does not drain (see `/readyz`)."""
+
+    code = "lifecycle_in_doubt"
+
+
 class DatabaseMissing(ConfigurationError):
     """The configured database does not exist on the server (the message says how to create it)."""
 

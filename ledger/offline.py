@@ -65,14 +65,19 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import orjson
 
 from ledger.envelope import INSTALL, UNINSTALL
-from ledger.errors import LedgerError, LifecycleNotDrained
+from ledger.errors import (
+    DatabaseUnavailable,
+    LedgerError,
+    LifecycleInDoubt,
+    LifecycleNotDrained,
+)
 from ledger.models import (
     Draft,
     Duplicate,
@@ -103,6 +108,9 @@ log = logging.getLogger(__name__)
 # the deliveries whose commit moves a portal's trust (`JournalTurn`)
 _LIFECYCLE = frozenset({INSTALL, UNINSTALL})
 _T = TypeVar("_T")
+# an online append of lifecycle deliveries given up on while it may yet commit: the journal,
+# still locked by its turn, and the turn's portals (`JournalTurn.give_up`, `OfflineTrust.spool`)
+Doubt = tuple[IO[bytes], frozenset[str]]
 _COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet to refresh
 
 
@@ -129,6 +137,12 @@ class _Journal:
     # went back from (a worker found it: `OfflineTrust.refresh`): their settlements and shared
     # dedup facts are not the database's — only what a refresh reads from it counts
     rewound: int = 0
+    # lifecycle deliveries whose online append a worker gave up on, spooled, not yet drained:
+    # (worker, member_id, cause) — their portals are judged by nobody offline (`spool`)
+    doubts: set[tuple[int, str, str]] = field(default_factory=set)
+
+    def doubted(self) -> frozenset[str]:
+        return frozenset(member_id for _, member_id, _ in self.doubts)
 
 
 class OfflineTrust:
@@ -280,6 +294,8 @@ class OfflineTrust:
                        own + tuple((p, effect) for p, effect, _ in committed if p > position))
         if turn is not None and turn.handle is not None:
             await turn.in_thread(lambda handle: self._share(committed, handle))
+            turn.shared = True
+            turn.release()  # shared: the snapshot below is this worker's alone
         else:  # no turn, or given up on (`JournalTurn.give_up`): the lock is taken here
             await asyncio.to_thread(self._share, committed)
         await asyncio.to_thread(self._save_snapshot)
@@ -328,61 +344,107 @@ class OfflineTrust:
 
     # ---- judging offline ---------------------------------------------------------------
 
-    def spool(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]) -> list[Outcome]:
+    def spool(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None], *,
+              doubt: Doubt | None = None) -> list[Outcome | LedgerError]:
         """Judge a batch offline, write what is to be spooled with `write`, record its trust
         effects in the journal. `write`'s failure (OSError, SpoolFull) propagates, and then
-        nothing reached the journal."""
-        with self._locked(fcntl.LOCK_EX) as handle:
+        nothing reached the journal. A delivery for a portal whose lifecycle is in doubt is
+        answered LifecycleInDoubt (503), not judged. `doubt`: this batch's own online append
+        was given up on and may yet commit (`JournalTurn.give_up`) — the journal, still locked
+        by its turn, and its portals: their lifecycle deliveries are spooled in doubt."""
+        held, doubted = doubt if doubt is not None else (None, frozenset[str]())
+        with (contextlib.closing(held) if held is not None
+              else self._locked(fcntl.LOCK_EX)) as handle:
             journal = _read(handle)
-            facts, provisional = self._view(journal)
-            wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
-            known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
-            known.spooled = {k: self._pending[k][0] for k in wanted if k in self._pending}
-            # the originals' flags, taken before `plan` adds this batch's own to `spooled`
-            final = {k: self._pending[k][1] for k in known.spooled}
-            planned = plan(drafts, known, None, policy=self._policy,
-                           provisional=frozenset(provisional))
-            rejections = dict(planned.rejections)
-            records: list[Draft] = []
-            outcomes: list[Outcome] = []
-            spooled: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
-            for index, draft in enumerate(drafts):
-                outcome = planned.outcomes[index]
-                if index in rejections:
-                    records.append(rejections[index])
-                if isinstance(draft, RejectionDraft):
-                    outcomes.append(Spooled())
-                    continue
-                assert outcome is not None
-                key = (draft.member_id, draft.dedup_key)
-                if index in planned.copies:
-                    # judged as its original was: the drain stores that first, and then finds
-                    # this one stored; if the original is refused there, this one goes its way
-                    records.append(replace(draft, offline_seen=journal.next_seq,
-                                           offline_accepted=final.get(key, False)))
-                elif isinstance(outcome, Spooled):
-                    accepted = index in planned.accepted_offline
-                    records.append(replace(draft, offline_seen=journal.next_seq,
-                                           offline_accepted=accepted))
-                    final[key] = accepted
-                    spooled[key] = (draft.presented_sha256, accepted)
-                elif isinstance(outcome, Duplicate):
-                    # stored already: the drain finds it so before judging it, and records the
-                    # redelivery (`ledger.redeliveries`) as an online duplicate is recorded
-                    records.append(draft)
-                outcomes.append(outcome)
-            write(records)
-            lines = []
-            for seq, made in enumerate(planned.effects, start=journal.next_seq):
-                cause = drafts[made.cause]
-                assert isinstance(cause, EventDraft)
-                lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
-                              "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
-            _append(handle, lines)
+            in_doubt = journal.doubted()
+            judged = [d for d in drafts
+                      if not (isinstance(d, EventDraft) and d.member_id in in_doubt)]
+            outcomes = self._judged(judged, write, handle, journal, doubted)
+        answers = iter(outcomes)
+        return [next(answers) if not (isinstance(d, EventDraft) and d.member_id in in_doubt)
+                else LifecycleInDoubt(
+                    f"portal {d.member_id}'s install or uninstall is in doubt (an append a "
+                    "worker gave up on may yet commit) and PostgreSQL is unreachable: not "
+                    "judged, not taken") for d in drafts]
+
+    def _judged(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None],
+                handle: IO[bytes], journal: _Journal, doubted: frozenset[str]) -> list[Outcome]:
+        facts, provisional = self._view(journal)
+        wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
+        known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
+        known.spooled = {k: self._pending[k][0] for k in wanted if k in self._pending}
+        # the originals' flags, taken before `plan` adds this batch's own to `spooled`
+        final = {k: self._pending[k][1] for k in known.spooled}
+        planned = plan(drafts, known, None, policy=self._policy,
+                       provisional=frozenset(provisional))
+        rejections = dict(planned.rejections)
+        records: list[Draft] = []
+        outcomes: list[Outcome] = []
+        spooled: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
+        for index, draft in enumerate(drafts):
+            outcome = planned.outcomes[index]
+            if index in rejections:
+                records.append(rejections[index])
+            if isinstance(draft, RejectionDraft):
+                outcomes.append(Spooled())
+                continue
+            assert outcome is not None
+            if draft.event_type in _LIFECYCLE and log.isEnabledFor(logging.DEBUG):
+                self._log_judgement(draft, outcome, journal)
+            key = (draft.member_id, draft.dedup_key)
+            if index in planned.copies:
+                # judged as its original was: the drain stores that first, and then finds
+                # this one stored; if the original is refused there, this one goes its way
+                records.append(replace(draft, offline_seen=journal.next_seq,
+                                       offline_accepted=final.get(key, False)))
+            elif isinstance(outcome, Spooled):
+                accepted = index in planned.accepted_offline
+                records.append(replace(draft, offline_seen=journal.next_seq,
+                                       offline_accepted=accepted))
+                final[key] = accepted
+                spooled[key] = (draft.presented_sha256, accepted)
+            elif isinstance(outcome, Duplicate):
+                # stored already: the drain finds it so before judging it, and records the
+                # redelivery (`ledger.redeliveries`) as an online duplicate is recorded
+                records.append(draft)
+            outcomes.append(outcome)
+        write(records)
+        lines: list[dict[str, Any]] = []
+        for seq, made in enumerate(planned.effects, start=journal.next_seq):
+            cause = drafts[made.cause]
+            assert isinstance(cause, EventDraft)
+            lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
+                          "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
+        # the given-up append's lifecycle deliveries, spooled: until this worker drains them
+        # (then PostgreSQL holds them, or refused them), nobody judges their portals offline
+        in_doubt = [[d.member_id, d.dedup_key.hex()] for d in records
+                    if isinstance(d, EventDraft) and d.event_type in _LIFECYCLE
+                    and d.member_id in doubted]
+        if in_doubt:
+            log.warning("an append of %d lifecycle deliveries was given up on and may yet "
+                        "commit: portal(s) %s answered 503 offline until they are drained",
+                        len(in_doubt), ", ".join(sorted({m for m, _ in in_doubt})))
+            lines.append({"doubt": in_doubt, "worker": self._worker, "at": time.time()})
+        _append(handle, lines)
         for key, value in spooled.items():
             if len(self._pending) < self._pending_limit:
                 self._pending[key] = value
         return outcomes
+
+    @property
+    def worker(self) -> int:
+        return self._worker
+
+    def _log_judgement(self, draft: EventDraft, outcome: Outcome, journal: _Journal) -> None:
+        """One DEBUG line per lifecycle delivery judged offline, with what it was judged on:
+        why a reinstall was refused during an outage is answered here."""
+        _, base_position, own = self._state
+        entries = [(e.seq, e.worker, e.effect.change.value, journal.settled.get(e.seq, "open"))
+                   for e in journal.entries if e.member_id == draft.member_id]
+        log.debug("offline %s portal=%s key=%s worker=%d base_position=%d own=%s journal=%s "
+                  "-> %s", draft.event_type, draft.member_id, draft.dedup_key.hex()[:12],
+                  self._worker, base_position, [p for p, _ in own], entries,
+                  getattr(outcome, "code", type(outcome).__name__))
 
     def drained(self, drafts: Sequence[Draft]) -> None:
         """These spooled drafts left the spool (stored — `recent` has them — refused, or set
@@ -492,13 +554,19 @@ class OfflineTrust:
             return
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
-            lines = [
+            lines: list[dict[str, Any]] = [
                 {"settled": e.seq, "position": drained[(e.member_id, e.cause)],
                  "at": time.time()}
                 for e in journal.entries
                 if e.worker == self._worker and e.seq not in journal.settled
                 and (e.member_id, e.cause) in drained
             ]
+            # drained, the given-up append's lifecycle deliveries are in PostgreSQL (found
+            # stored: it did commit; or stored now) or refused there: no longer in doubt
+            resolved = [[m, c] for w, m, c in sorted(journal.doubts)
+                        if w == self._worker and (m, c) in drained]
+            if resolved:
+                lines.append({"resolved": resolved, "worker": self._worker})
             _append(handle, lines)
 
     def view(self) -> tuple[TrustFacts, set[str]]:
@@ -557,7 +625,8 @@ class OfflineTrust:
         continue where they were."""
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
-            if not journal.entries or len(journal.settled) < len(journal.entries):
+            if (not journal.entries or len(journal.settled) < len(journal.entries)
+                    or journal.doubts):
                 return
             if any(p is not None and p > self.base_position and seq >= journal.rewound
                    for seq, p in journal.settled.items()):
@@ -692,6 +761,12 @@ def _read(handle: IO[bytes]) -> _Journal:
         elif "settled" in record:
             journal.settled[int(record["settled"])] = record["position"]
             journal.settled_at = max(journal.settled_at, float(record["at"]))
+        elif "doubt" in record:
+            journal.doubts.update((int(record["worker"]), str(m), str(c))
+                                  for m, c in record["doubt"])
+        elif "resolved" in record:
+            journal.doubts.difference_update((int(record["worker"]), str(m), str(c))
+                                             for m, c in record["resolved"])
         else:
             effect = effect_of(record["effect"])
             if effect is None:
@@ -748,14 +823,22 @@ class JournalTurn:
     committer stops waiting for it (the append timeout) it spools the batch under the
     journal's lock, so the turn is given up then (`give_up`) — else a stalled PostgreSQL held
     the worker's spool, and every other worker's offline judgement, for as long as the
-    statement's own timeout (found by breakturn: no answer for 60 s)."""
+    statement's own timeout (found by breakturn: no answer for 60 s).
+    Given up on (or its connection lost) after `take`, the append may still commit: the
+    journal, still locked, goes to the spool of its batch (`Doubt`), which records its
+    portals in doubt before anyone else judges them — let go instead, another worker judged
+    them without the commit that landed later (a delivery under an ended token answered 202,
+    refused on drain)."""
 
     def __init__(self, trust: OfflineTrust, portals: frozenset[str]) -> None:
         self._trust = trust
-        self._portals = portals
+        self.portals = portals
         self.handle: IO[bytes] | None = None
         self.given_up = False
-        self._busy = False  # a thread uses `handle`: `give_up` leaves closing it to that use
+        self.taken = False  # `take` passed: the append's statements may commit from here
+        self.shared = False  # what it committed is in the journal
+        self._busy = False  # a thread uses `handle`: closing it waits for that thread
+        self._closing = False
 
     async def take(self) -> None:
         """Under the events head lock (`EventStore.append_planned`'s `under_lock`). Given up
@@ -774,33 +857,51 @@ class JournalTurn:
             self._check()
             self.handle = handle
         waited_on = await self.in_thread(
-            lambda handle: self._trust._waited_on(handle, self._portals))
+            lambda handle: self._trust._waited_on(handle, self.portals))
         self._check()
         if waited_on:
             raise LifecycleNotDrained(
                 f"portal(s) {', '.join(sorted(waited_on))} wait on another worker's spooled "
                 "lifecycle events; spooling behind them")
+        self.taken = True
 
     async def in_thread(self, call: Callable[[IO[bytes]], _T]) -> _T:
-        """`call(handle)` in a thread, the turn held."""
+        """`call(handle)` in a thread, the turn held. Shielded: an append cancelled meanwhile
+        (shutdown) lets go of the journal only when the thread is done with it — closed under
+        it, a share was cut off mid-write."""
         assert self.handle is not None
         handle = self.handle
         self._busy = True
-        try:
-            return await asyncio.to_thread(call, handle)
-        finally:
-            self._busy = False
-            if self.given_up:
-                self.release()
+        working = asyncio.ensure_future(asyncio.to_thread(call, handle))
+        working.add_done_callback(self._thread_done)
+        return await asyncio.shield(working)
 
-    def give_up(self) -> None:
-        """The committer stopped waiting for this append and spools its batch, under the
-        journal's lock: let go of it now (or as soon as the thread using it is done). Should
-        the append still commit, it shares what it committed taking the lock as any use does;
-        its spooled copy's journal entries stand for it meanwhile, and its drain settles them."""
-        self.given_up = True
-        if not self._busy:
+    def _thread_done(self, _: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if self.given_up or self._closing:
             self.release()
+
+    def in_doubt(self) -> bool:
+        """Whether the append, ended or given up on now, may have committed unshared."""
+        return self.taken and not self.shared and self.handle is not None and not self._busy
+
+    def hand_over(self) -> Doubt:
+        """The journal, still locked, for the spool of this append's batch (`in_doubt`)."""
+        handle, self.handle = self.handle, None
+        assert handle is not None
+        return handle, self.portals
+
+    def give_up(self) -> Doubt | None:
+        """The committer stopped waiting for this append and spools its batch, under the
+        journal's lock: let go of it now (or as soon as the thread using it is done) — or,
+        when the append may yet commit, hand it to that spool (`in_doubt`). Should the append
+        still commit, it shares what it committed taking the lock as any use does; its
+        spooled copy's journal entries stand for it meanwhile, and its drain settles them."""
+        self.given_up = True
+        if self.in_doubt():
+            return self.hand_over()
+        self.release()
+        return None
 
     def _check(self) -> None:
         if self.given_up:
@@ -808,6 +909,9 @@ class JournalTurn:
                                "spooled): it judges nothing more")
 
     def release(self) -> None:
+        if self._busy:  # closed when the thread is done (`_thread_done`)
+            self._closing = True
+            return
         handle, self.handle = self.handle, None
         if handle is not None:
             handle.close()  # closing the descriptor lets go of its lock
@@ -830,8 +934,10 @@ class Appender:
         self._offline = offline
         self._order_wait = order_wait_seconds
         self._turns: set[JournalTurn] = set()  # held by appends not yet ended
+        self._doubt: Doubt | None = None  # for the spool of the batch given up on
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
+        self._forget_doubt()
         if draining:
             held = await asyncio.to_thread(self._offline.held, drafts)
         else:
@@ -844,6 +950,12 @@ class Appender:
             self._turns.add(turn)
         try:
             return await self._append(drafts, draining, held, turn)
+        except (DatabaseUnavailable, TimeoutError):
+            # its connection lost mid-statement or mid-COMMIT: the batch is spooled next, and
+            # may have committed — in doubt as when given up on
+            if turn is not None and turn.in_doubt():
+                self._hold_doubt(turn.hand_over())
+            raise
         finally:
             if turn is not None:
                 self._turns.discard(turn)
@@ -852,7 +964,19 @@ class Appender:
     def give_up(self) -> None:
         """The committer stopped waiting for the append (`JournalTurn.give_up`)."""
         for turn in self._turns:
-            turn.give_up()
+            doubt = turn.give_up()
+            if doubt is not None:
+                self._hold_doubt(doubt)
+
+    def _hold_doubt(self, doubt: Doubt) -> None:
+        self._forget_doubt()
+        self._doubt = doubt
+
+    def _forget_doubt(self) -> None:
+        """A doubt no spool took (the committer has no spool: nothing is judged offline)."""
+        doubt, self._doubt = self._doubt, None
+        if doubt is not None:
+            doubt[0].close()
 
     async def _append(self, drafts: Sequence[Draft], draining: bool, held: frozenset[int],
                       turn: JournalTurn | None) -> list[Outcome]:
@@ -862,6 +986,14 @@ class Appender:
         self._offline.remember(committed)
         if draining:
             self._offline.drained(drafts)
+        if log.isEnabledFor(logging.DEBUG):
+            for draft, outcome in zip(drafts, outcomes, strict=True):
+                if isinstance(draft, EventDraft) and draft.event_type in _LIFECYCLE:
+                    log.debug("%s %s portal=%s key=%s worker=%d -> %s",
+                              "drained" if draining else "online", draft.event_type,
+                              draft.member_id, draft.dedup_key.hex()[:12],
+                              self._offline.worker, getattr(outcome, "code", None)
+                              or f"{type(outcome).__name__} {getattr(outcome, 'position', '')}")
         stored = {c[2]: c for c in committed}
         if draining:
             for draft, outcome in zip(drafts, outcomes, strict=True):
@@ -917,8 +1049,9 @@ class Appender:
 
     def spool_offline(
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
-    ) -> list[Outcome]:
-        return self._offline.spool(drafts, write)
+    ) -> list[Outcome | LedgerError]:
+        doubt, self._doubt = self._doubt, None  # the batch given up on is spooled next
+        return self._offline.spool(drafts, write, doubt=doubt)
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
         return self._offline.drainable(drafts)

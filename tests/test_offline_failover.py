@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from ledger import intake
+from ledger.errors import LedgerError
 from ledger.models import Draft, Duplicate, EventDraft, Outcome, Refusal, Spooled, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.operations import change_trust
@@ -53,7 +54,9 @@ class _Worker:
                                     recent=RecentCommits(max_entries=1000, max_bytes=1 << 20))
         self.appender = Appender(self.process.store, self.offline)
 
-    def offline_answers(self, drafts: list[Draft]) -> tuple[list[Outcome], list[Draft]]:
+    def offline_answers(
+        self, drafts: list[Draft]
+    ) -> tuple[list[Outcome | LedgerError], list[Draft]]:
         """What the worker answers these while PostgreSQL is away, and what it spools."""
         spooled: list[Draft] = []
         return self.offline.spool(drafts, spooled.extend), spooled

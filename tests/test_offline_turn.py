@@ -20,13 +20,18 @@ from typing import IO, Any, TypeAlias
 import asyncpg
 import pytest
 
+from ledger.models import Stored
 from ledger.offline import Appender, OfflineTrust
+from ledger.operations import change_trust
 from ledger.settings import Settings
-from tests.conftest import ClientFactory, sample
+from ledger.storage.store import create_pool
+from ledger.trust import TrustChange
+from tests.conftest import MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import eventually
 from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
 from tests.test_intake import forge
 from tests.test_offline_cache import stored
+from tests.test_offline_failover import _draft, _Worker
 from tests.test_trust_outage import (
     NEW_TOKEN,
     known_everywhere,
@@ -163,3 +168,130 @@ async def test_an_append_given_up_on_lets_go_of_the_journal_for_its_spool(
         await stall.rollback()
     await drained(online)
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_a_portal_whose_given_up_uninstall_may_yet_commit_is_judged_by_nobody_offline(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker 0's uninstall holds the turn when PostgreSQL stalls; the committer gives up and
+    spools it, but the stalled append goes on and commits when the stall ends. The turn was let
+    go at the give-up: worker 1, offline, judged the portal before worker 0's spool wrote the
+    uninstall's entry — a delivery under the token that was ending answered 202, and stored
+    after the uninstall. Now the journal stays locked from the turn to that spool, which records
+    the portal in doubt: every worker answers it 503 offline until worker 0 has drained the
+    uninstall (then PostgreSQL holds it, or refused it), and judges it by that after."""
+    relay, settings_for = outage
+    direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
+                              append_timeout_seconds=0.5)
+    online: Client = await make_client(direct)
+    cut_off: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(online)
+    await known_everywhere(online, cut_off)
+    await relay.cut()
+
+    spooling, go_on = threading.Event(), threading.Event()
+    original = OfflineTrust.spool
+
+    def paused(self: OfflineTrust, drafts: Any, write: Any, **options: Any) -> Any:
+        if self._worker == 0 and not spooling.is_set():  # the batch given up on
+            spooling.set()
+            assert go_on.wait(30)
+        return original(self, drafts, write, **options)
+
+    monkeypatch.setattr(OfflineTrust, "spool", paused)
+    stall = admin.transaction()
+    await stall.start()
+    try:
+        await admin.execute("LOCK TABLE ledger.portal_trust IN ACCESS EXCLUSIVE MODE")
+        uninstalling = asyncio.create_task(post(online, sample("onappuninstall-1")))
+        await eventually(spooling.is_set)
+        assert journal_held_elsewhere(direct)  # from the turn to the spool: nobody between
+        judging = asyncio.create_task(
+            refused(cut_off, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt"))
+        go_on.set()
+        status, answer = await uninstalling
+        assert (status, answer.get("status")) == (202, "spooled"), answer
+        await judging
+        await refused(online, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt")
+    finally:
+        await stall.rollback()  # the stalled append goes on: the uninstall commits
+    await drained(online)  # its spooled copy is found stored: the doubt is settled
+    await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
+    await relay.start()
+    await drained(cut_off)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_an_append_cancelled_while_its_share_is_written_lets_the_share_finish(
+    database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On shutdown the loop cancels an append while a thread writes its share into the
+    journal: the append's `finally` closed the journal under that thread — the share was cut
+    off, and the other workers never learned of the committed install offline."""
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        worker = _Worker(pool, tmp_path / "trust")
+        await change_trust(worker.process.store, TrustChange.ALLOWED, member_id=MEMBER_ID,
+                           actor="test")
+        await worker.offline.start(worker.process.store)
+        writing, go_on = threading.Event(), threading.Event()
+        original = OfflineTrust._share
+
+        def slow(self: OfflineTrust, committed: Any, held: IO[bytes] | None = None) -> None:
+            writing.set()
+            assert go_on.wait(30)
+            original(self, committed, held)
+
+        monkeypatch.setattr(OfflineTrust, "_share", slow)
+        appending = asyncio.create_task(
+            worker.appender.append([_draft(settings, sample("onappinstall-1"))]))
+        await eventually(writing.is_set)
+        appending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await appending
+        go_on.set()
+        journal = tmp_path / "trust" / "journal.log"
+        await eventually(lambda: b'"stored"' in journal.read_bytes())
+        with journal.open("rb") as probe:  # and then let go of
+            await eventually(lambda: _lockable(probe))
+    finally:
+        await pool.close()
+
+
+def _lockable(handle: IO[bytes]) -> bool:
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return True
+
+
+async def test_the_snapshot_is_saved_after_the_turn_is_let_go_of(
+    database: Database, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An install's append holds the journal until its share is written; the snapshot after it
+    is this worker's own file — saved (an fsync) with the journal still held, every other
+    worker's offline judgement waited that much longer."""
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        worker = _Worker(pool, tmp_path / "trust")
+        await change_trust(worker.process.store, TrustChange.ALLOWED, member_id=MEMBER_ID,
+                           actor="test")
+        await worker.offline.start(worker.process.store)
+        held_while_saving: list[bool] = []
+        original = OfflineTrust._save_snapshot
+        journal = tmp_path / "trust" / "journal.log"
+
+        def saving(self: OfflineTrust, **options: Any) -> None:
+            with journal.open("rb") as probe:
+                held_while_saving.append(not _lockable(probe))
+            original(self, **options)
+
+        monkeypatch.setattr(OfflineTrust, "_save_snapshot", saving)
+        (outcome,) = await worker.appender.append([_draft(settings, sample("onappinstall-1"))])
+        assert isinstance(outcome, Stored), outcome
+        assert held_while_saving == [False]
+    finally:
+        await pool.close()
