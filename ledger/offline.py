@@ -41,11 +41,15 @@ trust, in journal order; an acceptance on provisional trust is stored as judged 
 it depended on reached PostgreSQL (`held`) — else (an entry was refused: the offline state was
 stale, e.g. a restart during an outage with an old snapshot) it is judged again and PostgreSQL's
 trust wins, with an ERROR line. A worker that is online meanwhile judges a portal with another
-worker's undrained entries only after them (`Appender._after_other_workers`: it waits, then
+worker's undrained entries only after them (`Appender._after_other_workers`: it
 spools behind them), never ahead of them by PostgreSQL's trust. An online append of installs or
 uninstalls holds the journal from its head lock until it has shared what it committed
 (`JournalTurn`): offline judgement by another worker never falls between its COMMIT and its
-share, and an entry spooled after its early check is still seen, under the lock.
+share, and an entry spooled after its early check is still seen, under the lock. Such an append
+given up on (the append timeout) or cut off while its COMMIT was in flight may have committed
+or not: its worker keeps the journal locked until the batch is spooled, and records its portals
+*in doubt* there; offline every worker answers them 503 (LifecycleInDoubt) until that worker has
+drained the batch (`Doubt`). One given up on before its COMMIT is stopped there (rolled back).
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
 refusal. The snapshot only ever holds what PostgreSQL held.
@@ -415,7 +419,7 @@ class OfflineTrust:
             assert isinstance(cause, EventDraft)
             lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
                           "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
-        # the given-up append's lifecycle deliveries, spooled: until this worker drains them
+        # the doubtful append's lifecycle deliveries, spooled: until this worker drains them
         # (then PostgreSQL holds them, or refused them), nobody judges their portals offline
         in_doubt = [[d.member_id, d.dedup_key.hex()] for d in records
                     if isinstance(d, EventDraft) and d.event_type in _LIFECYCLE
@@ -824,18 +828,18 @@ class JournalTurn:
     journal's lock, so the turn is given up then (`give_up`) — else a stalled PostgreSQL held
     the worker's spool, and every other worker's offline judgement, for as long as the
     statement's own timeout (found by breakturn: no answer for 60 s).
-    Given up on (or its connection lost) after `take`, the append may still commit: the
-    journal, still locked, goes to the spool of its batch (`Doubt`), which records its
-    portals in doubt before anyone else judges them — let go instead, another worker judged
-    them without the commit that landed later (a delivery under an ended token answered 202,
-    refused on drain)."""
+    Given up on before its COMMIT, the append stops there (`committing`: rolled back). Given up
+    on, or its connection lost, with its COMMIT in flight, it may have committed or not: the
+    journal, still locked, goes to the spool of its batch (`Doubt`), which records its portals
+    in doubt before anyone else judges them — let go instead, another worker judged them
+    without the commit that landed later (a delivery under an ended token answered 202)."""
 
     def __init__(self, trust: OfflineTrust, portals: frozenset[str]) -> None:
         self._trust = trust
         self.portals = portals
         self.handle: IO[bytes] | None = None
         self.given_up = False
-        self.taken = False  # `take` passed: the append's statements may commit from here
+        self.commit_sent = False  # from here the append may have committed, whatever befalls it
         self.shared = False  # what it committed is in the journal
         self._busy = False  # a thread uses `handle`: closing it waits for that thread
         self._closing = False
@@ -863,7 +867,13 @@ class JournalTurn:
             raise LifecycleNotDrained(
                 f"portal(s) {', '.join(sorted(waited_on))} wait on another worker's spooled "
                 "lifecycle events; spooling behind them")
-        self.taken = True
+
+    def committing(self) -> None:
+        """Just before the append's COMMIT is sent (`EventStore.append_planned`). Given up on
+        before, it stops here — rolled back, its spooled copy is the only one; after, it may
+        commit unseen (`in_doubt`)."""
+        self._check()
+        self.commit_sent = True
 
     async def in_thread(self, call: Callable[[IO[bytes]], _T]) -> _T:
         """`call(handle)` in a thread, the turn held. Shielded: an append cancelled meanwhile
@@ -883,7 +893,8 @@ class JournalTurn:
 
     def in_doubt(self) -> bool:
         """Whether the append, ended or given up on now, may have committed unshared."""
-        return self.taken and not self.shared and self.handle is not None and not self._busy
+        return (self.commit_sent and not self.shared and self.handle is not None
+                and not self._busy)
 
     def hand_over(self) -> Doubt:
         """The journal, still locked, for the spool of this append's batch (`in_doubt`)."""
@@ -926,13 +937,9 @@ class Appender:
     """The store as the group committer uses it: appends (keeping the offline state current),
     offline spooling, and the drain's order across workers."""
 
-    def __init__(self, store: EventStore, offline: OfflineTrust, *,
-                 order_wait_seconds: float = 2.0) -> None:
-        """`order_wait_seconds`: how long an online append waits for another worker to drain
-        the spooled lifecycle events of a portal in its batch before it spools the batch."""
+    def __init__(self, store: EventStore, offline: OfflineTrust) -> None:
         self._store = store
         self._offline = offline
-        self._order_wait = order_wait_seconds
         self._turns: set[JournalTurn] = set()  # held by appends not yet ended
         self._doubt: Doubt | None = None  # for the spool of the batch given up on
 
@@ -982,7 +989,8 @@ class Appender:
                       turn: JournalTurn | None) -> list[Outcome]:
         outcomes, effects, committed = await self._store.append_planned(
             drafts, draining=draining, held=held,
-            under_lock=turn.take if turn is not None else None)
+            under_lock=turn.take if turn is not None else None,
+            committing=turn.committing if turn is not None else None)
         self._offline.remember(committed)
         if draining:
             self._offline.drained(drafts)
@@ -1017,27 +1025,24 @@ class Appender:
         judged after them: PostgreSQL's trust does not have them yet, so judging now would
         judge ahead of them — a genuine reinstall after a spooled uninstall refused, and every
         delivery the other worker accepted on its spooled lifecycle refused on its drain (found
-        by bench.churn). Waits (a little: the other worker drains as soon as it reaches
-        PostgreSQL) for those entries to settle; past `order_wait_seconds` (that worker is down,
-        or still cut off) raises LifecycleNotDrained: the committer spools the batch, judged on
-        the journal and drained after those entries (`drainable`)."""
+        by bench.churn). Raises LifecycleNotDrained at once: the committer spools the batch,
+        judged on the journal (after those entries, in arrival order) and drained after them
+        (`drainable`). It used to wait up to 2 s for the other worker's drain first — and every
+        delivery at this worker, of every portal, waited with it while other workers judged
+        later deliveries of the same portals: a first install held so, behind another portal's
+        wait, was judged after that portal's uninstall and reinstall another worker took 1.5 s
+        later (refused token_replacement_refused, and everything under its token with it:
+        bench.churn, 150 genuine deliveries never stored in one run)."""
         elsewhere = await self._offline.unsettled_elsewhere()
         if not elsewhere:
             return
         portals = {d.member_id for d in drafts if isinstance(d, EventDraft)}
-        if not portals & elsewhere:
-            return
-        # a head lock this worker took ahead would hold up that worker's drain while we wait
-        await self._store.let_go_ahead()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._order_wait
-        while portals & elsewhere:
-            if loop.time() >= deadline:
-                raise LifecycleNotDrained(
-                    f"portal(s) {', '.join(sorted(portals & elsewhere))} wait on another "
-                    "worker's spooled lifecycle events; spooling behind them")
-            await asyncio.sleep(0.02)  # the other worker's drain is in another process
-            elsewhere = await self._offline.unsettled_elsewhere()
+        if portals & elsewhere:
+            # a head lock this worker took ahead would hold up that worker's drain
+            await self._store.let_go_ahead()
+            raise LifecycleNotDrained(
+                f"portal(s) {', '.join(sorted(portals & elsewhere))} wait on another worker's "
+                "spooled lifecycle events; spooling behind them")
 
     def set_aside(self, drafts: Sequence[Draft]) -> None:
         """Spooled drafts the committer quarantines: their trust effects never land, so their

@@ -409,8 +409,7 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     await offline.start(app[STORE])
     app[OFFLINE] = offline
     committer = GroupCommitter(
-        Appender(app[STORE], offline, order_wait_seconds=min(
-            2 * settings.spool_retry_seconds, settings.append_timeout_seconds / 2)),
+        Appender(app[STORE], offline),
         max_events=settings.batch_max_events,
         max_delay=settings.batch_max_delay_ms / 1000,
         metrics=app[METRICS],

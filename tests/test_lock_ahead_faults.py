@@ -18,6 +18,7 @@ import pytest
 
 from ledger import drafts
 from ledger.committer import GroupCommitter
+from ledger.errors import LifecycleNotDrained
 from ledger.models import EventDraft, Stored
 from ledger.offline import Appender, OfflineTrust
 from ledger.settings import TrustPolicy
@@ -284,34 +285,30 @@ async def test_the_smallest_pool_with_a_lock_ahead_serves_a_saturated_committer_
     assert await _no_idle(admin)
 
 
-async def test_a_worker_waiting_on_another_workers_lifecycle_lets_its_lock_taken_ahead_go(
+async def test_a_worker_spooling_behind_another_workers_lifecycle_lets_its_lock_ahead_go(
     store: EventStore, admin: Connection, tmp_path: Path
 ) -> None:
     """Online, a batch for a portal whose trust waits on another worker's spooled lifecycle
-    events waits for that worker's drain — which needs the events head. A head lock this worker
-    took ahead is let go before it waits, or the two would wait on each other until the wait
-    ran out (the batch spooled, the other worker's drain held up)."""
+    events is spooled behind them — and that worker's drain needs the events head: a head lock
+    this worker took ahead is let go first, or it held that drain up as long as it stayed."""
     offline = OfflineTrust(tmp_path / "trust", worker=0, policy=TrustPolicy.ALLOWLIST)
-    appender = Appender(store, offline, order_wait_seconds=3.0)
+    appender = Appender(store, offline)
     first, second = allowance_drafts(2)
     store.lock_ahead_when(lambda: True)
     await store.append([first])
     await eventually(lambda: _holding_idle(admin), within=10)  # ours, taken ahead
 
     async def unsettled_elsewhere() -> frozenset[str]:
-        """The other worker drains (its entries settle) once it can take the head."""
-        try:
-            async with admin.transaction():
-                await admin.execute("SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' "
-                                    "FOR UPDATE NOWAIT")
-        except asyncpg.LockNotAvailableError:
-            return frozenset({second.member_id})
-        return frozenset()
+        return frozenset({second.member_id})
 
     offline.unsettled_elsewhere = unsettled_elsewhere  # type: ignore[method-assign]
     store.lock_ahead_when(lambda: False)
-    (outcome,) = await appender.append([second])
-    assert isinstance(outcome, Stored), outcome
+    with pytest.raises(LifecycleNotDrained):
+        await appender.append([second])
+    assert not await _holding_idle(admin)
+    async with admin.transaction():  # the other worker's drain takes the head at once
+        await admin.execute("SELECT 1 FROM ledger.stream_heads WHERE stream = 'events' "
+                            "FOR UPDATE NOWAIT")
 
 
 async def test_a_pooled_connection_whose_backend_died_unnoticed_costs_the_batch_nothing(

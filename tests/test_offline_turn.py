@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
@@ -170,17 +172,58 @@ async def test_an_append_given_up_on_lets_go_of_the_journal_for_its_spool(
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
 
 
-async def test_a_portal_whose_given_up_uninstall_may_yet_commit_is_judged_by_nobody_offline(
+@asynccontextmanager
+async def commits_stalled(admin: Admin) -> AsyncIterator[None]:
+    """Every COMMIT that stores an event waits (a deferred trigger, fired at COMMIT, takes a
+    lock this connection holds) until the block ends."""
+    await admin.execute("""
+        CREATE FUNCTION public.stall_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER stall_commit AFTER INSERT ON ledger.events
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION public.stall_commit();
+        SELECT pg_advisory_lock(4242);
+    """)
+    try:
+        yield
+    finally:
+        await admin.execute("SELECT pg_advisory_unlock(4242)")
+
+
+async def committing(admin: Admin) -> bool:
+    """Whether a service connection waits in its COMMIT (`commits_stalled`)."""
+    return bool(await admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'ledger' "
+        "AND wait_event_type = 'Lock' AND wait_event = 'advisory'"))
+
+
+@pytest.fixture
+def paused_spool(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Worker 0's first offline judgement waits for the test (`go_on`) once it began
+    (`spooling`)."""
+    spooling, go_on = threading.Event(), threading.Event()
+    original = OfflineTrust.spool
+
+    def paused(self: OfflineTrust, drafts: Any, write: Any, **options: Any) -> Any:
+        if self._worker == 0 and not spooling.is_set():
+            spooling.set()
+            assert go_on.wait(30)
+        return original(self, drafts, write, **options)
+
+    monkeypatch.setattr(OfflineTrust, "spool", paused)
+    return spooling, go_on
+
+
+async def test_a_portal_whose_uninstall_may_yet_commit_is_judged_by_nobody_offline(
     make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
-    admin: Admin, monkeypatch: pytest.MonkeyPatch,
+    admin: Admin, paused_spool: tuple[threading.Event, threading.Event],
 ) -> None:
-    """Worker 0's uninstall holds the turn when PostgreSQL stalls; the committer gives up and
-    spools it, but the stalled append goes on and commits when the stall ends. The turn was let
-    go at the give-up: worker 1, offline, judged the portal before worker 0's spool wrote the
-    uninstall's entry — a delivery under the token that was ending answered 202, and stored
-    after the uninstall. Now the journal stays locked from the turn to that spool, which records
-    the portal in doubt: every worker answers it 503 offline until worker 0 has drained the
-    uninstall (then PostgreSQL holds it, or refused it), and judges it by that after."""
+    """Worker 0's uninstall holds the turn when its COMMIT stalls; the committer gives up and
+    spools it, and the COMMIT lands when the stall ends. The turn was let go at the give-up:
+    worker 1, offline, judged the portal before worker 0's spool wrote the uninstall's entry —
+    a delivery under the token that was ending answered 202, stored after the uninstall. Now
+    the journal stays locked from the turn to that spool, which records the portal in doubt:
+    every worker answers it 503 offline until worker 0 has drained the uninstall (found
+    stored: it did commit), and judges it by that after."""
     relay, settings_for = outage
     direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
                               append_timeout_seconds=0.5)
@@ -189,23 +232,12 @@ async def test_a_portal_whose_given_up_uninstall_may_yet_commit_is_judged_by_nob
     await install_sample_portal(online)
     await known_everywhere(online, cut_off)
     await relay.cut()
+    spooling, go_on = paused_spool
 
-    spooling, go_on = threading.Event(), threading.Event()
-    original = OfflineTrust.spool
-
-    def paused(self: OfflineTrust, drafts: Any, write: Any, **options: Any) -> Any:
-        if self._worker == 0 and not spooling.is_set():  # the batch given up on
-            spooling.set()
-            assert go_on.wait(30)
-        return original(self, drafts, write, **options)
-
-    monkeypatch.setattr(OfflineTrust, "spool", paused)
-    stall = admin.transaction()
-    await stall.start()
-    try:
-        await admin.execute("LOCK TABLE ledger.portal_trust IN ACCESS EXCLUSIVE MODE")
+    async with commits_stalled(admin):
         uninstalling = asyncio.create_task(post(online, sample("onappuninstall-1")))
         await eventually(spooling.is_set)
+        assert await committing(admin)
         assert journal_held_elsewhere(direct)  # from the turn to the spool: nobody between
         judging = asyncio.create_task(
             refused(cut_off, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt"))
@@ -214,9 +246,43 @@ async def test_a_portal_whose_given_up_uninstall_may_yet_commit_is_judged_by_nob
         assert (status, answer.get("status")) == (202, "spooled"), answer
         await judging
         await refused(online, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt")
-    finally:
-        await stall.rollback()  # the stalled append goes on: the uninstall commits
-    await drained(online)  # its spooled copy is found stored: the doubt is settled
+    await drained(online)  # the COMMIT landed; its spooled copy is found stored: settled
+    await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
+    await relay.start()
+    await drained(cut_off)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_an_uninstall_whose_connection_is_lost_in_its_commit_is_in_doubt_until_drained(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin, paused_spool: tuple[threading.Event, threading.Event],
+) -> None:
+    """The same doubt when worker 0's connection is lost while its COMMIT is in flight (a
+    terminated backend): PostgreSQL may have committed it or not. Here it did not — the
+    drain stores the spooled copy, and the portal is judged by that after."""
+    relay, settings_for = outage
+    direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0)
+    online: Client = await make_client(direct)
+    cut_off: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(online)
+    await known_everywhere(online, cut_off)
+    await relay.cut()
+    spooling, go_on = paused_spool
+
+    async with commits_stalled(admin):
+        uninstalling = asyncio.create_task(post(online, sample("onappuninstall-1")))
+        await eventually(lambda: committing(admin))
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'ledger' AND wait_event_type = 'Lock' "
+            "AND wait_event = 'advisory'")
+        await eventually(spooling.is_set)
+        assert journal_held_elsewhere(direct)
+        go_on.set()
+        status, answer = await uninstalling
+        assert (status, answer.get("status")) == (202, "spooled"), answer
+        await refused(cut_off, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt")
+    await drained(online)
     await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
     await relay.start()
     await drained(cut_off)
@@ -295,3 +361,29 @@ async def test_the_snapshot_is_saved_after_the_turn_is_let_go_of(
         assert held_while_saving == [False]
     finally:
         await pool.close()
+
+
+async def test_an_online_worker_spools_behind_another_workers_lifecycle_without_waiting(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin,
+) -> None:
+    """Worker 1, cut off, spooled an uninstall; worker 0, online, gets a delivery for that
+    portal. It waited for worker 1's drain (up to twice LEDGER_SPOOL_RETRY_SECONDS) before
+    spooling it behind — and every delivery of every portal at worker 0 waited with it, while
+    other workers judged later deliveries of the same portals: a first install held so was
+    judged after the uninstall and reinstall that followed it (bench.churn: 150 genuine
+    deliveries never stored in one run). Now it is judged on the journal at once."""
+    relay, settings_for = outage
+    direct = settings_factory(spool_retry_seconds=30, spool_dir=tmp_path / "spool", worker=0,
+                              append_timeout_seconds=60)
+    online: Client = await make_client(direct)
+    cut_off: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(online)
+    await known_everywhere(online, cut_off)
+    await relay.cut()
+    await spooled(cut_off, sample("onappuninstall-1"))
+    await asyncio.wait_for(
+        refused(online, sample("onimbotjoinchat-1"), 403, "portal_uninstalled"), 10)
+    await relay.start()
+    await drained(cut_off)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]

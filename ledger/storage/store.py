@@ -351,11 +351,13 @@ async def _transaction(
     whatever `is_in_transaction` says; released in one, the pool would roll it back itself
     and report a leaked transaction to the loop's exception handler (an ERROR each time).
     `begin` None: the transaction is open already (a `_HeadLockAhead`'s). `before_commit` is
-    called just before COMMIT is sent."""
+    called just before COMMIT is sent; what it raises rolls the transaction back."""
     try:
         if begin is not None:
             await connection.execute(begin)
         yield
+        if before_commit is not None:
+            before_commit()
     except BaseException as exc:
         await _rollback(connection)
         # the connection broke (a terminated backend, a restart, a protocol state the driver
@@ -364,9 +366,15 @@ async def _transaction(
                 or (_unavailable(exc) and not isinstance(exc, TimeoutError))):
             raise _LostBeforeCommit from exc
         raise
-    if before_commit is not None:
-        before_commit()
     await connection.execute("COMMIT")
+
+
+def _then(first: Callable[[], None], second: Callable[[], None] | None) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        if second is not None:
+            second()
+    return both
 
 
 class _LostBeforeCommit(Exception):
@@ -737,13 +745,16 @@ class EventStore:
         self, drafts: Sequence[Draft], *, draining: bool = False,
         held: frozenset[int] = frozenset(),
         under_lock: Callable[[], Awaitable[None]] | None = None,
+        committing: Callable[[], None] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
         (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`.
         `under_lock`: awaited once the events head is locked, before the batch is judged
         (again if the batch is appended again on another connection); what it raises rolls
-        the transaction back and propagates. Only a batch that goes the long way with events
-        locks the head: the caller passes it for batches that never go the one-statement
+        the transaction back and propagates. `committing`: called just before COMMIT is sent
+        (what it raises rolls back too) — from then on a lost connection leaves it unknown
+        whether the batch committed. Only a batch that goes the long way with events
+        locks the head: the caller passes these for batches that never go the one-statement
         way (`ledger.offline.Appender`: lifecycle deliveries take their turn in the journal)."""
         # what does not need the serialisation point is done before taking it
         prepared = {id(d): entry_of(d) for d in drafts if isinstance(d, EventDraft)}
@@ -761,6 +772,8 @@ class EventStore:
                         and all(d.origin == ORIGIN_BITRIX24 and d.event_type not in _LIFECYCLE
                                 for d in event_drafts))
             lock_next = None if ordinary else self._lock_next
+            if committing is not None:
+                lock_next = _then(committing, lock_next)
             if ordinary and ahead is None:
                 fast, tried = await self._append_fast(event_drafts, prepared, notify)
                 if fast is not None:
