@@ -70,6 +70,11 @@ class Appender(Protocol):
         nothing the spool needs (`ledger.offline.JournalTurn`)."""
         ...
 
+    def drain_at_once(self) -> bool:
+        """Whether the batch just spooled may have been committed (its portals' lifecycle is
+        in doubt until it drains, `ledger.offline`): drain without the retry delay."""
+        ...
+
 
 _Pending = tuple[Draft, "asyncio.Future[Outcome]"]
 Fault = Callable[[str], None]
@@ -279,7 +284,8 @@ class GroupCommitter:
             return
         log.warning("PostgreSQL unavailable (%s): spooling %d deliveries", exc, len(batch))
         await self._spool_batch(batch)
-        self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+        delay = 0.0 if self._appender.drain_at_once() else self._retry_seconds
+        self._next_attempt = asyncio.get_running_loop().time() + delay
 
     async def _failed(
         self,

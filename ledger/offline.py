@@ -48,8 +48,9 @@ uninstalls holds the journal from its head lock until it has shared what it comm
 share, and an entry spooled after its early check is still seen, under the lock. Such an append
 given up on (the append timeout) or cut off while its COMMIT was in flight may have committed
 or not: its worker keeps the journal locked until the batch is spooled, and records its portals
-*in doubt* there; offline every worker answers them 503 (LifecycleInDoubt) until that worker has
-drained the batch (`Doubt`). One given up on before its COMMIT is stopped there (rolled back).
+*in doubt* there; offline every worker answers their installs and uninstalls 503
+(LifecycleInDoubt) until that worker has drained the batch (`Doubt`). One given up on before
+its COMMIT is stopped there (rolled back).
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
 refusal. The snapshot only ever holds what PostgreSQL held.
@@ -352,21 +353,28 @@ class OfflineTrust:
               doubt: Doubt | None = None) -> list[Outcome | LedgerError]:
         """Judge a batch offline, write what is to be spooled with `write`, record its trust
         effects in the journal. `write`'s failure (OSError, SpoolFull) propagates, and then
-        nothing reached the journal. A delivery for a portal whose lifecycle is in doubt is
-        answered LifecycleInDoubt (503), not judged. `doubt`: this batch's own online append
-        was given up on and may yet commit (`JournalTurn.give_up`) — the journal, still locked
-        by its turn, and its portals: their lifecycle deliveries are spooled in doubt."""
+        nothing reached the journal. An install or uninstall of a portal whose lifecycle is in
+        doubt is answered LifecycleInDoubt (503), not judged: the drain judges it again by
+        PostgreSQL's trust, which may hold a commit its judgement here did not. (Other
+        deliveries are judged on the doubtful batch's spooled entries, which stand for that
+        commit as any spooled lifecycle entry does; accepted there, the drain stores them as
+        judged — `held`.) `doubt`: this batch's own online append may yet commit
+        (`JournalTurn.give_up`) — the journal, still locked by its turn, and its portals: their
+        lifecycle deliveries are spooled in doubt."""
         held, doubted = doubt if doubt is not None else (None, frozenset[str]())
         with (contextlib.closing(held) if held is not None
               else self._locked(fcntl.LOCK_EX)) as handle:
             journal = _read(handle)
             in_doubt = journal.doubted()
-            judged = [d for d in drafts
-                      if not (isinstance(d, EventDraft) and d.member_id in in_doubt)]
-            outcomes = self._judged(judged, write, handle, journal, doubted)
+
+            def waits(draft: Draft) -> bool:
+                return (isinstance(draft, EventDraft) and draft.event_type in _LIFECYCLE
+                        and draft.member_id in in_doubt)
+
+            outcomes = self._judged([d for d in drafts if not waits(d)], write, handle,
+                                    journal, doubted)
         answers = iter(outcomes)
-        return [next(answers) if not (isinstance(d, EventDraft) and d.member_id in in_doubt)
-                else LifecycleInDoubt(
+        return [next(answers) if not waits(d) else LifecycleInDoubt(
                     f"portal {d.member_id}'s install or uninstall is in doubt (an append a "
                     "worker gave up on may yet commit) and PostgreSQL is unreachable: not "
                     "judged, not taken") for d in drafts]
@@ -426,7 +434,8 @@ class OfflineTrust:
                     and d.member_id in doubted]
         if in_doubt:
             log.warning("an append of %d lifecycle deliveries was given up on and may yet "
-                        "commit: portal(s) %s answered 503 offline until they are drained",
+                        "commit: installs and uninstalls of portal(s) %s answered 503 offline "
+                        "until they are drained",
                         len(in_doubt), ", ".join(sorted({m for m, _ in in_doubt})))
             lines.append({"doubt": in_doubt, "worker": self._worker, "at": time.time()})
         _append(handle, lines)
@@ -942,6 +951,7 @@ class Appender:
         self._offline = offline
         self._turns: set[JournalTurn] = set()  # held by appends not yet ended
         self._doubt: Doubt | None = None  # for the spool of the batch given up on
+        self._doubt_spooled = False  # and it was: drained at once, it settles the doubt
 
     async def append(self, drafts: Sequence[Draft], *, draining: bool = False) -> list[Outcome]:
         self._forget_doubt()
@@ -1056,7 +1066,13 @@ class Appender:
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
     ) -> list[Outcome | LedgerError]:
         doubt, self._doubt = self._doubt, None  # the batch given up on is spooled next
-        return self._offline.spool(drafts, write, doubt=doubt)
+        outcomes = self._offline.spool(drafts, write, doubt=doubt)
+        self._doubt_spooled = self._doubt_spooled or doubt is not None
+        return outcomes
+
+    def drain_at_once(self) -> bool:
+        spooled, self._doubt_spooled = self._doubt_spooled, False
+        return spooled
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
         return self._offline.drainable(drafts)

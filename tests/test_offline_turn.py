@@ -221,15 +221,18 @@ async def test_a_portal_whose_uninstall_may_yet_commit_is_judged_by_nobody_offli
     spools it, and the COMMIT lands when the stall ends. The turn was let go at the give-up:
     worker 1, offline, judged the portal before worker 0's spool wrote the uninstall's entry —
     a delivery under the token that was ending answered 202, stored after the uninstall. Now
-    the journal stays locked from the turn to that spool, which records the portal in doubt:
-    every worker answers it 503 offline until worker 0 has drained the uninstall (found
-    stored: it did commit), and judges it by that after."""
+    the journal stays locked from the turn to that spool, whose entry stands for the commit
+    (the delivery is refused), and which records the portal in doubt: its installs and
+    uninstalls are answered 503 offline — judged again on drain by PostgreSQL's trust, which
+    may hold a commit the offline judgement did not — until worker 0 has drained the
+    uninstall (found stored: it did commit); judged by that after."""
     relay, settings_for = outage
     direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
                               append_timeout_seconds=0.5)
     online: Client = await make_client(direct)
     cut_off: Client = await make_client(settings_for(worker=1))
     await install_sample_portal(online)
+    await allow_sample_portal(online)  # for the reinstall to come
     await known_everywhere(online, cut_off)
     await relay.cut()
     spooling, go_on = paused_spool
@@ -240,17 +243,18 @@ async def test_a_portal_whose_uninstall_may_yet_commit_is_judged_by_nobody_offli
         assert await committing(admin)
         assert journal_held_elsewhere(direct)  # from the turn to the spool: nobody between
         judging = asyncio.create_task(
-            refused(cut_off, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt"))
+            refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled"))
         go_on.set()
         status, answer = await uninstalling
         assert (status, answer.get("status")) == (202, "spooled"), answer
         await judging
-        await refused(online, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt")
+        await refused(cut_off, reinstall(), 503, "lifecycle_in_doubt")
+        await refused(online, reinstall(), 503, "lifecycle_in_doubt")
     await drained(online)  # the COMMIT landed; its spooled copy is found stored: settled
-    await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
+    await spooled(cut_off, reinstall())
     await relay.start()
     await drained(cut_off)
-    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
 
 
 async def test_an_uninstall_whose_connection_is_lost_in_its_commit_is_in_doubt_until_drained(
@@ -265,6 +269,7 @@ async def test_an_uninstall_whose_connection_is_lost_in_its_commit_is_in_doubt_u
     online: Client = await make_client(direct)
     cut_off: Client = await make_client(settings_for(worker=1))
     await install_sample_portal(online)
+    await allow_sample_portal(online)
     await known_everywhere(online, cut_off)
     await relay.cut()
     spooling, go_on = paused_spool
@@ -281,12 +286,12 @@ async def test_an_uninstall_whose_connection_is_lost_in_its_commit_is_in_doubt_u
         go_on.set()
         status, answer = await uninstalling
         assert (status, answer.get("status")) == (202, "spooled"), answer
-        await refused(cut_off, sample("onimbotjoinchat-1"), 503, "lifecycle_in_doubt")
+        await refused(cut_off, reinstall(), 503, "lifecycle_in_doubt")
     await drained(online)
-    await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
+    await spooled(cut_off, reinstall())
     await relay.start()
     await drained(cut_off)
-    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
 
 
 async def test_an_append_cancelled_while_its_share_is_written_lets_the_share_finish(
