@@ -49,12 +49,12 @@ class LifecycleNotDrained(DatabaseUnavailable):
 
 
 class LifecycleInDoubt(DatabaseUnavailable):
-    """Offline, this portal's lifecycle is in doubt: a worker gave up on an online append of
-    its install or uninstall (PostgreSQL stalled, or its connection was lost mid-commit), and
-    that commit may land or may not. Judged without it, a delivery answered 202 could be
-    refused on drain; so it is answered 503 until that worker's drain settles the doubt (as soon
-    as PostgreSQL is reachable again). Nothing for an operator to do unless it lasts: then the
-    worker's spool does not drain (see `/readyz`)."""
+    """Offline, this portal's lifecycle is in doubt: a worker's online append of its install or
+    uninstall may have committed (given up on at the append timeout, or its connection lost,
+    with its COMMIT in flight). An install or uninstall judged without that commit and answered
+    202 could be refused on drain; so it is answered 503 until that worker's drain settles the
+    doubt (as soon as PostgreSQL is reachable again). Nothing for an operator to do unless it
+    lasts: then the worker's spool does not drain (see `/readyz`)."""
 
     code = "lifecycle_in_doubt"
 

@@ -142,8 +142,9 @@ class _Journal:
     # went back from (a worker found it: `OfflineTrust.refresh`): their settlements and shared
     # dedup facts are not the database's — only what a refresh reads from it counts
     rewound: int = 0
-    # lifecycle deliveries whose online append a worker gave up on, spooled, not yet drained:
-    # (worker, member_id, cause) — their portals are judged by nobody offline (`spool`)
+    # lifecycle deliveries whose online append may have committed unseen (given up on, or cut
+    # off mid-COMMIT), spooled, not yet drained: (worker, member_id, cause) — their portals'
+    # installs and uninstalls are judged by nobody offline meanwhile (`spool`)
     doubts: set[tuple[int, str, str]] = field(default_factory=set)
 
     def doubted(self) -> frozenset[str]:
@@ -375,9 +376,10 @@ class OfflineTrust:
                                     journal, doubted)
         answers = iter(outcomes)
         return [next(answers) if not waits(d) else LifecycleInDoubt(
-                    f"portal {d.member_id}'s install or uninstall is in doubt (an append a "
-                    "worker gave up on may yet commit) and PostgreSQL is unreachable: not "
-                    "judged, not taken") for d in drafts]
+                    f"portal {d.member_id}'s lifecycle is in doubt (a worker's append of its "
+                    "install or uninstall may have committed: given up on, or cut off "
+                    "mid-COMMIT) and PostgreSQL is unreachable: not judged, not taken; "
+                    "answered again once that worker has drained it") for d in drafts]
 
     def _judged(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None],
                 handle: IO[bytes], journal: _Journal, doubted: frozenset[str]) -> list[Outcome]:
@@ -428,14 +430,15 @@ class OfflineTrust:
             lines.append({"seq": seq, "worker": self._worker, "member_id": cause.member_id,
                           "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
         # the doubtful append's lifecycle deliveries, spooled: until this worker drains them
-        # (then PostgreSQL holds them, or refused them), nobody judges their portals offline
+        # (then PostgreSQL holds them, or refused them), nobody judges their portals'
+        # installs and uninstalls offline
         in_doubt = [[d.member_id, d.dedup_key.hex()] for d in records
                     if isinstance(d, EventDraft) and d.event_type in _LIFECYCLE
                     and d.member_id in doubted]
         if in_doubt:
-            log.warning("an append of %d lifecycle deliveries was given up on and may yet "
-                        "commit: installs and uninstalls of portal(s) %s answered 503 offline "
-                        "until they are drained",
+            log.warning("an append of %d lifecycle deliveries may have committed (given up "
+                        "on, or cut off mid-COMMIT): installs and uninstalls of portal(s) %s "
+                        "answered 503 offline until they are drained",
                         len(in_doubt), ", ".join(sorted({m for m, _ in in_doubt})))
             lines.append({"doubt": in_doubt, "worker": self._worker, "at": time.time()})
         _append(handle, lines)
