@@ -306,34 +306,54 @@ def lifecycle_of(body: bytes) -> tuple[str, str]:
 
 def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored: set[str],
              began: float) -> tuple[Counter[str], list[str]]:
-    """Each never-stored install, against the uninstall before it in the corpus (same portal):
-    'overtook' when every copy of it was sent before any copy of that uninstall was answered
-    2xx (the senders reordered: refusing it is right), else 'misjudged' (a copy sent after
-    the uninstall was acknowledged was refused: the service judged it without the uninstall)."""
+    """Each never-stored install, against the uninstall before it and the lifecycle event after
+    it in the corpus (same portal), by the copies' send and answer times:
+
+        overtook      every copy was sent before any copy of that uninstall was answered 2xx, or
+                      answered after the next lifecycle event was (the senders reordered, 16 in
+                      flight each: refusing it is right)
+        misjudged     a copy sent after the uninstall was acknowledged was refused before the
+                      next lifecycle event was: the service judged it without that uninstall
+        in-doubt      every late copy was answered 503 lifecycle_in_doubt
+        no-uninstall  no copy of an uninstall before it was acknowledged (a first install)"""
     by_index: dict[int, list[Answer]] = defaultdict(list)
     for answer in answers:
         by_index[answer.index].append(answer)
     kinds: Counter[str] = Counter()
     lines: list[str] = []
+
+    def first_ack(index: int | None) -> float | None:
+        if index is None:
+            return None
+        acked = [a.answered for a in by_index.get(index, []) if a.status in (200, 202)]
+        return min(acked) if acked else None
+
     for index, copies in sorted(by_index.items()):
         event, member_id = lifecycle_of(deliveries[index][1])
         if event != INSTALL or copies[0].sha in stored:
             continue
         before = next((j for j in range(index - 1, -1, -1)
                        if lifecycle_of(deliveries[j][1]) == ("ONAPPUNINSTALL", member_id)), None)
-        uninstall = by_index.get(before, []) if before is not None else []
-        acked = [a.answered for a in uninstall if a.status in (200, 202)]
-        first_ack = min(acked) if acked else None
-        late = [a for a in copies if first_ack is not None and a.sent > first_ack]
-        kind = "misjudged" if late else "overtook" if first_ack is not None else "no-uninstall"
+        after = next((j for j in range(index + 1, len(deliveries))
+                      if lifecycle_of(deliveries[j][1])[1] == member_id
+                      and lifecycle_of(deliveries[j][1])[0] in (INSTALL, "ONAPPUNINSTALL")),
+                     None)
+        uninstalled, moved_on = first_ack(before), first_ack(after)
+        late = [a for a in copies if uninstalled is not None and a.sent > uninstalled
+                and (moved_on is None or a.answered < moved_on)]
+        kind = ("no-uninstall" if uninstalled is None
+                else "overtook" if not late
+                else "in-doubt" if all(a.status == 503 for a in late) else "misjudged")
         kinds[kind] += 1
 
         def show(a: Answer) -> str:
             return (f"s{a.sender} sent {a.sent - began:.3f} answered {a.answered - began:.3f} "
                     f"{a.status} {a.body.get('error') or a.body.get('status')}")
         lines.append(f"    never-stored install #{index} ({member_id[:8]}): {kind}; "
-                     f"uninstall #{before}")
-        lines.extend(f"      uninstall {show(a)}" for a in uninstall)
+                     f"uninstall #{before} acknowledged at "
+                     f"{uninstalled - began if uninstalled else 0:.3f}; next lifecycle #{after} "
+                     f"at {moved_on - began if moved_on else 0:.3f}")
+        lines.extend(f"      uninstall {show(a)}" for a in by_index.get(before or -1, []))
         lines.extend(f"      install   {show(a)}" for a in copies)
     return kinds, lines
 

@@ -404,7 +404,7 @@ class OfflineTrust:
                 continue
             assert outcome is not None
             if draft.event_type in _LIFECYCLE and log.isEnabledFor(logging.DEBUG):
-                self._log_judgement(draft, outcome, journal)
+                self._log_judgement(draft, outcome, journal, facts)
             key = (draft.member_id, draft.dedup_key)
             if index in planned.copies:
                 # judged as its original was: the drain stores that first, and then finds
@@ -451,16 +451,19 @@ class OfflineTrust:
     def worker(self) -> int:
         return self._worker
 
-    def _log_judgement(self, draft: EventDraft, outcome: Outcome, journal: _Journal) -> None:
+    def _log_judgement(self, draft: EventDraft, outcome: Outcome, journal: _Journal,
+                       facts: TrustFacts) -> None:
         """One DEBUG line per lifecycle delivery judged offline, with what it was judged on:
         why a reinstall was refused during an outage is answered here."""
         _, base_position, own = self._state
         entries = [(e.seq, e.worker, e.effect.change.value, journal.settled.get(e.seq, "open"))
                    for e in journal.entries if e.member_id == draft.member_id]
+        allowances = sorted(a.position for a in facts.allowances.values()
+                            if a.member_id == draft.member_id)
         log.debug("offline %s portal=%s key=%s worker=%d base_position=%d own=%s journal=%s "
-                  "-> %s", draft.event_type, draft.member_id, draft.dedup_key.hex()[:12],
-                  self._worker, base_position, [p for p, _ in own], entries,
-                  getattr(outcome, "code", type(outcome).__name__))
+                  "allowances=%s -> %s", draft.event_type, draft.member_id,
+                  draft.dedup_key.hex()[:12], self._worker, base_position, [p for p, _ in own],
+                  entries, allowances, getattr(outcome, "code", type(outcome).__name__))
 
     def drained(self, drafts: Sequence[Draft]) -> None:
         """These spooled drafts left the spool (stored — `recent` has them — refused, or set
