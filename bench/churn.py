@@ -310,10 +310,11 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
     it in the corpus (same portal), by the copies' send and answer times:
 
         overtook      every copy was sent before any copy of that uninstall was answered 2xx, or
-                      answered after the next lifecycle event was (the senders reordered, 16 in
-                      flight each: refusing it is right)
-        misjudged     a copy sent after the uninstall was acknowledged was refused before the
-                      next lifecycle event was: the service judged it without that uninstall
+                      answered after a later lifecycle event of the portal was (the senders
+                      reordered, 16 in flight each: refusing it is right, and its later copies
+                      then meet the portal moved on)
+        misjudged     a copy sent after the uninstall was acknowledged was refused before any
+                      later lifecycle event was: the service judged it without that uninstall
         in-doubt      every late copy was answered 503 lifecycle_in_doubt
         no-uninstall  no copy of an uninstall before it was acknowledged (a first install)"""
     by_index: dict[int, list[Answer]] = defaultdict(list)
@@ -334,11 +335,11 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
             continue
         before = next((j for j in range(index - 1, -1, -1)
                        if lifecycle_of(deliveries[j][1]) == ("ONAPPUNINSTALL", member_id)), None)
-        after = next((j for j in range(index + 1, len(deliveries))
-                      if lifecycle_of(deliveries[j][1])[1] == member_id
-                      and lifecycle_of(deliveries[j][1])[0] in (INSTALL, "ONAPPUNINSTALL")),
-                     None)
-        uninstalled, moved_on = first_ack(before), first_ack(after)
+        later = [j for j in range(index + 1, len(deliveries))
+                 if lifecycle_of(deliveries[j][1])[1] == member_id
+                 and lifecycle_of(deliveries[j][1])[0] in (INSTALL, "ONAPPUNINSTALL")]
+        acks = [t for j in later if (t := first_ack(j)) is not None]
+        uninstalled, moved_on = first_ack(before), min(acks, default=None)
         late = [a for a in copies if uninstalled is not None and a.sent > uninstalled
                 and (moved_on is None or a.answered < moved_on)]
         kind = ("no-uninstall" if uninstalled is None
@@ -351,8 +352,8 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                     f"{a.status} {a.body.get('error') or a.body.get('status')}")
         lines.append(f"    never-stored install #{index} ({member_id[:8]}): {kind}; "
                      f"uninstall #{before} acknowledged at "
-                     f"{uninstalled - began if uninstalled else 0:.3f}; next lifecycle #{after} "
-                     f"at {moved_on - began if moved_on else 0:.3f}")
+                     f"{uninstalled - began if uninstalled else 0:.3f}; a later lifecycle event "
+                     f"acknowledged at {moved_on - began if moved_on else 0:.3f}")
         lines.extend(f"      uninstall {show(a)}" for a in by_index.get(before or -1, []))
         lines.extend(f"      install   {show(a)}" for a in copies)
     return kinds, lines
