@@ -309,14 +309,13 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
     """Each never-stored install, against the uninstall before it and the lifecycle event after
     it in the corpus (same portal), by the copies' send and answer times:
 
-        overtook      every copy was sent before any copy of that uninstall was answered 2xx, or
-                      answered after a later lifecycle event of the portal was (the senders
-                      reordered, 16 in flight each: refusing it is right, and its later copies
-                      then meet the portal moved on)
-        misjudged     a copy sent after the uninstall was acknowledged was refused before any
-                      later lifecycle event was: the service judged it without that uninstall
-        in-doubt      every late copy was answered 503 lifecycle_in_doubt
-        no-uninstall  no copy of an uninstall before it was acknowledged (a first install)"""
+        overtook   every copy was sent before any copy of that uninstall was answered 2xx, or
+                   answered after a later lifecycle event of the portal was (the senders
+                   reordered, 16 in flight each: refusing it is right, and its later copies
+                   then meet the portal moved on)
+        misjudged  a copy sent after the uninstall was acknowledged (or of a first install) was
+                   refused before any later lifecycle event was: the service judged it wrongly
+        in-doubt   every such copy was answered 503 lifecycle_in_doubt"""
     by_index: dict[int, list[Answer]] = defaultdict(list)
     for answer in answers:
         by_index[answer.index].append(answer)
@@ -340,10 +339,10 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                  and lifecycle_of(deliveries[j][1])[0] in (INSTALL, "ONAPPUNINSTALL")]
         acks = [t for j in later if (t := first_ack(j)) is not None]
         uninstalled, moved_on = first_ack(before), min(acks, default=None)
-        late = [a for a in copies if uninstalled is not None and a.sent > uninstalled
+        late = [a for a in copies if (before is None or (uninstalled is not None
+                                                         and a.sent > uninstalled))
                 and (moved_on is None or a.answered < moved_on)]
-        kind = ("no-uninstall" if uninstalled is None
-                else "overtook" if not late
+        kind = ("overtook" if not late
                 else "in-doubt" if all(a.status == 503 for a in late) else "misjudged")
         kinds[kind] += 1
 
