@@ -47,9 +47,13 @@ Admin: TypeAlias = "asyncpg.Connection[Any]"
 
 
 def journal_held_elsewhere(settings: Settings) -> bool:
+    return journal_held(settings.trust_dir / "journal.log")
+
+
+def journal_held(journal: Path) -> bool:
     """Whether some open description of the journal holds its lock (flock is per description:
     this probe's own is a new one, so the test process's other holders count)."""
-    with (settings.trust_dir / "journal.log").open("rb") as probe:
+    with journal.open("rb") as probe:
         try:
             fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -324,19 +328,9 @@ async def test_an_append_cancelled_while_its_share_is_written_lets_the_share_fin
         go_on.set()
         journal = tmp_path / "trust" / "journal.log"
         await eventually(lambda: b'"stored"' in journal.read_bytes())
-        with journal.open("rb") as probe:  # and then let go of
-            await eventually(lambda: _lockable(probe))
+        await eventually(lambda: not journal_held(journal))  # and then let go of
     finally:
         await pool.close()
-
-
-def _lockable(handle: IO[bytes]) -> bool:
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-    return True
 
 
 async def test_the_snapshot_is_saved_after_the_turn_is_let_go_of(
@@ -356,8 +350,7 @@ async def test_the_snapshot_is_saved_after_the_turn_is_let_go_of(
         journal = tmp_path / "trust" / "journal.log"
 
         def saving(self: OfflineTrust, **options: Any) -> None:
-            with journal.open("rb") as probe:
-                held_while_saving.append(not _lockable(probe))
+            held_while_saving.append(journal_held(journal))
             original(self, **options)
 
         monkeypatch.setattr(OfflineTrust, "_save_snapshot", saving)
