@@ -4,7 +4,7 @@ An answer "as of" a moment is the fold of the events up to then. Which "then" mu
 a **position** in the store, a **received** time (when the ledger received the delivery) or a
 Bitrix24 time (**ts**, when the portal says it happened). The three differ: spooled deliveries
 keep their original received time but get later positions, and Bitrix24 time runs on the
-portal's clock. Pure code.
+portal's clock (and is taken as no later than the received time). Pure code.
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ class Received:
 
 @dataclass(frozen=True, slots=True)
 class Occurred:
-    """Everything that happened by this Bitrix24 time (`ts`; events without one: received)."""
+    """Everything that happened by this Bitrix24 time: an event's `ts`, but never later than
+    its received time (`ts` is the sender's to write; it cannot have happened after the ledger
+    received it); events without one count by their received time."""
 
     at: datetime
 

@@ -103,10 +103,15 @@ _EVENTS_RECEIVED_BY = f"""
     SELECT {_FOLD_SELECT} FROM ledger.events
     WHERE received_at <= $1 AND position > $2 ORDER BY position
 """
+# by Bitrix24 time, never later than the received time (`ts` is the sender's; `least` skips a
+# NULL `ts`): index `events_by_effective_time`, migration 0014
 _EVENTS_OCCURRED_BY = f"""
     SELECT {_FOLD_SELECT} FROM ledger.events
-    WHERE coalesce(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
+    WHERE least(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
 """
+# The latest such time a snapshot holds. Saved before 0014 it has none: then the least of its
+# latest Bitrix24 (coalesce) and received times, each an upper bound of it.
+_SNAPSHOT_EFFECTIVE = "coalesce(max_effective_at, least(max_occurred_at, max_received_at))"
 # the bots named, one index lookup each (a join or `IN` is planned as a scan of every bot of
 # the registry, each batch; LIMIT 1 — it is the key — keeps the planner from making it one),
 # and every bot of the portals named (a bot both name comes twice: the same row); the same
@@ -254,16 +259,24 @@ class ProjectionBatch:
 
     async def save_snapshot(self, blob: bytes) -> None:
         """Store the fold state at this checkpoint, with the latest received time and
-        Bitrix24 time folded into it (so a time query knows whether it may start here)."""
+        Bitrix24 time folded into it (so a time query knows whether it may start here).
+
+        The Bitrix24 time a `ts:` question goes by is `least(occurred_at, received_at)`: the
+        latest of those is bounded by the ledger's clock, whatever `ts` a sender wrote. It is
+        carried on from the previous snapshot as the reader bounds it, so a year-9999 `ts`
+        counted into a snapshot saved before migration 0014 does not come back."""
         await self._connection.execute(
-            """
+            f"""
             INSERT INTO projections.snapshots
-                (projection, position, state, max_received_at, max_occurred_at)
+                (projection, position, state, max_received_at, max_occurred_at, max_effective_at)
             SELECT $1, $2, $3, greatest(max(received_at), (
                        SELECT max_received_at FROM projections.snapshots
                        WHERE projection = $1 AND position = $4)),
                    greatest(max(coalesce(occurred_at, received_at)), (
                        SELECT max_occurred_at FROM projections.snapshots
+                       WHERE projection = $1 AND position = $4)),
+                   greatest(max(least(occurred_at, received_at)), (
+                       SELECT {_SNAPSHOT_EFFECTIVE} FROM projections.snapshots
                        WHERE projection = $1 AND position = $4))
             FROM ledger.events WHERE position > $4 AND position <= $2
             ON CONFLICT DO NOTHING
@@ -438,8 +451,9 @@ class ProjectionStore:
         self, name: str, moment: datetime, *, occurred: bool
     ) -> tuple[int, bytes] | None:
         """The latest saved fold state holding nothing later than `moment` (received time,
-        or Bitrix24 time when `occurred`): folding on from it loses nothing."""
-        column = "max_occurred_at" if occurred else "max_received_at"
+        or Bitrix24 time — never later than received — when `occurred`): folding on from it
+        loses nothing."""
+        column = _SNAPSHOT_EFFECTIVE if occurred else "max_received_at"
         async with translated_errors("read snapshot"), self._pool.acquire() as connection:
             row = await connection.fetchrow(
                 f"SELECT position, state FROM projections.snapshots "
@@ -467,9 +481,10 @@ class ProjectionStore:
     async def stream_events_by_time(
         self, moment: datetime, *, occurred: bool, after: int = 0, batch: int = 2000,
     ) -> AsyncIterator[EventStream]:
-        """Every event received (or, `occurred`, that happened) at `moment` or before, after
-        position `after`, in position order — whatever order the times are in (spooled
-        deliveries keep their received time but get later positions)."""
+        """Every event received (or, `occurred`, that happened — by its `ts`, but never later
+        than its received time) at `moment` or before, after position `after`, in position
+        order — whatever order the times are in (spooled deliveries keep their received time
+        but get later positions)."""
         query = _EVENTS_OCCURRED_BY if occurred else _EVENTS_RECEIVED_BY
         async with self._stream(query, (moment, after), batch) as stream:
             yield stream
