@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,7 +24,7 @@ from ledger.projections.fold import State
 from ledger.settings import Settings
 from tests.conftest import ClientFactory, Database, sample
 from tests.helpers import install_sample_portal, post
-from tests.test_derived_state import Admin, bot_event, insert_events
+from tests.test_derived_state import Admin, bot_event, cli, insert_events
 from tests.test_projections import projections_of, projector_of
 
 YEAR_9999 = 253402300799
@@ -128,6 +129,32 @@ async def test_a_snapshot_saved_before_0014_is_used_and_its_9999_is_not_carried_
     assert newest["max_effective_at"] <= datetime.now(UTC)
     _, folded = await folded_as_of(client, datetime.now(UTC))
     assert folded == projector.checkpoint - newest["position"]
+
+
+async def test_a_report_range_holds_a_deletion_whose_ts_is_in_the_year_9999(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings], admin: Admin,
+    database: Database, tmp_path: Path,
+) -> None:
+    """The report's `--from`/`--to` take deletions by the same rule: on main a deletion sent
+    with `ts` in the year 9999 fell outside every range with an end — hidden from the report
+    of the day it was received."""
+    client = await make_client(settings_factory())
+    await install_sample_portal(client)
+    assert (await post(client, sample("onimbotjoinchat-1")))[0] == 200
+    document = wire.parse_php_form(sample("onimbotdelete-1"), max_fields=999, max_nesting=9)
+    document["ts"] = str(YEAR_9999)
+    status, stored = await post(client, wire.http_build_query(document))
+    assert status == 200, stored
+    await projector_of(client).catch_up()
+    received = await admin.fetchval("SELECT received_at FROM ledger.events WHERE position = $1",
+                                    stored["position"])
+    output = tmp_path / "r.html"
+    made = await cli(database, "report", "--output", str(output),
+                     "--from", (received - timedelta(hours=1)).isoformat(),
+                     "--to", (received + timedelta(hours=1)).isoformat())
+    assert made.exit_code == 0, made.output
+    deletions = output.read_text(encoding="utf-8").split('id="deletions-h"')[1]
+    assert "567 (BOT)" in deletions.split("</section>")[0]
 
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

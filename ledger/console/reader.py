@@ -317,8 +317,12 @@ def _flagged(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _at(row: dict[str, Any]) -> datetime:
-    moment = row["occurred_at"] or row["received_at"]
-    return datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    """When a deletion counts for a report's range: its Bitrix24 time, but never later than
+    its received time — as for `as_of=ts:` (docs/auditors.md): a sender's `ts` in the year
+    9999 would otherwise keep the deletion out of every range that has an end."""
+    moments = [datetime.fromisoformat(m) if isinstance(m, str) else m
+               for m in (row["occurred_at"], row["received_at"]) if m is not None]
+    return min(moments)
 
 
 def _decode(event: dict[str, Any]) -> None:
