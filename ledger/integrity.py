@@ -17,7 +17,13 @@ from ledger.models import TRUST_EVENT
 from ledger.projections import fold, rows
 from ledger.projections.fold import State, StoredEvent
 from ledger.projections.projector import REGISTRY
-from ledger.storage.projection_store import COLUMNS, KEYS, TABLES, ProjectionStore
+from ledger.storage.projection_store import (
+    COLUMNS,
+    KEYS,
+    TABLES,
+    ProjectionStore,
+    SavedSnapshot,
+)
 from ledger.storage.store import EventStore
 from ledger.storage.tree_store import EVENTS_LOG, TreeStore
 from ledger.verification import (
@@ -126,8 +132,12 @@ async def verify_projections(
         on_start(head)
         state, trust_events = State(), []
         # saved fold states answer `as_of` questions: each must be the fold at its position
-        saved = {p: blob for p, blob in await snapshot.snapshots() if p <= position}
+        saved = {s.position: s for s in await snapshot.snapshots() if s.position <= position}
         difference: Difference | None = None
+        # the latest times folded so far: a snapshot claiming earlier ones would be taken by
+        # time questions it cannot answer (it holds events after their moment)
+        latest_received: datetime | None = None
+        latest_effective: datetime | None = None
         async for batch in snapshot.events(head):
             for row in batch:
                 event = rows.event(row)
@@ -138,9 +148,12 @@ async def verify_projections(
                 event = event._replace(record=expected)
                 if event.position <= position:
                     fold.apply(state, event)
-                    blob = saved.pop(event.position, None)
-                    if blob is not None and difference is None:
-                        difference = _compare_snapshot(event.position, blob, state)
+                    latest_received = _later(latest_received, event.received_at)
+                    latest_effective = _later(latest_effective, _effective(event))
+                    kept = saved.pop(event.position, None)
+                    if kept is not None and difference is None:
+                        difference = _compare_snapshot(kept, state) or _compare_snapshot_times(
+                            kept, latest_received, latest_effective)
                 if event.event_type == TRUST_EVENT:
                     trust_events.append(event)
             on_progress(len(batch))
@@ -205,8 +218,39 @@ def _other_version(text: str) -> bool:
         and document["v"] != foldrecord.VERSION
 
 
-def _compare_snapshot(position: int, blob: bytes, state: State) -> Difference | None:
+def _later(latest: datetime | None, moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return latest
+    return moment if latest is None or moment > latest else latest
+
+
+def _effective(event: StoredEvent) -> datetime:
+    """The time a `ts:` question counts an event by: its Bitrix24 time, never later than the
+    ledger received it (migration 0014)."""
+    occurred = event.occurred_at
+    return event.received_at if occurred is None or occurred > event.received_at else occurred
+
+
+def _compare_snapshot_times(
+    kept: SavedSnapshot, latest_received: datetime | None, latest_effective: datetime | None
+) -> Difference | None:
+    """A snapshot's recorded times against the latest the fold to its position met: recorded
+    earlier (a superuser's edit), `as_of` time questions would start from it and count events
+    after their moment. Recorded later only makes it used less; NULL, never by time."""
+    where = f"position={kept.position}"
+    for column, recorded, latest in (
+        ("max_received_at", kept.max_received_at, latest_received),
+        ("max_effective_at", kept.max_effective_at, latest_effective),
+    ):
+        if recorded is not None and latest is not None and recorded < latest:
+            return Difference("projections.snapshots", where, column, recorded,
+                              f"at least {latest.isoformat()}")
+    return None
+
+
+def _compare_snapshot(kept: SavedSnapshot, state: State) -> Difference | None:
     """A saved fold state against the fold at its position (compared as the dumps both make)."""
+    position, blob = kept.position, kept.state
     try:
         saved = fold.load_state(zlib.decompress(blob))
     except zlib.error:

@@ -373,6 +373,29 @@ async def test_verify_projections_names_an_altered_snapshot(
     assert "projections.snapshots (position=" in tampered.output, tampered.output
 
 
+@pytest.mark.parametrize("column", ["max_received_at", "max_effective_at"])
+async def test_verify_projections_names_a_snapshot_claiming_earlier_times(
+    column: str, make_client: ClientFactory, settings_factory: Callable[..., Settings],
+    admin: Admin, database: Database,
+) -> None:
+    """A snapshot's recorded times decide which time questions start from it: moved earlier
+    by a superuser, `as_of=received:`/`ts:` answers would count events after their moment."""
+    client = await make_client(settings_factory(projector_snapshot_every=1))
+    await install_sample_portal(client)
+    for name in ["onimbotjoinchat-1", "onimbotdelete-1"]:
+        assert (await post(client, sample(name)))[0] == 200
+        await projector_of(client).catch_up()
+    clean = await cli(database, "verify", "--projections", "--quiet")
+    assert clean.exit_code == 0, clean.output
+    await admin.execute(
+        f"UPDATE projections.snapshots SET {column} = '2000-01-01T00:00:00Z' "
+        "WHERE position = (SELECT max(position) FROM projections.snapshots)")
+    tampered = await cli(database, "verify", "--projections", "--quiet")
+    assert tampered.exit_code == 1
+    assert "projections.snapshots (position=" in tampered.output, tampered.output
+    assert column in tampered.output, tampered.output
+
+
 # ---- 3. time, both ways --------------------------------------------------------------------
 
 T0 = datetime(2026, 3, 1, 10, 0, tzinfo=UTC)

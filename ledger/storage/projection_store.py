@@ -16,7 +16,7 @@ import operator
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledger.storage.store import Connection, Pool, translated_errors
 
@@ -112,6 +112,17 @@ _EVENTS_OCCURRED_BY = f"""
 # The latest such time a snapshot holds. Saved before 0014 it has none: then the least of its
 # latest Bitrix24 (coalesce) and received times, each an upper bound of it.
 _SNAPSHOT_EFFECTIVE = "coalesce(max_effective_at, least(max_occurred_at, max_received_at))"
+
+
+class SavedSnapshot(NamedTuple):
+    """A saved fold state and the latest received and Bitrix24 (`least(occurred_at,
+    received_at)`) times it claims to hold; NULL where it was saved without them."""
+
+    position: int
+    state: bytes
+    max_received_at: datetime | None
+    max_effective_at: datetime | None
+
 # the bots named, one index lookup each (a join or `IN` is planned as a scan of every bot of
 # the registry, each batch; LIMIT 1 — it is the key — keeps the planner from making it one),
 # and every bot of the portals named (a bot both name comes twice: the same row); the same
@@ -370,12 +381,17 @@ class ProjectionSnapshot:
             "WHERE consumed_position IS NULL ORDER BY position"
         )]
 
-    async def snapshots(self) -> list[tuple[int, bytes]]:
-        """The saved fold states (compressed), in position order."""
-        return [(int(r["position"]), bytes(r["state"])) for r in await self._connection.fetch(
-            "SELECT position, state FROM projections.snapshots WHERE projection = $1 "
-            "ORDER BY position", self._name,
-        )]
+    async def snapshots(self) -> list[SavedSnapshot]:
+        """The saved fold states (compressed), in position order, with the times a time
+        question decides by whether it may start from them (`snapshot_by_time`)."""
+        return [
+            SavedSnapshot(int(r["position"]), bytes(r["state"]), r["max_received_at"],
+                          r["effective"])
+            for r in await self._connection.fetch(
+                f"SELECT position, state, max_received_at, {_SNAPSHOT_EFFECTIVE} AS effective "
+                "FROM projections.snapshots WHERE projection = $1 ORDER BY position", self._name,
+            )
+        ]
 
 
 class ProjectionStore:
