@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -68,6 +69,12 @@ class Appender(Protocol):
     def give_up(self) -> None:
         """The append waited for was given up on (its batch is spooled next): it must hold
         nothing the spool needs (`ledger.offline.JournalTurn`)."""
+        ...
+
+    def in_doubt(self) -> bool:
+        """Whether the batch spooled next may have been committed by its given-up append
+        (`ledger.offline`): it is spooled even past the spool's limit — refused there, its
+        portals' doubt went unrecorded while the commit could still land."""
         ...
 
     def drain_at_once(self) -> bool:
@@ -324,9 +331,11 @@ class GroupCommitter:
 
     async def _spool_judged(self, batch: list[_Pending]) -> None:
         assert self._spool is not None
+        write = (functools.partial(self._spool.append, past_limit=True)
+                 if self._appender.in_doubt() else self._spool.append)
         try:
             results = await asyncio.to_thread(
-                self._appender.spool_offline, [draft for draft, _ in batch], self._spool.append
+                self._appender.spool_offline, [draft for draft, _ in batch], write
             )
         except (SpoolFull, SpoolUnwritable, OSError) as exc:
             log.error("cannot spool %d deliveries: %s", len(batch), exc)

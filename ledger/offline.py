@@ -1076,6 +1076,9 @@ class Appender:
         self._doubt_spooled = self._doubt_spooled or doubt is not None
         return outcomes
 
+    def in_doubt(self) -> bool:
+        return self._doubt is not None
+
     def drain_at_once(self) -> bool:
         spooled, self._doubt_spooled = self._doubt_spooled, False
         return spooled

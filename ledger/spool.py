@@ -144,14 +144,16 @@ class Spool:
                 self.failure = None
             return None if self.failure is None else f"its last write failed: {self.failure}"
 
-    def append(self, drafts: list[Draft]) -> None:
-        """Write and fsync, or raise writing nothing: `SpoolFull` past the limit,
-        `SpoolUnwritable` when the write failed (undone) or the spool is broken."""
+    def append(self, drafts: list[Draft], *, past_limit: bool = False) -> None:
+        """Write and fsync, or raise writing nothing: `SpoolFull` past the limit (unless
+        `past_limit`: a batch whose online append may have committed, `ledger.offline.Doubt` —
+        its spooled copy is what settles that doubt), `SpoolUnwritable` when the write failed
+        (undone) or the spool is broken."""
         blob = b"".join(self._record(encode(d)) for d in drafts)
         with self._lock:
             if self.broken is not None and not self._undo():
                 raise SpoolUnwritable(f"the spool accepts nothing: {self.broken}")
-            if self._size + len(blob) > self.max_bytes:
+            if self._size + len(blob) > self.max_bytes and not past_limit:
                 raise SpoolFull(
                     f"the spool in {self.directory} holds {self._size} bytes, its limit is "
                     f"{self.max_bytes}: PostgreSQL must come back (or LEDGER_SPOOL_MAX_BYTES grow)"

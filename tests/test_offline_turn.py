@@ -385,3 +385,36 @@ async def test_an_online_worker_spools_behind_another_workers_lifecycle_without_
     await relay.start()
     await drained(cut_off)
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_a_batch_in_doubt_is_spooled_past_the_spools_limit(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin,
+) -> None:
+    """Worker 0's uninstall is given up on mid-COMMIT while its spool is full. Refused by
+    the spool (503 spool_full), the batch took its doubt with it: the journal was let go with
+    no entry and no doubt, and worker 1, offline, answered 202 to a delivery under the token
+    the uninstall ended — the COMMIT landed when the stall ended, and the drain refused the
+    acknowledged delivery. A batch whose append may have committed is spooled past the limit
+    (one batch a doubt): its entry stands for the commit, its drain settles the doubt."""
+    relay, settings_for = outage
+    direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
+                              append_timeout_seconds=0.5, spool_max_bytes=1024)
+    online: Client = await make_client(direct)
+    cut_off: Client = await make_client(settings_for(worker=1))
+    await install_sample_portal(online)
+    await allow_sample_portal(online)
+    await known_everywhere(online, cut_off)
+    await relay.cut()
+
+    async with commits_stalled(admin):
+        status, answer = await asyncio.wait_for(post(online, sample("onappuninstall-1")), 15)
+        assert await committing(admin)  # the given-up COMMIT may still land
+        await refused(cut_off, sample("onimbotjoinchat-1"), 403, "portal_uninstalled")
+        assert (status, answer.get("status")) == (202, "spooled"), answer
+        await refused(cut_off, reinstall(), 503, "lifecycle_in_doubt")
+    await drained(online)
+    await spooled(cut_off, reinstall())
+    await relay.start()
+    await drained(cut_off)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
