@@ -418,3 +418,38 @@ async def test_a_batch_in_doubt_is_spooled_past_the_spools_limit(
     await relay.start()
     await drained(cut_off)
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+
+
+async def test_a_worker_that_reaches_postgresql_spools_behind_a_doubt_and_answers_503(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin,
+) -> None:
+    """Worker 0's uninstall is given up on mid-COMMIT, and worker 0 is then cut off: its
+    COMMIT lands, but the doubt stays until worker 0 drains. Worker 1 reaches PostgreSQL, yet
+    a reinstall there waits on worker 0's spooled entry (`_after_other_workers`): spooled
+    behind it, it meets the doubt — 503, which Bitrix24 does not resend (docs/operations.md,
+    "Lifecycle in doubt"). Answered after worker 0's drain."""
+    relay, settings_for = outage
+    cut_off: Client = await make_client(settings_for(worker=0, append_timeout_seconds=0.5))
+    online: Client = await make_client(
+        settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=1))
+    await install_sample_portal(online)
+    await allow_sample_portal(online)
+    await known_everywhere(online, cut_off)
+
+    async with commits_stalled(admin):
+        await spooled(cut_off, sample("onappuninstall-1"))  # given up on mid-COMMIT
+        await relay.cut()
+    await eventually(lambda: stored_uninstall(admin))  # the COMMIT landed after all
+    await refused(online, reinstall(), 503, "lifecycle_in_doubt")
+    await relay.start()
+    await drained(cut_off)
+    await drained(online)
+    status, _ = await post(online, reinstall())
+    assert status in (200, 202)
+    await drained(online)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL"]
+
+
+async def stored_uninstall(admin: Admin) -> bool:
+    return "ONAPPUNINSTALL" in await stored_types(admin)
