@@ -79,13 +79,25 @@ class RestConfirmer:
             async with self._session.post(
                 url, data={"auth": access_token}, timeout=self._timeout, allow_redirects=False
             ) as response:
-                body = await response.content.read(_MAX_ANSWER_BYTES + 1)
+                body = await _read_at_most(response.content, _MAX_ANSWER_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             log.warning("install for %s not confirmed: %s unreachable (%s)",
                         member_id, domain, exc.__class__.__name__)
             return f"{domain} could not be reached"
         return _judge_answer(domain, member_id, status, body)
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes, however it arrives: `read(n)` returns what has arrived
+    so far, and an answer in two chunks was judged by its first (a genuine install refused)."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
 
 
 def _judge_answer(domain: str, member_id: str, status: int, body: bytes) -> str | None:

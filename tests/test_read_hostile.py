@@ -375,6 +375,31 @@ async def test_a_console_form_that_is_not_utf8_is_a_400_not_a_500(
     assert status.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 401 ", b"HTTP/1.1 403 ")), answer[:300]
 
 
+async def test_a_sign_in_form_that_arrives_in_two_parts_is_read_whole(client: Client) -> None:
+    """Found in the lead's review: the strict form reader took what had arrived so far, so a
+    slow client's sign-in (the body in two segments) was read cut short and refused."""
+    from tests.test_console import make_token
+
+    token = await make_token(client)
+    body = f"token={token}&next=%2Fconsole%2F".encode()
+    assert client.server.host is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(b"POST /console/sign-in HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/x-www-form-urlencoded\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:12])
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the slow client's pause between its two segments
+        writer.write(body[12:])
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 303 "), answer[:300]
+    assert b"\r\nLocation: /console/\r\n" in answer, answer[:300]
+
+
 @pytest.mark.parametrize("text", [ESCAPE, "a\nb\r\tc", "\x00\x7f\x85\u2066x\u2069", "plain é ü 名"])
 def test_display_escapes_only_what_acts_and_json_keeps_the_value(text: str) -> None:
     from ledger import display

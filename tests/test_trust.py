@@ -36,8 +36,9 @@ class FakeBitrix24:
     calls: list[tuple[str, str]] = field(default_factory=list)  # (domain, auth)
     hold: asyncio.Event | None = None  # when set up, answers wait for it (a slow portal)
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    in_parts: bool = False  # the answer's body in two chunks, a pause between (a slow link)
 
-    async def app_info(self, request: web.Request) -> web.Response:
+    async def app_info(self, request: web.Request) -> web.StreamResponse:
         form = await request.post()
         token = str(form.get("auth", ""))
         self.calls.append((request.match_info["domain"], token))
@@ -54,7 +55,16 @@ class FakeBitrix24:
                                   "INSTALLED": True, "PAYMENT_EXPIRED": "N", "DAYS": None}
         if self.name_member:
             result["install"] = {"member_id": member}
-        return web.json_response({"result": result, "time": {"start": 0}})
+        if not self.in_parts:
+            return web.json_response({"result": result, "time": {"start": 0}})
+        body = orjson.dumps({"result": result, "time": {"start": 0}})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(body[:20])
+        await asyncio.sleep(0.3)  # the slow link's pause between the two parts
+        await response.write(body[20:])
+        await response.write_eof()
+        return response
 
 
 @pytest.fixture
@@ -96,6 +106,18 @@ async def test_a_domain_allowance_admits_the_install_its_portal_confirms(
     for table in ("events", "rejections", "portal_trust"):
         rows = await admin.fetch(f"SELECT * FROM ledger.{table}")
         assert ACCESS_TOKEN not in "\n".join(str(tuple(r)) for r in rows)
+
+
+async def test_a_confirmation_answered_in_parts_is_read_whole(
+    portal_client: Client, bitrix24: FakeBitrix24, admin: Admin
+) -> None:
+    """Found in the lead's review: the answer was read as far as it had arrived, so a
+    portal's `app.info` answer in two chunks was judged "without JSON" and the genuine install
+    refused (403 install_not_confirmed)."""
+    bitrix24.in_parts = True
+    status, answer = await post(portal_client, sample("onappinstall-1"))
+    assert (status, answer.get("status")) == (200, "stored"), answer
+    assert await trust_of(admin) == "trusted"
 
 
 async def test_another_spelling_of_the_domain_matches_that_portal_only(

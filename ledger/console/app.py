@@ -175,7 +175,9 @@ async def read_form(request: web.Request) -> dict[str, str]:
         raise BadQuery(f"a console form is at most {MAX_FORM_BYTES} bytes")
     if request.content_type != "application/x-www-form-urlencoded":
         raise BadQuery("send the form as application/x-www-form-urlencoded")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
+    # all of it, however it arrives (`content.read(n)` gives what has arrived so far: a form
+    # in two TCP segments was cut short); at most the Content-Length checked above
+    body = await request.read()
     try:
         fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, errors="strict",
                            max_num_fields=20)
