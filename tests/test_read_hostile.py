@@ -79,6 +79,23 @@ async def _deliver(database: Database) -> None:
         assert status in (401, 403), answer
 
 
+async def exchange(client: Client, *parts: bytes) -> bytes:
+    """Raw bytes to the server, as a client that sends `parts` with a pause between them (a
+    slow link: each arrives on its own), and its whole answer, read until it closes."""
+    assert client.server.host is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        for index, part in enumerate(parts):
+            if index:
+                await asyncio.sleep(0.3)  # the slow client's pause between its segments
+            writer.write(part)
+            await writer.drain()
+        async with asyncio.timeout(10):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 @pytest.fixture
 def hostile(database: Database) -> Database:
     asyncio.run(_deliver(database))
@@ -330,16 +347,9 @@ async def test_a_console_cookie_that_is_no_token_is_a_sign_in_redirect_not_a_500
     """Found by this break test: a cookie with bytes that are not UTF-8 reached the token's
     SHA-256 as surrogates, and anyone without a session got a 500 (a traceback logged per
     request); the read API already refused such tokens without a lookup."""
-    assert client.server.host is not None
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(b"GET /console/bots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Cookie: ledger_console=" + cookie + b"\r\n\r\n")
-        await writer.drain()
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+    answer = await exchange(client, b"GET /console/bots HTTP/1.1\r\nHost: x\r\n"
+                            b"Connection: close\r\nCookie: ledger_console=" + cookie
+                            + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 303 "), answer[:200]
     assert b"Location: /console/sign-in?next=/console/bots" in answer
 
@@ -359,18 +369,11 @@ async def test_a_console_form_that_is_not_utf8_is_a_400_not_a_500(
     from tests.test_console import make_token
 
     token = await make_token(client)
-    assert client.server.host is not None
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Cookie: ledger_console=" + token.encode() + b"\r\n"
-                     b"Content-Type: application/x-www-form-urlencoded" + charset.encode()
-                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+    answer = await exchange(
+        client, b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Cookie: ledger_console=" + token.encode() + b"\r\n"
+        b"Content-Type: application/x-www-form-urlencoded" + charset.encode()
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     status = answer.split(b"\r\n")[0]
     assert status.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 401 ", b"HTTP/1.1 403 ")), answer[:300]
 
@@ -382,20 +385,10 @@ async def test_a_sign_in_form_that_arrives_in_two_parts_is_read_whole(client: Cl
 
     token = await make_token(client)
     body = f"token={token}&next=%2Fconsole%2F".encode()
-    assert client.server.host is not None
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        writer.write(b"POST /console/sign-in HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                     b"Content-Type: application/x-www-form-urlencoded\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:12])
-        await writer.drain()
-        await asyncio.sleep(0.3)  # the slow client's pause between its two segments
-        writer.write(body[12:])
-        await writer.drain()
-        async with asyncio.timeout(10):
-            answer = await reader.read()
-    finally:
-        writer.close()
+    answer = await exchange(
+        client, b"POST /console/sign-in HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:12], body[12:])
     assert answer.startswith(b"HTTP/1.1 303 "), answer[:300]
     assert b"\r\nLocation: /console/\r\n" in answer, answer[:300]
 
