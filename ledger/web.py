@@ -352,7 +352,8 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
 
 async def _open_pool(target: targets.DatabaseTarget, settings: Settings) -> Pool:
     """The service's pool, checked against the schema; when an external PostgreSQL is down at
-    start-up, an unconnected pool — the intake then spools until the schema check passes."""
+    start-up, or any PostgreSQL goes away during the check, a pool not yet checked — the intake
+    then spools until the schema check passes."""
     timeout = settings.connect_timeout_seconds
     try:
         pool = await create_pool(target.service_dsn, size=settings.pool_size,
@@ -366,6 +367,12 @@ async def _open_pool(target: targets.DatabaseTarget, settings: Settings) -> Pool
                                  connect_timeout=timeout)
     try:
         await targets.require_current_schema(pool)
+    except DatabaseUnavailable as exc:
+        # Connected, then lost (a backend killed, a restart): an outage like any other, not a
+        # reason to exit — `serve` would take a worker's exit here for a failure it cannot
+        # mend and stop them all. The committer's gate checks the schema before any append.
+        log.error("PostgreSQL went away during the start-up schema check (%s); deliveries are "
+                  "spooled until it is back", exc)
     except BaseException:
         await pool.close()
         raise

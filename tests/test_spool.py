@@ -183,6 +183,40 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
     assert (tmp_path / "spool" / "trust" / "snapshot.json").stat().st_mode & 0o777 == 0o600
 
 
+async def test_a_backend_lost_during_the_start_up_schema_check_is_an_outage_not_an_exit(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """A worker restarted (after a crash, or by `serve --workers`) while its backend is killed
+    or PostgreSQL restarts must come up spooling: an exception here made the worker exit with
+    an 'explained' failure, and `serve` then stopped every worker."""
+    _, settings_for = outage
+    settings = settings_for()
+    first: Client = await make_client(settings)
+    await install_sample_portal(first)
+    await first.close()
+
+    lock = admin.transaction()
+    await lock.start()
+    await admin.execute("LOCK TABLE public.alembic_version IN ACCESS EXCLUSIVE MODE")
+    starting = asyncio.create_task(make_client(settings))
+    try:
+        async with asyncio.timeout(30):
+            while not await admin.fetchval(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                "application_name = 'ledger' AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.01)  # polling PostgreSQL for the blocked schema check
+    finally:
+        await lock.rollback()
+    client: Client = await starting
+    status, answer = await post(client, sample("onimbotjoinchat-1"))
+    assert status in (200, 202), answer
+    await drained(client)
+    assert await admin.fetchval(
+        "SELECT count(*) FROM ledger.events WHERE event_type = 'ONIMBOTJOINCHAT'"
+    ) == 1
+
+
 async def test_a_postgresql_too_slow_to_answer_is_an_outage_too(
     make_client: ClientFactory, outage: Any, admin: Admin
 ) -> None:
