@@ -19,7 +19,8 @@ from ledger.errors import SpoolFull, SpoolUnwritable
 from ledger.models import EventDraft, RejectionDraft
 from ledger.spool import Spool, any_pending, decode, encode
 from ledger.trust import TrustChange
-from tests.conftest import ClientFactory, sample
+from tests.conftest import ClientFactory, Database, sample
+from tests.gateway_helpers import eventually
 from tests.helpers import Client, Disk, drained, install_sample_portal, post
 from tests.test_intake import forge
 
@@ -184,30 +185,29 @@ async def test_starting_while_postgresql_is_down_spools_with_the_saved_trust(
 
 
 async def test_a_backend_lost_during_the_start_up_schema_check_is_an_outage_not_an_exit(
-    make_client: ClientFactory, outage: Any, admin: Admin
+    make_client: ClientFactory, outage: Any, admin: Admin, database: Database
 ) -> None:
     """A worker restarted (after a crash, or by `serve --workers`) while its backend is killed
     or PostgreSQL restarts must come up spooling: an exception here made the worker exit with
     an 'explained' failure, and `serve` then stopped every worker."""
     _, settings_for = outage
-    settings = settings_for()
+    settings = settings_for(connect_timeout_seconds=60)  # a loaded machine connects slowly
     first: Client = await make_client(settings)
     await install_sample_portal(first)
     await first.close()
 
-    lock = admin.transaction()
+    locker = await asyncpg.connect(database.admin_dsn)  # not `admin`: its transaction would
+    lock = locker.transaction()                          # see pg_stat_activity frozen
     await lock.start()
-    await admin.execute("LOCK TABLE public.alembic_version IN ACCESS EXCLUSIVE MODE")
-    starting = asyncio.create_task(make_client(settings))
+    await locker.execute("LOCK TABLE public.alembic_version IN ACCESS EXCLUSIVE MODE")
+    starting = asyncio.ensure_future(make_client(settings))
     try:
-        async with asyncio.timeout(30):
-            while not await admin.fetchval(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
-                "application_name = 'ledger' AND wait_event_type = 'Lock'"
-            ):
-                await asyncio.sleep(0.01)  # polling PostgreSQL for the blocked schema check
+        await eventually(lambda: admin.fetchval(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'ledger' AND wait_event_type = 'Lock'"))
     finally:
         await lock.rollback()
+        await locker.close()
     client: Client = await starting
     status, answer = await post(client, sample("onimbotjoinchat-1"))
     assert status in (200, 202), answer
