@@ -19,7 +19,7 @@ import pytest
 
 from ledger.api import TREES
 from ledger.settings import Settings
-from ledger.storage.store import on_this_machine
+from ledger.storage.store import backend_here, on_this_machine
 from ledger.storage.tree_store import EVENTS_LOG
 from ledger.supervision import Supervisor
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample
@@ -339,3 +339,20 @@ async def test_readiness_reports_a_merkle_tree_the_projector_process_does_not_gr
     await client.app[TREES].catch_up(EVENTS_LOG)
     response = await client.get("/readyz")
     assert response.status == 200, await response.json()
+
+
+async def test_only_a_backend_seen_serving_our_role_and_database_is_reniced(
+    database: Database, admin: asyncpg.Connection[Any], service_connection: Any
+) -> None:
+    """A server behind a shared Unix socket in another PID namespace reports pids that name
+    other processes here: reniced blindly, some other process (another server's backend) would
+    be slowed. Only a process whose title shows it serves our role on our database counts."""
+    if not on_this_machine(database.service_dsn):
+        pytest.skip("PostgreSQL is not a process of this machine")
+    pid = service_connection.get_server_pid()
+    database_name = await admin.fetchval("SELECT current_database()")
+    assert backend_here(pid, "ledger_app", database_name)
+    assert not backend_here(pid, "ledger_projector", database_name)  # another role's backend
+    assert not backend_here(pid, "ledger_app", "postgres")  # another database's
+    assert not backend_here(os.getpid(), "ledger_app", database_name)  # not a backend at all
+    assert not backend_here(admin.get_server_pid(), "ledger_app", database_name)

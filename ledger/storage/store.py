@@ -233,15 +233,31 @@ def on_this_machine(dsn: str) -> bool:
     return host.startswith("/")
 
 
-def _renice_backend(connection: Connection, nice: int) -> None:
+def backend_here(pid: int, user: str, database: str) -> bool:
+    """Whether process `pid` of *this* machine's PID namespace is the backend serving `user` on
+    `database`: a server behind a shared Unix socket may run in another PID namespace (a
+    container), where its backend's pid names some other process here. A backend's title is
+    "postgres: <user> <database> …" (also with update_process_title off)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return title.startswith(f"postgres: {user} {database} ".encode())
+
+
+async def _renice_backend(connection: Connection, nice: int) -> None:
     """Lower the CPU priority of the connection's backend process to `nice`, and schedule it
     as batch work (no wake-up preemption), when it runs here and may be: a background
     reader's backend (the projector's) then yields the cores to the intake's as its own client
-    process does. Anything else: left as it is."""
+    process does. Anything else — another user's server, one in another PID namespace, not
+    Linux — is left as it is."""
     pid = connection.get_server_pid()
+    who = await connection.fetchrow("SELECT session_user, current_database()")
+    assert who is not None  # one row, always
+    if not backend_here(pid, who[0], who[1]):
+        log.debug("backend %d is not a process of this machine we can see; not reniced", pid)
+        return
     try:
-        if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
-            return
         if os.getpriority(os.PRIO_PROCESS, pid) < nice:
             os.setpriority(os.PRIO_PROCESS, pid, nice)
         # no wake-up preemption either: each statement wakes the backend beside the intake's
@@ -266,7 +282,7 @@ async def create_pool(
     if backend_nice > 0 and on_this_machine(dsn):
         async def init(connection: Connection) -> None:
             await _init_connection(connection)
-            _renice_backend(connection, backend_nice)
+            await _renice_backend(connection, backend_nice)
     try:
         pool = await asyncpg.create_pool(
             dsn,
