@@ -79,6 +79,10 @@ _SCHEMAS: dict[str, dict[str, Any]] = {
     "boolean": {"type": "boolean"},
     "date-time": {"type": "string", "format": "date-time"},
     "status": {"type": "string", "enum": ["active", "deleted"]},
+    # keyset cursors (`ledger.api._paged`): the key of the last row of the page before
+    "bot-cursor": {"type": "string", "maxLength": MAX_TEXT + 20,
+                   "pattern": "^[^\\u0000]{0,256}:[0-9]{1,18}$"},
+    "deletion-cursor": {"type": "string", "pattern": "^[0-9]{1,18}:[0-9]{1,18}$"},
     # the prefixed forms with a time are accepted too; the document lists what a generator
     # can produce without inventing invalid dates
     "as-of": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": INT64_MAX},
@@ -95,6 +99,7 @@ class Route:
     response: Any  # a model type or list[model]
     params: tuple[Param, ...] = ()
     errors: tuple[tuple[int, str], ...] = ()  # statuses beyond 400/401/404/503, documented
+    paged: bool = False  # a JSON array a page at a time, the next page in a `Link` header
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -182,10 +187,47 @@ async def bots(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "active", "deleted"):
         raise BadQuery("`status` is active or deleted")
-    rows = await _service(request).bots(
-        member_id=_text(request, "portal"), status=status, as_of=_as_of(request)
+    found, more = await _service(request).bot_page(
+        member_id=_text(request, "portal"), status=status, as_of=_as_of(request),
+        after=_bot_cursor(request), limit=_limit(request),
     )
-    return json_response(_dump(rows))
+    return _paged(request, _dump(found), more)
+
+
+def _limit(request: web.Request) -> int:
+    return _int(request, "limit", MAX_PAGE) or 0
+
+
+def _bot_cursor(request: web.Request) -> tuple[str, int] | None:
+    """`after=MEMBER_ID:BOT_ID`: the key of the last bot of the page before."""
+    value = request.query.get("after")
+    if value is None:
+        return None
+    member_id, sep, bot_id = value.rpartition(":")
+    if not sep:
+        raise BadQuery("`after` is the `next` link's cursor: MEMBER_ID:BOT_ID")
+    return _text_value("after", member_id), _integer("after", bot_id)
+
+
+def _deletion_cursor(request: web.Request) -> tuple[int, int] | None:
+    """`after=POSITION:BOT_ID`: the key of the last deletion of the page before."""
+    value = request.query.get("after")
+    if value is None:
+        return None
+    position, sep, bot_id = value.partition(":")
+    if not sep:
+        raise BadQuery("`after` is the `next` link's cursor: POSITION:BOT_ID")
+    return _integer("after", position), _integer("after", bot_id)
+
+
+def _paged(request: web.Request, body: Any, more: tuple[str | int, int] | None) -> web.Response:
+    """A page of a keyed list: the JSON array as before paging, and — when there is more — a
+    `Link: <…>; rel="next"` header (RFC 8288) with the same question after this page's key."""
+    response = json_response(body)
+    if more is not None:
+        cursor = f"{more[0]}:{more[1]}"
+        response.headers["Link"] = f'<{request.rel_url.update_query(after=cursor)}>; rel="next"'
+    return response
 
 
 async def bot_history(request: web.Request) -> web.Response:
@@ -206,7 +248,10 @@ async def deletions(request: web.Request) -> web.Response:
         cause=_text(request, "cause"),
         anomalies_only=_bool(request, "anomalies"),
     )
-    return json_response(_dump(await _service(request).deletions(where, as_of=_as_of(request))))
+    found, more = await _service(request).deletion_page(
+        where, as_of=_as_of(request), after=_deletion_cursor(request), limit=_limit(request),
+    )
+    return _paged(request, _dump(found), more)
 
 
 async def events(request: web.Request) -> web.Response:
@@ -283,24 +328,32 @@ _AS_OF = Param(
 )
 _AFTER = Param("after", "integer", "return events after this position (cursor)")
 _LIMIT = Param("limit", "limit", f"page size, 1..{MAX_PAGE}")
+_LIST_LIMIT = Param("limit", "limit", f"page size, 1..{MAX_PAGE} (default {MAX_PAGE})")
 
 ROUTES: dict[str, tuple[Route, Handler]] = {
     r.path: (r, h)
     for r, h in [
         (Route("/portals", "Portals: trust, installation, last activity", list[PortalOut]),
          portals),
-        (Route("/bots", "The bot registry", list[BotOut],
-               (_PORTAL, Param("status", "status", "active or deleted"), _AS_OF)), bots),
+        (Route("/bots", "The bot registry, in (portal, bot id) order, a page at a time",
+               list[BotOut],
+               (_PORTAL, Param("status", "status", "active or deleted"), _AS_OF,
+                Param("after", "bot-cursor", "the cursor of the `Link: rel=next` header: the "
+                      "page after this portal member_id and bot id"),
+                _LIST_LIMIT), paged=True), bots),
         (Route("/portals/{member_id}/bots/{bot_id}", "One bot and its whole history",
                BotHistory, (Param("member_id", "string", "portal", "path"),
                             Param("bot_id", "integer", "bot id", "path"), _AFTER, _LIMIT)),
          bot_history),
-        (Route("/deletions", "The deletion timeline", list[DeletionOut],
+        (Route("/deletions", "The deletion timeline, in (position, bot id) order, a page at a "
+               "time", list[DeletionOut],
                (_PORTAL, Param("from", "date-time", "deleted at or after"),
                 Param("to", "date-time", "deleted before"),
                 Param("actor", "string", "auth.user_id of the deleting event"),
                 Param("cause", "string", "bot deleted / application uninstalled"),
-                Param("anomalies", "boolean", "only rows with an anomaly"), _AS_OF)),
+                Param("anomalies", "boolean", "only rows with an anomaly"), _AS_OF,
+                Param("after", "deletion-cursor", "the cursor of the `Link: rel=next` header: "
+                      "the page after this position and bot id"), _LIST_LIMIT), paged=True),
          deletions),
         (Route("/events", "Stored events, in ledger order", Page[EventOut],
                (_PORTAL, Param("type", "string", "event type, e.g. ONIMBOTDELETE"),
@@ -350,7 +403,8 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_parameter(p) for p in route.params],
             "responses": {
                 "200": {"description": "OK",
-                        "content": {"application/json": {"schema": response_schema}}},
+                        "content": {"application/json": {"schema": response_schema}},
+                        **({"headers": {"Link": _NEXT_LINK}} if route.paged else {})},
                 "400": _error("the request cannot be answered as asked"),
                 "401": _error("no or bad bearer token"),
                 "404": _error("no such portal or bot"),
@@ -369,6 +423,13 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+_NEXT_LINK = {
+    "description": "present when there is a next page: `<URL>; rel=\"next\"` (RFC 8288), the "
+    "same question with `after` set to this page's last key; absent on the last page",
+    "schema": {"type": "string"},
+}
 
 
 def _parameter(param: Param) -> dict[str, Any]:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import math
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import orjson
 
 from ledger import operations
-from ledger.errors import BadQuery, NotFound
+from ledger.errors import BadQuery, FoldsBusy, NotFound
 from ledger.projections import readers
-from ledger.projections.fold import Deletion
+from ledger.projections.fold import Bot, Deletion
 from ledger.projections.projector import Projector
+from ledger.projections.readers import DeletionFilter as DeletionFilter
 from ledger.readmodels import (
     BotHistory,
     BotOut,
@@ -45,25 +47,31 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-@dataclass(frozen=True)
-class DeletionFilter:
-    member_id: str | None = None
-    occurred_from: datetime | None = None
-    occurred_to: datetime | None = None
-    actor_user_id: str | None = None
-    cause: str | None = None
-    anomalies_only: bool = False
+class FoldGate:
+    """At most `limit` "as of" folds at once in this process (one per question: each holds the
+    registry as of then in memory, and folds on the event loop that serves everyone). One more
+    waits up to `wait` seconds for a fold to end, then is refused with `FoldsBusy` (503,
+    Retry-After) — queued instead, the waiting questions would pile up without bound."""
 
-    def accepts(self, deletion: Deletion) -> bool:
-        at = deletion.occurred_at or deletion.received_at
-        return (
-            (self.occurred_from is None or at >= self.occurred_from)
-            and (self.occurred_to is None or at < self.occurred_to)
-            and (self.actor_user_id is None or deletion.actor_user_id == self.actor_user_id)
-            and (self.cause is None or deletion.cause == self.cause)
-            and (not self.anomalies_only
-                 or deletion.never_seen or deletion.repeated or deletion.activity_after_deletion)
-        )
+    def __init__(self, limit: int, wait: float) -> None:
+        self.limit = limit
+        self.wait = wait
+        self.running = 0
+        self._slots = asyncio.Semaphore(limit)
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise FoldsBusy(self.running, retry_after=max(1, math.ceil(self.wait * 2))) from None
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self._slots.release()
 
 
 class AuditService:
@@ -77,9 +85,11 @@ class AuditService:
 
     def __init__(
         self, events: EventStore, projections: ProjectionStore, audit: AuditStore,
-        projector: Projector | None = None,
+        projector: Projector | None = None, folds: FoldGate | None = None,
     ) -> None:
+        """`folds`: the bound on concurrent "as of" folds (None: none, as in the CLI)."""
         self._events = events
+        self._folds = folds
         self._projections = projections
         self._audit = audit
         self._projector = projector
@@ -92,18 +102,83 @@ class AuditService:
         self, *, member_id: str | None = None, status: str | None = None,
         as_of: readers.AsOf = None,
     ) -> list[BotOut]:
-        rows = await readers.bots(
-            self._projections, self._projector, member_id=member_id, status=status, as_of=as_of,
-        )
+        async with self._folding(as_of):
+            rows = await readers.bots(
+                self._projections, self._projector, member_id=member_id, status=status,
+                as_of=as_of,
+            )
         return [BotOut.model_validate(b) for b in rows]
 
     async def deletions(
         self, where: DeletionFilter, as_of: readers.AsOf = None
     ) -> list[DeletionOut]:
-        rows = await readers.deletions(
-            self._projections, self._projector, member_id=where.member_id, as_of=as_of,
-        )
+        async with self._folding(as_of):
+            rows = await readers.deletions(
+                self._projections, self._projector, member_id=where.member_id, as_of=as_of,
+            )
         return [deletion_out(d) for d in rows if where.accepts(d)]
+
+    async def bot_page(
+        self, *, member_id: str | None = None, status: str | None = None,
+        as_of: readers.AsOf = None, after: tuple[str, int] | None = None, limit: int = MAX_PAGE,
+    ) -> tuple[list[BotOut], tuple[str, int] | None]:
+        """One page of the registry in (portal, bot id) order after the key `after`, and the
+        key to ask the next page after (None: this was the last)."""
+        _check_limit(limit)
+        async with self._folding(as_of), contextlib.aclosing(readers.bot_pages(
+            self._projections, self._projector, member_id=member_id, status=status,
+            as_of=as_of, after=after, limit=limit + 1,
+        )) as pages:
+            bots: list[Bot] = await anext(pages, [])
+        more = len(bots) > limit
+        bots = bots[:limit]
+        return [BotOut.model_validate(b) for b in bots], bots[-1].key if more else None
+
+    async def bot_pages(
+        self, *, member_id: str | None = None, status: str | None = None,
+        as_of: readers.AsOf = None,
+    ) -> AsyncIterator[list[BotOut]]:
+        """The whole registry, a page at a time (exports and the CLI: never all in memory)."""
+        async with self._folding(as_of):
+            async for page in readers.bot_pages(
+                self._projections, self._projector, member_id=member_id, status=status,
+                as_of=as_of,
+            ):
+                yield [BotOut.model_validate(b) for b in page]
+
+    async def deletion_page(
+        self, where: DeletionFilter, *, as_of: readers.AsOf = None,
+        after: tuple[int, int] | None = None, limit: int = MAX_PAGE,
+    ) -> tuple[list[DeletionOut], tuple[int, int] | None]:
+        """One page of the deletion timeline in (position, bot id) order, as `bot_page`."""
+        _check_limit(limit)
+        async with self._folding(as_of), contextlib.aclosing(readers.deletion_pages(
+            self._projections, self._projector, where, as_of=as_of, after=after,
+            limit=limit + 1,
+        )) as pages:
+            found: list[Deletion] = await anext(pages, [])
+        more = len(found) > limit
+        found = found[:limit]
+        return [deletion_out(d) for d in found], found[-1].key if more else None
+
+    async def deletion_pages(
+        self, where: DeletionFilter, *, as_of: readers.AsOf = None
+    ) -> AsyncIterator[list[DeletionOut]]:
+        """The whole deletion timeline, a page at a time, as `bot_pages`."""
+        async with self._folding(as_of):
+            async for page in readers.deletion_pages(
+                self._projections, self._projector, where, as_of=as_of,
+            ):
+                yield [deletion_out(d) for d in page]
+
+    @asynccontextmanager
+    async def _folding(self, as_of: readers.AsOf) -> AsyncIterator[None]:
+        """A permit of `folds` for an answer as of a moment (live answers need none)."""
+        if as_of is None or self._folds is None:
+            yield
+            return
+        async with self._folds.permit():
+            yield
 
     async def projection(self) -> ProjectionOut:
         """How far the registry is folded: the position and chain hash its answers stand on."""
@@ -157,15 +232,13 @@ class AuditService:
     ) -> dict[str, Any]:
         """The same page as `events`, as plain JSON-ready data: the API's hot path skips
         building models (the tests hold these answers to the `Page[EventOut]` schema)."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
+        _check_limit(limit)
         rows = await self._audit.events(where, limit=limit, with_payload=with_payload)
         return {"items": rows, "next_after": rows[-1]["position"] if len(rows) == limit else None}
 
     async def rejections(self, where: RejectionFilter, *, limit: int = 100) -> Page[RejectionOut]:
         """Refused deliveries in log order (reason, time, portal, sizes, hashes; no excerpt)."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
+        _check_limit(limit)
         rows = await self._audit.rejections(where, limit=limit)
         return Page[RejectionOut](
             items=[RejectionOut.model_validate(r) for r in rows],
@@ -179,8 +252,10 @@ class AuditService:
     async def bot_history(
         self, member_id: str, bot_id: int, *, after: int = 0, limit: int = 1000
     ) -> BotHistory:
-        bots = await self.bots(member_id=member_id)
-        bot = next((b for b in bots if b.bot_id == bot_id), None)
+        # the one bot, by its key (not the portal's whole registry)
+        found, _ = await self.bot_page(member_id=member_id, after=(member_id, bot_id - 1),
+                                       limit=1)
+        bot = found[0] if found and found[0].bot_id == bot_id else None
         if bot is None:
             raise NotFound(f"no bot {bot_id} on portal {member_id}")
         page = await self.events(
@@ -194,6 +269,11 @@ class AuditService:
     async def verification(self) -> list[VerificationOut]:
         return [VerificationOut.model_validate(r)
                 for r in await self._audit.verification_status()]
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise BadQuery(f"limit must be between 1 and {MAX_PAGE}")
 
 
 def event_out(row: dict[str, Any]) -> EventOut:

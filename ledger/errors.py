@@ -20,6 +20,8 @@ class LedgerError(Exception):
     # the HTTP connection cannot carry another request after this answer (its body stream is
     # broken), so the answer says `Connection: close` and the server reads no more of it
     closes_connection: bool = False
+    # seconds after which trying again may succeed: the answer says `Retry-After` (a 503's)
+    retry_after: int | None = None
 
     @property
     def message(self) -> str:
@@ -144,6 +146,23 @@ class BadQuery(LedgerError):
 
     status = 400
     code = "bad_query"
+
+
+class FoldsBusy(LedgerError):
+    """Every permitted "as of" fold of this process is running, and none finished within the
+    short wait: answered 503 with `Retry-After` rather than queued (each fold holds the
+    registry as of then in memory and takes CPU from everything else the process serves). Ask
+    again later; if it keeps happening, raise LEDGER_MAX_CONCURRENT_FOLDS or add workers."""
+
+    status = 503
+    code = "as_of_busy"
+
+    def __init__(self, running: int, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"{running} 'as of' answers are being folded in this process already; ask again "
+            f"in {retry_after} s (operators: LEDGER_MAX_CONCURRENT_FOLDS)"
+        )
 
 
 class BadInput(LedgerError):

@@ -7,7 +7,7 @@ however many there are, and the manifest's head is exactly the head that snapsho
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -112,20 +112,38 @@ async def export_events(
 
 
 async def export_rows(
-    kind: str, rows: Iterable[BaseModel], out: IO[str], fmt: str,
-    filters: dict[str, Any], service: AuditService,
+    kind: str, rows: Iterable[BaseModel] | AsyncIterable[Sequence[BaseModel]], out: IO[str],
+    fmt: str, filters: dict[str, Any], service: AuditService,
 ) -> Manifest:
-    items = list(rows)
-    fields = ([f.alias or name for name, f in type(items[0]).model_fields.items()]
-              if items else ["portal_member_id"])
-    writer = _Writer(out, fmt, fields)
-    for item in items:
-        writer.write(item.model_dump(mode="json", by_alias=True))
+    """Rows, or pages of rows as they come (`AuditService.bot_pages`: a registry of any size in
+    constant memory)."""
+    writer: _Writer | None = None
+    count, first, last = 0, None, None
+    async for page in _pages(rows):
+        for item in page:
+            if writer is None:
+                writer = _Writer(out, fmt, [f.alias or name
+                                            for name, f in type(item).model_fields.items()])
+            writer.write(item.model_dump(mode="json", by_alias=True))
+            position = getattr(item, "position", None)
+            if position is not None:
+                first = position if first is None else min(first, position)
+                last = position if last is None else max(last, position)
+        count += len(page)
+    if writer is None:
+        _Writer(out, fmt, ["portal_member_id"])
     position, head_hash = await service.head()
-    positions = [getattr(i, "position", None) for i in items]
-    known = [p for p in positions if p is not None]
-    return _manifest(kind, fmt, filters, len(items), min(known, default=None),
-                     max(known, default=None), (position, head_hash.hex()))
+    return _manifest(kind, fmt, filters, count, first, last, (position, head_hash.hex()))
+
+
+async def _pages(
+    rows: Iterable[BaseModel] | AsyncIterable[Sequence[BaseModel]],
+) -> AsyncIterator[Sequence[BaseModel]]:
+    if isinstance(rows, AsyncIterable):
+        async for page in rows:
+            yield page
+    else:
+        yield list(rows)
 
 
 def _manifest(

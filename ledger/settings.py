@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     projector_snapshot_every: int = Field(
         default=100_000, ge=1, description="save the fold state every N events (for --as-of)"
     )
+    max_concurrent_folds: int = Field(
+        default=2, ge=1, description="per process: \"as of\" answers folded at once (API and "
+        "console); one more waits up to fold_wait_seconds, then gets 503 with Retry-After",
+    )
+    fold_wait_seconds: float = Field(
+        default=0.5, ge=0, description="how long an \"as of\" question waits for a fold to "
+        "finish when max_concurrent_folds are running",
+    )
     projector_stall_seconds: float = Field(
         default=60.0, gt=0, description="readiness fails when the projector lags this long"
     )

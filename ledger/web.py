@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ledger import checkpoints, wire
 from ledger.api import AUDIT, TREES, create_api, json_response, plain_headers
-from ledger.audit import AuditService
+from ledger.audit import AuditService, FoldGate
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
@@ -116,6 +116,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.error("%s %s: %s", request.method, request.path, exc,
                       exc_info=exc.status == 500)
         response = error_response(exc.status, exc.code, exc.message)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
         if exc.closes_connection:
             # aiohttp would otherwise drain the rest of the broken body for keep-alive and log
             # each decoding failure as an "Unhandled exception": read no more of it, and close
@@ -509,10 +511,14 @@ async def _projection_ctx(app: web.Application) -> AsyncIterator[None]:
     """The read side: the audit service over the service's pool (it never writes projections:
     the projector, `ledger project --follow`, runs in a process of its own). While a projector
     is expected, its lag is read from the database for the lag gauge."""
-    app[AUDIT] = audit = AuditService(app[STORE], ProjectionStore(app[POOL]), AuditStore(app[POOL]))
+    settings = app[SETTINGS]
+    app[AUDIT] = audit = AuditService(
+        app[STORE], ProjectionStore(app[POOL]), AuditStore(app[POOL]),
+        folds=FoldGate(settings.max_concurrent_folds, settings.fold_wait_seconds),
+    )
     lag = app[LAG] = ProjectorLag()
     app[METRICS].watch_lag(lambda: lag.events)
-    if not app[SETTINGS].run_projector:
+    if not settings.run_projector:
         yield
         return
 

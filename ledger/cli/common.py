@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,17 +141,29 @@ PORTAL = click.option("--portal", "member_id",
 JSON_OUTPUT = click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 
 
-def print_rows(rows: list[BaseModel], columns: list[str], as_json: bool) -> None:
-    """Rows under the audit views' names (the models' aliases), times in UTC with a `Z`."""
-    records = [r.model_dump(mode="json", by_alias=True) for r in rows]
-    if as_json:
+async def print_pages(
+    pages: AsyncIterable[Sequence[BaseModel]], columns: list[str], as_json: bool
+) -> int:
+    """Rows under the audit views' names (the models' aliases), times in UTC with a `Z`, a
+    page at a time as the pages arrive (a registry of any size, never all in memory); a
+    table's column widths are its first page's. Returns the rows printed."""
+    widths: dict[str, int] | None = None
+    count = 0
+    async for page in pages:
+        records = [r.model_dump(mode="json", by_alias=True) for r in page]
+        count += len(records)
+        if as_json:
+            for record in records:
+                echo_json(orjson.dumps(record).decode())
+            continue
+        if widths is None:
+            widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
+            click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
         for record in records:
-            echo_json(orjson.dumps(record).decode())
-        return
-    widths = {c: max([len(c)] + [len(_cell(r[c])) for r in records]) for c in columns}
-    click.echo("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for record in records:
-        click.echo("  ".join(_cell(record[c]).ljust(widths[c]) for c in columns))
+            click.echo("  ".join(_cell(record[c]).ljust(widths[c]) for c in columns))
+    if widths is None and not as_json:
+        click.echo("  ".join(c.upper() for c in columns))
+    return count
 
 
 def _cell(value: Any) -> str:

@@ -30,7 +30,7 @@ from ledger.cli.common import (
     parse_as_of,
     parse_moment,
     print_events,
-    print_rows,
+    print_pages,
     settings_of,
     shown,
     with_audit,
@@ -59,12 +59,16 @@ def bots(
 ) -> None:
     """The bot registry: which bots exist on which portal, active or deleted, since when."""
     moment = parse_as_of(as_of)
-    rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.bots(
-        p, j, member_id=portal, status=status, as_of=moment))
-    print_rows([BotOut.model_validate(b) for b in rows],
-               ["bot_id", "bot_code", "status", "first_seen_at", "last_activity_at",
-                "message_count", "deleted_at", "deleted_by_user_id", "api_version",
-                "portal_member_id"], as_json)
+
+    async def pages(p: ProjectionStore, j: Projector, portal: str | None) -> int:
+        return await print_pages(
+            ([BotOut.model_validate(b) for b in page] async for page in readers.bot_pages(
+                p, j, member_id=portal, status=status, as_of=moment)),
+            ["bot_id", "bot_code", "status", "first_seen_at", "last_activity_at",
+             "message_count", "deleted_at", "deleted_by_user_id", "api_version",
+             "portal_member_id"], as_json)
+
+    with_portal_projections(ctx, member_id, pages)
 
 
 @main.command()
@@ -76,11 +80,15 @@ def bots(
 def deletions(ctx: click.Context, member_id: str | None, as_of: str | None, as_json: bool) -> None:
     """The deletion timeline: who deleted which bot when, and what it had done before."""
     moment = parse_as_of(as_of)
-    rows = with_portal_projections(ctx, member_id, lambda p, j, portal: readers.deletions(
-        p, j, member_id=portal, as_of=moment))
-    print_rows([deletion_out(d) for d in rows],
-               ["bot_id", "bot_code", "cause", "deleted_at", "deleted_by_user_id",
-                "message_count", "anomalies", "position", "portal_member_id"], as_json)
+
+    async def pages(p: ProjectionStore, j: Projector, portal: str | None) -> int:
+        return await print_pages(
+            ([deletion_out(d) for d in page] async for page in readers.deletion_pages(
+                p, j, DeletionFilter(member_id=portal), as_of=moment)),
+            ["bot_id", "bot_code", "cause", "deleted_at", "deleted_by_user_id",
+             "message_count", "anomalies", "position", "portal_member_id"], as_json)
+
+    with_portal_projections(ctx, member_id, pages)
 
 
 @main.command()
@@ -300,14 +308,12 @@ def export(
                     audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
                 )
             if kind == "bots":
-                rows = await audit.bots(member_id=portal)
-                return await exports.export_rows("bots", rows, out, fmt,
-                                                 {"member_id": portal}, audit)
+                return await exports.export_rows("bots", audit.bot_pages(member_id=portal), out,
+                                                 fmt, {"member_id": portal}, audit)
             where_d = DeletionFilter(member_id=portal, occurred_from=parse_moment(since),
                                      occurred_to=parse_moment(until))
-            rows_d = await audit.deletions(where_d)
-            return await exports.export_rows("deletions", rows_d, out, fmt,
-                                             dict(where_d.__dict__), audit)
+            return await exports.export_rows("deletions", audit.deletion_pages(where_d), out,
+                                             fmt, dict(where_d.__dict__), audit)
 
     manifest = with_audit(ctx, work)
     if output is None:

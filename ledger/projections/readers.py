@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from ledger import asof
 from ledger.projections import projector as projector_module
@@ -19,6 +21,32 @@ AsOf = asof.AsOf | int | datetime | None
 
 
 REGISTRY = projector_module.REGISTRY
+PAGE = 1000  # rows per read of a registry or timeline page (the read API's largest page)
+
+
+@dataclass(frozen=True)
+class DeletionFilter:
+    """Which deletions a reader asked for. A deletion's time is Bitrix24's (`ts`) when it gave
+    one, else the received time."""
+
+    member_id: str | None = None
+    occurred_from: datetime | None = None
+    occurred_to: datetime | None = None
+    actor_user_id: str | None = None
+    cause: str | None = None
+    anomalies_only: bool = False
+
+    def accepts(self, deletion: Deletion) -> bool:
+        at = deletion.occurred_at or deletion.received_at
+        return (
+            (self.member_id is None or deletion.member_id == self.member_id)
+            and (self.occurred_from is None or at >= self.occurred_from)
+            and (self.occurred_to is None or at < self.occurred_to)
+            and (self.actor_user_id is None or deletion.actor_user_id == self.actor_user_id)
+            and (self.cause is None or deletion.cause == self.cause)
+            and (not self.anomalies_only
+                 or deletion.never_seen or deletion.repeated or deletion.activity_after_deletion)
+        )
 
 
 async def snapshot(
@@ -69,6 +97,79 @@ async def deletions(
         (d for d in state.deletions.values() if member_id is None or d.member_id == member_id),
         key=lambda d: d.key,
     )
+
+
+async def bot_pages(
+    projections: ProjectionStore,
+    projector: Projector | None,
+    *,
+    member_id: str | None = None,
+    status: str | None = None,
+    as_of: AsOf = None,
+    after: tuple[str, int] | None = None,
+    limit: int = PAGE,
+) -> AsyncGenerator[list[Bot], None]:
+    """The registry in key order (portal, bot id) after the key `after`, `limit` rows a page:
+    live, each page is one keyset read of the projection (memory bounded by the page, however
+    large the registry); as of a moment, the one fold's rows (the fold holds them all anyway)."""
+    state = await snapshot(projections, projector, as_of)
+    if state is not None:
+        chosen = (b for b in state.bots.values()
+                  if (member_id is None or b.member_id == member_id)
+                  and (status is None or b.status == status))
+        for page in _pages(chosen, lambda b: b.key, after, limit):
+            yield page
+        return
+    while True:
+        found = [rows.bot(r) for r in await projections.page(
+            "bots", after=after, limit=limit, where={"member_id": member_id, "status": status})]
+        if found:
+            yield found
+        if len(found) < limit:
+            return
+        after = found[-1].key
+
+
+async def deletion_pages(
+    projections: ProjectionStore,
+    projector: Projector | None,
+    where: DeletionFilter,
+    *,
+    as_of: AsOf = None,
+    after: tuple[int, int] | None = None,
+    limit: int = PAGE,
+) -> AsyncGenerator[list[Deletion], None]:
+    """The deletion timeline in key order (position, bot id) after `after`, as `bot_pages`."""
+    state = await snapshot(projections, projector, as_of)
+    if state is not None:
+        chosen = (d for d in state.deletions.values() if where.accepts(d))
+        for page in _pages(chosen, lambda d: d.key, after, limit):
+            yield page
+        return
+    while True:
+        found = [rows.deletion(r) for r in await projections.deletion_page(
+            after=after, limit=limit, member_id=where.member_id,
+            occurred_from=where.occurred_from, occurred_to=where.occurred_to,
+            actor_user_id=where.actor_user_id, cause=where.cause,
+            anomalies_only=where.anomalies_only,
+        )]
+        if found:
+            yield found
+        if len(found) < limit:
+            return
+        after = found[-1].key
+
+
+T = TypeVar("T")
+
+
+def _pages(
+    items: Iterable[T], key: Callable[[T], Any], after: Any, limit: int
+) -> Iterable[list[T]]:
+    """Folded rows in key order after `after`, `limit` at a time."""
+    ordered = sorted((i for i in items if after is None or key(i) > after), key=key)
+    for start in range(0, len(ordered), limit):
+        yield ordered[start:start + limit]
 
 
 async def portals(projections: ProjectionStore, projector: Projector | None) -> list[Portal]:

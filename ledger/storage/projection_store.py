@@ -535,6 +535,65 @@ class ProjectionStore:
             records = await connection.fetch(_select(table, condition), *args)
         return [_plain(r) for r in records]
 
+    async def page(
+        self, table: str, *, after: tuple[Any, ...] | None, limit: int,
+        where: Mapping[str, Any] | None = None,
+        _conditions: Sequence[str] = (), _condition_args: Sequence[Any] = (),
+    ) -> list[Row]:
+        """At most `limit` rows of a projection table in key order, after the key `after`
+        (a keyset page: one index range, however large the table), filtered by equality on
+        columns (None: any) and by `_conditions` (this module's own SQL, over
+        `_condition_args` numbered from $1)."""
+        clauses = list(_conditions)
+        args = list(_condition_args)
+        for column, value in (where or {}).items():
+            if value is None:
+                continue
+            if column not in COLUMNS[table]:
+                raise ValueError(f"projections.{table} has no column {column}")
+            args.append(value)
+            clauses.append(f"{column} = ${len(args)}")
+        key = KEYS[table]
+        if after is not None:
+            if len(after) != len(key):
+                raise ValueError(f"projections.{table} is keyed by {', '.join(key)}")
+            marks = []
+            for value in after:
+                args.append(value)
+                marks.append(f"${len(args)}")
+            clauses.append(f"({', '.join(key)}) > ({', '.join(marks)})")
+        args.append(limit)
+        condition = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql = _select(table, condition) + f" LIMIT ${len(args)}"
+        async with translated_errors(f"read {table}"), self._pool.acquire() as connection:
+            records = await connection.fetch(sql, *args)
+        return [_plain(r) for r in records]
+
+    async def deletion_page(
+        self, *, after: tuple[int, int] | None, limit: int, member_id: str | None = None,
+        occurred_from: datetime | None = None, occurred_to: datetime | None = None,
+        actor_user_id: str | None = None, cause: str | None = None,
+        anomalies_only: bool = False,
+    ) -> list[Row]:
+        """A keyset page of the deletion timeline (position, bot_id), filtered as the read
+        API's `DeletionFilter` filters the folded rows: by Bitrix24 time, else received time."""
+        conditions: list[str] = []
+        args: list[Any] = []
+        for clause, value in (
+            ("coalesce(occurred_at, received_at) >= ${}", occurred_from),
+            ("coalesce(occurred_at, received_at) < ${}", occurred_to),
+        ):
+            if value is not None:
+                args.append(value)
+                conditions.append(clause.format(len(args)))
+        if anomalies_only:
+            conditions.append("(never_seen OR repeated OR activity_after_deletion)")
+        return await self.page(
+            "deletions", after=after, limit=limit,
+            where={"member_id": member_id, "actor_user_id": actor_user_id, "cause": cause},
+            _conditions=conditions, _condition_args=args,
+        )
+
     async def anomalies_at(self, positions: Sequence[int]) -> dict[int, list[str]]:
         async with translated_errors("read anomalies"), self._pool.acquire() as connection:
             records = await connection.fetch(
