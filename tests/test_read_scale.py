@@ -1,0 +1,117 @@
+"""The read side at scale: the registry and the deletion timeline a page at a time (keyset
+cursors, `Link: rel=next`), a bound on concurrent "as of" folds per process, and bidi
+isolation of sender text in the console's tables."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+from yarl import URL
+
+from ledger.settings import Settings
+from tests.conftest import ClientFactory
+from tests.helpers import Client
+from tests.test_api import bearer, history  # noqa: F401  (the fixture)
+
+
+async def pages(client: Client, path: str, headers: dict[str, str],
+                **params: Any) -> list[list[dict[str, Any]]]:
+    """Every page of `path`, following the `Link: rel=next` headers to the end."""
+    found = []
+    url = str(URL(f"/api/v1{path}").with_query(params))
+    for _ in range(1000):
+        response = await client.get(url, headers=headers)
+        assert response.status == 200, await response.text()
+        found.append(await response.json())
+        link = response.headers.get("Link")
+        if link is None:
+            return found
+        target, _, rel = link.partition(">; ")
+        assert rel == 'rel="next"' and target.startswith("</api/v1/")
+        url = target[1:]
+    raise AssertionError("the pages never ended")
+
+
+async def test_the_registry_comes_a_page_at_a_time(history: Client) -> None:  # noqa: F811
+    headers = await bearer(history)
+    whole = await pages(history, "/bots", headers)
+    assert len(whole) == 1  # the default page holds it all: clients before paging see no change
+    everything = whole[0]
+    keys = [(b["portal_member_id"], b["bot_id"]) for b in everything]
+    assert len(keys) > 10 and keys == sorted(set(keys))
+    for as_of in ({}, {"as_of": "position:1000000"}):
+        paged = await pages(history, "/bots", headers, limit=7, **as_of)
+        assert [len(p) for p in paged[:-1]] == [7] * (len(paged) - 1)
+        assert 1 <= len(paged[-1]) <= 7
+        assert [b for p in paged for b in p] == everything, as_of
+    deleted = await pages(history, "/bots", headers, status="deleted", limit=2)
+    assert [b for p in deleted for b in p] == [b for b in everything
+                                               if b["status"] == "deleted"]
+
+
+async def test_the_deletion_timeline_comes_a_page_at_a_time(history: Client) -> None:  # noqa: F811
+    headers = await bearer(history)
+    everything = (await pages(history, "/deletions", headers))[0]
+    keys = [(d["position"], d["bot_id"]) for d in everything]
+    assert len(keys) >= 3 and keys == sorted(set(keys))
+    for as_of in ({}, {"as_of": "position:1000000"}):
+        paged = await pages(history, "/deletions", headers, limit=2, **as_of)
+        assert len(paged) >= 2 and all(len(p) == 2 for p in paged[:-1])
+        assert [d for p in paged for d in p] == everything, as_of
+        flagged = await pages(history, "/deletions", headers, anomalies="true", limit=1,
+                              **as_of)
+        assert [d for p in flagged for d in p] == [d for d in everything if d["anomalies"]]
+    assert [d for d in everything if d["anomalies"]]
+
+
+@pytest.mark.parametrize(("path", "after"), [
+    ("/bots", "nocolon"), ("/bots", "m:x"), ("/bots", "m:-1"), ("/bots", "\x00:1"),
+    ("/deletions", "1"), ("/deletions", "1:x"), ("/deletions", "x:1"),
+])
+async def test_a_bad_cursor_is_a_400(history: Client, path: str, after: str) -> None:  # noqa: F811
+    headers = await bearer(history)
+    response = await history.get(f"/api/v1{path}", headers=headers, params={"after": after})
+    assert response.status == 400
+    assert (await response.json())["error"] == "bad_query"
+
+
+async def _until(condition: Callable[[], Any], what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+async def test_as_of_folds_are_bounded_per_process(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings],
+    admin: asyncpg.Connection[Any],
+) -> None:
+    """One fold running (held on a lock on the snapshots it starts from) and a limit of one:
+    the next as-of question waits `fold_wait_seconds`, then is refused 503 with Retry-After;
+    live questions are not held up; once the fold ends, as-of questions are answered again."""
+    client = await make_client(settings_factory(max_concurrent_folds=1, fold_wait_seconds=0.05))
+    headers = await bearer(client)
+    params = {"as_of": "position:1"}
+    async with admin.transaction():
+        await admin.execute("LOCK TABLE projections.snapshots IN ACCESS EXCLUSIVE MODE")
+        held = asyncio.ensure_future(client.get("/api/v1/bots", headers=headers, params=params))
+
+        async def waiting() -> bool:
+            return bool(await admin.fetchval(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = 'snapshots' AND NOT l.granted"))
+
+        await _until(waiting, "the first fold to wait on the lock")
+        refused = await client.get("/api/v1/deletions", headers=headers, params=params)
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert (await refused.json())["error"] == "as_of_busy"
+        assert (await client.get("/api/v1/bots", headers=headers)).status == 200
+        assert not held.done()
+    assert (await held).status == 200
+    assert (await client.get("/api/v1/deletions", headers=headers, params=params)).status == 200
