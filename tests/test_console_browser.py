@@ -176,3 +176,59 @@ async def test_a_revoked_token_is_signed_out_in_the_browser(
     await page.goto("/console/deletions")
     assert "/console/sign-in" in page.url
     assert "session ended" in await page.get_by_role("alert").inner_text()
+
+
+RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: what follows it, to the end of the paragraph, reversed
+
+
+@pytest.fixture
+async def overridden(client: Client) -> Client:
+    """User 27 deletes bot 567; the portal's last message before it named the user
+    `RLO + Svetlana Ivanova` (a sender sets the names the console shows)."""
+    await install_sample_portal(client)
+    named = sample("onimbotmessageadd-1").replace(
+        b"USER%5D%5BNAME%5D=Svetlana", b"USER%5D%5BNAME%5D=%E2%80%AESvetlana", 1)
+    assert named != sample("onimbotmessageadd-1")
+    for body in [sample("onimbotjoinchat-1"), named, sample("onimbotdelete-1")]:
+        assert (await post(client, body))[0] == 200
+    assert client.app is not None
+    await client.app[PROJECTOR].catch_up()
+    return client
+
+
+async def test_a_right_to_left_override_in_a_name_stays_inside_its_cell_text(
+    overridden: Client, shots: Path
+) -> None:
+    """Without bidi isolation the override ran to the end of the cell: "(named in #N)" after
+    the name was drawn reversed, to the left of it. In its `<bdi>`, the name alone is."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        context = await browser.new_context(
+            base_url=str(overridden.make_url("")).rstrip("/"),
+            viewport={"width": 2400, "height": 800})  # the cell on one line
+        page = await context.new_page()
+        page.set_default_timeout(15_000)
+        await page.goto("/console/deletions")
+        await sign_in(page, await make_token(overridden))
+        await page.goto("/console/deletions")
+        cell = page.locator("td").filter(has=page.locator("strong", has_text="Svetlana"))
+        name = await cell.locator("strong").bounding_box()
+        note = await cell.locator("small").bounding_box()
+        await shoot(page, shots, "deletions-rlo")
+        await context.close()
+        await browser.close()
+    assert RLO in await cell_text(overridden)
+    assert name is not None and note is not None
+    assert note["x"] >= name["x"] + name["width"] - 1, (name, note)
+
+
+async def cell_text(client: Client) -> str:
+    """The deletion page's HTML as the server sent it (the override is kept, isolated)."""
+    from tests.test_console import page as get_page
+    from tests.test_console import sign_in as http_sign_in
+
+    await http_sign_in(client, await make_token(client, "html"))
+    return await get_page(client, "/console/deletions")

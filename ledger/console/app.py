@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, quote
 import orjson
 from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
 from ledger.api import AUDIT, plausible_token
 from ledger.api import token_is_live as api_token_is_live
@@ -61,6 +62,13 @@ CSRF = web.RequestKey("console_csrf", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def isolated(value: object) -> Markup:
+    """Sender text (bot codes, domains, user ids and names, event types) escaped and in its
+    own `<bdi>`: a right-to-left override or embedding in it cannot run past it and reorder
+    the rest of the table row as a reader sees it (Unicode bidi isolation)."""
+    return Markup("<bdi>{}</bdi>").format(value)
+
+
 def templates() -> Environment:
     """Autoescaped templates shipped in the package; an undefined name is an error, not ''."""
     env = Environment(
@@ -70,6 +78,7 @@ def templates() -> Environment:
     )
     env.filters["iso"] = present.iso
     env.filters["pretty"] = lambda v: orjson.dumps(v, option=orjson.OPT_INDENT_2).decode()
+    env.filters["bdi"] = isolated
     return env
 
 
