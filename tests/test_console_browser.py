@@ -221,7 +221,8 @@ async def test_a_right_to_left_override_in_a_name_stays_inside_its_cell_text(
         await context.close()
         await browser.close()
     assert RLO in await cell_text(overridden)
-    assert name is not None and note is not None
+    assert name is not None
+    assert note is not None
     assert note["x"] >= name["x"] + name["width"] - 1, (name, note)
 
 

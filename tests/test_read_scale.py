@@ -32,7 +32,8 @@ async def pages(client: Client, path: str, headers: dict[str, str],
         if link is None:
             return found
         target, _, rel = link.partition(">; ")
-        assert rel == 'rel="next"' and target.startswith("</api/v1/")
+        assert rel == 'rel="next"'
+        assert target.startswith("</api/v1/")
         url = target[1:]
     raise AssertionError("the pages never ended")
 
@@ -43,7 +44,8 @@ async def test_the_registry_comes_a_page_at_a_time(history: Client) -> None:  # 
     assert len(whole) == 1  # the default page holds it all: clients before paging see no change
     everything = whole[0]
     keys = [(b["portal_member_id"], b["bot_id"]) for b in everything]
-    assert len(keys) > 10 and keys == sorted(set(keys))
+    assert len(keys) > 10
+    assert keys == sorted(set(keys))
     for as_of in ({}, {"as_of": "position:1000000"}):
         paged = await pages(history, "/bots", headers, limit=7, **as_of)
         assert [len(p) for p in paged[:-1]] == [7] * (len(paged) - 1)
@@ -58,10 +60,12 @@ async def test_the_deletion_timeline_comes_a_page_at_a_time(history: Client) -> 
     headers = await bearer(history)
     everything = (await pages(history, "/deletions", headers))[0]
     keys = [(d["position"], d["bot_id"]) for d in everything]
-    assert len(keys) >= 3 and keys == sorted(set(keys))
+    assert len(keys) >= 3
+    assert keys == sorted(set(keys))
     for as_of in ({}, {"as_of": "position:1000000"}):
         paged = await pages(history, "/deletions", headers, limit=2, **as_of)
-        assert len(paged) >= 2 and all(len(p) == 2 for p in paged[:-1])
+        assert len(paged) >= 2
+        assert all(len(p) == 2 for p in paged[:-1])
         assert [d for p in paged for d in p] == everything, as_of
         flagged = await pages(history, "/deletions", headers, anomalies="true", limit=1,
                               **as_of)

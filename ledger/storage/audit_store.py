@@ -1,7 +1,8 @@
 """SQL behind the read API, the forensic CLI and the exports.
 
 Every query is keyed by position and served by an index (README "Read API"): portal →
-events_by_portal, type → events_by_type, bot → events_by_bot (GIN), time → events_by_received_at.
+events_by_portal, type → events_by_type, bot → events_by_bot (GIN), time → events_by_received_at
+(received_at, position).
 """
 
 from __future__ import annotations

@@ -98,16 +98,28 @@ _EVENTS_UP_TO = f"""
     SELECT {_FOLD_SELECT} FROM ledger.events WHERE position > $2
     AND position <= $1 ORDER BY position
 """
-# "as of" a time: every event at that time or before, in position order, after `$2`
-_EVENTS_RECEIVED_BY = f"""
-    SELECT {_FOLD_SELECT} FROM ledger.events
-    WHERE received_at <= $1 AND position > $2 ORDER BY position
+# "as of" a time: the positions of every event at that time or before, after `$2` (the
+# snapshot's position), in position order. Such an event may be anywhere after $2 (a spooled
+# delivery keeps its received time, a sender's `ts` may be early), so no position bounds the
+# read; instead both time indexes hold the position after the time (migration 0015), and the
+# positions come from the index alone, `time <= $1 AND position > $2` decided there — the
+# rows then read (`_EVENTS_AT`) are the rows folded, not every row up to $1 nor every row
+# from $2 to the head. The inner order is the index's own, so that it is what is walked: left
+# to itself the planner takes the two conditions for independent (while received time and
+# position run nearly together, and few rows meet both) and often reads from $2 to the head.
+_POSITIONS_BY = """
+    SELECT position FROM (
+        SELECT position FROM ledger.events WHERE {time} <= $1 AND position > $2
+        ORDER BY {time}, position OFFSET 0
+    ) chosen ORDER BY position
 """
+_POSITIONS_RECEIVED_BY = _POSITIONS_BY.format(time="received_at")
 # by Bitrix24 time, never later than the received time (`ts` is the sender's; `least` skips a
-# NULL `ts`): index `events_by_effective_time`, migration 0014
-_EVENTS_OCCURRED_BY = f"""
-    SELECT {_FOLD_SELECT} FROM ledger.events
-    WHERE least(occurred_at, received_at) <= $1 AND position > $2 ORDER BY position
+# NULL `ts`): index `events_by_effective_time`, migrations 0014 and 0015
+_POSITIONS_OCCURRED_BY = _POSITIONS_BY.format(time="least(occurred_at, received_at)")
+_EVENTS_AT = f"""
+    SELECT {_FOLD_SELECT} FROM ledger.events WHERE position = ANY($1::bigint[])
+    ORDER BY position
 """
 # The latest such time a snapshot holds. Saved before 0014 it has none: then the least of its
 # latest Bitrix24 (coalesce) and received times, each an upper bound of it.
@@ -162,6 +174,21 @@ def _plain(record: Any) -> dict[str, Any]:
 
 async def _payloads(connection: Connection, positions: Sequence[int]) -> dict[int, Any]:
     return {r[0]: r[1] for r in await connection.fetch(_PAYLOADS, list(positions))}
+
+
+class _RowsAt:
+    """A cursor of positions as a cursor of the rows at them (`EventStream` fetches from it)."""
+
+    def __init__(self, connection: Connection, positions: Any) -> None:
+        self._connection = connection
+        self._positions = positions
+
+    async def fetch(self, size: int) -> Sequence[EventRow]:
+        positions = [r[0] for r in await self._positions.fetch(size)]
+        if not positions:
+            return []
+        rows: Sequence[EventRow] = await self._connection.fetch(_EVENTS_AT, positions)
+        return rows
 
 
 class EventStream:
@@ -501,20 +528,25 @@ class ProjectionStore:
         than its received time) at `moment` or before, after position `after`, in position
         order — whatever order the times are in (spooled deliveries keep their received time
         but get later positions)."""
-        query = _EVENTS_OCCURRED_BY if occurred else _EVENTS_RECEIVED_BY
-        async with self._stream(query, (moment, after), batch) as stream:
+        query = _POSITIONS_OCCURRED_BY if occurred else _POSITIONS_RECEIVED_BY
+        async with self._stream(query, (moment, after), batch, by_positions=True) as stream:
             yield stream
 
     @asynccontextmanager
     async def _stream(
-        self, query: str, args: tuple[Any, ...], batch: int
+        self, query: str, args: tuple[Any, ...], batch: int, *, by_positions: bool = False,
     ) -> AsyncIterator[EventStream]:
+        """`query`'s rows through a cursor; `by_positions`: it selects positions, and the rows
+        at them are read a batch at a time."""
         async with (
             translated_errors("read events"),
             self._pool.acquire() as connection,
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
-            stream = EventStream(connection, await connection.cursor(query, *args), batch)
+            cursor: Any = await connection.cursor(query, *args)
+            if by_positions:
+                cursor = _RowsAt(connection, cursor)
+            stream = EventStream(connection, cursor, batch)
             try:
                 yield stream
             finally:
