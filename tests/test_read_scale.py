@@ -10,13 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from yarl import URL
 
+from ledger.api import _SCHEMAS, openapi_document
+from ledger.projections import readers
 from ledger.settings import Settings
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, Database
 from tests.helpers import Client
 from tests.test_api import bearer, history  # noqa: F401  (the fixture)
+from tests.test_derived_state import cli
 
 
 async def pages(client: Client, path: str, headers: dict[str, str],
@@ -119,3 +123,40 @@ async def test_as_of_folds_are_bounded_per_process(
         assert not held.done()
     assert (await held).status == 200
     assert (await client.get("/api/v1/deletions", headers=headers, params=params)).status == 200
+
+
+def test_the_openapi_document_says_how_pages_go() -> None:
+    for path, cursor in (("/bots", "bot-cursor"), ("/deletions", "deletion-cursor")):
+        get = openapi_document()["paths"][path]["get"]
+        assert "Link" in get["responses"]["200"]["headers"]
+        parameters = {p["name"]: p["schema"] for p in get["parameters"]}
+        assert parameters["limit"] == {"type": "integer", "minimum": 1, "maximum": 1000}
+        assert parameters["after"] == _SCHEMAS[cursor]
+        assert get["responses"]["503"]
+
+
+async def test_the_cli_and_exports_go_page_by_page(
+    history: Client, database: Database, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    """Pages of 3 rows: what `ledger bots`, `ledger deletions` and `ledger export` print is
+    every row, once, in key order — as the read API's one big page has them."""
+    headers = await bearer(history)
+    bots = (await pages(history, "/bots", headers))[0]
+    deletions = (await pages(history, "/deletions", headers))[0]
+    monkeypatch.setattr(readers, "PAGE", 3)
+    listed = await cli(database, "bots", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert [orjson.loads(line) for line in listed.output.splitlines()] == bots
+    table = await cli(database, "deletions")
+    assert table.exit_code == 0, table.output
+    lines = table.output.splitlines()
+    assert lines[0].startswith("BOT_ID")
+    assert len(lines) == 1 + len(deletions)
+    exported = await cli(database, "export", "bots", "--format", "jsonl")
+    assert exported.exit_code == 0
+    rows = [orjson.loads(line) for line in exported.stdout.splitlines()]
+    assert [(r["portal_member_id"], r["bot_id"]) for r in rows] == [
+        (b["portal_member_id"], b["bot_id"]) for b in bots]
+    exported = await cli(database, "export", "deletions", "--format", "csv")
+    assert exported.exit_code == 0
+    assert len(exported.stdout.splitlines()) == 1 + len(deletions)

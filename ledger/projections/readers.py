@@ -107,11 +107,12 @@ async def bot_pages(
     status: str | None = None,
     as_of: AsOf = None,
     after: tuple[str, int] | None = None,
-    limit: int = PAGE,
+    limit: int | None = None,
 ) -> AsyncGenerator[list[Bot], None]:
     """The registry in key order (portal, bot id) after the key `after`, `limit` rows a page:
     live, each page is one keyset read of the projection (memory bounded by the page, however
     large the registry); as of a moment, the one fold's rows (the fold holds them all anyway)."""
+    limit = limit or PAGE  # read now: a test makes the pages smaller
     state = await snapshot(projections, projector, as_of)
     if state is not None:
         chosen = (b for b in state.bots.values()
@@ -137,9 +138,10 @@ async def deletion_pages(
     *,
     as_of: AsOf = None,
     after: tuple[int, int] | None = None,
-    limit: int = PAGE,
+    limit: int | None = None,
 ) -> AsyncGenerator[list[Deletion], None]:
     """The deletion timeline in key order (position, bot id) after `after`, as `bot_pages`."""
+    limit = limit or PAGE  # read now: a test makes the pages smaller
     state = await snapshot(projections, projector, as_of)
     if state is not None:
         chosen = (d for d in state.deletions.values() if where.accepts(d))
