@@ -97,11 +97,13 @@ class Reader:
         after = cursor or ("", -1)
         if members == []:
             return PageOf([], None)
-        if as_of is None and (members is None or len(members) == 1):
-            member = members[0] if members else None
-            found = await self.store.bots(member_id=member, status=status, after=after,
-                                          limit=limit)
-            rows = found
+        if as_of is None:  # one keyset page per portal named, in (portal, bot) order
+            rows: list[dict[str, Any]] = []
+            for member in sorted(members) if members is not None else [None]:
+                rows += await self.store.bots(member_id=member, status=status, after=after,
+                                              limit=limit - len(rows))
+                if len(rows) == limit:
+                    break
         else:
             everything = await self.audit.bots(status=status, as_of=as_of)
             rows = [b.model_dump() for b in everything
@@ -142,11 +144,13 @@ class Reader:
         """Newest first, each with the deleting user's name as the portal's payloads gave it."""
         if members == []:
             return PageOf([], None)
-        if as_of is None and (members is None or len(members) == 1):
-            found = await self.store.deletions(
-                member_id=members[0] if members else None, before=cursor, limit=limit
-            )
-            rows = [_flagged(r) for r in found]
+        if as_of is None:  # a keyset page per portal named, merged newest first
+            found: list[dict[str, Any]] = []
+            for member in members if members is not None else [None]:
+                found += await self.store.deletions(member_id=member, before=cursor,
+                                                    limit=limit)
+            found.sort(key=lambda r: (r["position"], r["bot_id"]), reverse=True)
+            rows = [_flagged(r) for r in found[:limit]]
         else:
             rows = [r for r in await self._all_deletions(members, as_of)
                     if cursor is None or (r["position"], r["bot_id"]) < cursor][:limit]
