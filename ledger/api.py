@@ -408,7 +408,9 @@ def openapi_document() -> dict[str, Any]:
                 "400": _error("the request cannot be answered as asked"),
                 "401": _error("no or bad bearer token"),
                 "404": _error("no such portal or bot"),
-                "503": _error("PostgreSQL is unavailable; try again"),
+                "503": _error("PostgreSQL is unavailable; try again — or, asked `as_of`, this "
+                              "process folds as many answers as it may at once (`as_of_busy`): "
+                              "try again after the `Retry-After` seconds"),
                 **{str(status): _error(why) for status, why in route.errors},
             },
         }}
