@@ -14,8 +14,9 @@ modules that really are compiled there are probed and printed.
 For each server:
 - closed loop, `wrk -t2 -c64` (apt-get install wrk): deliveries/s answered 2xx, p50/p99, and
   p99 against the issue's target connections / throughput * 2 (64 / rate * 2 s at 64);
-- open loop, bench/openloop.py at a fixed 1,000 deliveries/s: p50/p99 from each request's due
-  time (no coordinated omission), and the generator's own send lag and CPU;
+- open loop at a fixed 1,000 deliveries/s for 20 s (`bench.openloop.fixed_rate`, the same
+  measurement as bench.latency's): p50/p99 from each request's due time (no coordinated
+  omission), p99 by 5-s slice of the window, and the generator's own send lag and CPU;
 - CPU µs per delivery answered 2xx, from /proc (bench/proc.py): the server process with all its
   children (`--workers N`, a projector process), and every process of the PostgreSQL cluster.
 Before each measured interval the server and the cluster are let settle (a projector catching
@@ -153,6 +154,7 @@ class Measurement:
     fixed: openloop.OpenLoopResult | None = None
     fixed_server_us: float | None = None
     fixed_pg_us: float | None = None
+    fixed_waited: float = 0.0  # s from the end of the closed loop to the fixed-rate window
     unsettled: int = 0  # measured intervals that started before the server went idle
     # stored rows minus 2xx answers: from 0 (each body stored once) up to `in_flight` (the
     # requests wrk or the generator stopped waiting for, which the server may still store)
@@ -226,20 +228,17 @@ def measure(config: Config, plan: Plan, cluster: Cluster, bodies: Path, corpus_l
             non_2xx=closed["non_2xx"], server_us=per_delivery_us(spent.server, delivered),
             pg_us=per_delivery_us(spent.postgres, delivered),
         )
-        if config.fixed_rate:
-            fixed: list[openloop.OpenLoopResult] = []
-
-            def open_loop() -> int:
-                fixed.append(openloop.run_sync(
-                    url, corpus_lines, rate=plan.rate, seconds=plan.rate_seconds,
-                    connections=plan.rate_connections, tag=f"{tag}o"))
-                return fixed[0].ok
-
-            delivered, spent = measured(open_loop)
+        if config.fixed_rate:  # measured as bench.latency measures it: openloop.fixed_rate
+            window = openloop.fixed_rate(
+                url, corpus_lines, meter, rate=plan.rate, seconds=plan.rate_seconds,
+                connections=plan.rate_connections, tag=f"{tag}o")
+            unsettled += not window.settled
+            delivered = window.result.ok
             answered += delivered
-            result.fixed = fixed[0]
-            result.fixed_server_us = per_delivery_us(spent.server, delivered)
-            result.fixed_pg_us = per_delivery_us(spent.postgres, delivered)
+            result.fixed = window.result
+            result.fixed_waited = window.waited
+            result.fixed_server_us = per_delivery_us(window.spent.server, delivered)
+            result.fixed_pg_us = per_delivery_us(window.spent.postgres, delivered)
         result.unsettled = unsettled
     finally:
         stop(process)
@@ -349,6 +348,15 @@ def report(configs: list[Config], runs: dict[str, list[Measurement]], plan: Plan
                          f"{name} " + ", ".join(f"{_fmt(m.server_us)}/{_fmt(m.pg_us)}"
                                                for m in ms)
                          for name, ms in runs.items()))
+    for config in configs:
+        for index, m in enumerate(runs[config.name]):
+            if m.fixed is not None and config.kind in ("ledger", "naive"):
+                round_ = f" (round {index + 1})" if len(runs[config.name]) > 1 else ""
+                lines.append(
+                    f"- {config.name}{round_}, p99 by {openloop.SLICE_SECONDS:g} s of the "
+                    f"fixed-rate window (ms): "
+                    f"{m.fixed.shape()}; p99.9 {m.fixed.latency_ms(99.9):.1f}; the window "
+                    f"began {m.fixed_waited:.1f} s after the closed loop")
     for m in runs.get("form-reading hello", []):
         if m.fixed is not None:
             verdict = "held" if m.fixed.held() else "**did not hold**"
@@ -377,9 +385,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10, help="closed-loop measured seconds")
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--rate", type=float, default=1000, help="open-loop deliveries/s")
-    parser.add_argument("--rate-seconds", type=float, default=20)
-    parser.add_argument("--rate-connections", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=openloop.FIXED_RATE,
+                        help="open-loop deliveries/s")
+    parser.add_argument("--rate-seconds", type=float, default=openloop.FIXED_SECONDS)
+    parser.add_argument("--rate-connections", type=int, default=openloop.FIXED_CONNECTIONS)
     parser.add_argument("--workers", default="1,2", help="ledger worker counts")
     parser.add_argument("--builds", default="pure,compiled")
     parser.add_argument("--ledger-python", help="interpreter of a venv with the compiled ledger "

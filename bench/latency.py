@@ -21,11 +21,13 @@ deliveries/s and CPU µs per delivery at saturation. A variant written `base:NAM
 in `--baseline DIR` (e.g. `git archive main | tar -x -C DIR`) with NAME's settings: before and
 after in one run.
 With `--burst S`, each server first takes S seconds of wrk -c64 (tens of thousands of events at
-saturation, as bench.intake's closed loop before its open-loop phase), then is let settle as
-bench.intake lets it (server and cluster idle, at most 15 s), then measured at the fixed rate:
-the after-burst condition. `--sample` books the CPU of every process of the server and of the
-cluster to its kind while measured, and lays the slow requests against the kinds that were busy
-(bench/sampler.py).
+saturation, as bench.intake's closed loop before its open-loop phase), then is measured at the
+fixed rate: the after-burst condition. The fixed-rate window is `bench.openloop.fixed_rate`,
+bench.intake's own (settled until the server and the cluster are idle, at most 15 s; 20 s by
+default, as there — it was 8 s here, which bench/RESULTS.md's seventh session shows measured
+another thing); its p99 by 5-s slice is printed below the table. `--sample` books the CPU of
+every process of the server and of the cluster to its kind while measured, and lays the slow
+requests against the kinds that were busy (bench/sampler.py).
 Read ratios between variants of the same run, never absolute numbers, on a shared machine.
 """
 
@@ -170,32 +172,35 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     try:
         openloop.run_sync(url, lines, rate=args.rate, seconds=1.0, tag=f"{tag}w")
-        burst, settled = 0, True
+        burst = 0
         if burst_seconds:  # the after-burst condition: as bench.intake's open loop meets it
             burst = int(run_wrk(url, bodies, burst_seconds, 64, tag=f"{tag}b")["ok"])
-            settled = CpuMeter(process.pid, postmaster).settle()
-        settle_until = 0.0
-        while settle_until < 10:  # the projector catching up after the warm-up
-            before = tree_cpu_seconds(process.pid)
-            asyncio.run(asyncio.sleep(0.5))
-            settle_until += 0.5
-            if tree_cpu_seconds(process.pid) - before < 0.025:
-                break
-        cpu0, pg0, m0 = _roles(process.pid), _pg(postmaster), _scrape(port)
-        n0 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
-        profiler = None
-        if args.profile:  # py-spy, collapsed stacks of the intake process (idle included)
-            profiler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(process.pid), "--duration",
-                 str(int(args.seconds)), "--rate", "500", "--format", "raw", "--idle",
-                 "--output", str(OUT / f"profile-{variant}-{tag}.txt")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        sampler = (Sampler(process.pid, postmaster, cluster.dsn(database)).start()
+        before: dict[str, Any] = {}
+        profilers: list[subprocess.Popen[bytes]] = []
+        sampler = (Sampler(process.pid, postmaster, cluster.dsn(database))
                    if args.sample else None)
-        result = openloop.run_sync(url, lines, rate=args.rate, seconds=args.seconds,
-                                   tag=f"{tag}m")
+
+        def counters() -> None:  # after the settle, right before the window
+            before.update(cpu=_roles(process.pid), pg=_pg(postmaster), metrics=_scrape(port),
+                          counts={"intake": _counts(process.pid),
+                                  "postgres": _counts(postmaster or 0)})
+            if args.profile:  # py-spy, collapsed stacks of the intake process (idle included)
+                profilers.append(subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(process.pid), "--duration",
+                     str(int(args.seconds)), "--rate", "500", "--format", "raw", "--idle",
+                     "--output", str(OUT / f"profile-{variant}-{tag}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if sampler is not None:
+                sampler.start()
+
+        # the same measurement as bench.intake's fixed-rate column (one settle rule, window)
+        window = openloop.fixed_rate(url, lines, CpuMeter(process.pid, postmaster),
+                                     rate=args.rate, seconds=args.seconds, tag=f"{tag}m",
+                                     before=counters)
+        result, settled = window.result, window.settled
+        cpu0, pg0, m0, n0 = before["cpu"], before["pg"], before["metrics"], before["counts"]
         sampled = sampler.stop() if sampler is not None else None
-        if profiler is not None:
+        for profiler in profilers:
             profiler.wait(timeout=60)
         closed: dict[str, float] = {}
         spent = 0.0
@@ -204,9 +209,9 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         n1 = {"intake": _counts(process.pid), "postgres": _counts(postmaster or 0)}
         if args.closed:
             run_wrk(url, bodies, 1, 64, tag=f"{tag}cw")
-            before = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0)
+            closed_from = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0)
             closed = run_wrk(url, bodies, int(args.closed), 64, tag=f"{tag}c")
-            spent = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0) - before
+            spent = tree_cpu_seconds(process.pid) + (_pg(postmaster) or 0.0) - closed_from
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -339,8 +344,9 @@ def attribution(result: openloop.OpenLoopResult, trace: list[list[Any]],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=1000)
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--rate", type=float, default=openloop.FIXED_RATE)
+    parser.add_argument("--seconds", type=float, default=openloop.FIXED_SECONDS,
+                        help="the fixed-rate window (as bench.intake's; it was 8 s here)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--slow-ms", type=float, default=5.0)
     parser.add_argument("--variants", default="default,delay0,no-projector,no-tree,quiet")
@@ -428,6 +434,9 @@ def main() -> None:
         if args.show_episodes:
             for _, _, starts in episodes:
                 print(f"  {name} episodes at: " + " ".join(f"{s:.3f}" for s in starts[:40]))
+    print(f"\np99 by {openloop.SLICE_SECONDS:g} s of each fixed-rate window (ms; the window "
+          "began after the server and PostgreSQL went idle): " + "; ".join(
+              f"{name} " + " | ".join(r.result.shape() for r in rs) for name, rs in runs.items()))
     if any(r.burst for rs in runs.values() for r in rs):
         print("\nBurst before the fixed rate (deliveries stored at saturation; settled): "
               + "; ".join(f"{name} " + ", ".join(f"{r.burst}{'' if r.settled else ' unsettled'}"

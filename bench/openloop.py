@@ -14,6 +14,14 @@ Raw HTTP/1.1 keep-alive on asyncio streams (an aiohttp client costs several time
 an event loop over select(2): epoll's timeouts are whole milliseconds, which alone made sends up
 to 1 ms late (measured: send lag p50 0.56 / p99 1.33 ms with epoll, 0.10 / 0.29 ms with select).
 Bodies come from a corpus file, one per line, each made unique by replacing `__SEQ__`.
+
+`fixed_rate` is *the* fixed-rate measurement of every bench (bench.intake's @1000/s column,
+bench.latency's variants): one settle rule, one rate, one window length, one set of numbers,
+so that two benches cannot measure "p99 at 1000/s" two ways again. (They did: bench.latency's
+default window was 8 s, bench.intake's 20 s — the sixth session compared an 8-s p99 with a
+20-s one; see bench/RESULTS.md, seventh session.) Besides p50/p99 it reports the p99 of each
+5-s slice of the window (`OpenLoopResult.slices`): whether the tail is spread over the window
+or sits at one time after the load before it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from bench.proc import CpuMeter, CpuSample
+
+# The fixed rate of issue #15's target (p99 <= 5 ms at 1,000 deliveries/s), for every bench.
+FIXED_RATE = 1000.0
+# Long enough that p99 is the 200th slowest of 20,000 and a window covers the time after a
+# burst in which its consequences land (PostgreSQL's autovacuum, the kernel's writeback of the
+# burst's pages ~30 s after they were written); 8 s (bench.latency's old default) is 80.
+FIXED_SECONDS = 20.0
+FIXED_CONNECTIONS = 64
+SLICE_SECONDS = 5.0
 
 
 @dataclass
@@ -65,6 +84,19 @@ class OpenLoopResult:
 
     def send_lag_ms(self, p: float) -> float:
         return _percentile(self.send_lags, p) * 1000
+
+    def slices(self, width: float = SLICE_SECONDS) -> list[tuple[float, int, float]]:
+        """(start s, requests, p99 ms) of each `width`-second slice of due time: a tail spread
+        evenly over the window, or one that sits in one slice (something that happened then)."""
+        buckets: dict[int, list[float]] = {}
+        for due, latency in zip(self.dues, self.latencies, strict=True):
+            buckets.setdefault(int(due // width), []).append(latency)
+        return [(index * width, len(values), _percentile(values, 99) * 1000)
+                for index, values in sorted(buckets.items())]
+
+    def shape(self, width: float = SLICE_SECONDS) -> str:
+        """The slices' p99s as one line, e.g. `3.1 · 3.4 · 14.2 · 4.0`."""
+        return " · ".join(f"{p99:.1f}" for _, _, p99 in self.slices(width))
 
     def held(self, lag_ms: float = 1.0) -> bool:
         """Every due request answered, at the rate asked, and sent on time (p99 of the
@@ -200,6 +232,37 @@ def run_sync(url: str, bodies: list[bytes], *, nice: int = -10,
     return result
 
 
+@dataclass
+class FixedRate:
+    """One fixed-rate window (`fixed_rate`): the generator's result, the CPU the server's tree
+    and the cluster spent in it, and how the window began."""
+
+    result: OpenLoopResult
+    spent: CpuSample
+    settled: bool  # the server and PostgreSQL had gone idle (else the 15 s deadline passed)
+    waited: float  # seconds from the end of the load before (the call) to the window
+
+
+def fixed_rate(url: str, bodies: list[bytes], meter: CpuMeter, *, tag: str,
+               rate: float = FIXED_RATE, seconds: float = FIXED_SECONDS,
+               connections: int = FIXED_CONNECTIONS,
+               before: Any = None) -> FixedRate:
+    """The fixed-rate measurement every bench takes, called right after whatever load came
+    first (bench.intake's closed loop, bench.latency's warm-up or burst): wait until the
+    server's process tree and the PostgreSQL cluster are idle (a projector catching up would
+    otherwise count in the window), call `before()` (a bench's own counters), then `rate`
+    requests/s for `seconds` on `connections` fresh connections (`run_sync`)."""
+    began = time.monotonic()
+    settled = meter.settle()
+    if before is not None:
+        before()
+    waited = time.monotonic() - began
+    start = meter.sample()
+    result = run_sync(url, bodies, rate=rate, seconds=seconds, connections=connections,
+                      tag=tag)
+    return FixedRate(result, meter.sample() - start, settled, waited)
+
+
 def _precise_loop() -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(selectors.SelectSelector())
 
@@ -208,13 +271,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("url")
     parser.add_argument("--bodies", type=Path, required=True)
-    parser.add_argument("--rate", type=float, default=1000)
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=FIXED_RATE)
+    parser.add_argument("--seconds", type=float, default=FIXED_SECONDS)
+    parser.add_argument("--connections", type=int, default=FIXED_CONNECTIONS)
     args = parser.parse_args()
     result = run_sync(args.url, load_bodies(args.bodies), rate=args.rate,
                       seconds=args.seconds, connections=args.connections)
     print(result.summary())
+    print(f"p99 by {SLICE_SECONDS:g} s of due time: {result.shape()} ms")
 
 
 if __name__ == "__main__":

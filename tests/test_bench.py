@@ -81,6 +81,24 @@ async def test_open_loop_latency_counts_the_wait_behind_a_slow_answer(
     assert result.send_lag_ms(99) < 40
 
 
+def test_slices_show_when_in_the_window_the_tail_was() -> None:
+    """A 20-s window whose only slow requests sit in its last 5 s: the window's p99 says
+    "slow", the slices say when — the first three hold the fast requests' p99, the last the
+    slow ones'. (The sixth session compared an 8-s window with a 20-s one: a tail that lands
+    late after a burst is in one and not the other.)"""
+    result = openloop.OpenLoopResult(rate=100, seconds=20)
+    for k in range(2000):
+        due = k / 100
+        result.dues.append(due)
+        result.latencies.append(0.040 if due >= 15 and k % 10 == 0 else 0.002)
+    assert [(start, n) for start, n, _ in result.slices()] == [
+        (0.0, 500), (5.0, 500), (10.0, 500), (15.0, 500)]
+    assert [round(p99, 1) for _, _, p99 in result.slices()] == [2.0, 2.0, 2.0, 40.0]
+    assert result.shape() == "2.0 · 2.0 · 2.0 · 40.0"
+    assert result.latency_ms(99) == 40.0  # 50 slow of 2000: the whole window's p99 is slow
+    assert [p99 for _, _, p99 in result.slices(10)] == [2.0, 40.0]
+
+
 def test_tree_cpu_counts_children_alive_and_reaped() -> None:
     """A parent whose child burns CPU: the tree has that CPU while the child lives and still
     after the parent reaped it."""
