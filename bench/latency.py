@@ -1,6 +1,6 @@
 """Where the latency at a fixed rate goes: `ledger serve` variants side by side, one run.
 
-    python -m bench.latency [--rate 1000] [--seconds 8] [--rounds 2] [--closed 5]
+    python -m bench.latency [--rate 1000] [--seconds 20] [--rounds 2] [--closed 5]
                             [--burst 12 [--sample]]
                             [--variants default,delay0,no-projector,...]
                             [--baseline DIR --variants base:default,default]
