@@ -34,6 +34,7 @@ import secrets
 import selectors
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,7 @@ class FixedRate:
 def fixed_rate(url: str, bodies: list[bytes], meter: CpuMeter, *, tag: str,
                rate: float = FIXED_RATE, seconds: float = FIXED_SECONDS,
                connections: int = FIXED_CONNECTIONS,
-               before: Any = None) -> FixedRate:
+               before: Callable[[], None] | None = None) -> FixedRate:
     """The fixed-rate measurement every bench takes, called right after whatever load came
     first (bench.intake's closed loop, bench.latency's warm-up or burst): wait until the
     server's process tree and the PostgreSQL cluster are idle (a projector catching up would
