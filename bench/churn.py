@@ -64,6 +64,8 @@ from ledger.storage.target import with_login
 from ledger.trust import TrustChange
 
 SENDERS = 3
+# never-stored kinds the service could have stored (`timeline`): the headline counts these
+SERVICE_KINDS = ("misjudged", "in-doubt")
 IN_FLIGHT = 16
 DRAIN_SECONDS = 90.0
 REFUSED_ON_DRAIN = "answered 202 during an outage was refused on drain"
@@ -306,21 +308,29 @@ def lifecycle_of(body: bytes) -> tuple[str, str]:
 
 def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored: set[str],
              began: float) -> tuple[Counter[str], list[str]]:
-    """Each never-stored install, against the uninstall before it and the lifecycle event after
-    it in the corpus (same portal), by the copies' send and answer times:
+    """Every never-stored delivery, classified against its portal's lifecycle in the corpus by
+    its copies' send and answer times. A copy is *fair* when real Bitrix24 could have sent it
+    so — after the portal's previous install or uninstall (the one whose token it carries, or
+    the uninstall before a reinstall) was acknowledged, and answered before any later one was
+    (Bitrix24 sends a portal's events in order and does not race its own lifecycle; these
+    senders have 16 in flight each and send every delivery three times):
 
-        overtook   every copy was sent before any copy of that uninstall was answered 2xx, or
-                   answered after a later lifecycle event of the portal was (the senders
-                   reordered, 16 in flight each: refusing it is right, and its later copies
-                   then meet the portal moved on)
-        misjudged  a copy sent after the uninstall was acknowledged (or of a first install) was
-                   refused before any later lifecycle event was: the service judged it wrongly
-        in-doubt   every such copy was answered 503 lifecycle_in_doubt"""
+        raced            no copy was fair: refusing it is right (a message ahead of its
+                         install, an install ahead of the uninstall before it, or answered
+                         after the portal moved on)
+        behind-<kind>    its previous lifecycle event was itself never stored; <kind> is that
+                         one's (a message under a reinstall that was lost)
+        in-doubt         every fair copy was answered 503 lifecycle_in_doubt
+        misjudged        a fair copy was refused: the service judged it wrongly
+
+    misjudged and in-doubt (and behind- either) are what the service could have stored."""
     by_index: dict[int, list[Answer]] = defaultdict(list)
     for answer in answers:
         by_index[answer.index].append(answer)
+    facts = [lifecycle_of(body) for _, body in deliveries]
     kinds: Counter[str] = Counter()
     lines: list[str] = []
+    kind_of: dict[int, str] = {}
 
     def first_ack(index: int | None) -> float | None:
         if index is None:
@@ -328,33 +338,40 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
         acked = [a.answered for a in by_index.get(index, []) if a.status in (200, 202)]
         return min(acked) if acked else None
 
-    for index, copies in sorted(by_index.items()):
-        event, member_id = lifecycle_of(deliveries[index][1])
-        if event != INSTALL or copies[0].sha in stored:
-            continue
-        before = next((j for j in range(index - 1, -1, -1)
-                       if lifecycle_of(deliveries[j][1]) == ("ONAPPUNINSTALL", member_id)), None)
-        later = [j for j in range(index + 1, len(deliveries))
-                 if lifecycle_of(deliveries[j][1])[1] == member_id
-                 and lifecycle_of(deliveries[j][1])[0] in (INSTALL, "ONAPPUNINSTALL")]
-        acks = [t for j in later if (t := first_ack(j)) is not None]
-        uninstalled, moved_on = first_ack(before), min(acks, default=None)
-        late = [a for a in copies if (before is None or (uninstalled is not None
-                                                         and a.sent > uninstalled))
-                and (moved_on is None or a.answered < moved_on)]
-        kind = ("overtook" if not late
-                else "in-doubt" if all(a.status == 503 for a in late) else "misjudged")
-        kinds[kind] += 1
+    def show(a: Answer) -> str:
+        return (f"s{a.sender} sent {a.sent - began:.3f} answered {a.answered - began:.3f} "
+                f"{a.status} {a.body.get('error') or a.body.get('status')}")
 
-        def show(a: Answer) -> str:
-            return (f"s{a.sender} sent {a.sent - began:.3f} answered {a.answered - began:.3f} "
-                    f"{a.status} {a.body.get('error') or a.body.get('status')}")
-        lines.append(f"    never-stored install #{index} ({member_id[:8]}): {kind}; "
-                     f"uninstall #{before} acknowledged at "
-                     f"{uninstalled - began if uninstalled else 0:.3f}; a later lifecycle event "
-                     f"acknowledged at {moved_on - began if moved_on else 0:.3f}")
-        lines.extend(f"      uninstall {show(a)}" for a in by_index.get(before or -1, []))
-        lines.extend(f"      install   {show(a)}" for a in copies)
+    for index, copies in sorted(by_index.items()):
+        if copies[0].sha in stored:
+            continue
+        event, member_id = facts[index]
+        lifecycle = [j for j, (e, m) in enumerate(facts)
+                     if m == member_id and e in (INSTALL, "ONAPPUNINSTALL")]
+        before = max((j for j in lifecycle if j < index), default=None)
+        later = [j for j in lifecycle if j > index]
+        if before is not None and before in kind_of:
+            kind = "behind-" + kind_of[before].removeprefix("behind-")
+        else:
+            acks = [t for j in later if (t := first_ack(j)) is not None]
+            previous, moved_on = first_ack(before), min(acks, default=None)
+            fair = [a for a in copies if (before is None or (previous is not None
+                                                             and a.sent > previous))
+                    and (moved_on is None or a.answered < moved_on)]
+            kind = ("raced" if not fair
+                    else "in-doubt" if all(a.status == 503 for a in fair) else "misjudged")
+        kind_of[index] = kind
+        kinds[kind] += 1
+        if kind.startswith("behind-") and event != INSTALL:
+            continue
+        lines.append(f"    never-stored {event} #{index} ({member_id[:8]}): {kind}; previous "
+                     f"lifecycle #{before} acknowledged at "
+                     f"{(first_ack(before) or began) - began:.3f}; later ones "
+                     f"{[(j, round((first_ack(j) or began) - began, 3)) for j in later[:3]]}")
+        if before is not None:
+            lines.extend(f"      {facts[before][0][5:]:<12} #{before} {show(a)}"
+                         for a in by_index.get(before, []))
+        lines.extend(f"      {event[5:]:<12} #{index} {show(a)}" for a in copies)
     return kinds, lines
 
 
@@ -398,7 +415,7 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         notes: list[str] = []
         cli_errors: list[str] = []
         stop = asyncio.Event()
-        began = time.monotonic()
+        began, began_wall = time.monotonic(), time.time()
         until = began + (args.seconds or 1e9)
         side = [asyncio.create_task(operator(dsn, env, cli_errors))]
         if args.kill > 0:
@@ -430,7 +447,12 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         print(f"  {after.kinds()}")
         kinds, lines = timeline(answers, deliveries, after.stored, began)
         if kinds:
-            print(f"  never-stored installs: {dict(kinds)}")
+            service = sum(n for kind, n in kinds.items()
+                          if kind.removeprefix("behind-") in SERVICE_KINDS)
+            print(f"  never-stored the service could have stored: {service} of "
+                  f"{after.never_stored} ({dict(kinds)}); times below from "
+                  f"{time.strftime('%H:%M:%S', time.localtime(began_wall))}"
+                  f"{f'{began_wall % 1:.3f}'[1:]} (the serve log's clock)")
             print("\n".join(lines[:40]))
         for example in after.examples:
             print(f"    missing: {example}")

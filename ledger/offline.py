@@ -387,8 +387,9 @@ class OfflineTrust:
         wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
         known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
         known.spooled = {k: self._pending[k][0] for k in wanted if k in self._pending}
+        _spooled_elsewhere(journal, known, wanted)
         # the originals' flags, taken before `plan` adds this batch's own to `spooled`
-        final = {k: self._pending[k][1] for k in known.spooled}
+        final = {k: self._pending[k][1] for k in known.spooled if k in self._pending}
         planned = plan(drafts, known, None, policy=self._policy,
                        provisional=frozenset(provisional))
         rejections = dict(planned.rejections)
@@ -751,6 +752,26 @@ def _remembered(recent: RecentCommits, journal: _Journal, facts: Facts,
             if found[3] is not None:
                 facts.accepted[found[2]] = found[3]
     return facts
+
+
+def _spooled_elsewhere(journal: _Journal, facts: Facts,
+                       wanted: Sequence[tuple[str, bytes]]) -> None:
+    """Adds to `facts.spooled` the lifecycle deliveries any worker spooled and has not drained
+    (the causes of the journal's open entries), with the token an install established: a copy
+    of one is a copy here too, moving no trust. Judged as new, a late copy of another worker's
+    spooled install after the portal's spooled uninstall took the allowance of the genuine
+    reinstall, which was then refused 403 with everything under its token (bench.churn's
+    never-stored)."""
+    if not wanted:
+        return
+    open_causes = {(e.member_id, e.cause): e.effect.token_sha256 for e in journal.entries
+                   if e.cause and e.seq not in journal.settled}
+    if not open_causes:
+        return
+    for key in wanted:
+        cause = (key[0], key[1].hex())
+        if cause in open_causes and key not in facts.spooled:
+            facts.spooled[key] = open_causes[cause]
 
 
 def _stored_of(record: dict[str, Any], member_id: str) -> Committed | None:

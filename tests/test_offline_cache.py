@@ -451,3 +451,40 @@ async def test_a_refresh_landing_while_a_view_is_made_leaves_it_one_consistent_s
     facts, _ = worker.view()
     assert refreshed
     assert facts.portals[member].state is TrustState.ENDED
+
+
+async def test_a_copy_of_another_workers_spooled_install_takes_no_allowance_from_the_reinstall(
+    make_client: ClientFactory, outage: Any, admin: Admin
+) -> None:
+    """The hypothesis of bench.churn's unexplained never-stored runs: worker 0 spooled the
+    portal's install and then its uninstall; a late copy of that install reaches worker 1,
+    which never stored it and had no dedup fact for it — judged as a new establishment of the
+    old token, it took the allowance meant for the reinstall, and the genuine reinstall was
+    refused 403 token_replacement_refused (then everything under its token 401). The journal
+    holds worker 0's spooled install as the cause of its entry: the copy is a copy there."""
+    relay, settings_for = outage
+    first: Client = await make_client(settings_for(worker=0))
+    second: Client = await make_client(settings_for(worker=1))
+    await allow_sample_portal(first)  # the install's
+    await allow_sample_portal(first)  # the reinstall's
+    await known_everywhere(first, second)
+
+    await relay.cut()
+    install, uninstall = sample("onappinstall-1"), sample("onappuninstall-1")
+    await spooled(first, install)
+    await spooled(first, uninstall)
+    await spooled(second, install)  # the late copy: moves no trust, takes no allowance
+    await spooled(second, reinstall())
+    join = forge("onimbotjoinchat-1", application_token=NEW_TOKEN)
+    await spooled(first, join)
+    await refused(second, forge("onimbotmessageadd-1", application_token=TOKEN), 401,
+                  "invalid_application_token")  # the old token is not trusted again
+    await relay.start()
+    await drained(first)
+    await drained(second)
+    assert await stored_types(admin) == [
+        "ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode())
+    assert len(await redeliveries(admin)) == 1  # the copy, recorded on drain
+    assert [r["reason"] for r in await admin.fetch(
+        "SELECT reason FROM ledger.rejections")] == ["invalid_application_token"]
