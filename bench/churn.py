@@ -26,7 +26,7 @@ and which event types the refused-but-stored answers (with their status) and the
 bodies were.
 
 Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. Each run's serve
-log is kept as bench/out/churn-serve-<time>-<run>.log (an outage logs asyncpg's pool tracebacks).
+log is kept as bench/out/churn-serve-<time>-<run>-<pid>.log (an outage logs asyncpg's pool tracebacks).
 Bounded: --seconds caps the sending, the drain wait is 90 s; nothing but 127.0.0.1 and the
 temporary socket is contacted.
 """
@@ -320,6 +320,7 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                          after the portal moved on)
         behind-<kind>    its previous lifecycle event was itself never stored; <kind> is that
                          one's (a message under a reinstall that was lost)
+        unanswered       no fair copy was answered (`ledger serve` exited: see its log)
         in-doubt         every fair copy was answered 503 lifecycle_in_doubt
         misjudged        a fair copy was refused: the service judged it wrongly
 
@@ -359,6 +360,7 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                                                              and a.sent > previous))
                     and (moved_on is None or a.answered < moved_on)]
             kind = ("raced" if not fair
+                    else "unanswered" if all(a.status == -1 for a in fair)
                     else "in-doubt" if all(a.status == 503 for a in fair) else "misjudged")
         kind_of[index] = kind
         kinds[kind] += 1
@@ -453,7 +455,7 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
                   f"{after.never_stored} ({dict(kinds)}); times below from "
                   f"{time.strftime('%H:%M:%S', time.localtime(began_wall))}"
                   f"{f'{began_wall % 1:.3f}'[1:]} (the serve log's clock)")
-            print("\n".join(lines[:40]))
+            print("\n".join(lines[:60]))
         for example in after.examples:
             print(f"    missing: {example}")
         ok = after.acked_missing == 0 and after.disagree == 0 and before.disagree == 0
@@ -462,10 +464,9 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
             server.kill()
             await server.wait()
         OUT.mkdir(parents=True, exist_ok=True)
-        kept = OUT / f"churn-serve-{time.strftime('%H%M%S')}-{number}.log"
+        kept = OUT / f"churn-serve-{time.strftime('%H%M%S')}-{number}-{os.getpid()}.log"
         shutil.copy(log_path, kept)
-        if not ok:
-            print(f"  serve log kept in {kept}")
+        print(f"  serve log kept in {kept}")
         handle.server.stop()
         shutil.rmtree(root, ignore_errors=True)
     return ok
