@@ -26,6 +26,8 @@ establishment taking the allowance of the genuine reinstall. It is still spooled
 records the redelivery as online would. So is the copy of a delivery this worker spooled as
 accepted and has not drained (`Facts.spooled`, `Plan.copies`): answered 202 as its original
 was, spooled as judged like it, changing no trust; the drain stores the original first.
+A lifecycle delivery another worker spooled and has not drained (an open journal entry's cause)
+is known so too (`_spooled_elsewhere`): its copy here is a copy, moving no trust.
 Installs and uninstalls are shared: the worker that commits one writes it, as stored, beside its
 trust change into the journal (`_share`), so a copy reaching another worker offline is a
 duplicate there too while the journal holds it. Whatever else other workers stored or spooled,
