@@ -320,7 +320,8 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                          after the portal moved on)
         behind-<kind>    its previous lifecycle event was itself never stored; <kind> is that
                          one's (a message under a reinstall that was lost)
-        unanswered       no fair copy was answered (`ledger serve` exited: see its log)
+        unanswered       no copy, or no fair copy, was answered (`ledger serve` exited: see its
+                         log)
         in-doubt         every fair copy was answered 503 lifecycle_in_doubt
         misjudged        a fair copy was refused: the service judged it wrongly
 
@@ -351,7 +352,9 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                      if m == member_id and e in (INSTALL, "ONAPPUNINSTALL")]
         before = max((j for j in lifecycle if j < index), default=None)
         later = [j for j in lifecycle if j > index]
-        if before is not None and before in kind_of:
+        if all(a.status == -1 for a in copies):
+            kind = "unanswered"
+        elif before is not None and before in kind_of:
             kind = "behind-" + kind_of[before].removeprefix("behind-")
         else:
             acks = [t for j in later if (t := first_ack(j)) is not None]
