@@ -23,10 +23,14 @@ again after SIGTERM):
     refused-on-drain    ERROR lines "answered 202 during an outage was refused on drain"
 
 and which event types the refused-but-stored answers (with their status) and the never-stored
-bodies were.
+bodies were. Each never-stored body is classified by its copies' send and answer times against
+its portal's lifecycle (`timeline`): the senders race their own lifecycle (16 in flight, three
+copies of everything) where real Bitrix24 does not, so the headline line counts only the
+never-stored bodies the service could have stored (`SERVICE_KINDS`).
 
 Exits 1 when acked-but-missing or positions-disagree is non-zero in any run. Each run's serve
-log is kept as bench/out/churn-serve-<time>-<run>-<pid>.log (an outage logs asyncpg's pool tracebacks).
+log is kept as bench/out/churn-serve-<time>-<run>-<pid>.log (an outage logs asyncpg's pool
+tracebacks; run with LEDGER_LOG_LEVEL=DEBUG for one line per lifecycle judgement).
 Bounded: --seconds caps the sending, the drain wait is 90 s; nothing but 127.0.0.1 and the
 temporary socket is contacted.
 """
@@ -320,6 +324,8 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                          after the portal moved on)
         behind-<kind>    its previous lifecycle event was itself never stored; <kind> is that
                          one's (a message under a reinstall that was lost)
+        acked            a copy was answered 2xx: an acked-but-missing one (above), not a
+                         judgement
         unanswered       no copy, or no fair copy, was answered (`ledger serve` exited: see its
                          log)
         in-doubt         every fair copy was answered 503 lifecycle_in_doubt
@@ -352,7 +358,9 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                      if m == member_id and e in (INSTALL, "ONAPPUNINSTALL")]
         before = max((j for j in lifecycle if j < index), default=None)
         later = [j for j in lifecycle if j > index]
-        if all(a.status == -1 for a in copies):
+        if any(a.status in (200, 202) for a in copies):
+            kind = "acked"  # counted as acked-but-missing (a serve that exited left it spooled)
+        elif all(a.status == -1 for a in copies):
             kind = "unanswered"
         elif before is not None and before in kind_of:
             kind = "behind-" + kind_of[before].removeprefix("behind-")
@@ -450,6 +458,9 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
               f"{text.count(REFUSED_ON_DRAIN)}; Tracebacks {text.count('Traceback')}; "
               f"operator errors {len(cli_errors)}")
         print(f"  {after.kinds()}")
+        if exit_code or not drained:
+            print(f"  ledger serve exited early or left its spools undrained (exit {exit_code}, "
+                  f"drained {drained}): this run's counts are of a dead service, not of judging")
         kinds, lines = timeline(answers, deliveries, after.stored, began)
         if kinds:
             service = sum(n for kind, n in kinds.items()
