@@ -55,6 +55,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 
 from bench.chaos import postgres
 from bench.common import OUT
@@ -315,13 +316,13 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
     """Every never-stored delivery, classified against its portal's lifecycle in the corpus by
     its copies' send and answer times. A copy is *fair* when real Bitrix24 could have sent it
     so — after the portal's previous install or uninstall (the one whose token it carries, or
-    the uninstall before a reinstall) was acknowledged, and answered before any later one was
-    (Bitrix24 sends a portal's events in order and does not race its own lifecycle; these
+    the uninstall before a reinstall) was acknowledged, and answered before any copy of a later
+    one was sent (Bitrix24 sends a portal's events in order and does not race its own lifecycle; these
     senders have 16 in flight each and send every delivery three times):
 
         raced            no copy was fair: refusing it is right (a message ahead of its
-                         install, an install ahead of the uninstall before it, or answered
-                         after the portal moved on)
+                         install, an install ahead of the uninstall before it, or in flight
+                         with the portal's next install or uninstall)
         behind-<kind>    its previous lifecycle event was itself never stored; <kind> is that
                          one's (a message under a reinstall that was lost)
         acked            a copy was answered 2xx: an acked-but-missing one (above), not a
@@ -346,6 +347,11 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
         acked = [a.answered for a in by_index.get(index, []) if a.status in (200, 202)]
         return min(acked) if acked else None
 
+    def first_sent_acked(index: int) -> tuple[float, float]:
+        copies = by_index.get(index, [])
+        return (round(min((a.sent for a in copies), default=began) - began, 3),
+                round((first_ack(index) or began) - began, 3))
+
     def show(a: Answer) -> str:
         return (f"s{a.sender} sent {a.sent - began:.3f} answered {a.answered - began:.3f} "
                 f"{a.status} {a.body.get('error') or a.body.get('status')}")
@@ -365,8 +371,9 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
         elif before is not None and before in kind_of:
             kind = "behind-" + kind_of[before].removeprefix("behind-")
         else:
-            acks = [t for j in later if (t := first_ack(j)) is not None]
-            previous, moved_on = first_ack(before), min(acks, default=None)
+            # the portal moves on once any copy of a later install or uninstall is in flight
+            sends = [a.sent for j in later for a in by_index.get(j, [])]
+            previous, moved_on = first_ack(before), min(sends, default=None)
             fair = [a for a in copies if (before is None or (previous is not None
                                                              and a.sent > previous))
                     and (moved_on is None or a.answered < moved_on)]
@@ -379,8 +386,8 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
             continue
         lines.append(f"    never-stored {event} #{index} ({member_id[:8]}): {kind}; previous "
                      f"lifecycle #{before} acknowledged at "
-                     f"{(first_ack(before) or began) - began:.3f}; later ones "
-                     f"{[(j, round((first_ack(j) or began) - began, 3)) for j in later[:3]]}")
+                     f"{(first_ack(before) or began) - began:.3f}; later ones (first sent, "
+                     f"acknowledged) {[(j, *first_sent_acked(j)) for j in later[:3]]}")
         if before is not None:
             lines.extend(f"      {facts[before][0][5:]:<12} #{before} {show(a)}"
                          for a in by_index.get(before, []))
@@ -461,6 +468,13 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
         if exit_code or not drained:
             print(f"  ledger serve exited early or left its spools undrained (exit {exit_code}, "
                   f"drained {drained}): this run's counts are of a dead service, not of judging")
+        OUT.mkdir(parents=True, exist_ok=True)
+        dump = OUT / f"churn-answers-{time.strftime('%H%M%S')}-{number}-{os.getpid()}.json"
+        dump.write_bytes(orjson.dumps({
+            "seed": args.seed, "count": args.count, "portals": args.portals, "began": began,
+            "stored": sorted(after.stored), "answers": [
+                [a.sender, a.index, a.sha, a.status, a.body, a.sent, a.answered]
+                for a in answers]}))
         kinds, lines = timeline(answers, deliveries, after.stored, began)
         if kinds:
             service = sum(n for kind, n in kinds.items()
@@ -486,7 +500,20 @@ async def one_run(number: int, args: argparse.Namespace) -> bool:
     return ok
 
 
+def classify(path: str) -> None:
+    """Classify a run's never-stored bodies again from its answers file."""
+    saved = orjson.loads(Path(path).read_bytes())
+    deliveries, _ = corpus(saved["count"], saved["portals"], saved["seed"])
+    answers = [Answer(*row) for row in saved["answers"]]
+    kinds, lines = timeline(answers, deliveries, set(saved["stored"]), saved["began"])
+    print(dict(kinds))
+    print("\n".join(lines))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--classify":
+        classify(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1500, help="deliveries in the corpus")
     parser.add_argument("--seconds", type=float, default=0, help="cap the sending (0: none)")
