@@ -317,8 +317,8 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
     its copies' send and answer times. A copy is *fair* when real Bitrix24 could have sent it
     so — after the portal's previous install or uninstall (the one whose token it carries, or
     the uninstall before a reinstall) was acknowledged, and answered before any copy of a later
-    one was sent (Bitrix24 sends a portal's events in order and does not race its own lifecycle; these
-    senders have 16 in flight each and send every delivery three times):
+    one was sent (Bitrix24 sends a portal's events in order and does not race its own
+    lifecycle; these senders have 16 in flight each and send every delivery three times):
 
         raced            no copy was fair: refusing it is right (a message ahead of its
                          install, an install ahead of the uninstall before it, or in flight
