@@ -329,7 +329,9 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
                          judgement
         unanswered       no copy, or no fair copy, was answered (`ledger serve` exited: see its
                          log)
-        in-doubt         every fair copy was answered 503 lifecycle_in_doubt
+        in-doubt         every fair copy was answered 503 lifecycle_in_doubt (or every copy
+                         sent after the previous one was acknowledged: a 503 does not depend
+                         on what else is in flight)
         misjudged        a fair copy was refused: the service judged it wrongly
 
     misjudged and in-doubt (and behind- either) are what the service could have stored."""
@@ -374,10 +376,11 @@ def timeline(answers: list[Answer], deliveries: list[tuple[str, bytes]], stored:
             # the portal moves on once any copy of a later install or uninstall is in flight
             sends = [a.sent for j in later for a in by_index.get(j, [])]
             previous, moved_on = first_ack(before), min(sends, default=None)
-            fair = [a for a in copies if (before is None or (previous is not None
-                                                             and a.sent > previous))
-                    and (moved_on is None or a.answered < moved_on)]
-            kind = ("raced" if not fair
+            after = [a for a in copies if before is None or (previous is not None
+                                                             and a.sent > previous)]
+            fair = [a for a in after if moved_on is None or a.answered < moved_on]
+            kind = ("in-doubt" if after and all(a.status == 503 for a in after)
+                    else "raced" if not fair
                     else "unanswered" if all(a.status == -1 for a in fair)
                     else "in-doubt" if all(a.status == 503 for a in fair) else "misjudged")
         kind_of[index] = kind
