@@ -36,7 +36,9 @@ def classify(answers: dict[int, list[tuple[float, float, int]]]) -> Counter[str]
 
 
 def test_the_corpus_has_the_lifecycle_these_scenarios_need() -> None:
-    assert INSTALLS[0] == 0 and UNINSTALLS and UNINSTALLS[0] + 1 in INSTALLS
+    assert INSTALLS[0] == 0
+    assert UNINSTALLS
+    assert UNINSTALLS[0] + 1 in INSTALLS
 
 
 def test_a_reinstall_refused_after_its_uninstall_was_acknowledged_is_misjudged() -> None:
@@ -55,7 +57,8 @@ def test_a_reinstall_sent_before_its_uninstall_was_acknowledged_raced() -> None:
     uninstall = UNINSTALLS[0]
     reinstall = uninstall + 1
     kinds = classify({reinstall: [(uninstall + 0.1, uninstall + 0.7, 403)]})
-    assert kinds["raced"] == 1 and kinds["misjudged"] == 0
+    assert kinds["raced"] == 1
+    assert kinds["misjudged"] == 0
 
 
 def test_a_message_in_flight_with_its_portals_next_uninstall_raced() -> None:
@@ -76,4 +79,5 @@ def test_503_in_doubt_unanswered_and_acknowledged_are_told_apart() -> None:
     in_doubt = classify({uninstall: [(uninstall + 0.0, uninstall + 0.4, 503)] * 3})
     assert in_doubt["in-doubt"] == 1
     unanswered = classify({reinstall: [(reinstall, 0.0, -1)] * 3})
-    assert unanswered["unanswered"] == 1 and unanswered["misjudged"] == 0
+    assert unanswered["unanswered"] == 1
+    assert unanswered["misjudged"] == 0
