@@ -22,6 +22,9 @@ class LedgerError(Exception):
     closes_connection: bool = False
     # seconds after which trying again may succeed: the answer says `Retry-After` (a 503's)
     retry_after: int | None = None
+    # logged where it arose, once for what it stands for: a 5xx the HTTP layer does not log
+    # again for every request it answers (`ledger.web.errors_middleware`)
+    logged_already: bool = False
 
     @property
     def message(self) -> str:
@@ -52,13 +55,17 @@ class LifecycleNotDrained(DatabaseUnavailable):
 
 class LifecycleInDoubt(DatabaseUnavailable):
     """Offline, this portal's lifecycle is in doubt: a worker's online append of its install or
-    uninstall may have committed (given up on at the append timeout, or its connection lost,
-    with its COMMIT in flight). An install or uninstall judged without that commit and answered
-    202 could be refused on drain; so it is answered 503 until that worker's drain settles the
-    doubt (as soon as PostgreSQL is reachable again). Nothing for an operator to do unless it
-    lasts: then the worker's spool does not drain (see `/readyz`)."""
+    uninstall may have committed (given up on at the append timeout, its connection lost or
+    its worker killed with its COMMIT in flight). An install or uninstall judged without that
+    commit and answered 202 could be refused on drain; so it is answered 503 (and, when nothing
+    spooled stands for that commit, every delivery of the portal) until the doubt is settled:
+    by that worker's drain, or by any worker that reaches PostgreSQL (within a second). Nothing
+    for an operator to do unless it lasts: then no worker reaches PostgreSQL. Logged by the
+    offline judge: one ERROR a doubt, the repeats counted in a WARNING at most every 10 s per
+    portal."""
 
     code = "lifecycle_in_doubt"
+    logged_already = True
 
 
 class DatabaseMissing(ConfigurationError):

@@ -121,6 +121,44 @@ class ConfirmationNeeded:
 
 
 Outcome = Stored | Duplicate | Refusal | RejectionLogged | Spooled | ConfirmationNeeded
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A PostgreSQL transaction, as a lifecycle append records it before its COMMIT (its
+    outcome may be in doubt: `ledger.offline`): its 64-bit id (`pg_current_xact_id`), which
+    `pg_xact_status` answers committed/aborted/in progress for, and its backend (pid and start
+    time: a pid alone may be another backend's by now) — to end it if it stalls."""
+
+    xid: int
+    pid: int
+    backend_start: str  # as PostgreSQL prints it (text round-trips a timestamptz exactly)
+
+    def as_json(self) -> list[Any]:
+        return [str(self.xid), self.pid, self.backend_start]
+
+    @classmethod
+    def of_json(cls, value: Any) -> Transaction | None:
+        """From `as_json`'s form; None for anything else (a torn or foreign journal line)."""
+        try:
+            xid, pid, started = value
+            return cls(int(xid), int(pid), str(started))
+        except (TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class FoundStored:
+    """A delivery in doubt found stored (`EventStore.settle_transaction`): its position, the
+    trust event it caused (position and payload; none if it caused none) and the token digest
+    it was accepted under."""
+
+    member_id: str
+    dedup_key: bytes
+    position: int
+    trust_position: int | None
+    trust_payload: dict[str, Any] | None
+    accepted_under: bytes | None
 Draft = EventDraft | RejectionDraft
 
 

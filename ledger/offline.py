@@ -89,11 +89,13 @@ from ledger.models import (
     Draft,
     Duplicate,
     EventDraft,
+    FoundStored,
     Outcome,
     Refusal,
     RejectionDraft,
     Spooled,
     Stored,
+    Transaction,
 )
 from ledger.planner import Committed, Facts, PlannedEffect, plan
 from ledger.recent import RecentCommits
@@ -116,9 +118,16 @@ log = logging.getLogger(__name__)
 _LIFECYCLE = frozenset({INSTALL, UNINSTALL})
 _T = TypeVar("_T")
 # an online append of lifecycle deliveries given up on while it may yet commit: the journal,
-# still locked by its turn, and the turn's portals (`JournalTurn.give_up`, `OfflineTrust.spool`)
-Doubt = tuple[IO[bytes], frozenset[str]]
+# still locked by its turn, the turn's portals and its transaction (`JournalTurn.give_up`,
+# `OfflineTrust.spool`); no portals: given up on before its COMMIT, its intent to be resolved
+Doubt = tuple[IO[bytes], frozenset[str], Transaction | None]
+# a doubt's key: the worker that recorded it, the portal and the delivery's dedup key (hex)
+_DoubtKey = tuple[int, str, str]
 _COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet to refresh
+# how long a worker settling a doubt waits for the backend of a transaction it ends
+_END_WAIT_MS = 500
+# repeated 503 lifecycle_in_doubt answers for one portal: one WARNING line this often at most
+_DOUBT_REPEAT_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,13 +153,26 @@ class _Journal:
     # went back from (a worker found it: `OfflineTrust.refresh`): their settlements and shared
     # dedup facts are not the database's — only what a refresh reads from it counts
     rewound: int = 0
-    # lifecycle deliveries whose online append may have committed unseen (given up on, or cut
-    # off mid-COMMIT), spooled, not yet drained: (worker, member_id, cause) — their portals'
-    # installs and uninstalls are judged by nobody offline meanwhile (`spool`)
-    doubts: set[tuple[int, str, str]] = field(default_factory=set)
+    # lifecycle deliveries whose online append may have committed unseen (its intent before
+    # the COMMIT, then given up on, cut off mid-COMMIT, or its worker killed there), not yet
+    # settled: (worker, member_id, cause) -> the transaction (None: recorded without it) —
+    # their portals' installs and uninstalls are judged by nobody offline meanwhile (`spool`)
+    doubts: dict[_DoubtKey, Transaction | None] = field(default_factory=dict)
 
-    def doubted(self) -> frozenset[str]:
-        return frozenset(member_id for _, member_id, _ in self.doubts)
+    def doubted(self, *, besides: Transaction | None = None) -> frozenset[str]:
+        """Portals in doubt (`besides`: not counting this transaction's own doubt)."""
+        return frozenset(member_id for (_, member_id, _), transaction in self.doubts.items()
+                         if besides is None or transaction != besides)
+
+    def bare(self, *, besides: Transaction | None = None) -> frozenset[str]:
+        """Portals in doubt with no journal entry standing for the doubtful delivery (its
+        worker was killed mid-COMMIT, or its spool write failed): nothing of theirs can be
+        judged offline — a delivery under a token the doubtful uninstall may have ended would
+        be answered 202."""
+        causes = {(e.member_id, e.cause) for e in self.entries}
+        return frozenset(member_id for (_, member_id, cause), transaction in self.doubts.items()
+                         if (besides is None or transaction != besides)
+                         and (member_id, cause) not in causes)
 
 
 class OfflineTrust:
@@ -188,6 +210,12 @@ class OfflineTrust:
         # the store last saw that a refresh found in PostgreSQL: what this state was learned in
         self._history: tuple[int, bytes] | None = None
         self._verified: tuple[int, bytes] | None = None
+        # portals in doubt as of the journal's stat (`doubted`), cached as `_elsewhere` is
+        self._doubted: frozenset[str] = frozenset()
+        # per portal answered 503 lifecycle_in_doubt: the doubt, when it was last logged, and
+        # how many answers since (`_report_doubt`); only portals in doubt (bounded)
+        self._reported: dict[str, tuple[frozenset[tuple[int, str, Transaction | None]], float,
+                                        int]] = {}
 
     # ---- the base, from PostgreSQL -----------------------------------------------------
 
@@ -301,16 +329,40 @@ class OfflineTrust:
         self._state = (base, position,
                        own + tuple((p, effect) for p, effect, _ in committed if p > position))
         if turn is not None and turn.handle is not None:
-            await turn.in_thread(lambda handle: self._share(committed, handle))
+            intended = turn.intended  # committed: no longer in doubt, said in the same write
+            await turn.in_thread(lambda handle: self._share(committed, handle, intended))
+            turn.intended = None
             turn.shared = True
             turn.release()  # shared: the snapshot below is this worker's alone
         else:  # no turn, or given up on (`JournalTurn.give_up`): the lock is taken here
             await asyncio.to_thread(self._share, committed)
         await asyncio.to_thread(self._save_snapshot)
 
-    def turn(self, portals: frozenset[str]) -> JournalTurn:
-        """The journal's turn for an online append of lifecycle deliveries (`JournalTurn`)."""
-        return JournalTurn(self, portals)
+    def turn(self, drafts: Sequence[EventDraft]) -> JournalTurn:
+        """The journal's turn for an online append of these lifecycle deliveries."""
+        return JournalTurn(self, drafts)
+
+    def _intend(self, handle: IO[bytes], keys: list[list[str]],
+                transaction: Transaction) -> list[list[str]] | None:
+        """Before an online append of lifecycle deliveries sends its COMMIT, the journal says
+        they are in doubt, and in which transaction: should the worker be killed mid-COMMIT
+        (or its spool refuse the batch given up on), the doubt outlives it and any worker
+        reaching PostgreSQL settles it (`settle_doubts`). One fsync'd line an append of
+        installs or uninstalls; nobody reads it while the turn holds the journal, and the share
+        after the COMMIT resolves it in the same write. None when it could not be written
+        (logged: the doubt is then recorded only if the batch is spooled)."""
+        try:
+            _append(handle, [{"doubt": keys, "worker": self._worker,
+                              "txn": transaction.as_json(), "at": time.time()}])
+        except OSError as exc:
+            log.error("the offline trust journal %s cannot be written (%s): a worker killed "
+                      "in this append's COMMIT would leave no doubt behind", self._journal_path,
+                      exc)
+            return None
+        return keys
+
+    def _resolve(self, handle: IO[bytes], keys: list[list[str]]) -> None:
+        _append(handle, [{"resolved": keys, "worker": self._worker}])
 
     def _open_exclusive(self) -> IO[bytes]:
         handle = self._open_journal()
@@ -329,13 +381,15 @@ class OfflineTrust:
                          and e.member_id in portals)
 
     def _share(self, committed: Sequence[tuple[int, TrustEffect, Committed | None]],
-               held: IO[bytes] | None = None) -> None:
+               held: IO[bytes] | None = None, resolved: list[list[str]] | None = None,
+               ) -> None:
         """Tell the other workers at once, through the journal (as entries already settled at
         their positions): an outage right after this commit is judged on it by every worker,
         not only once their next refresh has read it from PostgreSQL. With the lifecycle
         delivery that caused it, as stored: a copy of that install or uninstall reaching
         another worker offline is the duplicate it is (`_remembered`), not a new one. `held`:
-        the journal, locked already by this append's turn."""
+        the journal, locked already by this append's turn; `resolved`: its intent (`_intend`),
+        no longer in doubt."""
         with (contextlib.nullcontext(held) if held is not None
               else self._locked(fcntl.LOCK_EX)) as handle:
             journal = _read(handle)
@@ -348,6 +402,8 @@ class OfflineTrust:
                                       cause[3].hex() if cause[3] is not None else None]
                 lines.append(line)
                 lines.append({"settled": seq, "position": position, "at": time.time()})
+            if resolved:
+                lines.append({"resolved": resolved, "worker": self._worker})
             _append(handle, lines)
 
     # ---- judging offline ---------------------------------------------------------------
@@ -361,30 +417,73 @@ class OfflineTrust:
         PostgreSQL's trust, which may hold a commit its judgement here did not. (Other
         deliveries are judged on the doubtful batch's spooled entries, which stand for that
         commit as any spooled lifecycle entry does; accepted there, the drain stores them as
-        judged — `held`.) `doubt`: this batch's own online append may yet commit
-        (`JournalTurn.give_up`) — the journal, still locked by its turn, and its portals: their
-        lifecycle deliveries are spooled in doubt."""
-        held, doubted = doubt if doubt is not None else (None, frozenset[str]())
+        judged — `held`. With no such entry — the doubt's worker was killed mid-COMMIT, or its
+        spool refused the batch — none of the portal's deliveries is judged.) `doubt`: this
+        batch's own online append may yet commit (`JournalTurn.give_up`) — the journal, still
+        locked by its turn, its portals and its transaction: their lifecycle deliveries are
+        spooled in doubt (the intent's doubt is this batch's own: not a reason to wait)."""
+        held, doubted, transaction = (doubt if doubt is not None
+                                      else (None, frozenset[str](), None))
         with (contextlib.closing(held) if held is not None
               else self._locked(fcntl.LOCK_EX)) as handle:
             journal = _read(handle)
-            in_doubt = journal.doubted()
+            in_doubt = journal.doubted(besides=transaction)
+            bare = journal.bare(besides=transaction)
 
             def waits(draft: Draft) -> bool:
-                return (isinstance(draft, EventDraft) and draft.event_type in _LIFECYCLE
-                        and draft.member_id in in_doubt)
+                return isinstance(draft, EventDraft) and (
+                    draft.member_id in bare
+                    or (draft.event_type in _LIFECYCLE and draft.member_id in in_doubt))
 
             outcomes = self._judged([d for d in drafts if not waits(d)], write, handle,
-                                    journal, doubted)
+                                    journal, doubted, transaction)
+            if held is not None and not doubted and transaction is not None:
+                _append(handle, [{"resolved": [
+                    [m, c] for (w, m, c), t in journal.doubts.items()
+                    if w == self._worker and t == transaction], "worker": self._worker}])
         answers = iter(outcomes)
-        return [next(answers) if not waits(d) else LifecycleInDoubt(
-                    f"portal {d.member_id}'s lifecycle is in doubt (a worker's append of its "
-                    "install or uninstall may have committed: given up on, or cut off "
-                    "mid-COMMIT) and PostgreSQL is unreachable: not judged, not taken; "
-                    "answered again once that worker has drained it") for d in drafts]
+        answered: list[Outcome | LedgerError] = []
+        for draft in drafts:
+            if not waits(draft):
+                answered.append(next(answers))
+                continue
+            assert isinstance(draft, EventDraft)
+            self._report_doubt(draft.member_id, journal)
+            answered.append(LifecycleInDoubt(
+                f"portal {draft.member_id}'s lifecycle is in doubt (a worker's append of its "
+                "install or uninstall may have committed: given up on, or cut off or killed "
+                "mid-COMMIT) and PostgreSQL is unreachable: not judged, not taken; answered "
+                "again once a worker that reaches PostgreSQL has settled it"))
+        for member_id in [m for m in self._reported if m not in in_doubt | bare]:
+            del self._reported[member_id]  # settled: a new doubt is reported anew
+        return answered
+
+    def _report_doubt(self, member_id: str, journal: _Journal) -> None:
+        """One ERROR line per doubt (the first delivery it costs), then at most one WARNING
+        every `_DOUBT_REPEAT_LOG_SECONDS` per portal counting the others: Bitrix24 does not
+        resend a 503, so each is a delivery lost unless pulled back (`event.offline.get`)."""
+        doubt = frozenset((w, c, t) for (w, m, c), t in journal.doubts.items()
+                          if m == member_id)
+        now = time.monotonic()
+        seen = self._reported.get(member_id)
+        if seen is None or seen[0] != doubt:
+            log.error("portal %s's lifecycle is in doubt (worker %s's append of %d install(s) "
+                      "or uninstall(s) may have committed) and PostgreSQL is unreachable: its "
+                      "installs and uninstalls are answered 503 lifecycle_in_doubt until a "
+                      "worker that reaches PostgreSQL settles the doubt (Bitrix24 does not "
+                      "resend them: pull them back with event.offline.get)", member_id,
+                      ", ".join(sorted({str(w) for w, _, _ in doubt})), len(doubt))
+            self._reported[member_id] = (doubt, now, 0)
+        elif now - seen[1] >= _DOUBT_REPEAT_LOG_SECONDS:
+            log.warning("portal %s's lifecycle still in doubt: %d more deliveries answered 503 "
+                        "lifecycle_in_doubt in %.0f s", member_id, seen[2] + 1, now - seen[1])
+            self._reported[member_id] = (doubt, now, 0)
+        else:
+            self._reported[member_id] = (doubt, seen[1], seen[2] + 1)
 
     def _judged(self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None],
-                handle: IO[bytes], journal: _Journal, doubted: frozenset[str]) -> list[Outcome]:
+                handle: IO[bytes], journal: _Journal, doubted: frozenset[str],
+                transaction: Transaction | None) -> list[Outcome]:
         facts, provisional = self._view(journal)
         wanted = [(d.member_id, d.dedup_key) for d in drafts if isinstance(d, EventDraft)]
         known = _remembered(self.recent, journal, Facts(trust=facts), wanted)
@@ -443,7 +542,10 @@ class OfflineTrust:
                         "on, or cut off mid-COMMIT): installs and uninstalls of portal(s) %s "
                         "answered 503 offline until they are drained",
                         len(in_doubt), ", ".join(sorted({m for m, _ in in_doubt})))
-            lines.append({"doubt": in_doubt, "worker": self._worker, "at": time.time()})
+            line: dict[str, Any] = {"doubt": in_doubt, "worker": self._worker, "at": time.time()}
+            if transaction is not None:
+                line["txn"] = transaction.as_json()
+            lines.append(line)
         _append(handle, lines)
         for key, value in spooled.items():
             if len(self._pending) < self._pending_limit:
@@ -505,15 +607,104 @@ class OfflineTrust:
         key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if key != self._elsewhere_key:
             # read after the stat: a change in between is read now and seen again next time
-            self._elsewhere = await asyncio.to_thread(self._read_elsewhere)
+            self._elsewhere, self._doubted = await asyncio.to_thread(self._read_elsewhere)
             self._elsewhere_key = key
         return self._elsewhere
 
-    def _read_elsewhere(self) -> frozenset[str]:
+    async def doubted(self) -> frozenset[str]:
+        """Portals in doubt (any worker's), cached as `unsettled_elsewhere` is."""
+        await self.unsettled_elsewhere()
+        return self._doubted if self._elsewhere_key is not None else frozenset()
+
+    def _read_elsewhere(self) -> tuple[frozenset[str], frozenset[str]]:
         with self._locked(fcntl.LOCK_SH) as handle:
             journal = _read(handle)
         return frozenset(e.member_id for e in journal.entries
-                         if e.worker != self._worker and e.seq not in journal.settled)
+                         if e.worker != self._worker and e.seq not in journal.settled
+                         ), journal.doubted()
+
+    async def settle_doubts(self, store: EventStore,
+                            portals: frozenset[str] | None = None) -> frozenset[str]:
+        """Settle every doubt (of `portals`, or all) PostgreSQL can answer now, whichever
+        worker recorded it — a worker that is gone, whose drain failed or whose spool record
+        was set aside, or that is cut off itself; answers the portals still in doubt. Raises
+        LedgerError when PostgreSQL is away.
+
+        A doubt is over once its transaction is (`EventStore.settle_transaction`; one still
+        running is ended: it was given up on, its worker killed or cut off); what it committed
+        is what PostgreSQL holds of its deliveries. Found stored, the deliveries' spooled
+        entries are settled at their trust events (as their drain would settle them: in
+        PostgreSQL now), and shared with the trust events' effects and dedup facts as their
+        COMMIT would have been (`_share`), the offline state then has them whether or not
+        anything was spooled; not found, their spooled entries stand as any spooled lifecycle
+        entry does (judged again on drain, by a PostgreSQL that never held them). Either way
+        the portals are judged offline again, by every worker. A doubt recorded without its
+        transaction (by an older version) is settled only by its worker's drain."""
+        doubted = await self.doubted()
+        if portals is not None:
+            doubted &= portals
+        if not doubted:
+            return frozenset()
+        journal = await asyncio.to_thread(self._read_shared)
+        groups: dict[tuple[int, Transaction], list[tuple[str, str]]] = {}
+        for (worker, member_id, cause), transaction in journal.doubts.items():
+            if transaction is not None and member_id in doubted:
+                groups.setdefault((worker, transaction), []).append((member_id, cause))
+        settled: list[tuple[int, Transaction, list[tuple[str, str]], list[FoundStored]]] = []
+        for (worker, transaction), keys in groups.items():
+            found = await store.settle_transaction(
+                transaction, [(m, bytes.fromhex(c)) for m, c in keys], end_wait_ms=_END_WAIT_MS)
+            if found is not None:
+                settled.append((worker, transaction, keys, found))
+        if settled:
+            await asyncio.to_thread(self._write_settled, settled)
+        self._elsewhere_key = None  # the journal changed (or may have): read it next time
+        return await self.doubted() & doubted
+
+    def _read_shared(self) -> _Journal:
+        with self._locked(fcntl.LOCK_SH) as handle:
+            return _read(handle)
+
+    def _write_settled(
+        self, settled: Sequence[tuple[int, Transaction, list[tuple[str, str]], list[FoundStored]]],
+    ) -> None:
+        """The journal lines that settle these doubts (`settle_doubts`)."""
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            next_seq = journal.next_seq
+            lines: list[dict[str, Any]] = []
+            for worker, transaction, keys, found in settled:
+                keys = [(m, c) for m, c in keys
+                        if journal.doubts.get((worker, m, c)) == transaction]
+                if not keys:
+                    continue  # settled meanwhile (its drain, another worker)
+                stored = {(f.member_id, f.dedup_key.hex()): f for f in found}
+                for entry in journal.entries:
+                    hit = stored.get((entry.member_id, entry.cause))
+                    if hit is not None and entry.seq not in journal.settled:
+                        lines.append({"settled": entry.seq, "position": hit.trust_position,
+                                      "at": time.time()})
+                for f in found:
+                    effect = effect_of(f.trust_payload) if f.trust_payload else None
+                    if effect is None or f.trust_position is None:
+                        continue
+                    lines.append({"seq": next_seq, "worker": self._worker,
+                                  "member_id": f.member_id, "cause": "",
+                                  "effect": effect.as_json(),
+                                  "stored": [f.dedup_key.hex(), f.position,
+                                             f.accepted_under.hex()
+                                             if f.accepted_under is not None else None]})
+                    lines.append({"settled": next_seq, "position": f.trust_position,
+                                  "at": time.time()})
+                    next_seq += 1
+                lines.append({"resolved": [list(k) for k in keys], "worker": worker})
+                log.warning(
+                    "doubt settled by worker %d: worker %d's append of %d lifecycle "
+                    "deliveries (portal(s) %s) %s; judged offline again by every worker",
+                    self._worker, worker, len(keys), ", ".join(sorted({m for m, _ in keys})),
+                    f"committed ({len(found)} found stored)" if found
+                    else "did not commit (none found stored)")
+            _append(handle, lines)
 
     def held(self, drafts: Sequence[Draft]) -> frozenset[int]:
         """Which of these spooled drafts, accepted offline on provisional trust, the drain
@@ -804,11 +995,16 @@ def _read(handle: IO[bytes]) -> _Journal:
             journal.settled[int(record["settled"])] = record["position"]
             journal.settled_at = max(journal.settled_at, float(record["at"]))
         elif "doubt" in record:
-            journal.doubts.update((int(record["worker"]), str(m), str(c))
-                                  for m, c in record["doubt"])
+            # the intent (before the COMMIT) names the transaction; the spool's line after a
+            # give-up repeats the deliveries it spooled, with it too
+            transaction = Transaction.of_json(record.get("txn"))
+            for m, c in record["doubt"]:
+                key = (int(record["worker"]), str(m), str(c))
+                if transaction is not None or key not in journal.doubts:
+                    journal.doubts[key] = transaction
         elif "resolved" in record:
-            journal.doubts.difference_update((int(record["worker"]), str(m), str(c))
-                                             for m, c in record["resolved"])
+            for m, c in record["resolved"]:
+                journal.doubts.pop((int(record["worker"]), str(m), str(c)), None)
         else:
             effect = effect_of(record["effect"])
             if effect is None:
@@ -872,9 +1068,14 @@ class JournalTurn:
     in doubt before anyone else judges them — let go instead, another worker judged them
     without the commit that landed later (a delivery under an ended token answered 202)."""
 
-    def __init__(self, trust: OfflineTrust, portals: frozenset[str]) -> None:
+    def __init__(self, trust: OfflineTrust, drafts: Sequence[EventDraft]) -> None:
         self._trust = trust
-        self.portals = portals
+        self.portals = frozenset(d.member_id for d in drafts)
+        self._keys = [[d.member_id, d.dedup_key.hex()] for d in drafts]
+        self.transaction: Transaction | None = None
+        # the intent written for `transaction` and not yet resolved (`_intend`)
+        self.intended: list[list[str]] | None = None
+        self.succeeded = False  # the append returned: its COMMIT went through
         self.handle: IO[bytes] | None = None
         self.given_up = False
         self.commit_sent = False  # from here the append may have committed, whatever befalls it
@@ -882,10 +1083,12 @@ class JournalTurn:
         self._busy = False  # a thread uses `handle`: closing it waits for that thread
         self._closing = False
 
-    async def take(self) -> None:
-        """Under the events head lock (`EventStore.append_planned`'s `under_lock`). Given up
-        on, raises TimeoutError: the transaction rolls back, the spooled copy is drained."""
+    async def take(self, transaction: Transaction) -> None:
+        """Under the events head lock (`EventStore.append_planned`'s `under_lock`), in
+        `transaction`. Given up on, raises TimeoutError: the transaction rolls back, the
+        spooled copy is drained. Writes the intent (`_intend`) unless it spools behind."""
         self._check()
+        self.transaction = transaction
         if self.handle is None:
             opening = asyncio.ensure_future(asyncio.to_thread(self._trust._open_exclusive))
             try:
@@ -898,13 +1101,31 @@ class JournalTurn:
                 handle.close()
             self._check()
             self.handle = handle
-        waited_on = await self.in_thread(
-            lambda handle: self._trust._waited_on(handle, self.portals))
+        waited_on = await self.in_thread(self._waited_on_or_intend)
         self._check()
         if waited_on:
             raise LifecycleNotDrained(
                 f"portal(s) {', '.join(sorted(waited_on))} wait on another worker's spooled "
                 "lifecycle events; spooling behind them")
+
+    def _waited_on_or_intend(self, handle: IO[bytes]) -> frozenset[str]:
+        waited_on = self._trust._waited_on(handle, self.portals)
+        if not waited_on and self.transaction is not None:
+            self.intended = self._trust._intend(handle, self._keys, self.transaction)
+        return waited_on
+
+    async def end(self) -> None:
+        """The append ended (`Appender.append`'s `finally`): an intent not yet resolved is
+        resolved when the append committed or stopped before its COMMIT; it stays — a doubt
+        for any worker to settle — when the COMMIT was sent and the outcome is unknown (a
+        cancellation on shutdown, an unexpected failure). Then the journal is let go of."""
+        if (self.intended is not None and self.handle is not None and not self.given_up
+                and not self._busy and (self.succeeded or not self.commit_sent)):
+            keys = self.intended
+            with contextlib.suppress(OSError):  # a doubt left is settled by any worker
+                await self.in_thread(lambda handle: self._trust._resolve(handle, keys))
+                self.intended = None
+        self.release()
 
     def committing(self) -> None:
         """Just before the append's COMMIT is sent (`EventStore.append_planned`). Given up on
@@ -938,7 +1159,7 @@ class JournalTurn:
         """The journal, still locked, for the spool of this append's batch (`in_doubt`)."""
         handle, self.handle = self.handle, None
         assert handle is not None
-        return handle, self.portals
+        return handle, self.portals, self.transaction
 
     def give_up(self) -> Doubt | None:
         """The committer stopped waiting for this append and spools its batch, under the
@@ -949,6 +1170,12 @@ class JournalTurn:
         self.given_up = True
         if self.in_doubt():
             return self.hand_over()
+        if self.intended is not None and self.handle is not None and not self._busy:
+            # before its COMMIT: it never sends one now (`committing`), so its intent is
+            # resolved by the spool, under the lock it takes over (else the spool found its
+            # own batch's portals in doubt)
+            handle, self.handle = self.handle, None
+            return handle, frozenset(), self.transaction
         self.release()
         return None
 
@@ -989,13 +1216,16 @@ class Appender:
         else:
             held = frozenset()
             await self._after_other_workers(drafts)
-        lifecycle = frozenset(d.member_id for d in drafts if isinstance(d, EventDraft)
-                              and d.event_type in _LIFECYCLE)
+        lifecycle = [d for d in drafts if isinstance(d, EventDraft)
+                     and d.event_type in _LIFECYCLE]
         turn = self._offline.turn(lifecycle) if lifecycle and not draining else None
         if turn is not None:
             self._turns.add(turn)
         try:
-            return await self._append(drafts, draining, held, turn)
+            outcomes = await self._append(drafts, draining, held, turn)
+            if turn is not None:
+                turn.succeeded = True
+            return outcomes
         except (DatabaseUnavailable, TimeoutError):
             # its connection lost mid-statement or mid-COMMIT: the batch is spooled next, and
             # may have committed — in doubt as when given up on
@@ -1005,7 +1235,7 @@ class Appender:
         finally:
             if turn is not None:
                 self._turns.discard(turn)
-                turn.release()
+                await turn.end()
 
     def give_up(self) -> None:
         """The committer stopped waiting for the append (`JournalTurn.give_up`)."""
@@ -1073,10 +1303,16 @@ class Appender:
         later (refused token_replacement_refused, and everything under its token with it:
         bench.churn, 150 genuine deliveries never stored in one run)."""
         elsewhere = await self._offline.unsettled_elsewhere()
-        if not elsewhere:
+        doubted = await self._offline.doubted()
+        if not elsewhere and not doubted:
             return
-        portals = {d.member_id for d in drafts if isinstance(d, EventDraft)}
-        if portals & elsewhere:
+        portals = frozenset(d.member_id for d in drafts if isinstance(d, EventDraft))
+        if portals & doubted:
+            # in doubt: this worker reaches PostgreSQL, so it settles the doubt first (any
+            # worker's) — spooled behind it, the portal's installs and uninstalls were 503
+            doubted = await self._offline.settle_doubts(self._store, portals & doubted)
+            elsewhere = await self._offline.unsettled_elsewhere()
+        if portals & (elsewhere | doubted):
             # a head lock this worker took ahead would hold up that worker's drain
             await self._store.let_go_ahead()
             raise LifecycleNotDrained(
@@ -1096,11 +1332,11 @@ class Appender:
     ) -> list[Outcome | LedgerError]:
         doubt, self._doubt = self._doubt, None  # the batch given up on is spooled next
         outcomes = self._offline.spool(drafts, write, doubt=doubt)
-        self._doubt_spooled = self._doubt_spooled or doubt is not None
+        self._doubt_spooled = self._doubt_spooled or (doubt is not None and bool(doubt[1]))
         return outcomes
 
     def in_doubt(self) -> bool:
-        return self._doubt is not None
+        return self._doubt is not None and bool(self._doubt[1])
 
     def drain_at_once(self) -> bool:
         spooled, self._doubt_spooled = self._doubt_spooled, False

@@ -112,7 +112,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         return await handler(request)
     except LedgerError as exc:
-        if exc.status >= 500:
+        if exc.status >= 500 and not exc.logged_already:
             log.error("%s %s: %s", request.method, request.path, exc,
                       exc_info=exc.status == 500)
         response = error_response(exc.status, exc.code, exc.message)
@@ -461,12 +461,15 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float) -> None:
     """Keep the offline trust state current with changes made anywhere (other workers, the
-    CLI), so a later outage judges by them. PostgreSQL being away is waited out; anything else
-    raises, for the supervisor to log, count and restart."""
+    CLI), so a later outage judges by them, and settle any worker's lifecycle doubt PostgreSQL
+    can answer (`OfflineTrust.settle_doubts`: a stat of the journal when there is none).
+    PostgreSQL being away is waited out; anything else raises, for the supervisor to log,
+    count and restart."""
     while True:
         await asyncio.sleep(every)
         try:
             await offline.refresh(store)
+            await offline.settle_doubts(store)
         except LedgerError:
             continue  # PostgreSQL away: the state stays as last known
 

@@ -55,12 +55,14 @@ from ledger.models import (
     ORIGIN_BITRIX24,
     Draft,
     EventDraft,
+    FoundStored,
     Outcome,
     PortalRow,
     Refusal,
     RejectionDraft,
     RejectionLogged,
     Stored,
+    Transaction,
 )
 from ledger.planner import Committed, Facts, Head, Plan, PlannedEffect, entry_of, plan
 from ledger.settings import TrustPolicy
@@ -200,6 +202,43 @@ _ALL_TRUST = "SELECT member_id, domain, state, token_sha256 FROM ledger.portal_t
 _TRUST_HEAD = """
     SELECT coalesce(max(position), 0) FROM ledger.events
     WHERE event_type = 'LEDGER.TRUST_CHANGED'
+"""
+# The transaction an append of lifecycle deliveries runs in (`Transaction`): read under the head
+# lock, where the transaction has its id already (the lock is a row lock: it assigns one), so
+# asking for it assigns nothing new; one round trip, for lifecycle batches only.
+_TRANSACTION_OF = """
+    SELECT pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid,
+        (SELECT backend_start::text FROM pg_stat_get_activity(pg_backend_pid())) AS started
+"""
+# Whether a transaction is over. `pg_xact_status` answers for this server's history; the
+# backend (pid and start) says whether it can still be running it at all: on a promoted replica
+# or a restored cluster the same id may be another transaction's, or not yet exist.
+_TRANSACTION_STATUS = """
+    SELECT pg_xact_status($1::text::xid8) AS status,
+        EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2
+                AND backend_start = $3::text::timestamptz) AS alive
+"""
+_BACKEND_ALIVE = """
+    SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1
+                   AND backend_start = $2::text::timestamptz)
+"""
+# Ends the backend only while it still runs that very transaction (same role: no superuser
+# needed); waits up to $4 ms for it to be gone.
+_END_TRANSACTION = """
+    SELECT pg_terminate_backend(pid, $4) FROM pg_stat_activity
+    WHERE pid = $1 AND backend_start = $2::text::timestamptz AND backend_xid::text = $3
+"""
+# Deliveries in doubt found stored, each with the trust event it caused (the follow-up right
+# after it: `ledger.drafts.follow_up`).
+_FOUND_STORED = """
+    SELECT e.member_id, e.dedup_key, e.position, t.position AS trust_position,
+        t.payload AS trust_payload
+    FROM unnest($1::text[], $2::bytea[]) AS k(member_id, dedup_key)
+    JOIN ledger.events e USING (member_id, dedup_key)
+    LEFT JOIN ledger.events t ON t.position = e.position + 1
+        AND t.event_type = 'LEDGER.TRUST_CHANGED' AND t.origin <> 'bitrix24'
+        AND t.payload->>'cause_position' = e.position::text
+    ORDER BY e.position
 """
 _TRUST_EVENTS_SINCE = """
     SELECT position, payload FROM ledger.events
@@ -760,14 +799,15 @@ class EventStore:
     async def append_planned(
         self, drafts: Sequence[Draft], *, draining: bool = False,
         held: frozenset[int] = frozenset(),
-        under_lock: Callable[[], Awaitable[None]] | None = None,
+        under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
         committing: Callable[[], None] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
         (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`.
         `under_lock`: awaited once the events head is locked, before the batch is judged
-        (again if the batch is appended again on another connection); what it raises rolls
-        the transaction back and propagates. `committing`: called just before COMMIT is sent
+        (again if the batch is appended again on another connection), with the transaction's
+        identity (`Transaction`: one round trip more); what it raises rolls the transaction
+        back and propagates. `committing`: called just before COMMIT is sent
         (what it raises rolls back too) — from then on a lost connection leaves it unknown
         whether the batch committed. Only a batch that goes the long way with events
         locks the head: the caller passes these for batches that never go the one-statement
@@ -841,11 +881,13 @@ class EventStore:
         notify: bool,
         held: frozenset[int],
         lock_next: Callable[[], None] | None,
-        under_lock: Callable[[], Awaitable[None]] | None = None,
+        under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         async with _transaction(connection, begin, lock_next):
             if under_lock is not None and event_drafts:
-                await under_lock()
+                row = await connection.fetchrow(_TRANSACTION_OF)
+                assert row is not None
+                await under_lock(Transaction(int(row["xid"]), row["pid"], row["started"]))
             outcomes, effects, committed, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
         if learned is not None:
@@ -1056,6 +1098,60 @@ class EventStore:
         async with translated_errors("read trust events"), self._pool.acquire() as connection:
             rows = await connection.fetch(_TRUST_EVENTS_SINCE, position)
         return [(r["position"], orjson.loads(r["payload"])) for r in rows]
+
+    async def settle_transaction(
+        self, transaction: Transaction, keys: Sequence[tuple[str, bytes]], *,
+        end_wait_ms: int = 0,
+    ) -> list[FoundStored] | None:
+        """Whether a transaction whose outcome is in doubt (`ledger.offline`) is over, and
+        then which of these deliveries are stored: the ones it (or anything else) committed.
+        None while it may still commit. `end_wait_ms` > 0: a transaction still running is ended
+        first (`pg_terminate_backend`, waiting up to that long for its backend to go) — a
+        COMMIT stalled for good must not keep its portals in doubt.
+
+        The keys decide what was committed, not the transaction's status: a delivery found
+        stored is in PostgreSQL's trust, however it got there (a copy stored by another
+        worker counts the same), and the status may be another history's (a failover)."""
+        async with translated_errors("settle a transaction in doubt"), \
+                self._pool.acquire() as connection:
+            if not await self._transaction_over(connection, transaction):
+                if end_wait_ms <= 0:
+                    return None
+                await connection.fetchval(
+                    _END_TRANSACTION, transaction.pid, transaction.backend_start,
+                    str(transaction.xid & 0xFFFFFFFF), end_wait_ms)
+                if not await self._transaction_over(connection, transaction):
+                    return None
+            rows = await connection.fetch(
+                _FOUND_STORED, [m for m, _ in keys], [k for _, k in keys])
+            found = [(r, orjson.loads(r["trust_payload"])
+                      if r["trust_payload"] is not None else None) for r in rows]
+            under: dict[int, bytes] = {}
+            if found:
+                accepted = await connection.fetch(
+                    _ACCEPTED_UNDER, [r["member_id"] for r, _ in found],
+                    [r["position"] for r, _ in found])
+                for row in accepted:
+                    digest = token_accepted_under(effect_of(orjson.loads(row["payload"])))
+                    if digest is not None:
+                        under[row["position"]] = digest
+        return [FoundStored(r["member_id"], bytes(r["dedup_key"]), r["position"],
+                            r["trust_position"], payload, under.get(r["position"]))
+                for r, payload in found]
+
+    @staticmethod
+    async def _transaction_over(connection: Connection, transaction: Transaction) -> bool:
+        """Over: committed or aborted, or its backend is gone (a backend that is not running
+        cannot be running a transaction, whatever an id of another history says)."""
+        try:
+            row = await connection.fetchrow(
+                _TRANSACTION_STATUS, str(transaction.xid), transaction.pid,
+                transaction.backend_start)
+        except asyncpg.PostgresError:  # an id in this server's future: another history
+            return not await connection.fetchval(
+                _BACKEND_ALIVE, transaction.pid, transaction.backend_start)
+        assert row is not None
+        return row["status"] != "in progress" or not row["alive"]
 
     # ---- reads -------------------------------------------------------------------------
 
