@@ -48,11 +48,15 @@ spools behind them), never ahead of them by PostgreSQL's trust. An online append
 uninstalls holds the journal from its head lock until it has shared what it committed
 (`JournalTurn`): offline judgement by another worker never falls between its COMMIT and its
 share, and an entry spooled after its early check is still seen, under the lock. Such an append
-given up on (the append timeout) or cut off while its COMMIT was in flight may have committed
-or not: its worker keeps the journal locked until the batch is spooled, and records its portals
-*in doubt* there; offline every worker answers their installs and uninstalls 503
-(LifecycleInDoubt) until that worker has drained the batch (`Doubt`). One given up on before
-its COMMIT is stopped there (rolled back).
+given up on (the append timeout), cut off or killed while its COMMIT was in flight may have
+committed or not. Before its COMMIT it writes its intent (`_intend`: its deliveries and its
+transaction — id, backend pid and start), resolved by its share; given up on, its worker keeps
+the journal locked until the batch is spooled, which records its portals *in doubt* (`Doubt`).
+Offline every worker answers their installs and uninstalls 503 (LifecycleInDoubt) — every
+delivery of theirs, when nothing spooled stands for the doubtful ones — until the doubt is
+settled: by that worker's drain, or by any worker that reaches PostgreSQL (`settle_doubts`: the
+transaction over, or ended, what it committed is what PostgreSQL holds of its deliveries). One
+given up on before its COMMIT is stopped there (rolled back; its spool resolves the intent).
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
 refusal. The snapshot only ever holds what PostgreSQL held.
@@ -362,7 +366,9 @@ class OfflineTrust:
         return keys
 
     def _resolve(self, handle: IO[bytes], keys: list[list[str]]) -> None:
-        _append(handle, [{"resolved": keys, "worker": self._worker}])
+        """Not fsync'd: lost in a crash of the machine, the intent is a doubt a worker settles
+        (a lifecycle append that committed nothing new — duplicates — costs no fsync here)."""
+        _append(handle, [{"resolved": keys, "worker": self._worker}], durable=False)
 
     def _open_exclusive(self) -> IO[bytes]:
         handle = self._open_journal()
@@ -614,6 +620,10 @@ class OfflineTrust:
     async def doubted(self) -> frozenset[str]:
         """Portals in doubt (any worker's), cached as `unsettled_elsewhere` is."""
         await self.unsettled_elsewhere()
+        return self.last_doubted()
+
+    def last_doubted(self) -> frozenset[str]:
+        """`doubted` as of the last `unsettled_elsewhere` (no journal: none)."""
         return self._doubted if self._elsewhere_key is not None else frozenset()
 
     def _read_elsewhere(self) -> tuple[frozenset[str], frozenset[str]]:
@@ -1016,10 +1026,10 @@ def _read(handle: IO[bytes]) -> _Journal:
     return journal
 
 
-def _append(handle: IO[bytes], lines: list[dict[str, Any]]) -> None:
-    """Append whole lines, fsync'd; a write that fails part-way is cut back off, and a torn
-    tail left by a crash is cut off before anything is appended after it (else the next,
-    acknowledged line would be glued to it and unreadable)."""
+def _append(handle: IO[bytes], lines: list[dict[str, Any]], *, durable: bool = True) -> None:
+    """Append whole lines, fsync'd (unless not `durable`); a write that fails part-way is cut
+    back off, and a torn tail left by a crash is cut off before anything is appended after it
+    (else the next, acknowledged line would be glued to it and unreadable)."""
     if not lines:
         return
     end = handle.seek(0, os.SEEK_END)
@@ -1034,7 +1044,8 @@ def _append(handle: IO[bytes], lines: list[dict[str, Any]]) -> None:
     try:
         handle.write(b"".join(orjson.dumps(line) + b"\n" for line in lines))
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     except OSError:
         with contextlib.suppress(OSError):
             handle.truncate(end)
@@ -1303,14 +1314,19 @@ class Appender:
         later (refused token_replacement_refused, and everything under its token with it:
         bench.churn, 150 genuine deliveries never stored in one run)."""
         elsewhere = await self._offline.unsettled_elsewhere()
-        doubted = await self._offline.doubted()
+        doubted = self._offline.last_doubted()
         if not elsewhere and not doubted:
             return
         portals = frozenset(d.member_id for d in drafts if isinstance(d, EventDraft))
         if portals & doubted:
             # in doubt: this worker reaches PostgreSQL, so it settles the doubt first (any
             # worker's) — spooled behind it, the portal's installs and uninstalls were 503
-            doubted = await self._offline.settle_doubts(self._store, portals & doubted)
+            try:
+                doubted = await self._offline.settle_doubts(self._store, portals & doubted)
+            except DatabaseUnavailable:
+                raise  # the committer spools the batch
+            except LedgerError:  # not the deliveries' fault: they spool behind the doubt
+                log.exception("a lifecycle doubt could not be settled")
             elsewhere = await self._offline.unsettled_elsewhere()
         if portals & (elsewhere | doubted):
             # a head lock this worker took ahead would hold up that worker's drain

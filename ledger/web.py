@@ -469,9 +469,14 @@ async def _refresh_trust(offline: OfflineTrust, store: EventStore, every: float)
         await asyncio.sleep(every)
         try:
             await offline.refresh(store)
-            await offline.settle_doubts(store)
         except LedgerError:
             continue  # PostgreSQL away: the state stays as last known
+        try:
+            await offline.settle_doubts(store)
+        except DatabaseUnavailable:
+            continue
+        except LedgerError:  # PostgreSQL refused a statement: tried again next time
+            log.exception("a lifecycle doubt could not be settled")
 
 
 async def _handoff_ctx(app: web.Application) -> AsyncIterator[None]:

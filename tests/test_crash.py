@@ -27,10 +27,10 @@ Admin: TypeAlias = "asyncpg.Connection[Any]"
 
 
 async def start_server(
-    database: Database, port: int, directory: Path
+    database: Database, port: int, directory: Path, extra: dict[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     env = {**os.environ, "LEDGER_DATABASE_URL": database.service_dsn,
-           "LEDGER_LOG_LEVEL": "WARNING", "LEDGER_DATA_DIR": str(directory)}
+           "LEDGER_LOG_LEVEL": "WARNING", "LEDGER_DATA_DIR": str(directory), **(extra or {})}
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ledger", "serve", "--port", str(port), env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,

@@ -15,19 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import aiohttp
 import asyncpg
 import pytest
 
-from ledger.errors import SpoolUnwritable
+from ledger.errors import LifecycleInDoubt, SpoolUnwritable
+from ledger.models import Refusal
 from ledger.offline import _read
-from ledger.settings import Settings
+from ledger.operations import change_trust
+from ledger.settings import Settings, TrustPolicy
 from ledger.spool import Spool
-from tests.conftest import ClientFactory, sample
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustChange
+from tests.conftest import FORM, MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import eventually
-from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
+from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal
+from tests.servers import free_port
+from tests.test_crash import reaper, start_server  # noqa: F401 - reaper: a fixture
+from tests.test_offline_failover import _draft, _Worker
 from tests.test_offline_turn import commits_stalled, committing, stored_uninstall
 from tests.test_trust_outage import known_everywhere, refused, reinstall, spooled, stored_types
 
@@ -110,7 +119,8 @@ async def test_a_doubt_whose_worker_no_longer_runs_is_settled_by_another(
         for _ in range(3):
             await refused(cut_off, reinstall(), 503, "lifecycle_in_doubt")
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "in doubt" in errors[0].getMessage(), errors
+    assert len(errors) == 1, errors
+    assert "in doubt" in errors[0].getMessage()
 
     online: Client = await make_client(
         settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=1,
@@ -163,3 +173,51 @@ async def test_a_doubt_outlives_a_spool_that_refused_its_batch(
     await relay.start()
     await drained(cut_off)
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_a_doubt_outlives_a_worker_killed_mid_commit(
+    database: Database, admin: Admin, settings: Settings, tmp_path: Path,
+    reaper: list[asyncio.subprocess.Process],  # noqa: F811 - the fixture imported above
+) -> None:
+    """`kill -9` of a worker whose uninstall's COMMIT is in flight: nothing spooled, nothing
+    in the journal — another worker, offline, judged the portal without the uninstall its
+    COMMIT then landed (the backend outlives its client). The intent written before the COMMIT
+    is the doubt; once PostgreSQL answers (the COMMIT landed), it is settled and shared."""
+    port = free_port()
+    server = await start_server(database, port, tmp_path, {
+        "LEDGER_APPEND_TIMEOUT_SECONDS": "60", "LEDGER_TRUST_REFRESH_SECONDS": "3600"})
+    reaper.append(server)
+    url = f"http://127.0.0.1:{port}/bitrix24/events"
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+        await change_trust(store, TrustChange.ALLOWED, member_id=MEMBER_ID, actor="test")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, data=sample("onappinstall-1"),
+                                    headers={"Content-Type": FORM}) as response:
+                assert response.status == 200
+
+            async def uninstall() -> None:
+                async with session.post(url, data=sample("onappuninstall-1"),
+                                        headers={"Content-Type": FORM}):
+                    pass
+
+            async with commits_stalled(admin):
+                uninstalling = asyncio.create_task(uninstall())
+                await eventually(lambda: committing(admin))
+                server.send_signal(signal.SIGKILL)
+                await server.wait()
+                with pytest.raises(aiohttp.ClientError):
+                    await uninstalling
+                other = _Worker(pool, tmp_path / "spool" / "trust", number=1)
+                await other.offline.start(store)
+                joining = [_draft(settings, sample("onimbotjoinchat-1"))]
+                (answer,), _ = await asyncio.to_thread(other.offline_answers, joining)
+                assert isinstance(answer, LifecycleInDoubt), answer
+        await eventually(lambda: stored_uninstall(admin))  # landed after its worker died
+        assert await other.offline.settle_doubts(store) == frozenset()
+        (answer,), _ = await asyncio.to_thread(other.offline_answers, joining)
+        assert isinstance(answer, Refusal), answer
+        assert answer.code == "portal_uninstalled"
+    finally:
+        await pool.close()
