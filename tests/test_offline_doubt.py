@@ -212,12 +212,12 @@ async def test_a_doubt_outlives_a_worker_killed_mid_commit(
                 other = _Worker(pool, tmp_path / "spool" / "trust", number=1)
                 await other.offline.start(store)
                 joining = [_draft(settings, sample("onimbotjoinchat-1"))]
-                (answer,), _ = await asyncio.to_thread(other.offline_answers, joining)
-                assert isinstance(answer, LifecycleInDoubt), answer
+                answers, _ = await asyncio.to_thread(other.offline_answers, joining)
+                assert isinstance(answers[0], LifecycleInDoubt), answers
         await eventually(lambda: stored_uninstall(admin))  # landed after its worker died
         assert await other.offline.settle_doubts(store) == frozenset()
-        (answer,), _ = await asyncio.to_thread(other.offline_answers, joining)
-        assert isinstance(answer, Refusal), answer
-        assert answer.code == "portal_uninstalled"
+        answers, _ = await asyncio.to_thread(other.offline_answers, joining)
+        assert isinstance(answers[0], Refusal), answers
+        assert answers[0].code == "portal_uninstalled"
     finally:
         await pool.close()
