@@ -546,8 +546,10 @@ class OfflineTrust:
         if in_doubt:
             log.warning("an append of %d lifecycle deliveries may have committed (given up "
                         "on, or cut off mid-COMMIT): installs and uninstalls of portal(s) %s "
-                        "answered 503 offline until they are drained",
-                        len(in_doubt), ", ".join(sorted({m for m, _ in in_doubt})))
+                        "answered 503 offline until the doubt is settled (drained, or by any "
+                        "worker that reaches PostgreSQL)",
+                        len({tuple(k) for k in in_doubt}),
+                        ", ".join(sorted({m for m, _ in in_doubt})))
             line: dict[str, Any] = {"doubt": in_doubt, "worker": self._worker, "at": time.time()}
             if transaction is not None:
                 line["txn"] = transaction.as_json()
