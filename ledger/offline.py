@@ -216,6 +216,8 @@ class OfflineTrust:
         self._verified: tuple[int, bytes] | None = None
         # portals in doubt as of the journal's stat (`doubted`), cached as `_elsewhere` is
         self._doubted: frozenset[str] = frozenset()
+        # monotonic time `settle_doubts` last left a doubt unsettled
+        self._settle_tried = -float("inf")
         # per portal answered 503 lifecycle_in_doubt: the doubt, when it was last logged, and
         # how many answers since (`_report_doubt`); only portals in doubt (bounded)
         self._reported: dict[str, tuple[frozenset[tuple[int, str, Transaction | None]], float,
@@ -635,8 +637,8 @@ class OfflineTrust:
                          if e.worker != self._worker and e.seq not in journal.settled
                          ), journal.doubted()
 
-    async def settle_doubts(self, store: EventStore,
-                            portals: frozenset[str] | None = None) -> frozenset[str]:
+    async def settle_doubts(self, store: EventStore, portals: frozenset[str] | None = None,
+                            *, unless_tried_within: float = 0.0) -> frozenset[str]:
         """Settle every doubt (of `portals`, or all) PostgreSQL can answer now, whichever
         worker recorded it — a worker that is gone, whose drain failed or whose spool record
         was set aside, or that is cut off itself; answers the portals still in doubt. Raises
@@ -651,12 +653,18 @@ class OfflineTrust:
         anything was spooled; not found, their spooled entries stand as any spooled lifecycle
         entry does (judged again on drain, by a PostgreSQL that never held them). Either way
         the portals are judged offline again, by every worker. A doubt recorded without its
-        transaction (by an older version) is settled only by its worker's drain."""
+        transaction (by an older version) is settled only by its worker's drain.
+        `unless_tried_within`: seconds — a doubt that could not be settled is not tried again
+        sooner (the committer asks for every batch of a doubted portal: it must not wait on a
+        transaction that will not end, batch after batch)."""
         doubted = await self.doubted()
         if portals is not None:
             doubted &= portals
         if not doubted:
             return frozenset()
+        now = time.monotonic()
+        if now - self._settle_tried < unless_tried_within:
+            return doubted
         journal = await asyncio.to_thread(self._read_shared)
         groups: dict[tuple[int, Transaction], list[tuple[str, str]]] = {}
         for (worker, member_id, cause), transaction in journal.doubts.items():
@@ -671,7 +679,9 @@ class OfflineTrust:
         if settled:
             await asyncio.to_thread(self._write_settled, settled)
         self._elsewhere_key = None  # the journal changed (or may have): read it next time
-        return await self.doubted() & doubted
+        remaining = await self.doubted() & doubted
+        self._settle_tried = now if remaining else -float("inf")
+        return remaining
 
     def _read_shared(self) -> _Journal:
         with self._locked(fcntl.LOCK_SH) as handle:
@@ -1324,7 +1334,8 @@ class Appender:
             # in doubt: this worker reaches PostgreSQL, so it settles the doubt first (any
             # worker's) — spooled behind it, the portal's installs and uninstalls were 503
             try:
-                doubted = await self._offline.settle_doubts(self._store, portals & doubted)
+                doubted = await self._offline.settle_doubts(
+                    self._store, portals & doubted, unless_tried_within=1.0)
             except DatabaseUnavailable:
                 raise  # the committer spools the batch
             except LedgerError:  # not the deliveries' fault: they spool behind the doubt
