@@ -554,14 +554,9 @@ class ProjectionStore:
 
     async def rows(self, table: str, **where: Any) -> list[Row]:
         """Rows of one projection table, in key order, filtered by equality on columns."""
-        clauses, args = [], []
-        for column, value in where.items():
-            if value is None:
-                continue
-            if column not in COLUMNS[table]:
-                raise ValueError(f"projections.{table} has no column {column}")
-            args.append(value)
-            clauses.append(f"{column} = ${len(args)}")
+        clauses: list[str] = []
+        args: list[Any] = []
+        _equal(table, where, clauses, args)
         condition = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         async with translated_errors(f"read {table}"), self._pool.acquire() as connection:
             records = await connection.fetch(_select(table, condition), *args)
@@ -578,13 +573,7 @@ class ProjectionStore:
         `_condition_args` numbered from $1)."""
         clauses = list(_conditions)
         args = list(_condition_args)
-        for column, value in (where or {}).items():
-            if value is None:
-                continue
-            if column not in COLUMNS[table]:
-                raise ValueError(f"projections.{table} has no column {column}")
-            args.append(value)
-            clauses.append(f"{column} = ${len(args)}")
+        _equal(table, where or {}, clauses, args)
         key = KEYS[table]
         if after is not None:
             if len(after) != len(key):
@@ -633,3 +622,15 @@ class ProjectionStore:
                 "WHERE position = ANY($1::bigint[])", list(positions),
             )
         return {int(r["position"]): list(r["notes"]) for r in records}
+
+
+def _equal(table: str, where: Mapping[str, Any], clauses: list[str], args: list[Any]) -> None:
+    """Equality filters on known columns (None: any), numbered after the arguments so far —
+    column names never come from a request."""
+    for column, value in where.items():
+        if value is None:
+            continue
+        if column not in COLUMNS[table]:
+            raise ValueError(f"projections.{table} has no column {column}")
+        args.append(value)
+        clauses.append(f"{column} = ${len(args)}")
