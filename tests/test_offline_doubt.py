@@ -37,7 +37,12 @@ from tests.helpers import Client, allow_sample_portal, drained, install_sample_p
 from tests.servers import free_port
 from tests.test_crash import reaper, start_server  # noqa: F401 - reaper: a fixture
 from tests.test_offline_failover import _draft, _Worker
-from tests.test_offline_turn import commits_stalled, committing, stored_uninstall
+from tests.test_offline_turn import (
+    commits_stalled,
+    committing,
+    stored_uninstall,
+    uninstall_landed_after_cut,
+)
 from tests.test_trust_outage import known_everywhere, refused, reinstall, spooled, stored_types
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -108,10 +113,7 @@ async def test_a_doubt_whose_worker_no_longer_runs_is_settled_by_another(
     await allow_sample_portal(stopping)
     await known_everywhere(stopping, cut_off)
 
-    async with commits_stalled(admin):
-        await spooled(stopping, sample("onappuninstall-1"))  # given up on mid-COMMIT
-        await relay.cut()
-    await eventually(lambda: stored_uninstall(admin))  # the COMMIT landed after all
+    await uninstall_landed_after_cut(stopping, relay, admin)
     await stopping.close()
 
     caplog.clear()

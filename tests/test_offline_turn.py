@@ -442,10 +442,7 @@ async def test_a_worker_that_reaches_postgresql_settles_a_doubt_and_judges_the_p
     await allow_sample_portal(online)
     await known_everywhere(online, cut_off)
 
-    async with commits_stalled(admin):
-        await spooled(cut_off, sample("onappuninstall-1"))  # given up on mid-COMMIT
-        await relay.cut()
-    await eventually(lambda: stored_uninstall(admin))  # the COMMIT landed after all
+    await uninstall_landed_after_cut(cut_off, relay, admin)
     status, answer = await post(online, reinstall())
     assert (status, answer.get("status")) == (200, "stored"), answer
     await relay.start()
@@ -455,3 +452,12 @@ async def test_a_worker_that_reaches_postgresql_settles_a_doubt_and_judges_the_p
 
 async def stored_uninstall(admin: Admin) -> bool:
     return "ONAPPUNINSTALL" in await stored_types(admin)
+
+
+async def uninstall_landed_after_cut(client: Client, relay: Any, admin: Admin) -> None:
+    """The sample portal's uninstall given up on mid-COMMIT at `client`, PostgreSQL then cut
+    off from it — and the COMMIT landed after all: a doubt whose answer is "committed"."""
+    async with commits_stalled(admin):
+        await spooled(client, sample("onappuninstall-1"))
+        await relay.cut()
+    await eventually(lambda: stored_uninstall(admin))
