@@ -160,3 +160,36 @@ async def test_the_cli_and_exports_go_page_by_page(
     exported = await cli(database, "export", "deletions", "--format", "csv")
     assert exported.exit_code == 0
     assert len(exported.stdout.splitlines()) == 1 + len(deletions)
+
+
+async def test_a_listing_read_page_by_page_is_one_moment(
+    history: Client, database: Database,  # noqa: F811
+) -> None:
+    """`ledger export bots|deletions` of a large registry is many pages: read each in its own
+    statement, a projector commit between two pages made one export file mix two moments
+    (rows gone or changed half-way). All pages of one listing are read in one snapshot."""
+    from ledger.storage.projection_store import ProjectionStore
+    from ledger.storage.store import close_pool, create_pool
+
+    pool = await create_pool(database.service_dsn, size=2)
+    admin = await asyncpg.connect(database.admin_dsn)
+    try:
+        store = ProjectionStore(pool)
+        everything = [b async for page in readers.bot_pages(store, None) for b in page]
+        assert len(everything) >= 2
+        deletions = [d async for page in readers.deletion_pages(
+            store, None, readers.DeletionFilter()) for d in page]
+        assert deletions
+        listing = readers.bot_pages(store, None, limit=1)
+        timeline = readers.deletion_pages(store, None, readers.DeletionFilter(), limit=1)
+        first, first_deletion = await anext(listing), await anext(timeline)
+        # the projector's next commit, as far as a reader can tell: rows gone and changed
+        await admin.execute("DELETE FROM projections.bots")
+        await admin.execute("DELETE FROM projections.deletions")
+        rest = [b async for page in listing for b in page]
+        rest_deletions = [d async for page in timeline for d in page]
+        assert first + rest == everything
+        assert first_deletion + rest_deletions == deletions
+    finally:
+        await admin.close()
+        await close_pool(pool)

@@ -121,14 +121,16 @@ async def bot_pages(
         for page in _pages(chosen, lambda b: b.key, after, limit):
             yield page
         return
-    while True:
-        found = [rows.bot(r) for r in await projections.page(
-            "bots", after=after, limit=limit, where={"member_id": member_id, "status": status})]
-        if found:
-            yield found
-        if len(found) < limit:
-            return
-        after = found[-1].key
+    async with projections.snapshot(REGISTRY) as view:  # every page of one moment
+        while True:
+            found = [rows.bot(r) for r in await view.page(
+                "bots", after=after, limit=limit,
+                where={"member_id": member_id, "status": status})]
+            if found:
+                yield found
+            if len(found) < limit:
+                return
+            after = found[-1].key
 
 
 async def deletion_pages(
@@ -148,18 +150,19 @@ async def deletion_pages(
         for page in _pages(chosen, lambda d: d.key, after, limit):
             yield page
         return
-    while True:
-        found = [rows.deletion(r) for r in await projections.deletion_page(
-            after=after, limit=limit, member_id=where.member_id,
-            occurred_from=where.occurred_from, occurred_to=where.occurred_to,
-            actor_user_id=where.actor_user_id, cause=where.cause,
-            anomalies_only=where.anomalies_only,
-        )]
-        if found:
-            yield found
-        if len(found) < limit:
-            return
-        after = found[-1].key
+    async with projections.snapshot(REGISTRY) as view:  # every page of one moment
+        while True:
+            found = [rows.deletion(r) for r in await view.deletion_page(
+                after=after, limit=limit, member_id=where.member_id,
+                occurred_from=where.occurred_from, occurred_to=where.occurred_to,
+                actor_user_id=where.actor_user_id, cause=where.cause,
+                anomalies_only=where.anomalies_only,
+            )]
+            if found:
+                yield found
+            if len(found) < limit:
+                return
+            after = found[-1].key
 
 
 T = TypeVar("T")

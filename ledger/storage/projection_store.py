@@ -359,7 +359,8 @@ class ProjectionBatch:
 
 class ProjectionSnapshot:
     """One read-only, repeatable-read view of the store and the projections together (for
-    `ledger verify --projections`): what it reads was all committed at one instant."""
+    `ledger verify --projections`, and listings read a page at a time): what it reads was all
+    committed at one instant."""
 
     def __init__(self, connection: Connection, name: str) -> None:
         self._connection = connection
@@ -377,6 +378,17 @@ class ProjectionSnapshot:
         return int(await self._connection.fetchval(
             "SELECT position FROM ledger.stream_heads WHERE stream = 'events'"
         ))
+
+    async def page(
+        self, table: str, *, after: tuple[Any, ...] | None, limit: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[Row]:
+        """`ProjectionStore.page`, in this view: a listing read a page at a time is one set,
+        not rows of several moments (the projector commits between pages)."""
+        return await _page(self._connection, table, after, limit, where or {})
+
+    async def deletion_page(self, **filters: Any) -> list[Row]:
+        return await _deletion_page(self._connection, **filters)
 
     async def event_hash(self, position: int) -> bytes:
         value = await self._connection.fetchval(
@@ -565,55 +577,17 @@ class ProjectionStore:
     async def page(
         self, table: str, *, after: tuple[Any, ...] | None, limit: int,
         where: Mapping[str, Any] | None = None,
-        _conditions: Sequence[str] = (), _condition_args: Sequence[Any] = (),
     ) -> list[Row]:
         """At most `limit` rows of a projection table in key order, after the key `after`
         (a keyset page: one index range, however large the table), filtered by equality on
-        columns (None: any) and by `_conditions` (this module's own SQL, over
-        `_condition_args` numbered from $1)."""
-        clauses = list(_conditions)
-        args = list(_condition_args)
-        _equal(table, where or {}, clauses, args)
-        key = KEYS[table]
-        if after is not None:
-            if len(after) != len(key):
-                raise ValueError(f"projections.{table} is keyed by {', '.join(key)}")
-            marks = []
-            for value in after:
-                args.append(value)
-                marks.append(f"${len(args)}")
-            clauses.append(f"({', '.join(key)}) > ({', '.join(marks)})")
-        args.append(limit)
-        condition = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        sql = _select(table, condition) + f" LIMIT ${len(args)}"
+        columns (None: any). Pages meant to be one set are read in one `snapshot`."""
         async with translated_errors(f"read {table}"), self._pool.acquire() as connection:
-            records = await connection.fetch(sql, *args)
-        return [_plain(r) for r in records]
+            return await _page(connection, table, after, limit, where or {})
 
-    async def deletion_page(
-        self, *, after: tuple[int, int] | None, limit: int, member_id: str | None = None,
-        occurred_from: datetime | None = None, occurred_to: datetime | None = None,
-        actor_user_id: str | None = None, cause: str | None = None,
-        anomalies_only: bool = False,
-    ) -> list[Row]:
-        """A keyset page of the deletion timeline (position, bot_id), filtered as the read
-        API's `DeletionFilter` filters the folded rows: by Bitrix24 time, else received time."""
-        conditions: list[str] = []
-        args: list[Any] = []
-        for clause, value in (
-            ("coalesce(occurred_at, received_at) >= ${}", occurred_from),
-            ("coalesce(occurred_at, received_at) < ${}", occurred_to),
-        ):
-            if value is not None:
-                args.append(value)
-                conditions.append(clause.format(len(args)))
-        if anomalies_only:
-            conditions.append("(never_seen OR repeated OR activity_after_deletion)")
-        return await self.page(
-            "deletions", after=after, limit=limit,
-            where={"member_id": member_id, "actor_user_id": actor_user_id, "cause": cause},
-            _conditions=conditions, _condition_args=args,
-        )
+    async def deletion_page(self, **filters: Any) -> list[Row]:
+        """A keyset page of the deletion timeline (`_deletion_page`)."""
+        async with translated_errors("read deletions"), self._pool.acquire() as connection:
+            return await _deletion_page(connection, **filters)
 
     async def anomalies_at(self, positions: Sequence[int]) -> dict[int, list[str]]:
         async with translated_errors("read anomalies"), self._pool.acquire() as connection:
@@ -634,3 +608,51 @@ def _equal(table: str, where: Mapping[str, Any], clauses: list[str], args: list[
             raise ValueError(f"projections.{table} has no column {column}")
         args.append(value)
         clauses.append(f"{column} = ${len(args)}")
+
+
+async def _page(
+    connection: Connection, table: str, after: tuple[Any, ...] | None, limit: int,
+    where: Mapping[str, Any], conditions: Sequence[str] = (), condition_args: Sequence[Any] = (),
+) -> list[Row]:
+    """A keyset page (`ProjectionStore.page`); `conditions`: this module's own SQL, over
+    `condition_args` numbered from $1."""
+    clauses = list(conditions)
+    args = list(condition_args)
+    _equal(table, where, clauses, args)
+    key = KEYS[table]
+    if after is not None:
+        if len(after) != len(key):
+            raise ValueError(f"projections.{table} is keyed by {', '.join(key)}")
+        marks = []
+        for value in after:
+            args.append(value)
+            marks.append(f"${len(args)}")
+        clauses.append(f"({', '.join(key)}) > ({', '.join(marks)})")
+    args.append(limit)
+    condition = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+    records = await connection.fetch(_select(table, condition) + f" LIMIT ${len(args)}", *args)
+    return [_plain(r) for r in records]
+
+
+async def _deletion_page(
+    connection: Connection, *, after: tuple[int, int] | None, limit: int,
+    member_id: str | None = None, occurred_from: datetime | None = None,
+    occurred_to: datetime | None = None, actor_user_id: str | None = None,
+    cause: str | None = None, anomalies_only: bool = False,
+) -> list[Row]:
+    """A keyset page of the deletion timeline (position, bot_id), filtered as the read API's
+    `DeletionFilter` filters the folded rows: by Bitrix24 time, else received time."""
+    conditions: list[str] = []
+    args: list[Any] = []
+    for clause, value in (
+        ("coalesce(occurred_at, received_at) >= ${}", occurred_from),
+        ("coalesce(occurred_at, received_at) < ${}", occurred_to),
+    ):
+        if value is not None:
+            args.append(value)
+            conditions.append(clause.format(len(args)))
+    if anomalies_only:
+        conditions.append("(never_seen OR repeated OR activity_after_deletion)")
+    return await _page(connection, "deletions", after, limit,
+                       {"member_id": member_id, "actor_user_id": actor_user_id, "cause": cause},
+                       conditions, args)
