@@ -200,24 +200,27 @@ def _limit(request: web.Request) -> int:
 
 def _bot_cursor(request: web.Request) -> tuple[str, int] | None:
     """`after=MEMBER_ID:BOT_ID`: the key of the last bot of the page before."""
-    value = request.query.get("after")
-    if value is None:
-        return None
-    member_id, sep, bot_id = value.rpartition(":")
-    if not sep:
-        raise BadQuery("`after` is the `next` link's cursor: MEMBER_ID:BOT_ID")
-    return _text_value("after", member_id), _integer("after", bot_id)
+    parts = _cursor(request, "MEMBER_ID:BOT_ID")
+    return None if parts is None else (_text_value("after", parts[0]),
+                                       _integer("after", parts[1]))
 
 
 def _deletion_cursor(request: web.Request) -> tuple[int, int] | None:
     """`after=POSITION:BOT_ID`: the key of the last deletion of the page before."""
+    parts = _cursor(request, "POSITION:BOT_ID")
+    return None if parts is None else (_integer("after", parts[0]),
+                                       _integer("after", parts[1]))
+
+
+def _cursor(request: web.Request, shape: str) -> tuple[str, str] | None:
+    """The `after` cursor's two parts, split at its last colon (a bot id has none)."""
     value = request.query.get("after")
     if value is None:
         return None
-    position, sep, bot_id = value.partition(":")
+    first, sep, bot_id = value.rpartition(":")
     if not sep:
-        raise BadQuery("`after` is the `next` link's cursor: POSITION:BOT_ID")
-    return _integer("after", position), _integer("after", bot_id)
+        raise BadQuery(f"`after` is the `next` link's cursor: {shape}")
+    return first, bot_id
 
 
 def _paged(request: web.Request, body: Any, more: tuple[str | int, int] | None) -> web.Response:
