@@ -17,6 +17,7 @@ from ledger import display
 from ledger.cli.common import one_line
 from ledger.settings import Settings
 from ledger.storage import target as targets
+from ledger.storage.store import OutageLogLine
 
 
 def describe_failure(exc: BaseException, *, port: int | None = None) -> str:
@@ -84,8 +85,12 @@ def configure_logging(settings: Settings, *, debug: bool, command: str | None) -
         logger.handlers.clear()
         logger.propagate = True
         logger.setLevel(logging.NOTSET)
+    pool_log = logging.getLogger("asyncpg.pool")
+    for old in [f for f in pool_log.filters if isinstance(f, OutageLogLine)]:
+        pool_log.removeFilter(old)
     if level <= logging.DEBUG:
-        return
+        return  # tracebacks too
+    pool_log.addFilter(OutageLogLine())
     chatter = _ChatterLog(settings.data_dir.expanduser() / "embedded.log") \
         if settings.embedded else None
     for name in _THIRD_PARTY:

@@ -364,6 +364,23 @@ def _unavailable(exc: BaseException) -> bool:
     )
 
 
+class OutageLogLine(logging.Filter):
+    """For the `asyncpg.pool` logger. The pool logs every failed attempt to restore its
+    connection floor with a traceback: during an outage that is a screenful every second or
+    two per pool, which reads like a crash. A failure because PostgreSQL is unavailable becomes
+    one line that says so; any other failure keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _unavailable(exc):
+            record.msg = (f"{record.getMessage()} (PostgreSQL unavailable: "
+                          f"{type(exc).__name__}: {exc})")
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _cancelled_meanwhile(exc: BaseException) -> None:
     """A driver error raised while the task was being cancelled (a rollback on a connection
     whose query the cancellation interrupted) stays a cancellation: translated, it would be an
