@@ -71,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import threading
@@ -132,6 +133,12 @@ _COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet 
 _END_WAIT_MS = 500
 # repeated 503 lifecycle_in_doubt answers for one portal: one WARNING line this often at most
 _DOUBT_REPEAT_LOG_SECONDS = 10.0
+# no line this version writes is longer (an intent: a batch's keys, ~200 bytes each); a longer
+# one is not parsed (`_read`)
+_MAX_LINE_BYTES = 1 << 20
+# bad journal lines already logged by this process (`_passed_over`), by their digest
+_REPORTED_LINES: set[bytes] = set()
+_REPORTED_LINES_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,7 @@ class _Journal:
     # went back from (a worker found it: `OfflineTrust.refresh`): their settlements and shared
     # dedup facts are not the database's — only what a refresh reads from it counts
     rewound: int = 0
+    lines: int = 0  # lines read (`_compact`: a journal of one line has nothing to empty)
     # lifecycle deliveries whose online append may have committed unseen (its intent before
     # the COMMIT, then given up on, cut off mid-COMMIT, or its worker killed there), not yet
     # settled: (worker, member_id, cause) -> the transaction (None: recorded without it) —
@@ -842,8 +850,10 @@ class OfflineTrust:
     # ---- files -------------------------------------------------------------------------
 
     def _open_journal(self) -> IO[bytes]:
-        descriptor = os.open(self._journal_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(descriptor, "r+b")
+        # opened by path (`opener`): the handle's name is the path, for `_read`'s log lines
+        return open(self._journal_path, "r+b",
+                    opener=lambda path, _: os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND,
+                                                   0o600))
 
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[IO[bytes]]:
@@ -857,10 +867,12 @@ class OfflineTrust:
     def _compact(self) -> None:
         """Empty the journal once everything in it is in PostgreSQL (and old enough for every
         worker to have refreshed past it) and every worker's spool drained; sequence numbers
-        continue where they were."""
+        continue where they were. Also one holding only resolved intents (`_intend`): every
+        append of installs or uninstalls writes two lines, also a forged install's refused
+        403 — kept until a trust entry came along, they grew it for good."""
         with self._locked(fcntl.LOCK_EX) as handle:
             journal = _read(handle)
-            if (not journal.entries or len(journal.settled) < len(journal.entries)
+            if (journal.lines <= 1 or len(journal.settled) < len(journal.entries)
                     or journal.doubts):
                 return
             if any(p is not None and p > self.base_position and seq >= journal.rewound
@@ -1001,41 +1013,112 @@ def _stored_of(record: dict[str, Any], member_id: str) -> Committed | None:
 
 
 def _read(handle: IO[bytes]) -> _Journal:
+    """The journal, line by line. A line that is not a record this version writes (the file
+    edited, the disk corrupting it, another version sharing the directory) is passed over —
+    logged once with what to do (`_passed_over`): read as a record, it raised past every
+    caller, and every delivery at every worker was answered 503 not_stored. A line after the
+    last newline is one a crash tore: its writer never acknowledged what it wrote (an intent
+    torn so never had its COMMIT sent), so it is passed over without a word."""
     handle.seek(0)
     journal = _Journal([], {}, 0.0, 0)
-    for line in handle.read().splitlines():
+    lines = handle.read().split(b"\n")
+    lines.pop()  # b"" after the last newline, or a line torn by a crash
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        journal.lines += 1
         try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # a line torn by a crash: its writer never acknowledged what it spooled
-        if "rewound" in record:
-            journal.rewound = max(journal.rewound, int(record["rewound"]))
-        elif "next_seq" in record:
-            journal.next_seq = max(journal.next_seq, int(record["next_seq"]))
-            journal.floor = max(journal.floor, int(record["next_seq"]))
-        elif "settled" in record:
-            journal.settled[int(record["settled"])] = record["position"]
-            journal.settled_at = max(journal.settled_at, float(record["at"]))
-        elif "doubt" in record:
-            # the intent (before the COMMIT) names the transaction; the spool's line after a
-            # give-up repeats the deliveries it spooled, with it too
-            transaction = Transaction.of_json(record.get("txn"))
-            for m, c in record["doubt"]:
-                key = (int(record["worker"]), str(m), str(c))
-                if transaction is not None or key not in journal.doubts:
-                    journal.doubts[key] = transaction
-        elif "resolved" in record:
-            for m, c in record["resolved"]:
-                journal.doubts.pop((int(record["worker"]), str(m), str(c)), None)
-        else:
-            effect = effect_of(record["effect"])
-            if effect is None:
-                continue
-            journal.entries.append(_Entry(int(record["seq"]), int(record["worker"]),
-                                          record["member_id"], record["cause"], effect,
-                                          _stored_of(record, record["member_id"])))
-            journal.next_seq = max(journal.next_seq, int(record["seq"]) + 1)
+            if len(line) > _MAX_LINE_BYTES:
+                raise ValueError(f"{len(line)} bytes: longer than any this version writes")
+            _read_record(journal, orjson.loads(line))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            _passed_over(handle, number, line, exc)
     return journal
+
+
+def _read_record(journal: _Journal, record: Any) -> None:
+    """One line into `journal`; raises (changing nothing) for a line of another shape."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a JSON {type(record).__name__}, not an object")
+    if "rewound" in record:
+        journal.rewound = max(journal.rewound, _integer(record["rewound"]))
+    elif "next_seq" in record:
+        next_seq = _integer(record["next_seq"])
+        journal.next_seq = max(journal.next_seq, next_seq)
+        journal.floor = max(journal.floor, next_seq)
+    elif "settled" in record:
+        seq, position = _integer(record["settled"]), record["position"]
+        at = float(record["at"])
+        if position is not None:
+            position = _integer(position)
+        journal.settled[seq] = position
+        journal.settled_at = max(journal.settled_at, at)
+    elif "doubt" in record:
+        # the intent (before the COMMIT) names the transaction; the spool's line after a
+        # give-up repeats the deliveries it spooled, with it too
+        transaction = Transaction.of_json(record.get("txn"))
+        worker, keys = _integer(record["worker"]), _keys(record["doubt"])
+        for m, c in keys:
+            key = (worker, m, c)
+            if transaction is not None or key not in journal.doubts:
+                journal.doubts[key] = transaction
+    elif "resolved" in record:
+        worker, keys = _integer(record["worker"]), _keys(record["resolved"])
+        for m, c in keys:
+            journal.doubts.pop((worker, m, c), None)
+    else:
+        payload, member_id, cause = record["effect"], record["member_id"], record["cause"]
+        if not isinstance(payload, dict) or not isinstance(member_id, str):
+            raise TypeError("not a journal entry")
+        _hex(cause)  # a dedup key, or "" (a shared commit)
+        effect = effect_of(payload)
+        if effect is None:
+            return
+        seq, worker = _integer(record["seq"]), _integer(record["worker"])
+        journal.entries.append(_Entry(seq, worker, member_id, cause, effect,
+                                      _stored_of(record, member_id)))
+        journal.next_seq = max(journal.next_seq, seq + 1)
+
+
+def _integer(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _keys(value: Any) -> list[tuple[str, str]]:
+    """A doubt's or a resolution's deliveries: [member_id, dedup key (hex)] pairs."""
+    keys = [(m, c) for m, c in value]
+    for m, c in keys:
+        if not isinstance(m, str) or not _hex(c):
+            raise TypeError("not [member_id, dedup key] pairs")
+    return keys
+
+
+def _hex(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not hex")
+    bytes.fromhex(value)  # ValueError if not
+    return value
+
+
+def _passed_over(handle: IO[bytes], number: int, line: bytes, exc: Exception) -> None:
+    """One ERROR line per bad journal line per process (every worker reads the journal often:
+    each read logging it again would bury the log); bounded."""
+    key = hashlib.sha256(line).digest()
+    if key in _REPORTED_LINES:
+        return
+    if len(_REPORTED_LINES) >= _REPORTED_LINES_MAX:
+        _REPORTED_LINES.clear()
+    _REPORTED_LINES.add(key)
+    log.error("line %d of the offline trust journal %s is not a record this version writes "
+              "(%s: %s; it begins %r): passed over. The ledger never writes such a line: the "
+              "file was edited or corrupted, or a worker of another version shares the trust "
+              "directory (run one version everywhere). Nothing in PostgreSQL is affected; the "
+              "line goes when the journal is next emptied. If it was a lifecycle doubt or "
+              "entry, deliveries judged during this outage may be judged without it: compare "
+              "the rejections recorded on drain", number, getattr(handle, "name", "journal.log"),
+              type(exc).__name__, exc, line[:120])
 
 
 def _append(handle: IO[bytes], lines: list[dict[str, Any]], *, durable: bool = True) -> None:
