@@ -226,6 +226,8 @@ class OfflineTrust:
         self._doubted: frozenset[str] = frozenset()
         # monotonic time `settle_doubts` last left a doubt unsettled
         self._settle_tried = -float("inf")
+        # doubts `settle_doubts` could not ask PostgreSQL about, logged once (`_unanswerable`)
+        self._unanswered: set[Transaction] = set()
         # per portal answered 503 lifecycle_in_doubt: the doubt, when it was last logged, and
         # how many answers since (`_report_doubt`); only portals in doubt (bounded)
         self._reported: dict[str, tuple[frozenset[tuple[int, str, Transaction | None]], float,
@@ -453,10 +455,13 @@ class OfflineTrust:
 
             outcomes = self._judged([d for d in drafts if not waits(d)], write, handle,
                                     journal, doubted, transaction)
-            if held is not None and not doubted and transaction is not None:
-                _append(handle, [{"resolved": [
-                    [m, c] for (w, m, c), t in journal.doubts.items()
-                    if w == self._worker and t == transaction], "worker": self._worker}])
+            if held is not None and transaction is not None:
+                # the intent's deliveries whose portals this batch's COMMIT cannot move: all,
+                # when it was given up on before its COMMIT (`JournalTurn.committing`)
+                resolved = [[m, c] for (w, m, c), t in journal.doubts.items()
+                            if w == self._worker and t == transaction and m not in doubted]
+                if resolved:
+                    _append(handle, [{"resolved": resolved, "worker": self._worker}])
         answers = iter(outcomes)
         answered: list[Outcome | LedgerError] = []
         for draft in drafts:
@@ -680,8 +685,17 @@ class OfflineTrust:
                 groups.setdefault((worker, transaction), []).append((member_id, cause))
         settled: list[tuple[int, Transaction, list[tuple[str, str]], list[FoundStored]]] = []
         for (worker, transaction), keys in groups.items():
-            found = await store.settle_transaction(
-                transaction, [(m, bytes.fromhex(c)) for m, c in keys], end_wait_ms=_END_WAIT_MS)
+            try:
+                found = await store.settle_transaction(
+                    transaction, [(m, bytes.fromhex(c)) for m, c in keys],
+                    end_wait_ms=_END_WAIT_MS)
+            except DatabaseUnavailable:
+                raise
+            except LedgerError as exc:
+                # one doubt PostgreSQL refuses to be asked about (a damaged intent) kept every
+                # other doubt after it unsettled, for good
+                self._unanswerable(worker, transaction, keys, exc)
+                continue
             if found is not None:
                 settled.append((worker, transaction, keys, found))
         if settled:
@@ -690,6 +704,22 @@ class OfflineTrust:
         remaining = await self.doubted() & doubted
         self._settle_tried = now if remaining else -float("inf")
         return remaining
+
+    def _unanswerable(self, worker: int, transaction: Transaction,
+                      keys: list[tuple[str, str]], exc: LedgerError) -> None:
+        """Logged once a doubt (every refresh asks again)."""
+        if transaction in self._unanswered:
+            return
+        if len(self._unanswered) >= _REPORTED_LINES_MAX:
+            self._unanswered.clear()
+        self._unanswered.add(transaction)
+        log.error("worker %d's lifecycle doubt (portal(s) %s, transaction %s) cannot be "
+                  "settled: PostgreSQL refused the question (%s). The other doubts are settled "
+                  "without it; this one lasts until worker %d drains its batch. If its intent "
+                  "in %s is damaged (no transaction of this ledger), stop every worker, remove "
+                  "that line and start them again: its deliveries are judged again on drain",
+                  worker, ", ".join(sorted({m for m, _ in keys})), transaction.as_json(), exc,
+                  worker, self._journal_path)
 
     def _read_shared(self) -> _Journal:
         with self._locked(fcntl.LOCK_SH) as handle:
@@ -1185,6 +1215,9 @@ class JournalTurn:
         self.handle: IO[bytes] | None = None
         self.given_up = False
         self.commit_sent = False  # from here the append may have committed, whatever befalls it
+        # the portals whose trust its COMMIT may move (the plan's trust changes, `committing`):
+        # only theirs are in doubt when it is cut off
+        self.doubtful = self.portals
         self.shared = False  # what it committed is in the journal
         self._busy = False  # a thread uses `handle`: closing it waits for that thread
         self._closing = False
@@ -1233,12 +1266,17 @@ class JournalTurn:
                 self.intended = None
         self.release()
 
-    def committing(self) -> None:
-        """Just before the append's COMMIT is sent (`EventStore.append_planned`). Given up on
-        before, it stops here — rolled back, its spooled copy is the only one; after, it may
-        commit unseen (`in_doubt`)."""
+    def committing(self, changing: frozenset[tuple[str, bytes]]) -> None:
+        """Just before the append's COMMIT is sent (`EventStore.append_planned`), with the
+        deliveries whose trust changes it commits. Given up on before, it stops here — rolled
+        back, its spooled copy is the only one; after, it may commit unseen (`in_doubt`) — but
+        only the portals of `changing`: a COMMIT of installs refused (a forged one naming a
+        trusted portal) or found stored moves no trust whether it lands or not. (Their
+        portals were in doubt too, and with nothing spooled standing for the refused install,
+        every delivery of the genuine portal was answered 503 offline.)"""
         self._check()
         self.commit_sent = True
+        self.doubtful = frozenset(m for m, _ in changing) & self.portals
 
     async def in_thread(self, call: Callable[[IO[bytes]], _T]) -> _T:
         """`call(handle)` in a thread, the turn held. Shielded: an append cancelled meanwhile
@@ -1265,7 +1303,7 @@ class JournalTurn:
         """The journal, still locked, for the spool of this append's batch (`in_doubt`)."""
         handle, self.handle = self.handle, None
         assert handle is not None
-        return handle, self.portals, self.transaction
+        return handle, self.doubtful, self.transaction
 
     def give_up(self) -> Doubt | None:
         """The committer stopped waiting for this append and spools its batch, under the

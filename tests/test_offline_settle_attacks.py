@@ -9,19 +9,24 @@ worker settles it, and one doubt PostgreSQL cannot answer must not keep the othe
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
+import orjson
 import pytest
 
 from ledger.offline import _read
 from ledger.web import OFFLINE, STORE
-from tests.conftest import ClientFactory, sample
+from tests.conftest import MEMBER_ID, ClientFactory, sample
 from tests.helpers import Client, drained, install_sample_portal, post
 from tests.test_intake import forge
-from tests.test_trust_outage import spooled, stored_types
+from tests.test_offline_turn import commits_stalled, committing
+from tests.test_trust_outage import known_everywhere, refused, reinstall, spooled, stored_types
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -95,3 +100,81 @@ async def test_installs_nobody_trusts_do_not_grow_the_journal(
     assert len(journal.read_bytes().splitlines()) <= 1
     with journal.open("rb") as handle:
         assert not _read(handle).doubts
+
+
+@asynccontextmanager
+async def all_commits_stalled(admin: Admin) -> AsyncIterator[None]:
+    """`commits_stalled`, also for a COMMIT that stores only rejections (a refused batch)."""
+    async with commits_stalled(admin):
+        await admin.execute("""
+            CREATE CONSTRAINT TRIGGER stall_rejection AFTER INSERT ON ledger.rejections
+                DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+                EXECUTE FUNCTION public.stall_commit()""")
+        yield
+
+
+async def test_a_forged_install_cut_off_mid_commit_puts_its_portal_in_no_doubt(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin,
+) -> None:
+    """Anyone may send an install naming a trusted portal (member_ids are no secret) with a
+    token of their own: refused 403 online, its COMMIT stores a rejection and moves no trust.
+    But its intent named the portal, and given up on mid-COMMIT (PostgreSQL stalling, then
+    cut off) it put the portal in doubt — with nothing spooled standing for it, *every*
+    delivery of the genuine portal was answered 503 by every worker offline until a worker
+    reached PostgreSQL again (Bitrix24 does not resend a 503). A batch's portals are in doubt
+    only when its COMMIT may move their trust (the plan's trust changes)."""
+    relay, settings_for = outage
+    direct = settings_factory(spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
+                              append_timeout_seconds=0.5, trust_refresh_seconds=3600)
+    online: Client = await make_client(direct)
+    cut_off: Client = await make_client(settings_for(worker=1, trust_refresh_seconds=3600))
+    await install_sample_portal(online)
+    await known_everywhere(online, cut_off)
+    await relay.cut()
+    async with all_commits_stalled(admin):
+        await asyncio.wait_for(
+            refused(online, reinstall(), 403, "token_replacement_refused"), 15)
+        assert await committing(admin)
+        await spooled(cut_off, sample("onimbotjoinchat-1"))
+        await spooled(cut_off, sample("onappuninstall-1"))
+    await relay.start()
+    await drained(cut_off)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONAPPUNINSTALL"]
+
+
+async def test_a_doubt_postgresql_cannot_answer_does_not_keep_the_others(
+    make_client: ClientFactory, settings_factory: Any, tmp_path: Path, admin: Admin,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two doubts: one whose intent PostgreSQL refuses to be asked about (its backend start is
+    no time: a damaged line, another version's), one over and not committed. The first raised
+    out of `settle_doubts`, and the second — a genuine portal, its installs and uninstalls
+    answered 503 offline — was never settled: by no refresh, and by no online batch of its
+    portal (spooled behind the doubt, 503 again). Now each doubt is settled on its own; the
+    one that cannot be is logged once, with what to do."""
+    settings = settings_factory(spool_dir=tmp_path / "spool", worker=0,
+                                trust_refresh_seconds=3600)
+    client: Client = await make_client(settings)
+    await install_sample_portal(client)
+    over = await admin.fetchrow(  # a transaction that is over (committed, nothing stored)
+        "SELECT pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid, "
+        "(SELECT backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()) AS at")
+    assert over is not None
+    with (settings.trust_dir / "journal.log").open("ab") as handle:
+        handle.write(orjson.dumps({"doubt": [["poisoned", "aa"]], "worker": 7,
+                                   "txn": ["1", 1, "no time"], "at": 1}) + b"\n")
+        handle.write(orjson.dumps({"doubt": [[MEMBER_ID, "bb"]], "worker": 8,
+                                   "txn": [over["xid"], over["pid"], over["at"]], "at": 1})
+                     + b"\n")
+    assert client.app is not None
+    offline, store = client.app[OFFLINE], client.app[STORE]
+    with caplog.at_level(logging.ERROR, logger="ledger.offline"):
+        assert await offline.settle_doubts(store) == frozenset({"poisoned"})
+        assert await offline.settle_doubts(store) == frozenset({"poisoned"})
+    with (settings.trust_dir / "journal.log").open("rb") as handle:
+        assert set(_read(handle).doubts) == {(7, "poisoned", "aa")}
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "worker 7's lifecycle doubt (portal(s) poisoned" in errors[0], errors
+    assert "cannot be settled" in errors[0], errors

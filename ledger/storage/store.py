@@ -449,6 +449,13 @@ def _then(first: Callable[[], None], second: Callable[[], None] | None) -> Calla
     return both
 
 
+def _changing(drafts: Sequence[Draft],
+              effects: Sequence[PlannedEffect]) -> frozenset[tuple[str, bytes]]:
+    """The deliveries (member_id, dedup key) whose trust changes a plan makes."""
+    causes = [drafts[e.cause] for e in effects]
+    return frozenset((d.member_id, d.dedup_key) for d in causes if isinstance(d, EventDraft))
+
+
 class _LostBeforeCommit(Exception):
     """The transaction's connection died before its COMMIT was sent: nothing of it was
     committed, so the batch may be appended again, once, on another connection."""
@@ -817,16 +824,17 @@ class EventStore:
         self, drafts: Sequence[Draft], *, draining: bool = False,
         held: frozenset[int] = frozenset(),
         under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
-        committing: Callable[[], None] | None = None,
+        committing: Callable[[frozenset[tuple[str, bytes]]], None] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
         (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`.
         `under_lock`: awaited once the events head is locked, before the batch is judged
         (again if the batch is appended again on another connection), with the transaction's
         identity (`Transaction`: one round trip more); what it raises rolls the transaction
-        back and propagates. `committing`: called just before COMMIT is sent
-        (what it raises rolls back too) — from then on a lost connection leaves it unknown
-        whether the batch committed. Only a batch that goes the long way with events
+        back and propagates. `committing`: called just before COMMIT is sent, with the
+        deliveries (member_id, dedup key) whose trust changes it commits (what it raises rolls
+        back too) — from then on a lost connection leaves it unknown whether the batch
+        committed. Only a batch that goes the long way with events
         locks the head: the caller passes these for batches that never go the one-statement
         way (`ledger.offline.Appender`: lifecycle deliveries take their turn in the journal)."""
         # what does not need the serialisation point is done before taking it
@@ -845,8 +853,6 @@ class EventStore:
                         and all(d.origin == ORIGIN_BITRIX24 and d.event_type not in _LIFECYCLE
                                 for d in event_drafts))
             lock_next = None if ordinary else self._lock_next
-            if committing is not None:
-                lock_next = _then(committing, lock_next)
             if ordinary and ahead is None:
                 fast, tried = await self._append_fast(event_drafts, prepared, notify)
                 if fast is not None:
@@ -859,13 +865,13 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next, under_lock)
+                            held, lock_next, under_lock, committing)
                 else:
                     try:  # the head was locked ahead for this batch: the transaction is open
                         async with translated_errors("append"):
                             done = await self._append_in(
                                 locked, None, drafts, event_drafts, prepared, draining,
-                                notify, held, lock_next, under_lock)
+                                notify, held, lock_next, under_lock, committing)
                     finally:
                         await self._pool.release(locked)
             except _LostBeforeCommit as lost:
@@ -878,7 +884,7 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next, under_lock)
+                            held, lock_next, under_lock, committing)
                 except _LostBeforeCommit as again:
                     raise DatabaseUnavailable(
                         f"append: PostgreSQL is unavailable ({again.__cause__})") from again
@@ -899,7 +905,11 @@ class EventStore:
         held: frozenset[int],
         lock_next: Callable[[], None] | None,
         under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
+        committing: Callable[[frozenset[tuple[str, bytes]]], None] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
+        planned: list[PlannedEffect] = []  # the plan's trust changes, for `committing`
+        if committing is not None:
+            lock_next = _then(lambda: committing(_changing(drafts, planned)), lock_next)
         async with _transaction(connection, begin, lock_next):
             if under_lock is not None and event_drafts:
                 row = await connection.fetchrow(_TRANSACTION_OF)
@@ -907,6 +917,7 @@ class EventStore:
                 await under_lock(Transaction(int(row["xid"]), row["pid"], row["started"]))
             outcomes, effects, committed, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
+            planned.extend(effects)
         if learned is not None:
             self._known.learn(learned[0].trust.portals, learned[1])
             self._known.head = learned[1]
