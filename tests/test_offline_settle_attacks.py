@@ -178,3 +178,53 @@ async def test_a_doubt_postgresql_cannot_answer_does_not_keep_the_others(
     assert len(errors) == 1, errors
     assert "worker 7's lifecycle doubt (portal(s) poisoned" in errors[0], errors
     assert "cannot be settled" in errors[0], errors
+
+
+async def test_settling_ends_nothing_but_the_doubtful_transaction(
+    make_client: ClientFactory, settings_factory: Any, tmp_path: Path,
+    service_connection: Admin, admin: Admin,
+) -> None:
+    """pid reuse: the intent's pid is, at settle time, a live backend of the service's own role
+    running another transaction, or the pid of an earlier backend (another start: a restarted
+    server) whose xid is this server's transaction in progress now — nothing is terminated,
+    and each doubt is decided by keys ("did not commit": none stored). Or a backend of another
+    role, which the service role may not see the start of: it was taken for gone, and its
+    transaction, in progress, decided "did not commit" — a worker settling with another role
+    than the one that appended (a role rotation) decided a COMMIT in flight had failed. Such
+    a doubt now waits for the transaction (not ended either: another role's)."""
+    settings = settings_factory(spool_dir=tmp_path / "spool", worker=0,
+                                trust_refresh_seconds=3600)
+    client: Client = await make_client(settings)
+    await install_sample_portal(client)
+    identity = ("SELECT pg_current_xact_id()::text AS xid, pg_backend_pid() AS pid, "
+                "(SELECT backend_start::text FROM pg_stat_activity "
+                "WHERE pid = pg_backend_pid()) AS at")
+    finished = await service_connection.fetchrow(identity)  # its own transaction: committed
+    assert finished is not None
+    own = service_connection.transaction()
+    await own.start()
+    running = await service_connection.fetchrow(identity)  # in progress, with an xid
+    stranger = admin.transaction()
+    await stranger.start()
+    superuser = await admin.fetchrow(identity)
+    assert running is not None
+    assert superuser is not None
+    doubts = [  # (portal, transaction)
+        ("reused", [finished["xid"], running["pid"], running["at"]]),
+        ("restarted", [running["xid"], running["pid"], "2000-01-01 00:00:00+00"]),
+        ("foreign", [superuser["xid"], superuser["pid"], superuser["at"]]),
+    ]
+    with (settings.trust_dir / "journal.log").open("ab") as handle:
+        for number, (portal, txn) in enumerate(doubts):
+            handle.write(orjson.dumps({"doubt": [[portal, f"{number:064x}"]], "worker": 9,
+                                       "txn": txn, "at": 1}) + b"\n")
+    assert client.app is not None
+    remaining = await client.app[OFFLINE].settle_doubts(client.app[STORE])
+    # the superuser's transaction is in progress and its backend out of the service role's
+    # sight: not known to be over, so not decided (and not ended: another role's)
+    assert remaining == frozenset({"foreign"})
+    assert await service_connection.fetchval("SELECT pg_current_xact_id()::text") == \
+        running["xid"]  # still in the same transaction: not terminated
+    assert await admin.fetchval("SELECT 1") == 1
+    await stranger.rollback()
+    await own.rollback()

@@ -212,15 +212,17 @@ _TRANSACTION_OF = """
 """
 # Whether a transaction is over. `pg_xact_status` answers for this server's history; the
 # backend (pid and start) says whether it can still be running it at all: on a promoted replica
-# or a restored cluster the same id may be another transaction's, or not yet exist.
+# or a restored cluster the same id may be another transaction's, or not yet exist. A backend
+# at that pid whose start this role may not see (another role's: NULL) may be it: not known
+# gone (taken for gone, a transaction in progress was decided "did not commit").
 _TRANSACTION_STATUS = """
     SELECT pg_xact_status($1::text::xid8) AS status,
         EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $2
-                AND backend_start = $3::text::timestamptz) AS alive
+                AND (backend_start = $3::text::timestamptz OR backend_start IS NULL)) AS alive
 """
 _BACKEND_ALIVE = """
     SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1
-                   AND backend_start = $2::text::timestamptz)
+                   AND (backend_start = $2::text::timestamptz OR backend_start IS NULL))
 """
 # Ends the backend only while it still runs that very transaction (same role: no superuser
 # needed); waits up to $4 ms for it to be gone.
@@ -1170,7 +1172,9 @@ class EventStore:
     @staticmethod
     async def _transaction_over(connection: Connection, transaction: Transaction) -> bool:
         """Over: committed or aborted, or its backend is gone (a backend that is not running
-        cannot be running a transaction, whatever an id of another history says)."""
+        cannot be running a transaction, whatever an id of another history says). A backend
+        at its pid out of this role's sight is not known to be gone: while the id is in
+        progress, the doubt waits for it (never ended: `_END_TRANSACTION` needs its start)."""
         try:
             row = await connection.fetchrow(
                 _TRANSACTION_STATUS, str(transaction.xid), transaction.pid,
