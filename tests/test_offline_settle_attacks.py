@@ -21,11 +21,15 @@ import orjson
 import pytest
 
 from ledger.offline import _read
+from ledger.settings import TrustPolicy
+from ledger.storage.store import EventStore, create_pool
+from ledger.trust import TrustState
 from ledger.web import OFFLINE, STORE
-from tests.conftest import MEMBER_ID, ClientFactory, sample
+from tests.conftest import MEMBER_ID, ClientFactory, Database, sample
 from tests.helpers import Client, drained, install_sample_portal, post
 from tests.test_intake import forge
-from tests.test_offline_turn import commits_stalled, committing
+from tests.test_offline_failover import _Worker
+from tests.test_offline_turn import commits_stalled, committing, uninstall_landed_after_cut
 from tests.test_trust_outage import known_everywhere, refused, reinstall, spooled, stored_types
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -191,7 +195,8 @@ async def test_settling_ends_nothing_but_the_doubtful_transaction(
     role, which the service role may not see the start of: it was taken for gone, and its
     transaction, in progress, decided "did not commit" — a worker settling with another role
     than the one that appended (a role rotation) decided a COMMIT in flight had failed. Such
-    a doubt now waits for the transaction (not ended either: another role's)."""
+    a doubt now waits for the transaction (not ended either: another role's). Ids of another
+    history (in this server's future or distant past), their backend gone: decided by keys."""
     settings = settings_factory(spool_dir=tmp_path / "spool", worker=0,
                                 trust_refresh_seconds=3600)
     client: Client = await make_client(settings)
@@ -213,6 +218,10 @@ async def test_settling_ends_nothing_but_the_doubtful_transaction(
         ("reused", [finished["xid"], running["pid"], running["at"]]),
         ("restarted", [running["xid"], running["pid"], "2000-01-01 00:00:00+00"]),
         ("foreign", [superuser["xid"], superuser["pid"], superuser["at"]]),
+        # another history's ids: this server's future (pg_xact_status raises), its distant
+        # past (NULL once pg_xact is truncated; here: long over)
+        ("future", [str(1 << 62), running["pid"], "2000-01-01 00:00:00+00"]),
+        ("ancient", ["3", running["pid"], "2000-01-01 00:00:00+00"]),
     ]
     with (settings.trust_dir / "journal.log").open("ab") as handle:
         for number, (portal, txn) in enumerate(doubts):
@@ -228,3 +237,44 @@ async def test_settling_ends_nothing_but_the_doubtful_transaction(
     assert await admin.fetchval("SELECT 1") == 1
     await stranger.rollback()
     await own.rollback()
+
+
+async def test_two_settlers_and_the_drain_at_once_settle_a_doubt_once(
+    make_client: ClientFactory, outage: Any, database: Database, tmp_path: Path, admin: Admin,
+) -> None:
+    """Tried (it holds): worker 0's uninstall given up on mid-COMMIT, which then landed; two
+    other workers settle the doubt at the same moment as worker 0, reconnected, drains its
+    batch. The uninstall is stored once, its journal entry settled once, its trust change
+    shared at most once, the doubt resolved — and every worker judges the portal ended."""
+    relay, settings_for = outage
+    settings = settings_for(worker=0, append_timeout_seconds=0.5, trust_refresh_seconds=3600)
+    cut_off: Client = await make_client(settings)
+    await install_sample_portal(cut_off)
+    await uninstall_landed_after_cut(cut_off, relay, admin)
+    pool = await create_pool(database.service_dsn, size=4)
+    try:
+        store = EventStore(pool, policy=TrustPolicy.ALLOWLIST)
+        settlers = [_Worker(pool, settings.trust_dir, number=n).offline for n in (1, 2)]
+        for settler in settlers:
+            await settler.start(store)
+        await relay.start()
+        remaining = await asyncio.gather(*(s.settle_doubts(store) for s in settlers),
+                                         drained(cut_off))
+        assert remaining[:2] == [frozenset(), frozenset()]
+    finally:
+        await pool.close()
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+    with (settings.trust_dir / "journal.log").open("rb") as handle:
+        records = [orjson.loads(line) for line in handle.read().splitlines()]
+        journal = _read(handle)
+    assert not journal.doubts
+    spooled_entries = [r for r in records if r.get("cause")]
+    assert len(spooled_entries) == 1, records
+    uninstall = spooled_entries[0]
+    assert [r["settled"] for r in records if "settled" in r].count(uninstall["seq"]) == 1
+    shared = [r for r in records if r.get("stored") and r["stored"][0] == uninstall["cause"]]
+    assert len(shared) <= 1, records
+    assert cut_off.app is not None
+    for settler in [*settlers, cut_off.app[OFFLINE]]:
+        facts, _ = await asyncio.to_thread(settler.view)
+        assert facts.portals[MEMBER_ID].state == TrustState.ENDED
