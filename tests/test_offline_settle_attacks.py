@@ -20,6 +20,7 @@ import asyncpg
 import orjson
 import pytest
 
+from ledger.errors import DatabaseUnavailable
 from ledger.offline import _read
 from ledger.settings import TrustPolicy
 from ledger.storage.store import EventStore, create_pool
@@ -278,3 +279,47 @@ async def test_two_settlers_and_the_drain_at_once_settle_a_doubt_once(
     for settler in [*settlers, cut_off.app[OFFLINE]]:
         facts, _ = await asyncio.to_thread(settler.view)
         assert facts.portals[MEMBER_ID].state == TrustState.ENDED
+
+
+async def test_a_settle_cut_off_midway_leaves_the_doubt_whole(
+    make_client: ClientFactory, outage: Any, admin: Admin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tried (it holds): worker 0 settles its own doubt (a COMMIT stalled for good), ends the
+    stalled transaction, and loses PostgreSQL before it reads what was stored: the settle
+    raises DatabaseUnavailable and the journal is as it was (the doubt whole, nothing
+    settled); back online, it is settled and the uninstall is stored once."""
+    relay, settings_for = outage
+    settings = settings_for(worker=0, append_timeout_seconds=0.5, trust_refresh_seconds=3600)
+    client: Client = await make_client(settings)
+    await install_sample_portal(client)
+    assert client.app is not None
+    offline, store = client.app[OFFLINE], client.app[STORE]
+    journal = settings.trust_dir / "journal.log"
+    asked = 0
+    original = EventStore._transaction_over
+
+    async def flapping(connection: Any, transaction: Any) -> bool:
+        nonlocal asked
+        asked += 1
+        if asked == 2:  # after the stalled transaction was ended
+            await relay.cut()
+        return await original(connection, transaction)
+
+    async with commits_stalled(admin):
+        await spooled(client, sample("onappuninstall-1"))
+        assert await committing(admin)
+        before = journal.read_bytes()
+        with journal.open("rb") as handle:
+            (doubtful,) = {t for t in _read(handle).doubts.values() if t is not None}
+        monkeypatch.setattr(EventStore, "_transaction_over", staticmethod(flapping))
+        with pytest.raises(DatabaseUnavailable):
+            await offline.settle_doubts(store)
+        # ended, not committed (the COMMIT stalled now is the drain's, let through by it)
+        assert await admin.fetchval("SELECT pg_xact_status($1::text::xid8)",
+                                    str(doubtful.xid)) == "aborted"
+        assert journal.read_bytes() == before
+        monkeypatch.undo()
+    await relay.start()
+    assert await offline.settle_doubts(store) == frozenset()
+    await drained(client)
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
