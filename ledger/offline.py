@@ -51,7 +51,8 @@ share, and an entry spooled after its early check is still seen, under the lock.
 given up on (the append timeout), cut off or killed while its COMMIT was in flight may have
 committed or not. Before its COMMIT it writes its intent (`_intend`: its deliveries and its
 transaction — id, backend pid and start), resolved by its share; given up on, its worker keeps
-the journal locked until the batch is spooled, which records its portals *in doubt* (`Doubt`).
+the journal locked until the batch is spooled, which records *in doubt* its portals whose trust
+its COMMIT may move (`Doubt`; `JournalTurn.committing`: a refused install moves none).
 Offline every worker answers their installs and uninstalls 503 (LifecycleInDoubt) — every
 delivery of theirs, when nothing spooled stands for the doubtful ones — until the doubt is
 settled: by that worker's drain, or by any worker that reaches PostgreSQL (`settle_doubts`: the
