@@ -134,9 +134,6 @@ _COMPACT_AFTER_SECONDS = 60.0  # settled entries stay this long for workers yet 
 _END_WAIT_MS = 500
 # repeated 503 lifecycle_in_doubt answers for one portal: one WARNING line this often at most
 _DOUBT_REPEAT_LOG_SECONDS = 10.0
-# no line this version writes is longer (an intent: a batch's keys, ~200 bytes each); a longer
-# one is not parsed (`_read`)
-_MAX_LINE_BYTES = 1 << 20
 # bad journal lines already logged by this process (`_passed_over`), by their digest
 _REPORTED_LINES: set[bytes] = set()
 _REPORTED_LINES_MAX = 1024
@@ -1059,11 +1056,14 @@ def _read(handle: IO[bytes]) -> _Journal:
             continue
         journal.lines += 1
         try:
-            if len(line) > _MAX_LINE_BYTES:
-                raise ValueError(f"{len(line)} bytes: longer than any this version writes")
             _read_record(journal, orjson.loads(line))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             _passed_over(handle, number, line, exc)
+    # a shared commit's entry (no cause: `_share`, `_write_settled`) is written with its
+    # settlement in one write; without it, a crash tore that write and the next cut the rest
+    # off. Its change is in PostgreSQL (shared after the COMMIT) and no spool stands for it:
+    # kept open, every other worker spooled the portal's lifecycle behind it, never drained
+    journal.entries = [e for e in journal.entries if e.cause or e.seq in journal.settled]
     return journal
 
 

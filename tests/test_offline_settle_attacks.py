@@ -323,3 +323,27 @@ async def test_a_settle_cut_off_midway_leaves_the_doubt_whole(
     assert await offline.settle_doubts(store) == frozenset()
     await drained(client)
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
+
+
+async def test_a_share_torn_by_a_crash_holds_nobody_back(
+    make_client: ClientFactory, settings_factory: Any, tmp_path: Path, admin: Admin,
+) -> None:
+    """A committed trust change is shared as two lines in one write: the entry, then its
+    settlement. A crash mid-write (a power loss, a `kill -9` at a page boundary) kept the
+    entry and tore the settlement, which the next write cut off: an entry of worker 1 that
+    no spool stands for, open for good — worker 0 spooled every install and uninstall of the
+    portal behind it (202 instead of stored) and could never drain them, and the journal was
+    never emptied again. Such an entry (a shared commit, never spooled) without its
+    settlement is passed over: its change is in PostgreSQL, which the next refresh reads."""
+    settings = settings_factory(spool_dir=tmp_path / "spool", worker=0,
+                                trust_refresh_seconds=3600)
+    client: Client = await make_client(settings)
+    await install_sample_portal(client)
+    with (settings.trust_dir / "journal.log").open("ab") as handle:
+        handle.write(orjson.dumps({
+            "seq": 7, "worker": 1, "member_id": MEMBER_ID, "cause": "",
+            "effect": {"change": "allowed", "member_id": MEMBER_ID}}) + b"\n"
+            + b'{"settled":7,"posi')
+    status, answer = await post(client, sample("onappuninstall-1"))
+    assert status == 200, answer
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
