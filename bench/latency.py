@@ -51,6 +51,7 @@ from typing import Any
 from bench import openloop
 from bench.common import OUT, Cluster
 from bench.intake import corpus, free_port, provision, run_wrk, serve, stop
+from bench.pgbackends import BackendSampler, Booked
 from bench.proc import CpuMeter, _all, _tree, postmaster_pid, tree_cpu_seconds
 from bench.sampler import Sampled, Sampler, lay_against
 from ledger.simulation import Traffic
@@ -90,6 +91,7 @@ class Run:
     burst: int = 0  # deliveries stored at saturation before the fixed rate (--burst)
     settled: bool = True  # the server and cluster went idle after the burst
     sampled: Sampled | None = None  # --sample
+    backends: Booked | None = None  # --backends
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -179,6 +181,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         profilers: list[subprocess.Popen[bytes]] = []
         sampler = (Sampler(process.pid, postmaster, cluster.dsn(database))
                    if args.sample else None)
+        by_backend = (BackendSampler(postmaster, cluster.dsn(database))
+                      if args.backends and postmaster is not None else None)
 
         def counters() -> None:  # after the settle, right before the window
             before.update(cpu=_roles(process.pid), pg=_pg(postmaster), metrics=_scrape(port),
@@ -192,6 +196,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             if sampler is not None:
                 sampler.start()
+            if by_backend is not None:
+                by_backend.start()
 
         # the same measurement as bench.intake's fixed-rate column (one settle rule, window)
         window = openloop.fixed_rate(url, lines, CpuMeter(process.pid, postmaster),
@@ -200,6 +206,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         result, settled = window.result, window.settled
         cpu0, pg0, m0, n0 = before["cpu"], before["pg"], before["metrics"], before["counts"]
         sampled = sampler.stop() if sampler is not None else None
+        backends = by_backend.stop() if by_backend is not None else None
         for profiler in profilers:
             profiler.wait(timeout=60)
         closed: dict[str, float] = {}
@@ -215,7 +222,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
-    run = Run(variant, result, burst=burst, settled=settled, sampled=sampled)
+    run = Run(variant, result, burst=burst, settled=settled, sampled=sampled, backends=backends)
     if args.trace:
         run.trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
@@ -362,6 +369,8 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true",
                         help="CPU by process kind and PostgreSQL's maintenance while measured, "
                         "laid against the slow requests (bench/sampler.py)")
+    parser.add_argument("--backends", action="store_true",
+                        help="PostgreSQL's CPU by what each backend ran (bench/pgbackends.py)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the intake while measured: bench/out/profile-*.txt")
     args = parser.parse_args()
@@ -441,6 +450,21 @@ def main() -> None:
         print("\nBurst before the fixed rate (deliveries stored at saturation; settled): "
               + "; ".join(f"{name} " + ", ".join(f"{r.burst}{'' if r.settled else ' unsettled'}"
                                                  for r in rs) for name, rs in runs.items()))
+    if args.backends:
+        kinds = sorted({k for rs in runs.values() for r in rs if r.backends
+                        for k in r.backends.seconds})
+        print("\nPostgreSQL CPU µs per delivery by what each process ran (bench/pgbackends.py; "
+              "medians):\n")
+        print("| kind | " + " | ".join(runs) + " |")
+        print("|---|" + "---:|" * len(runs))
+        def booked(kind: str, rs: list[Run]) -> float:
+            return statistics.median(
+                [r.backends.seconds.get(kind, 0.0) * 1e6 / max(1, r.result.ok)
+                 for r in rs if r.backends is not None] or [0.0])
+
+        for kind in kinds:
+            print(f"| {kind} | " + " | ".join(f"{booked(kind, rs):.1f}" for rs in runs.values())
+                  + " |")
     if args.sample:
         for name, rs in runs.items():
             for index, r in enumerate(rs):
