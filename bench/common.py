@@ -52,6 +52,38 @@ class Cluster:
         if self._handle is not None:
             self._handle.server.stop()
 
+    async def server_settings(self, wanted: dict[str, str] | None) -> None:
+        """Run the embedded cluster with another tree's write-back settings (its
+        `ledger.embedded.SETTINGS`): `wanted` over PostgreSQL's own defaults, for every name this
+        tree or `wanted` sets; None = this tree's own (its ledger.conf). Applied with ALTER SYSTEM
+        and a reload, waited for until a new session sees them. An external cluster is left as
+        it is."""
+        if self._handle is None:
+            return
+        names = sorted(set(embedded.SETTINGS) | set(wanted or {}))
+        connection = await asyncpg.connect(self.admin_dsn)
+        try:
+            for name in names:
+                if wanted is None:
+                    await connection.execute(f"ALTER SYSTEM RESET {name}")
+                    continue
+                value = wanted.get(name) or await connection.fetchval(  # else PostgreSQL's
+                    "SELECT boot_val FROM pg_settings WHERE name = $1", name)
+                await connection.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+            loaded = await connection.fetchval("SELECT pg_conf_load_time()")
+            await connection.execute("SELECT pg_reload_conf()")
+        finally:
+            await connection.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a reload is asynchronous: until a new session has it
+            probe = await asyncpg.connect(self.admin_dsn)
+            try:
+                if await probe.fetchval("SELECT pg_conf_load_time() > $1", loaded):
+                    return
+            finally:
+                await probe.close()
+            await asyncio.sleep(0.05)
+
 
 def wait_healthy(url: str, seconds: float = 30,
                  process: subprocess.Popen[bytes] | None = None) -> None:

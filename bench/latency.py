@@ -53,7 +53,8 @@ from bench.common import OUT, Cluster
 from bench.intake import corpus, free_port, provision, run_wrk, serve, stop
 from bench.pgbackends import BackendSampler, Booked
 from bench.proc import CpuMeter, _all, _tree, postmaster_pid, tree_cpu_seconds
-from bench.sampler import Sampled, Sampler, lay_against
+from bench.sampler import IoSample, IoSampler, Sampled, Sampler, io_timeline, lay_against
+from ledger import embedded
 from ledger.simulation import Traffic
 
 VARIANTS: dict[str, dict[str, str]] = {
@@ -69,6 +70,10 @@ VARIANTS: dict[str, dict[str, str]] = {
               "LEDGER_BATCH_MAX_DELAY_MS": "0"},
     # the after-burst condition (as --burst 12) for this variant only: against `default`
     "after-burst": {"BENCH_BURST": "12"},
+    # the write-back section's tries: cluster settings (`pg.NAME`) over the code's own
+    "bgwriter": {"BENCH_BURST": "12", "pg.bgwriter_delay": "50ms",
+                 "pg.bgwriter_lru_maxpages": "1000", "pg.bgwriter_lru_multiplier": "4"},
+    "no-backend-flush": {"BENCH_BURST": "12", "pg.backend_flush_after": "0"},
     # with --trace, asyncio's loop is used (only it can time each callback); this keeps uvloop
     "uvloop": {"BENCH_TRACE_LOOP": "uvloop"},
 }
@@ -92,6 +97,7 @@ class Run:
     settled: bool = True  # the server and cluster went idle after the burst
     sampled: Sampled | None = None  # --sample
     backends: Booked | None = None  # --backends
+    io: list[IoSample] = field(default_factory=list)  # --io: from before the burst on
 
 
 def _roles(root: int) -> dict[str, float]:
@@ -148,6 +154,12 @@ def _scrape(port: int) -> tuple[float, float, float]:
 def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: list[bytes],
             bodies: Path, tokens: dict[str, str], postmaster: int | None, tag: str) -> Run:
     code, _, settings = variant.rpartition(":")
+    # the cluster's write-back settings are the code's too (ledger/embedded.py SETTINGS), with
+    # the variant's own `pg.NAME` over them
+    over = {k[3:]: v for k, v in VARIANTS[settings].items() if k.startswith("pg.")}
+    own = _tree_settings(args.baseline) if code else None
+    asyncio.run(cluster.server_settings(
+        {**(own if own is not None else embedded.SETTINGS), **over} if over or code else None))
     # the other tree's code runs on its own schema (a service refuses a schema it does not know)
     database = asyncio.run(cluster.fresh_database("bench_latency", migrate=not code))
     if code:
@@ -161,7 +173,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     data_dir = OUT / f"latency-data-{port}"
     shutil.rmtree(data_dir, ignore_errors=True)
     env = {"LEDGER_DATABASE_URL": service, "LEDGER_DATA_DIR": str(data_dir),
-           **VARIANTS[settings]}
+           **{k: v for k, v in VARIANTS[settings].items() if not k.startswith("pg.")}}
     burst_seconds = int(env.pop("BENCH_BURST", args.burst))
     if code:
         env["PYTHONPATH"] = str(Path(args.baseline).resolve())
@@ -174,6 +186,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     url = f"http://127.0.0.1:{port}/bitrix24/events"
     try:
         openloop.run_sync(url, lines, rate=args.rate, seconds=1.0, tag=f"{tag}w")
+        io_sampler = (IoSampler(process.pid, postmaster, cluster.dsn(database)).start()
+                      if args.io else None)
         burst = 0
         if burst_seconds:  # the after-burst condition: as bench.intake's open loop meets it
             burst = int(run_wrk(url, bodies, burst_seconds, 64, tag=f"{tag}b")["ok"])
@@ -207,6 +221,7 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         cpu0, pg0, m0, n0 = before["cpu"], before["pg"], before["metrics"], before["counts"]
         sampled = sampler.stop() if sampler is not None else None
         backends = by_backend.stop() if by_backend is not None else None
+        io = io_sampler.stop() if io_sampler is not None else []
         for profiler in profilers:
             profiler.wait(timeout=60)
         closed: dict[str, float] = {}
@@ -222,7 +237,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     finally:
         stop(process)
         shutil.rmtree(data_dir, ignore_errors=True)
-    run = Run(variant, result, burst=burst, settled=settled, sampled=sampled, backends=backends)
+    run = Run(variant, result, burst=burst, settled=settled, sampled=sampled, backends=backends,
+              io=io)
     if args.trace:
         run.trace = [json.loads(line) for line in trace_file.read_text().splitlines()]
     run.syscalls = {k: n1[k][0] - n0[k][0] for k in n0}
@@ -236,6 +252,16 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
         run.closed_rate = closed["rate"]
         run.closed_us = spent * 1e6 / max(1.0, closed["ok"])
     return run
+
+
+def _tree_settings(tree: str) -> dict[str, str]:
+    """The embedded PostgreSQL settings of the code in `tree` (none before they existed)."""
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", "import json; from ledger import embedded; "
+         "print(json.dumps(getattr(embedded, 'SETTINGS', {})))"],
+        env={**os.environ, "PYTHONPATH": str(Path(tree).resolve())}, check=True,
+        capture_output=True, text=True).stdout
+    return dict(json.loads(out))
 
 
 def _pg(postmaster: int | None) -> float | None:
@@ -371,6 +397,11 @@ def main() -> None:
                         "laid against the slow requests (bench/sampler.py)")
     parser.add_argument("--backends", action="store_true",
                         help="PostgreSQL's CPU by what each backend ran (bench/pgbackends.py)")
+    parser.add_argument("--io", action="store_true",
+                        help="from before the burst to the window's end, every 100 ms: the "
+                        "page cache's dirty pool, who dirtied it (/proc/PID/io by kind), "
+                        "pg_stat_io and the WAL's fsyncs, laid against the requests "
+                        "(bench/sampler.py IoSampler)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the intake while measured: bench/out/profile-*.txt")
     args = parser.parse_args()
@@ -473,6 +504,13 @@ def main() -> None:
                 print(f"\n### {name}, round {index + 1}: what was busy while measured\n")
                 print("\n".join(lay_against(r.sampled, r.result.started, r.result.dues,
                                              r.result.latencies, args.slow_ms)))
+    if args.io:
+        for name, rs in runs.items():
+            for index, r in enumerate(rs):
+                print(f"\n### {name}, round {index + 1}: the page cache and who dirtied it "
+                      "(t from before the burst; the window's requests by due time)\n")
+                print("\n".join(io_timeline(r.io, r.result.started, r.result.dues,
+                                             r.result.latencies)))
     if args.trace:
         for name, rs in runs.items():
             for r in rs:

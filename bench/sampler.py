@@ -217,3 +217,236 @@ def lay_against(sampled: Sampled, started: float, dues: list[float],
     lines += ["", "ledger.events and checkpoints, before → after: " + ", ".join(
         f"{k} {before.get(k)} → {after.get(k)}" for k in after)]
     return lines
+
+
+# --- who dirties the page cache, and when it is written back (bench.latency --io) ---------
+
+_WRITE_KINDS_PG = ("backend", "autovacuum worker", "background writer", "checkpointer",
+                   "walwriter")
+
+
+def _meminfo() -> tuple[int, int]:
+    """(Dirty, Writeback) of the page cache, bytes."""
+    found: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Dirty", "Writeback"):
+            found[name] = int(rest.split()[0]) * 1024
+    return found.get("Dirty", 0), found.get("Writeback", 0)
+
+
+def _disk_written() -> int:
+    """Bytes written to the machine's whole disks so far (/proc/diskstats, 512-byte sectors;
+    partitions and virtual devices left out so nothing counts twice)."""
+    total = 0
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        fields = line.split()
+        name = fields[2]
+        if name.startswith(("loop", "ram", "dm-", "md", "zram")) or not Path(
+                f"/sys/block/{name}").exists():
+            continue
+        total += int(fields[9]) * 512
+    return total
+
+
+def _io_kind(pid: int, server: set[int], projector: set[int]) -> str:
+    kind = _kind(pid, server, projector)
+    if kind.startswith("backend "):  # the role: ledger_app (intake, projector), postgres (us)
+        return kind
+    return kind if kind in _WRITE_KINDS_PG or kind in ("intake", "projector", "forwarder",
+                                                       "postmaster") else "gone"
+
+
+@dataclass
+class IoSample:
+    at: float  # perf_counter
+    dirty: int
+    writeback: int
+    disk: int
+    written: dict[str, int]  # kind -> write_bytes - cancelled_write_bytes so far (live procs)
+    cancelled: dict[str, int]
+    pg_io: dict[str, tuple[int, int, int, int, float]] = field(default_factory=dict)
+    wal: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)  # writes, syncs, write ms, sync ms
+
+
+class IoSampler:
+    """Every `interval` s: the page cache's Dirty and Writeback, the bytes written to disk,
+    and every process's /proc/PID/io write_bytes and cancelled_write_bytes booked to its kind
+    (the server's intake, projector, forwarder; PostgreSQL's backends by role, autovacuum,
+    bgwriter, checkpointer, walwriter; `other` — every other process on the machine). write_bytes
+    is charged to the process that dirties a page, when it dirties it: who fills the pool the
+    kernel later writes back. On the same pace, PostgreSQL's pg_stat_io (writes, extends,
+    writebacks, fsyncs by backend type) and pg_stat_wal (writes, syncs and their times: the
+    sampler turns track_io_timing and track_wal_io_timing on for the run and back after).
+    A process that exits between two samples takes its bytes with it (not booked)."""
+
+    def __init__(self, server_pid: int, postmaster: int | None, dsn: str,
+                 interval: float = 0.1) -> None:
+        self.server_pid, self.postmaster, self.dsn, self.interval = (server_pid, postmaster,
+                                                                     dsn, interval)
+        self.samples: list[IoSample] = []
+        self._pg: dict[str, tuple[int, int, int, int, float]] = {}
+        self._wal: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._proc, daemon=True),
+                         threading.Thread(target=self._pg_thread, daemon=True)]
+        self._last: dict[int, tuple[str, int, int]] = {}
+        self._gone: dict[str, list[int]] = {}
+
+    def start(self) -> IoSampler:
+        asyncio.run(_timing(self.dsn, on=True))
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> list[IoSample]:
+        self._done.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        asyncio.run(_timing(self.dsn, on=False))
+        return self.samples
+
+    def _sample(self) -> IoSample:
+        table = _all()
+        server = set(_tree(self.server_pid, table)) if self.server_pid in table else set()
+        projector: set[int] = set()
+        for pid in server:
+            try:
+                if b"project" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    projector |= set(_tree(pid, table))
+            except OSError:
+                continue
+        cluster = (set(_tree(self.postmaster, table))
+                   if self.postmaster is not None and self.postmaster in table else set())
+        written: dict[str, int] = {}
+        cancelled: dict[str, int] = {}
+        now: dict[int, tuple[str, int, int]] = {}
+        for pid in table:
+            try:
+                io = Path(f"/proc/{pid}/io").read_text().split("\n")
+            except OSError:
+                continue
+            values = dict(line.split(": ") for line in io if line)
+            kind = (_io_kind(pid, server, projector) if pid in server or pid in cluster
+                    else "other")
+            now[pid] = (kind, int(values["write_bytes"]), int(values["cancelled_write_bytes"]))
+        # a process that exited keeps what it wrote in the totals (its last reading)
+        for pid, (kind, wb, cw) in self._last.items():
+            if pid not in now:
+                gone = self._gone.setdefault(kind, [0, 0])
+                gone[0] += wb
+                gone[1] += cw
+        self._last = now
+        for kind, (wb, cw) in self._gone.items():
+            written[kind] = written.get(kind, 0) + wb
+            cancelled[kind] = cancelled.get(kind, 0) + cw
+        for kind, wb, cw in now.values():
+            written[kind] = written.get(kind, 0) + wb
+            cancelled[kind] = cancelled.get(kind, 0) + cw
+        dirty, writeback = _meminfo()
+        return IoSample(time.perf_counter(), dirty, writeback, _disk_written(), written,
+                        cancelled, dict(self._pg), self._wal)
+
+    def _proc(self) -> None:
+        self.samples.append(self._sample())
+        while not self._done.wait(self.interval):
+            self.samples.append(self._sample())
+
+    def _pg_thread(self) -> None:
+        asyncio.run(self._pg_loop())
+
+    async def _pg_loop(self) -> None:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            while not self._done.is_set():
+                rows = await connection.fetch(
+                    "SELECT backend_type, sum(coalesce(writes, 0))::bigint AS writes, "
+                    "sum(coalesce(extends, 0))::bigint AS extends, "
+                    "sum(coalesce(writebacks, 0))::bigint AS writebacks, "
+                    "sum(coalesce(fsyncs, 0))::bigint AS fsyncs, "
+                    "sum(coalesce(write_time, 0))::float8 AS write_time FROM pg_stat_io "
+                    "WHERE object = 'relation' GROUP BY backend_type")
+                self._pg = {r["backend_type"]: (r["writes"], r["extends"], r["writebacks"],
+                                                r["fsyncs"], r["write_time"]) for r in rows}
+                wal = await connection.fetchrow(
+                    "SELECT wal_write, wal_sync, wal_write_time, wal_sync_time FROM pg_stat_wal")
+                if wal is not None:
+                    self._wal = (int(wal[0]), int(wal[1]), float(wal[2]), float(wal[3]))
+                await connection.execute("SELECT pg_stat_clear_snapshot()")
+                await asyncio.sleep(self.interval)
+        finally:
+            await connection.close()
+
+
+async def _timing(dsn: str, *, on: bool) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        for name in ("track_io_timing", "track_wal_io_timing"):
+            await connection.execute(f"ALTER SYSTEM {'SET' if on else 'RESET'} {name}"
+                                     + (" = on" if on else ""))
+        await connection.execute("SELECT pg_reload_conf()")
+    finally:
+        await connection.close()
+
+
+def io_timeline(samples: list[IoSample], started: float, dues: list[float],
+                latencies: list[float], step: float = 1.0, top: int = 6) -> list[str]:
+    """Per `step` s (t from the first sample; the window's requests by due time): the page
+    cache's dirty pool and writeback at the step's end, MB written to disk in it, MB dirtied by
+    each kind (the `top` kinds over the run), PostgreSQL's relation writes/extends (8 kB pages,
+    all backend types) and its WAL fsyncs (count, mean ms), and the requests due then (count,
+    p99 ms, over 5 ms)."""
+    if len(samples) < 2:
+        return ["(no io samples)"]
+    t0 = samples[0].at
+    first, last = samples[0], samples[-1]
+    totals = {k: last.written.get(k, 0) - first.written.get(k, 0) for k in last.written}
+    kinds = [k for k in sorted(totals, key=lambda k: -totals[k]) if totals[k] > 0][:top]
+    mb = 1024 * 1024
+    cancelled = {k: last.cancelled.get(k, 0) - first.cancelled.get(k, 0) for k in totals}
+    lines = ["Dirtied over the run (write_bytes, of it cancelled: truncated or deleted before "
+             "written back; MB): " + ", ".join(
+                 f"{k} {totals[k] / mb:.1f} ({cancelled[k] / mb:.1f})"
+                 for k in sorted(totals, key=lambda k: -totals[k]) if totals[k] > 0)]
+    pg_types = sorted(set(last.pg_io) | set(first.pg_io))
+    pg_total = {t: tuple(b - a for a, b in zip(first.pg_io.get(t, (0, 0, 0, 0, 0.0)),
+                                               last.pg_io.get(t, (0, 0, 0, 0, 0.0)),
+                                               strict=True)) for t in pg_types}
+    lines.append("pg_stat_io over the run (relation pages of 8 kB: writes / extends / "
+                 "writebacks / fsyncs, write ms): " + ", ".join(
+                     f"{t} {v[0]}/{v[1]}/{v[2]}/{v[3]} {v[4]:.0f}"
+                     for t, v in pg_total.items() if any(v[:4])))
+    lines += ["", "| t s | Dirty MB | Writeback MB | disk MB | " + " | ".join(
+        f"{k} MB" for k in kinds) + " | PG writes/extends | WAL fsyncs (mean ms; worst "
+        "0.1-s mean) | requests (p99 ms, > 5 ms) |", "|" + "---:|" * (7 + len(kinds))]
+    steps = int((last.at - t0) / step) + 1
+    by_step: dict[int, list[float]] = {}
+    for due, latency in zip(dues, latencies, strict=True):
+        index = int((started + due - t0) / step)
+        by_step.setdefault(index, []).append(latency * 1000)
+    j = 0
+    for index in range(steps):
+        lo_t, hi_t = t0 + index * step, t0 + (index + 1) * step
+        i = j
+        a = samples[i]
+        while j + 1 < len(samples) and samples[j + 1].at <= hi_t:
+            j += 1
+        b = samples[j]
+        if b.at < lo_t:
+            continue
+        dirtied = [(b.written.get(k, 0) - a.written.get(k, 0)) / mb for k in kinds]
+        pages = [sum(v[i] for v in b.pg_io.values()) - sum(v[i] for v in a.pg_io.values())
+                 for i in (0, 1)]
+        syncs = b.wal[1] - a.wal[1]
+        sync_ms = (b.wal[3] - a.wal[3]) / syncs if syncs else 0.0
+        worst = max(((y.wal[3] - x.wal[3]) / (y.wal[1] - x.wal[1])
+                     for x, y in zip(samples[i:j], samples[i + 1:j + 1], strict=True)
+                     if y.wal[1] > x.wal[1]), default=0.0)
+        reqs = sorted(by_step.get(index, []))
+        req = (f"{len(reqs)} ({reqs[min(len(reqs) - 1, int(len(reqs) * 0.99))]:.1f}, "
+               f"{sum(r > 5 for r in reqs)})" if reqs else "")
+        lines.append(f"| {index * step:.0f} | {b.dirty / mb:.0f} | {b.writeback / mb:.0f} | "
+                     f"{(b.disk - a.disk) / mb:.0f} | "
+                     + " | ".join(f"{d:.1f}" for d in dirtied)
+                     + f" | {pages[0]}/{pages[1]} | {syncs} ({sync_ms:.2f}; {worst:.1f}) | {req} |")
+    return lines

@@ -3,6 +3,10 @@
 `pgserver` ships server binaries in a wheel and, when we run as root, runs the server as a separate
 system user. Without it we fall back to `initdb`/`pg_ctl` on PATH. The server listens only on a
 Unix socket and trusts local connections: it is private to this machine's users.
+
+Its write-back settings (SETTINGS) are ours: at every start they are written to
+`pgdata/ledger.conf`, which `postgresql.conf` includes on its first line, so that anything an
+operator sets below that line (or with ALTER SYSTEM) wins.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import warnings
@@ -23,6 +28,54 @@ log = logging.getLogger(__name__)
 
 ADMIN_USER = "postgres"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.5432"
+
+
+# What the embedded server writes back as it goes (bench/RESULTS.md, "write-back" section):
+# PostgreSQL's Linux defaults leave a backend's own writes (buffers it evicts when a burst fills
+# shared_buffers) dirty in the page cache until the kernel writes them back 30 s later
+# (vm.dirty_expire_centisecs), in one lump that makes the WAL's fdatasync — every commit's — wait
+# behind it. Durability is untouched: fsync, synchronous_commit and full_page_writes stay on.
+SETTINGS: dict[str, str] = {
+    # a backend's writes are handed to the disk every 256 kB instead of piling up
+    "backend_flush_after": "256kB",
+}
+CONF_NAME = "ledger.conf"
+_INCLUDE = f"include_if_exists = '{CONF_NAME}'"
+_CONF_HEADER = (
+    "# Written by ledger at every start of its embedded PostgreSQL: edits here are lost.\n"
+    "# To override a setting, set it in postgresql.conf below its first line (the include of\n"
+    "# this file) or with ALTER SYSTEM SET; docs/operations.md says what each is for.\n"
+)
+
+
+def configure(pgdata: Path) -> bool:
+    """Write SETTINGS to `pgdata/ledger.conf` and make `postgresql.conf` include it on its first
+    line (settings later in the file, and ALTER SYSTEM, override it). True when something
+    changed, so that a running server should re-read its configuration."""
+    conf = pgdata / "postgresql.conf"
+    if not conf.exists():
+        return False
+    body = _CONF_HEADER + "".join(f"{name} = '{value}'\n" for name, value in SETTINGS.items())
+    target = pgdata / CONF_NAME
+    changed = not target.exists() or target.read_text() != body
+    if changed:
+        target.write_text(body)
+        target.chmod(0o644)
+    text = conf.read_text()
+    if not any(line.startswith(_INCLUDE) for line in text.splitlines()):
+        conf.write_text(f"{_INCLUDE}  # ledger's settings; yours below override them\n{text}")
+        changed = True
+    return changed
+
+
+def _reload(pgdata: Path) -> None:
+    """Ask a running server to re-read its configuration (SIGHUP to the postmaster)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        log.warning("embedded PostgreSQL: could not ask it to re-read %s (%s); it applies at "
+                    "the next start", pgdata / CONF_NAME, exc)
 
 
 class _Server(Protocol):
@@ -111,6 +164,7 @@ class _PathBinaries:
                 check=True,
                 capture_output=True,
             )
+        configure(pgdata)
         socket_dir = pgdata / "run"
         if len(str(socket_dir)) > _SOCKET_PATH_MAX:
             socket_dir = Path(tempfile.mkdtemp(prefix="ledger-pg-"))
@@ -141,6 +195,7 @@ def start(data_dir: Path, *, keep_running: bool = False) -> EmbeddedHandle:
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "pgdata"
+    configure(pgdata)  # before a start: read at start-up (not yet there on a first start)
     server: _PgServer | _PathBinaries
     try:
         server = _PgServer(pgdata, keep_running=keep_running)
@@ -151,4 +206,6 @@ def start(data_dir: Path, *, keep_running: bool = False) -> EmbeddedHandle:
         raise ConfigurationError(
             f"the embedded PostgreSQL in {pgdata} did not start ({exc}); see {pgdata / 'log'}"
         ) from exc
+    if configure(pgdata):  # a first start (pgserver ran initdb), new settings, or one running
+        _reload(pgdata)
     return EmbeddedHandle(socket_dir=server.socket_dir, port=server.port, server=server)
