@@ -20,6 +20,7 @@ maintenance PostgreSQL reported (relation, phase, when).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -416,6 +417,21 @@ def io_timeline(samples: list[IoSample], started: float, dues: list[float],
                  "writebacks / fsyncs, write ms): " + ", ".join(
                      f"{t} {v[0]}/{v[1]}/{v[2]}/{v[3]} {v[4]:.0f}"
                      for t, v in pg_total.items() if any(v[:4])))
+    peak = max(samples, key=lambda x: x.dirty)
+    lump, lump_at = 0, 0.0  # the largest fall of the dirty pool within 1 s: a write-back lump
+    k = 0
+    for n, x in enumerate(samples):
+        while samples[k].at < x.at - 1.0:
+            k += 1
+        fall = max(y.dirty for y in samples[k:n + 1]) - x.dirty
+        if fall > lump:
+            lump, lump_at = fall, x.at
+    worst_sync = max(((y.wal[3] - x.wal[3]) / (y.wal[1] - x.wal[1])
+                      for x, y in itertools.pairwise(samples)
+                      if y.wal[1] > x.wal[1]), default=0.0)
+    lines.append(f"Dirty peak {peak.dirty / mb:.0f} MB at t={peak.at - t0:.1f} s; largest "
+                 f"write-back lump (fall of Dirty within 1 s) {lump / mb:.0f} MB at "
+                 f"t={lump_at - t0:.1f} s; WAL fsync, worst 0.1-s mean {worst_sync:.1f} ms")
     lines += ["", "| t s | Dirty MB | Writeback MB | disk MB | " + " | ".join(
         f"{k} MB" for k in kinds) + " | PG writes/extends | WAL fsyncs (mean ms; worst "
         "0.1-s mean) | requests (p99 ms, > 5 ms) |", "|" + "---:|" * (7 + len(kinds))]
