@@ -71,9 +71,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # the after-burst condition (as --burst 12) for this variant only: against `default`
     "after-burst": {"BENCH_BURST": "12"},
     # the write-back section's tries: cluster settings (`pg.NAME`) over the code's own
-    "bgwriter": {"BENCH_BURST": "12", "pg.bgwriter_delay": "50ms",
-                 "pg.bgwriter_lru_maxpages": "1000", "pg.bgwriter_lru_multiplier": "4"},
-    "no-backend-flush": {"BENCH_BURST": "12", "pg.backend_flush_after": "0"},
+    "pg-bgwriter-only": {"BENCH_BURST": "12", "pg.backend_flush_after": "0"},
+    "pg-flush-only": {"BENCH_BURST": "12", "pg.bgwriter_delay": "200ms",
+                      "pg.bgwriter_lru_maxpages": "100"},
     # with --trace, asyncio's loop is used (only it can time each callback); this keeps uvloop
     "uvloop": {"BENCH_TRACE_LOOP": "uvloop"},
 }
