@@ -30,16 +30,18 @@ ADMIN_USER = "postgres"
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for "/.s.PGSQL.5432"
 
 
-# What the embedded server writes back as it goes (bench/RESULTS.md, "write-back" section).
-# When a burst outgrows shared_buffers, buffers must be written to make room. PostgreSQL's
-# defaults let the background writer clean at most 100 buffers per 200 ms (4 MB/s) while a burst
-# makes new pages several times faster, so the backends answering deliveries write the rest
-# themselves, in the commit path, and leave them dirty in the page cache (backend_flush_after 0)
-# for the kernel to write back 30 s later in one lump that every commit's WAL fdatasync waits
-# behind. Here the background writer keeps up (up to ~160 MB/s, off the commit path; it hands
-# what it writes to the disk every 512 kB, PostgreSQL's default), and a backend that still writes
-# hands its writes to the disk every 256 kB. Durability is untouched: fsync, synchronous_commit
-# and full_page_writes stay on. Values as SHOW prints them.
+# What the embedded server writes back as it goes (bench/RESULTS.md, "Write-back" section).
+# Every commit waits for a WAL fdatasync, and that waits behind whatever the disk is writing.
+# Linux writes a file's dirty pages back once they are 30 s old, so a burst's pages go in one
+# lump 30 s later. Most of them are the relations' new, zero-filled pages, which no PostgreSQL
+# setting writes back early (the kernel's vm.dirty_background_bytes does: docs/operations.md).
+# What PostgreSQL can do is keep the buffers it must write to make room out of the commit path
+# and written back as they go: its defaults let the background writer clean at most 100 buffers
+# per 200 ms (4 MB/s), less than a burst makes, so the backends answering deliveries write the
+# rest themselves and leave them dirty (backend_flush_after 0). Here the background writer can
+# clean ~160 MB/s (handing it to the disk every 512 kB, PostgreSQL's default) and a backend that
+# still writes hands its writes to the disk every 256 kB. Durability is untouched: fsync,
+# synchronous_commit and full_page_writes stay on. Values as SHOW prints them.
 SETTINGS: dict[str, str] = {
     "bgwriter_delay": "50ms",
     "bgwriter_lru_maxpages": "1000",
@@ -65,13 +67,25 @@ def configure(pgdata: Path) -> bool:
     target = pgdata / CONF_NAME
     changed = not target.exists() or target.read_text() != body
     if changed:
-        target.write_text(body)
-        target.chmod(0o644)
+        _replace(target, body, like=conf)
     text = conf.read_text()
     if not any(line.startswith(_INCLUDE) for line in text.splitlines()):
-        conf.write_text(f"{_INCLUDE}  # ledger's settings; yours below override them\n{text}")
+        _replace(conf, f"{_INCLUDE}  # ledger's settings; yours below override them\n{text}",
+                 like=conf)
         changed = True
     return changed
+
+
+def _replace(path: Path, text: str, *, like: Path) -> None:
+    """Write `path` whole or not at all (a server must never meet half a configuration file),
+    owned and readable as `like` is: the server may run as another user (pgserver as root)."""
+    stat = like.stat()
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        os.chown(temporary, stat.st_uid, stat.st_gid)
+    temporary.chmod(stat.st_mode & 0o777 | 0o400)
+    os.replace(temporary, path)
 
 
 def _reload(pgdata: Path) -> None:
