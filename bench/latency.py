@@ -1,7 +1,7 @@
 """Where the latency at a fixed rate goes: `ledger serve` variants side by side, one run.
 
     python -m bench.latency [--rate 1000] [--seconds 20] [--rounds 2] [--closed 5]
-                            [--burst 12 [--sample]]
+                            [--burst 12 [--sample] [--io]]
                             [--variants default,delay0,no-projector,...]
                             [--baseline DIR --variants base:default,default]
 
@@ -27,7 +27,11 @@ bench.intake's own (settled until the server and the cluster are idle, at most 1
 default, as there — it was 8 s here, which bench/RESULTS.md's seventh session shows measured
 another thing); its p99 by 5-s slice is printed below the table. `--sample` books the CPU of
 every process of the server and of the cluster to its kind while measured, and lays the slow
-requests against the kinds that were busy (bench/sampler.py).
+requests against the kinds that were busy (bench/sampler.py). `--io` follows the page cache from
+the burst's start to the window's end: the dirty pool, who dirtied it, PostgreSQL's relation
+writes and extends, the WAL's fsyncs, per second beside the window's requests. The bench's
+embedded cluster runs with each variant's code's `ledger.embedded.SETTINGS` (a `base:` variant
+with its tree's), and a variant's `pg.NAME` keys on top.
 Read ratios between variants of the same run, never absolute numbers, on a shared machine.
 """
 
