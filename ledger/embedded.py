@@ -80,7 +80,8 @@ def _replace(path: Path, text: str, *, like: Path) -> None:
     """Write `path` whole or not at all (a server must never meet half a configuration file),
     owned and readable as `like` is: the server may run as another user (pgserver as root)."""
     stat = like.stat()
-    temporary = path.with_name(f".{path.name}.tmp")
+    # this process's own: two processes starting at once must not write one temporary file
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         os.chown(temporary, stat.st_uid, stat.st_gid)
