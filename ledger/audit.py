@@ -136,13 +136,14 @@ class AuditService:
 
     async def bot_pages(
         self, *, member_id: str | None = None, status: str | None = None,
-        as_of: readers.AsOf = None,
+        as_of: readers.AsOf = None, at: readers.ReadAt | None = None,
     ) -> AsyncIterator[list[BotOut]]:
-        """The whole registry, a page at a time (exports and the CLI: never all in memory)."""
+        """The whole registry, a page at a time (exports and the CLI: never all in memory);
+        `at`: see `readers.bot_pages`."""
         async with self._folding(as_of):
             async for page in readers.bot_pages(
                 self._projections, self._projector, member_id=member_id, status=status,
-                as_of=as_of,
+                as_of=as_of, at=at,
             ):
                 yield [BotOut.model_validate(b) for b in page]
 
@@ -162,12 +163,13 @@ class AuditService:
         return [deletion_out(d) for d in found], found[-1].key if more else None
 
     async def deletion_pages(
-        self, where: DeletionFilter, *, as_of: readers.AsOf = None
+        self, where: DeletionFilter, *, as_of: readers.AsOf = None,
+        at: readers.ReadAt | None = None,
     ) -> AsyncIterator[list[DeletionOut]]:
         """The whole deletion timeline, a page at a time, as `bot_pages`."""
         async with self._folding(as_of):
             async for page in readers.deletion_pages(
-                self._projections, self._projector, where, as_of=as_of,
+                self._projections, self._projector, where, as_of=as_of, at=at,
             ):
                 yield [deletion_out(d) for d in page]
 

@@ -1,7 +1,10 @@
 """Streaming exports (CSV, JSON Lines) with a manifest that ties them to the chain.
 
 Events are read through a server-side cursor inside one read-only snapshot, so memory stays flat
-however many there are, and the manifest's head is exactly the head that snapshot saw.
+however many there are, and the manifest's head is exactly the head that snapshot saw. A registry
+or deletion listing read page by page in one snapshot (`ledger export bots|deletions`) records the
+registry projection's checkpoint that snapshot saw — what its rows are a fold of — not the chain's
+head read afterwards, which the projector may have moved past meanwhile; `head_is` says which.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class Manifest:
     head_position: int
     head_hash: str
     exported_at: str
+    # what head_position/head_hash are: "chain_head" (the events' head: the snapshot's for
+    # events, else read when the rows were written) or "projection_checkpoint" (the position
+    # the registry projection was folded to in the snapshot the listing was read in)
+    head_is: str = "chain_head"
 
     def as_json(self) -> bytes:
         return orjson.dumps(self.__dict__, option=orjson.OPT_INDENT_2)
@@ -111,12 +118,24 @@ async def export_events(
     return _manifest("events", fmt, where.__dict__, rows, first, last, head)
 
 
+class ReadAt:
+    """Where a paged listing was read (`readers.bot_pages`' `at`): the projection checkpoint of
+    its snapshot, for the manifest."""
+
+    def __init__(self) -> None:
+        self.checkpoint: tuple[int, bytes] | None = None
+
+    def __call__(self, position: int, head_hash: bytes) -> None:
+        self.checkpoint = (position, head_hash)
+
+
 async def export_rows(
     kind: str, rows: Iterable[BaseModel] | AsyncIterable[Sequence[BaseModel]], out: IO[str],
-    fmt: str, filters: dict[str, Any], service: AuditService,
+    fmt: str, filters: dict[str, Any], service: AuditService, *, read_at: ReadAt | None = None,
 ) -> Manifest:
     """Rows, or pages of rows as they come (`AuditService.bot_pages`: a registry of any size in
-    constant memory)."""
+    constant memory). `read_at`: the pages' snapshot told it its projection checkpoint — the
+    manifest records that; else the chain's head, read after the rows."""
     writer: _Writer | None = None
     count, first, last = 0, None, None
     async for page in _pages(rows):
@@ -132,8 +151,15 @@ async def export_rows(
         count += len(page)
     if writer is None:
         _Writer(out, fmt, ["portal_member_id"])
-    position, head_hash = await service.head()
-    return _manifest(kind, fmt, filters, count, first, last, (position, head_hash.hex()))
+    if read_at is not None and read_at.checkpoint is not None:
+        position, head_hash = read_at.checkpoint
+        head_is = "projection_checkpoint"
+    else:
+        position, head_hash = await service.head()
+        head_is = "chain_head"
+    manifest = _manifest(kind, fmt, filters, count, first, last, (position, head_hash.hex()))
+    manifest.head_is = head_is
+    return manifest
 
 
 async def _pages(

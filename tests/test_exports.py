@@ -84,3 +84,67 @@ def test_verification_runs_are_recorded_for_the_api(database: Database) -> None:
 
     rows = asyncio.run(status())
     assert {(r["stream"], r["ok"]) for r in rows} == {("events", True), ("rejections", True)}
+
+
+def test_a_paged_listings_manifest_records_the_checkpoint_its_pages_were_read_at(
+    database: Database, tmp_path: Path, monkeypatch: Any,
+) -> None:
+    """`ledger export bots|deletions` reads its pages in one snapshot; the manifest used to
+    record the chain's head read after the last page — past what the rows are a fold of when
+    the projector committed during the export. It records the snapshot's checkpoint now."""
+    from ledger.cli.common import opened_audit
+    from ledger.projections import readers
+    from ledger.storage.projection_store import ProjectionSnapshot
+    from tests.test_projections import ingest
+
+    asyncio.run(_history(database))
+    settings = Settings(database_url=database.service_dsn, run_projector=False)
+    traffic = Traffic(seed=4, portals=3)  # continuing `_history`'s deliveries
+    for _ in range(300):
+        traffic.next()
+
+    async def advance() -> tuple[int, bytes]:
+        """More events, folded: the projector's commit, from another process's point of view."""
+        from aiohttp.test_utils import TestClient, TestServer
+
+        from ledger.web import create_app
+
+        async with TestClient(TestServer(create_app(settings))) as client:
+            await ingest(client, traffic, 20)
+        async with opened_audit(settings) as opened:
+            await opened.audit.bots()  # catches the registry up
+            return await opened.store.head()
+
+    async def folded() -> tuple[int, bytes]:
+        async with opened_audit(settings) as opened:
+            await opened.audit.bots()
+            checkpoint = await opened.audit.projection()
+            return checkpoint.position, bytes.fromhex(checkpoint.head_hash)
+
+    monkeypatch.setattr(readers, "PAGE", 1)
+    heads: list[tuple[int, bytes]] = []
+    for method in ("page", "deletion_page"):
+        original = getattr(ProjectionSnapshot, method)
+
+        async def paged(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            found = await _original(self, *args, **kwargs)
+            if len(heads) < pages_before_commit:  # once, after the first page
+                heads.append(await asyncio.to_thread(asyncio.run, advance()))
+            return found
+
+        monkeypatch.setattr(ProjectionSnapshot, method, paged)
+    for kind in ("bots", "deletions"):
+        before = asyncio.run(folded())
+        pages_before_commit = len(heads) + 1
+        out = tmp_path / f"{kind}.jsonl"
+        result = run(database, "export", kind, "--format", "jsonl", "--output", str(out))
+        assert result.exit_code == 0, result.output
+        assert len(out.read_text().splitlines()) >= 2  # more than one page
+        manifest = json.loads((tmp_path / f"{kind}.jsonl.manifest.json").read_text())
+        assert heads[-1][0] > before[0]  # the projector committed during the export
+        assert (manifest["head_position"], manifest["head_hash"]) == (before[0], before[1].hex())
+        assert manifest["head_is"] == "projection_checkpoint"
+    events = tmp_path / "events.jsonl"
+    assert run(database, "export", "events", "--output", str(events)).exit_code == 0
+    assert json.loads((tmp_path / "events.jsonl.manifest.json").read_text())["head_is"] \
+        == "chain_head"

@@ -307,13 +307,16 @@ def export(
                 return await exports.export_events(
                     audit, where, out, fmt, on_start=bar.start, on_progress=bar.advance
                 )
+            read_at = exports.ReadAt()  # the manifest records the snapshot's checkpoint
             if kind == "bots":
-                return await exports.export_rows("bots", audit.bot_pages(member_id=portal), out,
-                                                 fmt, {"member_id": portal}, audit)
+                return await exports.export_rows(
+                    "bots", audit.bot_pages(member_id=portal, at=read_at), out, fmt,
+                    {"member_id": portal}, audit, read_at=read_at)
             where_d = DeletionFilter(member_id=portal, occurred_from=parse_moment(since),
                                      occurred_to=parse_moment(until))
-            return await exports.export_rows("deletions", audit.deletion_pages(where_d), out,
-                                             fmt, dict(where_d.__dict__), audit)
+            return await exports.export_rows(
+                "deletions", audit.deletion_pages(where_d, at=read_at), out, fmt,
+                dict(where_d.__dict__), audit, read_at=read_at)
 
     manifest = with_audit(ctx, work)
     if output is None:

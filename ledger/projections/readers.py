@@ -20,6 +20,9 @@ from ledger.storage.projection_store import ProjectionStore
 AsOf = asof.AsOf | int | datetime | None
 
 
+# told where a listing's pages are read: the projection checkpoint's position and chain hash
+ReadAt = Callable[[int, bytes], None]
+
 REGISTRY = projector_module.REGISTRY
 PAGE = 1000  # rows per read of a registry or timeline page (the read API's largest page)
 
@@ -108,10 +111,13 @@ async def bot_pages(
     as_of: AsOf = None,
     after: tuple[str, int] | None = None,
     limit: int | None = None,
+    at: ReadAt | None = None,
 ) -> AsyncGenerator[list[Bot], None]:
     """The registry in key order (portal, bot id) after the key `after`, `limit` rows a page:
     live, each page is one keyset read of the projection (memory bounded by the page, however
-    large the registry); as of a moment, the one fold's rows (the fold holds them all anyway)."""
+    large the registry); as of a moment, the one fold's rows (the fold holds them all anyway).
+    `at`: told, live, the projection checkpoint (position, chain hash) every page is read at —
+    what an export's manifest stands on (the head read afterwards may be later)."""
     limit = limit or PAGE  # read now: a test makes the pages smaller
     state = await snapshot(projections, projector, as_of)
     if state is not None:
@@ -122,6 +128,8 @@ async def bot_pages(
             yield page
         return
     async with projections.snapshot(REGISTRY) as view:  # every page of one moment
+        if at is not None:
+            at(*await view.checkpoint())
         while True:
             found = [rows.bot(r) for r in await view.page(
                 "bots", after=after, limit=limit,
@@ -141,6 +149,7 @@ async def deletion_pages(
     as_of: AsOf = None,
     after: tuple[int, int] | None = None,
     limit: int | None = None,
+    at: ReadAt | None = None,
 ) -> AsyncGenerator[list[Deletion], None]:
     """The deletion timeline in key order (position, bot id) after `after`, as `bot_pages`."""
     limit = limit or PAGE  # read now: a test makes the pages smaller
@@ -151,6 +160,8 @@ async def deletion_pages(
             yield page
         return
     async with projections.snapshot(REGISTRY) as view:  # every page of one moment
+        if at is not None:
+            at(*await view.checkpoint())
         while True:
             found = [rows.deletion(r) for r in await view.deletion_page(
                 after=after, limit=limit, member_id=where.member_id,
