@@ -35,6 +35,7 @@ from ledger.errors import (
     DatabaseUnavailable,
     DeliveryNotStored,
     LedgerError,
+    LockWaitTimeout,
     SpoolFull,
     SpoolUnwritable,
     TaskCrashed,
@@ -64,6 +65,11 @@ class Appender(Protocol):
 
     def set_aside(self, drafts: Sequence[Draft]) -> None:
         """These spooled drafts will never be stored: undo what they promised (blocking)."""
+        ...
+
+    def lost_from_spool(self, spooled: set[tuple[str, str]]) -> None:
+        """Spooled records were set aside unread: undo what the ones no longer in the spool
+        (`spooled`: (portal, dedup key hex) of what it still holds) promised (blocking)."""
         ...
 
     def give_up(self) -> None:
@@ -183,7 +189,7 @@ class GroupCommitter:
                         await self._arrived.wait()
                 if loop.time() >= self._next_attempt:
                     self._fault("drain")
-                    await self._drain()
+                    await self._drain_or_wait()
             else:
                 await self._arrived.wait()
             if not self._queue:
@@ -337,7 +343,7 @@ class GroupCommitter:
             results = await asyncio.to_thread(
                 self._appender.spool_offline, [draft for draft, _ in batch], write
             )
-        except (SpoolFull, SpoolUnwritable, OSError) as exc:
+        except (SpoolFull, SpoolUnwritable, LockWaitTimeout, OSError) as exc:
             log.error("cannot spool %d deliveries: %s", len(batch), exc)
             failure = (
                 exc if isinstance(exc, LedgerError)
@@ -353,6 +359,34 @@ class GroupCommitter:
             else:
                 future.set_result(result)
 
+    async def drain_adopted(self, spool: Spool, seconds: float) -> None:
+        """Drain `spool` — another worker number's, whose lock the caller holds
+        (`ledger.adoption`) — for up to `seconds`: until it is empty, or a step moves nothing
+        (PostgreSQL away, a draft waiting on another worker's entry, a retry's delay)."""
+        self._spool = spool
+        if spool.corrupt_found:  # a torn tail moved aside as the spool was opened
+            await asyncio.to_thread(self.forget_lost)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while spool.has_pending() and loop.time() < end:
+            before = spool.drained, spool.size
+            await self._drain_or_wait()
+            if (spool.drained, spool.size) == before:
+                return
+
+    def forget_lost(self) -> None:
+        """What the spool's records set aside unread (or torn) promised offline is undone
+        (`Appender.lost_from_spool`); blocking."""
+        assert self._spool is not None
+        self._appender.lost_from_spool(self._spool.undrained_causes())
+
+    async def _drain_or_wait(self) -> None:
+        try:
+            await self._drain()
+        except LockWaitTimeout as exc:  # the journal's holder stalled: an outage, tried later
+            log.warning("spool not drained now: %s", exc)
+            self._next_attempt = asyncio.get_running_loop().time() + self._retry_seconds
+
     async def _drain(self) -> None:
         """Move one batch from the spool into PostgreSQL (in order, idempotently)."""
         assert self._spool is not None
@@ -360,6 +394,9 @@ class GroupCommitter:
             return
         pending = await asyncio.to_thread(self._spool.read, self._drain_limit)
         if pending.unreadable is not None:
+            # its journal entries (an install's or uninstall's) would stay open for good; it is
+            # skipped as unreadable already, so this is done first (and again if it fails)
+            await asyncio.to_thread(self.forget_lost)
             await asyncio.to_thread(self._spool.quarantine, pending, pending.unreadable)
             self.progressed.set()
             return
@@ -407,7 +444,7 @@ class GroupCommitter:
     async def _drain_before_exit(self) -> None:
         while self._spool is not None and self._spool.has_pending():
             before = self._spool.drained, self._spool.size
-            await self._drain()
+            await self._drain_or_wait()
             if (self._spool.drained, self._spool.size) == before:
                 log.warning("PostgreSQL still unavailable: %d deliveries stay spooled in %s",
                             self._spool.records, self._spool.directory)

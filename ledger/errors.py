@@ -114,6 +114,22 @@ class SpoolFull(LedgerError):
     code = "store_unavailable"
 
 
+class SpoolBusy(ConfigurationError):
+    """A worker's own spool is held by another process past the wait (`ledger.spool.claim_own`):
+    two processes must never drain one spool. The message says what to stop."""
+
+    code = "spool_busy"
+
+
+class LockWaitTimeout(DatabaseUnavailable):
+    """A file lock the offline state needs (the trust journal) was held by another process or
+    thread past the bound: a stalled holder (stopped, on a hung disk). Handled as PostgreSQL
+    being away would be — the batch is spooled, or answered 503 when the spool cannot judge it
+    either — and never waited on by a thread without end."""
+
+    code = "lock_wait_timeout"
+
+
 class CommitterClosed(LedgerError):
     """The service is shutting down and takes no new deliveries."""
 

@@ -99,6 +99,17 @@ class Metrics:
             "ledger_spool_oldest_seconds", "Age of the oldest spooled delivery", registry=r,
             multiprocess_mode="livemax",
         )
+        # every worker looks at every spool (`ledger.adoption`): the same value from each
+        self.spool_absent_bytes = Gauge(
+            "ledger_spool_absent_bytes", "Undrained bytes in the spools of worker numbers no "
+            "process runs (a running worker adopts and drains them)", registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.spool_absent_age = Gauge(
+            "ledger_spool_absent_oldest_seconds", "Age of the oldest delivery waiting in the "
+            "spool of a worker number no process runs", registry=r,
+            multiprocess_mode="livemax",
+        )
         self.projector_lag = Gauge(
             "ledger_projector_lag_events", "Events not yet in the projections", registry=r,
             multiprocess_mode="livemax",
@@ -150,6 +161,10 @@ class Metrics:
     def watch_spool(self, depth: Callable[[], int], age: Callable[[], float]) -> None:
         self._watch(self.spool_depth, depth)
         self._watch(self.spool_age, age)
+
+    def watch_absent_spools(self, size: Callable[[], int], age: Callable[[], float]) -> None:
+        self._watch(self.spool_absent_bytes, size)
+        self._watch(self.spool_absent_age, age)
 
     def _watch(self, gauge: Gauge, value: Callable[[], float]) -> None:
         if self._dir is None:

@@ -55,8 +55,10 @@ the journal locked until the batch is spooled, which records *in doubt* its port
 its COMMIT may move (`Doubt`; `JournalTurn.committing`: a refused install moves none).
 Offline every worker answers their installs and uninstalls 503 (LifecycleInDoubt) — every
 delivery of theirs, when nothing spooled stands for the doubtful ones — until the doubt is
-settled: by that worker's drain, or by any worker that reaches PostgreSQL (`settle_doubts`: the
-transaction over, or ended, what it committed is what PostgreSQL holds of its deliveries). One
+settled: by the drain of that worker's spool (its own, or, its number no longer running, the
+adopting worker's: `ledger.adoption`), or by any worker that reaches PostgreSQL
+(`settle_doubts`: the transaction over, or ended, what it committed is what PostgreSQL holds of
+its deliveries). One
 given up on before its COMMIT is stopped there (rolled back; its spool resolves the intent).
 After a drain the worker settles its own entries with the position their trust event got — or
 as refused, and a refused entry no longer counts anywhere: provisional state never outlives its
@@ -72,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -90,6 +93,7 @@ from ledger.errors import (
     LedgerError,
     LifecycleInDoubt,
     LifecycleNotDrained,
+    LockWaitTimeout,
 )
 from ledger.models import (
     Draft,
@@ -137,6 +141,12 @@ _DOUBT_REPEAT_LOG_SECONDS = 10.0
 # bad journal lines already logged by this process (`_passed_over`), by their digest
 _REPORTED_LINES: set[bytes] = set()
 _REPORTED_LINES_MAX = 1024
+# how long a thread waits for the journal's lock before giving up (`LockWaitTimeout`): longer
+# than any holder keeps it (an online lifecycle append's turn lasts up to the append timeout,
+# 5 s by default, then its spool), short enough that a stalled holder (a stopped process, a
+# hung disk) costs each waiter this long once, not a thread for ever
+LOCK_WAIT_SECONDS = 10.0
+_LOCK_POLL_SECONDS = (0.001, 0.05)  # the first and the longest pause between two tries
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,11 +393,34 @@ class OfflineTrust:
     def _open_exclusive(self) -> IO[bytes]:
         handle = self._open_journal()
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            self._flock(handle, fcntl.LOCK_EX)
         except BaseException:
             handle.close()
             raise
         return handle
+
+    def _flock(self, handle: IO[bytes], mode: int) -> None:
+        """Take the journal's lock, waiting at most `LOCK_WAIT_SECONDS` — polled, so the thread
+        waiting ends then whatever the holder does: a blocking `flock` in a thread nobody can
+        stop kept one thread per waiter for as long as a stalled holder held it (each lifecycle
+        append given up on left one more). Raises LockWaitTimeout, an outage to the caller."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        pause = _LOCK_POLL_SECONDS[0]
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise LockWaitTimeout(
+                    f"the offline trust journal {self._journal_path} stayed locked for "
+                    f"{LOCK_WAIT_SECONDS:g} s (a process holding it is stalled: stopped, or on "
+                    "a hung disk?); handled as an outage — find the holder (`fuser` on the "
+                    "file) and end or resume it")
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _LOCK_POLL_SECONDS[1])
 
     def _waited_on(self, handle: IO[bytes], portals: frozenset[str]) -> frozenset[str]:
         """Of `portals`, those with other workers' journal entries not yet in PostgreSQL."""
@@ -598,16 +631,19 @@ class OfflineTrust:
             if isinstance(draft, EventDraft):
                 self._pending.pop((draft.member_id, draft.dedup_key), None)
 
-    def drainable(self, drafts: Sequence[Draft]) -> int:
+    def drainable(self, drafts: Sequence[Draft], *, worker: int | None = None) -> int:
         """How many of these spooled drafts may drain now: a draft waits while another worker's
-        journal entry for its portal, made before it was spooled, has not drained."""
+        journal entry for its portal, made before it was spooled, has not drained. `worker`:
+        whose spool they are from (default this one's; another when adopted,
+        `ledger.adoption` — then this worker's own entries are another's)."""
         if not any(isinstance(d, EventDraft) and d.offline_seen is not None for d in drafts):
             return len(drafts)
+        spooled_by = self._worker if worker is None else worker
         with self._locked(fcntl.LOCK_SH) as handle:
             journal = _read(handle)
         waiting = {
             (e.member_id, e.seq) for e in journal.entries
-            if e.worker != self._worker and e.seq not in journal.settled
+            if e.worker != spooled_by and e.seq not in journal.settled
         }
         for count, draft in enumerate(drafts):
             if isinstance(draft, EventDraft) and draft.offline_seen is not None and any(
@@ -664,7 +700,8 @@ class OfflineTrust:
         anything was spooled; not found, their spooled entries stand as any spooled lifecycle
         entry does (judged again on drain, by a PostgreSQL that never held them). Either way
         the portals are judged offline again, by every worker. A doubt recorded without its
-        transaction (by an older version) is settled only by its worker's drain.
+        transaction (by an older version) is settled only by the drain of its worker's spool
+        (that worker's, or an adopter's: `ledger.adoption`).
         `unless_tried_within`: seconds — a doubt that could not be settled is not tried again
         sooner (the committer asks for every batch of a doubted portal: it must not wait on a
         transaction that will not end, batch after batch)."""
@@ -802,10 +839,13 @@ class OfflineTrust:
 
     def settle(
         self, drafts: Sequence[Draft], outcomes: Sequence[Outcome],
-        effects: Sequence[PlannedEffect],
+        effects: Sequence[PlannedEffect], *, worker: int | None = None,
     ) -> None:
-        """After a drain committed: this worker's journal entries for these drafts are in
-        PostgreSQL now (at their trust event's position), or were refused there."""
+        """After a drain committed: the spooling worker's journal entries for these drafts are
+        in PostgreSQL now (at their trust event's position), or were refused there; its doubts
+        about them are over (recorded with a transaction or, by an older version, without).
+        `worker`: whose spool they drained from (default this one's; `drainable`)."""
+        spooled_by = self._worker if worker is None else worker
         caused = {e.cause: e.position for e in effects}
         drained: dict[tuple[str, str], int | None] = {}
         for index, (draft, outcome) in enumerate(zip(drafts, outcomes, strict=True)):
@@ -829,16 +869,36 @@ class OfflineTrust:
                 {"settled": e.seq, "position": drained[(e.member_id, e.cause)],
                  "at": time.time()}
                 for e in journal.entries
-                if e.worker == self._worker and e.seq not in journal.settled
+                if e.worker == spooled_by and e.seq not in journal.settled
                 and (e.member_id, e.cause) in drained
             ]
             # drained, the given-up append's lifecycle deliveries are in PostgreSQL (found
             # stored: it did commit; or stored now) or refused there: no longer in doubt
             resolved = [[m, c] for w, m, c in sorted(journal.doubts)
-                        if w == self._worker and (m, c) in drained]
+                        if w == spooled_by and (m, c) in drained]
             if resolved:
-                lines.append({"resolved": resolved, "worker": self._worker})
+                lines.append({"resolved": resolved, "worker": spooled_by})
             _append(handle, lines)
+
+    def settle_lost(self, spooled: set[tuple[str, str]], *, worker: int | None = None) -> None:
+        """The spooling worker's open journal entries whose delivery is no longer in its spool
+        (`spooled`: what it still holds, `Spool.undrained_causes`) — its record set aside
+        unread, or moved aside torn at start-up — are settled as refused, as `Appender.set_aside`
+        settles what it sets aside: nothing will ever drain them, and provisional they kept
+        their portals provisional (judged on an effect PostgreSQL never got) for good."""
+        spooled_by = self._worker if worker is None else worker
+        with self._locked(fcntl.LOCK_EX) as handle:
+            journal = _read(handle)
+            lost = [e for e in journal.entries
+                    if e.worker == spooled_by and e.cause and e.seq not in journal.settled
+                    and (e.member_id, e.cause) not in spooled]
+            if not lost:
+                return
+            log.error("%d offline trust journal entries of worker %d (portal(s) %s) lost their "
+                      "spooled delivery (set aside unread, or torn): settled as refused",
+                      len(lost), spooled_by, ", ".join(sorted({e.member_id for e in lost})))
+            _append(handle, [{"settled": e.seq, "position": None, "at": time.time()}
+                             for e in lost])
 
     def view(self) -> tuple[TrustFacts, set[str]]:
         """The state offline judging uses now, and the portals it is provisional for."""
@@ -886,7 +946,7 @@ class OfflineTrust:
     @contextlib.contextmanager
     def _locked(self, mode: int) -> Iterator[IO[bytes]]:
         with self._open_journal() as handle:
-            fcntl.flock(handle.fileno(), mode)
+            self._flock(handle, mode)
             try:
                 yield handle
             finally:
@@ -1347,9 +1407,14 @@ class Appender:
     """The store as the group committer uses it: appends (keeping the offline state current),
     offline spooling, and the drain's order across workers."""
 
-    def __init__(self, store: EventStore, offline: OfflineTrust) -> None:
+    def __init__(self, store: EventStore, offline: OfflineTrust, *,
+                 drains_for: int | None = None) -> None:
+        """`drains_for`: the worker number whose spool this appender drains, when it is not
+        `offline`'s own (`ledger.adoption`): its journal entries are settled and ordered as
+        that worker's drain would."""
         self._store = store
         self._offline = offline
+        self._spooled_by = offline.worker if drains_for is None else drains_for
         self._turns: set[JournalTurn] = set()  # held by appends not yet ended
         self._doubt: Doubt | None = None  # for the spool of the batch given up on
         self._doubt_spooled = False  # and it was: drained at once, it settles the doubt
@@ -1428,7 +1493,8 @@ class Appender:
                 stored.get(getattr(outcomes[e.cause], "position", -1)) for e in effects],
                 turn)
             if draining:
-                await asyncio.to_thread(self._offline.settle, drafts, outcomes, effects)
+                await asyncio.to_thread(functools.partial(
+                    self._offline.settle, drafts, outcomes, effects, worker=self._spooled_by))
         except Exception:  # committed already: the senders must hear so
             log.exception("committed, but the offline trust state was not updated (the next "
                           "refresh catches up)")
@@ -1476,7 +1542,12 @@ class Appender:
         refused: list[Outcome] = [Refusal(500, "quarantined", "set aside from the spool", 0)
                                   for _ in drafts]
         self._offline.drained(drafts)
-        self._offline.settle(drafts, refused, [])
+        self._offline.settle(drafts, refused, [], worker=self._spooled_by)
+
+    def lost_from_spool(self, spooled: set[tuple[str, str]]) -> None:
+        """Records of the spool were set aside unread (or torn): their journal entries are
+        settled as refused (`OfflineTrust.settle_lost`); `spooled`: what the spool still holds."""
+        self._offline.settle_lost(spooled, worker=self._spooled_by)
 
     def spool_offline(
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]
@@ -1494,4 +1565,4 @@ class Appender:
         return spooled
 
     def drainable(self, drafts: Sequence[Draft]) -> int:
-        return self._offline.drainable(drafts)
+        return self._offline.drainable(drafts, worker=self._spooled_by)

@@ -22,8 +22,10 @@ Every file here is created 0600 and the directory is 0700: records hold payloads
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import struct
@@ -38,7 +40,7 @@ from typing import Any
 import orjson
 
 from ledger import codec
-from ledger.errors import CodecError, SpoolFull, SpoolUnwritable
+from ledger.errors import CodecError, SpoolBusy, SpoolFull, SpoolUnwritable
 from ledger.models import Draft, EventDraft, RejectionDraft
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,26 @@ class Spool:
                 offset = end
         return Pending(drafts, offset, self.drained)
 
+    def undrained_causes(self) -> set[tuple[str, str]]:
+        """(portal, dedup key hex) of every undrained event record that can be read: what the
+        offline trust journal's entries of this spool may still wait for (`ledger.offline`'s
+        `settle_lost`). Reads the whole undrained log: called only after records were set aside."""
+        found: set[tuple[str, str]] = set()
+        with self._lock, self._log.open("rb") as handle:
+            handle.seek(self.drained)
+            offset = self.drained
+            while offset < self._size:
+                _, length, _ = _HEADER.unpack(handle.read(_HEADER.size))
+                body = handle.read(length)
+                offset += _HEADER.size + length
+                try:
+                    draft = decode(body)
+                except CodecError:
+                    continue  # set aside in its turn
+                if isinstance(draft, EventDraft):
+                    found.add((draft.member_id, draft.dedup_key.hex()))
+        return found
+
     def mark_drained(self, pending: Pending) -> None:
         """Record (durably) that these drafts are in PostgreSQL; empty the files when all are."""
         with self._lock:
@@ -348,6 +370,97 @@ def any_pending(root: Path) -> bool:
         if size > drained:
             return True
     return False
+
+
+# ---- who drains a spool ------------------------------------------------------------------
+#
+# A spool has one drainer at a time: the process holding `owner.lock` (an exclusive `flock`,
+# let go by the kernel when its holder dies, kill -9 included). A worker takes its own spool's
+# lock at start-up, before it reads the spool, and keeps it while it runs; a running worker
+# takes the lock of a spool whose worker number no process runs (`ledger.adoption`) for one
+# drain pass at a time. Whoever holds it says so in the file (`{"worker": N, "pid": P}`), for
+# the others' reports: a spool held by a worker of another number is adopted, its own worker
+# absent.
+
+LOCK_NAME = "owner.lock"
+_CLAIM_POLL_SECONDS = 0.05
+
+
+def worker_of(directory: Path) -> int | None:
+    """The worker number of a spool directory (`worker-N`), None for anything else."""
+    prefix, _, number = directory.name.partition("-")
+    return int(number) if prefix == "worker" and number.isdigit() else None
+
+
+def claim(directory: Path, *, holder: int) -> int | None:
+    """Take `directory`'s lock without waiting: its descriptor (close it to let go), or None
+    when a process holds it."""
+    _private_directory(directory)
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, orjson.dumps({"worker": holder, "pid": os.getpid()}), 0)
+    except OSError as exc:  # only a report for the others: the lock is what counts
+        log.warning("cannot note the holder of %s (%s)", directory / LOCK_NAME, exc)
+    return fd
+
+
+async def claim_own(directory: Path, *, worker: int, seconds: float) -> int:
+    """A worker's own spool lock, waited for up to `seconds` (a running worker may hold it for
+    one drain pass, `ledger.adoption`) without a thread: polled. `SpoolBusy` when still held."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (fd := claim(directory, holder=worker)) is None:
+        if loop.time() >= deadline:
+            holder = holder_of(directory)
+            raise SpoolBusy(
+                f"the spool {directory} is held by another process ({holder or 'unknown'}) "
+                f"after {seconds:g} s: is a second `ledger serve` running on the same data "
+                "directory? Stop it (one process drains a spool), then start this one again")
+        await asyncio.sleep(_CLAIM_POLL_SECONDS)
+    return fd
+
+
+def holder_of(directory: Path) -> dict[str, int] | None:
+    """Who last took `directory`'s lock, as it noted (None: unknown)."""
+    try:
+        noted = orjson.loads((directory / LOCK_NAME).read_bytes())
+        return {"worker": int(noted["worker"]), "pid": int(noted["pid"])}
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def undrained(directory: Path) -> tuple[int, datetime | None]:
+    """Bytes not yet drained in a spool directory and when its first undrained delivery was
+    received (None: none, or unreadable) — read-only, without its lock (for reports)."""
+    log_path = directory / "spool.log"
+    try:
+        size = log_path.stat().st_size
+    except FileNotFoundError:
+        return 0, None
+    try:
+        drained = int((directory / "drained").read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        drained = 0
+    if size <= drained:
+        return 0, None
+    oldest: datetime | None = None
+    try:
+        with log_path.open("rb") as handle:
+            handle.seek(drained)
+            _, length, _ = _HEADER.unpack(handle.read(_HEADER.size))
+            oldest = decode(handle.read(length)).received_at
+    except (OSError, struct.error, CodecError):
+        pass
+    return size - drained, oldest
 
 
 def _private_directory(directory: Path) -> None:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ledger import checkpoints, wire
+from ledger.adoption import SpoolAdopter
 from ledger.api import AUDIT, TREES, create_api, json_response, plain_headers
 from ledger.audit import AuditService, FoldGate
 from ledger.checkpointer import Checkpointer
@@ -42,7 +45,7 @@ from ledger.proving import TreeFollower
 from ledger.recent import RecentCommits
 from ledger.redaction import scrub_text
 from ledger.settings import Settings
-from ledger.spool import FileOps, Spool
+from ledger.spool import FileOps, Spool, claim_own
 from ledger.storage import target as targets
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.console_store import ConsoleStore
@@ -86,6 +89,11 @@ CHECKPOINTER = web.AppKey("checkpointer", Checkpointer)
 LAG = web.AppKey("projector_lag", ProjectorLag)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", Spool)
+ADOPTER = web.AppKey("spool_adopter", SpoolAdopter)
+# how long a worker waits at start-up for its own spool's lock: a running worker that adopted
+# it holds it for one drain pass (`ledger.adoption`: about a second, more when an append or the
+# journal's lock is slow); past this, another process drains it (a second `serve`?)
+SPOOL_CLAIM_SECONDS = 60.0
 OFFLINE = web.AppKey("offline", OfflineTrust)
 TREE_FOLLOWER = web.AppKey("tree_follower", TreeFollower)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
@@ -274,7 +282,11 @@ async def readyz(request: web.Request) -> web.Response:
         "checks": checks,
         "projector": projection,
         "spool": {"records": spool.records, "bytes": spool.size,
-                  "oldest_seconds": round(spool.age_seconds(), 3)},
+                  "oldest_seconds": round(spool.age_seconds(), 3),
+                  # undrained spools of worker numbers no process runs, as of the last look
+                  # (`ledger.adoption`): a running worker drains them
+                  "absent_workers": [a.as_json() for _, a in
+                                     sorted(request.app[ADOPTER].absent.items())]},
         "forwarding": [
             {k: h[k] for k in ("route_id", "state", "backlog", "oldest_pending_seconds",
                                "last_error")} for h in forwarding
@@ -404,6 +416,19 @@ async def _supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # this worker's spool is drained by one process at a time: the lock is held while it runs
+    # (a running worker that adopted it while this number was absent lets go after its pass)
+    held = await claim_own(settings.spool_path, worker=settings.worker,
+                           seconds=SPOOL_CLAIM_SECONDS)
+    try:
+        async for _ in _committing(app):
+            yield
+    finally:
+        os.close(held)
+
+
+async def _committing(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     spool = Spool(settings.spool_path, max_bytes=settings.spool_max_bytes,
                   files=app[SEAMS].spool_files)
     if spool.has_pending():
@@ -428,6 +453,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         append_timeout=settings.append_timeout_seconds,
         fault=app[SEAMS].fault,
     )
+    if spool.corrupt_found:  # a torn tail moved aside: what it promised offline is undone
+        await asyncio.to_thread(committer.forget_lost)
     app[STORE].lock_ahead_when(committer.waiting)  # one round trip less a busy batch
     ways = app[METRICS].append_ways
     counters = {way: ways.labels(way) for way in ("one_statement", "retried", "long")}
@@ -439,6 +466,20 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         "trust-refresh",
         lambda: _refresh_trust(offline, app[STORE], settings.trust_refresh_seconds),
     )
+    # its appends beside the committer's, on a store of its own (no head lock taken ahead,
+    # no kept connection shared with the committer)
+    adopted = EventStore(app[POOL], policy=settings.trust_policy,
+                         notify_every=NOTIFY_EVERY_SECONDS, one_round_trip=False)
+    app[ADOPTER] = adopter = SpoolAdopter(
+        settings.spool_path.parent, worker=settings.worker, store=adopted, offline=offline,
+        gate=lambda: _schema_gate(app[POOL]), max_bytes=settings.spool_max_bytes,
+        max_events=settings.batch_max_events, retry_seconds=settings.spool_retry_seconds,
+        append_timeout=settings.append_timeout_seconds, metrics=app[METRICS])
+    app[METRICS].watch_absent_spools(
+        lambda: sum(a.bytes for a in adopter.absent.values()),
+        lambda: max([(datetime.now(UTC) - a.oldest).total_seconds()
+                     for a in adopter.absent.values() if a.oldest is not None], default=0.0))
+    supervisor.start("spool-adoption", lambda: adopter.run(settings.spool_retry_seconds))
     async with aiohttp.ClientSession() as session:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
                                   timeout=settings.confirm_timeout_seconds)
@@ -456,6 +497,8 @@ async def _committer_ctx(app: web.Application) -> AsyncIterator[None]:
         committer.finish()  # answers every delivery already taken before returning
         await supervisor.join("committer")
         intake.close()
+    await supervisor.stop("spool-adoption")
+    await adopted.announcer.flush()
     await supervisor.stop("trust-refresh")
 
 

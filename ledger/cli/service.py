@@ -157,8 +157,9 @@ def _run_workers(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    # A worker killed or crashed is replaced under the same number, so its spool
-    # (LEDGER_SPOOL_DIR/worker-N) drains and its share of connections is served again. One that
+    # A worker killed or crashed is replaced under the same number, so its share of connections
+    # is served again (its spool, LEDGER_SPOOL_DIR/worker-N, is drained meanwhile by whichever
+    # running worker adopts it, `ledger.adoption`, and by itself once back). One that
     # exits on a failure it explained (exit status 1 or 2: settings, schema, port) has a problem
     # a restart will not mend, and neither has one that keeps dying: then everything stops.
     restarts: list[float] = []
