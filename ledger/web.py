@@ -32,6 +32,7 @@ from ledger.errors import (
     DatabaseUnavailable,
     DeliveryRejected,
     LedgerError,
+    LockWaitTimeout,
     SchemaNotMigrated,
     UnreadableBody,
 )
@@ -454,7 +455,10 @@ async def _committing(app: web.Application) -> AsyncIterator[None]:
         fault=app[SEAMS].fault,
     )
     if spool.corrupt_found:  # a torn tail moved aside: what it promised offline is undone
-        await asyncio.to_thread(committer.forget_lost)
+        try:
+            await asyncio.to_thread(committer.forget_lost)
+        except LockWaitTimeout as exc:  # not a reason not to start: logged, left open
+            log.error("the journal entries of the torn spool records stay open: %s", exc)
     app[STORE].lock_ahead_when(committer.waiting)  # one round trip less a busy batch
     ways = app[METRICS].append_ways
     counters = {way: ways.labels(way) for way in ("one_statement", "retried", "long")}
