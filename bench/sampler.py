@@ -31,6 +31,22 @@ import asyncpg
 from bench.proc import _all, _tree
 
 
+def _trees(table: dict[int, tuple[int, float]], server_pid: int,
+           postmaster: int | None) -> tuple[set[int], set[int], set[int]]:
+    """The server's processes, the projector's among them, and the cluster's."""
+    server = set(_tree(server_pid, table)) if server_pid in table else set()
+    projector: set[int] = set()
+    for pid in server:
+        try:
+            if b"project" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                projector |= set(_tree(pid, table))
+        except OSError:
+            continue
+    cluster = (set(_tree(postmaster, table))
+               if postmaster is not None and postmaster in table else set())
+    return server, projector, cluster
+
+
 def _kind(pid: int, server_tree: set[int], projector_tree: set[int]) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -90,16 +106,7 @@ class Sampler:
 
     def _snapshot(self) -> dict[int, tuple[str, float]]:
         table = _all()
-        server = set(_tree(self.server_pid, table)) if self.server_pid in table else set()
-        projector: set[int] = set()
-        for pid in server:
-            try:
-                if b"project" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    projector |= set(_tree(pid, table))
-            except OSError:
-                continue
-        cluster = (set(_tree(self.postmaster, table))
-                   if self.postmaster is not None and self.postmaster in table else set())
+        server, projector, cluster = _trees(table, self.server_pid, self.postmaster)
         found: dict[int, tuple[str, float]] = {}
         for pid in server | cluster:
             kind = _kind(pid, server, projector)
@@ -309,16 +316,7 @@ class IoSampler:
 
     def _sample(self) -> IoSample:
         table = _all()
-        server = set(_tree(self.server_pid, table)) if self.server_pid in table else set()
-        projector: set[int] = set()
-        for pid in server:
-            try:
-                if b"project" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    projector |= set(_tree(pid, table))
-            except OSError:
-                continue
-        cluster = (set(_tree(self.postmaster, table))
-                   if self.postmaster is not None and self.postmaster in table else set())
+        server, projector, cluster = _trees(table, self.server_pid, self.postmaster)
         written: dict[str, int] = {}
         cancelled: dict[str, int] = {}
         now: dict[int, tuple[str, int, int]] = {}
