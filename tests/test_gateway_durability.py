@@ -209,6 +209,39 @@ def test_an_outbox_under_another_key_is_refused(tmp_path: Path) -> None:
     reader.close()
 
 
+def test_a_damaged_record_is_skipped_and_the_records_around_it_still_forwarded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One record damaged on disk (a flipped bit) once stopped its outbox for good — and,
+    raised out of the forwarder's poll, every other outbox too — under a message blaming the
+    key. Only a record none of whose neighbours decrypts means another key."""
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key)
+    writer.append([(header(["a"]), b"x=1"), (header(["a"]), b"x=2"), (header(["a"]), b"x=3")])
+    (segment,) = tmp_path.glob("seg-*")
+    data = bytearray(segment.read_bytes())
+    second = 8 + int.from_bytes(data[4:8], "big")
+    data[second + 8 + 12 + 3] ^= 1  # in the second record's ciphertext
+    segment.write_bytes(bytes(data))
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+    assert [f.body for f in reader.poll()] == [b"x=1", b"x=3"]
+    assert "does not decrypt while others do" in caplog.text
+    writer.append([(header(["a"]), b"x=4")])
+    assert [f.body for f in reader.poll()] == [b"x=4"]  # and the outbox goes on
+    writer.close()
+    reader.close()
+    lone = tmp_path / "lone"
+    writer = OutboxWriter(lone, os.urandom(32))
+    writer.append([(header(["a"]), b"x=1"), (header(["a"]), b"x=2")])
+    writer.close()
+    reader = OutboxReader(lone, key)
+    reader.open()
+    with pytest.raises(OutboxError, match="key"):  # none opens: another key, refused
+        reader.poll()
+    reader.close()
+
+
 def test_a_torn_tail_is_skipped_once_its_writer_moved_on_and_never_forwarded(
     tmp_path: Path,
 ) -> None:

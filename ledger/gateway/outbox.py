@@ -329,6 +329,8 @@ class OutboxReader:
         self._settled: list[tuple[Location, str, str]] = []
         self._settled_lock = threading.Lock()  # never held during I/O
         self.behind = False  # the last poll stopped at its `max_bytes`: more to read
+        # a record decrypted here: the key is this outbox's, so one that does not is damaged
+        self._keyed = False
 
     def open(self) -> None:
         """Read `done.log` and rewrite it to what still matters (existing segments)."""
@@ -391,8 +393,18 @@ class OutboxReader:
                     end = offset + _FRAME.size + length
                     if magic != MAGIC or end > len(data):
                         break
-                    header, body = self._sealer.open(data[offset:end])
                     at = segment.read + offset
+                    try:
+                        header, body = self._sealer.open(data[offset:end])
+                    except OutboxError:
+                        if not (self._keyed or self._opens_after(data, end)):
+                            raise  # nothing opens: the key is not this outbox's
+                        log.error("outbox %s: the record at offset %d does not decrypt while "
+                                  "others do (damaged on disk): skipped, its forwards are lost",
+                                  path, at)
+                        offset = end
+                        continue
+                    self._keyed = True
                     owed = [r for r in header["routes"] if (at, r) not in segment.settled]
                     segment.outstanding += len(owed)
                     if owed:
@@ -405,6 +417,20 @@ class OutboxReader:
                                 len(data) - offset)
                     segment.read += len(data) - offset
         return found
+
+    def _opens_after(self, data: bytes, offset: int) -> bool:
+        """Whether any complete frame of `data` from `offset` on decrypts: then one that does
+        not is damaged, not sealed under another key."""
+        while offset + _FRAME.size <= len(data):
+            magic, length = _FRAME.unpack_from(data, offset)
+            end = offset + _FRAME.size + length
+            if magic != MAGIC or end > len(data):
+                return False
+            with contextlib.suppress(OutboxError):
+                self._sealer.open(data[offset:end])
+                return True
+            offset = end
+        return False
 
     def read(self, location: Location) -> bytes:
         """A record's body (for a forward whose body was not kept in memory)."""
