@@ -20,7 +20,7 @@ import pytest
 from yarl import URL
 
 from ledger.audit import new_token
-from ledger.errors import NoSuchRoute, RouteRefused
+from ledger.errors import LedgerError, NoSuchRoute, RouteRefused
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.forwarder import Forwarder
 from ledger.gateway.handoff import HANDOFF, LOOP_WRITE_MAX_BYTES
@@ -711,3 +711,38 @@ async def test_an_attempt_record_postgresql_refuses_holds_back_no_other_record(
     errors = await admin.fetch(
         "SELECT error FROM ledger.forward_attempts WHERE route_id = $1 ORDER BY id", route_id)
     assert [r["error"] for r in errors] == ["before", "after"]
+
+
+async def test_attempt_records_wait_while_postgresql_refuses_every_write_and_none_is_dropped(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """Found by a break test: PostgreSQL out of disk (or a failed-over, read-only primary,
+    or a cancelled statement) refuses the COPY with an error that is not a connection
+    failure; the forwarder took it for a record's bad data, wrote the batch one by one, saw
+    each refused alone and dropped them all — the audit trail of every forward lost for as
+    long as it lasted. Only a data error (SQLSTATE class 22/23) is one record's fault."""
+    _, forwarder, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(), destination.url)
+    now = datetime.now(UTC)
+
+    def record(error: str) -> AttemptRecord:
+        return AttemptRecord(route_id=route_id, member_id=MEMBER_ID, position=None,
+                             dedup_key=b"k" * 32, attempt=1, outcome="failed", status=None,
+                             error=error, latency_ms=None, accepted_at=now, attempted_at=now)
+
+    await admin.execute("""
+        CREATE FUNCTION public.disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'
+              USING ERRCODE = 'disk_full'; END $$;
+        CREATE TRIGGER disk_full BEFORE INSERT ON ledger.forward_attempts
+            FOR EACH ROW EXECUTE FUNCTION public.disk_full();
+    """)
+    forwarder._records.extend([record("first"), record("second")])
+    with pytest.raises(LedgerError, match="could not be recorded"):
+        await forwarder.records_flushed()
+    await admin.execute("DROP TRIGGER disk_full ON ledger.forward_attempts")
+    await forwarder.records_flushed()
+    errors = await admin.fetch(
+        "SELECT error FROM ledger.forward_attempts WHERE route_id = $1 ORDER BY id", route_id)
+    assert [r["error"] for r in errors] == ["first", "second"]

@@ -5,11 +5,14 @@ Attempts never carry a body (nor anything from it but the portal and the event's
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import asyncpg
 import orjson
 
+from ledger.errors import DatabaseUnavailable
 from ledger.storage.store import Pool, translated_errors
 
 _ROUTE_EVENTS = """
@@ -46,6 +49,8 @@ class AttemptRecord(NamedTuple):
 
 
 _ATTEMPT_COLUMNS = AttemptRecord._fields  # the table's columns, as a record holds them
+# SQLSTATE classes that are a record's own fault (data exception, integrity violation)
+_DATA_CLASSES = ("22", "23")
 
 
 class GatewayStore:
@@ -65,9 +70,21 @@ class GatewayStore:
         """One batch, by binary COPY (cheaper than an INSERT of unnested arrays on both sides
         for the forwarder's batches: bench.forwarder)."""
         async with translated_errors("record forward attempts"), self._pool.acquire() as conn:
-            await conn.copy_records_to_table(
-                "forward_attempts", schema_name="ledger", columns=_ATTEMPT_COLUMNS,
-                records=records)
+            try:
+                await conn.copy_records_to_table(
+                    "forward_attempts", schema_name="ledger", columns=_ATTEMPT_COLUMNS,
+                    records=records)
+            except asyncpg.PostgresError as exc:
+                # anything but the data (out of disk, a read-only primary after a failover, a
+                # cancelled statement) refuses every record alike: the forwarder must hold
+                # them and try again, not write them one by one and drop each
+                task = asyncio.current_task()
+                if (exc.sqlstate or "")[:2] in _DATA_CLASSES or (
+                        task is not None and task.cancelling()):
+                    raise
+                raise DatabaseUnavailable(
+                    f"record forward attempts: PostgreSQL refuses writes for now "
+                    f"({type(exc).__name__}: {exc})") from exc
 
     async def attempts(
         self, *, route_id: str | None = None, position: int | None = None,
