@@ -242,6 +242,31 @@ def test_a_damaged_record_is_skipped_and_the_records_around_it_still_forwarded(
     reader.close()
 
 
+def test_damaged_framing_skips_only_up_to_the_next_record(tmp_path: Path) -> None:
+    """Found by a break test: a damaged frame header (magic or length) in the middle of a
+    segment was taken for a torn tail, and every acknowledged record after it in that segment
+    was skipped unread. Records are authenticated, so reading resumes at the next one."""
+    key = os.urandom(32)
+    for damage in (slice(0, 4), slice(4, 8)):  # the magic, the length
+        directory = tmp_path / str(damage.start)
+        writer = OutboxWriter(directory, key)
+        writer.append([(header(["a"]), b"x=1"), (header(["a"]), b"x=2"),
+                       (header(["a"]), b"x=3")])
+        (segment,) = directory.glob("seg-*")
+        data = bytearray(segment.read_bytes())
+        second = 8 + int.from_bytes(data[4:8], "big")
+        data[second + damage.start : second + damage.stop] = b"\xff\xff\xff\x0f"
+        segment.write_bytes(bytes(data))
+        writer.close()
+        restarted = OutboxWriter(directory, key)  # its writer moved on: no tail is coming
+        restarted.append([(header(["a"]), b"x=4")])
+        reader = OutboxReader(directory, key)
+        reader.open()
+        assert [f.body for f in reader.poll()] == [b"x=1", b"x=3", b"x=4"]
+        restarted.close()
+        reader.close()
+
+
 def test_a_torn_tail_is_skipped_once_its_writer_moved_on_and_never_forwarded(
     tmp_path: Path,
 ) -> None:

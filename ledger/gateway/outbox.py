@@ -114,7 +114,7 @@ class _Sealer:
         nonce = frame[_FRAME.size : _FRAME.size + _NONCE]
         try:
             plain = self._aead.decrypt(nonce, frame[_FRAME.size + _NONCE :], MAGIC)
-        except InvalidTag as exc:
+        except (InvalidTag, ValueError) as exc:  # ValueError: too short to hold a nonce
             raise OutboxError(
                 f"an outbox record in {self._directory} does not decrypt: the outbox key is "
                 "not the one it was written with (restore LEDGER_OUTBOX_KEY or "
@@ -391,18 +391,27 @@ class OutboxReader:
                 while offset + _FRAME.size <= len(data):
                     magic, length = _FRAME.unpack_from(data, offset)
                     end = offset + _FRAME.size + length
-                    if magic != MAGIC or end > len(data):
-                        break
                     at = segment.read + offset
+                    if magic != MAGIC or end > len(data):
+                        # a tail still being written, or torn — unless a record follows:
+                        # then these bytes were damaged on disk
+                        if (resumed := self._next_record(data, offset + 1)) is None:
+                            break
+                        log.error("outbox %s: %d bytes at offset %d are not a record (damaged "
+                                  "on disk): skipped up to the next record, forwards lost",
+                                  path, resumed - offset, at)
+                        offset = resumed
+                        continue
                     try:
                         header, body = self._sealer.open(data[offset:end])
                     except OutboxError:
-                        if not (self._keyed or self._opens_after(data, end)):
+                        resumed = self._next_record(data, offset + 1)
+                        if not self._keyed and resumed is None:
                             raise  # nothing opens: the key is not this outbox's
                         log.error("outbox %s: the record at offset %d does not decrypt while "
                                   "others do (damaged on disk): skipped, its forwards are lost",
                                   path, at)
-                        offset = end
+                        offset = end if resumed is None else resumed
                         continue
                     self._keyed = True
                     owed = [r for r in header["routes"] if (at, r) not in segment.settled]
@@ -418,19 +427,20 @@ class OutboxReader:
                     segment.read += len(data) - offset
         return found
 
-    def _opens_after(self, data: bytes, offset: int) -> bool:
-        """Whether any complete frame of `data` from `offset` on decrypts: then one that does
-        not is damaged, not sealed under another key."""
-        while offset + _FRAME.size <= len(data):
-            magic, length = _FRAME.unpack_from(data, offset)
-            end = offset + _FRAME.size + length
-            if magic != MAGIC or end > len(data):
-                return False
-            with contextlib.suppress(OutboxError):
-                self._sealer.open(data[offset:end])
-                return True
-            offset = end
-        return False
+    def _next_record(self, data: bytes, start: int) -> int | None:
+        """The offset of the first complete record in `data` from `start` on that decrypts
+        (authenticated: damaged bytes never pass for one), if any. Only called on damage or
+        on a tail still being written, so the scan costs nothing otherwise."""
+        while (offset := data.find(MAGIC, start)) >= 0:
+            if offset + _FRAME.size > len(data):
+                return None
+            end = offset + _FRAME.size + _FRAME.unpack_from(data, offset)[1]
+            if end <= len(data):
+                with contextlib.suppress(OutboxError):
+                    self._sealer.open(data[offset:end])
+                    return offset
+            start = offset + 1
+        return None
 
     def read(self, location: Location) -> bytes:
         """A record's body (for a forward whose body was not kept in memory)."""
