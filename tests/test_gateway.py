@@ -24,7 +24,7 @@ from ledger.errors import LedgerError, NoSuchRoute, RouteRefused
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.forwarder import Forwarder
 from ledger.gateway.handoff import HANDOFF, LOOP_WRITE_MAX_BYTES
-from ledger.gateway.outbox import OutboxWriter
+from ledger.gateway.outbox import OutboxReader, OutboxWriter
 from ledger.gateway.routes import check_destination
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
@@ -746,3 +746,25 @@ async def test_attempt_records_wait_while_postgresql_refuses_every_write_and_non
     errors = await admin.fetch(
         "SELECT error FROM ledger.forward_attempts WHERE route_id = $1 ORDER BY id", route_id)
     assert [r["error"] for r in errors] == ["first", "second"]
+
+
+async def test_a_poll_whose_settling_fails_forwards_what_it_read_all_the_same(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination,
+) -> None:
+    """Found by a break test: `done.log` could not be written (the disk full), the poll that
+    had just read new records raised, and they were dropped on the floor — read (never to be
+    read again by this process), not queued: not forwarded, not given up, not counted, and
+    their segment never deleted, until the forwarder happened to restart."""
+    client, _, _ = await routed_client(make_client, forwarders, gateway_settings(),
+                                       destination.url)
+    await install_sample_portal(client)
+    first, second = messages(2)
+    await post(client, first)
+    await destination.wait_until(lambda d: len(d.delivered) == 2)  # the install, the first
+    full = OSError(28, "No space left on device")
+    with mock.patch.object(OutboxReader, "apply_settled", side_effect=full) as settling:
+        _, answer = await post(client, second)
+        await eventually(lambda: settling.call_count >= 3)  # polls that read it went by
+    await destination.wait_until(lambda d: len(d.delivered) == 3, within=5)
+    assert destination.delivered[-1].position == answer["position"]

@@ -267,6 +267,32 @@ def test_damaged_framing_skips_only_up_to_the_next_record(tmp_path: Path) -> Non
         reader.close()
 
 
+def test_done_log_that_cannot_be_rewritten_once_is_written_down_after(tmp_path: Path) -> None:
+    """Found by a break test: a failed rewrite of `done.log` (the disk full) left its handle
+    closed, and every later `apply_settled` raised ValueError — out of the forwarder's poll,
+    which then dropped each record it had read."""
+    key = os.urandom(32)
+    writer = OutboxWriter(tmp_path, key)
+    writer.append([(header(["a"]), b"x=1")])
+    writer.close()
+    later = OutboxWriter(tmp_path, key)  # the first segment is no longer the newest
+    later.append([(header(["a"]), b"x=2")])
+    reader = OutboxReader(tmp_path, key)
+    reader.open()
+    first, second = reader.poll()
+    (tmp_path / "done.tmp").mkdir()  # the rewrite cannot be written
+    reader.settle(first.location, "a", "delivered")
+    with pytest.raises(IsADirectoryError):
+        reader.apply_settled()  # the first segment is deleted, done.log not rewritten
+    (tmp_path / "done.tmp").rmdir()
+    reader.settle(second.location, "a", "delivered")
+    reader.apply_settled()
+    assert f"{second.location[0]} {second.location[1]} a" in (
+        tmp_path / "done.log").read_text()
+    later.close()
+    reader.close()
+
+
 def test_a_torn_tail_is_skipped_once_its_writer_moved_on_and_never_forwarded(
     tmp_path: Path,
 ) -> None:

@@ -337,7 +337,11 @@ class Forwarder:
         if apply_settled:
             for outbox in [*self._outboxes.values(), *opened.values()]:
                 if outbox.settling:
-                    outbox.apply_settled()
+                    try:
+                        outbox.apply_settled()
+                    except OSError as exc:  # raised, it dropped the records read above
+                        log.error("outbox %s: what was settled cannot be written down (%s); "
+                                  "tried again at the next poll", outbox.directory, exc)
         return directories, gone, found
 
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:

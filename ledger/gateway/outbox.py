@@ -350,8 +350,6 @@ class OutboxReader:
     def _rewrite_done(self) -> None:
         """`done.log` cut to the segments that still exist (lines of deleted ones are dead)."""
         path = self.directory / "done.log"
-        if self._done_file is not None:
-            self._done_file.close()
         temporary = path.with_suffix(".tmp")
         with open(temporary, "w", encoding="ascii") as handle:
             for number, segment in sorted(self._segments.items()):
@@ -359,6 +357,11 @@ class OutboxReader:
                     handle.write(f"{number} {offset} {route} settled\n")
             handle.flush()
             os.fsync(handle.fileno())
+        # closed only once its replacement is written: a rewrite that fails (disk full) left
+        # it closed, and every later `apply_settled` raised ValueError
+        if self._done_file is not None:
+            with contextlib.suppress(OSError):  # its lines are all in the replacement
+                self._done_file.close()
         temporary.replace(path)
         self._done_file = open(path, "a", encoding="ascii")  # noqa: SIM115 - kept open
 
@@ -387,6 +390,10 @@ class OutboxReader:
                         data = handle.read(size - segment.read)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:  # raised, it dropped what this poll had read
+                    log.error("outbox %s: %s (read again at the next poll)", path, exc)
+                    self.behind = True
+                    break
                 offset = 0
                 while offset + _FRAME.size <= len(data):
                     magic, length = _FRAME.unpack_from(data, offset)
@@ -469,13 +476,17 @@ class OutboxReader:
         with self._settled_lock:
             settled, self._settled = self._settled, []
         with self._lock:
+            lines = []
             for (number, offset), route_id, outcome in settled:
                 segment = self._segments.get(number)
                 if segment is None or (offset, route_id) in segment.settled:
                     continue
                 segment.settled.add((offset, route_id))
                 segment.outstanding -= 1
-                self._done_file.write(f"{number} {offset} {route_id} {outcome}\n")
+                lines.append(f"{number} {offset} {route_id} {outcome}\n")
+            # noted above before written down: a write that fails (disk full) costs a resend
+            # after a restart (at least once), never a segment kept for good
+            self._done_file.write("".join(lines))
             self._done_file.flush()
             deleted = False
             newest = max(self._segments, default=None)
