@@ -20,7 +20,7 @@ import pytest
 from yarl import URL
 
 from ledger.audit import new_token
-from ledger.errors import LedgerError, NoSuchRoute, RouteRefused
+from ledger.errors import DatabaseUnavailable, LedgerError, NoSuchRoute, RouteRefused
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.forwarder import Forwarder
 from ledger.gateway.handoff import HANDOFF, LOOP_WRITE_MAX_BYTES
@@ -29,7 +29,7 @@ from ledger.gateway.routes import check_destination
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.gateway_store import AttemptRecord
-from ledger.web import STORE
+from ledger.web import SETTINGS, STORE
 from tests.conftest import FIXTURES, FORM, MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import Destination, Forwarders, eventually
 from tests.helpers import (
@@ -768,3 +768,32 @@ async def test_a_poll_whose_settling_fails_forwards_what_it_read_all_the_same(
         await eventually(lambda: settling.call_count >= 3)  # polls that read it went by
     await destination.wait_until(lambda d: len(d.delivered) == 3, within=5)
     assert destination.delivered[-1].position == answer["position"]
+
+
+async def test_a_forward_is_settled_only_once_its_record_is_written(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """Found by a break test: a delivered forward was written down as settled in `done.log`
+    at the next poll, its attempt record up to a batch interval later — or, with PostgreSQL
+    away, whenever it came back. A `kill -9` between the two (or a shutdown during the
+    outage) lost the record for good: nothing sent the forward again, and `audit.forwards`
+    never showed that the bot received it. Now the record goes first; killed before it, the
+    forward is owed still (not in `done.log`), sent again and recorded by the next forwarder."""
+    client, forwarder, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(), destination.url)
+    (directory,) = client.app[SETTINGS].outbox_root.glob("worker-*")
+    away = DatabaseUnavailable("record forward attempts: PostgreSQL is unavailable")
+    with mock.patch.object(forwarder._store, "record_attempts", side_effect=away):
+        await install_sample_portal(client)
+        _, answer = await post(client, messages(1)[0])
+        await eventually(lambda: sum(r.outcome == "delivered" for r in forwarder._records) == 2)
+        await forwarder.poll(apply_settled=True)  # what the outbox loop does meanwhile
+        # a kill -9 now: a new forwarder sends again all that done.log does not hold
+        assert f" {route_id} " not in (directory / "done.log").read_text()
+    await forwarder.records_flushed()  # PostgreSQL back: recorded, then settled
+    recorded = await admin.fetch("SELECT position FROM ledger.forward_attempts "
+                                 "WHERE route_id = $1 AND outcome = 'delivered'", route_id)
+    assert answer["position"] in {r["position"] for r in recorded}
+    done = (directory / "done.log").read_text()
+    assert done.count(f" {route_id} ") == 2 or not list(directory.glob("seg-*"))

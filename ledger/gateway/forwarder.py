@@ -66,6 +66,7 @@ _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
 RECORD_BATCH_SECONDS = 0.1  # how long attempt records gather before they are written
 _QUERY = re.compile(r"\?[^\s'\"]*")
 ROUTES_NAME = "forwarder-routes.json"
+_Settle = tuple[OutboxReader, Location, str, str]  # outbox, location, route, outcome
 
 
 @dataclass(slots=True, eq=False)
@@ -156,6 +157,9 @@ class Forwarder:
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics = ForwardMetrics(self.registry, self.backlog)
         self._records: list[AttemptRecord] = []
+        # beside each record: the forward it settles (its last attempt or giving up), settled
+        # in the outbox only once the record is in PostgreSQL (see `_record`)
+        self._settles: list[_Settle | None] = []
         self._records_wake = asyncio.Event()
         self._routed = asyncio.Event()  # a route exists: the outbox is read at its interval
         self._records_lock = asyncio.Lock()
@@ -494,7 +498,8 @@ class Forwarder:
         state.failing_since = None if delivered else (state.failing_since or time.time())
         now = time.time()
         state.last_attempt_at = now
-        self._record(route.route_id, item, outcome, status, error, latency * 1000, now)
+        self._record(route.route_id, item, outcome, status, error, latency * 1000, now,
+                     settles=delivered)
         if delivered:
             state.delivery_seconds.observe(max(0.0, now - item.accepted_at))
         else:
@@ -533,8 +538,7 @@ class Forwarder:
         item.body = None
         if outcome == GIVEN_UP:
             self._give_up_item(state, state.route.route_id, item, reason or "unknown")
-        else:
-            item.outbox.settle(item.location, state.route.route_id, outcome)
+        # delivered: settled once its attempt's record is written (`_attempt`, `_record`)
 
     def _give_up_item(
         self, state: _RouteState | None, route_id: str, item: _Item, reason: str
@@ -545,20 +549,26 @@ class Forwarder:
                     item.position, item.member_id, reason)
         if state is not None:
             state.last_outcome, state.last_error = GIVEN_UP, reason
-        self._record(route_id, item, GIVEN_UP, None, reason, None)
-        item.outbox.settle(item.location, route_id, GIVEN_UP)
+        self._record(route_id, item, GIVEN_UP, None, reason, None, settles=True)
 
     # ---- the record of attempts -------------------------------------------------------------
 
     def _record(
         self, route_id: str, item: _Item, outcome: str, status: int | None, error: str | None,
-        latency_ms: float | None, at: float | None = None,
+        latency_ms: float | None, at: float | None = None, *, settles: bool = False,
     ) -> None:
+        """Hold an attempt's record for the next batch. With `settles` (the forward's outcome)
+        the forward is settled in the outbox only once the record is written: settled first,
+        a `kill -9` (or a shutdown while PostgreSQL is away) before the write lost the record
+        for good — the forward was never sent again, and `audit.forwards` never showed it.
+        Now it is sent again after a restart (at least once) and recorded then."""
+        settle = (item.outbox, item.location, route_id, outcome) if settles else None
         if len(self._records) >= _RECORDS_MAX:  # PostgreSQL away for long: counted, logged
             self._metrics.unrecorded.inc()
             log.warning("forward attempt not recorded (PostgreSQL away): route %s position "
                         "%s attempt %d %s %s", route_id, item.position, item.attempts, outcome,
                         error or status)
+            _settle(settle)  # no record will come to wait for
             return
         accepted = item.accepted
         if accepted is None:
@@ -567,6 +577,7 @@ class Forwarder:
             route_id, item.member_id, item.position, item.dedup_key, item.attempts, outcome,
             status, error, latency_ms, accepted, datetime.fromtimestamp(at or time.time(), UTC),
         ))
+        self._settles.append(settle)
         self._records_wake.set()
 
     async def _flush_records(self) -> bool:
@@ -582,8 +593,16 @@ class Forwarder:
                 return False
             except Exception as exc:  # noqa: BLE001 - refused data: find the record alone
                 return await self._record_singly(len(batch), exc)
-            del self._records[: len(batch)]
+            self._written(len(batch))
             return True
+
+    def _written(self, count: int) -> None:
+        """The first `count` held records are written (or refused for good): let them go and
+        settle the forwards they end."""
+        settles = self._settles[:count]
+        del self._records[:count], self._settles[:count]
+        for settle in settles:
+            _settle(settle)
 
     async def _record_singly(self, count: int, refused: Exception) -> bool:
         """PostgreSQL refused a batch's data, not its availability: write the first `count`
@@ -604,7 +623,7 @@ class Forwarder:
                 log.error("forward attempt left unrecorded (PostgreSQL refuses it: %s): route "
                           "%s position %s attempt %d %s", exc, record.route_id, record.position,
                           record.attempt, record.outcome)
-            del self._records[0]
+            self._written(1)
         return True
 
     async def _record_loop(self) -> None:
@@ -693,6 +712,12 @@ class Forwarder:
             )
             for rid, s in self._states.items()
         ]
+
+
+def _settle(settle: _Settle | None) -> None:
+    if settle is not None:
+        outbox, location, route_id, outcome = settle
+        outbox.settle(location, route_id, outcome)
 
 
 def _item(
