@@ -1495,6 +1495,19 @@ class Appender:
             if draining:
                 await asyncio.to_thread(functools.partial(
                     self._offline.settle, drafts, outcomes, effects, worker=self._spooled_by))
+        except LockWaitTimeout:
+            if not draining:  # committed already: the senders must hear so
+                log.exception("committed, but the offline trust state was not updated (the "
+                              "next refresh catches up)")
+                return outcomes
+            # drained: nothing settles these journal entries but this drain (the refresh does
+            # not), and marked drained they stayed open for good — their portals provisional,
+            # every other worker's drain of them waiting. Left in the spool, the batch is
+            # drained again once the journal's holder lets go: found stored, settled then.
+            log.warning("drained %d spooled deliveries, but their journal entries could not be "
+                        "settled now (the journal's lock was held too long): left in the spool, "
+                        "to be found stored and settled on the next drain", len(drafts))
+            raise
         except Exception:  # committed already: the senders must hear so
             log.exception("committed, but the offline trust state was not updated (the next "
                           "refresh catches up)")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -317,32 +317,42 @@ class Spool:
         temporary.replace(self._marker)
 
     def _recover(self) -> int:
-        """Check every undrained record; move a corrupt or torn tail aside and report it."""
-        data = self._log.read_bytes()
-        if self.drained > len(data):  # cannot be drained past the end: trust the records
-            log.warning("spool %s: drained offset %d beyond its end %d; draining it all again",
-                        self._log, self.drained, len(data))
-            self.drained = 0
-        offset = self.drained
-        while offset < len(data):
-            header = data[offset : offset + _HEADER.size]
-            if len(header) < _HEADER.size:
-                break
-            magic, length, crc = _HEADER.unpack(header)
-            body = data[offset + _HEADER.size : offset + _HEADER.size + length]
-            if magic != MAGIC or len(body) < length or zlib.crc32(body) != crc:
-                break
-            if self.oldest is None:
-                try:
-                    self.oldest = decode(body).received_at
-                except CodecError:  # intact but unreadable: draining sets it aside
-                    self.oldest = datetime.now(UTC)
-            self.records += 1
-            offset += _HEADER.size + length
-        if offset < len(data):
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-            aside = self.directory / f"spool.corrupt-{stamp}"
-            _write_private(aside, data[offset:])
+        """Check every undrained record; move a corrupt or torn tail aside and report it.
+
+        Reads one record at a time (and copies a torn tail in chunks): a worker adopting an
+        absent worker's spool opens it every pass (`ledger.adoption`), and that spool may be
+        as large as any limit it was written under — memory stays a record's size."""
+        with self._log.open("rb") as handle:
+            end = os.fstat(handle.fileno()).st_size
+            if self.drained > end:  # cannot be drained past the end: trust the records
+                log.warning("spool %s: drained offset %d beyond its end %d; draining it all "
+                            "again", self._log, self.drained, end)
+                self.drained = 0
+            offset = self.drained
+            handle.seek(offset)
+            while offset < end:
+                header = handle.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    break
+                magic, length, crc = _HEADER.unpack(header)
+                if magic != MAGIC or offset + _HEADER.size + length > end:
+                    break
+                body = handle.read(length)
+                if len(body) < length or zlib.crc32(body) != crc:
+                    break
+                if self.oldest is None:
+                    try:
+                        self.oldest = decode(body).received_at
+                    except CodecError:  # intact but unreadable: draining sets it aside
+                        self.oldest = datetime.now(UTC)
+                self.records += 1
+                offset += _HEADER.size + length
+            if offset < end:
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+                aside = self.directory / f"spool.corrupt-{stamp}"
+                handle.seek(offset)
+                _copy_private(handle, aside)
+        if offset < end:
             with self._log.open("r+b") as handle:
                 handle.truncate(offset)
                 os.fsync(handle.fileno())
@@ -350,7 +360,7 @@ class Spool:
             log.error(
                 "spool %s: %d bytes at offset %d are torn or corrupt (a crash while writing?); "
                 "moved to %s and NOT stored — inspect it",
-                self._log, len(data) - offset, offset, aside,
+                self._log, end - offset, offset, aside,
             )
         return offset
 
@@ -469,6 +479,24 @@ def _private_directory(directory: Path) -> None:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     for path in (directory, *missing):
         path.chmod(0o700)
+
+
+_COPY_CHUNK = 1024 * 1024
+
+
+def _copy_private(source: BinaryIO, path: Path) -> None:
+    """Copy the rest of `source` into a file only this user can read (fsync'd), a chunk at a
+    time."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        while chunk := source.read(_COPY_CHUNK):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_private(path: Path, data: bytes) -> None:
