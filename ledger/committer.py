@@ -67,9 +67,12 @@ class Appender(Protocol):
         """These spooled drafts will never be stored: undo what they promised (blocking)."""
         ...
 
-    def lost_from_spool(self, spooled: set[tuple[str, str]]) -> None:
+    def lost_from_spool(
+        self, held: Callable[[set[tuple[str, str]]], set[tuple[str, str]]]
+    ) -> None:
         """Spooled records were set aside unread: undo what the ones no longer in the spool
-        (`spooled`: (portal, dedup key hex) of what it still holds) promised (blocking)."""
+        promised (`held`: of some (portal, dedup key hex) pairs, those it still holds —
+        `Spool.held_among`); blocking."""
         ...
 
     def give_up(self) -> None:
@@ -378,7 +381,7 @@ class GroupCommitter:
         """What the spool's records set aside unread (or torn) promised offline is undone
         (`Appender.lost_from_spool`); blocking."""
         assert self._spool is not None
-        self._appender.lost_from_spool(self._spool.undrained_causes())
+        self._appender.lost_from_spool(self._spool.held_among)
 
     async def _drain_or_wait(self) -> None:
         try:

@@ -880,18 +880,31 @@ class OfflineTrust:
                 lines.append({"resolved": resolved, "worker": spooled_by})
             _append(handle, lines)
 
-    def settle_lost(self, spooled: set[tuple[str, str]], *, worker: int | None = None) -> None:
+    def settle_lost(self, held: Callable[[set[tuple[str, str]]], set[tuple[str, str]]], *,
+                    worker: int | None = None) -> None:
         """The spooling worker's open journal entries whose delivery is no longer in its spool
-        (`spooled`: what it still holds, `Spool.undrained_causes`) — its record set aside
-        unread, or moved aside torn at start-up — are settled as refused, as `Appender.set_aside`
-        settles what it sets aside: nothing will ever drain them, and provisional they kept
-        their portals provisional (judged on an effect PostgreSQL never got) for good."""
+        (`held`: of the entries' (portal, dedup key hex), those the spool still holds,
+        `Spool.held_among`) — its record set aside unread, or moved aside torn at start-up —
+        are settled as refused, as `Appender.set_aside` settles what it sets aside: nothing
+        will ever drain them, and provisional they kept their portals provisional (judged on an
+        effect PostgreSQL never got) for good. The spool is read outside the journal's lock
+        (it may be huge) and only when the worker has open entries; nothing else writes this
+        worker's entries meanwhile (its own committer, or the adopter holding its spool, is
+        the caller)."""
         spooled_by = self._worker if worker is None else worker
+
+        def still_open(journal: _Journal) -> list[_Entry]:
+            return [e for e in journal.entries
+                    if e.worker == spooled_by and e.cause and e.seq not in journal.settled]
+
+        with self._locked(fcntl.LOCK_SH) as handle:
+            wanted = {(e.member_id, e.cause) for e in still_open(_read(handle))}
+        if not wanted:
+            return
+        kept = held(wanted)
         with self._locked(fcntl.LOCK_EX) as handle:
-            journal = _read(handle)
-            lost = [e for e in journal.entries
-                    if e.worker == spooled_by and e.cause and e.seq not in journal.settled
-                    and (e.member_id, e.cause) not in spooled]
+            lost = [e for e in still_open(_read(handle))
+                    if (e.member_id, e.cause) in wanted - kept]
             if not lost:
                 return
             log.error("%d offline trust journal entries of worker %d (portal(s) %s) lost their "
@@ -1557,10 +1570,12 @@ class Appender:
         self._offline.drained(drafts)
         self._offline.settle(drafts, refused, [], worker=self._spooled_by)
 
-    def lost_from_spool(self, spooled: set[tuple[str, str]]) -> None:
+    def lost_from_spool(
+        self, held: Callable[[set[tuple[str, str]]], set[tuple[str, str]]]
+    ) -> None:
         """Records of the spool were set aside unread (or torn): their journal entries are
-        settled as refused (`OfflineTrust.settle_lost`); `spooled`: what the spool still holds."""
-        self._offline.settle_lost(spooled, worker=self._spooled_by)
+        settled as refused (`OfflineTrust.settle_lost`); `held`: `Spool.held_among`."""
+        self._offline.settle_lost(held, worker=self._spooled_by)
 
     def spool_offline(
         self, drafts: Sequence[Draft], write: Callable[[list[Draft]], None]

@@ -196,15 +196,17 @@ class Spool:
                 offset = end
         return Pending(drafts, offset, self.drained)
 
-    def undrained_causes(self) -> set[tuple[str, str]]:
-        """(portal, dedup key hex) of every undrained event record that can be read: what the
-        offline trust journal's entries of this spool may still wait for (`ledger.offline`'s
-        `settle_lost`). Reads the whole undrained log: called only after records were set aside."""
+    def held_among(self, wanted: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of `wanted` ((portal, dedup key hex) pairs: the offline trust journal's open entries
+        of this spool, `ledger.offline`'s `settle_lost`), those an undrained event record that
+        can be read still holds. Reads the whole undrained log a record at a time, keeping only
+        what was asked for (an adopted spool may be huge); called only after records were set
+        aside."""
         found: set[tuple[str, str]] = set()
         with self._lock, self._log.open("rb") as handle:
             handle.seek(self.drained)
             offset = self.drained
-            while offset < self._size:
+            while offset < self._size and len(found) < len(wanted):
                 _, length, _ = _HEADER.unpack(handle.read(_HEADER.size))
                 body = handle.read(length)
                 offset += _HEADER.size + length
@@ -213,7 +215,9 @@ class Spool:
                 except CodecError:
                     continue  # set aside in its turn
                 if isinstance(draft, EventDraft):
-                    found.add((draft.member_id, draft.dedup_key.hex()))
+                    key = (draft.member_id, draft.dedup_key.hex())
+                    if key in wanted:
+                        found.add(key)
         return found
 
     def mark_drained(self, pending: Pending) -> None:

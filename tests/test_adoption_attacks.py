@@ -19,16 +19,30 @@ import asyncpg
 import pytest
 
 from ledger import offline as offline_module
+from ledger.models import Draft
 from ledger.offline import OfflineTrust
 from ledger.spool import _HEADER, MAGIC, Spool, undrained
 from ledger.web import ADOPTER, OFFLINE
 from tests.conftest import ClientFactory, sample
 from tests.gateway_helpers import eventually
 from tests.helpers import Client, drained, install_sample_portal
-from tests.test_spool_adoption import open_entries
+from tests.test_planner import delivery
+from tests.test_spool_adoption import journal_of, open_entries
 from tests.test_trust_outage import spooled, stored_types
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
+
+
+async def uninstalled_at(admin: Admin) -> set[int]:
+    """The positions of the (one) stored uninstall and of the trust event it made: its journal
+    entry is settled at the second, or — found stored by a later drain — at the first; one
+    commit holds both, so every refresh sees both or neither and either settles it alike."""
+    row = await admin.fetchrow(
+        "SELECT u.position AS event, (SELECT min(position) FROM ledger.events "
+        "WHERE event_type = 'LEDGER.TRUST_CHANGED' AND position > u.position) AS trust "
+        "FROM ledger.events u WHERE event_type = 'ONAPPUNINSTALL'")
+    assert row is not None
+    return {row["event"], row["trust"]}
 
 
 async def test_a_drains_settle_cut_short_by_a_stalled_journal_holder_is_made_again(
@@ -49,7 +63,7 @@ async def test_a_drains_settle_cut_short_by_a_stalled_journal_holder_is_made_aga
     await install_sample_portal(client)
     await relay.cut()
     await spooled(client, sample("onappuninstall-1"))
-    assert len(open_entries(settings)) == 1
+    (entry,) = open_entries(settings)
 
     settle = OfflineTrust.settle
     stalled: list[bool] = []
@@ -70,6 +84,7 @@ async def test_a_drains_settle_cut_short_by_a_stalled_journal_holder_is_made_aga
     await drained(client)
     assert stalled
     await eventually(lambda: open_entries(settings) == [], within=10)
+    assert journal_of(settings).settled[entry.seq] in await uninstalled_at(admin)
     assert client.app[OFFLINE].view()[1] == set()  # the portal is not provisional
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL"]
     assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
@@ -103,3 +118,85 @@ def test_opening_a_huge_spool_reads_it_a_record_at_a_time(tmp_path: Path) -> Non
     assert aside.read_bytes() == record[:100]
     assert (directory / "spool.log").stat().st_size == spool.size
     assert undrained(directory)[0] == spool.size
+
+
+def test_looking_for_the_lost_records_of_a_huge_spool_keeps_only_what_it_looks_for(
+    tmp_path: Path,
+) -> None:
+    """A record set aside unread (or a torn tail) makes the drain settle the journal entries
+    whose delivery is no longer spooled; to know which, it collected the portal and dedup key
+    of every undrained record of the spool (`undrained_causes`) — for an adopted spool of
+    any size, a set as large as the spool's record count (~5 MB here, for 20,000 records).
+    Now it is asked only about the open entries' deliveries (`held_among`), keeps only those,
+    and reads nothing when the worker has none."""
+    directory = tmp_path / "worker-1"
+    spool = Spool(directory, max_bytes=1024**3)
+    drafts = [delivery("ONIMBOTMESSAGEADD", "token", ts=ts) for ts in range(20_000)]
+    for start in range(0, len(drafts), 1000):
+        spool.append(list[Draft](drafts[start:start + 1000]))
+    wanted = {(drafts[7].member_id, drafts[7].dedup_key.hex()), ("another", "00" * 32)}
+    tracemalloc.start()
+    try:
+        found = spool.held_among(wanted)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found == {(drafts[7].member_id, drafts[7].dedup_key.hex())}
+    assert peak < 1024 * 1024, peak
+
+
+async def test_two_adopters_at_once_and_one_dying_after_its_commit_store_everything_once(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker 1, cut off, spools messages and an uninstall and stops. Workers 0 and 2 both
+    reach PostgreSQL and look for absent spools at the same moment, again and again; the first
+    pass dies right after its COMMIT, before the drained marker (as a `kill -9` there: its lock
+    let go, nothing of it noted). Holds: one adopter a pass, the other reports it as drained by
+    the first; the dead pass's batch is found stored by the next one — every delivery stored
+    once, no redelivery recorded, and worker 1's uninstall entry settled at the position of
+    its event in PostgreSQL (the dead pass's commit)."""
+    relay, settings_for = outage
+    gone_settings = settings_for(worker=1, trust_refresh_seconds=3600)
+    gone: Client = await make_client(gone_settings)
+    await install_sample_portal(gone)
+    await relay.cut()
+    names = ["onimbotjoinchat-1", "onimbotmessageadd-1", "onappuninstall-1"]
+    for name in names:
+        await spooled(gone, sample(name))
+    (entry,) = open_entries(gone_settings)
+    await gone.close()
+    directory = gone_settings.spool_path
+
+    adopters = []
+    for number in (0, 2):
+        client: Client = await make_client(settings_factory(
+            spool_retry_seconds=3600, spool_dir=tmp_path / "spool", worker=number,
+            trust_refresh_seconds=3600))
+        assert client.app is not None
+        adopters.append(client.app[ADOPTER])
+
+    mark_drained = Spool.mark_drained
+    died: list[int] = []
+
+    def dies_after_commit(self: Spool, pending: Any) -> None:
+        if not died:
+            died.append(len(pending.drafts))
+            raise OSError("killed after COMMIT, before the drained marker")
+        mark_drained(self, pending)
+
+    monkeypatch.setattr(Spool, "mark_drained", dies_after_commit)
+    reports: list[Any] = []
+    for _ in range(20):
+        results = await asyncio.gather(*(a.look() for a in adopters), return_exceptions=True)
+        assert all(r is None or isinstance(r, OSError) for r in results), results
+        reports.extend(a.absent.get(1) for a in adopters)
+        if undrained(directory)[0] == 0:
+            break
+    assert died
+    assert undrained(directory)[0] == 0
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD",
+                                         "ONAPPUNINSTALL"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
+    assert journal_of(gone_settings).settled[entry.seq] in await uninstalled_at(admin)
+    assert {r.drained_by for r in reports if r is not None} <= {0, 2, None}
