@@ -8,10 +8,12 @@ Worker 1 reaches PostgreSQL through a relay the tests cut, unless said otherwise
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import tracemalloc
 import zlib
+from hashlib import sha256
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -19,16 +21,25 @@ import asyncpg
 import pytest
 
 from ledger import offline as offline_module
+from ledger.committer import GroupCommitter
 from ledger.models import Draft
 from ledger.offline import OfflineTrust
 from ledger.spool import _HEADER, MAGIC, Spool, undrained
-from ledger.web import ADOPTER, OFFLINE
+from ledger.web import ADOPTER, COMMITTER, OFFLINE, SPOOL, SUPERVISOR
 from tests.conftest import ClientFactory, sample
 from tests.gateway_helpers import eventually
-from tests.helpers import Client, drained, install_sample_portal
+from tests.helpers import Client, allow_sample_portal, drained, install_sample_portal, post
 from tests.test_planner import delivery
 from tests.test_spool_adoption import journal_of, open_entries
-from tests.test_trust_outage import spooled, stored_types
+from tests.test_trust_outage import (
+    NEW_TOKEN,
+    bot_events,
+    known_everywhere,
+    reinstall,
+    spooled,
+    stored_types,
+    trusted_digest,
+)
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 
@@ -200,3 +211,124 @@ async def test_two_adopters_at_once_and_one_dying_after_its_commit_store_everyth
     assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
     assert journal_of(gone_settings).settled[entry.seq] in await uninstalled_at(admin)
     assert {r.drained_by for r in reports if r is not None} <= {0, 2, None}
+
+
+async def test_an_adopted_uninstall_is_not_overtaken_by_the_adopters_own_later_deliveries(
+    make_client: ClientFactory, outage: Any, settings_factory: Any, tmp_path: Path,
+    admin: Admin,
+) -> None:
+    """Worker 1, cut off, spools a portal's uninstall and stops. Worker 0 reaches PostgreSQL
+    and, before it has adopted that spool, takes a bot message under the old token, then the
+    reinstall and a message under the new one. Holds: judged after the orphan's uninstall
+    (spooled behind it), the old token's message is refused at once (not 202), and worker 0's
+    own drain waits for the adoption; then the lifecycle is stored in the order it happened,
+    the new token's message stored after it, nothing accepted and refused on drain."""
+    relay, settings_for = outage
+    gone_settings = settings_for(worker=1, trust_refresh_seconds=3600)
+    gone: Client = await make_client(gone_settings)
+    await install_sample_portal(gone)
+    await allow_sample_portal(gone)  # for the reinstall to come
+    await relay.cut()
+    await spooled(gone, sample("onappuninstall-1"))
+    await gone.close()
+
+    staying: Client = await make_client(settings_factory(
+        spool_retry_seconds=0.1, spool_dir=tmp_path / "spool", worker=0,
+        trust_refresh_seconds=3600))
+    assert staying.app is not None
+    await staying.app[SUPERVISOR].stop("spool-adoption")  # adopted below, when the test says
+    await known_everywhere(staying)
+    status, answer = await post(staying, sample("onimbotmessageadd-1"))
+    assert status in (401, 403), (status, answer)  # judged after the uninstall
+    await spooled(staying, reinstall())
+    join, _ = bot_events(NEW_TOKEN)
+    await spooled(staying, join)
+    assert staying.app[SPOOL].has_pending()
+    committer = staying.app[COMMITTER]
+    for _ in range(3):  # its own drain tries, and waits on worker 1's uninstall
+        committer.progressed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await committer.progressed.wait()
+    assert await stored_types(admin) == ["ONAPPINSTALL"]
+
+    await staying.app[ADOPTER].look()
+    await drained(staying)
+    assert undrained(gone_settings.spool_path)[0] == 0
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPINSTALL",
+                                         "ONIMBOTJOINCHAT"]
+    assert await trusted_digest(admin) == sha256(NEW_TOKEN.encode()).digest()
+    refusals = await admin.fetch("SELECT reason FROM ledger.rejections")
+    assert len(refusals) == 1, refusals  # the old token's message, refused at intake
+
+
+async def test_a_torn_orphan_spool_is_adopted_and_its_torn_uninstall_settled_as_refused(
+    make_client: ClientFactory, outage: Any, admin: Admin,
+) -> None:
+    """Worker 1, cut off, spools a message and then an uninstall, and dies mid-write of the
+    latter (its record torn). Holds: the adopter moves the torn tail aside, stores the
+    message, and settles worker 1's uninstall entry as refused — the portal is not left
+    provisional on an uninstall nothing will ever drain."""
+    relay, settings_for = outage
+    gone_settings = settings_for(worker=1, trust_refresh_seconds=3600)
+    gone: Client = await make_client(gone_settings)
+    await install_sample_portal(gone)
+    await relay.cut()
+    await spooled(gone, sample("onimbotjoinchat-1"))
+    await spooled(gone, sample("onappuninstall-1"))
+    assert len(open_entries(gone_settings)) == 1
+    await gone.close()
+    log_path = gone_settings.spool_path / "spool.log"
+    os.truncate(log_path, log_path.stat().st_size - 10)
+
+    await relay.start()
+    staying: Client = await make_client(settings_for(worker=0, trust_refresh_seconds=3600))
+    assert staying.app is not None
+    await staying.app[ADOPTER].look()
+    assert undrained(gone_settings.spool_path)[0] == 0
+    assert list(gone_settings.spool_path.glob("spool.corrupt-*"))
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT"]
+    assert open_entries(gone_settings) == []
+    assert staying.app[OFFLINE].view()[1] == set()  # not provisional
+
+
+async def test_a_worker_number_back_while_its_spool_is_adopted_waits_for_the_pass(
+    make_client: ClientFactory, outage: Any, admin: Admin, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker 1's spool is being adopted by worker 0 (the pass held open by the test) when
+    worker 1 starts again. Holds: worker 1 waits for the spool's lock, starts once the pass
+    lets go, and finds the drained marker the pass wrote — nothing stored twice."""
+    relay, settings_for = outage
+    gone_settings = settings_for(worker=1, trust_refresh_seconds=3600)
+    gone: Client = await make_client(gone_settings)
+    await install_sample_portal(gone)
+    await relay.cut()
+    for name in ("onimbotjoinchat-1", "onimbotmessageadd-1"):
+        await spooled(gone, sample(name))
+    await gone.close()
+    await relay.start()
+
+    staying: Client = await make_client(settings_for(worker=0, trust_refresh_seconds=3600))
+    assert staying.app is not None
+    await staying.app[SUPERVISOR].stop("spool-adoption")
+    drain_adopted = GroupCommitter.drain_adopted
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held_open(self: GroupCommitter, spool: Spool, seconds: float) -> None:
+        entered.set()
+        await release.wait()
+        await drain_adopted(self, spool, seconds)
+
+    monkeypatch.setattr(GroupCommitter, "drain_adopted", held_open)
+    adopting = asyncio.create_task(staying.app[ADOPTER].look())
+    await entered.wait()
+    back = asyncio.create_task(make_client(gone_settings))
+    done, _ = await asyncio.wait({back}, timeout=0.5)
+    assert not done  # waiting for the adopter's pass
+    release.set()
+    await adopting
+    returned: Client = await back
+    assert returned.app is not None
+    assert not returned.app[SPOOL].has_pending()
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
+    assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
