@@ -322,7 +322,11 @@ async def test_a_worker_number_back_while_its_spool_is_adopted_waits_for_the_pas
     monkeypatch.setattr(GroupCommitter, "drain_adopted", held_open)
     adopting = asyncio.create_task(staying.app[ADOPTER].look())
     await entered.wait()
-    back = asyncio.create_task(make_client(gone_settings))
+    async def start_again() -> Client:
+        started: Client = await make_client(gone_settings)
+        return started
+
+    back = asyncio.create_task(start_again())
     done, _ = await asyncio.wait({back}, timeout=0.5)
     assert not done  # waiting for the adopter's pass
     release.set()
