@@ -43,12 +43,13 @@ class Absent:
     bytes: int
     oldest: datetime | None
     drained_by: int | None  # the worker draining it at the last look (None: none then)
+    error: str | None = None  # why it could not be adopted at the last look (None: it could)
 
-    def as_json(self) -> dict[str, int | float | None]:
+    def as_json(self) -> dict[str, int | float | str | None]:
         age = (datetime.now(UTC) - self.oldest).total_seconds() if self.oldest else None
         return {"worker": self.worker, "bytes": self.bytes,
                 "oldest_seconds": round(age, 3) if age is not None else None,
-                "drained_by": self.drained_by}
+                "drained_by": self.drained_by, "error": self.error}
 
 
 class SpoolAdopter:
@@ -74,6 +75,7 @@ class SpoolAdopter:
         # at a time) lasts across passes, as in its own committer; dropped once it is empty
         self._drains: dict[int, GroupCommitter] = {}
         self.absent: dict[int, Absent] = {}  # as of the last look
+        self._failed: dict[int, str] = {}  # spools that could not be adopted: why (logged once)
 
     async def run(self, every: float) -> None:
         while True:
@@ -87,26 +89,47 @@ class SpoolAdopter:
             number = worker_of(directory)
             if number is None or number == self._worker or not directory.is_dir():
                 continue
-            size, oldest = await asyncio.to_thread(undrained, directory)
-            if not size:
-                self._drains.pop(number, None)
-                continue
-            fd = await asyncio.to_thread(claim, directory, holder=self._worker)
-            if fd is None:  # its worker runs — or another worker adopted it for this pass
-                holder = await asyncio.to_thread(holder_of, directory)
-                if holder is not None and holder["worker"] != number:
-                    found[number] = Absent(number, size, oldest, holder["worker"])
-                continue
             try:
-                await self._drain(directory, number)
-            finally:
-                os.close(fd)
-            size, oldest = await asyncio.to_thread(undrained, directory)
-            if size:
-                found[number] = Absent(number, size, oldest, None)
-            else:
+                absent = await self._look_at(directory, number)
+            except Exception as exc:  # noqa: BLE001 - one spool that fails stops no other
+                # (it raised out of the task: every worker's adoption crash-looped on it —
+                # readiness failing everywhere — and the spools after it were never drained)
+                reason = f"{type(exc).__name__}: {exc}"
+                if self._failed.get(number) != reason:
+                    log.error("worker %d's spool %s cannot be adopted (%s): it stays as it is "
+                              "until it is repaired or moved aside; the other spools are "
+                              "adopted meanwhile", number, directory, reason)
+                self._failed[number] = reason
                 self._drains.pop(number, None)
+                found[number] = Absent(number, 0, None, None, error=reason)
+                continue
+            if self._failed.pop(number, None) is not None:
+                log.warning("worker %d's spool %s can be adopted again", number, directory)
+            if absent is not None:
+                found[number] = absent
         self.absent = found
+
+    async def _look_at(self, directory: Path, number: int) -> Absent | None:
+        """Adopt `directory` for one pass if no process holds it; what is left undrained."""
+        size, oldest = await asyncio.to_thread(undrained, directory)
+        if not size:
+            self._drains.pop(number, None)
+            return None
+        fd = await asyncio.to_thread(claim, directory, holder=self._worker)
+        if fd is None:  # its worker runs — or another worker adopted it for this pass
+            holder = await asyncio.to_thread(holder_of, directory)
+            if holder is not None and holder["worker"] != number:
+                return Absent(number, size, oldest, holder["worker"])
+            return None
+        try:
+            await self._drain(directory, number)
+        finally:
+            os.close(fd)
+        size, oldest = await asyncio.to_thread(undrained, directory)
+        if size:
+            return Absent(number, size, oldest, None)
+        self._drains.pop(number, None)
+        return None
 
     async def _drain(self, directory: Path, number: int) -> None:
         spool = await asyncio.to_thread(Spool, directory, max_bytes=self._max_bytes)

@@ -284,6 +284,7 @@ async def test_a_torn_orphan_spool_is_adopted_and_its_torn_uninstall_settled_as_
     await relay.start()
     staying: Client = await make_client(settings_for(worker=0, trust_refresh_seconds=3600))
     assert staying.app is not None
+    await staying.app[SUPERVISOR].stop("spool-adoption")  # looked below, when the test says
     await staying.app[ADOPTER].look()
     assert undrained(gone_settings.spool_path)[0] == 0
     assert list(gone_settings.spool_path.glob("spool.corrupt-*"))
@@ -336,3 +337,39 @@ async def test_a_worker_number_back_while_its_spool_is_adopted_waits_for_the_pas
     assert not returned.app[SPOOL].has_pending()
     assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTJOINCHAT", "ONIMBOTMESSAGEADD"]
     assert await admin.fetchval("SELECT count(*) FROM ledger.redeliveries") == 0
+
+
+async def test_an_orphan_spool_that_cannot_be_adopted_stops_no_other_and_no_worker(
+    make_client: ClientFactory, outage: Any, admin: Admin,
+) -> None:
+    """Two absent workers' spools; the first cannot be opened (its drained marker is not a
+    number: a disk error, an operator's edit). Its error raised out of the adoption task:
+    every worker's adoption crash-looped on it (readiness failing everywhere once it loops)
+    and the second spool — deliveries answered 202 — was never drained. Now the broken one is
+    logged, reported with its error in /readyz and left as it is; the other is drained."""
+    relay, settings_for = outage
+    broken_settings = settings_for(worker=1, trust_refresh_seconds=3600)
+    gone_settings = settings_for(worker=2, trust_refresh_seconds=3600)
+    broken: Client = await make_client(broken_settings)
+    gone: Client = await make_client(gone_settings)
+    await install_sample_portal(gone)
+    await relay.cut()
+    await spooled(broken, sample("onimbotjoinchat-1"))
+    await spooled(gone, sample("onimbotmessageadd-1"))
+    await broken.close()
+    await gone.close()
+    (broken_settings.spool_path / "drained").write_text("not a number")
+
+    await relay.start()
+    staying: Client = await make_client(settings_for(worker=0, trust_refresh_seconds=3600))
+    assert staying.app is not None
+    await staying.app[SUPERVISOR].stop("spool-adoption")  # looked below, when the test says
+    adopter = staying.app[ADOPTER]
+    await adopter.look()
+    assert undrained(gone_settings.spool_path)[0] == 0
+    assert await stored_types(admin) == ["ONAPPINSTALL", "ONIMBOTMESSAGEADD"]
+    ready = await (await staying.get("/readyz")).json()
+    (absent,) = ready["spool"]["absent_workers"]
+    assert absent["worker"] == 1
+    assert "ValueError" in absent["error"], ready
+    assert "spool-adoption" not in ready["checks"]["tasks"]
