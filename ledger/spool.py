@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import errno
 import fcntl
+import io
 import logging
 import os
 import struct
@@ -505,12 +506,4 @@ def _copy_private(source: BinaryIO, path: Path) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write and fsync a file only this user can read."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _copy_private(io.BytesIO(data), path)
