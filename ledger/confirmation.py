@@ -11,6 +11,14 @@ app-info): `{"result": {"ID", "CODE", "VERSION", "STATUS", "INSTALLED", ...}}` o
 `{"error", "error_description"}` with a 4xx otherwise. The documented answer carries no member_id;
 when an answer does name one (`result.install.member_id` or `result.member_id`), it must be the
 install's.
+
+Since no answer names the member_id, a token the portal accepts proves less than the install
+claims: any live token issued on that domain would do, and with it a made-up member_id could be
+bound to the domain and the allowance spent. Two more checks narrow who can do that:
+`result.CODE` must be this application's code (`LEDGER_BITRIX24_APP_CODE`, when set: another
+application's token no longer passes), and `profile` must say the token's user is an
+administrator of the portal (`ADMIN`, `LEDGER_CONFIRM_REQUIRE_ADMIN`: installing is an
+administrator's act, so an ordinary user's token of the application no longer passes).
 """
 
 from __future__ import annotations
@@ -45,10 +53,13 @@ class RestConfirmer:
     """Confirms installs with the portal's REST API over one shared client session."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, *, base_url: str, timeout: float
+        self, session: aiohttp.ClientSession, *, base_url: str, timeout: float,
+        app_code: str | None = None, require_admin: bool = True,
     ) -> None:
         self._session = session
         self._base_url = base_url
+        self._app_code = app_code
+        self._require_admin = require_admin
         self._seconds = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
@@ -74,7 +85,25 @@ class RestConfirmer:
                 del self._by_sender[key]
 
     async def _ask(self, domain: str, member_id: str, access_token: str) -> str | None:
-        url = self._base_url.format(domain=domain).rstrip("/") + "/app.info"
+        answer = await self._call(domain, member_id, access_token, "app.info")
+        if isinstance(answer, str):
+            return answer
+        refused = _judge_app(domain, member_id, answer, self._app_code)
+        if refused is not None or not self._require_admin:
+            return refused
+        answer = await self._call(domain, member_id, access_token, "profile")
+        if isinstance(answer, str):
+            return answer
+        if answer.get("ADMIN") is not True:
+            return (f"{domain} says the install's token is not an administrator's (an install "
+                    "is an administrator's act; see LEDGER_CONFIRM_REQUIRE_ADMIN)")
+        return None
+
+    async def _call(
+        self, domain: str, member_id: str, access_token: str, method: str
+    ) -> dict[str, Any] | str:
+        """`result` of one REST call with the install's token, or why there is none."""
+        url = self._base_url.format(domain=domain).rstrip("/") + "/" + method
         try:
             async with self._session.post(
                 url, data={"auth": access_token}, timeout=self._timeout, allow_redirects=False
@@ -85,7 +114,7 @@ class RestConfirmer:
             log.warning("install for %s not confirmed: %s unreachable (%s)",
                         member_id, domain, exc.__class__.__name__)
             return f"{domain} could not be reached"
-        return _judge_answer(domain, member_id, status, body)
+        return _result(domain, status, body)
 
 
 async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
@@ -100,7 +129,7 @@ async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
     return bytes(body)
 
 
-def _judge_answer(domain: str, member_id: str, status: int, body: bytes) -> str | None:
+def _result(domain: str, status: int, body: bytes) -> dict[str, Any] | str:
     if len(body) > _MAX_ANSWER_BYTES:
         return f"{domain} answered with more than {_MAX_ANSWER_BYTES} bytes"
     try:
@@ -111,9 +140,18 @@ def _judge_answer(domain: str, member_id: str, status: int, body: bytes) -> str 
         error = answer.get("error") if isinstance(answer, dict) else None
         reason = str(error)[:60] if isinstance(error, str) else f"HTTP {status}"
         return f"{domain} did not accept the install's access token ({reason})"
-    result = answer["result"]
+    result: dict[str, Any] = answer["result"]
+    return result
+
+
+def _judge_app(
+    domain: str, member_id: str, result: dict[str, Any], app_code: str | None
+) -> str | None:
     install = result.get("install")
     named = install.get("member_id") if isinstance(install, dict) else result.get("member_id")
     if named is not None and named != member_id:
         return f"{domain} answers for another portal"
+    if app_code is not None and result.get("CODE") != app_code:
+        return (f"{domain} answers for another application's token (app.info CODE is not "
+                "LEDGER_BITRIX24_APP_CODE)")
     return None

@@ -50,6 +50,16 @@ class Settings(BaseSettings):
         description="REST base an install admitted by a domain allowance is confirmed at "
         "(app.info); {domain} is the allowed domain",
     )
+    bitrix24_app_code: str | None = Field(
+        default=None, min_length=1, max_length=200,
+        description="this application's code as app.info names it (a local application's "
+        "client_id, local.…): a domain allowance's confirmation refuses another application's "
+        "token; unset: any application's",
+    )
+    confirm_require_admin: bool = Field(
+        default=True, description="a domain allowance's confirmation also asks `profile` and "
+        "refuses a token whose user is not an administrator of the portal",
+    )
     confirm_timeout_seconds: float = Field(
         default=5.0, gt=0, description="a portal not confirming an install by then refuses it"
     )

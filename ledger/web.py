@@ -486,7 +486,9 @@ async def _committing(app: web.Application) -> AsyncIterator[None]:
     supervisor.start("spool-adoption", lambda: adopter.run(settings.spool_retry_seconds))
     async with aiohttp.ClientSession() as session:
         confirmer = RestConfirmer(session, base_url=settings.bitrix24_rest_url,
-                                  timeout=settings.confirm_timeout_seconds)
+                                  timeout=settings.confirm_timeout_seconds,
+                                  app_code=settings.bitrix24_app_code,
+                                  require_admin=settings.confirm_require_admin)
         handoff = app[HANDOFF]
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
                                              confirmer=confirmer, forward=handoff.accept,

@@ -24,14 +24,19 @@ from tests.test_intake import forge
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
 ACCESS_TOKEN = "s6p6eclrvim6da22ft9ch94ekreb52lv"  # the sample install's auth.access_token
+APP_CODE = "local.ledger-test.0001"  # the application's code, as app.info names it
 
 
 @dataclass
 class FakeBitrix24:
-    """A portal's REST API as far as `app.info` goes: it accepts the access tokens it issued."""
+    """A portal's REST API as far as `app.info` and `profile` go: it accepts the access tokens
+    it issued, each of one application and one user."""
 
     url: str = ""
     issued: dict[str, str] = field(default_factory=dict)  # access token -> member_id
+    apps: dict[str, str] = field(default_factory=dict)  # access token -> app code (else ours)
+    not_admin: set[str] = field(default_factory=set)  # access tokens of ordinary users
+    profiles: list[str] = field(default_factory=list)  # tokens `profile` was asked with
     name_member: bool = False  # answer with install.member_id (undocumented, but seen)
     calls: list[tuple[str, str]] = field(default_factory=list)  # (domain, auth)
     hold: asyncio.Event | None = None  # when set up, answers wait for it (a slow portal)
@@ -51,7 +56,8 @@ class FakeBitrix24:
             return web.json_response(
                 {"error": "invalid_token", "error_description": "The access token provided is "
                  "invalid."}, status=401)
-        result: dict[str, Any] = {"ID": 5, "CODE": "ledger.test", "VERSION": 1, "STATUS": "L",
+        result: dict[str, Any] = {"ID": 5, "CODE": self.apps.get(token, APP_CODE), "VERSION": 1,
+                                  "STATUS": "L",
                                   "INSTALLED": True, "PAYMENT_EXPIRED": "N", "DAYS": None}
         if self.name_member:
             result["install"] = {"member_id": member}
@@ -66,12 +72,21 @@ class FakeBitrix24:
         await response.write_eof()
         return response
 
+    async def profile(self, request: web.Request) -> web.StreamResponse:
+        token = str((await request.post()).get("auth", ""))
+        self.profiles.append(token)
+        if token not in self.issued:
+            return web.json_response({"error": "invalid_token"}, status=401)
+        return web.json_response({"result": {"ID": "1", "ADMIN": token not in self.not_admin,
+                                             "NAME": "Admin", "LAST_NAME": ""}})
+
 
 @pytest.fixture
 async def bitrix24(aiohttp_server: Any) -> FakeBitrix24:
     fake = FakeBitrix24(issued={ACCESS_TOKEN: MEMBER_ID})
     app = web.Application()
     app.router.add_post("/{domain}/rest/app.info", fake.app_info)
+    app.router.add_post("/{domain}/rest/profile", fake.profile)
     server = await aiohttp_server(app, host="127.0.0.1")
     fake.url = f"http://127.0.0.1:{server.port}/{{domain}}/rest/"
     return fake
@@ -82,7 +97,8 @@ async def portal_client(
     make_client: ClientFactory, settings_factory: Any, bitrix24: FakeBitrix24
 ) -> Client:
     settings: Settings = settings_factory(bitrix24_rest_url=bitrix24.url,
-                                          confirm_timeout_seconds=2.0)
+                                          confirm_timeout_seconds=2.0,
+                                          bitrix24_app_code=APP_CODE)
     client = await make_client(settings)
     assert client.app is not None
     await change_trust(client.app[STORE], TrustChange.ALLOWED, domain=DOMAIN, actor="test")
@@ -155,6 +171,31 @@ async def test_a_portal_answering_for_another_member_id_refuses_the_install(
     assert (status, answer["error"]) == (403, "install_not_confirmed")
     assert "another portal" in answer["message"]
     assert await trust_of(admin) is None
+
+
+@pytest.mark.parametrize("whose", ["another application's", "an ordinary user's"])
+async def test_a_live_token_of_the_domain_that_is_not_an_admins_of_this_app_is_refused(
+    portal_client: Client, bitrix24: FakeBitrix24, admin: Admin, whose: str
+) -> None:
+    """The portal's `app.info` never names a member_id, so any live token of the allowed
+    domain passed: with it a made-up member_id was bound to the domain (its events then
+    stored under that portal) and the allowance spent. Now the token must be this
+    application's (`app.info` CODE) and an administrator's (`profile` ADMIN)."""
+    stolen = "live-token-of-the-domain"
+    bitrix24.issued[stolen] = MEMBER_ID
+    if whose == "another application's":
+        bitrix24.apps[stolen] = "local.some-other-app.42"
+    else:
+        bitrix24.not_admin.add(stolen)
+    forged = forge("onappinstall-1", member_id="e" * 32, access_token=stolen,
+                   application_token="b" * 32)
+    status, answer = await post(portal_client, forged)
+    assert (status, answer["error"]) == (403, "install_not_confirmed"), answer
+    assert await trust_of(admin, "e" * 32) is None
+    # the allowance is still there for the genuine install, confirmed both ways
+    assert (await post(portal_client, sample("onappinstall-1")))[0] == 200
+    assert await trust_of(admin) == "trusted"
+    assert bitrix24.profiles[-1] == ACCESS_TOKEN
 
 
 async def test_an_unreachable_portal_confirms_nothing(
