@@ -80,6 +80,8 @@ VARIANTS: dict[str, dict[str, str]] = {
                       "pg.bgwriter_lru_maxpages": "100"},
     # with --trace, asyncio's loop is used (only it can time each callback); this keeps uvloop
     "uvloop": {"BENCH_TRACE_LOOP": "uvloop"},
+    # `serve --workers 2`: the commit/batch columns then read one worker's /metrics only
+    "workers2": {"BENCH_WORKERS": "2"},
 }
 
 
@@ -182,6 +184,8 @@ def measure(variant: str, args: argparse.Namespace, cluster: Cluster, lines: lis
     if code:
         env["PYTHONPATH"] = str(Path(args.baseline).resolve())
     argv = [sys.executable, "-P", "-m", "ledger", "serve", "--port", str(port)]
+    if workers := env.pop("BENCH_WORKERS", ""):
+        argv += ["--workers", workers]
     trace_file = OUT / f"trace-{variant.replace(':', '-')}-{tag}.jsonl"
     if args.trace:
         trace_file.unlink(missing_ok=True)
