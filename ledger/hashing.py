@@ -75,6 +75,30 @@ def event_entry(
     )
 
 
+def rejection_arrival(
+    *,
+    received_at: datetime,
+    member_id: str | None,
+    event_type: str | None,
+    peer: str | None,
+    content_type: str | None,
+    body_size: int,
+    body_sha256: bytes,
+) -> bytes:
+    """What identifies the arrival a rejection records (`ledger.rejections.arrival_sha256`,
+    migration 0016): its fields that are facts of the arrival, not of the verdict — a drain run
+    again after a crash may word its refusal otherwise, and must find the row it wrote."""
+    return sha256(canonical_json({
+        "received_at": timestamp_text(received_at),
+        "member_id": member_id,
+        "event_type": event_type,
+        "peer": peer,
+        "content_type": content_type,
+        "body_size": body_size,
+        "body_sha256": body_sha256.hex(),
+    }))
+
+
 def rejection_entry(
     *,
     received_at: datetime,

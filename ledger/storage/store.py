@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 from ledger.envelope import INSTALL, UNINSTALL
 from ledger.errors import AppendFailed, DatabaseUnavailable
-from ledger.hashing import chain_hash, rejection_entry, sha256
+from ledger.hashing import chain_hash, rejection_arrival, rejection_entry, sha256
 from ledger.models import (
     ORIGIN_BITRIX24,
     Draft,
@@ -185,10 +185,19 @@ _INSERT_REDELIVERIES = """
 """
 _INSERT_REJECTIONS = """
     INSERT INTO ledger.rejections (position, received_at, status, reason, detail, member_id,
-        event_type, peer, content_type, body_size, body_sha256, excerpt, prev_hash, hash)
+        event_type, peer, content_type, body_size, body_sha256, excerpt, prev_hash, hash,
+        arrival_sha256)
     SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::smallint[], $4::text[],
         $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::bigint[],
-        $11::bytea[], $12::text[], $13::bytea[], $14::bytea[])
+        $11::bytea[], $12::text[], $13::bytea[], $14::bytea[], $15::bytea[])
+"""
+# A drained batch's rejections already in the log (a drain run again after a crash between its
+# COMMIT and the spool's drained marker, or an online append given up on that committed after
+# all): sent after the rejections head is locked, as its own statement, so its snapshot holds
+# every rejection committed before the lock was granted (each writer holds it until COMMIT)
+_REJECTIONS_LOGGED = """
+    SELECT arrival_sha256, min(position) AS position FROM ledger.rejections
+    WHERE arrival_sha256 = ANY($1::bytea[]) GROUP BY arrival_sha256
 """
 _TRUST_ROWS = """
     SELECT member_id, domain, state, token_sha256, changed_at, changed_position
@@ -1003,7 +1012,7 @@ class EventStore:
         await self._write(connection, planned, notify)
         outcomes = planned.outcomes
         if planned.rejections:
-            positions = await self._write_rejections(connection, planned.rejections)
+            positions = await self._write_rejections(connection, planned.rejections, draining)
             for (index, _), position in zip(planned.rejections, positions, strict=True):
                 current = outcomes[index]
                 if isinstance(current, Refusal):
@@ -1080,13 +1089,33 @@ class EventStore:
             )
 
     async def _write_rejections(
-        self, connection: Connection, rejections: list[tuple[int, RejectionDraft]]
+        self, connection: Connection, rejections: list[tuple[int, RejectionDraft]],
+        draining: bool,
     ) -> list[int]:
+        """Chain and write the rejections; their positions. A drained batch's arrivals already
+        logged are not written again (migration 0016): they answer with the logged position.
+        Online ones are new arrivals: written with their key, looked up in no extra round trip."""
         row = await connection.fetchrow(_LOCK_HEAD, "rejections")
         assert row is not None
         head = Head(row["position"], bytes(row["hash"]))
+        arrivals = [
+            rejection_arrival(
+                received_at=r.received_at, member_id=r.member_id, event_type=r.event_type,
+                peer=r.peer, content_type=r.content_type, body_size=r.body_size,
+                body_sha256=r.body_sha256,
+            )
+            for _, r in rejections
+        ]
+        logged: dict[bytes, int] = {}
+        if draining:
+            logged = {bytes(found["arrival_sha256"]): found["position"]
+                      for found in await connection.fetch(_REJECTIONS_LOGGED, arrivals)}
         rows: list[tuple[Any, ...]] = []
-        for _, r in rejections:
+        positions: list[int] = []
+        for (_, r), arrival in zip(rejections, arrivals, strict=True):
+            if draining and arrival in logged:
+                positions.append(logged[arrival])
+                continue
             position = head.position + 1
             entry = rejection_entry(
                 received_at=r.received_at, status=r.status, reason=r.reason, detail=r.detail,
@@ -1097,12 +1126,16 @@ class EventStore:
             rows.append(
                 (position, r.received_at, r.status, r.reason, r.detail, r.member_id,
                  r.event_type, r.peer, r.content_type, r.body_size, r.body_sha256, r.excerpt,
-                 head.hash, digest)
+                 head.hash, digest, arrival)
             )
+            if draining:
+                logged[arrival] = position  # the same arrival twice in one drained batch
+            positions.append(position)
             head.position, head.hash = position, digest
-        await connection.execute(_INSERT_REJECTIONS, *map(list, zip(*rows, strict=True)))
-        await connection.execute(_MOVE_HEAD, "rejections", head.position, head.hash)
-        return [r[0] for r in rows]
+        if rows:
+            await connection.execute(_INSERT_REJECTIONS, *map(list, zip(*rows, strict=True)))
+            await connection.execute(_MOVE_HEAD, "rejections", head.position, head.hash)
+        return positions
 
     # ---- trust, whole ------------------------------------------------------------------
 
