@@ -23,6 +23,7 @@ Every file here is created 0600 and the directory is 0700: records hold payloads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -31,8 +32,9 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +55,9 @@ MAGIC = b"LSP1"
 FORMAT = 3
 _READABLE = {1, 2, 3}
 _HEADER = struct.Struct(">4sII")
+# how long a write, read or repair may hold the spool before readiness calls it stalled (an fsync
+# takes milliseconds; a read of a full spool's search, `held_among`, about a second per 300 MiB)
+STALLED_AFTER_SECONDS = 10.0
 _KINDS: dict[str, type[EventDraft] | type[RejectionDraft]] = {
     "event": EventDraft, "rejection": RejectionDraft,
 }
@@ -111,6 +116,7 @@ class Spool:
         self.max_bytes = max_bytes
         self._files = files or FileOps()
         self._lock = threading.Lock()
+        self._holder: tuple[str, float, datetime] | None = None  # what holds it, since when
         self._log = directory / "spool.log"
         self._marker = directory / "drained"
         os.close(os.open(self._log, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -137,15 +143,45 @@ class Spool:
             return 0.0
         return (datetime.now(UTC) - self.oldest).total_seconds()
 
-    def health(self) -> str | None:
+    def health(self, *, stalled_after: float = STALLED_AFTER_SECONDS) -> str | None:
         """Why the spool cannot take a write now (None: it can). Retries a pending repair, and
-        after a failed write probes the directory with one small fsync'd write."""
-        with self._lock:
+        after a failed write probes the directory with one small fsync'd write.
+
+        Never waits for the lock (readiness runs this in a thread per probe: a hung fsync
+        parked one thread per probe until the pool ran dry). While another call holds it, the
+        answer is from what is known: the last failure, or — held longer than `stalled_after`
+        — stalled, naming the holder and since when."""
+        if not self._lock.acquire(blocking=False):
+            holder = self._holder
+            if self.broken is not None:
+                return self.broken
+            if holder is not None:
+                what, began, at = holder
+                held = time.monotonic() - began
+                if held > stalled_after:
+                    return (f"stalled: its {what} has held it since {at.isoformat()} "
+                            f"({held:.1f} s; a hung disk or fsync?)")
+            return None if self.failure is None else f"its last write failed: {self.failure}"
+        try:
+            self._holder = ("readiness check", time.monotonic(), datetime.now(UTC))
             if self.broken is not None and not self._undo():
                 return self.broken
             if self.failure is not None and self._probe():
                 self.failure = None
             return None if self.failure is None else f"its last write failed: {self.failure}"
+        finally:
+            self._holder = None
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def _locked(self, what: str) -> Iterator[None]:
+        """The lock, noting who holds it since when (for `health`, which never waits for it)."""
+        with self._lock:
+            self._holder = (what, time.monotonic(), datetime.now(UTC))
+            try:
+                yield
+            finally:
+                self._holder = None
 
     def append(self, drafts: list[Draft], *, past_limit: bool = False) -> None:
         """Write and fsync, or raise writing nothing: `SpoolFull` past the limit (unless
@@ -153,7 +189,7 @@ class Spool:
         its spooled copy is what settles that doubt), `SpoolUnwritable` when the write failed
         (undone) or the spool is broken."""
         blob = b"".join(self._record(encode(d)) for d in drafts)
-        with self._lock:
+        with self._locked("append"):
             if self.broken is not None and not self._undo():
                 raise SpoolUnwritable(f"the spool accepts nothing: {self.broken}")
             if self._size + len(blob) > self.max_bytes and not past_limit:
@@ -181,7 +217,7 @@ class Spool:
         """Up to `limit` undrained drafts, in order — or, when the first of them cannot be
         decoded, none and the reason (the caller sets that record aside)."""
         drafts: list[Draft] = []
-        with self._lock, self._log.open("rb") as handle:
+        with self._locked("read"), self._log.open("rb") as handle:
             handle.seek(self.drained)
             offset = self.drained
             while len(drafts) < limit and offset < self._size:
@@ -204,7 +240,7 @@ class Spool:
         what was asked for (an adopted spool may be huge); called only after records were set
         aside."""
         found: set[tuple[str, str]] = set()
-        with self._lock, self._log.open("rb") as handle:
+        with self._locked("search of the log"), self._log.open("rb") as handle:
             handle.seek(self.drained)
             offset = self.drained
             while offset < self._size and len(found) < len(wanted):
@@ -223,7 +259,7 @@ class Spool:
 
     def mark_drained(self, pending: Pending) -> None:
         """Record (durably) that these drafts are in PostgreSQL; empty the files when all are."""
-        with self._lock:
+        with self._locked("drained marker"):
             self._mark_drained(pending)
 
     def quarantine(self, pending: Pending, reason: str) -> Path:
@@ -231,7 +267,7 @@ class Spool:
         so the ones after them can drain."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         aside = self.directory / f"spool.refused-{stamp}"
-        with self._lock:
+        with self._locked("quarantine"):
             with self._log.open("rb") as handle:
                 handle.seek(pending.start)
                 _write_private(aside, handle.read(pending.end - pending.start))
