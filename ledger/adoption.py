@@ -27,7 +27,7 @@ from pathlib import Path
 from ledger.committer import GroupCommitter
 from ledger.metrics import Metrics
 from ledger.offline import Appender, OfflineTrust
-from ledger.spool import Spool, claim, holder_of, undrained, worker_of
+from ledger.spool import Scanned, Spool, claim, holder_of, undrained, worker_of
 from ledger.storage.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,9 @@ class SpoolAdopter:
         # per adopted worker number: its drain's state (retries, a culprit looked for one draft
         # at a time) lasts across passes, as in its own committer; dropped once it is empty
         self._drains: dict[int, GroupCommitter] = {}
+        # per adopted worker number: what the last pass left of its log, checked (`Scanned`):
+        # the next pass opens it without reading it again while the file is unchanged
+        self._scanned: dict[int, Scanned] = {}
         self.absent: dict[int, Absent] = {}  # as of the last look
         self._failed: dict[int, str] = {}  # spools that could not be adopted: why (logged once)
 
@@ -101,6 +104,7 @@ class SpoolAdopter:
                               "adopted meanwhile", number, directory, reason)
                 self._failed[number] = reason
                 self._drains.pop(number, None)
+                self._scanned.pop(number, None)
                 found[number] = Absent(number, 0, None, None, error=reason)
                 continue
             if self._failed.pop(number, None) is not None:
@@ -114,9 +118,11 @@ class SpoolAdopter:
         size, oldest = await asyncio.to_thread(undrained, directory)
         if not size:
             self._drains.pop(number, None)
+            self._scanned.pop(number, None)
             return None
         fd = await asyncio.to_thread(claim, directory, holder=self._worker)
         if fd is None:  # its worker runs — or another worker adopted it for this pass
+            self._scanned.pop(number, None)  # it may write the log: read it again next time
             holder = await asyncio.to_thread(holder_of, directory)
             if holder is not None and holder["worker"] != number:
                 return Absent(number, size, oldest, holder["worker"])
@@ -129,10 +135,12 @@ class SpoolAdopter:
         if size:
             return Absent(number, size, oldest, None)
         self._drains.pop(number, None)
+        self._scanned.pop(number, None)
         return None
 
     async def _drain(self, directory: Path, number: int) -> None:
-        spool = await asyncio.to_thread(Spool, directory, max_bytes=self._max_bytes)
+        spool = await asyncio.to_thread(Spool, directory, max_bytes=self._max_bytes,
+                                        scanned=self._scanned.pop(number, None))
         drain = self._drains.get(number)
         if drain is None:
             log.warning("worker %d's spool %s holds %d deliveries and no worker %d runs: "
@@ -144,6 +152,8 @@ class SpoolAdopter:
                 retry_seconds=self._retry_seconds, gate=self._gate,
                 append_timeout=self._append_timeout)
         await drain.drain_adopted(spool, PASS_SECONDS)
+        if spool.has_pending() and (scanned := await asyncio.to_thread(spool.scanned)):
+            self._scanned[number] = scanned
         if not spool.has_pending():
             log.info("worker %d's spool %s drained by worker %d", number, directory,
                      self._worker)

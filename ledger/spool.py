@@ -106,11 +106,31 @@ class Pending:
     unreadable: str | None = None  # why the record at `start` cannot be decoded (then no drafts)
 
 
+@dataclass(frozen=True)
+class Scanned:
+    """What opening a spool found checking it, with the file it checked: a spool opened again
+    with it (`Spool`'s `scanned`) is not read again while the file is the same one, unchanged —
+    an adopted spool is opened every pass (`ledger.adoption`), and checking it took ~3 s per GiB
+    against a 1-s pass."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    drained: int
+    records: int
+    oldest: datetime | None
+
+
 class Spool:
     """One process's spool directory. One committer task owns it; a lock keeps the readiness
     check's repair attempts from interleaving with its writes."""
 
-    def __init__(self, directory: Path, *, max_bytes: int, files: FileOps | None = None) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int, files: FileOps | None = None,
+                 scanned: Scanned | None = None) -> None:
+        """`scanned`: what an earlier opening of this directory's log found (`scanned()`); used
+        instead of reading the log again when the file is still that one — same device, inode,
+        size and modification time, drained up to the same offset — else the log is read."""
         _private_directory(directory)
         self.directory = directory
         self.max_bytes = max_bytes
@@ -129,7 +149,26 @@ class Spool:
         self.oldest: datetime | None = None
         self.broken: str | None = None  # a failed write that could not be undone
         self.failure: str | None = None  # the last write failed (undone); cleared by a good one
-        self._size = self._recover()
+        if scanned is not None and scanned == self._scan_of(scanned.records, scanned.oldest):
+            self.records, self.oldest = scanned.records, scanned.oldest
+            self._size = scanned.size
+        else:
+            self._size = self._recover()
+
+    def scanned(self) -> Scanned | None:
+        """What is known of the log now, to open it again without reading it (`Scanned`);
+        None when the log cannot be looked at. Call it while holding the spool's `owner.lock`
+        (nobody else writes it then)."""
+        with self._locked("look at the log"):
+            return self._scan_of(self.records, self.oldest)
+
+    def _scan_of(self, records: int, oldest: datetime | None) -> Scanned | None:
+        try:
+            found = os.stat(self._log)
+        except OSError:
+            return None
+        return Scanned(found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns,
+                       self.drained, records, oldest)
 
     @property
     def size(self) -> int:
@@ -389,7 +428,8 @@ class Spool:
                 self.records += 1
                 offset += _HEADER.size + length
             if offset < end:
-                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+                # to the microsecond: two torn tails within a second kept only the last
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
                 aside = self.directory / f"spool.corrupt-{stamp}"
                 handle.seek(offset)
                 _copy_private(handle, aside)

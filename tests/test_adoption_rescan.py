@@ -1,0 +1,115 @@
+"""An adopted spool is checked once, not every pass, while its file stays the same.
+
+Each adoption pass opened the orphan spool anew, and opening it CRC-checks every undrained
+record (~3 s per GiB against a 1-s pass). The pass now keeps what it checked (`Scanned`) and
+the next one reads the log again only when it is another file or changed: replaced, truncated,
+grown, drained by someone else. PostgreSQL is away here (the gate says no): a pass is the
+opening alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from ledger.adoption import SpoolAdopter
+from ledger.offline import OfflineTrust
+from ledger.settings import TrustPolicy
+from ledger.spool import Spool, claim
+from tests.test_spool import some_drafts
+
+
+async def away() -> bool:
+    return False
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The spool logs read through (checked record by record) as they were opened."""
+    done: list[Path] = []
+    recover = Spool._recover
+
+    def counted(spool: Spool) -> int:
+        done.append(spool.directory)
+        return recover(spool)
+
+    monkeypatch.setattr(Spool, "_recover", counted)
+    return done
+
+
+def adopter_of(root: Path) -> SpoolAdopter:
+    return SpoolAdopter(
+        root, worker=0, store=cast(Any, None),
+        offline=OfflineTrust(root / "trust", worker=0, policy=TrustPolicy.ALLOWLIST),
+        gate=away, max_bytes=1 << 20, max_events=10, retry_seconds=1.0, append_timeout=None)
+
+
+def orphan(root: Path) -> Path:
+    directory = root / "worker-1"
+    Spool(directory, max_bytes=1 << 20).append(some_drafts(3))
+    return directory
+
+
+async def test_an_unchanged_orphan_spool_is_read_through_once(
+    tmp_path: Path, reads: list[Path]
+) -> None:
+    directory = orphan(tmp_path)
+    reads.clear()
+    adopter = adopter_of(tmp_path)
+    for _ in range(4):
+        await adopter.look()
+        assert adopter.absent[1].bytes == (directory / "spool.log").stat().st_size
+    assert reads == [directory]
+
+
+async def test_a_replaced_truncated_or_grown_orphan_spool_is_read_again(
+    tmp_path: Path, reads: list[Path]
+) -> None:
+    directory = orphan(tmp_path)
+    log = directory / "spool.log"
+    adopter = adopter_of(tmp_path)
+    await adopter.look()
+    reads.clear()
+
+    whole = log.read_bytes()
+    replacement = directory / "spool.new"
+    replacement.write_bytes(whole[:-5])  # another file, with a torn last record
+    replacement.replace(log)
+    await adopter.look()
+    assert reads == [directory]
+    assert len(list(directory.glob("spool.corrupt-*"))) == 1  # found, set aside, not stored
+
+    with log.open("r+b") as handle:  # the same file, cut short
+        handle.truncate(log.stat().st_size - 3)
+    await adopter.look()
+    assert reads == [directory] * 2
+    assert len(list(directory.glob("spool.corrupt-*"))) == 2  # each kept
+
+    Spool(directory, max_bytes=1 << 20).append(some_drafts(1))  # grown
+    reads.clear()
+    await adopter.look()
+    assert reads == [directory]
+    await adopter.look()
+    assert reads == [directory]  # unchanged since: not again
+
+
+async def test_a_spool_held_by_another_process_at_a_look_is_read_again_after(
+    tmp_path: Path, reads: list[Path]
+) -> None:
+    """Its worker came back for a while (and may have written it): what was checked is gone."""
+    directory = orphan(tmp_path)
+    adopter = adopter_of(tmp_path)
+    await adopter.look()
+    reads.clear()
+    fd = claim(directory, holder=1)
+    assert fd is not None
+    try:
+        await adopter.look()
+    finally:
+        os.close(fd)
+    assert reads == []
+    await adopter.look()
+    assert reads == [directory]
