@@ -49,8 +49,9 @@ uninstalls holds the journal from its head lock until it has shared what it comm
 (`JournalTurn`): offline judgement by another worker never falls between its COMMIT and its
 share, and an entry spooled after its early check is still seen, under the lock. Such an append
 given up on (the append timeout), cut off or killed while its COMMIT was in flight may have
-committed or not. Before its COMMIT it writes its intent (`_intend`: its deliveries and its
-transaction — id, backend pid and start), resolved by its share; given up on, its worker keeps
+committed or not. Judged, before its COMMIT, it writes its intent (`_intend`, only when its
+plan changes trust: the deliveries whose trust changes it commits, and its transaction — id,
+backend pid and start), resolved by its share; given up on, its worker keeps
 the journal locked until the batch is spooled, which records *in doubt* its portals whose trust
 its COMMIT may move (`Doubt`; `JournalTurn.committing`: a refused install moves none).
 Offline every worker answers their installs and uninstalls 503 (LifecycleInDoubt) — every
@@ -1281,7 +1282,6 @@ class JournalTurn:
     def __init__(self, trust: OfflineTrust, drafts: Sequence[EventDraft]) -> None:
         self._trust = trust
         self.portals = frozenset(d.member_id for d in drafts)
-        self._keys = [[d.member_id, d.dedup_key.hex()] for d in drafts]
         self.transaction: Transaction | None = None
         # the intent written for `transaction` and not yet resolved (`_intend`)
         self.intended: list[list[str]] | None = None
@@ -1299,7 +1299,7 @@ class JournalTurn:
     async def take(self, transaction: Transaction) -> None:
         """Under the events head lock (`EventStore.append_planned`'s `under_lock`), in
         `transaction`. Given up on, raises TimeoutError: the transaction rolls back, the
-        spooled copy is drained. Writes the intent (`_intend`) unless it spools behind."""
+        spooled copy is drained. The intent is written once the batch is judged (`intend`)."""
         self._check()
         self.transaction = transaction
         if self.handle is None:
@@ -1314,18 +1314,29 @@ class JournalTurn:
                 handle.close()
             self._check()
             self.handle = handle
-        waited_on = await self.in_thread(self._waited_on_or_intend)
+        waited_on = await self.in_thread(
+            lambda handle: self._trust._waited_on(handle, self.portals))
         self._check()
         if waited_on:
             raise LifecycleNotDrained(
                 f"portal(s) {', '.join(sorted(waited_on))} wait on another worker's spooled "
                 "lifecycle events; spooling behind them")
 
-    def _waited_on_or_intend(self, handle: IO[bytes]) -> frozenset[str]:
-        waited_on = self._trust._waited_on(handle, self.portals)
-        if not waited_on and self.transaction is not None:
-            self.intended = self._trust._intend(handle, self._keys, self.transaction)
-        return waited_on
+    async def intend(self, changing: frozenset[tuple[str, bytes]]) -> None:
+        """Once the batch is judged, under the head lock, before its COMMIT
+        (`EventStore.append_planned`'s `planned`), only when its plan changes trust: the
+        intent (`_intend`) names the deliveries whose trust changes the COMMIT would commit —
+        the only ones a COMMIT of unknown outcome leaves in doubt (`committing`). A batch of
+        installs refused (forged ones) or found stored writes none: written before judging,
+        every such batch cost an fsync, an unauthenticated sender's to spend."""
+        self._check()
+        keys = [[m, k.hex()] for m, k in sorted(changing) if m in self.portals]
+        transaction = self.transaction
+        if not keys or transaction is None:
+            return
+        self.intended = await self.in_thread(
+            lambda handle: self._trust._intend(handle, keys, transaction))
+        self._check()
 
     async def end(self) -> None:
         """The append ended (`Appender.append`'s `finally`): an intent not yet resolved is
@@ -1482,7 +1493,8 @@ class Appender:
         outcomes, effects, committed = await self._store.append_planned(
             drafts, draining=draining, held=held,
             under_lock=turn.take if turn is not None else None,
-            committing=turn.committing if turn is not None else None)
+            committing=turn.committing if turn is not None else None,
+            planned=turn.intend if turn is not None else None)
         self._offline.remember(committed)
         if draining:
             self._offline.drained(drafts)

@@ -836,6 +836,7 @@ class EventStore:
         held: frozenset[int] = frozenset(),
         under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
         committing: Callable[[frozenset[tuple[str, bytes]]], None] | None = None,
+        planned: Callable[[frozenset[tuple[str, bytes]]], Awaitable[None]] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
         """`append`, also answering the trust changes and the Bitrix24 deliveries it committed
         (for the offline state: `Plan.committed`); `held`: see `ledger.planner.plan`.
@@ -845,7 +846,9 @@ class EventStore:
         back and propagates. `committing`: called just before COMMIT is sent, with the
         deliveries (member_id, dedup key) whose trust changes it commits (what it raises rolls
         back too) — from then on a lost connection leaves it unknown whether the batch
-        committed. Only a batch that goes the long way with events
+        committed. `planned`: awaited once the batch is judged and written, before COMMIT, with
+        those same deliveries — only when there are any (what it raises rolls back too). Only
+        a batch that goes the long way with events
         locks the head: the caller passes these for batches that never go the one-statement
         way (`ledger.offline.Appender`: lifecycle deliveries take their turn in the journal)."""
         # what does not need the serialisation point is done before taking it
@@ -876,13 +879,13 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next, under_lock, committing)
+                            held, lock_next, under_lock, committing, planned)
                 else:
                     try:  # the head was locked ahead for this batch: the transaction is open
                         async with translated_errors("append"):
                             done = await self._append_in(
                                 locked, None, drafts, event_drafts, prepared, draining,
-                                notify, held, lock_next, under_lock, committing)
+                                notify, held, lock_next, under_lock, committing, planned)
                     finally:
                         await self._pool.release(locked)
             except _LostBeforeCommit as lost:
@@ -895,7 +898,7 @@ class EventStore:
                     async with translated_errors("append"), self._appending_on.use() as connection:
                         done = await self._append_in(
                             connection, begin, drafts, event_drafts, prepared, draining, notify,
-                            held, lock_next, under_lock, committing)
+                            held, lock_next, under_lock, committing, planned)
                 except _LostBeforeCommit as again:
                     raise DatabaseUnavailable(
                         f"append: PostgreSQL is unavailable ({again.__cause__})") from again
@@ -917,10 +920,11 @@ class EventStore:
         lock_next: Callable[[], None] | None,
         under_lock: Callable[[Transaction], Awaitable[None]] | None = None,
         committing: Callable[[frozenset[tuple[str, bytes]]], None] | None = None,
+        planned: Callable[[frozenset[tuple[str, bytes]]], Awaitable[None]] | None = None,
     ) -> tuple[list[Outcome], list[PlannedEffect], list[Committed]]:
-        planned: list[PlannedEffect] = []  # the plan's trust changes, for `committing`
+        changes: list[PlannedEffect] = []  # the plan's trust changes, for `committing`
         if committing is not None:
-            lock_next = _then(lambda: committing(_changing(drafts, planned)), lock_next)
+            lock_next = _then(lambda: committing(_changing(drafts, changes)), lock_next)
         async with _transaction(connection, begin, lock_next):
             if under_lock is not None and event_drafts:
                 row = await connection.fetchrow(_TRANSACTION_OF)
@@ -928,7 +932,9 @@ class EventStore:
                 await under_lock(Transaction(int(row["xid"]), row["pid"], row["started"]))
             outcomes, effects, committed, learned = await self._append(
                 connection, drafts, event_drafts, prepared, draining, notify, held)
-            planned.extend(effects)
+            changes.extend(effects)
+            if planned is not None and effects:
+                await planned(_changing(drafts, effects))
         if learned is not None:
             self._known.learn(learned[0].trust.portals, learned[1])
             self._known.head = learned[1]
