@@ -505,18 +505,38 @@ def claim(directory: Path, *, holder: int) -> int | None:
 
 
 async def claim_own(directory: Path, *, worker: int, seconds: float) -> int:
-    """A worker's own spool lock, waited for up to `seconds` (a running worker may hold it for
-    one drain pass, `ledger.adoption`) without a thread: polled. `SpoolBusy` when still held."""
+    """A worker's own spool lock, waited for without a thread: polled. `SpoolBusy` when a
+    process of this worker number (a second `ledger serve` on the same data directory) or an
+    unknown one still holds it after `seconds`. A running worker of another number holds it
+    for an adoption pass (`ledger.adoption`): then this one keeps waiting — logged every
+    `seconds`, naming it — for the pass ends by itself and exiting would not end it sooner
+    (it exited after 60 s: a pass stalled on a hung disk, or the first check of a huge spool,
+    ended `serve` instead). The HTTP server starts once the lock is taken: until then a
+    readiness probe is refused, as for any worker still starting."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
+    began = loop.time()
+    deadline = began + seconds
     while (fd := claim(directory, holder=worker)) is None:
         if loop.time() >= deadline:
             holder = holder_of(directory)
-            raise SpoolBusy(
-                f"the spool {directory} is held by another process ({holder or 'unknown'}) "
-                f"after {seconds:g} s: is a second `ledger serve` running on the same data "
-                "directory? Stop it (one process drains a spool), then start this one again")
+            if holder is None or holder["worker"] == worker:
+                raise SpoolBusy(
+                    f"the spool {directory} is held by another process ({holder or 'unknown'})"
+                    f" after {seconds:g} s: is a second `ledger serve` running on the same data "
+                    "directory? Stop it (one process drains a spool), then start this one "
+                    "again")
+            log.warning(
+                "worker %d's spool %s has been held for %.0f s by worker %d (pid %d), which "
+                "adopted it while this number was absent; waiting for its pass to end (this "
+                "worker serves nothing until then). Held this long, that process is likely "
+                "stalled (a hung disk?): see its log, or end it — what its pass was draining "
+                "is drained again, idempotently", worker, directory, loop.time() - began,
+                holder["worker"], holder["pid"])
+            deadline = loop.time() + seconds
         await asyncio.sleep(_CLAIM_POLL_SECONDS)
+    if loop.time() - began >= seconds:
+        log.warning("worker %d's spool %s taken after %.0f s", worker, directory,
+                    loop.time() - began)
     return fd
 
 

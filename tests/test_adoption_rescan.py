@@ -9,6 +9,8 @@ opening alone.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -16,9 +18,11 @@ from typing import Any, cast
 import pytest
 
 from ledger.adoption import SpoolAdopter
+from ledger.errors import SpoolBusy
 from ledger.offline import OfflineTrust
 from ledger.settings import TrustPolicy
-from ledger.spool import Spool, claim
+from ledger.spool import Spool, claim, claim_own
+from tests.gateway_helpers import eventually
 from tests.test_spool import some_drafts
 
 
@@ -113,3 +117,33 @@ async def test_a_spool_held_by_another_process_at_a_look_is_read_again_after(
     assert reads == []
     await adopter.look()
     assert reads == [directory]
+
+
+async def test_a_returning_worker_waits_for_an_adopting_worker_past_the_wait_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It exited `SpoolBusy` after the wait when an adoption pass held its spool that long
+    (a pass stalled on a hung disk, or checking a huge spool): it keeps waiting now, logged
+    with the holder; a process of its own number holding it is still a second `serve`."""
+    directory = orphan(tmp_path)
+    adopting = claim(directory, holder=0)  # worker 0, in an adoption pass
+    assert adopting is not None
+    with caplog.at_level(logging.WARNING, logger="ledger.spool"):
+        returning = asyncio.ensure_future(claim_own(directory, worker=1, seconds=0.05))
+        try:
+            await eventually(lambda: sum("held for" in r.getMessage()
+                                         for r in caplog.records) >= 2)
+            assert not returning.done()
+            (said, *_) = [r.getMessage() for r in caplog.records if "held for" in r.getMessage()]
+            assert f"by worker 0 (pid {os.getpid()})" in said
+        finally:
+            os.close(adopting)
+        os.close(await asyncio.wait_for(returning, 10))  # the pass ended: it takes its spool
+
+    second = claim(directory, holder=1)  # a second `serve` of worker 1
+    assert second is not None
+    try:
+        with pytest.raises(SpoolBusy, match="second `ledger serve`"):
+            await claim_own(directory, worker=1, seconds=0.05)
+    finally:
+        os.close(second)
