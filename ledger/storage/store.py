@@ -14,8 +14,9 @@ which at a fixed moderate rate cost more than the work: bench/RESULTS.md, "Laten
    the append it waited for (a duplicate let through, a stale head);
 3. plan (`ledger.planner.plan`, pure): judge, de-duplicate, number and chain, in memory;
    write the events and move the head in one statement (data-modifying CTEs), redeliveries and
-   rejections with a statement each when there are any — the trust tables follow from the trust
-   events by a trigger the service role cannot bypass;
+   rejections with a statement each when there are any (a drained batch's rejections one more:
+   which of their arrivals are logged already, migration 0016) — the trust tables follow from
+   the trust events by a trigger the service role cannot bypass;
 4. COMMIT (synchronous_commit = on). Only then do callers hear back.
 
 A batch of ordinary deliveries for portals whose trust this process knows takes one round trip
