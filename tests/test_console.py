@@ -249,3 +249,24 @@ async def test_sign_in_with_a_hostile_next_lands_on_the_overview(
                                  allow_redirects=False)
     assert response.status == 303
     assert response.headers["Location"] == "/console/"
+
+
+async def test_a_deletion_whose_payload_the_registry_could_not_use_says_so(
+    client: Client,
+) -> None:
+    """The API flags such a deletion `unexpected_payload`; the console's timeline (live and
+    as of a moment) and its download say so in words too, never "none"."""
+    await install_sample_portal(client)
+    poisoned = sample("onimbotdelete-1") + b"&data%5BBOT%5D%5B%C2%B2%5D%5BBOT_CODE%5D=x"
+    for body in [sample("onimbotmessageadd-1"), poisoned]:
+        assert (await post(client, body))[0] == 200
+    assert client.app is not None
+    await client.app[PROJECTOR].catch_up()
+    assert (await sign_in(client, await make_token(client))).status == 303
+    for path in ["/console/deletions", "/console/deletions?as_of=position:999"]:
+        text = await page(client, path)
+        assert "could not use" in text, path
+        assert "not a bot id" in text, path
+    body = await (await client.get("/console/download/deletions.csv?as_of=position:999")).text()
+    (row,) = csv.DictReader(io.StringIO(body))
+    assert "could not use" in row["anomalies"]

@@ -100,6 +100,24 @@ async def test_a_poisoned_delivery_is_stored_and_everything_derived_keeps_workin
     assert verified.exit_code == 0, verified.output
 
 
+async def test_a_deletion_flagged_only_unexpected_payload_is_among_the_anomalies(
+    client: Client,
+) -> None:
+    """`anomalies=true` ("only rows with an anomaly") keeps every row whose `anomalies` list is
+    not empty — `unexpected_payload` too — live and as of a position alike."""
+    await install_sample_portal(client)
+    assert (await post(client, sample("onimbotmessageadd-1")))[0] == 200  # 567 is seen first
+    status, stored = await post(client, poisoned("onimbotdelete-1"))
+    assert status == 200, stored
+    await projector_of(client).catch_up()
+    headers = await bearer(client)
+    for as_of in ({}, {"as_of": f"position:{stored['position']}"}):
+        everything = await get(client, "/deletions", headers, **as_of)
+        assert [d["anomalies"] for d in everything] == [["unexpected_payload"]]
+        flagged = await get(client, "/deletions", headers, anomalies="true", **as_of)
+        assert flagged == everything, as_of
+
+
 async def test_wrong_types_huge_ids_and_other_scripts_digits_are_noted_not_fatal(
     client: Client,
 ) -> None:

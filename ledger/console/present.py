@@ -11,6 +11,7 @@ ANOMALY_WORDS = {
     "never_seen": "the ledger had never seen this bot before it was deleted",
     "repeated": "this bot had already been deleted before (a repeated deletion)",
     "activity_after_deletion": "the bot was active again after this deletion",
+    "unexpected_payload": "the deleting event's payload held what the registry could not use",
 }
 
 
@@ -50,6 +51,9 @@ def anomaly_words(row: dict[str, Any]) -> list[str]:
         after = row.get("activity_after_position")
         words.append(ANOMALY_WORDS["activity_after_deletion"]
                      + (f" (event at position {after})" if after else ""))
+    if row.get("payload_anomalies"):  # the API's `unexpected_payload`, with its notes
+        words.append(ANOMALY_WORDS["unexpected_payload"] + ": "
+                     + "; ".join(row["payload_anomalies"]))
     return words
 
 

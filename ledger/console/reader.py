@@ -313,7 +313,8 @@ def _flagged(row: dict[str, Any]) -> dict[str, Any]:
     names = row.get("anomalies")
     if names is None:
         row["anomalies"] = [n for n in ("never_seen", "repeated", "activity_after_deletion")
-                            if row.get(n)]
+                            if row.get(n)] + (["unexpected_payload"]
+                                              if row.get("payload_anomalies") else [])
     else:
         for name in ("never_seen", "repeated", "activity_after_deletion"):
             row.setdefault(name, name in names)

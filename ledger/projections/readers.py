@@ -30,7 +30,8 @@ PAGE = 1000  # rows per read of a registry or timeline page (the read API's larg
 @dataclass(frozen=True)
 class DeletionFilter:
     """Which deletions a reader asked for. A deletion's time is Bitrix24's (`ts`) when it gave
-    one, else the received time."""
+    one, else the received time. `anomalies_only`: every row whose `anomalies` list is not
+    empty — `unexpected_payload` (a payload note) as much as the three flags."""
 
     member_id: str | None = None
     occurred_from: datetime | None = None
@@ -47,8 +48,8 @@ class DeletionFilter:
             and (self.occurred_to is None or at < self.occurred_to)
             and (self.actor_user_id is None or deletion.actor_user_id == self.actor_user_id)
             and (self.cause is None or deletion.cause == self.cause)
-            and (not self.anomalies_only
-                 or deletion.never_seen or deletion.repeated or deletion.activity_after_deletion)
+            and (not self.anomalies_only or deletion.never_seen or deletion.repeated
+                 or deletion.activity_after_deletion or bool(deletion.payload_anomalies))
         )
 
 

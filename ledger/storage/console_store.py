@@ -25,7 +25,8 @@ _BOT = """
 _DELETION = """
     position, bot_id, member_id, domain, bot_code, occurred_at, received_at, actor_user_id, cause,
     event_type, encode(event_hash, 'hex') AS event_hash, first_seen_at, last_activity_at,
-    message_count, never_seen, repeated, activity_after_deletion, activity_after_position
+    message_count, never_seen, repeated, activity_after_deletion, activity_after_position,
+    payload_anomalies
 """
 # A person's name as the portal's own payloads gave it: v1 events carry data.USER{ID,NAME,…},
 # v2 events data.user{id,name,…}. Only the newest `$4` events of the portal before the deleting

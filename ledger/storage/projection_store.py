@@ -652,7 +652,8 @@ async def _deletion_page(
             args.append(value)
             conditions.append(clause.format(len(args)))
     if anomalies_only:
-        conditions.append("(never_seen OR repeated OR activity_after_deletion)")
+        conditions.append("(never_seen OR repeated OR activity_after_deletion "
+                          "OR cardinality(payload_anomalies) > 0)")
     return await _page(connection, "deletions", after, limit,
                        {"member_id": member_id, "actor_user_id": actor_user_id, "cause": cause},
                        conditions, args)
