@@ -179,9 +179,16 @@ def _manifest(
     return Manifest(
         kind=kind, format=fmt,
         filters={k: (utc(v) if isinstance(v, datetime) else v)
-                 for k, v in filters.items() if v not in (None, 0, False)},
+                 for k, v in filters.items() if _filters(k, v)},
         rows=rows, first_position=first, last_position=last,
         head_position=head[0], head_hash=head[1],
         exported_at=utc(datetime.now(UTC)),
     )
 
+
+
+def _filters(name: str, value: Any) -> bool:
+    """Whether a filter narrowed the rows, so the manifest must name it: not when unset (None,
+    False) nor the start cursor `after=0` — but `bot_id=0` or `up_to=0` did (`0 in (0, False)`
+    would drop them, and the manifest would claim rows it does not hold)."""
+    return value is not None and value is not False and not (name == "after" and value == 0)

@@ -148,3 +148,13 @@ def test_a_paged_listings_manifest_records_the_checkpoint_its_pages_were_read_at
     assert run(database, "export", "events", "--output", str(events)).exit_code == 0
     assert json.loads((tmp_path / "events.jsonl.manifest.json").read_text())["head_is"] \
         == "chain_head"
+
+
+def test_a_filter_on_bot_zero_is_in_the_manifest(database: Database, tmp_path: Path) -> None:
+    """`--bot 0` filters the rows, so the manifest must say so: a manifest that drops it
+    claims an unfiltered export of rows that are not all the events."""
+    out = tmp_path / "bot0.jsonl"
+    result = run(database, "export", "events", "--bot", "0", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "bot0.jsonl.manifest.json").read_text())
+    assert manifest["filters"] == {"bot_id": 0}
