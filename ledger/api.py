@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +20,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from ledger import __version__, asof, proving
-from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, token_digest
+from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, ReadGate, ReadPermit, token_digest
 from ledger.errors import BadQuery, Unauthorized
 from ledger.gateway.handoff import HANDOFF
 from ledger.gateway.routes import RouteOut
@@ -42,6 +43,9 @@ from ledger.storage.tree_store import EVENTS_LOG, TreeStore
 AUDIT = web.AppKey("audit", AuditService)
 TREES = web.AppKey("trees", TreeStore)
 TOKEN_CACHE = web.AppKey("token_cache", dict)  # sha256 -> monotonic expiry
+# set by the app factory: one bound for the read API's and the console's requests together
+READS = web.AppKey("reads", ReadGate)
+READ_PERMIT = web.RequestKey("read_permit", ReadPermit)
 TOKEN_CACHE_SECONDS = 10.0  # a revoked token stops working within this long
 MAX_TOKEN = 512
 
@@ -411,9 +415,10 @@ def openapi_document() -> dict[str, Any]:
                 "400": _error("the request cannot be answered as asked"),
                 "401": _error("no or bad bearer token"),
                 "404": _error("no such portal or bot"),
-                "503": _error("PostgreSQL is unavailable; try again — or, asked `as_of`, this "
-                              "process folds as many answers as it may at once (`as_of_busy`): "
-                              "try again after the `Retry-After` seconds"),
+                "503": _error("PostgreSQL is unavailable; try again — or this process "
+                              "serves as many reads (`reads_busy`) or, asked `as_of`, folds as "
+                              "many answers (`as_of_busy`) as it may at once: try again after "
+                              "the `Retry-After` seconds"),
                 **{str(status): _error(why) for status, why in route.errors},
             },
         }}
@@ -450,17 +455,43 @@ def _error(description: str) -> dict[str, Any]:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer tokens for everything but the OpenAPI document (errors: the root middleware)."""
-    if request.path != "/api/v1/openapi.json":
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not plausible_token(token) \
-                or not await _live(request, token):
-            raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
-    response = await handler(request)
+    """Bearer tokens for everything but the OpenAPI document (errors: the root middleware);
+    each request that reads the database holds a `read_permit` while it does."""
+    if request.path == "/api/v1/openapi.json":
+        response = await handler(request)
+    else:
+        async with read_permit(request):
+            header = request.headers.get("Authorization", "")
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not plausible_token(token) \
+                    or not await _live(request, token):
+                raise Unauthorized("send Authorization: Bearer <token> (ledger tokens create)")
+            response = await handler(request)
     plain_headers(response)
     return response
+
+
+@asynccontextmanager
+async def read_permit(request: web.Request) -> AsyncIterator[None]:
+    """A place at the database for one read request (`ReadGate`: the read API and the console
+    share one bound, so reads leave connections for the intake); none when the app has no
+    gate."""
+    gate = request.config_dict.get(READS)
+    if gate is None:
+        yield
+        return
+    async with gate.permit() as permit:
+        request[READ_PERMIT] = permit
+        yield
+
+
+def reads_done(request: web.Request) -> None:
+    """The request will not touch the database again (a download streaming its spooled rows to
+    a client that may be slow): let the next read have its place now."""
+    permit = request.get(READ_PERMIT)
+    if permit is not None:
+        permit.release()
 
 
 def plain_headers(response: web.StreamResponse) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ledger import operations
-from ledger.errors import BadQuery, FoldsBusy, NotFound
+from ledger.errors import BadQuery, FoldsBusy, NotFound, ReadsBusy
 from ledger.projections import readers
 from ledger.projections.fold import Bot, Deletion
 from ledger.projections.projector import Projector
@@ -72,6 +72,48 @@ class FoldGate:
         finally:
             self.running -= 1
             self._slots.release()
+
+
+class ReadPermit:
+    """A read request's place at the database (`ReadGate`), given back once — at the end of
+    the request, or earlier by a download whose rows are all read."""
+
+    def __init__(self, slots: asyncio.Semaphore, gate: ReadGate) -> None:
+        self._slots, self._gate, self._held = slots, gate, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._gate.running -= 1
+            self._slots.release()
+
+
+class ReadGate:
+    """At most `limit` read requests (read API, console) at the database at once in this
+    process. Reads share the service's pool with the intake; unbounded, a few slow ones (a
+    large download, a query PostgreSQL plans badly) take every connection, and the intake's
+    installs and drains, and /readyz, wait behind them. One more waits up to `wait` seconds,
+    then is refused with `ReadsBusy` (503, Retry-After)."""
+
+    def __init__(self, limit: int, wait: float) -> None:
+        self.limit = limit
+        self.wait = wait
+        self.running = 0
+        self._slots = asyncio.Semaphore(limit)
+
+    @asynccontextmanager
+    async def permit(self) -> AsyncIterator[ReadPermit]:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ReadsBusy(self.running, retry_after=max(1, math.ceil(self.wait))) from None
+        self.running += 1
+        permit = ReadPermit(self._slots, self)
+        try:
+            yield permit
+        finally:
+            permit.release()
 
 
 class AuditService:

@@ -188,6 +188,23 @@ class FoldsBusy(LedgerError):
         )
 
 
+class ReadsBusy(LedgerError):
+    """As many read requests (read API, console) as this process lets use the database at once
+    are running, and none finished within the wait: refused with `Retry-After` rather than
+    left to take the pool's last connections, which the intake and /readyz need. Ask again
+    later; if it keeps happening, raise LEDGER_POOL_SIZE or add workers."""
+
+    status = 503
+    code = "reads_busy"
+
+    def __init__(self, running: int, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"{running} read requests are using the database in this process already; ask "
+            f"again in {retry_after} s (operators: LEDGER_POOL_SIZE)"
+        )
+
+
 class BadInput(LedgerError):
     """An operator's input that does not have the shape it must have (the message says which)."""
 

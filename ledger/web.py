@@ -21,8 +21,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ledger import checkpoints, wire
 from ledger.adoption import SpoolAdopter
-from ledger.api import AUDIT, TREES, create_api, json_response, plain_headers
-from ledger.audit import AuditService, FoldGate
+from ledger.api import AUDIT, READS, TREES, create_api, json_response, plain_headers
+from ledger.audit import AuditService, FoldGate, ReadGate
 from ledger.checkpointer import Checkpointer
 from ledger.committer import GroupCommitter
 from ledger.confirmation import RestConfirmer
@@ -101,6 +101,8 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 SEAMS = web.AppKey("seams", Seams)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+READS_RESERVE = 2  # pool connections no read request may take (`ReadGate`)
+READ_WAIT_SECONDS = 10.0  # how long a read waits for a place before a 503 `reads_busy`
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -707,6 +709,9 @@ def create_app(settings: Settings, *, seams: Seams | None = None) -> web.Applica
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics_dir)
     app[SEAMS] = seams or Seams()
+    # reads (read API and console) leave READS_RESERVE connections of the pool to the intake
+    # (its kept append connection, the next batch's head lock, drains) and /readyz
+    app[READS] = ReadGate(max(1, settings.pool_size - READS_RESERVE), READ_WAIT_SECONDS)
     app.cleanup_ctx.append(_parser_log_ctx)
     app.cleanup_ctx.append(_supervisor_ctx)
     app.cleanup_ctx.append(_database_ctx(settings))

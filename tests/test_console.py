@@ -267,6 +267,6 @@ async def test_a_deletion_whose_payload_the_registry_could_not_use_says_so(
         text = await page(client, path)
         assert "could not use" in text, path
         assert "not a bot id" in text, path
-    body = await (await client.get("/console/download/deletions.csv?as_of=position:999")).text()
-    (row,) = csv.DictReader(io.StringIO(body))
+    text = await (await client.get("/console/download/deletions.csv?as_of=position:999")).text()
+    (row,) = csv.DictReader(io.StringIO(text))
     assert "could not use" in row["anomalies"]

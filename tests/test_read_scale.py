@@ -193,3 +193,46 @@ async def test_a_listing_read_page_by_page_is_one_moment(
     finally:
         await admin.close()
         await close_pool(pool)
+
+
+async def test_slow_reads_leave_the_intake_and_readiness_their_connections(
+    make_client: ClientFactory, settings_factory: Callable[..., Settings],
+    admin: asyncpg.Connection[Any],
+) -> None:
+    """Reads held up in PostgreSQL (here on a lock; in life a large download or a badly
+    planned query) may take at most pool_size - 2 connections: /readyz still answers, and a
+    delivery is still stored (200, not spooled); the reads beyond the bound are refused 503
+    `reads_busy` with Retry-After, and once the slow ones end, reads are answered again."""
+    from ledger.api import READS
+    from tests.conftest import sample
+    from tests.helpers import install_sample_portal, post
+
+    client = await make_client(settings_factory(pool_size=4))
+    assert client.app is not None
+    client.app[READS].wait = 0.2
+    await install_sample_portal(client)
+    headers = await bearer(client)
+    async with admin.transaction():
+        await admin.execute("LOCK TABLE projections.portals IN ACCESS EXCLUSIVE MODE")
+        held = [asyncio.ensure_future(client.get("/api/v1/portals", headers=headers))
+                for _ in range(4)]
+        held.append(asyncio.ensure_future(client.get("/console/", allow_redirects=False)))
+
+        async def waiting() -> bool:
+            return bool(await admin.fetchval(
+                "SELECT count(*) >= 2 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = 'portals' AND NOT l.granted"))
+
+        await _until(waiting, "two reads to wait on the lock")
+        async with asyncio.timeout(10):  # on main: the held reads take the whole pool
+            ready = await client.get("/readyz")
+            status, answer = await post(client, sample("onimbotjoinchat-1"))
+        assert ready.status == 200, await ready.text()
+        assert (status, answer["status"]) == (200, "stored")
+        refused = await client.get("/api/v1/portals", headers=headers)
+        assert refused.status == 503
+        assert (await refused.json())["error"] == "reads_busy"
+        assert refused.headers["Retry-After"] == "1"
+    answers = [await h for h in held]
+    assert sorted(a.status for a in answers).count(200) == 2  # the two let in, now answered
+    assert (await client.get("/api/v1/portals", headers=headers)).status == 200

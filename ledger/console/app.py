@@ -23,7 +23,7 @@ from aiohttp import web
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from ledger.api import AUDIT, plausible_token
+from ledger.api import AUDIT, plausible_token, read_permit
 from ledger.api import token_is_live as api_token_is_live
 from ledger.audit import AuditService
 from ledger.console import present
@@ -142,7 +142,8 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Sessions for every page but sign-in; HTML for the errors a reader can cause; the
     security headers on every answer."""
     try:
-        response = await _authenticated(request, handler)
+        async with read_permit(request):  # the read API's bound, shared
+            response = await _authenticated(request, handler)
     except LedgerError as exc:
         if exc.status >= 500:
             raise  # the root middleware logs it and answers without details

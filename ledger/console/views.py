@@ -17,6 +17,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from ledger import asof, exports
+from ledger.api import reads_done
 from ledger.console import params, tables
 from ledger.console.app import (
     CSRF,
@@ -343,6 +344,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     with tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024, mode="w+", encoding="utf-8",
                                        newline="") as spool:
         name, _ = await write_table(r, table, query, spool, fmt)
+        reads_done(request)  # a slow client holds its spooled file, not a place at the database
         spool.seek(0)
         response = web.StreamResponse(headers={
             **SECURITY_HEADERS, "Content-Type": f"{FORMATS[fmt]}; charset=utf-8",
