@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from ledger import drafts
-from ledger.errors import NotFound, OperatorActionRefused
+from ledger.errors import BadQuery, NotFound, OperatorActionRefused
 from ledger.models import Refusal, Stored
 from ledger.storage.store import EventStore
 from ledger.trust import TrustChange
@@ -54,11 +54,16 @@ async def resolve_portal(store: EventStore, portal: str | None) -> str | None:
 
 def portal_by_domain(portal: str, known: Iterable[tuple[str | None, str | None]]) -> str:
     """The member_id of the portal whose domain is `portal`; an unknown domain is an error
-    rather than an empty answer."""
+    rather than an empty answer, and so is a domain more than one portal has had (a portal
+    renamed, another taking the old name): answering for the first would silently leave the
+    other's rows out."""
     domain = portal.strip().lower()
-    for member_id, known_domain in known:
-        if known_domain == domain and member_id:
-            return member_id
+    found = sorted({m for m, d in known if d == domain and m})
+    if len(found) > 1:
+        raise BadQuery(f"the domain {domain!r} names {len(found)} portals "
+                       f"({', '.join(found)}); pass the member_id of the one you mean")
+    if found:
+        return found[0]
     raise NotFound(
         f"no portal with domain {domain!r} has a known member_id; see `ledger portals list`, "
         "or pass the member_id"

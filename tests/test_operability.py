@@ -242,6 +242,19 @@ async def test_portal_takes_a_member_id_or_a_domain(
     one_line_failure(unknown, "other.bitrix24.com", "ledger portals list")
 
 
+def test_a_domain_two_portals_have_had_is_refused_not_answered_for_one() -> None:
+    """A portal renamed, and another that took its old name: both member_ids carry the domain.
+    Answering `--portal DOMAIN` (or the API's `/rejections?portal=DOMAIN`) for the first found
+    would leave the other's rows out of an answer that looks complete."""
+    from ledger.errors import BadQuery
+    from ledger.operations import portal_by_domain
+
+    known = [("aaa", "old.bitrix24.com"), ("bbb", "new.bitrix24.com"), ("ccc", "old.bitrix24.com")]
+    assert portal_by_domain("NEW.bitrix24.com", known) == "bbb"
+    with pytest.raises(BadQuery, match="aaa, ccc"):
+        portal_by_domain("old.bitrix24.com", known)
+
+
 # ---- refusals: counted, and visible to auditors --------------------------------------------
 
 
