@@ -258,15 +258,17 @@ async def test_a_deletion_whose_payload_the_registry_could_not_use_says_so(
     as of a moment) and its download say so in words too, never "none"."""
     await install_sample_portal(client)
     poisoned = sample("onimbotdelete-1") + b"&data%5BBOT%5D%5B%C2%B2%5D%5BBOT_CODE%5D=x"
-    for body in [sample("onimbotmessageadd-1"), poisoned]:
-        assert (await post(client, body))[0] == 200
+    assert (await post(client, sample("onimbotmessageadd-1")))[0] == 200
+    status, stored = await post(client, poisoned)
+    assert status == 200, stored
     assert client.app is not None
     await client.app[PROJECTOR].catch_up()
     assert (await sign_in(client, await make_token(client))).status == 303
-    for path in ["/console/deletions", "/console/deletions?as_of=position:999"]:
+    pinned = f"as_of=position:{stored['position']}"
+    for path in ["/console/deletions", f"/console/deletions?{pinned}"]:
         text = await page(client, path)
         assert "could not use" in text, path
         assert "not a bot id" in text, path
-    text = await (await client.get("/console/download/deletions.csv?as_of=position:999")).text()
+    text = await (await client.get(f"/console/download/deletions.csv?{pinned}")).text()
     (row,) = csv.DictReader(io.StringIO(text))
     assert "could not use" in row["anomalies"]
