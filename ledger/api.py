@@ -336,6 +336,8 @@ _AS_OF = Param(
 _AFTER = Param("after", "integer", "return events after this position (cursor)")
 _LIMIT = Param("limit", "limit", f"page size, 1..{MAX_PAGE}")
 _LIST_LIMIT = Param("limit", "limit", f"page size, 1..{MAX_PAGE} (default {MAX_PAGE})")
+_PAST_THE_HEAD = ((409, "`as_of` names a position past the chain's head (`past_the_head`: "
+                   "nothing is stored there yet; the message names the head)"),)
 
 ROUTES: dict[str, tuple[Route, Handler]] = {
     r.path: (r, h)
@@ -347,7 +349,7 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                (_PORTAL, Param("status", "status", "active or deleted"), _AS_OF,
                 Param("after", "bot-cursor", "the cursor of the `Link: rel=next` header: the "
                       "page after this portal member_id and bot id"),
-                _LIST_LIMIT), paged=True), bots),
+                _LIST_LIMIT), _PAST_THE_HEAD, paged=True), bots),
         (Route("/portals/{member_id}/bots/{bot_id}", "One bot and its whole history",
                BotHistory, (Param("member_id", "string", "portal", "path"),
                             Param("bot_id", "integer", "bot id", "path"), _AFTER, _LIMIT)),
@@ -360,7 +362,8 @@ ROUTES: dict[str, tuple[Route, Handler]] = {
                 Param("cause", "string", "bot deleted / application uninstalled"),
                 Param("anomalies", "boolean", "only rows with an anomaly"), _AS_OF,
                 Param("after", "deletion-cursor", "the cursor of the `Link: rel=next` header: "
-                      "the page after this position and bot id"), _LIST_LIMIT), paged=True),
+                      "the page after this position and bot id"), _LIST_LIMIT),
+               _PAST_THE_HEAD, paged=True),
          deletions),
         (Route("/events", "Stored events, in ledger order", Page[EventOut],
                (_PORTAL, Param("type", "string", "event type, e.g. ONIMBOTDELETE"),

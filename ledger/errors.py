@@ -188,6 +188,15 @@ class FoldsBusy(LedgerError):
         )
 
 
+class PastTheHead(LedgerError):
+    """An answer asked as of a position nothing is stored at yet: it would be the head's, under
+    a label that looks pinned, and change as the next events arrive (the message names the
+    head: ask as of it or earlier)."""
+
+    status = 409
+    code = "past_the_head"
+
+
 class ReadsBusy(LedgerError):
     """As many read requests (read API, console) as this process lets use the database at once
     are running, and none finished within the wait: refused with `Retry-After` rather than

@@ -122,7 +122,7 @@ async def test_as_of_a_position_past_the_head_is_refused_not_answered_as_the_hea
     client: Client, database: Database
 ) -> None:
     """Asked as of a position nothing is stored at yet, the answer would be the head's —
-    looking pinned, yet changing as the next events arrive. It is a 400 naming the head (the
+    looking pinned, yet changing as the next events arrive. It is a 409 naming the head (the
     CLI: a one-line error); as of the head itself it is answered."""
     await install_sample_portal(client)
     status, stored = await post(client, sample("onimbotdelete-1"))
@@ -132,8 +132,10 @@ async def test_as_of_a_position_past_the_head_is_refused_not_answered_as_the_hea
     for path in ["/bots", "/deletions"]:
         response = await client.get(f"/api/v1{path}", headers=headers,
                                      params={"as_of": f"position:{head + 1}"})
-        assert response.status == 400, await response.text()
-        assert f"ends at position {head}" in (await response.json())["message"]
+        assert response.status == 409, await response.text()
+        answer = await response.json()
+        assert answer["error"] == "past_the_head"
+        assert f"ends at position {head}" in answer["message"]
         assert await get(client, path, headers, as_of=f"position:{head}") is not None
     listed = await cli(database, "bots", "--as-of", f"position:{head + 1}")
     assert listed.exit_code != 0

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from ledger import asof
-from ledger.errors import BadQuery
+from ledger.errors import PastTheHead
 from ledger.projections import projector as projector_module
 from ledger.projections import rows
 from ledger.projections.fold import Bot, Deletion, Portal, State
@@ -71,7 +71,7 @@ async def snapshot(
     if isinstance(as_of, asof.Position) and state.position < as_of.position:
         # positions are gap-free: the fold stopped short only at the head. Answered, the
         # question would look pinned, yet change as the next events arrive.
-        raise BadQuery(f"as of position {as_of.position}: the chain ends at position "
+        raise PastTheHead(f"as of position {as_of.position}: the chain ends at position "
                        f"{state.position}; nothing is stored after it yet — ask as of "
                        f"position {state.position} or earlier")
     return state
