@@ -19,7 +19,7 @@ from ledger.projections import readers
 from ledger.settings import Settings
 from tests.conftest import ClientFactory, Database
 from tests.helpers import Client
-from tests.test_api import bearer, history  # noqa: F401  (the fixture)
+from tests.test_api import bearer, get, history  # noqa: F401  (the fixture)
 from tests.test_derived_state import cli
 
 
@@ -50,7 +50,8 @@ async def test_the_registry_comes_a_page_at_a_time(history: Client) -> None:  # 
     keys = [(b["portal_member_id"], b["bot_id"]) for b in everything]
     assert len(keys) > 10
     assert keys == sorted(set(keys))
-    for as_of in ({}, {"as_of": "position:1000000"}):
+    head = (await get(history, "/projection", headers))["position"]  # as of it: the same
+    for as_of in ({}, {"as_of": f"position:{head}"}):
         paged = await pages(history, "/bots", headers, limit=7, **as_of)
         assert [len(p) for p in paged[:-1]] == [7] * (len(paged) - 1)
         assert 1 <= len(paged[-1]) <= 7
@@ -66,7 +67,8 @@ async def test_the_deletion_timeline_comes_a_page_at_a_time(history: Client) -> 
     keys = [(d["position"], d["bot_id"]) for d in everything]
     assert len(keys) >= 3
     assert keys == sorted(set(keys))
-    for as_of in ({}, {"as_of": "position:1000000"}):
+    head = (await get(history, "/projection", headers))["position"]  # as of it: the same
+    for as_of in ({}, {"as_of": f"position:{head}"}):
         paged = await pages(history, "/deletions", headers, limit=2, **as_of)
         assert len(paged) >= 2
         assert all(len(p) == 2 for p in paged[:-1])
@@ -104,7 +106,7 @@ async def test_as_of_folds_are_bounded_per_process(
     live questions are not held up; once the fold ends, as-of questions are answered again."""
     client = await make_client(settings_factory(max_concurrent_folds=1, fold_wait_seconds=0.05))
     headers = await bearer(client)
-    params = {"as_of": "position:1"}
+    params = {"as_of": "position:0"}  # the empty store: as of its head
     async with admin.transaction():
         await admin.execute("LOCK TABLE projections.snapshots IN ACCESS EXCLUSIVE MODE")
         held = asyncio.ensure_future(client.get("/api/v1/bots", headers=headers, params=params))
