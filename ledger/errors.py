@@ -289,6 +289,14 @@ class OutboxError(LedgerError):
     code = "outbox_error"
 
 
+class OutboxKeyLost(OutboxError):
+    """`keys/outbox.key` is missing while the outbox holds records sealed under a key: a new
+    key would make them unreadable for good, so none is created (the message says what to do:
+    restore the key, or give those forwards up)."""
+
+    code = "outbox_key_lost"
+
+
 class DestinationAnswerInvalid(LedgerError):
     """A route's destination answered a forward with something that is not HTTP/1.x the
     forwarder accepts (recorded as that attempt's error; the forward is retried)."""

@@ -292,4 +292,10 @@ class ForwardMetrics:
             "ledger_forward_attempts_unrecorded",
             "Attempt records dropped because PostgreSQL was away too long", registry=r,
         )
+        self.outbox_unreadable = Gauge(
+            "ledger_forward_outbox_unreadable",
+            "Per outbox directory: segments set aside as sealed under a key this process does "
+            "not hold (1 for a directory that cannot be read at all); the others go on",
+            ["directory"], registry=r,
+        )
         r.register(_RouteBacklog(backlog))

@@ -296,7 +296,9 @@ async def readyz(request: web.Request) -> web.Response:
         ],
         "forwarder": (
             {"state": "running", "pid": forwarder.pid,
-             "status_age_seconds": round(forwarder.age_seconds, 3)}
+             "status_age_seconds": round(forwarder.age_seconds, 3),
+             # outbox directories that do not open (another key): the others go on
+             "unreadable_outboxes": forwarder.unreadable_outboxes}
             if forwarder is not None else
             {"state": "down", "pid": None, "status_age_seconds": None}
         ),

@@ -17,7 +17,13 @@ import click
 
 from ledger.cli.app import main
 from ledger.cli.common import fail_cleanly, settings_of
-from ledger.gateway.forwarder import Forwarder, outbox_key
+from ledger.gateway import outbox
+from ledger.gateway.forwarder import (
+    Forwarder,
+    give_up_unreadable,
+    outbox_keys,
+    unreadable_outbox,
+)
 from ledger.metrics import Metrics
 from ledger.settings import Settings
 from ledger.storage import target as targets
@@ -33,15 +39,34 @@ _PARENT_CHECK_SECONDS = 0.5
 @main.command()
 @click.option("--parent-pid", type=int, default=None, hidden=True,
               help="Set by `ledger serve`: exit once that process is no longer our parent.")
+@click.option("--rotate-key", is_flag=True,
+              help="Retire keys/outbox.key (kept, read only, to open what it sealed) and make "
+                   "a new one; restart `ledger serve` to seal with it.")
+@click.option("--give-up-unreadable", is_flag=True,
+              help="Set aside the outbox segments no key at hand opens (a lost key), each of "
+                   "their forwards recorded as given up (outbox_key_lost).")
+@click.option("--yes", is_flag=True, help="With --give-up-unreadable: do it (else: list).")
 @click.pass_context
 @fail_cleanly
-def forward(ctx: click.Context, parent_pid: int | None) -> None:
+def forward(
+    ctx: click.Context, parent_pid: int | None, rotate_key: bool, give_up_unreadable: bool,
+    yes: bool,
+) -> None:
     """Forward what the intake sealed into the outbox to the routes' destinations.
 
     `ledger serve` runs one of these itself; run it by hand only when serving without it. One
     runs at a time per outbox (a second waits for the first to end).
     """
     settings = settings_of(ctx)
+    if rotate_key:
+        retired = outbox.rotate_key(settings.keys_dir)
+        click.echo(f"outbox key rotated: the old one is kept as {retired} (read only) while "
+                   "records sealed with it remain; restart `ledger serve` to seal with the "
+                   "new one")
+        return
+    if give_up_unreadable:
+        asyncio.run(_give_up_unreadable(settings, yes=yes))
+        return
     if parent_pid is not None:
         _as_child(settings)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
@@ -78,7 +103,8 @@ async def run_forwarder(settings: Settings, *, parent: int | None = None) -> Non
                 connect_timeout=settings.connect_timeout_seconds,
                 backend_nice=settings.forwarder_nice if parent is not None else 0)
             supervisor = Supervisor(Metrics(), first_backoff=settings.task_restart_seconds)
-            forwarder = Forwarder(settings, GatewayStore(pool), outbox_key(settings),
+            key, retired = outbox_keys(settings)
+            forwarder = Forwarder(settings, GatewayStore(pool), key, retired=retired,
                                   runner=supervisor)
             try:
                 await forwarder.start()
@@ -97,6 +123,31 @@ async def run_forwarder(settings: Settings, *, parent: int | None = None) -> Non
             target.release()
     finally:
         os.close(lock)
+
+
+async def _give_up_unreadable(settings: Settings, *, yes: bool) -> None:
+    segments = await asyncio.to_thread(unreadable_outbox, settings)
+    if not segments:
+        click.echo("every outbox segment opens with a key at hand: nothing to give up")
+        return
+    for path, count in segments:
+        click.echo(f"{path.parent.name}/{path.name}: {count} record(s) no key opens")
+    if not yes:
+        click.echo("nothing changed: run again with --yes to set these aside and record "
+                   "their forwards as given up (outbox_key_lost) — or restore the key")
+        return
+    target = await targets.open_target(settings)
+    try:
+        pool = await create_pool(target.service_dsn, size=1, connect=False,
+                                 connect_timeout=settings.connect_timeout_seconds)
+        try:
+            total = await give_up_unreadable(settings, GatewayStore(pool), segments)
+        finally:
+            await pool.close()
+    finally:
+        target.release()
+    click.echo(f"{total} forward(s) given up and recorded (audit.forwards, outbox_key_lost); "
+               f"the segments are in {settings.outbox_root / 'given-up'}")
 
 
 async def _exclusive(settings: Settings, stop: asyncio.Event) -> int | None:

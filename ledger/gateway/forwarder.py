@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,11 +42,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from ledger.errors import DatabaseUnavailable, LedgerError, OutboxError, RouteRefused
 from ledger.gateway import status
 from ledger.gateway.outbox import (
+    KEY_LOST,
     KEY_NAME,
     Location,
     OutboxReader,
     Recovered,
+    frames,
     load_key,
+    retired_keys,
+    unreadable_segments,
     writer_gone,
 )
 from ledger.gateway.routes import (
@@ -62,6 +67,7 @@ from ledger.storage.gateway_store import AttemptRecord, GatewayStore
 log = logging.getLogger(__name__)
 
 DELIVERED, FAILED, GIVEN_UP = "delivered", "failed", "given_up"
+UNKNOWN = "unknown"  # the route and portal of a forward whose record no key opens
 _RECORDS_MAX = 100_000  # attempt records held while PostgreSQL is away
 RECORD_BATCH_SECONDS = 0.1  # how long attempt records gather before they are written
 _QUERY = re.compile(r"\?[^\s'\"]*")
@@ -128,21 +134,36 @@ class LoopRunner(Protocol):
 
 
 def outbox_key(settings: Settings) -> bytes:
+    """The key the outbox is sealed with; never a new one while the outbox holds records no
+    key at hand opens (`OutboxKeyLost`: the message says what to do)."""
+    return outbox_keys(settings)[0]
+
+
+def outbox_keys(settings: Settings) -> tuple[bytes, list[bytes]]:
+    """The outbox key and the retired ones (`ledger forward --rotate-key`), which the
+    forwarder still opens records with."""
     configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
-    return load_key(settings.keys_dir / KEY_NAME, configured)
+    retired = retired_keys(settings.keys_dir)
+    return load_key(settings.keys_dir / KEY_NAME, configured, outbox_root=settings.outbox_root,
+                    retired=retired), retired
 
 
 class Forwarder:
     def __init__(
         self, settings: Settings, store: GatewayStore, key: bytes,
-        *, runner: LoopRunner | None = None,
+        *, runner: LoopRunner | None = None, retired: Sequence[bytes] = (),
     ) -> None:
         """`runner` runs the forwarder's long-lived loops, restarting one that crashes;
-        without it they are plain tasks."""
+        without it they are plain tasks. `retired`: earlier outbox keys, to open records sealed
+        before a rotation."""
         self._runner = runner
         self._settings = settings
         self._store = store
         self._key = key
+        self._retired = list(retired)
+        # outbox directories (or segments in them) that do not open, and why: reported
+        # (`/readyz`, a metric, logged once), while the other directories go on
+        self.unreadable: dict[str, str] = {}
         self._outboxes: dict[str, OutboxReader] = {}
         # read but not yet queued: (when read, monotonic), waiting out the order window
         self._settling: list[tuple[float, OutboxReader, Recovered]] = []
@@ -292,11 +313,14 @@ class Forwarder:
         looks could still be overtaken: the window's own caveat, in a narrower gap.)"""
         waiting = {outbox.directory.name for _, outbox, _ in self._settling}
         opened: dict[str, OutboxReader] = {}
+        problems: dict[str, tuple[int, str]] = {}
         try:  # the file work in one thread's turn: each turn costs ~50 µs of CPU
             directories, gone, found = await asyncio.to_thread(
-                self._read, waiting, opened, apply_settled)
+                self._read, waiting, opened, apply_settled, problems)
         finally:
             self._outboxes.update(opened)
+        self._report(problems)
+        self._expire_parked()
         self._live_outboxes = len(directories) - len(gone)
         now = time.monotonic()
         self._settling.extend((now, outbox, record) for outbox, record in found)
@@ -318,21 +342,36 @@ class Forwarder:
             self._queue(outbox, record, current=current)
 
     def _read(
-        self, waiting: set[str], opened: dict[str, OutboxReader], apply_settled: bool
+        self, waiting: set[str], opened: dict[str, OutboxReader], apply_settled: bool,
+        problems: dict[str, tuple[int, str]],
     ) -> tuple[list[Path], set[Path], list[tuple[OutboxReader, Recovered]]]:
         """`poll`'s blocking part (in a thread): the outbox directories, those whose writer is
-        gone, the records read; outboxes seen for the first time are opened into `opened`."""
+        gone, the records read; outboxes seen for the first time are opened into `opened`,
+        and those that do not open (wholly or in part) noted in `problems` (directory →
+        segments, why) — one such directory never stops the others."""
         root = self._settings.outbox_root
         directories = sorted(p for p in root.glob("worker-*") if p.is_dir())
         gone = {d for d in directories if d.name not in waiting and writer_gone(d)}
         found: list[tuple[OutboxReader, Recovered]] = []
         for directory in directories:
-            outbox = self._outboxes.get(directory.name)
-            if outbox is None:
-                outbox = OutboxReader(directory, self._key)
-                outbox.open()
-                opened[directory.name] = outbox
-            records = outbox.poll()
+            outbox = self._outboxes.get(directory.name) or opened.get(directory.name)
+            try:
+                if outbox is None:
+                    outbox = OutboxReader(directory, self._key, retired=self._retired)
+                    outbox.open()
+                    opened[directory.name] = outbox
+                records = outbox.poll()
+            except (OSError, OutboxError) as exc:  # this directory only: read again later
+                problems[directory.name] = (1, f"cannot be read: {exc}")
+                gone.discard(directory)
+                continue
+            if unreadable := outbox.unreadable:
+                problems[directory.name] = (len(unreadable), (
+                    f"{len(unreadable)} segment(s), {sum(unreadable.values())} bytes, sealed "
+                    "under a key this process does not hold: set aside, not forwarded. Restore "
+                    "the key (keys/outbox.key, LEDGER_OUTBOX_KEY, or a retired key file) and "
+                    "restart the forwarder, or give their forwards up: `ledger forward "
+                    "--give-up-unreadable --yes`"))
             found.extend((outbox, r) for r in records)
             if records or outbox.behind:
                 gone.discard(directory)
@@ -347,6 +386,19 @@ class Forwarder:
                         log.error("outbox %s: what was settled cannot be written down (%s); "
                                   "tried again at the next poll", outbox.directory, exc)
         return directories, gone, found
+
+    def _report(self, problems: dict[str, tuple[int, str]]) -> None:
+        """Outbox directories that do not open: logged once each (and once more when they
+        recover), a gauge, and the status `/readyz` shows."""
+        for name, (count, why) in problems.items():
+            if self.unreadable.get(name) != why:
+                log.error("outbox %s: %s", name, why)
+            self._metrics.outbox_unreadable.labels(name).set(count)
+        for name in set(self.unreadable) - set(problems):
+            log.info("outbox %s: readable again", name)
+            with contextlib.suppress(KeyError):
+                self._metrics.outbox_unreadable.remove(name)
+        self.unreadable = {name: why for name, (_, why) in problems.items()}
 
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
         """The held records whose window has passed, and those of lower positions, in ledger
@@ -396,6 +448,16 @@ class Forwarder:
         item.body = None  # read back from the outbox when its turn comes: memory stays small
         waiting.append(item)
 
+    def _expire_parked(self) -> None:
+        """Forwards waiting for a route this process does not know yet, past their age: given
+        up (`expired`), as they would be in a lane — never kept while PostgreSQL stays away."""
+        limit = time.time() - self._settings.forward_max_age_seconds
+        for route_id, items in list(self._unrouted.items()):
+            while items and items[0].accepted_at < limit:
+                self._give_up_item(None, route_id, items.pop(0), "expired")
+            if not items:
+                del self._unrouted[route_id]
+
     def _unpark(self) -> None:
         """After a reload from PostgreSQL: the waiting forwards go to their routes' lanes in
         the order they were read — or, for a route the current set does not hold (removed
@@ -411,7 +473,9 @@ class Forwarder:
 
     def _enqueue(self, state: _RouteState, item: _Item) -> None:
         route_id = state.route.route_id
-        if state.pending >= self._settings.forward_max_pending:
+        if state.pending >= self._settings.forward_max_pending and not self._make_room(
+            state, item.member_id
+        ):
             self._give_up_item(state, route_id, item, "backlog_full")
             return
         state.pending += 1
@@ -430,6 +494,27 @@ class Forwarder:
         if lane.task is None:
             lane.task = self._spawn(self._run_lane(state, item.member_id, lane),
                                     f"forward-{route_id}")
+
+    def _make_room(self, state: _RouteState, member_id: str) -> bool:
+        """The route is at `forward_max_pending`: a portal holding less than its share (the
+        bound over the portals with forwards pending) gets room by giving up the newest
+        forward of the portal holding most (never one in flight) — one flooding portal never
+        gets another's forwards given up. False: `member_id`'s portal is at its share."""
+        lane = state.lanes.get(member_id)
+        share = self._settings.forward_max_pending // (len(state.lanes) + (lane is None))
+        if (len(lane.items) if lane else 0) >= share:
+            return False
+        largest = max(state.lanes.values(), key=lambda candidate: len(candidate.items))
+        if len(largest.items) <= max(share, 1):
+            return False
+        evicted = largest.items.pop()  # the newest: its lane's order holds
+        state.pending -= 1
+        if evicted in state.held:
+            del state.held[evicted]
+            state.held_bytes -= len(evicted.body or b"")
+        evicted.body = None
+        self._give_up_item(state, state.route.route_id, evicted, "backlog_full")
+        return True
 
     # ---- lanes ------------------------------------------------------------------------------
 
@@ -686,17 +771,25 @@ class Forwarder:
             await asyncio.sleep(self._settings.forward_status_seconds)  # the interval
 
     def publish(self) -> None:
-        status.publish(self._settings, self.health(), generate_latest(self.registry))
+        status.publish(self._settings, self.health(), generate_latest(self.registry),
+                       unreadable=self.unreadable)
 
     # ---- health -----------------------------------------------------------------------------
 
     def backlog(self) -> dict[str, tuple[int, float]]:
+        """Per route: forwards pending and the age of the oldest — those waiting for a route
+        this process does not know yet (`_park`) included."""
         now = time.time()
-        return {
+        found = {
             rid: (s.pending, max((now - lane.items[0].accepted_at for lane in s.lanes.values()
                                   if lane.items), default=0.0))
             for rid, s in self._states.items()
         }
+        for rid, items in list(self._unrouted.items()):
+            if items:
+                pending, age = found.get(rid, (0, 0.0))
+                found[rid] = (pending + len(items), max(age, now - items[0].accepted_at))
+        return found
 
     def health(self) -> list[RouteHealth]:
         backlog = self.backlog()
@@ -712,6 +805,51 @@ class Forwarder:
             )
             for rid, s in self._states.items()
         ]
+
+
+def unreadable_outbox(settings: Settings) -> list[tuple[Path, int]]:
+    """The outbox segments no key at hand opens (neither `keys/outbox.key` or
+    `LEDGER_OUTBOX_KEY` — never created here — nor a retired key), with how many records each
+    holds (counted by their plaintext framing). Blocking I/O."""
+    keys = retired_keys(settings.keys_dir)
+    configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
+    if configured or (settings.keys_dir / KEY_NAME).exists():
+        keys.insert(0, load_key(settings.keys_dir / KEY_NAME, configured))
+    return [(path, len(frames(path)))
+            for path in unreadable_segments(settings.outbox_root, keys)]
+
+
+async def give_up_unreadable(
+    settings: Settings, store: GatewayStore, segments: list[tuple[Path, int]]
+) -> int:
+    """Set segments no key opens aside (`outbox/given-up/worker-N/`, still sealed: delete them
+    at will) and record each record in them as a forward given up (`outbox_key_lost`), so
+    `audit.forwards` shows every delivery the bot will never get. Which event each was cannot
+    be known without the key: the record names the portal and route `unknown`, no position,
+    and an identity derived from the record's place (directory, segment, offset), its
+    acceptance time that of the segment's creation. Recorded first, moved after: a crash in
+    between records them again at the next run (same identities), never loses one."""
+    aside_root = settings.outbox_root / "given-up"
+    now = datetime.now(UTC)
+    total = 0
+    for path, _ in segments:
+        directory = path.parent.name
+        created = datetime.fromtimestamp(int(path.stem[4:]) / 1e9, UTC)
+        records = [
+            AttemptRecord(UNKNOWN, UNKNOWN, None,
+                          hashlib.sha256(f"{directory}/{path.name}:{offset}".encode())
+                          .digest()[:16], 0, GIVEN_UP, None, KEY_LOST, None, created, now)
+            for offset in await asyncio.to_thread(frames, path)
+        ]
+        for start in range(0, len(records), 1000):
+            await store.record_attempts(records[start : start + 1000])
+        aside = aside_root / directory
+        await asyncio.to_thread(aside.mkdir, parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(path.rename, aside / path.name)
+        log.warning("outbox %s/%s set aside: %d forward(s) given up (%s)", directory,
+                    path.name, len(records), KEY_LOST)
+        total += len(records)
+    return total
 
 
 def _settle(settle: _Settle | None) -> None:
@@ -738,4 +876,5 @@ def _item(
     )
 
 
-__all__ = ["Forwarder", "RouteHealth", "outbox_key"]
+__all__ = ["Forwarder", "RouteHealth", "give_up_unreadable", "outbox_key", "outbox_keys",
+           "unreadable_outbox"]

@@ -43,6 +43,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ledger.errors import OutboxError
+from ledger.errors import OutboxError, OutboxKeyLost
 
 log = logging.getLogger(__name__)
 
@@ -59,69 +60,185 @@ MAGIC = b"LOB1"
 _FRAME = struct.Struct(">4sI")
 _NONCE = 12
 KEY_NAME = "outbox.key"
+RETIRED_GLOB = "outbox-retired-*.key"  # see rotate_key
+KEY_LOST = "outbox_key_lost"  # the reason recorded for forwards given up with their key
+_PROBE_BYTES = 256 * 1024  # how much of a segment's start tells which key sealed it
 IDLE_SECONDS = 1.0  # see OutboxReader._delete_if_done
 WRITER_LOCK = "writer.lock"
 
 Location = tuple[int, int]  # (segment, offset)
 
 
-def load_key(path: Path, configured: str | None) -> bytes:
-    """The outbox key from the setting, else from `path` (created, 0600, when missing)."""
-    if configured:
-        try:
-            key = base64.b64decode(configured, validate=True)
-        except ValueError as exc:
-            raise OutboxError("LEDGER_OUTBOX_KEY is not base64") from exc
-        if len(key) != 32:
-            raise OutboxError("LEDGER_OUTBOX_KEY must be 32 bytes, base64-encoded")
-        return key
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        # written aside, then linked into place: workers starting together all get one key
-        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process was first: use its key
-        finally:
-            temporary.unlink()
+def _decoded(data: bytes, what: str) -> bytes:
     try:
-        key = base64.b64decode(path.read_bytes().strip(), validate=True)
+        key = base64.b64decode(data.strip(), validate=True)
     except ValueError as exc:
-        raise OutboxError(f"{path} does not hold a base64 key") from exc
+        raise OutboxError(f"{what} is not base64") from exc
     if len(key) != 32:
-        raise OutboxError(f"{path} does not hold a 32-byte key (base64)")
+        raise OutboxError(f"{what} must be 32 bytes, base64-encoded")
     return key
 
 
+def load_key(
+    path: Path, configured: str | None, *, outbox_root: Path | None = None,
+    retired: Sequence[bytes] = (),
+) -> bytes:
+    """The outbox key from the setting, else from `path` (created, 0600, when missing).
+
+    Never created while an outbox under `outbox_root` holds records no key at hand opens
+    (`retired`: earlier keys still kept): a new key would make those forwards unreadable for
+    good and stop the forwarder at each start — `OutboxKeyLost` says what to do instead."""
+    if configured:
+        return _decoded(configured.encode(), "LEDGER_OUTBOX_KEY")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        if outbox_root is not None and (lost := unreadable_segments(outbox_root, retired)):
+            directories = sorted({p.parent.name for p in lost})
+            raise OutboxKeyLost(
+                f"{path} is missing, but {len(lost)} outbox segment(s) in "
+                f"{outbox_root} ({', '.join(directories)}) hold records sealed under a key: "
+                "no new key is created. Restore the key file (or set LEDGER_OUTBOX_KEY to the "
+                "key they were written with), or give those forwards up with `ledger forward "
+                "--give-up-unreadable --yes` (each is recorded as given up, reason "
+                f"{KEY_LOST}) and start again")
+        # written aside, then linked into place: workers starting together all get one key
+        _write_key(path, AESGCM.generate_key(bit_length=256))
+    return _decoded(path.read_bytes(), str(path))
+
+
+def _write_key(path: Path, key: bytes) -> None:
+    """Put a new key file in place unless one exists (another process was first: its key)."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(base64.b64encode(key) + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    _fsync_directory(path.parent)
+
+
+def retired_keys(keys_dir: Path) -> list[bytes]:
+    """Keys retired by `rotate_key`, newest first: read only, to open records sealed before
+    the rotation until they are settled."""
+    return [_decoded(p.read_bytes(), str(p))
+            for p in sorted(keys_dir.glob(RETIRED_GLOB), reverse=True)]
+
+
+def rotate_key(keys_dir: Path) -> Path:
+    """Retire `keys/outbox.key` (kept, read only, as `outbox-retired-<ns>.key`) and put a new
+    one in its place; processes started from now on seal with the new key, and the forwarder
+    opens records under either. Returns the retired key's path."""
+    current = keys_dir / KEY_NAME
+    if not current.exists():
+        raise OutboxError(f"{current} does not exist: there is no key to rotate (a key set by "
+                          "LEDGER_OUTBOX_KEY is rotated by changing the setting and keeping "
+                          "the old value in a retired key file, outbox-retired-<n>.key)")
+    retired = keys_dir / f"outbox-retired-{time.time_ns():020d}.key"
+    os.link(current, retired)  # the old key is never without a name
+    os.chmod(retired, 0o400)
+    temporary = current.with_name(f"{current.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(base64.b64encode(AESGCM.generate_key(bit_length=256)) + b"\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(current)
+    _fsync_directory(keys_dir)
+    return retired
+
+
+def _opens(path: Path, sealer: _Sealer) -> bool | None:
+    """Whether the records at the start of a segment open with the sealer's keys: True if any
+    does, False if none of at least one complete record does, None if there is none."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_PROBE_BYTES)
+    except FileNotFoundError:
+        return None
+    offset, seen = 0, False
+    while (offset := data.find(MAGIC, offset)) >= 0 and offset + _FRAME.size <= len(data):
+        end = offset + _FRAME.size + _FRAME.unpack_from(data, offset)[1]
+        if end <= len(data):
+            seen = True
+            try:
+                sealer.open(data[offset:end])
+            except OutboxError:
+                offset += 1
+                continue
+            return True
+        offset += 1
+    return False if seen else None
+
+
+def unreadable_segments(root: Path, keys: Sequence[bytes]) -> list[Path]:
+    """The outbox segments under `root` holding records none of `keys` opens (judged by the
+    records at each one's start). Blocking I/O."""
+    sealer = _Sealer(keys, root)
+    return [_segment_path(d, n) for d in sorted(root.glob("worker-*")) if d.is_dir()
+            for n in _segment_numbers(d) if _opens(_segment_path(d, n), sealer) is False]
+
+
+def sealed_under(root: Path, key: bytes) -> bool:
+    """Whether any outbox segment under `root` holds records sealed under `key`."""
+    sealer = _Sealer([key], root)
+    return any(_opens(_segment_path(d, n), sealer) for d in root.glob("worker-*")
+               if d.is_dir() for n in _segment_numbers(d))
+
+
+def frames(path: Path) -> list[int]:
+    """The offsets of the complete records in a segment, by their plaintext framing alone
+    (no key needed: to count what cannot be opened). Blocking I/O."""
+    found: list[int] = []
+    data = path.read_bytes()
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        magic, length = _FRAME.unpack_from(data, offset)
+        end = offset + _FRAME.size + length
+        if magic != MAGIC or end > len(data):
+            resumed = data.find(MAGIC, offset + 1)
+            if resumed < 0:
+                break
+            offset = resumed
+            continue
+        found.append(offset)
+        offset = end
+    return found
+
+
 class _Sealer:
-    def __init__(self, key: bytes, directory: Path) -> None:
-        self._aead = AESGCM(key)
+    def __init__(self, keys: bytes | Sequence[bytes], directory: Path) -> None:
+        """`keys[0]` seals; each opens (the one that opened last tried first)."""
+        self._aeads = [AESGCM(k) for k in ([keys] if isinstance(keys, bytes) else keys)]
         self._directory = directory
 
     def seal(self, header: dict[str, Any], body: bytes, nonce: bytes | None = None) -> bytes:
         """One frame; `nonce`: 12 random bytes (drawn here when not given)."""
         nonce = nonce or os.urandom(_NONCE)
-        sealed = self._aead.encrypt(nonce, orjson.dumps(header) + b"\n" + body, MAGIC)
+        sealed = self._aeads[0].encrypt(nonce, orjson.dumps(header) + b"\n" + body, MAGIC)
         return _FRAME.pack(MAGIC, _NONCE + len(sealed)) + nonce + sealed
 
     def open(self, frame: bytes) -> tuple[dict[str, Any], bytes]:
         nonce = frame[_FRAME.size : _FRAME.size + _NONCE]
-        try:
-            plain = self._aead.decrypt(nonce, frame[_FRAME.size + _NONCE :], MAGIC)
-        except (InvalidTag, ValueError) as exc:  # ValueError: too short to hold a nonce
-            raise OutboxError(
-                f"an outbox record in {self._directory} does not decrypt: the outbox key is "
-                "not the one it was written with (restore LEDGER_OUTBOX_KEY or "
-                "keys/outbox.key)"
-            ) from exc
-        header, _, body = plain.partition(b"\n")
-        return orjson.loads(header), body
+        sealed = frame[_FRAME.size + _NONCE :]
+        for index, aead in enumerate(aeads := self._aeads):
+            try:
+                plain = aead.decrypt(nonce, sealed, MAGIC)
+            except (InvalidTag, ValueError):  # ValueError: too short to hold a nonce
+                continue
+            if index:  # records come in runs under one key; a new list: threads read it
+                self._aeads = [aead, *(a for a in aeads if a is not aead)]
+            header, _, body = plain.partition(b"\n")
+            return orjson.loads(header), body
+        raise OutboxError(
+            f"an outbox record in {self._directory} does not decrypt: the outbox key is "
+            "not the one it was written with (restore LEDGER_OUTBOX_KEY or keys/outbox.key, "
+            "or give its forwards up: `ledger forward --give-up-unreadable --yes`)")
 
 
 def _segment_path(directory: Path, number: int) -> Path:
@@ -314,23 +431,27 @@ class _Segment:
     read: int = 0  # bytes read (complete frames, or a torn tail skipped)
     outstanding: int = 0
     settled: set[tuple[int, str]] = field(default_factory=set)
+    # a record decrypted here: the key is this segment's, so one that does not is damaged
+    keyed: bool = False
+    # its size when none of its records opened (sealed under a key this process does not
+    # hold): set aside, read again only once it grows, never deleted (`OutboxReader.unreadable`)
+    foreign: int | None = None
 
 
 class OutboxReader:
     """The forwarder's side of one directory: tail new records, settle, delete. Blocking file
     I/O (call it from a thread); `settle` only notes, so the event loop may call it."""
 
-    def __init__(self, directory: Path, key: bytes) -> None:
+    def __init__(self, directory: Path, key: bytes, *, retired: Sequence[bytes] = ()) -> None:
+        """`retired`: earlier keys (`rotate_key`), to open records sealed before a rotation."""
         self.directory = directory
-        self._sealer = _Sealer(key, directory)
+        self._sealer = _Sealer([key, *retired], directory)
         self._lock = threading.Lock()
         self._segments: dict[int, _Segment] = {}
         self._done_file: Any = None
         self._settled: list[tuple[Location, str, str]] = []
         self._settled_lock = threading.Lock()  # never held during I/O
         self.behind = False  # the last poll stopped at its `max_bytes`: more to read
-        # a record decrypted here: the key is this outbox's, so one that does not is damaged
-        self._keyed = False
 
     def open(self) -> None:
         """Read `done.log` and rewrite it to what still matters (existing segments)."""
@@ -374,6 +495,9 @@ class OutboxReader:
         taken = 0
         with self._lock:
             self.behind = False
+            for number in set(self._segments) - set(numbers):  # set aside by an operator
+                if self._segments[number].foreign is not None:
+                    del self._segments[number]
             for index, number in enumerate(numbers):
                 if taken >= max_bytes:
                     self.behind = True
@@ -382,7 +506,7 @@ class OutboxReader:
                 path = _segment_path(self.directory, number)
                 try:
                     size = path.stat().st_size
-                    if size <= segment.read:
+                    if size <= segment.read or size == segment.foreign:
                         continue
                     taken += size - segment.read
                     with open(path, "rb") as handle:
@@ -395,6 +519,7 @@ class OutboxReader:
                     self.behind = True
                     break
                 offset = 0
+                foreign = False
                 while offset + _FRAME.size <= len(data):
                     magic, length = _FRAME.unpack_from(data, offset)
                     end = offset + _FRAME.size + length
@@ -413,19 +538,27 @@ class OutboxReader:
                         header, body = self._sealer.open(data[offset:end])
                     except OutboxError:
                         resumed = self._next_record(data, offset + 1)
-                        if not self._keyed and resumed is None:
-                            raise  # nothing opens: the key is not this outbox's
+                        if not segment.keyed and resumed is None:
+                            # nothing opens: sealed under a key this process does not hold.
+                            # Set aside (not read on, not deleted), the other segments and
+                            # directories go on: `unreadable` reports it
+                            foreign = True
+                            break
                         log.error("outbox %s: the record at offset %d does not decrypt while "
                                   "others do (damaged on disk): skipped, its forwards are lost",
                                   path, at)
                         offset = end if resumed is None else resumed
                         continue
-                    self._keyed = True
+                    segment.keyed = True
                     owed = [r for r in header["routes"] if (at, r) not in segment.settled]
                     segment.outstanding += len(owed)
                     if owed:
                         found.append(Recovered((number, at), header, body, owed))
                     offset = end
+                if foreign:
+                    segment.foreign = size
+                    continue
+                segment.foreign = None
                 segment.read += offset
                 if offset < len(data) and index < len(numbers) - 1:
                     # its writer moved on (or died): never completed, so never acknowledged
@@ -469,7 +602,13 @@ class OutboxReader:
         """Whether `apply_settled` has anything to do: settled forwards to write down, or a
         segment nothing is owed from any more."""
         return bool(self._settled) or any(
-            s.outstanding == 0 for s in list(self._segments.values()))
+            s.outstanding == 0 and s.foreign is None for s in list(self._segments.values()))
+
+    @property
+    def unreadable(self) -> dict[int, int]:
+        """Segments set aside as sealed under a key this process does not hold: number →
+        bytes (what to do: restore the key, or `ledger forward --give-up-unreadable`)."""
+        return {n: s.foreign for n, s in list(self._segments.items()) if s.foreign is not None}
 
     def apply_settled(self) -> None:
         """Record what was settled in `done.log`; delete segments nothing is owed from."""
@@ -491,6 +630,8 @@ class OutboxReader:
             deleted = False
             newest = max(self._segments, default=None)
             for number, segment in list(self._segments.items()):
+                if segment.foreign is not None:  # kept: an operator settles it
+                    continue
                 if segment.outstanding == 0 and self._delete_if_done(
                     number, segment, idle=IDLE_SECONDS if number == newest else 0.0
                 ):

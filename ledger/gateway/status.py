@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -158,11 +158,17 @@ def status_path(settings: Settings) -> Path:
     return settings.outbox_root / STATUS_NAME
 
 
-def publish(settings: Settings, health: list[RouteHealth], metrics: bytes) -> None:
-    """Written by the forwarder process (raises OSError)."""
+def publish(
+    settings: Settings, health: list[RouteHealth], metrics: bytes,
+    *, unreadable: dict[str, str] | None = None,
+) -> None:
+    """Written by the forwarder process (raises OSError). `unreadable`: outbox directories
+    that do not open (wholly or in part), and why — names, sizes and what to do, never a
+    body, a query or key material."""
     _replace(status_path(settings), orjson.dumps({
         "pid": os.getpid(), "written_at": time.time(),
         "routes": [h.as_json() for h in health], "metrics": metrics.decode(),
+        "unreadable_outboxes": unreadable or {},
     }))
 
 
@@ -172,6 +178,7 @@ class Published:
     age_seconds: float
     routes: dict[str, dict[str, Any]]
     metrics: bytes
+    unreadable_outboxes: dict[str, str] = field(default_factory=dict)
 
 
 def read_status(settings: Settings) -> Published | None:
@@ -182,7 +189,9 @@ def read_status(settings: Settings) -> Published | None:
         if age > stale_after(settings):
             return None
         return Published(int(data["pid"]), age, {r["route_id"]: r for r in data["routes"]},
-                         str(data["metrics"]).encode())
+                         str(data["metrics"]).encode(),
+                         {str(k): str(v) for k, v in
+                          dict(data.get("unreadable_outboxes") or {}).items()})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
