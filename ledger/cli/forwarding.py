@@ -59,6 +59,10 @@ def forward(
     """
     settings = settings_of(ctx)
     if rotate_key:
+        if settings.outbox_key is not None:
+            raise click.ClickException(
+                "the outbox key is set by LEDGER_OUTBOX_KEY: rotate it by writing the old "
+                "value (base64) to keys/outbox-retired-<n>.key, then setting the new one")
         retired = outbox.rotate_key(settings.keys_dir)
         click.echo(f"outbox key rotated: the old one is kept as {retired} (read only) while "
                    "records sealed with it remain; restart `ledger serve` to seal with the "
@@ -104,6 +108,12 @@ async def run_forwarder(settings: Settings, *, parent: int | None = None) -> Non
                 backend_nice=settings.forwarder_nice if parent is not None else 0)
             supervisor = Supervisor(Metrics(), first_backoff=settings.task_restart_seconds)
             key, retired = outbox_keys(settings)
+            for idle in await asyncio.to_thread(
+                outbox.idle_retired_keys, settings.keys_dir, settings.outbox_root
+            ):
+                log.info("retired outbox key %s opens nothing left in the outbox: delete it "
+                         "once every `ledger serve` started before its rotation was restarted",
+                         idle)
             forwarder = Forwarder(settings, GatewayStore(pool), key, retired=retired,
                                   runner=supervisor)
             try:

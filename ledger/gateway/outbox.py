@@ -29,7 +29,11 @@ written and the `unlink`. A writer that finds its file unlinked (`st_nlink == 0`
 segment before writing.
 
 Key: `LEDGER_OUTBOX_KEY` (base64 of 32 bytes) or `LEDGER_DATA_DIR/keys/outbox.key`, created
-0600 on first use. Without the key, the files are noise; with another key, start-up refuses.
+0600 on first use — never while an outbox holds records no key at hand opens (a lost key:
+`OutboxKeyLost`, see `load_key`). Retired keys (`rotate_key`: `keys/outbox-retired-<n>.key`,
+0400) still open what they sealed. Without the key, the files are noise; a segment none of
+whose records opens is set aside by the reader (`OutboxReader.unreadable`): not read on, not
+deleted, reported — the other segments and directories go on.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ KEY_NAME = "outbox.key"
 RETIRED_GLOB = "outbox-retired-*.key"  # see rotate_key
 KEY_LOST = "outbox_key_lost"  # the reason recorded for forwards given up with their key
 _PROBE_BYTES = 256 * 1024  # how much of a segment's start tells which key sealed it
+_PROBE_MAX = 64 * 1024**2  # or the whole of its first record, up to this
 IDLE_SECONDS = 1.0  # see OutboxReader._delete_if_done
 WRITER_LOCK = "writer.lock"
 
@@ -91,16 +96,18 @@ def load_key(
     if configured:
         return _decoded(configured.encode(), "LEDGER_OUTBOX_KEY")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lost = (unreadable_segments(outbox_root, retired)
+            if outbox_root is not None and not path.exists() else [])
+    if lost and not path.exists():  # (made meanwhile by another process: its records, then)
+        directories = sorted({p.parent.name for p in lost})
+        raise OutboxKeyLost(
+            f"{path} is missing, but {len(lost)} outbox segment(s) in {outbox_root} "
+            f"({', '.join(directories)}) hold records sealed under a key: no new key is "
+            "created. Restore the key file (or set LEDGER_OUTBOX_KEY to the key they were "
+            "written with), or give those forwards up with `ledger forward "
+            f"--give-up-unreadable --yes` (each is recorded as given up, reason {KEY_LOST}) "
+            "and start again")
     if not path.exists():
-        if outbox_root is not None and (lost := unreadable_segments(outbox_root, retired)):
-            directories = sorted({p.parent.name for p in lost})
-            raise OutboxKeyLost(
-                f"{path} is missing, but {len(lost)} outbox segment(s) in "
-                f"{outbox_root} ({', '.join(directories)}) hold records sealed under a key: "
-                "no new key is created. Restore the key file (or set LEDGER_OUTBOX_KEY to the "
-                "key they were written with), or give those forwards up with `ledger forward "
-                "--give-up-unreadable --yes` (each is recorded as given up, reason "
-                f"{KEY_LOST}) and start again")
         # written aside, then linked into place: workers starting together all get one key
         _write_key(path, AESGCM.generate_key(bit_length=256))
     return _decoded(path.read_bytes(), str(path))
@@ -159,6 +166,10 @@ def _opens(path: Path, sealer: _Sealer) -> bool | None:
     try:
         with open(path, "rb") as handle:
             data = handle.read(_PROBE_BYTES)
+            if len(data) >= _FRAME.size and data.startswith(MAGIC):  # a first record larger
+                missing = _FRAME.size + _FRAME.unpack_from(data)[1] - len(data)  # than that
+                if 0 < missing <= _PROBE_MAX:
+                    data += handle.read(missing)
     except FileNotFoundError:
         return None
     offset, seen = 0, False
@@ -184,11 +195,18 @@ def unreadable_segments(root: Path, keys: Sequence[bytes]) -> list[Path]:
             for n in _segment_numbers(d) if _opens(_segment_path(d, n), sealer) is False]
 
 
-def sealed_under(root: Path, key: bytes) -> bool:
-    """Whether any outbox segment under `root` holds records sealed under `key`."""
-    sealer = _Sealer([key], root)
-    return any(_opens(_segment_path(d, n), sealer) for d in root.glob("worker-*")
-               if d.is_dir() for n in _segment_numbers(d))
+def idle_retired_keys(keys_dir: Path, root: Path) -> list[Path]:
+    """Retired key files no outbox segment under `root` holds records of (any more). Deleting
+    one is the operator's call: an intake started before the rotation and not restarted since
+    still seals with it. Blocking I/O."""
+    segments = [_segment_path(d, n) for d in root.glob("worker-*") if d.is_dir()
+                for n in _segment_numbers(d)]
+    idle = []
+    for path in sorted(keys_dir.glob(RETIRED_GLOB)):
+        sealer = _Sealer([_decoded(path.read_bytes(), str(path))], root)
+        if not any(_opens(segment, sealer) for segment in segments):
+            idle.append(path)
+    return idle
 
 
 def frames(path: Path) -> list[int]:
@@ -436,6 +454,13 @@ class _Segment:
     # its size when none of its records opened (sealed under a key this process does not
     # hold): set aside, read again only once it grows, never deleted (`OutboxReader.unreadable`)
     foreign: int | None = None
+    foreign_until: float = 0.0  # monotonic: grown meanwhile, it is read again after this
+
+
+def _still_aside(segment: _Segment, size: int) -> bool:
+    """A segment set aside as under another key, not grown since (or read again too lately)."""
+    return segment.foreign is not None and (
+        size == segment.foreign or time.monotonic() < segment.foreign_until)
 
 
 class OutboxReader:
@@ -506,7 +531,7 @@ class OutboxReader:
                 path = _segment_path(self.directory, number)
                 try:
                     size = path.stat().st_size
-                    if size <= segment.read or size == segment.foreign:
+                    if size <= segment.read or _still_aside(segment, size):
                         continue
                     taken += size - segment.read
                     with open(path, "rb") as handle:
@@ -555,8 +580,8 @@ class OutboxReader:
                     if owed:
                         found.append(Recovered((number, at), header, body, owed))
                     offset = end
-                if foreign:
-                    segment.foreign = size
+                if foreign:  # (a live writer under another key: not re-read at every poll)
+                    segment.foreign, segment.foreign_until = size, time.monotonic() + 5.0
                     continue
                 segment.foreign = None
                 segment.read += offset
