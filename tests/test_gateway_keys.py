@@ -61,7 +61,7 @@ def sealed(directory: Path, key: bytes, route_id: str, *positions: int) -> None:
 
 
 def test_a_lost_key_is_never_replaced_while_the_outbox_holds_records(
-    settings_factory: Callable[..., Settings],
+    database: Database, settings_factory: Callable[..., Settings],
 ) -> None:
     """Found last session: a lost `keys/outbox.key` made the next start create a new key
     silently, and the forwarder then refused every old record at each restart, forever."""
@@ -74,6 +74,12 @@ def test_a_lost_key_is_never_replaced_while_the_outbox_holds_records(
     assert "--give-up-unreadable" in str(refused.value)
     assert "restore the key file" in str(refused.value).lower()
     assert not (settings.keys_dir / KEY_NAME).exists()  # none made behind the operator's back
+    from tests.test_cli import run
+
+    served = run(database, "serve")  # refused in one line, before anything starts
+    assert served.exit_code == 1
+    assert "is missing, but 1 outbox segment(s)" in served.output
+    assert not (settings.keys_dir / KEY_NAME).exists()
     empty = settings_factory(outbox_dir=settings.data_dir / "elsewhere")
     assert len(outbox_key(empty)) == 32  # an outbox with nothing sealed: a key is made
 

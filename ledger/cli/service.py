@@ -28,6 +28,7 @@ from ledger.cli.common import (
     settings_of,
 )
 from ledger.cli.sidecars import Sidecar
+from ledger.gateway.forwarder import outbox_key
 from ledger.settings import Settings
 from ledger.storage import target as targets
 
@@ -58,6 +59,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int) 
     # the listen address is a setting too: gateway mode refuses routes that point back at it
     settings = settings.model_copy(update={"host": address[0], "port": address[1]})
     ctx.meta[PORT_KEY] = address[1]
+    # a lost outbox key refuses here, in one line, before any process starts (OutboxKeyLost)
+    outbox_key(settings)
     _check_address(*address, reuse_port=workers > 1)  # before starting anything
     debug = bool(ctx.meta.get("ledger.debug"))
     if workers == 1:  # gateway mode's forwarder is a sidecar always (it idles without routes)

@@ -164,6 +164,7 @@ class Forwarder:
         # outbox directories (or segments in them) that do not open, and why: reported
         # (`/readyz`, a metric, logged once), while the other directories go on
         self.unreadable: dict[str, str] = {}
+        self._unreadable_counts: dict[str, int] = {}
         self._outboxes: dict[str, OutboxReader] = {}
         # read but not yet queued: (when read, monotonic), waiting out the order window
         self._settling: list[tuple[float, OutboxReader, Recovered]] = []
@@ -391,7 +392,7 @@ class Forwarder:
         """Outbox directories that do not open: logged once each (and once more when they
         recover), a gauge, and the status `/readyz` shows."""
         for name, (count, why) in problems.items():
-            if self.unreadable.get(name) != why:
+            if self._unreadable_counts.get(name) != count:  # not again as a segment grows
                 log.error("outbox %s: %s", name, why)
             self._metrics.outbox_unreadable.labels(name).set(count)
         for name in set(self.unreadable) - set(problems):
@@ -399,6 +400,7 @@ class Forwarder:
             with contextlib.suppress(KeyError):
                 self._metrics.outbox_unreadable.remove(name)
         self.unreadable = {name: why for name, (_, why) in problems.items()}
+        self._unreadable_counts = {name: count for name, (count, _) in problems.items()}
 
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
         """The held records whose window has passed, and those of lower positions, in ledger
