@@ -506,8 +506,9 @@ class Forwarder:
         share = self._settings.forward_max_pending // (len(state.lanes) + (lane is None))
         if (len(lane.items) if lane else 0) >= share:
             return False
-        largest = max(state.lanes.values(), key=lambda candidate: len(candidate.items))
-        if len(largest.items) <= max(share, 1):
+        largest = max(state.lanes.values(), key=lambda candidate: len(candidate.items),
+                      default=None)
+        if largest is None or len(largest.items) <= max(share, 1):
             return False
         evicted = largest.items.pop()  # the newest: its lane's order holds
         state.pending -= 1
