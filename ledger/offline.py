@@ -1334,8 +1334,12 @@ class JournalTurn:
         transaction = self.transaction
         if not keys or transaction is None:
             return
-        self.intended = await self.in_thread(
-            lambda handle: self._trust._intend(handle, keys, transaction))
+
+        def write(handle: IO[bytes]) -> None:
+            # set by the thread: given up on meanwhile, `_thread_done` must know of it
+            self.intended = self._trust._intend(handle, keys, transaction)
+
+        await self.in_thread(write)
         self._check()
 
     async def end(self) -> None:
@@ -1377,7 +1381,19 @@ class JournalTurn:
     def _thread_done(self, _: asyncio.Future[Any]) -> None:
         self._busy = False
         if self.given_up or self._closing:
+            self._withdraw()
             self.release()
+
+    def _withdraw(self) -> None:
+        """Let go of while a thread wrote its intent (the append timeout, a cancellation),
+        the append never sends its COMMIT: the intent is resolved before the journal is let
+        go of — left, it put the batch's portals in doubt for a COMMIT that never was, and
+        the spool of the batch given up on answered its own deliveries 503."""
+        if self.commit_sent or self.intended is None or self.handle is None:
+            return
+        keys, self.intended = self.intended, None
+        with contextlib.suppress(OSError):  # a doubt left is settled by any worker
+            self._trust._resolve(self.handle, keys)  # one short write, not fsync'd
 
     def in_doubt(self) -> bool:
         """Whether the append, ended or given up on now, may have committed unshared."""
