@@ -550,6 +550,7 @@ class OfflineTrust:
         records: list[Draft] = []
         outcomes: list[Outcome] = []
         spooled: dict[tuple[str, bytes], tuple[bytes | None, bool]] = {}
+        stored: set[tuple[str, bytes]] = set()  # found stored: no COMMIT moves their trust
         for index, draft in enumerate(drafts):
             outcome = planned.outcomes[index]
             if index in rejections:
@@ -576,6 +577,7 @@ class OfflineTrust:
                 # stored already: the drain finds it so before judging it, and records the
                 # redelivery (`ledger.redeliveries`) as an online duplicate is recorded
                 records.append(draft)
+                stored.add(key)
             outcomes.append(outcome)
         write(records)
         lines: list[dict[str, Any]] = []
@@ -586,10 +588,12 @@ class OfflineTrust:
                           "cause": cause.dedup_key.hex(), "effect": made.effect.as_json()})
         # the doubtful append's lifecycle deliveries, spooled: until this worker drains them
         # (then PostgreSQL holds them, or refused them), nobody judges their portals'
-        # installs and uninstalls offline
+        # installs and uninstalls offline. Not one found stored (a redelivery of this
+        # worker's commit): its COMMIT moves no trust, and no journal entry stands for it —
+        # named, its portal was *bare*, every delivery of it answered 503 (`_Journal.bare`)
         in_doubt = [[d.member_id, d.dedup_key.hex()] for d in records
                     if isinstance(d, EventDraft) and d.event_type in _LIFECYCLE
-                    and d.member_id in doubted]
+                    and d.member_id in doubted and (d.member_id, d.dedup_key) not in stored]
         if in_doubt:
             log.warning("an append of %d lifecycle deliveries may have committed (given up "
                         "on, or cut off mid-COMMIT): installs and uninstalls of portal(s) %s "

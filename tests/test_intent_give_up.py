@@ -10,17 +10,25 @@ reached PostgreSQL again, for a COMMIT that never was.
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeAlias
 
 import asyncpg
 import pytest
 
-from ledger.models import Transaction
-from ledger.offline import JournalTurn, OfflineTrust
-from tests.conftest import ClientFactory, sample
+from ledger.errors import LifecycleInDoubt
+from ledger.models import Duplicate, Spooled, Stored, Transaction
+from ledger.offline import JournalTurn, OfflineTrust, _read
+from ledger.operations import change_trust
+from ledger.settings import Settings
+from ledger.storage.store import create_pool
+from ledger.trust import TrustChange
+from tests.conftest import MEMBER_ID, ClientFactory, Database, sample
 from tests.helpers import Client, allow_sample_portal, install_sample_portal
+from tests.test_intake import forge
 from tests.test_offline_doubt import no_doubt, uninstalls
+from tests.test_offline_failover import _draft, _Worker
 from tests.test_trust_outage import known_everywhere, reinstall, spooled
 
 Admin: TypeAlias = "asyncpg.Connection[Any]"
@@ -69,3 +77,41 @@ async def test_given_up_while_writing_its_intent_an_append_leaves_no_doubt(
 
     await relay.cut()
     await spooled(cut_off, reinstall())  # on main: 503 lifecycle_in_doubt
+
+
+async def test_a_stored_install_beside_a_doubtful_uninstall_leaves_its_portal_judged(
+    database: Database, settings: Settings, tmp_path: Path,
+) -> None:
+    """A redelivery of the stored install and the uninstall in one batch, given up on
+    mid-COMMIT: the uninstall may have committed (in doubt, spooled: its entry stands for it).
+    The install copy is a duplicate (this worker's own commit) and moves no trust, committed or
+    not — but the spool's doubt named it too, with no journal entry standing for it, so the
+    portal was *bare*: every delivery of it answered 503 by every worker offline, not only its
+    installs and uninstalls."""
+    pool = await create_pool(database.service_dsn, size=2)
+    try:
+        worker = _Worker(pool, tmp_path / "trust")
+        await worker.offline.start(worker.process.store)
+        await change_trust(worker.process.store, TrustChange.ALLOWED, member_id=MEMBER_ID,
+                           actor="test")
+        install = _draft(settings, sample("onappinstall-1"))
+        (stored,) = await worker.appender.append([install])
+        assert isinstance(stored, Stored), stored
+        copy = _draft(settings, sample("onappinstall-1"))
+        uninstall = _draft(settings, sample("onappuninstall-1"))
+        doubt = (worker.offline._open_exclusive(), frozenset([MEMBER_ID]),
+                 Transaction(10**9, 1, datetime.now(UTC)))
+        answers = worker.offline.spool([copy, uninstall], lambda _: None, doubt=doubt)
+        assert isinstance(answers[0], Duplicate), answers
+        assert isinstance(answers[1], Spooled), answers
+
+        other = _Worker(pool, tmp_path / "trust", number=1)
+        with (tmp_path / "trust" / "journal.log").open("rb") as handle:
+            journal = _read(handle)
+        assert journal.doubted() == {MEMBER_ID}  # the uninstall: rightly in doubt
+        assert not journal.bare()  # on main: the install copy's doubt, with no entry
+        (message,), _ = other.offline_answers(
+            [_draft(settings, forge("onimbotjoinchat-1", ts="1796526401"))])
+        assert not isinstance(message, LifecycleInDoubt), message  # judged on the uninstall
+    finally:
+        await pool.close()
