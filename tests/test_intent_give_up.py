@@ -100,7 +100,7 @@ async def test_a_stored_install_beside_a_doubtful_uninstall_leaves_its_portal_ju
         copy = _draft(settings, sample("onappinstall-1"))
         uninstall = _draft(settings, sample("onappuninstall-1"))
         doubt = (worker.offline._open_exclusive(), frozenset([MEMBER_ID]),
-                 Transaction(10**9, 1, datetime.now(UTC)))
+                 Transaction(10**9, 1, datetime.now(UTC).isoformat()))
         answers = worker.offline.spool([copy, uninstall], lambda _: None, doubt=doubt)
         assert isinstance(answers[0], Duplicate), answers
         assert isinstance(answers[1], Spooled), answers
