@@ -516,9 +516,18 @@ async def claim_own(directory: Path, *, worker: int, seconds: float) -> int:
     loop = asyncio.get_running_loop()
     began = loop.time()
     deadline = began + seconds
+    reread = False
     while (fd := claim(directory, holder=worker)) is None:
         if loop.time() >= deadline:
             holder = holder_of(directory)
+            if (holder is None or holder["worker"] == worker) and not reread:
+                # a holder notes itself just after taking the lock (truncate, then write): read
+                # in that instant, the note is empty or the previous holder's — this worker's
+                # own number from its last life. Read again a poll later before judging.
+                reread = True
+                await asyncio.sleep(_CLAIM_POLL_SECONDS)
+                continue
+            reread = False
             if holder is None or holder["worker"] == worker:
                 raise SpoolBusy(
                     f"the spool {directory} is held by another process ({holder or 'unknown'})"

@@ -147,3 +147,29 @@ async def test_a_returning_worker_waits_for_an_adopting_worker_past_the_wait_and
             await claim_own(directory, worker=1, seconds=0.05)
     finally:
         os.close(second)
+
+
+@pytest.mark.parametrize("torn", [{"worker": 1, "pid": 1}, None], ids=["own-stale", "empty"])
+async def test_a_holder_note_read_in_the_instant_it_is_rewritten_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn: dict[str, int] | None,
+) -> None:
+    """Found by a break round: a holder notes itself just after taking the lock (truncate,
+    then write). A returning worker reading the note at its deadline in that instant saw none,
+    or its own number from its last life, and exited `SpoolBusy` ("a second `ledger serve`")
+    while an adoption pass held its spool. It reads the note again a poll later."""
+    directory = orphan(tmp_path)
+    adopting = claim(directory, holder=0)
+    assert adopting is not None
+    notes = iter([torn])  # its own stale note, or the empty one, in that instant
+    read: list[int] = []
+
+    def holder_of(_: Path) -> dict[str, int] | None:
+        read.append(1)
+        note = next(notes, {"worker": 0, "pid": os.getpid()})
+        if len(read) == 2:
+            os.close(adopting)  # the pass ends
+        return note
+
+    monkeypatch.setattr("ledger.spool.holder_of", holder_of)
+    os.close(await asyncio.wait_for(claim_own(directory, worker=1, seconds=0.05), 10))
+    assert len(read) == 2
