@@ -27,8 +27,8 @@ from ledger import drafts, onepass, wire
 from ledger.committer import GroupCommitter
 from ledger.confirmation import Confirmer
 from ledger.envelope import INSTALL, read_envelope
-from ledger.errors import DeliveryRejected, LedgerError
-from ledger.gateway.routes import Accepted
+from ledger.errors import CommitterClosed, DeliveryRejected, LedgerError
+from ledger.gateway.routes import AHEAD, SPOOLED, VOID, Accepted
 from ledger.identity import DELIVERY_SPECIFIC
 from ledger.metrics import Metrics
 from ledger.models import (
@@ -111,9 +111,11 @@ class IntakeService:
         forward: Callable[[Accepted], Awaitable[None]] | None = None,
         forwards: Callable[[str, str], bool] | None = None,
     ) -> None:
-        """`forward` (gateway mode) is handed every delivery once it is durable that
+        """`forward` (gateway mode, `Handoff.accept`) is handed every delivery that
         `forwards(member_id, event_type)` says some route takes (None: every delivery) — asked
-        first, as most deliveries match no route and building their handoff costs ~1 µs."""
+        first, as most deliveries match no route and building their handoff costs ~1 µs:
+        ahead of its commit (waited for: the answer's one outbox write), then spooled or void
+        (not waited for). What it returns never raises and need not be awaited (a future)."""
         self._settings = settings
         self._committer = committer
         self._confirmer = confirmer
@@ -145,12 +147,26 @@ class IntakeService:
             raise prepared.rejected
         draft = prepared.draft
         assert draft is not None
-        outcome = await self._committer.submit(draft)
+        forwarding = self._forward is not None and (
+            self._forwards is None or self._forwards(draft.member_id, draft.event_type))
+        if forwarding:
+            # gateway mode: sealed into the outbox *before* the commit (write-ahead), so no
+            # crash or cancellation between the COMMIT and the answer leaves a stored event
+            # unforwarded; the forwarder sends it once it finds the event stored
+            await self._handed(delivery, draft, AHEAD)
+        try:
+            outcome = await self._committer.submit(draft)
+        except CommitterClosed:
+            if forwarding:  # never stored: the record ahead is void
+                self._handed(delivery, draft, VOID)
+            raise
         if type(outcome) is Stored:  # nearly every delivery: spared the checks below
-            return await self._stored(delivery, draft, outcome)
+            return self._stored(draft, outcome)
         if isinstance(outcome, ConfirmationNeeded):
             outcome = await self._confirmed(draft, outcome.domain, prepared.access_token)
         if isinstance(outcome, Refusal):
+            if forwarding:  # never stored: the record ahead is void (not waited for)
+                self._handed(delivery, draft, VOID)
             self._tally[f"rejected:{outcome.code}"] += 1
             self._metrics.rejected.labels(outcome.code).inc()
             if not outcome.rejection_position:  # the store logs a refusal only within budget
@@ -165,20 +181,25 @@ class IntakeService:
             self._metrics.spooled.inc()
             self._tally["spooled"] += 1
             log.debug("spooled %s portal=%s", draft.event_type, draft.member_id)
-            await self._forwarded(delivery, draft, outcome)
+            if forwarding:
+                # forwarded at once, known by its spool id; not waited for: the record ahead
+                # of it is the guarantee (forwarded once drained, if this one is lost)
+                self._handed(delivery, draft, SPOOLED)
             return Receipt(None, False, draft.event_type, spooled=True)
         if isinstance(outcome, Stored):
-            return await self._stored(delivery, draft, outcome)
+            return self._stored(draft, outcome)
         assert isinstance(outcome, Duplicate)
         self._metrics.duplicates.inc()
         self._metrics.seen(draft.member_id)
         self._tally["duplicate"] += 1
         log.debug("duplicate %s portal=%s position=%d", draft.event_type, draft.member_id,
                   outcome.position)
-        # a redelivery is not forwarded: it was when first stored
+        # a redelivery's record ahead names the stored event: the forwarder sends an event
+        # once, whatever number of records name it (and so also when the first delivery's
+        # handler never got as far as its own record)
         return Receipt(outcome.position, True, draft.event_type)
 
-    async def _stored(self, delivery: Delivery, draft: EventDraft, outcome: Stored) -> Receipt:
+    def _stored(self, draft: EventDraft, outcome: Stored) -> Receipt:
         self._metrics.accepted.inc()
         self._metrics.seen(draft.member_id)
         self._tally["stored"] += 1
@@ -186,7 +207,6 @@ class IntakeService:
         # summary at INFO (`summarize_forever`)
         log.debug("stored %s portal=%s position=%d", draft.event_type, draft.member_id,
                   outcome.position)
-        await self._forwarded(delivery, draft, outcome)
         return Receipt(outcome.position, False, draft.event_type)
 
     def summary(self) -> str | None:
@@ -231,23 +251,16 @@ class IntakeService:
             raise DeliveryRejected(403, "install_not_confirmed", "try the install again")
         return outcome
 
-    async def _forwarded(
-        self, delivery: Delivery, draft: EventDraft, outcome: Stored | Spooled
-    ) -> None:
-        """Gateway mode: hand the durable delivery, as received, to the forwarder."""
-        if self._forward is None or (
-            self._forwards is not None
-            and not self._forwards(draft.member_id, draft.event_type)
-        ):
-            return
-        position, event_hash = (
-            (outcome.position, outcome.hash) if isinstance(outcome, Stored) else (None, None)
-        )
-        await self._forward(Accepted(
-            body=delivery.body, content_type=delivery.content_type,
+    def _handed(self, delivery: Delivery, draft: EventDraft, stage: str) -> Awaitable[None]:
+        """Gateway mode: hand the delivery, as received, to the outbox at `stage` (`AHEAD`
+        of its commit, `SPOOLED`, `VOID`); what it returns is done once the outbox holds it
+        (or its forward was given up, recorded) — never an error."""
+        assert self._forward is not None
+        return self._forward(Accepted(
+            body=b"" if stage == VOID else delivery.body, content_type=delivery.content_type,
             raw_query=delivery.raw_query, member_id=draft.member_id,
-            event_type=draft.event_type, position=position, event_hash=event_hash,
-            dedup_key=draft.dedup_key, received_at=draft.received_at,
+            event_type=draft.event_type, position=None, event_hash=None,
+            dedup_key=draft.dedup_key, received_at=draft.received_at, stage=stage,
         ))
 
     def draft(self, delivery: Delivery, received_at: datetime) -> EventDraft:

@@ -133,7 +133,14 @@ class Metrics:
         self.forward_handoff_failures = Counter(
             "ledger_forward_handoff_failures",
             "Gateway mode: durable deliveries whose forward could not be sealed into the outbox "
-            "(lost; recorded as given up, outbox_unwritable)", registry=r,
+            "(lost; recorded as given up: outbox_unwritable, outbox_stalled, outbox_full)",
+            registry=r,
+        )
+        self.forward_seals_given_up = Counter(
+            "ledger_forward_seals_given_up",
+            "Gateway mode: forwards given up by the intake before they reached the outbox, by "
+            "reason (outbox_unwritable, outbox_stalled, outbox_full); each is recorded",
+            ["reason"], registry=r,
         )
         self.last_seen: dict[str, float] = {}
         self._published: dict[str, float] = {}  # when `last_event` was last set, per portal

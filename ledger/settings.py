@@ -187,6 +187,14 @@ class Settings(BaseSettings):
     outbox_key: SecretStr | None = Field(
         default=None, description="base64 AES-256 key of the outbox (default: a key file)"
     )
+    outbox_write_timeout_seconds: float = Field(
+        default=2.0, gt=0, description="how long a delivery's answer waits for the outbox "
+        "(a stalled disk); past it the forward is given up (outbox_stalled), recorded",
+    )
+    outbox_max_bytes: int = Field(
+        default=2 * 1024**3, ge=0, description="the outboxes' size on disk (all workers'); "
+        "past it new forwards are given up (outbox_full), recorded; 0: no bound",
+    )
     forward_poll_seconds: float = Field(
         default=0.05, gt=0, description="how often the forwarder process looks for new "
         "records in the outbox",

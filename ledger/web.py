@@ -294,6 +294,8 @@ async def readyz(request: web.Request) -> web.Response:
             {k: h[k] for k in ("route_id", "state", "backlog", "oldest_pending_seconds",
                                "last_error")} for h in forwarding
         ],
+        # the intake's own part: whether forwards are being given up (stalled or full outbox)
+        "outbox": handoff.sealing(),
         "forwarder": (
             {"state": "running", "pid": forwarder.pid,
              "status_age_seconds": round(forwarder.age_seconds, 3),

@@ -29,7 +29,7 @@ from ledger.gateway.routes import check_destination
 from ledger.settings import Settings
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.gateway_store import AttemptRecord
-from ledger.web import SETTINGS, STORE
+from ledger.web import INTAKE, SETTINGS, STORE
 from tests.conftest import FIXTURES, FORM, MEMBER_ID, ClientFactory, Database, sample
 from tests.gateway_helpers import Destination, Forwarders, eventually
 from tests.helpers import (
@@ -451,7 +451,9 @@ async def test_a_delivery_no_route_matches_is_stored_and_never_handed_to_the_out
         _, message = await post(client, messages(1)[0])
         _, deleted = await post_raw(client, sample("onimbotdelete-1"), FORM, "")
     assert (message["status"], deleted["status"]) == ("stored", "stored")
-    assert [c.args[0]["position"] for c in sealed.call_args_list] == [deleted["position"]]
+    # sealed ahead of its commit (no position yet), forwarded once found stored
+    assert [(c.args[0]["stage"], c.args[0]["event_type"])
+            for c in sealed.call_args_list] == [("ahead", "ONIMBOTDELETE")]
     await destination.wait_until(lambda d: len(d.delivered) == 1)
     assert [r.position for r in destination.delivered] == [deleted["position"]]
 
@@ -797,3 +799,76 @@ async def test_a_forward_is_settled_only_once_its_record_is_written(
     assert answer["position"] in {r["position"] for r in recorded}
     done = (directory / "done.log").read_text()
     assert done.count(f" {route_id} ") == 2 or not list(directory.glob("seg-*"))
+
+
+async def _stuck_after_the_commit(
+    client: Client, body: bytes, admin: Admin,
+) -> tuple[asyncio.Task[Any], asyncio.Event, int]:
+    """POST `body` and hold its handler between the COMMIT and what follows it (a `kill -9`
+    or a shutdown cancelling the handler there): the event is stored, the handler never
+    goes on. Returns the request's task, the event that lets the handler go on, and the
+    position stored."""
+    assert client.app is not None
+    intake = client.app[INTAKE]
+    committer = intake._committer
+    submit = committer.submit
+    held = asyncio.Event()
+
+    async def stuck(draft: Any) -> Any:
+        outcome = await submit(draft)
+        await held.wait()
+        return outcome
+
+    before = await admin.fetchval("SELECT coalesce(max(position), 0) FROM ledger.events")
+    with mock.patch.object(committer, "submit", stuck):
+        request = asyncio.ensure_future(post(client, body))
+        await eventually(lambda: admin.fetchval(
+            "SELECT count(*) FROM ledger.events WHERE position > $1", before))
+    position = await admin.fetchval("SELECT max(position) FROM ledger.events")
+    return request, held, int(position)
+
+
+async def test_an_event_stored_whose_handler_never_went_on_is_forwarded_all_the_same(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """The seal used to follow the commit in the handler: a `kill -9` (or a cancelled handler)
+    between the two left the event stored and never forwarded, with no record saying so."""
+    client, _, _ = await routed_client(make_client, forwarders, gateway_settings(),
+                                       destination.url)
+    await install_sample_portal(client)
+    request, held, position = await _stuck_after_the_commit(client, messages(1)[0], admin)
+    try:
+        await destination.wait_until(
+            lambda d: position in [r.position for r in d.delivered], within=10)
+    finally:
+        request.cancel()
+        held.set()
+        await asyncio.gather(request, return_exceptions=True)
+    received = [r for r in destination.delivered if r.position == position]
+    assert [r.stored_when_received for r in received] == [True]
+
+
+async def test_a_redelivery_of_an_event_whose_handler_never_went_on_is_forwarded_once(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """Bitrix24 redelivers what it was not answered: a duplicate. The event is forwarded once
+    whatever number of deliveries (and outbox records) name it."""
+    client, forwarder, _ = await routed_client(make_client, forwarders, gateway_settings(),
+                                               destination.url)
+    await install_sample_portal(client)
+    body = messages(1)[0]
+    request, held, position = await _stuck_after_the_commit(client, body, admin)
+    try:
+        status, again = await post(client, body)
+        assert (status, again["duplicate"], again["position"]) == (200, True, position)
+        _, later = await post(client, messages(1, start=1)[0])
+        await destination.wait_until(
+            lambda d: later["position"] in [r.position for r in d.delivered], within=10)
+    finally:
+        request.cancel()
+        held.set()
+        await asyncio.gather(request, return_exceptions=True)
+    await forwarder.records_flushed()
+    assert [r.position for r in destination.delivered][1:] == [position, later["position"]]

@@ -8,8 +8,12 @@ the ledger stored them (head-of-line: the next waits until the one before was de
 up). Lanes are independent: a slow or failing destination holds up only its own lanes, never
 the intake nor other routes.
 
-Life of a forward: sealed into the outbox by the intake after the commit (or the spool fsync),
-before the sender's answer → read here within `forward_poll_seconds` → attempted until a 2xx,
+Life of a forward: sealed into the outbox by the intake ahead of the commit (`AHEAD`, keyed by
+the delivery's dedup key) → read here within `forward_poll_seconds` → found stored in
+PostgreSQL (`_resolve`: its position and chain hash; an event already forwarded to a route, by
+this record or another naming it — a redelivery's — is not sent again; a record whose delivery
+was refused, `VOID`, is dropped; one whose event is not stored by `forward_max_age_seconds`
+is given up, `never_stored`) → attempted until a 2xx,
 with exponential backoff and jitter, until `forward_max_age_seconds` after it was accepted →
 settled (delivered, or given up with a reason) and deleted from the outbox. Every attempt and
 every giving-up is recorded in PostgreSQL (`ledger.forward_attempts`, without the body); records
@@ -54,6 +58,8 @@ from ledger.gateway.outbox import (
     writer_gone,
 )
 from ledger.gateway.routes import (
+    AHEAD,
+    VOID,
     Route,
     check_destination,
     plain_http_hosts,
@@ -73,6 +79,21 @@ RECORD_BATCH_SECONDS = 0.1  # how long attempt records gather before they are wr
 _QUERY = re.compile(r"\?[^\s'\"]*")
 ROUTES_NAME = "forwarder-routes.json"
 _Settle = tuple[OutboxReader, Location, str, str]  # outbox, location, route, outcome
+_RESOLVE_MAX = 5000  # records ahead of their commit looked up in PostgreSQL per poll
+_RESOLVE_BACKOFF_MAX = 5.0  # seconds between looks for a record whose event is not stored yet
+_SEEN_MAX = 200_000  # (portal, dedup key, route) of forwards queued, remembered: sent once
+Identity = tuple[str, bytes]  # (portal, dedup key): a delivery's identity
+
+
+@dataclass(slots=True, eq=False)
+class _Ahead:
+    """A record written ahead of its commit, waiting to be found stored (`_resolve`)."""
+
+    outbox: OutboxReader
+    record: Recovered
+    identity: Identity
+    next_look: float  # monotonic
+    looks: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -169,6 +190,13 @@ class Forwarder:
         # read but not yet queued: (when read, monotonic), waiting out the order window
         self._settling: list[tuple[float, OutboxReader, Recovered]] = []
         self._live_outboxes = 0  # outboxes that may still hold or get records (see `poll`)
+        # records written ahead of their commit, not yet found stored, oldest first
+        self._unresolved: list[_Ahead] = []
+        self._unresolved_bytes = 0  # their bodies held in memory
+        # deliveries refused after their record ahead was written (`VOID`), and forwards
+        # queued in this process: each bounded, oldest forgotten first
+        self._voided: dict[Identity, None] = {}
+        self._seen: dict[tuple[str, bytes, str], None] = {}
         self._http_hosts = plain_http_hosts(settings.forward_plain_http_hosts)
         self._states: dict[str, _RouteState] = {}
         self._book = status.RouteBook(store, settings.outbox_root / ROUTES_NAME,
@@ -324,7 +352,16 @@ class Forwarder:
         self._expire_parked()
         self._live_outboxes = len(directories) - len(gone)
         now = time.monotonic()
-        self._settling.extend((now, outbox, record) for outbox, record in found)
+        for outbox, record in found:
+            stage = record.header.get("stage")
+            if stage == AHEAD:
+                self._ahead(outbox, record, now)
+            elif stage == VOID:
+                self._void(outbox, record)
+            else:  # spooled, or stored (an earlier revision's record)
+                self._settling.append((now, outbox, record))
+        if self._unresolved:
+            await self._resolve(now)
         released = self._release(now)
         if not released:
             return
@@ -402,6 +439,100 @@ class Forwarder:
         self.unreadable = {name: why for name, (_, why) in problems.items()}
         self._unreadable_counts = {name: count for name, (count, _) in problems.items()}
 
+    # ---- records written ahead of their commit ----------------------------------------------
+
+    def _ahead(self, outbox: OutboxReader, record: Recovered, now: float) -> None:
+        """Hold a record written ahead of its commit until its event is found stored. Its
+        body stays in memory while those held stay under `forward_memory_bytes` (else it is
+        read back when its turn comes)."""
+        header = record.header
+        if len(self._unresolved) >= self._settings.forward_max_pending:
+            # never waits past the bound: PostgreSQL away for long (a spooled delivery is
+            # forwarded by its spooled record meanwhile: then this one is not given up)
+            oldest = self._unresolved.pop(0)
+            self._unresolved_bytes -= len(oldest.record.body or b"")
+            self._unahead(oldest, "backlog_full")
+        if self._unresolved_bytes + len(record.body or b"") > self._settings.forward_memory_bytes:
+            record.body = None
+        self._unresolved_bytes += len(record.body or b"")
+        self._unresolved.append(_Ahead(
+            outbox, record, (header["member_id"], bytes.fromhex(header["dedup_key"])), now))
+
+    def _void(self, outbox: OutboxReader, record: Recovered) -> None:
+        """The delivery a record ahead named was refused: that record is dropped once it is
+        still not found stored (nothing was given up: nothing was stored)."""
+        header = record.header
+        self._voided[(header["member_id"], bytes.fromhex(header["dedup_key"]))] = None
+        while len(self._voided) > self._settings.forward_max_pending:
+            del self._voided[next(iter(self._voided))]
+        for route_id in record.routes:
+            outbox.settle(record.location, route_id, "void")
+
+    def _unahead(self, ahead: _Ahead, reason: str) -> None:
+        """A record ahead leaves without its event found: dropped if it was forwarded from
+        another record (a spooled one) or refused (void), else given up with `reason`."""
+        member_id, dedup_key = ahead.identity
+        for route_id in ahead.record.routes:
+            if (member_id, dedup_key, route_id) in self._seen:
+                ahead.outbox.settle(ahead.record.location, route_id, "duplicate")
+            elif ahead.identity in self._voided:
+                ahead.outbox.settle(ahead.record.location, route_id, "void")
+            else:
+                item = _item(ahead.outbox, ahead.record.location, ahead.record.header, None)
+                self._give_up_item(self._states.get(route_id), route_id, item, reason)
+
+    async def _resolve(self, now: float) -> None:
+        """Look up which records ahead of their commit name a stored event (one query for
+        those due): those go on to be forwarded, with its position and hash, to every route
+        no forward of that event was settled to (by this or another record, as recorded, or
+        queued here); those whose delivery was refused are dropped; those not stored by
+        `forward_max_age_seconds` after acceptance are given up (`never_stored`); the others
+        are looked at again, each poll at first, then less often."""
+        due = [a for a in self._unresolved[:_RESOLVE_MAX] if a.next_look <= now]
+        if not due:
+            return
+        try:
+            stored = await self._store.stored(list({a.identity: None for a in due}))
+        except LedgerError as exc:  # PostgreSQL away: they wait
+            log.debug("records ahead of their commit wait: %s", exc)
+            for ahead in due:
+                ahead.next_look = now + self._settings.spool_retry_seconds
+            return
+        looked = set(due)
+        kept: list[_Ahead] = []
+        for ahead in self._unresolved:
+            if ahead not in looked:
+                kept.append(ahead)
+                continue
+            event = stored.get(ahead.identity)
+            if event is None and ahead.identity not in self._voided and (
+                    time.time() - float(ahead.record.header["accepted_at"])
+                    <= self._settings.forward_max_age_seconds):
+                ahead.looks += 1
+                ahead.next_look = now + min(
+                    _RESOLVE_BACKOFF_MAX,
+                    self._settings.forward_poll_seconds * 2 ** max(0, ahead.looks - 4))
+                kept.append(ahead)
+                continue
+            self._unresolved_bytes -= len(ahead.record.body or b"")
+            if event is None:
+                self._unahead(ahead, "never_stored")
+                continue
+            member_id, dedup_key = ahead.identity
+            owed = []
+            for route_id in ahead.record.routes:
+                if route_id in event.settled or (member_id, dedup_key, route_id) in self._seen:
+                    ahead.outbox.settle(ahead.record.location, route_id, "duplicate")
+                else:
+                    owed.append(route_id)
+                    self._saw(member_id, dedup_key, route_id)  # another record: a duplicate
+            if owed:
+                ahead.record.routes = owed
+                ahead.record.header["position"] = event.position
+                ahead.record.header["event_hash"] = event.event_hash.hex()
+                self._settling.append((now, ahead.outbox, ahead.record))
+        self._unresolved = kept
+
     def _release(self, now: float) -> list[tuple[OutboxReader, Recovered]]:
         """The held records whose window has passed, and those of lower positions, in ledger
         order (spooled ones, without a position, last)."""
@@ -435,12 +566,19 @@ class Forwarder:
         for route_id in record.routes:
             state = self._states.get(route_id)
             item = _item(outbox, record.location, record.header, record.body)
+            self._saw(item.member_id, item.dedup_key, route_id)
             if route_id in self._unrouted or (state is None and not current):
                 self._park(route_id, item)
             elif state is None:
                 self._give_up_item(None, route_id, item, "route_removed")
             else:
                 self._enqueue(state, item)
+
+    def _saw(self, member_id: str, dedup_key: bytes, route_id: str) -> None:
+        """A forward of this delivery to this route is under way: never another (bounded)."""
+        self._seen[(member_id, dedup_key, route_id)] = None
+        if len(self._seen) > _SEEN_MAX:
+            del self._seen[next(iter(self._seen))]
 
     def _park(self, route_id: str, item: _Item) -> None:
         waiting = self._unrouted.setdefault(route_id, [])

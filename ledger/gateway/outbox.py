@@ -287,6 +287,16 @@ def writer_gone(directory: Path) -> bool:
     return True
 
 
+def outbox_bytes(root: Path) -> int:
+    """What every worker's outbox under `root` holds on disk, in bytes (its segments; the
+    intake bounds it: `LEDGER_OUTBOX_MAX_BYTES`). Blocking I/O (call it from a thread)."""
+    total = 0
+    for path in root.glob("worker-*/seg-*.log"):
+        with contextlib.suppress(OSError):  # deleted meanwhile by the forwarder
+            total += path.stat().st_size
+    return total
+
+
 def _fsync_directory(directory: Path) -> None:
     with contextlib.suppress(OSError):  # make a new file's name durable too
         handle = os.open(directory, os.O_RDONLY)
@@ -440,7 +450,7 @@ class Recovered:
 
     location: Location
     header: dict[str, Any]
-    body: bytes
+    body: bytes | None  # None: not kept in memory (read back when its turn comes)
     routes: list[str]
 
 

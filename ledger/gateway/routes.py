@@ -24,6 +24,12 @@ from ledger.hashing import document_json, sha256
 from ledger.models import ORIGIN_OPERATOR, EventDraft
 
 ROUTE_EVENT = "LEDGER.ROUTE_CHANGED"
+# what an outbox record says of its delivery (`Accepted.stage`, the record's "stage"):
+# AHEAD: written before the commit, forwarded once the forwarder finds its event stored;
+# SPOOLED: spooled (fsync'd) while PostgreSQL is away, forwarded at once with its spool id;
+# VOID: the delivery an AHEAD record names was refused, never stored (no body);
+# STORED: stored at `position` (records of earlier revisions, written after the commit)
+AHEAD, SPOOLED, VOID, STORED = "ahead", "spooled", "void", "stored"
 ALL_PORTALS = "*"
 ADDED, REMOVED = "added", "removed"
 
@@ -47,7 +53,8 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A delivery that is durable (stored, or spooled while PostgreSQL is away), as received.
+    """A delivery as received, at one stage (`AHEAD` of its commit, `SPOOLED`, `VOID`ed:
+    refused; `STORED` at `position`).
 
     `body`, `content_type` and `raw_query` are the original bytes and text, secrets included:
     they go only to memory, the encrypted outbox and the destination.
@@ -62,6 +69,7 @@ class Accepted:
     event_hash: bytes | None  # None while spooled
     dedup_key: bytes  # the event's identity: what a spooled delivery is known by
     received_at: datetime
+    stage: str = STORED
 
 
 def new_route_id() -> str:

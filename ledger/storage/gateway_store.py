@@ -29,6 +29,23 @@ _ATTEMPTS = """
     ORDER BY id DESC LIMIT $4
 """
 
+# which deliveries written ahead of their commit are stored (position, chain hash), and the
+# routes a forward of each was already settled to (delivered or given up) by any record
+_STORED = """
+    SELECT k.member_id, k.dedup_key, e.position, e.hash,
+           ARRAY(SELECT DISTINCT a.route_id FROM ledger.forward_attempts a
+                 WHERE a.member_id = k.member_id AND a.dedup_key = k.dedup_key
+                   AND a.outcome <> 'failed') AS settled
+    FROM unnest($1::text[], $2::bytea[]) AS k(member_id, dedup_key)
+    JOIN ledger.events e ON e.member_id = k.member_id AND e.dedup_key = k.dedup_key
+"""
+
+
+class StoredEvent(NamedTuple):
+    position: int
+    event_hash: bytes
+    settled: frozenset[str]  # routes a forward of it was delivered or given up to
+
 
 class AttemptRecord(NamedTuple):
     """One attempt (or the giving up) to forward one event to one route: a row of
@@ -85,6 +102,17 @@ class GatewayStore:
                 raise DatabaseUnavailable(
                     f"record forward attempts: PostgreSQL refuses writes for now "
                     f"({type(exc).__name__}: {exc})") from exc
+
+    async def stored(
+        self, identities: list[tuple[str, bytes]]
+    ) -> dict[tuple[str, bytes], StoredEvent]:
+        """Of these deliveries (portal, dedup key), the ones stored: by the unique index of
+        `ledger.events` and that of `ledger.forward_attempts` on the same identity."""
+        async with translated_errors("look up deliveries"), self._pool.acquire() as conn:
+            rows = await conn.fetch(_STORED, [m for m, _ in identities],
+                                    [k for _, k in identities])
+        return {(r["member_id"], bytes(r["dedup_key"])): StoredEvent(
+            r["position"], bytes(r["hash"]), frozenset(r["settled"])) for r in rows}
 
     async def attempts(
         self, *, route_id: str | None = None, position: int | None = None,
