@@ -872,3 +872,111 @@ async def test_a_redelivery_of_an_event_whose_handler_never_went_on_is_forwarded
         await asyncio.gather(request, return_exceptions=True)
     await forwarder.records_flushed()
     assert [r.position for r in destination.delivered][1:] == [position, later["position"]]
+
+
+async def test_a_stalled_outbox_holds_no_answer_past_its_bound_and_the_give_up_is_recorded(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """A write to the outbox that hangs (a stalled disk) held the answer with no timeout.
+    Past LEDGER_OUTBOX_WRITE_TIMEOUT_SECONDS the forward is given up (recorded, counted, in
+    /readyz, logged once) and the delivery answered; while the write still hangs, later
+    deliveries are not held at all. The stalled record, written late after all, is not sent:
+    its forward stands given up."""
+    client, forwarder, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(outbox_write_timeout_seconds=0.3),
+        destination.url)
+    assert client.app is not None
+    await install_sample_portal(client)
+    await destination.wait_until(lambda d: len(d.delivered) == 1)
+    outbox = client.app[HANDOFF]._outbox
+    release = threading.Event()
+    write = outbox.write
+
+    def stalled(data: bytes) -> None:
+        release.wait(30)
+        write(data)
+
+    first, second = messages(2)
+    try:
+        with mock.patch.object(outbox, "write_now", lambda data: False), \
+                mock.patch.object(outbox, "write", stalled):
+            began = time.monotonic()
+            status, stored = await post(client, first)
+            held = time.monotonic() - began
+            began = time.monotonic()
+            status_2, stored_2 = await post(client, second)
+            held_2 = time.monotonic() - began
+            _, ready = await readiness(client)
+    finally:
+        release.set()
+    assert (status, stored["status"], status_2, stored_2["status"]) == (
+        200, "stored", 200, "stored")
+    assert 0.3 <= held < 5 and held_2 < 0.3, (held, held_2)
+    assert ready["outbox"]["state"] == "outbox_stalled"
+    assert ready["outbox"]["given_up"] == 2
+    rows = await admin.fetch("SELECT route_id, position, outcome, error FROM audit.forwards "
+                             "WHERE outcome = 'given_up' ORDER BY position")
+    assert [tuple(r) for r in rows] == [
+        (route_id, stored["position"], "given_up", "outbox_stalled"),
+        (route_id, stored_2["position"], "given_up", "outbox_stalled")]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'ledger_forward_seals_given_up_total{reason="outbox_stalled"} 2.0' in metrics
+    # the disk is back: the next delivery is sealed and forwarded; the late record is not
+    _, later = await post(client, messages(1, start=5)[0])
+    await destination.wait_until(
+        lambda d: later["position"] in [r.position for r in d.delivered], within=10)
+    await forwarder.records_flushed()
+    assert [r.position for r in destination.delivered][1:] == [later["position"]]
+    assert (await readiness(client))[1]["outbox"]["state"] == "ok"
+
+
+async def test_past_the_outbox_bound_new_forwards_are_given_up_never_the_answer(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """The outboxes grew without bound while the forwarder was down: past
+    LEDGER_OUTBOX_MAX_BYTES a new forward is given up (outbox_full), recorded; the delivery
+    is stored and answered all the same."""
+    client, _, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(outbox_max_bytes=1), destination.url)
+    await install_sample_portal(client)  # written: the outbox now holds more than 1 byte
+    status, stored = await post(client, messages(1)[0])
+    assert (status, stored["status"]) == (200, "stored")
+    rows = await admin.fetch("SELECT route_id, position, outcome, error FROM audit.forwards "
+                             "WHERE outcome = 'given_up'")
+    assert [tuple(r) for r in rows] == [(route_id, stored["position"], "given_up",
+                                         "outbox_full")]
+    assert (await readiness(client))[1]["outbox"]["state"] == "outbox_full"
+
+
+async def test_a_refused_delivery_is_never_forwarded_nor_given_up_and_an_unstored_one_is(
+    make_client: ClientFactory, forwarders: Forwarders,
+    gateway_settings: Callable[..., Settings], destination: Destination, admin: Admin,
+) -> None:
+    """A record ahead of a commit that never stored its delivery: refused (a portal the
+    ledger does not trust) it is dropped, nothing to record; not stored for another reason
+    (a 503) it is given up as never_stored once past LEDGER_FORWARD_MAX_AGE_SECONDS."""
+    client, forwarder, route_id = await routed_client(
+        make_client, forwarders, gateway_settings(forward_max_age_seconds=0.5),
+        destination.url)
+    assert client.app is not None
+    refused, _ = await post(client, messages(1)[0])  # no portal installed yet
+    assert refused == 403
+    committer = client.app[INTAKE]._committer
+
+    async def failing(draft: Any) -> Any:
+        raise DatabaseUnavailable("not stored")
+
+    with mock.patch.object(committer, "submit", failing):
+        unstored, _ = await post(client, messages(1, start=1)[0])
+    assert unstored == 503
+
+    async def given_up() -> list[tuple[Any, ...]]:
+        await forwarder.records_flushed()
+        return [tuple(r) for r in await admin.fetch(
+            "SELECT route_id, position, outcome, error FROM audit.forwards")]
+
+    await eventually(given_up, within=10)
+    assert await given_up() == [(route_id, None, "given_up", "never_stored")]
+    assert destination.requests == []
