@@ -899,7 +899,7 @@ async def test_a_stalled_outbox_holds_no_answer_past_its_bound_and_the_give_up_i
 
     first, second = messages(2)
     try:
-        with mock.patch.object(outbox, "write_now", lambda data: False), \
+        with mock.patch.object(outbox, "write_now", return_value=False), \
                 mock.patch.object(outbox, "write", stalled):
             began = time.monotonic()
             status, stored = await post(client, first)
@@ -912,7 +912,8 @@ async def test_a_stalled_outbox_holds_no_answer_past_its_bound_and_the_give_up_i
         release.set()
     assert (status, stored["status"], status_2, stored_2["status"]) == (
         200, "stored", 200, "stored")
-    assert 0.3 <= held < 5 and held_2 < 0.3, (held, held_2)
+    assert 0.3 <= held < 5, held  # the bound, not the stall
+    assert held_2 < 0.3, held_2  # the write still hangs: not waited for again
     assert ready["outbox"]["state"] == "outbox_stalled"
     assert ready["outbox"]["given_up"] == 2
     rows = await admin.fetch("SELECT route_id, position, outcome, error FROM audit.forwards "

@@ -326,14 +326,15 @@ class Forwarder:
         """Queue what the intake appended to any worker's outbox since the last look (and,
         with `apply_settled`, write down what was settled: `OutboxReader.apply_settled`).
 
-        Each worker appends right after its own commit, so with several workers a later
-        position can be appended (and read) before an earlier one committed by another worker
-        an instant before. With more than one outbox, what is read waits
-        `forward_order_window_seconds` and is then released in position order, together with
-        every held record of a lower position; a worker stalled longer than the window between
-        its commit and its append can still be overtaken. Each poll reads before it releases,
-        so the window is exact whatever the polling interval; with one outbox, append order is
-        commit order and nothing waits.
+        Each worker appends right before its own commit, and a record is released only once
+        its event is found stored (`_resolve`), so with several workers a later position can
+        be found (and released) before an earlier one committed by another worker an instant
+        before, whose record this poll had not read yet. With more than one outbox, what is
+        read waits `forward_order_window_seconds` and is then released in position order,
+        together with every held record of a lower position; a worker stalled longer than the
+        window (a paused process) can still be overtaken. Each poll reads and looks up before
+        it releases, so the window is exact whatever the polling interval; with one outbox,
+        what one look-up finds stored is released at once, in position order.
 
         An outbox whose writer is gone (`writer_gone`, looked at before and after reading)
         and that had nothing new to read and nothing waiting here — a `worker-N` left by an
@@ -897,7 +898,7 @@ class Forwarder:
         appends is for a route it knows, which this process learns by its next reload or by
         reading that record (the first forward to a new route waits at most the shorter of
         the reload and status intervals longer than before)."""
-        return not (self._states or self._settling or self._unrouted
+        return not (self._states or self._settling or self._unrouted or self._unresolved
                     or any(o.settling for o in self._outboxes.values()))
 
     async def _status_loop(self) -> None:
