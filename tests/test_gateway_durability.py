@@ -32,7 +32,7 @@ from ledger.operations import change_trust
 from ledger.settings import Settings, TrustPolicy
 from ledger.storage.store import EventStore, create_pool, on_this_machine
 from ledger.trust import TrustChange
-from ledger.web import STORE
+from ledger.web import INTAKE, STORE
 from tests.conftest import FORM, MEMBER_ID, TOKEN, ClientFactory, Database, sample, sample_names
 from tests.gateway_helpers import Destination, Forwarders, eventually
 from tests.helpers import Client, distinct_messages, drained, install_sample_portal, post
@@ -336,6 +336,8 @@ async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_po
         await client.app[HANDOFF].reload()
         forwarder = await forwarders.start(client)
         await install_sample_portal(client)
+        # forwarded once found stored: before the outage (else it waits for PostgreSQL)
+        await destination.wait_until(lambda d: len(d.delivered) == 1)
         await relay.cut()
         status, answer = await post(client, sample("onimbotmessageadd-1"))
         assert (status, answer["status"]) == (202, "spooled")
@@ -356,6 +358,62 @@ async def test_a_delivery_spooled_in_an_outage_is_forwarded_then_known_by_its_po
         assert row is not None
         assert (row["position"], row["event_type"], row["outcome"]) == (
             stored, "ONIMBOTMESSAGEADD", "delivered")
+        # its record ahead of the commit, found stored once drained, is not sent again
+        await eventually(lambda: not forwarder._unresolved)
+        _, later = await post(client, distinct_messages(1)[0])
+        await destination.wait_until(
+            lambda d: later["position"] in [r.position for r in d.delivered])
+        assert [r.body for r in destination.delivered].count(
+            sample("onimbotmessageadd-1")) == 1
+    finally:
+        await forwarders.close()
+        await destination.stop()
+
+
+async def test_a_spooled_delivery_whose_spooled_record_was_lost_is_forwarded_once_drained(
+    make_client: ClientFactory, outage: Any, admin: Admin,
+) -> None:
+    """A `kill -9` right after the spool's fsync loses the spooled record (not waited for):
+    the record written ahead of the commit still forwards the delivery once it is drained."""
+    relay, settings_for = outage
+    settings: Settings = settings_for(
+        forward_plain_http_hosts="127.0.0.1", forward_retry_initial_seconds=0.02,
+        forward_poll_seconds=0.01)
+    destination = Destination()
+    await destination.start()
+    forwarders = Forwarders()
+    try:
+        client: Client = await make_client(settings)
+        assert client.app is not None
+        await routes_admin.add_route(client.app[STORE], settings, member_id=None,
+                                     url=destination.url, actor="test")
+        await client.app[HANDOFF].reload()
+        await forwarders.start(client)
+        await install_sample_portal(client)
+        # forwarded once found stored: before the outage (else it waits for PostgreSQL)
+        await destination.wait_until(lambda d: len(d.delivered) == 1)
+        await relay.cut()
+        intake = client.app[INTAKE]
+        forward = intake._forward
+        assert forward is not None
+
+        def spooled_lost(accepted: Any) -> Any:
+            if accepted.position is None and getattr(accepted, "stage", "spooled") == "spooled":
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                lost.set_result(None)
+                return lost
+            return forward(accepted)
+
+        with mock.patch.object(intake, "_forward", spooled_lost):
+            status, answer = await post(client, sample("onimbotmessageadd-1"))
+        assert (status, answer["status"]) == (202, "spooled")
+        await relay.start()
+        await drained(client)
+        stored = await admin.fetchval(
+            "SELECT position FROM ledger.events WHERE event_type = 'ONIMBOTMESSAGEADD'")
+        await destination.wait_until(lambda d: len(d.delivered) == 2)
+        forwarded = destination.delivered[1]
+        assert (forwarded.position, forwarded.body) == (stored, sample("onimbotmessageadd-1"))
     finally:
         await forwarders.close()
         await destination.stop()

@@ -193,6 +193,7 @@ class Forwarder:
         # records written ahead of their commit, not yet found stored, oldest first
         self._unresolved: list[_Ahead] = []
         self._unresolved_bytes = 0  # their bodies held in memory
+        self._resolving: asyncio.Task[None] | None = None  # the look-up under way
         # deliveries refused after their record ahead was written (`VOID`), and forwards
         # queued in this process: each bounded, oldest forgotten first
         self._voided: dict[Identity, None] = {}
@@ -361,8 +362,11 @@ class Forwarder:
                 self._void(outbox, record)
             else:  # spooled, or stored (an earlier revision's record)
                 self._settling.append((now, outbox, record))
-        if self._unresolved:
-            await self._resolve(now)
+        if self._unresolved and self._resolving is None:
+            # not waited for past a poll interval: a PostgreSQL that hangs must not hold up
+            # what needs no look-up (a spooled record); found later, released by a later poll
+            self._resolving = self._spawn(self._resolve(now), "forwarder-resolve")
+            await asyncio.wait((self._resolving,), timeout=self._settings.forward_poll_seconds)
         released = self._release(now)
         if not released:
             return
@@ -489,16 +493,25 @@ class Forwarder:
         queued here); those whose delivery was refused are dropped; those not stored by
         `forward_max_age_seconds` after acceptance are given up (`never_stored`); the others
         are looked at again, each poll at first, then less often."""
+        try:
+            await self._look_up(now)
+        finally:
+            self._resolving = None
+
+    async def _look_up(self, now: float) -> None:
+        """`_resolve`'s work."""
         due = [a for a in self._unresolved[:_RESOLVE_MAX] if a.next_look <= now]
         if not due:
             return
         try:
-            stored = await self._store.stored(list({a.identity: None for a in due}))
-        except LedgerError as exc:  # PostgreSQL away: they wait
-            log.debug("records ahead of their commit wait: %s", exc)
+            async with asyncio.timeout(self._settings.forward_timeout_seconds):
+                stored = await self._store.stored(list({a.identity: None for a in due}))
+        except (LedgerError, TimeoutError) as exc:  # PostgreSQL away: they wait
+            log.debug("records ahead of their commit wait: %s", exc or "look-up timed out")
             for ahead in due:
-                ahead.next_look = now + self._settings.spool_retry_seconds
+                ahead.next_look = time.monotonic() + self._settings.spool_retry_seconds
             return
+        now = time.monotonic()
         looked = set(due)
         kept: list[_Ahead] = []
         for ahead in self._unresolved:

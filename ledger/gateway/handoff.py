@@ -189,11 +189,12 @@ class Handoff:
             for route_id in header["routes"]]
         if not records:
             return
-        try:
-            await self._store.record_attempts(records)
-        except LedgerError as exc:
+        try:  # the answers wait for it: no longer than for the outbox
+            async with asyncio.timeout(self._settings.outbox_write_timeout_seconds):
+                await self._store.record_attempts(records)
+        except (LedgerError, TimeoutError) as exc:
             log.error("%d forwards given up (%s) are not recorded either: %s", len(records),
-                      reason, exc)
+                      reason, exc or "PostgreSQL took too long")
 
     async def _write_all(self) -> None:
         try:
