@@ -95,8 +95,8 @@ async def build(reader: Reader, events: EventStore, scope: Scope) -> str:
     pinned = scope.as_of or asof.Position(events_report.head_position)
     bots = await reader.all_bots(members=members, status=None, as_of=pinned)
     deletions = await reader.all_deletions(
-        members=members, as_of=pinned, received_from=scope.received_from,
-        received_to=scope.received_to,
+        members=members, as_of=pinned, occurred_from=scope.received_from,
+        occurred_to=scope.received_to,
     )
     rejections = await reader.store.rejection_summary(
         scope.received_from, scope.received_to, members

@@ -160,20 +160,22 @@ class Reader:
 
     async def all_deletions(
         self, *, members: list[str] | None, as_of: readers.AsOf,
-        received_from: datetime | None = None, received_to: datetime | None = None,
+        occurred_from: datetime | None = None, occurred_to: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        rows = [r for r in await self._all_deletions(members, as_of)
-                if (received_from is None or _at(r) >= received_from)
-                and (received_to is None or _at(r) < received_to)]
+        """Every deletion, newest first; `occurred_from`/`occurred_to` by
+        `readers.deletion_time`, the one rule every surface's window uses."""
+        where = DeletionFilter(occurred_from=occurred_from, occurred_to=occurred_to)
+        rows = await self._all_deletions(members, as_of, where)
         await self._name_actors(rows)
         return rows
 
     async def _all_deletions(
-        self, members: list[str] | None, as_of: readers.AsOf
+        self, members: list[str] | None, as_of: readers.AsOf,
+        where: DeletionFilter | None = None,
     ) -> list[dict[str, Any]]:
         if members == []:
             return []
-        found = await self.audit.deletions(DeletionFilter(), as_of=as_of)
+        found = await self.audit.deletions(where or DeletionFilter(), as_of=as_of)
         rows = [_flagged(d.model_dump()) for d in found
                 if members is None or d.member_id in members]
         rows.sort(key=lambda r: (r["position"], r["bot_id"]), reverse=True)
@@ -319,15 +321,6 @@ def _flagged(row: dict[str, Any]) -> dict[str, Any]:
         for name in ("never_seen", "repeated", "activity_after_deletion"):
             row.setdefault(name, name in names)
     return row
-
-
-def _at(row: dict[str, Any]) -> datetime:
-    """When a deletion counts for a report's range: its Bitrix24 time, but never later than
-    its received time — as for `as_of=ts:` (docs/auditors.md): a sender's `ts` in the year
-    9999 would otherwise keep the deletion out of every range that has an end."""
-    moments = [datetime.fromisoformat(m) if isinstance(m, str) else m
-               for m in (row["occurred_at"], row["received_at"]) if m is not None]
-    return min(moments)
 
 
 def _decode(event: dict[str, Any]) -> None:

@@ -28,11 +28,20 @@ REGISTRY = projector_module.REGISTRY
 PAGE = 1000  # rows per read of a registry or timeline page (the read API's largest page)
 
 
+def deletion_time(occurred_at: datetime | None, received_at: datetime) -> datetime:
+    """When a deletion counts for every `from`/`to` window (API, CLI, exports, console, report):
+    its Bitrix24 time (`ts`), never later than when the ledger received it, and the received
+    time when it gave none — the `ts:` rule (docs/auditors.md). A sender's `ts` in the year 9999
+    would otherwise keep the deletion out of every window that has an end. SQL's
+    `least(occurred_at, received_at)` is the same (`least` skips a NULL)."""
+    return received_at if occurred_at is None else min(occurred_at, received_at)
+
+
 @dataclass(frozen=True)
 class DeletionFilter:
-    """Which deletions a reader asked for. A deletion's time is Bitrix24's (`ts`) when it gave
-    one, else the received time. `anomalies_only`: every row whose `anomalies` list is not
-    empty — `unexpected_payload` (a payload note) as much as the three flags."""
+    """Which deletions a reader asked for, by `deletion_time`. `anomalies_only`: every row
+    whose `anomalies` list is not empty — `unexpected_payload` (a payload note) as much as the
+    three flags."""
 
     member_id: str | None = None
     occurred_from: datetime | None = None
@@ -42,7 +51,7 @@ class DeletionFilter:
     anomalies_only: bool = False
 
     def accepts(self, deletion: Deletion) -> bool:
-        at = deletion.occurred_at or deletion.received_at
+        at = deletion_time(deletion.occurred_at, deletion.received_at)
         return (
             (self.member_id is None or deletion.member_id == self.member_id)
             and (self.occurred_from is None or at >= self.occurred_from)

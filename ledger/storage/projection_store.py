@@ -641,12 +641,13 @@ async def _deletion_page(
     cause: str | None = None, anomalies_only: bool = False,
 ) -> list[Row]:
     """A keyset page of the deletion timeline (position, bot_id), filtered as the read API's
-    `DeletionFilter` filters the folded rows: by Bitrix24 time, else received time."""
+    `DeletionFilter` filters the folded rows: by Bitrix24 time, never later than the received
+    time (`readers.deletion_time`; `least` skips a NULL `occurred_at`)."""
     conditions: list[str] = []
     args: list[Any] = []
     for clause, value in (
-        ("coalesce(occurred_at, received_at) >= ${}", occurred_from),
-        ("coalesce(occurred_at, received_at) < ${}", occurred_to),
+        ("least(occurred_at, received_at) >= ${}", occurred_from),
+        ("least(occurred_at, received_at) < ${}", occurred_to),
     ):
         if value is not None:
             args.append(value)
