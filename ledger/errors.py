@@ -171,6 +171,14 @@ class BadQuery(LedgerError):
     code = "bad_query"
 
 
+class DownloadTooLarge(BadQuery):
+    """A console download would be larger than `console_download_max_bytes`: refused before
+    anything is sent (it is written to a temporary file first, which must not fill the disk).
+    The message names the `ledger export` command that writes any size, or a narrower filter."""
+
+    code = "download_too_large"
+
+
 class FoldsBusy(LedgerError):
     """Every permitted "as of" fold of this process is running, and none finished within the
     short wait: answered 503 with `Retry-After` rather than queued (each fold holds the

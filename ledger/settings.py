@@ -146,6 +146,11 @@ class Settings(BaseSettings):
     projector_stall_seconds: float = Field(
         default=60.0, gt=0, description="readiness fails when the projector lags this long"
     )
+    console_download_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1, description="a console download (CSV or JSON Lines) "
+        "larger than this is refused with a message to use `ledger export`: each is written "
+        "to a temporary file (memory up to 4 MiB, then disk) before it is sent",
+    )
     console_secure_cookie: bool = Field(
         default=False, description="console cookie Secure even over http (TLS ends at a proxy)"
     )

@@ -272,3 +272,30 @@ async def test_a_deletion_whose_payload_the_registry_could_not_use_says_so(
     text = await (await client.get(f"/console/download/deletions.csv?{pinned}")).text()
     (row,) = csv.DictReader(io.StringIO(text))
     assert "could not use" in row["anomalies"]
+
+
+async def test_a_download_past_its_byte_limit_is_refused_naming_ledger_export(
+    make_client: Any, settings_factory: Any,
+) -> None:
+    """A console download is spooled to a temporary file before it is sent: past
+    `console_download_max_bytes` it is refused (400, saying to use `ledger export events`), its
+    manifest too, rather than filling /tmp; a download within the limit is served."""
+    client = await make_client(settings_factory(console_download_max_bytes=1000))
+    await install_sample_portal(client)
+    for name in ["onimbotjoinchat-1", "onimbotmessageadd-1", "onimbotdelete-1"]:
+        assert (await post(client, sample(name)))[0] == 200
+    assert (await sign_in(client, await make_token(client))).status == 303
+    text = await page(client, "/console/events")
+    href = re.search(r'href="(/console/download/events\.jsonl\?[^"]+)"', text)
+    assert href
+    link = href.group(1).replace("&amp;", "&")
+    for asked in (link, link + "&manifest=1"):
+        refused = await client.get(asked)
+        assert refused.status == 400, asked
+        body = await refused.text()
+        assert "larger than the console&#39;s limit of 1000 bytes" in body \
+            or "larger than the console's limit of 1000 bytes" in body, body
+        assert "ledger export events" in body
+    served = await client.get(link + "&type=ONIMBOTNOTHING")
+    assert served.status == 200
+    assert await served.read() == b""

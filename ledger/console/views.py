@@ -9,7 +9,7 @@ import logging
 import re
 import tempfile
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import urlencode
 
 import orjson
@@ -20,6 +20,7 @@ from ledger import asof, exports
 from ledger.api import reads_done
 from ledger.console import params, tables
 from ledger.console.app import (
+    CONSOLE_SETTINGS,
     CSRF,
     SECURITY_HEADERS,
     end_session,
@@ -32,7 +33,7 @@ from ledger.console.app import (
     token_is_live,
 )
 from ledger.console.reader import PageOf, Reader
-from ledger.errors import BadQuery, NotFound
+from ledger.errors import BadQuery, DownloadTooLarge, NotFound
 from ledger.gateway.handoff import HANDOFF
 from ledger.storage.audit_store import EventFilter
 
@@ -268,6 +269,26 @@ class _Hasher:
         return len(text)
 
 
+class _Capped:
+    """A text sink that passes writes on to `out` until more than `limit` UTF-8 bytes would
+    have been written, then refuses the download (`DownloadTooLarge`): a download is spooled
+    to a temporary file before it is sent, and the file must not grow without bound."""
+
+    def __init__(self, out: IO[str], limit: int, table: str) -> None:
+        self.out, self.limit, self.table, self.size = out, limit, table, 0
+
+    def write(self, text: str) -> int:
+        self.size += len(text.encode())
+        if self.size > self.limit:
+            command = (f"`ledger export {self.table}` (any size)"
+                       if self.table in ("events", "bots", "deletions") else "the CLI")
+            raise DownloadTooLarge(
+                f"this {self.table} download is larger than the console's limit of "
+                f"{self.limit} bytes (LEDGER_CONSOLE_DOWNLOAD_MAX_BYTES): narrow it (portal, "
+                f"type, bot, from/to) or use {command}")
+        return self.out.write(text)
+
+
 async def write_table(
     r: Reader, table: str, query: MultiMapping[str], out: IO[str], fmt: str
 ) -> tuple[str, exports.Manifest]:
@@ -332,9 +353,11 @@ async def download(request: web.Request) -> web.StreamResponse:
     if table not in TABLES or fmt not in FORMATS:
         raise NotFound("no such download")
     r, query = reader(request), request.query
-    if params.single(query, "manifest") is not None:
+    limit = request.config_dict[CONSOLE_SETTINGS].console_download_max_bytes
+    if params.single(query, "manifest") is not None:  # only for a file that can be downloaded
         sink = _Hasher()
-        name, manifest = await write_table(r, table, query, sink, fmt)  # type: ignore[arg-type]
+        capped = cast(IO[str], _Capped(cast(IO[str], sink), limit, table))
+        name, manifest = await write_table(r, table, query, capped, fmt)
         body = {**manifest.__dict__, "file": name, "file_sha256": sink.digest.hexdigest(),
                 "file_sha256_of": "the UTF-8 bytes of the file named above, as downloaded"}
         return web.Response(
@@ -343,7 +366,8 @@ async def download(request: web.Request) -> web.StreamResponse:
         )
     with tempfile.SpooledTemporaryFile(max_size=4 * 1024 * 1024, mode="w+", encoding="utf-8",
                                        newline="") as spool:
-        name, _ = await write_table(r, table, query, spool, fmt)
+        name, _ = await write_table(r, table, query,
+                                    cast(IO[str], _Capped(spool, limit, table)), fmt)
         reads_done(request)  # a slow client holds its spooled file, not a place at the database
         spool.seek(0)
         response = web.StreamResponse(headers={
