@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -186,17 +187,30 @@ def parse_note(text: str) -> Note:
     return Note((body + "\n").encode(), tuple(signatures))
 
 
+_TREE_SIZE = re.compile(r"0|[1-9][0-9]{0,19}")  # [0-9]: ASCII digits only
+
+
+def tree_size(text: str) -> int:
+    """A checkpoint's tree size as c2sp.org/tlog-checkpoint writes it: ASCII decimal, no sign,
+    no leading zeros (but "0"), at most 2^64 - 1 — not whatever Python's `int()` takes (`+5`,
+    `٥`, `1_0`, ` 5`), so one note has one reading."""
+    if not _TREE_SIZE.fullmatch(text) or int(text) >= 2**64:
+        raise ValueError(f"tree size {text[:30]!r} is not ASCII decimal without sign or "
+                         "leading zeros")
+    return int(text)
+
+
 def _parse_body(body: bytes, legacy: bool) -> Checkpoint:
     try:
         lines = body.decode().split("\n")[:-1]
         if legacy:
             name, position, head, moment = lines
-            return Checkpoint(name, int(position), base64.b64decode(head, validate=True),
+            return Checkpoint(name, tree_size(position), base64.b64decode(head, validate=True),
                               _parse_time(moment))
         name, size, root, *extensions = lines
         fields = dict(line.split(" ", 1) for line in extensions)
         return Checkpoint(
-            origin=name, position=int(size), root_hash=base64.b64decode(root, validate=True),
+            origin=name, position=tree_size(size), root_hash=base64.b64decode(root, validate=True),
             head_hash=base64.b64decode(fields["chain-head"], validate=True),
             time=_parse_time(fields["signed-at"]),
         )

@@ -106,7 +106,7 @@ def _signed_tree(text: str) -> tuple[int, bytes]:
     try:
         if len(lines) < 4 or not lines[3].startswith("chain-head "):
             raise ValueError("a chain-only checkpoint from before the tree: it states no root")
-        return int(lines[1]), base64.b64decode(lines[2], validate=True)
+        return checkpoints.tree_size(lines[1]), base64.b64decode(lines[2], validate=True)
     except ValueError as exc:
         raise ProofInvalid(f"cannot prove against this checkpoint: {exc}") from exc
 

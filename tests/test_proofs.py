@@ -391,3 +391,29 @@ async def test_serve_keeps_the_tree_up_and_the_api_serves_checkable_proofs(
         assert answer.status in (400, 404), (hostile, await answer.text())
     ready = await (await client.get("/readyz")).json()
     assert ready["checks"]["tree"] == "ok"
+
+
+@pytest.mark.parametrize("size", ["+5", "\u0665", "1_0", " 5", "5 ", "05", "00", "-0",
+                                  "18446744073709551616"])
+def test_a_tree_size_int_would_take_but_tlog_checkpoint_does_not_is_refused(
+    keys: tuple[Path, Path], size: str
+) -> None:
+    """c2sp.org/tlog-checkpoint: the size is ASCII decimal, no sign, no leading zeros; a
+    correctly signed note saying `+5` or Arabic-Indic `٥` is malformed, not tree size 5."""
+    import base64
+
+    key = checkpoints.load_private_key(keys[0])
+    good = checkpoints.Checkpoint(ORIGIN, 5, b"\2" * 32, datetime(2026, 1, 1, tzinfo=UTC),
+                                  b"\3" * 32)
+    lines = good.body().decode().split("\n")
+    for stated, refused in ((lines[1], False), ("0", False), (size, True)):
+        body = "\n".join([lines[0], stated, *lines[2:]]).encode()
+        blob = checkpoints.key_id(ORIGIN, key.public_key()) + key.sign(body)
+        note = body.decode() + f"\n\u2014 {ORIGIN} {base64.b64encode(blob).decode()}\n"
+        if not refused:
+            assert checkpoints.verify(note, key.public_key(), ORIGIN).position == int(stated)
+            continue
+        with pytest.raises(CheckpointError, match="tree size"):
+            checkpoints.verify(note, key.public_key(), ORIGIN)
+        with pytest.raises(ProofInvalid):
+            proving._signed_tree(note)
