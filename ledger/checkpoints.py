@@ -193,7 +193,7 @@ _TREE_SIZE = re.compile(r"0|[1-9][0-9]{0,19}")  # [0-9]: ASCII digits only
 def tree_size(text: str) -> int:
     """A checkpoint's tree size as c2sp.org/tlog-checkpoint writes it: ASCII decimal, no sign,
     no leading zeros (but "0"), at most 2^64 - 1 — not whatever Python's `int()` takes (`+5`,
-    `٥`, `1_0`, ` 5`), so one note has one reading."""
+    Arabic-Indic digits, `1_0`, ` 5`), so one note has one reading."""
     if not _TREE_SIZE.fullmatch(text) or int(text) >= 2**64:
         raise ValueError(f"tree size {text[:30]!r} is not ASCII decimal without sign or "
                          "leading zeros")

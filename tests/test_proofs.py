@@ -399,7 +399,7 @@ def test_a_tree_size_int_would_take_but_tlog_checkpoint_does_not_is_refused(
     keys: tuple[Path, Path], size: str
 ) -> None:
     """c2sp.org/tlog-checkpoint: the size is ASCII decimal, no sign, no leading zeros; a
-    correctly signed note saying `+5` or Arabic-Indic `٥` is malformed, not tree size 5."""
+    correctly signed note saying `+5` or an Arabic-Indic five is malformed, not tree size 5."""
     import base64
 
     key = checkpoints.load_private_key(keys[0])
