@@ -169,14 +169,19 @@ def verify_inclusion(
 def verify_consistency(
     old_size: int, old_root: bytes, new_size: int, new_root: bytes, proof: Sequence[bytes]
 ) -> None:
-    """RFC 9162 §2.1.4.2: the tree of `new_size` leaves extends the one of `old_size`."""
+    """RFC 9162 §2.1.4.2: the tree of `new_size` leaves extends the one of `old_size`. From
+    the empty tree the proof is empty, but the older root is still checked: it must be the
+    empty tree's (§2.1.1), or any root would pass as "size 0"."""
     if old_size > new_size:
         raise ProofError(f"the older tree ({old_size}) is larger than the newer ({new_size})")
+    if old_size == 0 and old_root != EMPTY_ROOT:  # RFC 9162 §2.1.1: MTH({}) = SHA-256()
+        raise ProofError("the older tree is empty, so its root must be the SHA-256 of the "
+                         "empty string; this one is not: the checkpoint is not of this log")
     if old_size == new_size:
         if proof or old_root != new_root:
             raise ProofError("two trees of one size must have one root and an empty proof")
         return
-    if old_size == 0:  # the empty tree is a prefix of every tree
+    if old_size == 0:  # the empty tree is a prefix of every tree: nothing more to prove
         if proof:
             raise ProofError("a proof from the empty tree must be empty")
         return

@@ -139,3 +139,17 @@ def test_new_nodes_only_completes_perfect_subtrees() -> None:
     assert sorted({level for level, _ in tree.nodes}) == [0, 1, 2, 3]
     assert len(tree.nodes) == 11 + 5 + 2 + 1
     assert merkle.frontier_nodes(11) == [(3, 0), (1, 4), (0, 10)]
+
+
+def test_from_the_empty_tree_the_proof_is_empty_and_the_old_root_is_checked() -> None:
+    """RFC 9162: the empty tree's root is SHA-256 of the empty string (§2.1.1), and it is a
+    prefix of every tree (the proof is empty). The verifier ignored the older root it was
+    given at size 0: any root passed as "size 0"."""
+    tree = tree_of(leaves_of(5))
+    for n in range(0, 6):
+        merkle.verify_consistency(0, _sha(b""), n, tree.root(n), [])
+        for wrong in (b"\0" * 32, tree.root(5), _sha(b"\0")):
+            with pytest.raises(ProofError, match="empty"):
+                merkle.verify_consistency(0, wrong, n, tree.root(n), [])
+    with pytest.raises(ProofError, match="empty"):
+        merkle.verify_consistency(0, _sha(b""), 3, tree.root(3), [tree.root(3)])
