@@ -20,7 +20,15 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import models_json_schema
 
 from ledger import __version__, asof, proving
-from ledger.audit import MAX_PAGE, AuditService, DeletionFilter, ReadGate, ReadPermit, token_digest
+from ledger.audit import (
+    MAX_PAGE,
+    AuditService,
+    DeletionFilter,
+    ReadGate,
+    ReadPermit,
+    event_type_asked,
+    token_digest,
+)
 from ledger.errors import BadQuery, Unauthorized
 from ledger.gateway.handoff import HANDOFF
 from ledger.gateway.routes import RouteOut
@@ -264,7 +272,7 @@ async def deletions(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.Response:
     where = EventFilter(
         member_id=_text(request, "portal"),
-        event_type=(_text(request, "type") or "").upper() or None,
+        event_type=event_type_asked(_text(request, "type") or "") or None,
         bot_id=_int(request, "bot"),
         received_from=_time(request, "from"),
         received_to=_time(request, "to"),

@@ -37,6 +37,16 @@ from ledger.storage.store import EventStore
 MAX_PAGE = 1000
 
 
+_ASCII_UPPER = str.maketrans("abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def event_type_asked(text: str) -> str:
+    """An event type as a reader typed it, upper-cased in ASCII only: `str.upper` maps the
+    dotless i (U+0131) to `I` (and `ß` to `SS`), so `on\u0131mbotdelete` matched
+    ONIMBOTDELETE. Stored types are ASCII: one with any other letter matches nothing."""
+    return text.translate(_ASCII_UPPER)
+
+
 def new_token() -> tuple[str, bytes]:
     """A bearer token and the SHA-256 the database keeps instead of it."""
     token = "lgr_" + secrets.token_urlsafe(32)

@@ -18,6 +18,7 @@ from ledger.storage.audit_store import AuditStore
 from ledger.storage.tree_store import TreeStore
 from ledger.web import STORE
 from tests.conftest import MEMBER_ID, sample
+from ledger.cli.common import event_filter
 from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_projections import ingest
 
@@ -148,6 +149,9 @@ async def test_filters_and_page_limits(history: Client) -> None:
     deletes = await get(history, "/events", headers, type="onimbotdelete", limit=1000)
     assert deletes["items"]
     assert {e["event_type"] for e in deletes["items"]} == {"ONIMBOTDELETE"}
+    for unlike in ("on\u0131mbotdelete", "ON\u0131MBOTDELETE"):  # str.upper: dotless i -> I
+        assert (await get(history, "/events", headers, type=unlike))["items"] == [], unlike
+        assert event_filter(None, unlike, None, None, None).event_type != "ONIMBOTDELETE"
     with_payload = await get(history, "/events", headers, portal=MEMBER_ID, payload="true")
     # the portal's first event is the operator's allowance; its install comes next
     assert with_payload["items"][0]["payload"]["change"] == "allowed"

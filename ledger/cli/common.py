@@ -19,7 +19,7 @@ import orjson
 from pydantic import BaseModel
 
 from ledger import asof, display, operations
-from ledger.audit import AuditService
+from ledger.audit import AuditService, event_type_asked
 from ledger.errors import LedgerError
 from ledger.exports import utc_seconds
 from ledger.projections import readers
@@ -236,7 +236,8 @@ def event_filter(
     until: str | None, after: int = 0,
 ) -> EventFilter:
     return EventFilter(
-        member_id=member_id, event_type=event_type.upper() if event_type else None, bot_id=bot,
+        member_id=member_id, event_type=event_type_asked(event_type) if event_type else None,
+        bot_id=bot,
         received_from=parse_moment(since), received_to=parse_moment(until), after=after,
     )
 

@@ -104,7 +104,7 @@ def event_type(query: MultiMapping[str]) -> str | None:
     value = single(query, "type")
     if value is not None and not _EVENT_TYPE.match(value):
         raise BadQuery("`type` is an event type such as ONIMBOTDELETE")
-    return value.upper() if value else None
+    return value.upper() if value else None  # ASCII only (`_EVENT_TYPE`)
 
 
 def pair_cursor(query: MultiMapping[str], name: str = "cursor") -> tuple[str, int] | None:
