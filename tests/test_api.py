@@ -12,13 +12,13 @@ from pydantic import TypeAdapter
 from ledger import checkpoints, wire
 from ledger.api import ROUTES, TOKEN_CACHE, openapi_document
 from ledger.audit import new_token
+from ledger.cli.common import event_filter
 from ledger.proving import make_checkpoint
 from ledger.simulation import Traffic
 from ledger.storage.audit_store import AuditStore
 from ledger.storage.tree_store import TreeStore
 from ledger.web import STORE
 from tests.conftest import MEMBER_ID, sample
-from ledger.cli.common import event_filter
 from tests.helpers import PROJECTOR, Client, install_sample_portal, post
 from tests.test_projections import ingest
 
