@@ -248,8 +248,9 @@ def parse_moment(value: str | None) -> datetime | None:
 
 EVENT_TYPE = click.option("--type", "event_type", help="Event type, e.g. ONIMBOTDELETE.")
 BOT = click.option("--bot", type=int, help="Events naming this bot id.")
-FROM = click.option("--from", "since", help="Received at or after (ISO 8601).")
-TO = click.option("--to", "until", help="Received before (ISO 8601).")
+FROM = click.option("--from", "since", help="At or after (ISO 8601): when received; for "
+                    "deletions, the sender's ts capped at when received.")
+TO = click.option("--to", "until", help="Before (ISO 8601), as --from.")
 
 
 def print_events(items: list[EventOut], as_json: bool) -> None:
