@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from ledger.errors import OutboxError
 from ledger.gateway.forwarder import outbox_key
-from ledger.gateway.outbox import KEY_NAME, OutboxReader, OutboxWriter
+from ledger.gateway.outbox import KEY_NAME, OutboxReader, OutboxWriter, frames
 from ledger.settings import Settings
 from tests.conftest import MEMBER_ID, ClientFactory, Database
 from tests.gateway_helpers import Destination, Forwarders, eventually
@@ -175,6 +175,44 @@ def test_forwards_no_key_opens_are_given_up_on_record_and_set_aside(
     assert not list((settings.outbox_root / "worker-0").glob("seg-*"))
     assert list((settings.outbox_root / "given-up" / "worker-0").glob("seg-*"))
     assert len(outbox_key(settings)) == 32  # nothing unreadable left: a new key
+
+
+def test_forwards_are_never_given_up_from_under_a_running_writer(
+    database: Database, settings_factory: Callable[..., Settings],
+) -> None:
+    """Found by breakgw2: `--give-up-unreadable --yes` with a `serve` still running (its key
+    file deleted under it) counted the live segment's records, recorded them given up and
+    renamed the file — while the writer, whose descriptor follows the rename, went on
+    appending to it: each forward sealed after the count was stored, never forwarded and
+    recorded nowhere (and those already forwarded were recorded given up as well). Now it
+    refuses, changing nothing, while a writer of such a directory (or a forwarder) runs."""
+    from tests.test_cli import run
+
+    settings = settings_factory()
+    key = outbox_key(settings)
+    writer = OutboxWriter(settings.outbox_root / "worker-0", key)  # a running intake
+    try:
+        writer.append([outbox_record("rt_a", 1)])
+        (settings.keys_dir / KEY_NAME).unlink()
+        done = run(database, "forward", "--give-up-unreadable", "--yes")
+        writer.append([outbox_record("rt_a", 2)])  # sealed after the count
+    finally:
+        writer.close()
+    assert done.exit_code == 1, done.output
+    assert "worker-0" in done.output
+    assert "Stop `ledger serve`" in done.output
+    assert not (settings.outbox_root / "given-up").exists()
+    (segment,) = (settings.outbox_root / "worker-0").glob("seg-*")
+    assert len(frames(segment)) == 2  # both still where the forwarder reads them
+
+    async def recorded() -> int:
+        connection = await asyncpg.connect(database.admin_dsn)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM audit.forwards"))
+        finally:
+            await connection.close()
+
+    assert asyncio.run(recorded()) == 0
 
 
 async def test_a_flooding_portal_never_gets_another_portals_forwards_given_up(

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import signal
+from pathlib import Path
 
 import click
 
@@ -146,18 +147,43 @@ async def _give_up_unreadable(settings: Settings, *, yes: bool) -> None:
         click.echo("nothing changed: run again with --yes to set these aside and record "
                    "their forwards as given up (outbox_key_lost) — or restore the key")
         return
-    target = await targets.open_target(settings)
+    lock = await asyncio.to_thread(_quiet_outbox, settings, segments)
     try:
-        pool = await create_pool(target.service_dsn, size=1, connect=False,
-                                 connect_timeout=settings.connect_timeout_seconds)
+        target = await targets.open_target(settings)
         try:
-            total = await give_up_unreadable(settings, GatewayStore(pool), segments)
+            pool = await create_pool(target.service_dsn, size=1, connect=False,
+                                     connect_timeout=settings.connect_timeout_seconds)
+            try:
+                total = await give_up_unreadable(settings, GatewayStore(pool), segments)
+            finally:
+                await pool.close()
         finally:
-            await pool.close()
+            target.release()
     finally:
-        target.release()
+        os.close(lock)
     click.echo(f"{total} forward(s) given up and recorded (audit.forwards, outbox_key_lost); "
                f"the segments are in {settings.outbox_root / 'given-up'}")
+
+
+def _quiet_outbox(settings: Settings, segments: list[tuple[Path, int]]) -> int:
+    """`forwarder.lock`, held while forwards are given up — refused while a forwarder runs or
+    a writer still has a listed segment's directory open: a running intake appends on to the
+    segment it opened, through the rename (those forwards would be stored, never forwarded
+    and recorded nowhere), and a key one process lacks may be one a running one holds."""
+    handle = os.open(settings.outbox_root / "forwarder.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        live = [f"the intake writing {name}" for name in sorted(
+            {p.parent.name for p, _ in segments if not outbox.writer_gone(p.parent)})]
+    except BlockingIOError:
+        live = ["a forwarder"]
+    if live:
+        os.close(handle)
+        raise click.ClickException(
+            f"{', '.join(live)} still runs, perhaps with the key these segments were sealed "
+            "with: nothing changed. Stop `ledger serve` (and any `ledger forward`), then run "
+            "this again")
+    return handle
 
 
 async def _exclusive(settings: Settings, stop: asyncio.Event) -> int | None:
