@@ -215,6 +215,33 @@ def test_forwards_are_never_given_up_from_under_a_running_writer(
     assert asyncio.run(recorded()) == 0
 
 
+def test_the_key_file_still_opens_what_it_sealed_once_outbox_key_overrides_it(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """Found by breakgw2: setting LEDGER_OUTBOX_KEY (a move to a secret store) over an
+    existing keys/outbox.key left every record that file sealed unreadable — set aside, and
+    listed by `--give-up-unreadable` for giving up — with its key beside them."""
+    import base64
+
+    from ledger.gateway.forwarder import outbox_keys, unreadable_outbox
+
+    settings = settings_factory()
+    file_key = outbox_key(settings)
+    sealed(settings.outbox_root / "worker-0", file_key, "rt_a", 1)
+    configured = settings_factory(outbox_key=base64.b64encode(os.urandom(32)).decode())
+    key, retired = outbox_keys(configured)
+    assert key != file_key
+    assert file_key in retired
+    assert unreadable_outbox(configured) == []
+    reader = OutboxReader(settings.outbox_root / "worker-0", key, retired=retired)
+    reader.open()
+    assert [r.body for r in reader.poll()] == [b"n=1"]
+    assert reader.unreadable == {}
+    reader.close()
+    (settings.keys_dir / KEY_NAME).write_text("not a key\n")  # garbage beside the setting
+    assert outbox_keys(configured)[0] == key
+
+
 async def test_a_flooding_portal_never_gets_another_portals_forwards_given_up(
     make_client: ClientFactory, forwarders: Forwarders,
     gateway_settings: Callable[..., Settings], destination: Destination,

@@ -164,9 +164,22 @@ def outbox_keys(settings: Settings) -> tuple[bytes, list[bytes]]:
     """The outbox key and the retired ones (`ledger forward --rotate-key`), which the
     forwarder still opens records with."""
     configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
-    retired = retired_keys(settings.keys_dir)
+    retired = retired_keys(settings.keys_dir) + _overridden_key(settings, configured)
     return load_key(settings.keys_dir / KEY_NAME, configured, outbox_root=settings.outbox_root,
                     retired=retired), retired
+
+
+def _overridden_key(settings: Settings, configured: str | None) -> list[bytes]:
+    """`keys/outbox.key` while `LEDGER_OUTBOX_KEY` overrides it: it sealed what was written
+    before the setting, so it still opens those records (read only). A file that does not
+    decode opens nothing: left out."""
+    path = settings.keys_dir / KEY_NAME
+    if not configured or not path.exists():
+        return []
+    try:
+        return [load_key(path, None)]
+    except OutboxError:
+        return []
 
 
 class Forwarder:
@@ -966,8 +979,8 @@ def unreadable_outbox(settings: Settings) -> list[tuple[Path, int]]:
     """The outbox segments no key at hand opens (neither `keys/outbox.key` or
     `LEDGER_OUTBOX_KEY` — never created here — nor a retired key), with how many records each
     holds (counted by their plaintext framing). Blocking I/O."""
-    keys = retired_keys(settings.keys_dir)
     configured = settings.outbox_key.get_secret_value() if settings.outbox_key else None
+    keys = retired_keys(settings.keys_dir) + _overridden_key(settings, configured)
     if configured or (settings.keys_dir / KEY_NAME).exists():
         keys.insert(0, load_key(settings.keys_dir / KEY_NAME, configured))
     return [(path, len(frames(path)))
