@@ -242,6 +242,37 @@ def test_the_key_file_still_opens_what_it_sealed_once_outbox_key_overrides_it(
     assert outbox_keys(configured)[0] == key
 
 
+def test_giving_up_interrupted_midway_records_each_forward_once(
+    database: Database, settings_factory: Callable[..., Settings],
+) -> None:
+    """Found by breakgw2: `--give-up-unreadable --yes` interrupted between recording a
+    segment's forwards and moving it (a full disk, a kill) recorded them all again at the
+    next run: each given up twice in audit.forwards."""
+    from unittest import mock
+
+    from tests.test_cli import run
+
+    settings = settings_factory()
+    key = outbox_key(settings)
+    sealed(settings.outbox_root / "worker-0", key, "rt_a", 1, 2, 3)
+    (settings.keys_dir / KEY_NAME).unlink()
+    with mock.patch.object(Path, "rename", side_effect=OSError(28, "No space left")):
+        interrupted = run(database, "forward", "--give-up-unreadable", "--yes")
+    assert interrupted.exit_code != 0
+    assert list((settings.outbox_root / "worker-0").glob("seg-*"))  # not moved
+    done = run(database, "forward", "--give-up-unreadable", "--yes")
+    assert done.exit_code == 0, done.output
+
+    async def recorded() -> int:
+        connection = await asyncpg.connect(database.admin_dsn)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM audit.forwards"))
+        finally:
+            await connection.close()
+
+    assert asyncio.run(recorded()) == 3
+
+
 async def test_a_flooding_portal_never_gets_another_portals_forwards_given_up(
     make_client: ClientFactory, forwarders: Forwarders,
     gateway_settings: Callable[..., Settings], destination: Destination,

@@ -995,8 +995,9 @@ async def give_up_unreadable(
     `audit.forwards` shows every delivery the bot will never get. Which event each was cannot
     be known without the key: the record names the portal and route `unknown`, no position,
     and an identity derived from the record's place (directory, segment, offset), its
-    acceptance time that of the segment's creation. Recorded first, moved after: a crash in
-    between records them again at the next run (same identities), never loses one."""
+    acceptance time that of the segment's creation. Recorded first, moved after: a run
+    interrupted in between leaves the segment in place, and the next run records only what
+    is not recorded yet (by those identities) — none lost, none recorded twice."""
     aside_root = settings.outbox_root / "given-up"
     now = datetime.now(UTC)
     total = 0
@@ -1010,7 +1011,10 @@ async def give_up_unreadable(
             for offset in await asyncio.to_thread(frames, path)
         ]
         for start in range(0, len(records), 1000):
-            await store.record_attempts(records[start : start + 1000])
+            batch = records[start : start + 1000]
+            recorded = await store.given_up(UNKNOWN, [r.dedup_key for r in batch], KEY_LOST)
+            if batch := [r for r in batch if r.dedup_key not in recorded]:
+                await store.record_attempts(batch)
         aside = aside_root / directory
         await asyncio.to_thread(aside.mkdir, parents=True, exist_ok=True, mode=0o700)
         await asyncio.to_thread(path.rename, aside / path.name)

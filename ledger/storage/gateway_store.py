@@ -47,6 +47,14 @@ class StoredEvent(NamedTuple):
     settled: frozenset[str]  # routes a forward of it was delivered or given up to
 
 
+# of these forwards (portal, dedup keys), the ones already recorded as given up for `reason`
+_GIVEN_UP = """
+    SELECT DISTINCT dedup_key FROM ledger.forward_attempts
+    WHERE member_id = $1 AND dedup_key = ANY($2::bytea[]) AND outcome = 'given_up'
+      AND error = $3
+"""
+
+
 class AttemptRecord(NamedTuple):
     """One attempt (or the giving up) to forward one event to one route: a row of
     `ledger.forward_attempts`, fields named and ordered as its columns (a tuple: one is made
@@ -113,6 +121,13 @@ class GatewayStore:
                                     [k for _, k in identities])
         return {(r["member_id"], bytes(r["dedup_key"])): StoredEvent(
             r["position"], bytes(r["hash"]), frozenset(r["settled"])) for r in rows}
+
+    async def given_up(self, member_id: str, dedup_keys: list[bytes], reason: str) -> set[bytes]:
+        """Which of these forwards of `member_id` are recorded as given up for `reason`: what a
+        run interrupted midway already wrote (by the identity index)."""
+        async with translated_errors("read forward attempts"), self._pool.acquire() as conn:
+            rows = await conn.fetch(_GIVEN_UP, member_id, dedup_keys, reason)
+        return {bytes(r["dedup_key"]) for r in rows}
 
     async def attempts(
         self, *, route_id: str | None = None, position: int | None = None,
