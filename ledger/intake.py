@@ -28,7 +28,7 @@ from ledger.committer import GroupCommitter
 from ledger.confirmation import Confirmer
 from ledger.envelope import INSTALL, read_envelope
 from ledger.errors import CommitterClosed, DeliveryRejected, LedgerError
-from ledger.gateway.routes import AHEAD, SPOOLED, VOID, Accepted
+from ledger.gateway.routes import AHEAD, SPOOLED, STORED, VOID, Accepted
 from ledger.identity import DELIVERY_SPECIFIC
 from ledger.metrics import Metrics
 from ledger.models import (
@@ -110,12 +110,21 @@ class IntakeService:
         confirmer: Confirmer | None = None,
         forward: Callable[[Accepted], Awaitable[None]] | None = None,
         forwards: Callable[[str, str], bool] | None = None,
+        vouches: Callable[[str, bytes | None], bool] | None = None,
     ) -> None:
         """`forward` (gateway mode, `Handoff.accept`) is handed every delivery that
         `forwards(member_id, event_type)` says some route takes (None: every delivery) — asked
         first, as most deliveries match no route and building their handoff costs ~1 µs:
         ahead of its commit (waited for: the answer's one outbox write), then spooled or void
-        (not waited for). What it returns never raises and need not be awaited (a future)."""
+        (not waited for). What it returns never raises and need not be awaited (a future).
+
+        Only a delivery whose token the portal's trust, as this process last read it, accepts
+        (`vouches(member_id, presented_sha256)`) is sealed ahead: the forwarder pairs a record
+        with its stored event by dedup key, which leaves the tokens out, so a forged copy
+        sealed ahead and refused had its body — the sender's tokens — forwarded in the stored
+        event's place, and a flood of refused deliveries pushed genuine records out of the
+        forwarder's bounded list. Any other delivery (a portal not known here yet, an
+        install) is sealed after its commit, once stored, as before the write-ahead record."""
         self._settings = settings
         self._committer = committer
         self._confirmer = confirmer
@@ -123,6 +132,7 @@ class IntakeService:
         self._budget = RejectionBudget(settings.rejections_per_second)
         self._forward = forward
         self._forwards = forwards
+        self._vouches = vouches or (lambda member_id, presented: False)
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="ledger-decode")
         self._tally: Counter[str] = Counter()  # outcomes since the last summary line
 
@@ -149,7 +159,8 @@ class IntakeService:
         assert draft is not None
         forwarding = self._forward is not None and (
             self._forwards is None or self._forwards(draft.member_id, draft.event_type))
-        if forwarding:
+        ahead = forwarding and self._vouches(draft.member_id, draft.presented_sha256)
+        if ahead:
             # gateway mode: sealed into the outbox *before* the commit (write-ahead), so no
             # crash or cancellation between the COMMIT and the answer leaves a stored event
             # unforwarded; the forwarder sends it once it finds the event stored
@@ -157,15 +168,17 @@ class IntakeService:
         try:
             outcome = await self._committer.submit(draft)
         except CommitterClosed:
-            if forwarding:  # never stored: the record ahead is void
+            if ahead:  # never stored: the record ahead is void
                 self._handed(delivery, draft, VOID)
             raise
         if type(outcome) is Stored:  # nearly every delivery: spared the checks below
+            if forwarding and not ahead:
+                await self._handed(delivery, draft, STORED, outcome)
             return self._stored(draft, outcome)
         if isinstance(outcome, ConfirmationNeeded):
             outcome = await self._confirmed(draft, outcome.domain, prepared.access_token)
         if isinstance(outcome, Refusal):
-            if forwarding:  # never stored: the record ahead is void (not waited for)
+            if ahead:  # never stored: the record ahead is void (not waited for)
                 self._handed(delivery, draft, VOID)
             self._tally[f"rejected:{outcome.code}"] += 1
             self._metrics.rejected.labels(outcome.code).inc()
@@ -182,11 +195,15 @@ class IntakeService:
             self._tally["spooled"] += 1
             log.debug("spooled %s portal=%s", draft.event_type, draft.member_id)
             if forwarding:
-                # forwarded at once, known by its spool id; not waited for: the record ahead
+                # forwarded at once, known by its spool id; not waited for when a record ahead
                 # of it is the guarantee (forwarded once drained, if this one is lost)
-                self._handed(delivery, draft, SPOOLED)
+                handed = self._handed(delivery, draft, SPOOLED)
+                if not ahead:
+                    await handed
             return Receipt(None, False, draft.event_type, spooled=True)
         if isinstance(outcome, Stored):
+            if forwarding and not ahead:
+                await self._handed(delivery, draft, STORED, outcome)
             return self._stored(draft, outcome)
         assert isinstance(outcome, Duplicate)
         self._metrics.duplicates.inc()
@@ -251,15 +268,20 @@ class IntakeService:
             raise DeliveryRejected(403, "install_not_confirmed", "try the install again")
         return outcome
 
-    def _handed(self, delivery: Delivery, draft: EventDraft, stage: str) -> Awaitable[None]:
+    def _handed(
+        self, delivery: Delivery, draft: EventDraft, stage: str, stored: Stored | None = None
+    ) -> Awaitable[None]:
         """Gateway mode: hand the delivery, as received, to the outbox at `stage` (`AHEAD`
-        of its commit, `SPOOLED`, `VOID`); what it returns is done once the outbox holds it
-        (or its forward was given up, recorded) — never an error."""
+        of its commit, `SPOOLED`, `VOID`, or `STORED` at `stored`'s position); what it returns
+        is done once the outbox holds it (or its forward was given up, recorded) — never an
+        error."""
         assert self._forward is not None
         return self._forward(Accepted(
             body=b"" if stage == VOID else delivery.body, content_type=delivery.content_type,
             raw_query=delivery.raw_query, member_id=draft.member_id,
-            event_type=draft.event_type, position=None, event_hash=None,
+            event_type=draft.event_type,
+            position=stored.position if stored is not None else None,
+            event_hash=stored.hash if stored is not None else None,
             dedup_key=draft.dedup_key, received_at=draft.received_at, stage=stage,
         ))
 

@@ -498,7 +498,8 @@ async def _committing(app: web.Application) -> AsyncIterator[None]:
         handoff = app[HANDOFF]
         app[INTAKE] = intake = IntakeService(settings, committer, app[METRICS],
                                              confirmer=confirmer, forward=handoff.accept,
-                                             forwards=handoff.forwards)
+                                             forwards=handoff.forwards,
+                                             vouches=app[STORE].vouches)
         supervisor.start("intake-summary",
                          lambda: intake.summarize_forever(settings.log_summary_seconds))
         yield

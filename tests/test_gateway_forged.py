@@ -1,14 +1,13 @@
-"""breakgw2's attacks on the write-ahead seal that still hold (strict xfail: each turns into a
-failure the day it is fixed, then drop the mark). A delivery is sealed into the outbox *before*
-its commit, so before its sender's token is checked; the forwarder knows a record ahead only by
-its identity (portal, dedup key), which leaves every token and the whole `auth` block out."""
+"""breakgw2's attacks on the write-ahead seal. A delivery was sealed into the outbox *before* its
+commit, so before its sender's token was checked, and the forwarder knows a record ahead only by
+its identity (portal, dedup key), which leaves every token and the whole `auth` block out. Now
+only a delivery whose token the portal's trust, as the worker last read it, accepts is sealed
+ahead; any other is sealed once stored (`IntakeService`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from ledger.gateway import admin as routes_admin
 from ledger.gateway.handoff import HANDOFF
@@ -40,8 +39,6 @@ async def routed(make_client: ClientFactory, settings: Settings, url: str) -> Cl
     return client
 
 
-@pytest.mark.xfail(strict=True, reason="a refused delivery's record ahead names the stored "
-                   "event: the forwarder may send its body (breakgw2)")
 async def test_a_forged_copy_of_an_event_refused_401_is_never_what_is_forwarded(
     make_client: ClientFactory, forwarders: Forwarders,  # noqa: F811
     gateway_settings: Callable[..., Settings], destination: Destination,  # noqa: F811
@@ -62,8 +59,6 @@ async def test_a_forged_copy_of_an_event_refused_401_is_never_what_is_forwarded(
     assert b"f0f0f0f0" not in sent, "the refused delivery's body was forwarded"
 
 
-@pytest.mark.xfail(strict=True, reason="records ahead share one bound over every portal; "
-                   "refused ones hold a place until looked up (breakgw2)")
 async def test_a_flood_of_refused_deliveries_never_gets_a_stored_events_forward_given_up(
     make_client: ClientFactory, forwarders: Forwarders,  # noqa: F811
     gateway_settings: Callable[..., Settings], destination: Destination,  # noqa: F811

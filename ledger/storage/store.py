@@ -754,6 +754,12 @@ class _KnownTrust:
         for member_id in members:
             self.portals.pop(member_id, None)
 
+    def vouches(self, member_id: str, presented_sha256: bytes | None) -> bool:
+        """Whether the portal's trust as last read here accepts this token (no I/O)."""
+        entry = self.portals.get(member_id)
+        return presented_sha256 is not None and entry is not None and token_matches(
+            presented_sha256, entry[0])
+
     def facts(self, members: Sequence[str]) -> tuple[TrustFacts, Head] | None:
         """Trust of a batch's portals and the head it is all true at (the oldest), or None when
         one of them is not known."""
@@ -790,6 +796,13 @@ class EventStore:
         self._ahead: _HeadLockAhead | None = None
         self._letting_go: set[asyncio.Task[None]] = set()
 
+
+    def vouches(self, member_id: str, presented_sha256: bytes | None) -> bool:
+        """Whether this process's last reading of the portal's trust accepts the token: a hint
+        read without I/O (the append judges again under the lock). Gateway mode seals a
+        delivery into the outbox ahead of its commit only when it does — a delivery sealed
+        before it is judged must not be a sender's forgery (see `IntakeService`)."""
+        return self._known.vouches(member_id, presented_sha256)
     def lock_ahead_when(self, waiting: Callable[[], bool]) -> None:
         """From now on, as a batch commits while `waiting()` (more drafts wait for the next
         one: the group committer's queue), the events head is locked for the next batch at
