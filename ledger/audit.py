@@ -57,6 +57,16 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+async def _slot(slots: asyncio.Semaphore, wait: float) -> bool:
+    """One of `slots`, waited for up to `wait` seconds (False: none came free)."""
+    try:
+        async with asyncio.timeout(wait):
+            await slots.acquire()
+    except TimeoutError:
+        return False
+    return True
+
+
 class FoldGate:
     """At most `limit` "as of" folds at once in this process (one per question: each holds the
     registry as of then in memory, and folds on the event loop that serves everyone). One more
@@ -71,11 +81,8 @@ class FoldGate:
 
     @asynccontextmanager
     async def permit(self) -> AsyncIterator[None]:
-        try:
-            async with asyncio.timeout(self.wait):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise FoldsBusy(self.running, retry_after=max(1, math.ceil(self.wait * 2))) from None
+        if not await _slot(self._slots, self.wait):
+            raise FoldsBusy(self.running, retry_after=max(1, math.ceil(self.wait * 2)))
         self.running += 1
         try:
             yield
@@ -113,11 +120,8 @@ class ReadGate:
 
     @asynccontextmanager
     async def permit(self) -> AsyncIterator[ReadPermit]:
-        try:
-            async with asyncio.timeout(self.wait):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise ReadsBusy(self.running, retry_after=max(1, math.ceil(self.wait))) from None
+        if not await _slot(self._slots, self.wait):
+            raise ReadsBusy(self.running, retry_after=max(1, math.ceil(self.wait)))
         self.running += 1
         permit = ReadPermit(self._slots, self)
         try:
