@@ -75,6 +75,22 @@ def event_entry(
     )
 
 
+def _arrival(
+    received_at: datetime, member_id: str | None, event_type: str | None, peer: str | None,
+    content_type: str | None, body_size: int, body_sha256: bytes,
+) -> dict[str, Any]:
+    """A rejection's fields that are facts of the arrival, not of the verdict."""
+    return {
+        "received_at": timestamp_text(received_at),
+        "member_id": member_id,
+        "event_type": event_type,
+        "peer": peer,
+        "content_type": content_type,
+        "body_size": body_size,
+        "body_sha256": body_sha256.hex(),
+    }
+
+
 def rejection_arrival(
     *,
     received_at: datetime,
@@ -88,15 +104,8 @@ def rejection_arrival(
     """What identifies the arrival a rejection records (`ledger.rejections.arrival_sha256`,
     migration 0016): its fields that are facts of the arrival, not of the verdict — a drain run
     again after a crash may word its refusal otherwise, and must find the row it wrote."""
-    return sha256(canonical_json({
-        "received_at": timestamp_text(received_at),
-        "member_id": member_id,
-        "event_type": event_type,
-        "peer": peer,
-        "content_type": content_type,
-        "body_size": body_size,
-        "body_sha256": body_sha256.hex(),
-    }))
+    return sha256(canonical_json(_arrival(
+        received_at, member_id, event_type, peer, content_type, body_size, body_sha256)))
 
 
 def rejection_entry(
@@ -112,18 +121,12 @@ def rejection_entry(
     body_size: int,
     body_sha256: bytes,
 ) -> bytes:
-    """The canonical metadata of a rejection, as chained; its excerpt is chained by hash."""
-    return canonical_json(
-        {
-            "received_at": timestamp_text(received_at),
-            "status": status,
-            "reason": reason,
-            "detail": detail,
-            "member_id": member_id,
-            "event_type": event_type,
-            "peer": peer,
-            "content_type": content_type,
-            "body_size": body_size,
-            "body_sha256": body_sha256.hex(),
-        }
-    )
+    """The canonical metadata of a rejection, as chained (keys sorted: the arrival's and the
+    verdict's in one object); its excerpt is chained by hash."""
+    return canonical_json({
+        **_arrival(received_at, member_id, event_type, peer, content_type, body_size,
+                   body_sha256),
+        "status": status,
+        "reason": reason,
+        "detail": detail,
+    })
