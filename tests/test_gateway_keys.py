@@ -60,6 +60,15 @@ def sealed(directory: Path, key: bytes, route_id: str, *positions: int) -> None:
     writer.close()
 
 
+async def forwards_recorded(database: Database) -> int:
+    """Rows in audit.forwards, read as the admin."""
+    connection = await asyncpg.connect(database.admin_dsn)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM audit.forwards"))
+    finally:
+        await connection.close()
+
+
 def test_a_lost_key_is_never_replaced_while_the_outbox_holds_records(
     database: Database, settings_factory: Callable[..., Settings],
 ) -> None:
@@ -205,14 +214,7 @@ def test_forwards_are_never_given_up_from_under_a_running_writer(
     (segment,) = (settings.outbox_root / "worker-0").glob("seg-*")
     assert len(frames(segment)) == 2  # both still where the forwarder reads them
 
-    async def recorded() -> int:
-        connection = await asyncpg.connect(database.admin_dsn)
-        try:
-            return int(await connection.fetchval("SELECT count(*) FROM audit.forwards"))
-        finally:
-            await connection.close()
-
-    assert asyncio.run(recorded()) == 0
+    assert asyncio.run(forwards_recorded(database)) == 0
 
 
 def test_the_key_file_still_opens_what_it_sealed_once_outbox_key_overrides_it(
@@ -263,14 +265,7 @@ def test_giving_up_interrupted_midway_records_each_forward_once(
     done = run(database, "forward", "--give-up-unreadable", "--yes")
     assert done.exit_code == 0, done.output
 
-    async def recorded() -> int:
-        connection = await asyncpg.connect(database.admin_dsn)
-        try:
-            return int(await connection.fetchval("SELECT count(*) FROM audit.forwards"))
-        finally:
-            await connection.close()
-
-    assert asyncio.run(recorded()) == 3
+    assert asyncio.run(forwards_recorded(database)) == 3
 
 
 async def test_a_flooding_portal_never_gets_another_portals_forwards_given_up(
